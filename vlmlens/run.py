@@ -1,0 +1,383 @@
+"""Run: one captured forward + generation, and its on-disk format.
+
+A run directory holds exactly three files:
+
+* ``run.json``            metadata, tokens, spans, generated text, log-probs (JSON)
+* ``arrays.safetensors``  every named array (safetensors: no pickle, no code)
+* ``image.png``           the input image as the model saw it before processing
+
+Axis names used everywhere: ``layer, head, pos, d_model``. ``layer`` 0 is the embedding
+output (the input of decoder layer 0); layer ``l`` (1..L) is the output of decoder layer
+``l-1``, i.e. the raw residual stream before the final norm.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+FORMAT_VERSION = 1
+RUN_FILES = ("run.json", "arrays.safetensors", "image.png")
+SPAN_NAMES = ("system", "image", "text", "generated")
+
+
+class RunFormatError(ValueError):
+    """A run directory or Run object is malformed."""
+
+
+def _slices_of(positions: np.ndarray) -> list[slice]:
+    """Contiguous runs of sorted integer positions, as slices."""
+    out: list[slice] = []
+    if len(positions) == 0:
+        return out
+    start = prev = int(positions[0])
+    for p in positions[1:]:
+        p = int(p)
+        if p != prev + 1:
+            out.append(slice(start, prev + 1))
+            start = p
+        prev = p
+    out.append(slice(start, prev + 1))
+    return out
+
+
+@dataclass(frozen=True)
+class TokenSpans:
+    """Which positions of a run belong to which part of the sequence.
+
+    ``image_positions`` lists every image-token position (sorted). The other spans are
+    contiguous ranges: ``system`` = before the first image token, ``text`` = after the
+    last image token up to the end of the prompt, ``generated`` = the generated tokens.
+    Tokens between two image blocks (tile separators) belong to no span.
+    """
+
+    n_prompt: int
+    n_total: int
+    image_positions: tuple[int, ...]
+
+    @property
+    def image(self) -> slice | list[slice]:
+        """Image-token positions: one slice if contiguous, else a list of slices."""
+        parts = _slices_of(np.asarray(self.image_positions, dtype=np.int64))
+        if not parts:
+            return slice(0, 0)
+        return parts[0] if len(parts) == 1 else parts
+
+    @property
+    def system(self) -> slice:
+        first = self.image_positions[0] if self.image_positions else 0
+        return slice(0, first)
+
+    @property
+    def text(self) -> slice:
+        start = self.image_positions[-1] + 1 if self.image_positions else 0
+        return slice(start, self.n_prompt)
+
+    @property
+    def generated(self) -> slice:
+        return slice(self.n_prompt, self.n_total)
+
+    @property
+    def n_image(self) -> int:
+        return len(self.image_positions)
+
+    def positions(self, name: str) -> np.ndarray:
+        """Integer positions of span ``name`` (one of system, image, text, generated, prompt, all)."""
+        if name == "image":
+            return np.asarray(self.image_positions, dtype=np.int64)
+        if name == "prompt":
+            return np.arange(self.n_prompt)
+        if name == "all":
+            return np.arange(self.n_total)
+        if name not in SPAN_NAMES:
+            raise KeyError(f"unknown span {name!r}; expected one of {SPAN_NAMES + ('prompt', 'all')}")
+        s = getattr(self, name)
+        return np.arange(s.start, s.stop)
+
+    def label_of(self, pos: int) -> str:
+        """The span name of one position ('other' for separators between image blocks)."""
+        for name in SPAN_NAMES:
+            if pos in set(self.positions(name).tolist()):
+                return name
+        return "other"
+
+    def to_json(self) -> dict:
+        return {"n_prompt": self.n_prompt, "n_total": self.n_total, "image_positions": list(self.image_positions)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TokenSpans":
+        try:
+            spans = cls(int(d["n_prompt"]), int(d["n_total"]), tuple(int(p) for p in d["image_positions"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise RunFormatError(f"run.json: malformed 'spans' entry ({e})") from None
+        if not (0 <= spans.n_prompt <= spans.n_total):
+            raise RunFormatError("run.json: spans must satisfy 0 <= n_prompt <= n_total")
+        if any(not (0 <= p < spans.n_prompt) for p in spans.image_positions):
+            raise RunFormatError("run.json: image positions must lie inside the prompt")
+        if list(spans.image_positions) != sorted(set(spans.image_positions)):
+            raise RunFormatError("run.json: image positions must be sorted and unique")
+        return spans
+
+
+@dataclass
+class Run:
+    """One captured forward + generation.
+
+    Attributes:
+        meta: model name, family, prompt, image sha256, generation settings, interventions,
+            vlmlens version, n_layers, n_heads, d_model, dtype of the stored states.
+        tokens: token strings of the whole sequence (prompt + generated).
+        token_ids: token ids, same length as ``tokens``.
+        spans: TokenSpans of the sequence.
+        image_grid: (rows, cols) of the image patch grid; image token i sits at
+            ``divmod(i, cols)`` when ``rows * cols == n_image`` (``grid_order`` in meta says
+            how tiles are laid out otherwise).
+        generated_text: decoded generated tokens (without the stop token).
+        token_logprobs: log-probability of each generated token [n_generated].
+        image: the input image (RGB).
+        arrays: named arrays, at least
+            ``hidden_states`` [layer, pos, d_model] (L+1 layers; may be absent with store="none"),
+            ``attention_to_image`` [layer, head, pos]: attention mass each query puts on the
+            image keys; NaN for image-token queries (not recorded),
+            ``attention_maps`` [layer, query, n_image]: head-averaged attention over image keys
+            of the queries at ``map_positions`` (last prompt token, then each generated token),
+            ``map_positions`` [query]: the positions of those queries,
+            ``hidden_positions`` [pos]: which sequence positions ``hidden_states`` holds.
+    """
+
+    meta: dict
+    tokens: list[str]
+    token_ids: list[int]
+    spans: TokenSpans
+    image_grid: tuple[int, int]
+    generated_text: str
+    token_logprobs: list[float]
+    image: Image.Image
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    # ---- convenient views -------------------------------------------------------------
+    @property
+    def hidden_states(self) -> np.ndarray:
+        """[layer, pos, d_model] residual stream; layer 0 = embeddings."""
+        if "hidden_states" not in self.arrays:
+            raise KeyError("this run stored no hidden states (captured with store='none')")
+        return self.arrays["hidden_states"]
+
+    @property
+    def attention_to_image(self) -> np.ndarray:
+        """[layer, head, pos] attention mass on image keys (NaN for image-token queries)."""
+        return self.arrays["attention_to_image"]
+
+    @property
+    def attention_maps(self) -> np.ndarray:
+        """[layer, query, n_image] head-averaged attention over image patches."""
+        return self.arrays["attention_maps"]
+
+    @property
+    def map_positions(self) -> np.ndarray:
+        return self.arrays["map_positions"]
+
+    @property
+    def hidden_positions(self) -> np.ndarray:
+        if "hidden_positions" in self.arrays:
+            return self.arrays["hidden_positions"]
+        return np.arange(self.spans.n_total)
+
+    @property
+    def n_layers(self) -> int:
+        """Number of decoder layers L (hidden states have L+1 entries)."""
+        return int(self.meta["n_layers"])
+
+    @property
+    def prompt(self) -> str:
+        return str(self.meta.get("prompt", ""))
+
+    @property
+    def generated_tokens(self) -> list[str]:
+        return self.tokens[self.spans.n_prompt:]
+
+    def span_states(self, span: str) -> np.ndarray:
+        """Hidden states of one span: [layer, n_tokens, d_model] (float32)."""
+        want = self.spans.positions(span)
+        have = self.hidden_positions
+        idx = np.searchsorted(have, want)
+        ok = (idx < len(have)) & (have[np.minimum(idx, len(have) - 1)] == want)
+        return self.hidden_states[:, idx[ok], :].astype(np.float32)
+
+    def summary(self) -> str:
+        s = self.spans
+        lines = [
+            f"model:      {self.meta.get('model')} ({self.meta.get('family')}, {self.n_layers} layers)",
+            f"tokens:     {s.n_total} = system {s.system.stop - s.system.start} + image {s.n_image}"
+            f" ({self.image_grid[0]}x{self.image_grid[1]} grid) + text {s.text.stop - s.text.start}"
+            f" + generated {s.n_total - s.n_prompt}",
+            f"generated:  {self.generated_text!r}",
+        ]
+        if self.meta.get("interventions"):
+            lines.append(f"interventions: {self.meta['interventions']}")
+        return "\n".join(lines)
+
+
+# ---- save / load --------------------------------------------------------------------------
+
+def _check_run(run: Run) -> None:
+    s = run.spans
+    if len(run.tokens) != s.n_total or len(run.token_ids) != s.n_total:
+        raise RunFormatError(f"tokens/token_ids have {len(run.tokens)}/{len(run.token_ids)} entries, spans say {s.n_total}")
+    n_gen = s.n_total - s.n_prompt
+    if len(run.token_logprobs) != n_gen:
+        raise RunFormatError(f"token_logprobs has {len(run.token_logprobs)} entries for {n_gen} generated tokens")
+    L = int(run.meta.get("n_layers", -1))
+    if L <= 0:
+        raise RunFormatError("meta['n_layers'] must be a positive integer")
+    rows, cols = run.image_grid
+    if rows * cols not in (s.n_image, 0) and run.meta.get("grid_order") is None:
+        raise RunFormatError(f"image grid {rows}x{cols} does not match {s.n_image} image tokens")
+    a = run.arrays
+    if "hidden_states" in a:
+        hs = a["hidden_states"]
+        if hs.ndim != 3 or hs.shape[0] != L + 1 or hs.shape[1] != len(run.hidden_positions):
+            raise RunFormatError(f"hidden_states has shape {hs.shape}; expected [{L + 1}, {len(run.hidden_positions)}, d_model]")
+    if "attention_to_image" in a:
+        at = a["attention_to_image"]
+        if at.ndim != 3 or at.shape[0] != L or at.shape[2] != s.n_total:
+            raise RunFormatError(f"attention_to_image has shape {at.shape}; expected [{L}, head, {s.n_total}]")
+    if "attention_maps" in a:
+        am = a["attention_maps"]
+        nq = len(a.get("map_positions", []))
+        if am.ndim != 3 or am.shape[0] != L or am.shape[1] != nq or am.shape[2] != s.n_image:
+            raise RunFormatError(f"attention_maps has shape {am.shape}; expected [{L}, {nq}, {s.n_image}]")
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "run.json").is_file()
+
+
+def save_run(run: Run, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """Write ``run`` to directory ``path`` atomically (temp dir + rename).
+
+    ``path`` must not exist, or be an existing run directory (replaced when ``overwrite``).
+    Anything else (a file, a non-run directory) is refused, and nothing is written.
+    """
+    from safetensors.numpy import save_file
+
+    dest = Path(path)
+    if dest.exists():
+        if not is_run_dir(dest):
+            raise FileExistsError(f"{dest} exists and is not a vlmlens run directory; choose another --out path")
+        if not overwrite:
+            raise FileExistsError(f"run directory {dest} already exists")
+    _check_run(run)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        doc = {
+            "format": "vlmlens-run",
+            "format_version": FORMAT_VERSION,
+            "meta": _jsonable(run.meta),
+            "tokens": list(run.tokens),
+            "token_ids": [int(t) for t in run.token_ids],
+            "spans": run.spans.to_json(),
+            "image_grid": [int(run.image_grid[0]), int(run.image_grid[1])],
+            "generated_text": run.generated_text,
+            "token_logprobs": [float(x) for x in run.token_logprobs],
+            "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in run.arrays.items()},
+        }
+        (tmp / "run.json").write_text(json.dumps(doc, indent=1, allow_nan=True))
+        save_file({k: np.ascontiguousarray(v) for k, v in run.arrays.items()}, str(tmp / "arrays.safetensors"))
+        run.image.convert("RGB").save(tmp / "image.png")
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """Read and validate a run directory written by :func:`save_run`.
+
+    Raises RunFormatError (or FileNotFoundError) with a message naming what is wrong:
+    a missing file, a non-JSON or wrong-version run.json, a payload that is not
+    safetensors, arrays whose names/shapes/dtypes disagree with run.json.
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"run directory {p} does not exist")
+    for name in RUN_FILES:
+        if not (p / name).is_file():
+            raise RunFormatError(f"{p} is not a complete run: missing {name}")
+    try:
+        doc = json.loads((p / "run.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunFormatError(f"{p}/run.json is not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != "vlmlens-run":
+        raise RunFormatError(f"{p}/run.json is not a vlmlens run file")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise RunFormatError(
+            f"{p} has run format version {doc.get('format_version')!r}; this vlmlens reads version {FORMAT_VERSION}"
+            " (regenerate the run)"
+        )
+    try:
+        arrays = load_file(str(p / "arrays.safetensors"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RunFormatError(f"{p}/arrays.safetensors is not a valid safetensors file ({e})") from None
+    declared = doc.get("arrays", {})
+    if set(declared) != set(arrays):
+        raise RunFormatError(f"{p}: arrays {sorted(arrays)} do not match run.json's list {sorted(declared)}")
+    for k, spec in declared.items():
+        if list(arrays[k].shape) != list(spec["shape"]) or str(arrays[k].dtype) != spec["dtype"]:
+            raise RunFormatError(
+                f"{p}: array {k!r} has shape {list(arrays[k].shape)} {arrays[k].dtype}, run.json says {spec['shape']} {spec['dtype']}"
+            )
+    try:
+        with Image.open(p / "image.png") as im:
+            image = im.convert("RGB")
+    except Exception as e:  # PIL raises several types for a broken file
+        raise RunFormatError(f"{p}/image.png is not a readable image ({e})") from None
+    try:
+        run = Run(
+            meta=dict(doc["meta"]),
+            tokens=[str(t) for t in doc["tokens"]],
+            token_ids=[int(t) for t in doc["token_ids"]],
+            spans=TokenSpans.from_json(doc["spans"]),
+            image_grid=(int(doc["image_grid"][0]), int(doc["image_grid"][1])),
+            generated_text=str(doc["generated_text"]),
+            token_logprobs=[float(x) for x in doc["token_logprobs"]],
+            image=image,
+            arrays=dict(arrays),
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        if isinstance(e, RunFormatError):
+            raise
+        raise RunFormatError(f"{p}/run.json is missing or has a malformed field ({e!r})") from None
+    _check_run(run)
+    return run
