@@ -1,0 +1,148 @@
+"""load_model: one entry point for built-in, random, local and hub models."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InputError
+from .arch import ARCHES, Arch, get_arch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY_SHAPES_DIR = REPO_ROOT / "assets" / "tiny-shapes-vlm"
+BUILTIN = {"tiny-shapes": TINY_SHAPES_DIR}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class UnsupportedModel(InputError):
+    """The model's family has no Arch entry, or the name cannot be resolved."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for capture: the HF model, its processor and its family facts."""
+
+    model: Any
+    processor: Any
+    arch: Arch
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def family(self) -> str:
+        return self.arch.family
+
+    @property
+    def text_config(self):
+        return self.arch.text_config(self.model)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.arch.decoder_layers(self.model))
+
+    def __repr__(self) -> str:
+        return f"LoadedModel({self.name!r}, family={self.family}, layers={self.n_layers}, device={self.device}, dtype={self.dtype})"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was requested but no CUDA GPU is available; use --device cpu")
+    if device not in ("cpu", "mps") and not device.startswith("cuda"):
+        raise InputError(f"unknown device {device!r}; expected auto, cpu, cuda, cuda:N or mps")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; expected auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def supported_families() -> list[str]:
+    return sorted(ARCHES)
+
+
+def _model_class_for(config):
+    """The transformers class that loads a whole VLM (vision tower + language model)."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText
+
+
+def load_model(
+    name: str,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a VLM and its processor.
+
+    Args:
+        name: ``"tiny-shapes"`` (the shipped default), ``"random:<family>"`` (a tiny
+            random-weight model built offline), a local directory, or a hub id such as
+            ``"llava-hf/llava-1.5-7b-hf"`` (goes to ``from_pretrained``).
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+            With several GPUs and ``"auto"``, weights are spread with ``device_map="auto"``.
+        dtype: ``"auto"`` (bf16/fp16 on GPU, fp32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.
+        trust_remote_code: passed to transformers; off unless the user asks for it.
+
+    Raises:
+        UnsupportedModel: the family is not supported (the message lists the supported ones)
+            or the name is neither built in, a directory, nor a loadable hub id.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise UnsupportedModel("model name is empty; try 'tiny-shapes', 'random:llava' or a hub id")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if name.startswith("random:"):
+        from .tiny_random import FAMILIES, build_random
+
+        family = name.split(":", 1)[1]
+        if family not in FAMILIES:
+            raise UnsupportedModel(f"unknown random family {family!r}; available: {', '.join('random:' + f for f in FAMILIES)}")
+        model, processor = build_random(family)
+        model = model.to(device=dev, dtype=dt).eval()
+        return LoadedModel(model, processor, get_arch(model.config.model_type), name, dev, dt)
+
+    path = BUILTIN.get(name, name)
+    if name in BUILTIN and not Path(path).is_dir():
+        raise UnsupportedModel(f"built-in model {name!r} is missing at {path}; reinstall or retrain it (python -m vlmlens.tiny train)")
+    return _from_pretrained(str(path), name, dev, dt, trust_remote_code)
+
+
+def _from_pretrained(path: str, name: str, dev: torch.device, dt: torch.dtype, trust_remote_code: bool) -> LoadedModel:
+    from transformers import AutoConfig, AutoProcessor
+
+    local = os.path.isdir(path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local)
+    except (OSError, ValueError) as e:
+        raise UnsupportedModel(
+            f"cannot load model {name!r}: not a built-in name ('tiny-shapes', 'random:<family>'), not a model directory,"
+            f" and not reachable as a hub id ({str(e).splitlines()[0]})"
+        ) from None
+    family = getattr(config, "model_type", None)
+    if family not in ARCHES:
+        raise UnsupportedModel(f"model family {family!r} of {name!r} is not supported; supported: {', '.join(supported_families())}")
+    kwargs: dict = {"dtype": dt, "trust_remote_code": trust_remote_code}
+    if dev.type == "cuda" and torch.cuda.device_count() > 1 and dev.index is None:
+        kwargs["device_map"] = "auto"
+    model = _model_class_for(config).from_pretrained(path, config=config, **kwargs)
+    if "device_map" not in kwargs:
+        model = model.to(dev)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return LoadedModel(model.eval(), processor, get_arch(family), name, dev, dt)
