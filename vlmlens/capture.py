@@ -1,0 +1,236 @@
+"""capture(lm, image, prompt) -> Run: one prefill + greedy generation seen through the lens."""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import InputError
+from .images import image_sha256, load_image
+from .lens import Lens, Plan
+from .run import Run, TokenSpans
+
+MAX_NEW_TOKENS_LIMIT = 1024
+STORE_MODES = ("all", "image_text", "none")
+HIDDEN_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def check_prompt(prompt) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("prompt is empty; type a question or instruction about the image")
+    return prompt.strip()
+
+
+def check_max_new_tokens(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise InputError(f"max_new_tokens must be an integer, got {n!r}")
+    if not 0 <= int(n) <= MAX_NEW_TOKENS_LIMIT:
+        raise InputError(f"max_new_tokens must be between 0 and {MAX_NEW_TOKENS_LIMIT}, got {n}")
+    return int(n)
+
+
+def prepare_inputs(lm, image, prompt: str) -> tuple[dict, "object", str | None]:
+    """Validate and build model inputs on lm's device. Returns (inputs, rgb_image, note)."""
+    prompt = check_prompt(prompt)
+    rgb, note = load_image(image)
+    inputs = dict(lm.arch.build_inputs(lm.processor, rgb, prompt))
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(lm.device)
+            if v.is_floating_point():
+                v = v.to(lm.dtype)
+            inputs[k] = v
+    return inputs, rgb, note
+
+
+def image_positions(lm, input_ids: torch.Tensor) -> np.ndarray:
+    ids = lm.arch.image_token_id(lm.model, lm.processor)
+    ids = torch.as_tensor(ids if isinstance(ids, (list, tuple)) else [ids], device=input_ids.device)
+    return torch.nonzero(torch.isin(input_ids[0], ids)).flatten().cpu().numpy()
+
+
+def _eos_ids(lm) -> set[int]:
+    eos = lm.model.generation_config.eos_token_id
+    if eos is None:
+        eos = getattr(lm.processor.tokenizer, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return set(eos if isinstance(eos, (list, tuple)) else [eos])
+
+
+def greedy_generate(lm, inputs: dict, max_new_tokens: int):
+    """Greedy ``generate`` with raw logits returned; one step more than asked (see capture)."""
+    tok = lm.processor.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (sorted(_eos_ids(lm)) or [0])[0]
+    return lm.model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=pad,
+    )
+
+
+def capture(
+    lm,
+    image,
+    prompt: str,
+    *,
+    max_new_tokens: int = 16,
+    interventions: Sequence = (),
+    store: str = "all",
+    hidden_dtype: str = "float16",
+    record_attention: bool = True,
+) -> Run:
+    """Run ``image`` + ``prompt`` through ``lm`` with the lens installed; return a Run.
+
+    The prompt is prefilled and then ``max_new_tokens`` tokens are generated greedily
+    (deterministic). Every generated token is also fed back once, so hidden states and
+    attention statistics cover the prompt and *all* generated tokens (the stop token, if
+    produced, ends the text and is not included).
+
+    Args:
+        lm: a LoadedModel (:func:`vlmlens.load_model`).
+        image: PIL image, numpy array or path (converted to RGB; the conversion is noted in meta).
+        prompt: the user's text; the family's chat template is applied.
+        max_new_tokens: 0..1024.
+        interventions: intervention objects applied through the lens (see interventions.py).
+        store: "all" hidden states, "image_text" (image + text + generated; no system
+            tokens), or "none".
+        hidden_dtype: "float16" (default) or "float32" (exact comparisons).
+        record_attention: record attention to image keys and image maps.
+    """
+    n_new = check_max_new_tokens(max_new_tokens)
+    if store not in STORE_MODES:
+        raise InputError(f"store must be one of {STORE_MODES}, got {store!r}")
+    if hidden_dtype not in HIDDEN_DTYPES:
+        raise InputError(f"hidden_dtype must be one of {tuple(HIDDEN_DTYPES)}, got {hidden_dtype!r}")
+    interventions = list(interventions)
+    for iv in interventions:
+        check = getattr(iv, "validate", None)
+        if check is not None:
+            check(lm.n_layers)
+    inputs, rgb, note = prepare_inputs(lm, image, prompt)
+    input_ids = inputs["input_ids"]
+    n_prompt = int(input_ids.shape[1])
+    img_pos = image_positions(lm, input_ids)
+    if len(img_pos) == 0:
+        raise InputError("the processed prompt contains no image tokens; this model's processor did not insert the image")
+    L = lm.n_layers
+    tcfg = lm.text_config
+    store_pos = None
+    if store == "image_text":
+        store_pos = np.concatenate([img_pos, np.arange(img_pos[-1] + 1, n_prompt + n_new + 1)])
+    plan = Plan(
+        image_positions=img_pos,
+        n_layers=L,
+        record_hidden=store != "none",
+        store_positions=store_pos,
+        hidden_dtype=HIDDEN_DTYPES[hidden_dtype],
+        record_attention=record_attention,
+        map_from=n_prompt - 1,
+        interventions=interventions,
+    )
+    t0 = time.perf_counter()
+    with torch.no_grad(), Lens(lm.arch.decoder_layers(lm.model), plan, device=lm.device) as state:
+        out = greedy_generate(lm, inputs, n_new + 1)
+    seconds = time.perf_counter() - t0
+
+    # generated tokens: the first n_new, cut at the stop token (which is not kept)
+    seq = out.sequences[0].tolist()
+    gen = seq[n_prompt:][:n_new]
+    eos = _eos_ids(lm)
+    stop = "length"
+    for i, t in enumerate(gen):
+        if t in eos:
+            gen, stop = gen[:i], "eos"
+            break
+    n_gen = len(gen)
+    if stop == "length" and n_gen < n_new:
+        stop = "eos"
+    n_total = n_prompt + n_gen
+    logprobs = [
+        float(torch.log_softmax(out.logits[i][0].float(), -1)[t]) for i, t in enumerate(gen)
+    ]
+    ids = seq[:n_total]
+    tok = lm.processor.tokenizer
+    arrays = _arrays_from_state(state, L, n_total, n_prompt, len(img_pos), int(tcfg.num_attention_heads))
+    spans = TokenSpans(n_prompt, n_total, tuple(int(p) for p in img_pos))
+    grid_info = lm.arch.grid_info(inputs, len(img_pos)) if hasattr(lm.arch, "grid_info") else None
+    grid = (grid_info["rows"], grid_info["cols"]) if grid_info else tuple(lm.arch.image_grid(inputs, len(img_pos)))
+    meta = {
+        "model": lm.name,
+        "family": lm.family,
+        "prompt": check_prompt(prompt),
+        "image_sha256": image_sha256(rgb),
+        "image_size": list(rgb.size),
+        "image_note": note,
+        "generation": {"max_new_tokens": n_new, "strategy": "greedy", "stop_reason": stop},
+        "interventions": [iv.to_json() if hasattr(iv, "to_json") else repr(iv) for iv in interventions],
+        "vlmlens_version": __version__,
+        "n_layers": L,
+        "n_heads": int(tcfg.num_attention_heads),
+        "d_model": int(tcfg.hidden_size),
+        "hidden_dtype": hidden_dtype if store != "none" else None,
+        "store": store,
+        "model_dtype": str(lm.dtype).replace("torch.", ""),
+        "device": str(lm.device),
+        "capture_seconds": round(seconds, 4),
+        "grid_order": (grid_info or {}).get("order") if grid_info and grid_info.get("order") != "raster" else None,
+        "grid_info": grid_info,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    return Run(
+        meta=meta,
+        tokens=tok.convert_ids_to_tokens(ids),
+        token_ids=ids,
+        spans=spans,
+        image_grid=(int(grid[0]), int(grid[1])),
+        generated_text=tok.decode(gen, skip_special_tokens=True).strip(),
+        token_logprobs=logprobs,
+        image=rgb,
+        arrays=arrays,
+    )
+
+
+def _arrays_from_state(state, L: int, n_total: int, n_prompt: int, n_img: int, n_heads: int) -> dict:
+    arrays: dict[str, np.ndarray] = {}
+    if state.plan.record_hidden:
+        per_layer = []
+        positions = None
+        for l in range(L + 1):
+            chunks = state.hidden[l]
+            pos = np.concatenate([p for p, _ in chunks])
+            h = torch.cat([t for _, t in chunks], 0)
+            keep = pos < n_total
+            pos, h = pos[keep], h[torch.as_tensor(keep)]
+            if positions is None:
+                positions = pos
+            elif not np.array_equal(pos, positions):
+                raise RuntimeError(f"layer {l} recorded positions differ from layer 0")
+            per_layer.append(h)
+        arrays["hidden_states"] = torch.stack(per_layer).numpy()
+        arrays["hidden_positions"] = positions.astype(np.int64)
+    if state.plan.record_attention:
+        share = np.full((L, n_heads, n_total), np.nan, dtype=np.float32)
+        n_maps = n_total - n_prompt + 1
+        maps = np.zeros((L, n_maps, n_img), dtype=np.float32)
+        for l in range(L):
+            for pos, s in state.share[l]:
+                keep = pos < n_total
+                share[l][:, pos[keep]] = s.numpy()[:, keep]
+            for pos, m in state.maps[l]:
+                keep = pos < n_total
+                maps[l, pos[keep] - (n_prompt - 1)] = m.numpy()[keep]
+        arrays["attention_to_image"] = share
+        arrays["attention_maps"] = maps
+        arrays["map_positions"] = np.arange(n_prompt - 1, n_total, dtype=np.int64)
+    return arrays
