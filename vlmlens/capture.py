@@ -10,6 +10,7 @@ import torch
 from . import __version__
 from .errors import InputError
 from .images import image_sha256, load_image
+from .interventions import validate_all
 from .lens import Lens, Plan
 from .run import Run, TokenSpans
 
@@ -114,10 +115,7 @@ def capture(
     if hidden_dtype not in HIDDEN_DTYPES:
         raise InputError(f"hidden_dtype must be one of {tuple(HIDDEN_DTYPES)}, got {hidden_dtype!r}")
     interventions = list(interventions)
-    for iv in interventions:
-        check = getattr(iv, "validate", None)
-        if check is not None:
-            check(lm.n_layers)
+    validate_all(interventions, lm.n_layers)
     inputs, rgb, note = prepare_inputs(lm, image, prompt)
     input_ids = inputs["input_ids"]
     n_prompt = int(input_ids.shape[1])
@@ -138,6 +136,7 @@ def capture(
         record_attention=record_attention,
         map_from=n_prompt - 1,
         interventions=interventions,
+        n_prompt=n_prompt,
     )
     t0 = time.perf_counter()
     with torch.no_grad(), Lens(lm.arch.decoder_layers(lm.model), plan, device=lm.device) as state:
@@ -212,10 +211,18 @@ def _arrays_from_state(state, L: int, n_total: int, n_prompt: int, n_img: int, n
             h = torch.cat([t for _, t in chunks], 0)
             keep = pos < n_total
             pos, h = pos[keep], h[torch.as_tensor(keep)]
+            order = np.argsort(pos, kind="stable")
+            pos, h = pos[order], h[torch.as_tensor(order)]
             if positions is None:
                 positions = pos
             elif not np.array_equal(pos, positions):
-                raise RuntimeError(f"layer {l} recorded positions differ from layer 0")
+                # rows removed from the sequence (Truncate mode="remove") keep their last state
+                full = per_layer[-1].clone()
+                idx = np.searchsorted(positions, pos)
+                if not np.array_equal(positions[np.minimum(idx, len(positions) - 1)], pos):
+                    raise RuntimeError(f"layer {l} recorded positions that layer 0 did not")
+                full[torch.as_tensor(idx)] = h
+                h = full
             per_layer.append(h)
         arrays["hidden_states"] = torch.stack(per_layer).numpy()
         arrays["hidden_positions"] = positions.astype(np.int64)

@@ -37,11 +37,17 @@ class Intervention(Protocol):
     def key_block(self, layer: int, qpos: torch.Tensor, kpos: torch.Tensor, state: "LensState") -> torch.Tensor | None:
         """Bool [q, kv]: True where query ``qpos[i]`` must not attend to key ``kpos[j]``."""
 
-    def before_layer(self, layer: int, hidden: torch.Tensor, state: "LensState") -> torch.Tensor | None:
+    def edit_input(self, layer: int, hidden: torch.Tensor, state: "LensState") -> torch.Tensor | None:
         """Rewrite the input [1, q, d] of decoder layer ``layer`` (None: unchanged)."""
 
-    def after_layer(self, layer: int, h_in: torch.Tensor, h_out: torch.Tensor, state: "LensState") -> torch.Tensor | None:
+    def edit_output(self, layer: int, h_in: torch.Tensor, h_out: torch.Tensor, state: "LensState") -> torch.Tensor | None:
         """Rewrite the output [1, q, d] of decoder layer ``layer`` (None: unchanged)."""
+
+    def removed_positions(self, layer: int, state: "LensState") -> torch.Tensor | None:
+        """Positions taken out of the sequence (hidden rows and KV cache) from ``layer`` on.
+
+        Must grow monotonically with ``layer``: a removed position never comes back.
+        """
 
 
 @dataclass
@@ -57,6 +63,7 @@ class Plan:
         record_attention: record attention mass on image keys and the maps over image keys.
         map_from: first position whose head-averaged image map is kept (the last prompt token).
         interventions: objects following the :class:`Intervention` protocol.
+        n_prompt: number of prompt positions (generated tokens start here).
     """
 
     image_positions: np.ndarray
@@ -67,6 +74,7 @@ class Plan:
     record_attention: bool = True
     map_from: int = 0
     interventions: list = field(default_factory=list)
+    n_prompt: int = 0
 
 
 class LensState:
@@ -87,6 +95,19 @@ class LensState:
         self.maps: dict[int, list] = {l: [] for l in range(plan.n_layers)}
 
     # -- helpers -----------------------------------------------------------------------
+    def keep_rows(self, layer: int) -> torch.Tensor | None:
+        """Bool mask over this forward's rows that stay in the sequence at ``layer`` (None: all)."""
+        removed = None
+        for iv in self.plan.interventions:
+            fn = getattr(iv, "removed_positions", None)
+            r = fn(layer, self) if fn is not None else None
+            if r is not None and r.numel():
+                removed = r if removed is None else torch.cat([removed, r])
+        if removed is None:
+            return None
+        keep = ~torch.isin(self.qpos, removed.to(self.qpos.device))
+        return None if bool(keep.all()) else keep
+
     def is_image(self, pos: torch.Tensor) -> torch.Tensor:
         if self.image_pos.numel() == 0:
             return torch.zeros_like(pos, dtype=torch.bool)
@@ -130,11 +151,16 @@ def _lens_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         if b is not None:
             blocked = b if blocked is None else (blocked | b)
     need_rows = state.plan.record_attention
+    mask_fits = attention_mask is None or (
+        attention_mask.dim() == 4 and attention_mask.shape[-1] == kpos.numel() and attention_mask.shape[-2] == qpos.numel()
+    )
+    if not mask_fits and blocked is None:  # rows were removed: causality comes from positions
+        blocked = torch.zeros(qpos.numel(), kpos.numel(), dtype=torch.bool, device=qpos.device)
     allowed = None
     if blocked is not None or need_rows:
         allowed = kpos[None, :] <= qpos[:, None]
-        if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-1] == kpos.numel():
-            m = attention_mask[0, 0, -qpos.numel():, :]
+        if attention_mask is not None and mask_fits:
+            m = attention_mask[0, 0]
             allowed = allowed & (m if m.dtype == torch.bool else (m == 0))
         if blocked is not None:
             allowed = allowed & ~blocked
@@ -159,9 +185,8 @@ def _record_attention(state, module, layer, query, key, qpos, kpos, allowed, sca
     rows = torch.nonzero(~state.is_image(qpos) & (qpos > state.image_pos[0]), as_tuple=False).flatten()
     img_keys = torch.nonzero(state.is_image(kpos), as_tuple=False).flatten()
     if rows.numel() == 0 or img_keys.numel() == 0:
-        # queries before the image (or image queries): no image mass by causality / not recorded
-        if rows.numel() == 0:
-            _zero_rows(state, layer, module, query, qpos)
+        # no recorded rows, or image keys removed from the cache: no image mass anywhere
+        _zero_rows(state, layer, module, query, qpos)
         return
     n_rep = query.shape[1] // key.shape[1]
     k = repeat_kv(key, n_rep)[0].float()          # [H, kv, d]
@@ -195,6 +220,44 @@ def _zero_rows(state, layer, module, query, qpos):
 
 AttentionInterface.register(ATTN_NAME, _lens_attention)
 AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+# ---- row removal --------------------------------------------------------------------------------
+
+def _slice_rows(x, keep: torch.Tensor, axis: int):
+    """Select ``keep`` rows along ``axis`` of a tensor (or of each tensor in a tuple)."""
+    if isinstance(x, torch.Tensor):
+        return x.index_select(axis % x.dim(), torch.nonzero(keep).flatten().to(x.device))
+    if isinstance(x, tuple):
+        return tuple(_slice_rows(v, keep, axis) for v in x)
+    return x
+
+
+# sequence axis of each per-position keyword a decoder layer receives
+_ROW_KWARGS = {"position_embeddings": -2, "position_ids": -1, "cache_position": -1}
+
+
+def _rows_of(x, axis: int) -> int | None:
+    t = x[0] if isinstance(x, tuple) else x
+    return t.shape[axis] if isinstance(t, torch.Tensor) and t.dim() else None
+
+
+def _select_rows(args, kwargs, keep: torch.Tensor, q: int):
+    """Apply a row selection to a decoder layer's inputs (hidden states, rotary tables, positions)."""
+    hidden, positional = _hidden_arg(args, kwargs)
+    if hidden.shape[1] == q:  # earlier layers already removed them otherwise
+        hidden = hidden[:, keep]
+    kwargs = dict(kwargs)
+    for name, axis in _ROW_KWARGS.items():
+        if kwargs.get(name) is not None and _rows_of(kwargs[name], axis) == q:
+            kwargs[name] = _slice_rows(kwargs[name], keep, axis)
+    if isinstance(kwargs.get("attention_mask"), torch.Tensor):
+        kwargs["attention_mask"] = None  # rebuilt from positions inside the attention function
+    if positional:
+        args = (hidden, *args[1:])
+    else:
+        kwargs["hidden_states"] = hidden
+    return args, kwargs
 
 
 # ---- the context manager ----------------------------------------------------------------------
@@ -240,19 +303,23 @@ class Lens:
             if idx == 0:
                 q = hidden.shape[1]
                 st.qpos = torch.arange(st.n_seen, st.n_seen + q, device=hidden.device)
-            qpos = st.layer_qpos.get(idx - 1) if idx > 0 else st.qpos
-            st.layer_qpos[idx] = qpos if qpos is not None else st.qpos
+                st._store_hidden(0, hidden, st.qpos)  # the embeddings, before any row removal
+            keep = st.keep_rows(idx)
+            if keep is None:
+                st.layer_qpos[idx] = st.qpos
+            else:
+                st.layer_qpos[idx] = st.qpos[keep]
+                args, kwargs = _select_rows(args, kwargs, keep, int(st.qpos.numel()))
+                hidden, positional = _hidden_arg(args, kwargs)
             prev = st.key_pos.get(idx)
             st.key_pos[idx] = st.layer_qpos[idx] if prev is None else torch.cat([prev, st.layer_qpos[idx]])
-            if idx == 0:
-                st._store_hidden(0, hidden, st.layer_qpos[0])
             new = hidden
             for iv in st.plan.interventions:
-                fn = getattr(iv, "before_layer", None)
+                fn = getattr(iv, "edit_input", None)
                 r = fn(idx, new, st) if fn is not None else None
                 if r is not None:
                     new = r
-            if new is hidden:
+            if new is hidden and keep is None:
                 return None
             if positional:
                 return (new, *args[1:]), kwargs
@@ -268,7 +335,7 @@ class Lens:
             h_out = output[0] if is_tuple else output
             new = h_out
             for iv in st.plan.interventions:
-                fn = getattr(iv, "after_layer", None)
+                fn = getattr(iv, "edit_output", None)
                 r = fn(idx, h_in, new, st) if fn is not None else None
                 if r is not None:
                     new = r

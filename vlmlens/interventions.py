@@ -1,0 +1,236 @@
+"""Interventions: small frozen dataclasses the lens applies (no second hooking mechanism).
+
+Layer numbering: decoder layers are 0..L-1. ``Truncate(after_layer=k)`` acts on decoder
+layers k..L-1, so k=0 means the language model never reads the image and k=L is the
+baseline. In a Run, ``hidden_states[k]`` is the input of decoder layer k.
+
+Each class implements some of the lens hooks (see :class:`vlmlens.lens.Intervention`):
+``key_block`` (attention key masks), ``edit_input`` / ``edit_output`` (residual-stream
+rewrites), ``removed_positions`` (tokens leaving the sequence and the KV cache).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+
+from .errors import InputError
+
+TRUNCATE_MODES = ("drop", "remove")
+SRC_SPANS = ("text", "generated", "last", "all")
+DST_SPANS = ("image", "system", "text")
+
+
+def _check_layer(name: str, value, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InputError(f"{name} must be an integer in {lo}..{hi} for this model, got {value!r}")
+
+
+class _Base:
+    def to_json(self) -> dict:
+        return {"kind": type(self).__name__, **asdict(self)}
+
+    def validate(self, n_layers: int) -> None:  # overridden
+        pass
+
+
+@dataclass(frozen=True)
+class Truncate(_Base):
+    """From decoder layer ``after_layer`` on, no query reads the image-token keys.
+
+    ``mode="drop"``: a key mask inside attention (image rows are still computed, but
+    nothing reads them). ``mode="remove"``: the image tokens also leave the hidden states
+    and the KV cache from that layer on (positions of the remaining tokens unchanged), so
+    deeper layers do less work; it gives the same tokens as "drop". In a removed run the
+    image positions keep their last computed state in ``hidden_states``.
+    """
+
+    after_layer: int
+    mode: str = "drop"
+
+    def validate(self, n_layers: int) -> None:
+        _check_layer("Truncate.after_layer", self.after_layer, 0, n_layers)
+        if self.mode not in TRUNCATE_MODES:
+            raise InputError(f"unknown truncation mode {self.mode!r}; expected one of {TRUNCATE_MODES} (or use Freeze)")
+
+    def key_block(self, layer, qpos, kpos, state):
+        if layer < self.after_layer or self.mode == "remove":
+            return None
+        return (~state.is_image(qpos))[:, None] & state.is_image(kpos)[None, :]
+
+    def removed_positions(self, layer, state):
+        if self.mode != "remove" or layer < self.after_layer:
+            return None
+        return state.image_pos
+
+
+@dataclass(frozen=True)
+class Freeze(_Base):
+    """Image-token states stop changing after ``after_layer``: decoder layers k..L-1 pass
+    the image rows through, and later layers attend to that frozen state."""
+
+    after_layer: int
+
+    def validate(self, n_layers: int) -> None:
+        _check_layer("Freeze.after_layer", self.after_layer, 0, n_layers)
+
+    def edit_output(self, layer, h_in, h_out, state):
+        return _pass_through(layer, h_in, h_out, state, layer >= self.after_layer, "image")
+
+
+@dataclass(frozen=True)
+class Substitute(_Base):
+    """The image-token input of decoder layer ``at_layer`` is replaced by the image-token
+    states of layer ``from_layer`` (the input of that decoder layer) from the same input.
+    ``from_layer == at_layer`` is the identity."""
+
+    at_layer: int
+    from_layer: int
+
+    def validate(self, n_layers: int) -> None:
+        _check_layer("Substitute.at_layer", self.at_layer, 0, n_layers - 1)
+        _check_layer("Substitute.from_layer", self.from_layer, 0, n_layers - 1)
+        if self.from_layer > self.at_layer:
+            raise InputError(
+                f"Substitute needs from_layer <= at_layer (states come from an earlier layer); got from_layer="
+                f"{self.from_layer}, at_layer={self.at_layer}"
+            )
+
+    def edit_input(self, layer, hidden, state):
+        rows = state.is_image(state.layer_qpos[layer])
+        if not bool(rows.any()):
+            return None
+        key = ("substitute", self.from_layer)
+        if layer == self.from_layer:
+            state.scratch[key] = hidden[:, rows].detach().clone()
+        if layer == self.at_layer and self.at_layer != self.from_layer:
+            new = hidden.clone()
+            new[:, rows] = state.scratch[key].to(hidden.dtype)
+            return new
+        return None
+
+
+@dataclass(frozen=True)
+class SkipLayers(_Base):
+    """The listed decoder layers pass ``tokens`` ("image" or "all") through unchanged."""
+
+    layers: tuple = ()
+    tokens: str = "image"
+
+    def __init__(self, layers: Sequence[int] = (), tokens: str = "image"):
+        object.__setattr__(self, "layers", tuple(int(l) if not isinstance(l, bool) else l for l in layers))
+        object.__setattr__(self, "tokens", tokens)
+
+    def validate(self, n_layers: int) -> None:
+        for l in self.layers:
+            _check_layer("SkipLayers layer", l, 0, n_layers - 1)
+        if self.tokens not in ("image", "all"):
+            raise InputError(f"SkipLayers.tokens must be 'image' or 'all', got {self.tokens!r}")
+
+    def edit_output(self, layer, h_in, h_out, state):
+        return _pass_through(layer, h_in, h_out, state, layer in self.layers, self.tokens)
+
+    def to_json(self) -> dict:
+        return {"kind": "SkipLayers", "layers": list(self.layers), "tokens": self.tokens}
+
+
+@dataclass(frozen=True)
+class Knockout(_Base):
+    """In the listed decoder layers (all when empty), queries of span ``src`` cannot attend
+    to keys of span ``dst``. src: "text" (prompt text after the image), "generated",
+    "last" (the last prompt token), "all" (every non-image query)."""
+
+    src: str = "last"
+    dst: str = "image"
+    layers: tuple = field(default=())
+
+    def __init__(self, src: str = "last", dst: str = "image", layers: Sequence[int] = ()):
+        object.__setattr__(self, "src", src)
+        object.__setattr__(self, "dst", dst)
+        object.__setattr__(self, "layers", tuple(int(l) for l in layers))
+
+    def validate(self, n_layers: int) -> None:
+        if self.src not in SRC_SPANS:
+            raise InputError(f"Knockout.src must be one of {SRC_SPANS}, got {self.src!r}")
+        if self.dst not in DST_SPANS:
+            raise InputError(f"Knockout.dst must be one of {DST_SPANS}, got {self.dst!r}")
+        for l in self.layers:
+            _check_layer("Knockout layer", l, 0, n_layers - 1)
+
+    def _span_mask(self, name, pos, state):
+        img = state.is_image(pos)
+        first = state.image_pos[0] if state.image_pos.numel() else 0
+        last = state.image_pos[-1] if state.image_pos.numel() else -1
+        n_prompt = state.plan.n_prompt
+        if name == "image":
+            return img
+        if name == "system":
+            return pos < first
+        if name == "text":
+            return (pos > last) & (pos < n_prompt)
+        if name == "generated":
+            return pos >= n_prompt
+        if name == "last":
+            return pos == n_prompt - 1
+        return ~img  # "all"
+
+    def key_block(self, layer, qpos, kpos, state):
+        if self.layers and layer not in self.layers:
+            return None
+        return self._span_mask(self.src, qpos, state)[:, None] & self._span_mask(self.dst, kpos, state)[None, :]
+
+    def to_json(self) -> dict:
+        return {"kind": "Knockout", "src": self.src, "dst": self.dst, "layers": list(self.layers)}
+
+
+def _pass_through(layer, h_in, h_out, state, active: bool, tokens: str):
+    if not active:
+        return None
+    if tokens == "all":
+        return h_in
+    rows = state.is_image(state.layer_qpos[layer])
+    if not bool(rows.any()):
+        return None
+    out = h_out.clone()
+    out[:, rows] = h_in[:, rows]
+    return out
+
+
+KINDS = {c.__name__: c for c in (Truncate, Freeze, Substitute, SkipLayers, Knockout)}
+
+
+def from_json(d: dict):
+    """Rebuild an intervention from its ``to_json`` dict (as stored in a Run's meta)."""
+    d = dict(d)
+    kind = d.pop("kind", None)
+    if kind not in KINDS:
+        raise InputError(f"unknown intervention kind {kind!r}; expected one of {sorted(KINDS)}")
+    try:
+        return KINDS[kind](**d)
+    except TypeError as e:
+        raise InputError(f"bad fields for {kind}: {e}") from None
+
+
+def validate_all(interventions: Sequence, n_layers: int) -> None:
+    """Validate each intervention and reject combinations that contradict each other."""
+    for iv in interventions:
+        iv.validate(n_layers)
+    truncs = [iv for iv in interventions if isinstance(iv, Truncate)]
+    freezes = [iv for iv in interventions if isinstance(iv, Freeze)]
+    if len(truncs) > 1:
+        raise InputError("conflicting interventions: more than one Truncate; give one truncation depth per run")
+    if len(freezes) > 1:
+        raise InputError("conflicting interventions: more than one Freeze")
+    removes = [t for t in truncs if t.mode == "remove"]
+    if removes:
+        k = removes[0].after_layer
+        for iv in interventions:
+            touches = (isinstance(iv, Substitute) and iv.at_layer >= k and iv.at_layer != iv.from_layer) or (
+                isinstance(iv, SkipLayers) and iv.tokens == "image" and any(l >= k for l in iv.layers)
+            )
+            if touches:
+                raise InputError(
+                    f"conflicting interventions: Truncate(after_layer={k}, mode='remove') takes the image tokens out of"
+                    f" layers >= {k}, so {iv.to_json()} cannot act on them there"
+                )
