@@ -1,0 +1,301 @@
+"""How a family's image tokens map onto the image, for drawing per-token values as heatmaps.
+
+Every image token (an occurrence of the family's image-token id in ``input_ids``, counted in sequence
+order, 0-based) belongs to exactly one ``GridSegment``: a rows x cols raster of tokens covering a box of
+the original image. ``GridInfo`` lists the segments and names a *primary* drawable grid:
+
+* ``raster`` (LLaVA, Qwen2-VL, Qwen2.5-VL, Gemma3, single-tile InternVL/Idefics3): one segment; the
+  tokens are the primary grid in row-major order and ``rows * cols == n_image_tokens``.
+* ``base+anyres`` (LLaVA-NeXT): ``[base k x k | anyres grid, each row followed by one newline token]``.
+  The primary grid is the base grid (k x k; the base image is the whole picture squashed to a square).
+  The anyres segment is the higher-resolution grid over the unpadded picture; its ``row_stride`` is
+  ``cols + 1`` because of the newline token (which has no image position).
+* ``tiles`` (InternVL, Idefics3 with splitting): ``[tile(0,0) | tile(0,1) | ... | overview]``, each tile a
+  k x k raster over its box; the overview (InternVL "thumbnail", Idefics3 "global") covers the whole
+  image. The primary grid is the mosaic of the tiles (tile_rows*k x tile_cols*k), which covers the whole
+  (resized) picture; ``rows * cols == n_image_tokens - k*k``.
+
+``GridInfo.index_map()`` gives, for the primary grid, the image-token index of every cell, so
+``values[info.index_map()]`` is a heatmap. ``segment_map(seg)`` does the same for any segment.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+Box = tuple[float, float, float, float]  # (top, left, bottom, right) as fractions of the image
+FULL: Box = (0.0, 0.0, 1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class GridSegment:
+    name: str  # "image" | "base" | "anyres" | "newline" | "tile" | "thumbnail" | "global"
+    start: int  # index of its first token among the image tokens
+    rows: int
+    cols: int
+    box: Box = FULL
+    row_stride: int = 0  # tokens per row in the sequence (0 -> cols); > cols when rows end in extra tokens
+
+    @property
+    def stride(self) -> int:
+        return self.row_stride or self.cols
+
+    @property
+    def n_tokens(self) -> int:
+        return self.rows * self.stride
+
+    def index_map(self) -> np.ndarray:
+        """(rows, cols) array of image-token indices, row-major."""
+        r = np.arange(self.rows)[:, None] * self.stride
+        return self.start + r + np.arange(self.cols)[None, :]
+
+
+@dataclass(frozen=True)
+class GridInfo:
+    rows: int  # primary drawable grid
+    cols: int
+    order: str  # "raster" | "base+anyres" | "tiles"
+    segments: tuple[GridSegment, ...]
+    n_tokens: int
+    primary: tuple[int, ...] = (0,)  # indices into ``segments`` that tile the primary grid
+    tile_grid: tuple[int, int] = (1, 1)  # (tile_rows, tile_cols) for "tiles"
+    exact: bool = True  # False when the layout could not be determined and was guessed
+
+    def index_map(self) -> np.ndarray:
+        """(rows, cols) image-token indices of the primary grid."""
+        out = np.full((self.rows, self.cols), -1, dtype=np.int64)
+        for i in self.primary:
+            s = self.segments[i]
+            r0 = round(s.box[0] * self.rows)
+            c0 = round(s.box[1] * self.cols)
+            out[r0 : r0 + s.rows, c0 : c0 + s.cols] = s.index_map()
+        return out
+
+    def to_grid(self, values) -> np.ndarray:
+        """Per-image-token values (length ``n_tokens``) -> (rows, cols) array on the primary grid."""
+        v = np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values)
+        if v.shape[0] != self.n_tokens:
+            raise ValueError(f"expected {self.n_tokens} values (one per image token), got {v.shape[0]}")
+        return v[self.index_map()]
+
+    def as_dict(self) -> dict:
+        return {
+            "rows": self.rows,
+            "cols": self.cols,
+            "order": self.order,
+            "n_tokens": self.n_tokens,
+            "exact": self.exact,
+            "tile_grid": list(self.tile_grid),
+            "tiles": [
+                {"name": s.name, "start": s.start, "rows": s.rows, "cols": s.cols, "box": list(s.box),
+                 "row_stride": s.stride, "n_tokens": s.n_tokens}
+                for s in self.segments
+            ],  # fmt: skip
+        }
+
+    def __getitem__(self, key: str):
+        return self.as_dict()[key]
+
+
+def _check(info: GridInfo, n: int) -> GridInfo:
+    total = sum(s.n_tokens for s in info.segments)
+    if total != n:
+        raise ValueError(f"image-token layout accounts for {total} tokens but the inputs have {n}: {info.as_dict()}")
+    return info
+
+
+def _isqrt_exact(n: int) -> int | None:
+    k = math.isqrt(n)
+    return k if k * k == n else None
+
+
+def raster(rows: int, cols: int, n: int) -> GridInfo:
+    return _check(GridInfo(rows, cols, "raster", (GridSegment("image", 0, rows, cols),), n), n)
+
+
+def square_raster(n: int) -> GridInfo:
+    k = _isqrt_exact(n)
+    if k is None:
+        raise ValueError(f"{n} image tokens do not form a square grid")
+    return raster(k, k, n)
+
+
+# ----------------------------------------------------------------------------------------------- Qwen
+
+
+def qwen_grid(inputs: dict, n: int) -> GridInfo:
+    """Rows/cols from ``image_grid_thw`` = (t, h, w) in patches; tokens are (h/m) x (w/m) after the m x m
+    patch merge (m = 2 for released checkpoints; inferred here from the token count)."""
+    thw = inputs["image_grid_thw"]
+    if len(thw) != 1:
+        raise ValueError(f"expected exactly one image, got image_grid_thw with {len(thw)} rows")
+    t, h, w = (int(x) for x in thw[0])
+    merge = _isqrt_exact(t * h * w // n) if n and (t * h * w) % n == 0 else None
+    if merge is None or t != 1:
+        raise ValueError(f"image_grid_thw {(t, h, w)} does not match {n} image tokens")
+    return raster(h // merge, w // merge, n)
+
+
+# ------------------------------------------------------------------------------------------ LLaVA-NeXT
+
+
+def _unpadded(orig_hw: tuple[int, int], grid_hw: tuple[int, int]) -> tuple[int, int]:
+    """Shape of the anyres feature grid after the model removes the letterbox padding."""
+    oh, ow = orig_hw
+    gh, gw = grid_hw
+    if ow / oh > gw / gh:  # wider than the canvas: padding was added top and bottom
+        new_h = int(round(oh * (gw / ow), 7))
+        return gh - 2 * ((gh - new_h) // 2), gw
+    new_w = int(round(ow * (gh / oh), 7))
+    return gh, gw - 2 * ((gw - new_w) // 2)
+
+
+def _llava_next_info(k: int, hu: int, wu: int, n: int, exact: bool) -> GridInfo:
+    base = GridSegment("base", 0, k, k)
+    any_ = GridSegment("anyres", k * k, hu, wu, row_stride=wu + 1)
+    return _check(GridInfo(k, k, "base+anyres", (base, any_), n, exact=exact), n)
+
+
+def llava_next_grid(inputs: dict, n: int, processor=None) -> GridInfo:
+    """``[base k*k | anyres Hu x (Wu + 1 newline)]`` with the "default" feature strategy (no CLS)."""
+    pv = inputs["pixel_values"]
+    n_views, tile = int(pv.shape[1]), int(pv.shape[-1])
+    orig = tuple(int(x) for x in inputs["image_sizes"][0])
+    if n_views == 1:  # base only, followed by a single newline token
+        k = _isqrt_exact(n - 1)
+        segs = (GridSegment("base", 0, k, k), GridSegment("newline", k * k, 1, 0, row_stride=1))
+        return _check(GridInfo(k, k, "base+anyres", segs, n), n)
+    if processor is not None:
+        from transformers.image_processing_utils import select_best_resolution
+
+        p = int(processor.patch_size)
+        best_h, best_w = select_best_resolution(list(orig), processor.image_processor.image_grid_pinpoints)
+        k = tile // p
+        hu, wu = _unpadded(orig, (best_h // tile * k, best_w // tile * k))
+        return _llava_next_info(k, hu, wu, n, exact=True)
+    # No processor: find the patch size and tile arrangement that reproduce the token count.
+    found = set()
+    for p in (d for d in range(1, tile + 1) if tile % d == 0):
+        k = tile // p
+        for r in (d for d in range(1, n_views) if (n_views - 1) % d == 0):
+            hu, wu = _unpadded(orig, (r * k, (n_views - 1) // r * k))
+            if k * k + hu * (wu + 1) == n:
+                found.add((k, hu, wu))
+    if not found:
+        raise ValueError(f"cannot lay out {n} LLaVA-NeXT image tokens for pixel_values {tuple(pv.shape)}")
+    k, hu, wu = sorted(found)[0]
+    return _llava_next_info(k, hu, wu, n, exact=len(found) == 1)
+
+
+# ------------------------------------------------------------------------------------------- tiled
+
+
+def _tiles_info(k: int, tr: int, tc: int, overview: str, n: int, exact: bool) -> GridInfo:
+    segs = []
+    for i in range(tr * tc):
+        r, c = divmod(i, tc)
+        segs.append(GridSegment("tile", i * k * k, k, k, box=(r / tr, c / tc, (r + 1) / tr, (c + 1) / tc)))
+    segs.append(GridSegment(overview, tr * tc * k * k, k, k))
+    info = GridInfo(tr * k, tc * k, "tiles", tuple(segs), n, tuple(range(tr * tc)), (tr, tc), exact)
+    return _check(info, n)
+
+
+def _squarest(m: int) -> tuple[int, int]:
+    r = max(d for d in range(1, math.isqrt(m) + 1) if m % d == 0)
+    return r, m // r
+
+
+def internvl_grid(inputs: dict, n: int, processor=None, image=None) -> GridInfo:
+    """Tiles are ``<img> tile_0 .. tile_{T-1} [thumbnail] </img>`` with no separators, so the tile
+    arrangement needs the original image size and the image processor's settings (``processor`` and
+    ``image``); without them the squarest arrangement is assumed and ``exact`` is False."""
+    n_views = int(inputs["pixel_values"].shape[0])
+    if n % n_views:
+        raise ValueError(f"{n} image tokens do not split evenly over {n_views} tiles")
+    k = _isqrt_exact(n // n_views)
+    if k is None:
+        raise ValueError(f"{n // n_views} tokens per tile is not a square")
+    if n_views == 1:
+        return square_raster(n)
+    m = n_views - 1
+    if processor is not None and image is not None:
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+        ip = processor.image_processor
+        size = (ip.size["height"], ip.size["width"]) if isinstance(ip.size, dict) else (ip.size.height, ip.size.width)
+        w, h = image.size
+        tc, tr = get_optimal_tiled_canvas((h, w), size, ip.min_patches, ip.max_patches)
+        if tr * tc == m:
+            return _tiles_info(k, tr, tc, "thumbnail", n, exact=True)
+    tr, tc = _squarest(m)
+    return _tiles_info(k, tr, tc, "thumbnail", n, exact=False)
+
+
+def image_token_runs(input_ids: torch.Tensor, token_id: int) -> list[tuple[int, int]]:
+    """(sequence position, length) of each run of ``token_id`` in a 1-D id sequence."""
+    pos = (input_ids == token_id).nonzero().flatten().tolist()
+    runs: list[list[int]] = []
+    for p in pos:
+        if runs and p == runs[-1][0] + runs[-1][1]:
+            runs[-1][1] += 1
+        else:
+            runs.append([p, 1])
+    return [tuple(r) for r in runs]
+
+
+def guess_image_token_id(input_ids: torch.Tensor, n: int) -> int:
+    """The id occurring exactly ``n`` times (the image placeholder), when unique."""
+    ids, counts = torch.unique(input_ids, return_counts=True)
+    cand = ids[counts == n].tolist()
+    if len(cand) != 1:
+        raise ValueError(f"cannot tell which token id is the image token ({len(cand)} ids occur {n} times)")
+    return cand[0]
+
+
+def idefics3_grid(inputs: dict, n: int, processor=None) -> GridInfo:
+    """Sequence: for each tile row, ``(<fake><row_i_col_j><image>*k*k)`` per tile then ``\\n``; then
+    ``\\n<fake><global-img><image>*k*k<fake>``. The tile arrangement is read from the ``<row_i_col_j>``
+    tokens when ``processor`` is given, else from the separator lengths (a row break adds ``\\n``)."""
+    pv = inputs["pixel_values"]
+    n_views = int(pv.shape[1]) if pv.dim() == 5 else int(pv.shape[0])
+    ids = inputs["input_ids"][0]
+    tok_id = processor.image_token_id if processor is not None else guess_image_token_id(ids, n)
+    runs = image_token_runs(ids, tok_id)
+    if len(runs) != n_views or len({length for _, length in runs}) != 1:
+        raise ValueError(f"expected {n_views} equal runs of image tokens, found lengths {[r[1] for r in runs]}")
+    k = _isqrt_exact(runs[0][1])
+    if k is None:
+        raise ValueError(f"{runs[0][1]} tokens per tile is not a square")
+    if n_views == 1:
+        return square_raster(n)
+    m = n_views - 1
+    if processor is not None:
+        names = processor.tokenizer.convert_ids_to_tokens([int(ids[pos - 1]) for pos, _ in runs[:m]])
+        rc = [tuple(int(x) for x in nm.strip("<>").replace("row_", "").split("_col_")) for nm in names]
+        tr, tc = max(r for r, _ in rc), max(c for _, c in rc)
+        return _tiles_info(k, tr, tc, "global", n, exact=tr * tc == m)
+    gaps = [runs[i + 1][0] - (runs[i][0] + runs[i][1]) for i in range(m - 1)]
+    tc = next((i + 1 for i, g in enumerate(gaps) if g > min(gaps)), m)
+    if m % tc:
+        tr, tc = _squarest(m)
+        return _tiles_info(k, tr, tc, "global", n, exact=False)
+    return _tiles_info(k, m // tc, tc, "global", n, exact=True)
+
+
+def gemma3_grid(inputs: dict, n: int) -> GridInfo:
+    """One pooled square per image (``mm_tokens_per_image``, e.g. 256 = 16 x 16), raster order. With
+    pan-and-scan crops the first block (the whole image) is the primary grid and each crop is one more
+    segment (its box in the image is not recoverable from the inputs; reported as the full image)."""
+    tt = inputs.get("token_type_ids")
+    if tt is None:
+        return square_raster(n)
+    runs = image_token_runs(tt[0], 1)
+    if len(runs) == 1:
+        return square_raster(n)
+    k = _isqrt_exact(runs[0][1])
+    segs = tuple(GridSegment("image" if i == 0 else "crop", i * k * k, k, k) for i in range(len(runs)))
+    return _check(GridInfo(k, k, "tiles", segs, n, exact=False), n)
