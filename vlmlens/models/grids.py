@@ -16,7 +16,8 @@ the original image. ``GridInfo`` lists the segments and names a *primary* drawab
   (resized) picture; ``rows * cols == n_image_tokens - k*k``.
 
 ``GridInfo.index_map()`` gives, for the primary grid, the image-token index of every cell, so
-``values[info.index_map()]`` is a heatmap. ``segment_map(seg)`` does the same for any segment.
+``values[info.index_map()]`` (or ``info.to_grid(values)``) is a heatmap; ``seg.index_map()`` does the
+same for any segment in ``info.segments``.
 """
 
 from __future__ import annotations
@@ -54,22 +55,47 @@ class GridSegment:
         return self.start + r + np.arange(self.cols)[None, :]
 
 
-@dataclass(frozen=True)
-class GridInfo:
-    rows: int  # primary drawable grid
-    cols: int
-    order: str  # "raster" | "base+anyres" | "tiles"
-    segments: tuple[GridSegment, ...]
-    n_tokens: int
-    primary: tuple[int, ...] = (0,)  # indices into ``segments`` that tile the primary grid
-    tile_grid: tuple[int, int] = (1, 1)  # (tile_rows, tile_cols) for "tiles"
-    exact: bool = True  # False when the layout could not be determined and was guessed
+class GridInfo(dict):
+    """Layout of one image's tokens. A plain ``dict`` (JSON-serialisable, so it can be stored in run
+    metadata and rebuilt with ``GridInfo(d)``) with keys:
+
+    ``rows``, ``cols`` (primary drawable grid), ``order`` ("raster" | "base+anyres" | "tiles"),
+    ``n_tokens``, ``exact`` (False when the layout had to be guessed), ``tile_grid`` ([tile_rows,
+    tile_cols]), ``primary`` (indices into ``tiles`` that make up the primary grid) and ``tiles`` (one dict
+    per ``GridSegment``: name, start, rows, cols, box, row_stride, n_tokens).
+    """
+
+    @classmethod
+    def build(cls, rows, cols, order, segments, n, primary=(0,), tile_grid=(1, 1), exact=True) -> "GridInfo":
+        return cls(
+            rows=int(rows), cols=int(cols), order=order, n_tokens=int(n), exact=bool(exact),
+            tile_grid=[int(x) for x in tile_grid], primary=[int(i) for i in primary],
+            tiles=[
+                {"name": s.name, "start": s.start, "rows": s.rows, "cols": s.cols, "box": list(s.box),
+                 "row_stride": s.stride, "n_tokens": s.n_tokens}
+                for s in segments
+            ],
+        )  # fmt: skip
+
+    rows = property(lambda self: self["rows"])
+    cols = property(lambda self: self["cols"])
+    order = property(lambda self: self["order"])
+    n_tokens = property(lambda self: self["n_tokens"])
+    exact = property(lambda self: self["exact"])
+
+    @property
+    def segments(self) -> list[GridSegment]:
+        return [
+            GridSegment(t["name"], t["start"], t["rows"], t["cols"], tuple(t["box"]), t["row_stride"])
+            for t in self["tiles"]
+        ]
 
     def index_map(self) -> np.ndarray:
-        """(rows, cols) image-token indices of the primary grid."""
+        """(rows, cols) image-token indices of the primary grid (-1 where no token lands)."""
         out = np.full((self.rows, self.cols), -1, dtype=np.int64)
-        for i in self.primary:
-            s = self.segments[i]
+        segs = self.segments
+        for i in self["primary"]:
+            s = segs[i]
             r0 = round(s.box[0] * self.rows)
             c0 = round(s.box[1] * self.cols)
             out[r0 : r0 + s.rows, c0 : c0 + s.cols] = s.index_map()
@@ -82,29 +108,11 @@ class GridInfo:
             raise ValueError(f"expected {self.n_tokens} values (one per image token), got {v.shape[0]}")
         return v[self.index_map()]
 
-    def as_dict(self) -> dict:
-        return {
-            "rows": self.rows,
-            "cols": self.cols,
-            "order": self.order,
-            "n_tokens": self.n_tokens,
-            "exact": self.exact,
-            "tile_grid": list(self.tile_grid),
-            "tiles": [
-                {"name": s.name, "start": s.start, "rows": s.rows, "cols": s.cols, "box": list(s.box),
-                 "row_stride": s.stride, "n_tokens": s.n_tokens}
-                for s in self.segments
-            ],  # fmt: skip
-        }
-
-    def __getitem__(self, key: str):
-        return self.as_dict()[key]
-
 
 def _check(info: GridInfo, n: int) -> GridInfo:
-    total = sum(s.n_tokens for s in info.segments)
+    total = sum(t["n_tokens"] for t in info["tiles"])
     if total != n:
-        raise ValueError(f"image-token layout accounts for {total} tokens but the inputs have {n}: {info.as_dict()}")
+        raise ValueError(f"image-token layout accounts for {total} tokens but the inputs have {n}: {dict(info)}")
     return info
 
 
@@ -114,7 +122,7 @@ def _isqrt_exact(n: int) -> int | None:
 
 
 def raster(rows: int, cols: int, n: int) -> GridInfo:
-    return _check(GridInfo(rows, cols, "raster", (GridSegment("image", 0, rows, cols),), n), n)
+    return _check(GridInfo.build(rows, cols, "raster", [GridSegment("image", 0, rows, cols)], n), n)
 
 
 def square_raster(n: int) -> GridInfo:
@@ -157,7 +165,7 @@ def _unpadded(orig_hw: tuple[int, int], grid_hw: tuple[int, int]) -> tuple[int, 
 def _llava_next_info(k: int, hu: int, wu: int, n: int, exact: bool) -> GridInfo:
     base = GridSegment("base", 0, k, k)
     any_ = GridSegment("anyres", k * k, hu, wu, row_stride=wu + 1)
-    return _check(GridInfo(k, k, "base+anyres", (base, any_), n, exact=exact), n)
+    return _check(GridInfo.build(k, k, "base+anyres", [base, any_], n, exact=exact), n)
 
 
 def llava_next_grid(inputs: dict, n: int, processor=None) -> GridInfo:
@@ -168,7 +176,7 @@ def llava_next_grid(inputs: dict, n: int, processor=None) -> GridInfo:
     if n_views == 1:  # base only, followed by a single newline token
         k = _isqrt_exact(n - 1)
         segs = (GridSegment("base", 0, k, k), GridSegment("newline", k * k, 1, 0, row_stride=1))
-        return _check(GridInfo(k, k, "base+anyres", segs, n), n)
+        return _check(GridInfo.build(k, k, "base+anyres", segs, n), n)
     if processor is not None:
         from transformers.image_processing_utils import select_best_resolution
 
@@ -200,7 +208,7 @@ def _tiles_info(k: int, tr: int, tc: int, overview: str, n: int, exact: bool) ->
         r, c = divmod(i, tc)
         segs.append(GridSegment("tile", i * k * k, k, k, box=(r / tr, c / tc, (r + 1) / tr, (c + 1) / tc)))
     segs.append(GridSegment(overview, tr * tc * k * k, k, k))
-    info = GridInfo(tr * k, tc * k, "tiles", tuple(segs), n, tuple(range(tr * tc)), (tr, tc), exact)
+    info = GridInfo.build(tr * k, tc * k, "tiles", segs, n, range(tr * tc), (tr, tc), exact)
     return _check(info, n)
 
 
@@ -231,8 +239,26 @@ def internvl_grid(inputs: dict, n: int, processor=None, image=None) -> GridInfo:
         tc, tr = get_optimal_tiled_canvas((h, w), size, ip.min_patches, ip.max_patches)
         if tr * tc == m:
             return _tiles_info(k, tr, tc, "thumbnail", n, exact=True)
-    tr, tc = _squarest(m)
-    return _tiles_info(k, tr, tc, "thumbnail", n, exact=False)
+    (tr, tc), exact = _match_thumbnail(inputs["pixel_values"])
+    return _tiles_info(k, tr, tc, "thumbnail", n, exact=exact)
+
+
+def _match_thumbnail(pv: torch.Tensor) -> tuple[tuple[int, int], bool]:
+    """Pick the tile arrangement whose re-assembled mosaic, shrunk to one tile, best matches the
+    thumbnail (the whole image at tile size). ``exact`` only when the winner is clearly better than the
+    runner-up; pictures without structure (flat colour, noise) give no clear winner."""
+    tiles, thumb = pv[:-1].float(), pv[-1:].float()
+    m, _, th, tw = tiles.shape
+    errs = {}
+    for tr in (d for d in range(1, m + 1) if m % d == 0):
+        tc = m // tr
+        mosaic = tiles.reshape(tr, tc, 3, th, tw).permute(2, 0, 3, 1, 4).reshape(1, 3, tr * th, tc * tw)
+        small = torch.nn.functional.interpolate(mosaic, size=(th, tw), mode="area")
+        errs[(tr, tc)] = float((small - thumb).abs().mean())
+    ranked = sorted(errs, key=errs.get)
+    if len(ranked) > 1 and errs[ranked[0]] < 0.5 * errs[ranked[1]]:
+        return ranked[0], True
+    return _squarest(m), len(ranked) == 1
 
 
 def image_token_runs(input_ids: torch.Tensor, token_id: int) -> list[tuple[int, int]]:
@@ -278,12 +304,16 @@ def idefics3_grid(inputs: dict, n: int, processor=None) -> GridInfo:
         rc = [tuple(int(x) for x in nm.strip("<>").replace("row_", "").split("_col_")) for nm in names]
         tr, tc = max(r for r, _ in rc), max(c for _, c in rc)
         return _tiles_info(k, tr, tc, "global", n, exact=tr * tc == m)
-    gaps = [runs[i + 1][0] - (runs[i][0] + runs[i][1]) for i in range(m - 1)]
-    tc = next((i + 1 for i, g in enumerate(gaps) if g > min(gaps)), m)
-    if m % tc:
-        tr, tc = _squarest(m)
-        return _tiles_info(k, tr, tc, "global", n, exact=False)
-    return _tiles_info(k, m // tc, tc, "global", n, exact=True)
+    # Between tiles of one row the separator is exactly <fake><row_i_col_j> (2 tokens); a row break adds
+    # the newline token(s). If even the break before the global image is 2 tokens, newlines are not
+    # visible as tokens and the arrangement cannot be read off the sequence.
+    gaps = [runs[i + 1][0] - (runs[i][0] + runs[i][1]) for i in range(m)]
+    if gaps[-1] > 2:
+        tc = next((i + 1 for i, g in enumerate(gaps[:-1]) if g != 2), m)
+        if m % tc == 0 and all((g == 2) == ((i + 1) % tc != 0) for i, g in enumerate(gaps[:-1])):
+            return _tiles_info(k, m // tc, tc, "global", n, exact=True)
+    tr, tc = _squarest(m)
+    return _tiles_info(k, tr, tc, "global", n, exact=False)
 
 
 def gemma3_grid(inputs: dict, n: int) -> GridInfo:
@@ -298,4 +328,4 @@ def gemma3_grid(inputs: dict, n: int) -> GridInfo:
         return square_raster(n)
     k = _isqrt_exact(runs[0][1])
     segs = tuple(GridSegment("image" if i == 0 else "crop", i * k * k, k, k) for i in range(len(runs)))
-    return _check(GridInfo(k, k, "tiles", segs, n, exact=False), n)
+    return _check(GridInfo.build(k, k, "tiles", segs, n, exact=False), n)
