@@ -9,25 +9,16 @@ Public API::
 """
 __version__ = "0.1.0"
 
+from . import interventions  # noqa: E402
+from .capture import capture  # noqa: E402  (binds the function over the submodule's name)
+from .errors import InputError  # noqa: E402
+from .images import load_image  # noqa: E402
+from .interventions import Freeze, Knockout, SkipLayers, Substitute, Truncate  # noqa: E402
+from .models.loading import LoadedModel, UnsupportedModel, load_model  # noqa: E402
 from .run import Run, RunFormatError, TokenSpans, load_run, save_run  # noqa: E402
 
-_LAZY = {
-    "load_model": ("vlmlens.models.loading", "load_model"),
-    "LoadedModel": ("vlmlens.models.loading", "LoadedModel"),
-    "UnsupportedModel": ("vlmlens.models.loading", "UnsupportedModel"),
-    "capture": ("vlmlens.capture", "capture"),
-    "load_image": ("vlmlens.capture", "load_image"),
-    "InputError": ("vlmlens.errors", "InputError"),
-}
-
-
-def __getattr__(name):  # torch/transformers load only when first needed
-    if name in _LAZY:
-        import importlib
-
-        mod, attr = _LAZY[name]
-        return getattr(importlib.import_module(mod), attr)
-    raise AttributeError(f"module 'vlmlens' has no attribute {name!r}")
-
-
-__all__ = ["Run", "RunFormatError", "TokenSpans", "load_run", "save_run", *_LAZY]
+__all__ = [
+    "InputError", "LoadedModel", "Run", "RunFormatError", "TokenSpans", "UnsupportedModel",
+    "capture", "load_image", "load_model", "load_run", "save_run", "interventions",
+    "Truncate", "Freeze", "Substitute", "SkipLayers", "Knockout",
+]

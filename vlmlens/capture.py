@@ -163,8 +163,8 @@ def capture(
     tok = lm.processor.tokenizer
     arrays = _arrays_from_state(state, L, n_total, n_prompt, len(img_pos), int(tcfg.num_attention_heads))
     spans = TokenSpans(n_prompt, n_total, tuple(int(p) for p in img_pos))
-    grid_info = lm.arch.grid_info(inputs, len(img_pos)) if hasattr(lm.arch, "grid_info") else None
-    grid = (grid_info["rows"], grid_info["cols"]) if grid_info else tuple(lm.arch.image_grid(inputs, len(img_pos)))
+    grid = lm.arch.grid_info(inputs, len(img_pos), processor=lm.processor, image=rgb)
+    arrays["image_grid_index"] = grid.index_map().astype(np.int64)
     meta = {
         "model": lm.name,
         "family": lm.family,
@@ -183,8 +183,8 @@ def capture(
         "model_dtype": str(lm.dtype).replace("torch.", ""),
         "device": str(lm.device),
         "capture_seconds": round(seconds, 4),
-        "grid_order": (grid_info or {}).get("order") if grid_info and grid_info.get("order") != "raster" else None,
-        "grid_info": grid_info,
+        "grid_order": grid.order,
+        "grid_exact": bool(grid.exact),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     return Run(
@@ -192,7 +192,7 @@ def capture(
         tokens=tok.convert_ids_to_tokens(ids),
         token_ids=ids,
         spans=spans,
-        image_grid=(int(grid[0]), int(grid[1])),
+        image_grid=(int(grid.rows), int(grid.cols)),
         generated_text=tok.decode(gen, skip_special_tokens=True).strip(),
         token_logprobs=logprobs,
         image=rgb,

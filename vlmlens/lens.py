@@ -108,6 +108,11 @@ class LensState:
         keep = ~torch.isin(self.qpos, removed.to(self.qpos.device))
         return None if bool(keep.all()) else keep
 
+    def _replace_hidden(self, layer: int, hidden: torch.Tensor, pos: torch.Tensor) -> None:
+        if self.plan.record_hidden and self.hidden[layer]:
+            self.hidden[layer].pop()
+            self._store_hidden(layer, hidden, pos)
+
     def is_image(self, pos: torch.Tensor) -> torch.Tensor:
         if self.image_pos.numel() == 0:
             return torch.zeros_like(pos, dtype=torch.bool)
@@ -319,6 +324,8 @@ class Lens:
                 r = fn(idx, new, st) if fn is not None else None
                 if r is not None:
                     new = r
+            if new is not hidden and idx > 0:
+                st._replace_hidden(idx, new, st.layer_qpos[idx])  # record what layer idx really reads
             if new is hidden and keep is None:
                 return None
             if positional:

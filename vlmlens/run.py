@@ -136,9 +136,11 @@ class Run:
         tokens: token strings of the whole sequence (prompt + generated).
         token_ids: token ids, same length as ``tokens``.
         spans: TokenSpans of the sequence.
-        image_grid: (rows, cols) of the image patch grid; image token i sits at
-            ``divmod(i, cols)`` when ``rows * cols == n_image`` (``grid_order`` in meta says
-            how tiles are laid out otherwise).
+        image_grid: (rows, cols) of the drawable image patch grid; ``grid_index`` (the
+            array ``image_grid_index``) names the image token in each cell, and
+            ``to_grid(values)`` turns per-image-token values into a heatmap. For a plain
+            raster (LLaVA, Qwen2-VL) token i sits at ``divmod(i, cols)``; ``meta["grid_order"]``
+            says how tiled families are laid out.
         generated_text: decoded generated tokens (without the stop token).
         token_logprobs: log-probability of each generated token [n_generated].
         image: the input image (RGB).
@@ -191,6 +193,24 @@ class Run:
         return np.arange(self.spans.n_total)
 
     @property
+    def grid_index(self) -> np.ndarray:
+        """[rows, cols] image-token index drawn in each grid cell (-1: no token there)."""
+        if "image_grid_index" in self.arrays:
+            return self.arrays["image_grid_index"]
+        rows, cols = self.image_grid
+        return np.arange(rows * cols).reshape(rows, cols)
+
+    def to_grid(self, values) -> np.ndarray:
+        """Per-image-token values [..., n_image] -> [..., rows, cols] (NaN where no token)."""
+        v = np.asarray(values, dtype=np.float32)
+        if v.shape[-1] != self.spans.n_image:
+            raise ValueError(f"expected {self.spans.n_image} values per image token, got {v.shape[-1]}")
+        idx = self.grid_index
+        out = v[..., np.maximum(idx, 0)]
+        out[..., idx < 0] = np.nan
+        return out
+
+    @property
     def n_layers(self) -> int:
         """Number of decoder layers L (hidden states have L+1 entries)."""
         return int(self.meta["n_layers"])
@@ -238,9 +258,13 @@ def _check_run(run: Run) -> None:
     if L <= 0:
         raise RunFormatError("meta['n_layers'] must be a positive integer")
     rows, cols = run.image_grid
-    if rows * cols not in (s.n_image, 0) and run.meta.get("grid_order") is None:
-        raise RunFormatError(f"image grid {rows}x{cols} does not match {s.n_image} image tokens")
     a = run.arrays
+    if "image_grid_index" in a:
+        gi = a["image_grid_index"]
+        if gi.shape != (rows, cols) or gi.max(initial=-1) >= s.n_image or gi.min(initial=0) < -1:
+            raise RunFormatError(f"image_grid_index has shape {gi.shape}; expected ({rows}, {cols}) with indices < {s.n_image}")
+    elif rows * cols != s.n_image:
+        raise RunFormatError(f"image grid {rows}x{cols} does not match {s.n_image} image tokens")
     if "hidden_states" in a:
         hs = a["hidden_states"]
         if hs.ndim != 3 or hs.shape[0] != L + 1 or hs.shape[1] != len(run.hidden_positions):

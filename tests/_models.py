@@ -1,0 +1,39 @@
+"""Tiny random models and reference helpers shared by tests (import from tests._models)."""
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def random_lm(family: str):
+    """A float32 CPU random model that never generates structural (special) tokens, so a
+    teacher-forced forward over prompt + generated tokens is always valid input."""
+    import vlmlens as vl
+
+    lm = vl.load_model(f"random:{family}", device="cpu", dtype="float32")
+    tok = lm.processor.tokenizer
+    eos = lm.model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
+    special = sorted(set(tok.all_special_ids) | set(tok.added_tokens_decoder)) if hasattr(tok, "added_tokens_decoder") else tok.all_special_ids
+    lm.model.generation_config.suppress_tokens = [int(i) for i in special if i not in eos]
+    return lm
+
+
+def extend_inputs(inputs: dict, new_ids: list[int]) -> dict:
+    """Append generated tokens to prompt inputs (for a teacher-forced reference forward)."""
+    n = inputs["input_ids"].shape[1]
+    add = torch.tensor([new_ids], dtype=inputs["input_ids"].dtype)
+    out = dict(inputs)
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == (1, n):
+            if k == "input_ids":
+                out[k] = torch.cat([v, add], 1)
+            elif k == "attention_mask":
+                out[k] = torch.cat([v, torch.ones_like(add, dtype=v.dtype)], 1)
+            else:  # token type ids: text = 0
+                out[k] = torch.cat([v, torch.zeros_like(add, dtype=v.dtype)], 1)
+    return out
+
+
+def set_attn(model, impl: str) -> None:
+    model.set_attn_implementation(impl)

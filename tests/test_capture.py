@@ -1,0 +1,137 @@
+"""The lens is exact: capture changes nothing the model computes, and what it records equals
+the same quantities from plain HF forwards (hidden states) and eager attention weights."""
+import numpy as np
+import pytest
+import torch
+
+import vlmlens as vl
+from vlmlens.capture import prepare_inputs
+from vlmlens.lens import ATTN_NAME, Lens, Plan
+from vlmlens.models.tiny_random import FAMILIES
+
+from tests._models import extend_inputs, random_lm, set_attn
+
+PROMPT = "What is in the image?"
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+def _plain_generate(lm, inputs, n):
+    out = lm.model.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=lm.processor.tokenizer.pad_token_id or 0)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_capture_matches_plain_model(family, image):
+    lm = random_lm(family)
+    run = vl.capture(lm, image, PROMPT, max_new_tokens=4, hidden_dtype="float32")
+    inputs, _, _ = prepare_inputs(lm, image, PROMPT)
+    n_prompt = inputs["input_ids"].shape[1]
+    gen = run.token_ids[n_prompt:]
+    with torch.no_grad():
+        plain_gen = _plain_generate(lm, inputs, 4)
+    assert gen == plain_gen[: len(gen)] and len(gen) == 4  # special tokens suppressed: no early stop
+
+    # logits of a plain forward vs the same forward through the lens
+    with torch.no_grad():
+        plain = lm.model(**inputs).logits
+        plan = Plan(image_positions=run.spans.positions("image"), n_layers=lm.n_layers, n_prompt=n_prompt)
+        with Lens(lm.arch.decoder_layers(lm.model), plan):
+            lensed = lm.model(**inputs).logits
+    assert torch.equal(plain, lensed) or (plain - lensed).abs().max().item() <= 1e-5
+
+    # hidden states: teacher-forced forward over prompt + generated tokens
+    full = extend_inputs(inputs, gen)
+    with torch.no_grad():
+        ref = lm.model(**full, output_hidden_states=True).hidden_states
+    hs = run.hidden_states
+    L = lm.n_layers
+    assert hs.shape == (L + 1, run.spans.n_total, lm.text_config.hidden_size)
+    for l in range(L):
+        assert np.abs(hs[l] - ref[l][0].numpy()).max() <= 1e-5, f"layer {l}"
+    norm = lm.arch.final_norm(lm.model)
+    with torch.no_grad():
+        last = norm(torch.from_numpy(hs[L]))
+    assert (last - ref[L][0]).abs().max().item() <= 1e-5
+
+    # attention statistics vs eager attention weights
+    set_attn(lm.model, "eager")
+    try:
+        with torch.no_grad():
+            att = lm.model(**full, output_attentions=True).attentions
+    finally:
+        set_attn(lm.model, "sdpa")
+    img = run.spans.positions("image")
+    nonimg = np.setdiff1d(np.arange(run.spans.n_total), img)
+    for l in range(L):
+        a = att[l][0].numpy()  # [H, q, k]
+        share = a[:, :, img].sum(-1)
+        assert np.abs(run.attention_to_image[l][:, nonimg] - share[:, nonimg]).max() <= 1e-5
+        assert np.isnan(run.attention_to_image[l][:, img]).all()
+        mp = run.map_positions
+        maps = a[:, mp][:, :, img].mean(0)
+        assert np.abs(run.attention_maps[l] - maps).max() <= 1e-5
+    assert np.nanmin(run.attention_to_image) >= 0 and np.nanmax(run.attention_to_image) <= 1 + 1e-6
+
+
+def test_image_spans_and_grid(family, image):
+    lm = random_lm(family)
+    run = vl.capture(lm, image, PROMPT, max_new_tokens=2)
+    ids = np.array(run.token_ids)
+    img_ids = lm.arch.image_token_id(lm.model, lm.processor)
+    img_ids = img_ids if isinstance(img_ids, (list, tuple)) else [img_ids]
+    assert np.array_equal(np.flatnonzero(np.isin(ids[: run.spans.n_prompt], img_ids)), run.spans.positions("image"))
+    rows, cols = run.image_grid
+    idx = run.grid_index
+    assert idx.shape == (rows, cols)
+    drawn = idx[idx >= 0]
+    assert len(np.unique(drawn)) == len(drawn) and drawn.max() < run.spans.n_image
+    if run.meta["grid_order"] == "raster":
+        assert rows * cols == run.spans.n_image and np.array_equal(idx.ravel(), np.arange(rows * cols))
+    heat = run.to_grid(np.arange(run.spans.n_image, dtype=float))
+    assert np.array_equal(heat[idx >= 0], drawn)
+    assert run.tokens[run.spans.n_prompt:] == lm.processor.tokenizer.convert_ids_to_tokens(run.token_ids[run.spans.n_prompt:])
+
+
+class _Boom:
+    def edit_output(self, layer, h_in, h_out, state):
+        if layer == 1:
+            raise RuntimeError("boom inside the forward")
+        return None
+
+
+def test_hooks_removed_even_on_exception(image):
+    lm = random_lm("llava")
+    layers = lm.arch.decoder_layers(lm.model)
+    before = [(len(l._forward_hooks), len(l._forward_pre_hooks)) for l in layers]
+    impl = lm.text_config._attn_implementation
+    with pytest.raises(RuntimeError, match="boom"):
+        vl.capture(lm, image, PROMPT, max_new_tokens=2, interventions=[_Boom()])
+    assert [(len(l._forward_hooks), len(l._forward_pre_hooks)) for l in layers] == before
+    assert lm.text_config._attn_implementation == impl != ATTN_NAME
+    assert not any(hasattr(m, "_vlmlens_state") for m in lm.model.modules())
+    # and the model still works normally
+    run = vl.capture(lm, image, PROMPT, max_new_tokens=2)
+    assert len(run.generated_tokens) == 2
+
+
+def test_store_modes(image):
+    lm = random_lm("llava")
+    full = vl.capture(lm, image, PROMPT, max_new_tokens=3)
+    part = vl.capture(lm, image, PROMPT, max_new_tokens=3, store="image_text")
+    none = vl.capture(lm, image, PROMPT, max_new_tokens=3, store="none")
+    first = full.spans.positions("image")[0]
+    assert np.array_equal(part.hidden_positions, np.arange(first, full.spans.n_total))
+    assert np.array_equal(part.hidden_states, full.hidden_states[:, first:])
+    assert full.hidden_states.dtype == np.float16
+    assert "hidden_states" not in none.arrays and none.token_ids == full.token_ids
+    assert np.array_equal(part.span_states("image"), full.span_states("image"))
+
+
+def test_zero_new_tokens(image):
+    lm = random_lm("llava")
+    run = vl.capture(lm, image, PROMPT, max_new_tokens=0)
+    assert run.spans.n_total == run.spans.n_prompt and run.generated_text == "" and run.token_logprobs == []
+    assert run.attention_maps.shape[1] == 1  # the last prompt token only
