@@ -219,3 +219,18 @@ def test_segment_index_map_with_row_stride():
     seg = GridSegment("anyres", 16, 2, 3, row_stride=4)
     assert seg.n_tokens == 8
     assert seg.index_map().tolist() == [[16, 17, 18], [20, 21, 22]]
+
+
+def test_llava_next_base_only_layout():
+    # one view (no anyres tiles): base k*k followed by a single newline token
+    inputs = {"pixel_values": torch.zeros(1, 1, 3, 32, 32), "image_sizes": torch.tensor([[32, 32]])}
+    info = get_arch("llava_next").grid_info(inputs, 17)
+    assert (info.rows, info.cols) == (4, 4) and [s.name for s in info.segments] == ["base", "newline"]
+
+
+def test_gemma3_pan_and_scan_blocks():
+    # two 16-token blocks (image + one crop) marked by token_type_ids, separated by text
+    tt = torch.tensor([[0] * 3 + [1] * 16 + [0] * 4 + [1] * 16 + [0] * 2])
+    info = get_arch("gemma3").grid_info({"token_type_ids": tt}, 32)
+    assert (info.rows, info.cols) == (4, 4) and info.order == "tiles" and not info.exact
+    assert [s.start for s in info.segments] == [0, 16]

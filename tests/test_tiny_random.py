@@ -168,3 +168,23 @@ def test_eager_at_build_and_seed_determinism():
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_build_does_not_touch_global_rng():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_random("gemma3", seed=7)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_processor_without_video_round_trips(tmp_path):
+    _, proc = tiny("qwen2_vl")
+    proc.save_pretrained(tmp_path)
+    again = type(proc).from_pretrained(tmp_path)
+    assert isinstance(again, transformers.Qwen2VLProcessor) and not hasattr(again, "video_processor")
+    text = again.apply_chat_template(CONV, add_generation_prompt=True)
+    img = Image.new("RGB", (40, 40), (200, 10, 10))
+    a = again(images=[img], text=[text], return_tensors="pt")
+    b = proc(images=[img], text=[text], return_tensors="pt")
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])

@@ -4,7 +4,7 @@ image-processor and processor classes, configured small.
 Nothing here touches the network. Image processors are the PIL/numpy-backed ``*ImageProcessorPil``
 classes (the default "fast" ones in transformers 5 need torchvision). Processors whose constructor also
 takes a video processor (Qwen2-VL, Qwen2.5-VL, InternVL) get a thin subclass that drops that slot,
-because every video processor in transformers 5 is torchvision-backed; see ``_without_video``.
+because every video processor in transformers 5 is torchvision-backed; see ``without_video_processor``.
 """
 
 from __future__ import annotations
@@ -140,13 +140,14 @@ def _jinja_literal(s: str) -> str:
     return "{{ '" + escaped + "' }}"
 
 
-def _without_video(cls: type) -> type:
+def without_video_processor(cls: type) -> type:
     """Subclass of processor ``cls`` with no video-processor slot.
 
     transformers 5 requires every declared sub-processor at construction time, and all of its video
     processors need torchvision (not installed here). The subclass's ``__init__`` has no
     ``video_processor`` parameter, so ``ProcessorMixin`` expects only the image processor and tokenizer;
-    image + text processing is inherited unchanged. Passing ``videos=`` is simply ignored.
+    image + text processing is inherited unchanged. Passing ``videos=`` is simply ignored. The subclass's
+    ``from_pretrained`` also works on a saved checkpoint directory (it loads no video processor).
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
@@ -222,7 +223,7 @@ def build_processor(spec: TinyProcessorSpec):
             default_system="You are a helpful assistant.",
         )
         base = transformers.Qwen2VLProcessor if f == "qwen2_vl" else transformers.Qwen2_5_VLProcessor
-        return _without_video(base)(image_processor=ip, tokenizer=tok, chat_template=tpl)
+        return without_video_processor(base)(image_processor=ip, tokenizer=tok, chat_template=tpl)
     if f == "internvl":
         named = {
             "start_image_token": "<img>",
@@ -240,7 +241,7 @@ def build_processor(spec: TinyProcessorSpec):
             image="<IMG_CONTEXT>\n",
             generation_prompt="<|im_start|>assistant\n",
         )
-        return _without_video(transformers.InternVLProcessor)(
+        return without_video_processor(transformers.InternVLProcessor)(
             image_processor=ip, tokenizer=tok, image_seq_length=spec.image_seq_len, chat_template=tpl
         )
     if f == "idefics3":

@@ -181,13 +181,14 @@ def build_random(family: str, *, seed: int = 0, attn_implementation: str | None 
     config = _config(family, spec, processor)
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
     cls = getattr(transformers, _MODEL_CLASSES[family])
-    model = cls(config).to(torch.float32).eval()
-    if family == "gemma3":
-        # Gemma3's _init_weights zeroes the image projection, which would hide the image from the LM.
-        with torch.no_grad():
-            torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.05)
+    with torch.random.fork_rng(devices=[]):  # seeded, without disturbing the caller's RNG state
+        torch.manual_seed(seed)
+        model = cls(config).to(torch.float32).eval()
+        if family == "gemma3":
+            # Gemma3's _init_weights zeroes the image projection, which would hide the image from the LM.
+            with torch.no_grad():
+                torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.05)
     gen = model.generation_config
     gen.pad_token_id = processor.tokenizer.pad_token_id
     gen.eos_token_id = processor.tokenizer.eos_token_id
