@@ -144,5 +144,26 @@ def _from_pretrained(path: str, name: str, dev: torch.device, dt: torch.dtype, t
     model = _model_class_for(config).from_pretrained(path, config=config, **kwargs)
     if "device_map" not in kwargs:
         model = model.to(dev)
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return LoadedModel(model.eval(), processor, get_arch(family), name, dev, dt)
+    arch = get_arch(family)
+    return LoadedModel(model.eval(), _load_processor(path, arch, trust_remote_code), arch, name, dev, dt)
+
+
+def _load_processor(path: str, arch: Arch, trust_remote_code: bool):
+    """AutoProcessor, or — where the family's processor insists on a video processor, which
+    needs torchvision — the family's processor class without its video slot."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ImportError, AttributeError, ValueError, TypeError) as first:
+        import transformers
+
+        from .tiny_processors import without_video_processor
+
+        cls = getattr(transformers, arch.processor_class, None)
+        if cls is None:
+            raise
+        try:
+            return without_video_processor(cls).from_pretrained(path, trust_remote_code=trust_remote_code)
+        except Exception:
+            raise first from None

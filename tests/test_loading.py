@@ -1,0 +1,37 @@
+"""Local directories go through from_pretrained: the same path as hub checkpoints."""
+import numpy as np
+import pytest
+
+import vlmlens as vl
+from vlmlens.models.tiny_random import build_random
+
+from tests._models import random_lm
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "internvl"])
+def test_saved_model_loads_and_captures_identically(tmp_path, family, image):
+    model, proc = build_random(family)
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    lm = vl.load_model(str(tmp_path), device="cpu", dtype="float32")
+    assert lm.family == family and type(lm.model) is type(model)
+    ref = random_lm(family)
+    lm.model.generation_config.suppress_tokens = ref.model.generation_config.suppress_tokens
+    a = vl.capture(lm, image, "What is in the image?", max_new_tokens=3, hidden_dtype="float32")
+    b = vl.capture(ref, image, "What is in the image?", max_new_tokens=3, hidden_dtype="float32")
+    assert a.token_ids == b.token_ids
+    assert np.abs(a.hidden_states - b.hidden_states).max() <= 1e-5
+
+
+def test_dtype_and_device_errors():
+    with pytest.raises(vl.InputError, match="unknown dtype"):
+        vl.load_model("random:llava", dtype="float8")
+    with pytest.raises(vl.InputError, match="unknown device"):
+        vl.load_model("random:llava", device="tpu")
+
+
+def test_bfloat16_capture_runs(image):
+    lm = vl.load_model("random:llava", device="cpu", dtype="bfloat16")
+    run = vl.capture(lm, image, "What is in the image?", max_new_tokens=2)
+    assert run.meta["model_dtype"] == "bfloat16"
+    assert np.isfinite(run.hidden_states).all() and np.nanmax(run.attention_to_image) <= 1.0 + 1e-3
