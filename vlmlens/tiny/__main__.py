@@ -1,0 +1,70 @@
+"""CLI: ``python -m vlmlens.tiny train --out DIR`` / ``python -m vlmlens.tiny eval --model DIR``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vlmlens.tiny", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train the tiny shapes VLM from scratch")
+    t.add_argument("--out", required=True, help="output folder (save_pretrained layout)")
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on some CPUs)")
+
+    e = sub.add_parser("eval", help="score a checkpoint on the test split")
+    e.add_argument("--model", required=True, help="checkpoint folder")
+    e.add_argument("--n", type=int, default=300, help="test examples per family")
+    e.add_argument("--batch-size", type=int, default=50)
+    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--no-blind", action="store_true", help="skip the blank/shuffled image check")
+    e.add_argument("--json", default=None, help="also write the scores to this file")
+
+    s = sub.add_parser("examples", help="write example scenes + prompts.json")
+    s.add_argument("--out", required=True)
+
+    args = ap.parse_args(argv)
+    # On a shared CPU, spinning OpenMP workers stall each other (10x slower steps);
+    # passive waiting keeps 2 threads efficient.  Must be set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.cmd == "train":
+        from .train import TrainConfig, train
+
+        cfg = TrainConfig(seed=args.seed, threads=args.threads, bf16=args.bf16)
+        if args.steps is not None:
+            cfg.steps = args.steps
+        if args.batch_size is not None:
+            cfg.batch_size = args.batch_size
+        if args.lr is not None:
+            cfg.lr = args.lr
+        res = train(args.out, cfg)
+        print(f"done in {res['wall_time_s'] / 60:.1f} min -> {args.out}")
+        return 0
+    if args.cmd == "eval":
+        from .eval import evaluate, format_report
+
+        scores = evaluate(args.model, n=args.n, batch_size=args.batch_size, threads=args.threads,
+                          blind=not args.no_blind)
+        print(format_report(scores))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(scores, f, indent=2)
+        return 0
+    if args.cmd == "examples":
+        from .eval import write_examples
+
+        write_examples(args.out)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Training loop for the tiny shapes VLM (CPU friendly, seeded, on-the-fly data).
+
+Every step draws fresh scenes from the *train* seed range, mixes the three task
+families, and trains with cross-entropy on the answer tokens (+ ``</s>``) only.
+Each answer token is weighted 1/sqrt(answer length) so that one-word answers are
+not drowned out by long captions.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .model import TinyArch, build_model, count_params
+from .tasks import FAMILIES, SPLITS, make_example
+from .tokenizer import FastEncoder, build_processor, pixels
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 2e-3
+    min_lr_frac: float = 0.03
+    warmup: int = 150
+    weight_decay: float = 0.02
+    grad_clip: float = 1.0
+    seed: int = 0
+    threads: int = 2
+    bf16: bool = False
+    family_weights: tuple = (0.35, 0.35, 0.3)  # single, caption, reasoning
+    eval_every: int = 200
+    save_every: int = 400
+    arch: TinyArch = field(default_factory=TinyArch)
+
+
+class Batcher:
+    """Deterministic stream of padded training batches."""
+
+    def __init__(self, enc: FastEncoder, cfg: TrainConfig, split: str = "train", offset: int = 0):
+        self.enc, self.cfg = enc, cfg
+        self.rng = np.random.default_rng([cfg.seed, 99])
+        self.next_seed = SPLITS[split][0] + offset
+        self.limit = SPLITS[split][1]
+
+    def examples(self, n: int, families=None):
+        w = np.array(self.cfg.family_weights, dtype=np.float64)
+        fams = families or [FAMILIES[i] for i in self.rng.choice(3, size=n, p=w / w.sum())]
+        out = []
+        for fam in fams:
+            if self.next_seed >= self.limit:
+                raise RuntimeError("ran out of seeds in split")
+            out.append(make_example(self.next_seed, fam))
+            self.next_seed += 1
+        return out
+
+    def collate(self, examples):
+        import torch
+
+        seqs, starts = [], []
+        for ex in examples:
+            p = self.enc.prompt_ids(ex.prompt)
+            a = self.enc.answer_ids(ex.answer)
+            seqs.append(p + a)
+            starts.append(len(p))
+        L = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), L), self.enc.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), L), dtype=torch.long)
+        target = torch.full((len(seqs), L), -100, dtype=torch.long)
+        weight = torch.zeros((len(seqs), L), dtype=torch.float32)
+        for i, (s, st) in enumerate(zip(seqs, starts)):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+            n = len(s) - st
+            # logits at position t predict token t+1
+            target[i, st - 1: len(s) - 1] = torch.tensor(s[st:])
+            weight[i, st - 1: len(s) - 1] = 1.0 / math.sqrt(n)
+        pv = torch.from_numpy(np.stack([pixels(ex.scene.image) for ex in examples]))
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pv,
+                "target": target, "weight": weight}
+
+
+def batch_loss(model, batch, bf16: bool = False):
+    """(weighted loss, per-example exact-match under teacher forcing)."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"]).logits
+    logits = logits.float()
+    tgt = batch["target"]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                         ignore_index=-100, reduction="none").view(tgt.shape)
+    w = batch["weight"]
+    loss = (ce * w).sum() / w.sum()
+    with torch.no_grad():
+        ok = (logits.argmax(-1) == tgt) | (tgt == -100)
+        exact = ok.all(dim=1)
+    return loss, exact
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def validate(model, enc, cfg: TrainConfig, n_per_family: int = 64) -> dict:
+    """Teacher-forced exact match on fixed val examples (== greedy exact match)."""
+    import torch
+
+    model.eval()
+    out = {}
+    b = Batcher(enc, cfg, split="val")
+    with torch.no_grad():
+        for fam in FAMILIES:
+            exs = b.examples(n_per_family, families=[fam] * n_per_family)
+            hits = 0
+            for i in range(0, len(exs), 32):
+                _, exact = batch_loss(model, b.collate(exs[i: i + 32]), cfg.bf16)
+                hits += int(exact.sum())
+            out[fam] = hits / len(exs)
+    model.train()
+    return out
+
+
+def _save(model, processor, out_dir: str, meta: dict):
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "training.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def train(out_dir: str, cfg: TrainConfig, log=print) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    processor = build_processor()
+    enc = FastEncoder(processor.tokenizer)
+    model = build_model(cfg.arch, processor.tokenizer, seed=cfg.seed)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
+    batcher = Batcher(enc, cfg)
+    log(f"params={count_params(model):,} steps={cfg.steps} batch={cfg.batch_size} "
+        f"threads={cfg.threads} bf16={cfg.bf16}")
+    t0 = time.time()
+    history, ema = [], None
+    bar = tqdm(range(cfg.steps), desc="train", file=sys.stdout, mininterval=5.0,
+               dynamic_ncols=False, ncols=100)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        batch = batcher.collate(batcher.examples(cfg.batch_size))
+        loss, _ = batch_loss(model, batch, cfg.bf16)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        lv = loss.detach().item()
+        if not math.isfinite(lv):
+            raise FloatingPointError(f"loss became {lv} at step {step}")
+        ema = lv if ema is None else 0.98 * ema + 0.02 * lv
+        bar.set_postfix(loss=f"{ema:.4f}", lr=f"{_lr_at(step, cfg):.1e}", refresh=False)
+        last = step + 1 == cfg.steps
+        if (step + 1) % cfg.eval_every == 0 or last:
+            val = validate(model, enc, cfg)
+            rec = {"step": step + 1, "loss_ema": round(ema, 5), "elapsed_s": round(time.time() - t0, 1),
+                   "val_exact": val}
+            history.append(rec)
+            log(json.dumps(rec))
+        if ((step + 1) % cfg.save_every == 0) or last:
+            meta = {"config": _cfg_dict(cfg), "steps_done": step + 1, "wall_time_s": round(time.time() - t0, 1),
+                    "train_seeds": [SPLITS["train"][0], batcher.next_seed], "history": history,
+                    "torch": torch.__version__, "params": count_params(model)}
+            _save(model, processor, out_dir, meta)
+    return {"wall_time_s": time.time() - t0, "history": history}
+
+
+def _cfg_dict(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    d["family_weights"] = list(cfg.family_weights)
+    return d
