@@ -164,13 +164,16 @@ def main():
             _sync(dev)
             times[n].append(time.perf_counter() - t0)
     med = {n: statistics.median(v) for n, v in times.items()}
+    print("median seconds:", {n: round(t, 3) for n, t in med.items()}, flush=True)
     mem = {}
     for n in names:
         out = subprocess.run(
             [sys.executable, __file__, "--preset", a.preset, "--device", a.device, "--dtype", a.dtype,
              "--new-tokens", str(a.new_tokens), "--memory-child", n],
-            capture_output=True, text=True, check=True,
+            capture_output=True, text=True,
         )
+        if out.returncode != 0:
+            raise SystemExit(f"memory run of {n!r} failed:\n{out.stderr[-3000:]}")
         mem[n] = json.loads(out.stdout.strip().splitlines()[-1])
     mb = lambda b: b / 2**20  # noqa: E731
     r_time_a = med["capture"] / med["plain"]
