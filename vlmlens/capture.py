@@ -90,6 +90,7 @@ def capture(
     store: str = "all",
     hidden_dtype: str = "float16",
     record_attention: bool = True,
+    prefix=None,
 ) -> Run:
     """Run ``image`` + ``prompt`` through ``lm`` with the lens installed; return a Run.
 
@@ -108,6 +109,9 @@ def capture(
             tokens), or "none".
         hidden_dtype: "float16" (default) or "float32" (exact comparisons).
         record_attention: record attention to image keys and image maps.
+        prefix: a :class:`vlmlens.experiments.prefix.Prefix` made for this image, prompt,
+            interventions and recording settings: generation continues from its KV cache
+            instead of recomputing the prompt up to the last image token (same Run).
     """
     n_new = check_max_new_tokens(max_new_tokens)
     if store not in STORE_MODES:
@@ -116,7 +120,11 @@ def capture(
         raise InputError(f"hidden_dtype must be one of {tuple(HIDDEN_DTYPES)}, got {hidden_dtype!r}")
     interventions = list(interventions)
     validate_all(interventions, lm.n_layers)
-    inputs, rgb, note = prepare_inputs(lm, image, prompt)
+    if prefix is None:
+        inputs, rgb, note = prepare_inputs(lm, image, prompt)
+    else:
+        inputs, rgb, note = prefix.prep.inputs, prefix.prep.rgb, prefix.prep.note
+        prefix.check(lm, check_prompt(prompt), load_image(image)[0], interventions, store, hidden_dtype, record_attention)
     input_ids = inputs["input_ids"]
     n_prompt = int(input_ids.shape[1])
     img_pos = image_positions(lm, input_ids)
@@ -139,12 +147,15 @@ def capture(
         n_prompt=n_prompt,
     )
     t0 = time.perf_counter()
+    gen_inputs = inputs if prefix is None else prefix.continuation_inputs()
     with torch.no_grad(), Lens(lm.arch.decoder_layers(lm.model), plan, device=lm.device) as state:
-        out = greedy_generate(lm, inputs, n_new + 1)
+        if prefix is not None:
+            prefix.seed(state)
+        out = greedy_generate(lm, gen_inputs, n_new + 1)
     seconds = time.perf_counter() - t0
 
     # generated tokens: the first n_new, cut at the stop token (which is not kept)
-    seq = out.sequences[0].tolist()
+    seq = input_ids[0, : n_prompt - gen_inputs["input_ids"].shape[1]].tolist() + out.sequences[0].tolist()
     gen = seq[n_prompt:][:n_new]
     eos = _eos_ids(lm)
     stop = "length"
@@ -183,6 +194,7 @@ def capture(
         "model_dtype": str(lm.dtype).replace("torch.", ""),
         "device": str(lm.device),
         "capture_seconds": round(seconds, 4),
+        "prefix_reuse": prefix is not None,
         "grid_order": grid.order,
         "grid_exact": bool(grid.exact),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

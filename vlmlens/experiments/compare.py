@@ -1,0 +1,154 @@
+"""Truncation experiments: side-by-side generations and the full depth sweep.
+
+``compare(lm, image, prompt, depths=[0, 4, "all"])`` captures the baseline and one run per
+truncation depth; ``sweep(lm, image, prompt)`` does the same for every depth 0..L. Depth
+``k`` means the language model stops using the image from decoder layer ``k`` on (``k = 0``:
+it never sees it; ``k = L``: the baseline). Modes: ``"drop"`` (attention mask),
+``"remove"`` (image tokens leave the sequence and the KV cache; same tokens as drop, less
+compute) and ``"freeze"`` (image states stop changing after layer ``k``).
+
+Sweeps reuse the baseline's prefix KV cache (everything up to the last image token is
+unchanged by truncation), so a depth costs a few text tokens plus decoding rather than a full
+prefill; ``reuse=False`` runs independent captures instead and gives the same numbers.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+from .engine import DEFAULT_SEPARATOR, Progress, Session, answer_of, check_mode, compare_outputs, parse_depths, truncation
+
+CSV_COLUMNS = ("depth", "mode", "first_token_kl", "answer_kept", "text_kept", "baseline_logprob", "own_logprob",
+               "first_divergence", "edit_distance", "answer", "text")
+
+
+@dataclass
+class DepthSummary:
+    """What one truncation depth did to the output, relative to the baseline."""
+
+    depth: int
+    text: str
+    tokens: list[str]
+    token_ids: list[int]
+    first_divergence: int | None
+    edit_distance: int
+    baseline_logprob: float   # teacher-forced sum of log-probs of the baseline's tokens under this depth
+    own_logprob: float        # sum of log-probs of this depth's own greedy tokens
+    first_token_kl: float     # KL(baseline || truncated) of the first-token distribution, nats
+    answer: str
+    answer_kept: bool
+    text_kept: bool
+
+
+@dataclass
+class TruncationResult:
+    """Baseline + per-depth summaries (JSON-serialisable via :meth:`to_json`).
+
+    ``runs`` (depth -> Run) and ``baseline_run`` are kept in memory only (save them with
+    ``save_run``); they are not part of the JSON.
+    """
+
+    model: str
+    family: str
+    prompt: str
+    image_sha256: str
+    mode: str
+    n_layers: int
+    max_new_tokens: int
+    separator: str
+    reuse: bool
+    baseline_text: str
+    baseline_tokens: list[str]
+    baseline_token_ids: list[int]
+    baseline_logprob: float
+    baseline_answer: str
+    depths: list[DepthSummary]
+    seconds: float = 0.0
+    interventions: list = field(default_factory=list)
+    runs: dict = field(default_factory=dict, repr=False)
+    baseline_run: object = field(default=None, repr=False)
+
+    def depth(self, k: int) -> DepthSummary:
+        for d in self.depths:
+            if d.depth == k:
+                return d
+        raise KeyError(f"depth {k} not in this result (have {[d.depth for d in self.depths]})")
+
+    @property
+    def depth_values(self) -> list[int]:
+        return [d.depth for d in self.depths]
+
+    def to_json(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k not in ("runs", "baseline_run", "depths")}
+        out["depths"] = [asdict(d) for d in self.depths]
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TruncationResult":
+        d = dict(d)
+        d["depths"] = [DepthSummary(**x) for x in d["depths"]]
+        return cls(**d)
+
+    def rows(self) -> list[dict]:
+        """One flat row per depth (the CSV columns in :data:`CSV_COLUMNS`)."""
+        return [{c: (self.mode if c == "mode" else getattr(d, c)) for c in CSV_COLUMNS} for d in self.depths]
+
+
+def _truncation(lm, image, prompt, depths, *, mode, max_new_tokens, interventions, reuse, store, hidden_dtype,
+                record_attention, separator, progress: Progress | None, keep_runs: bool) -> TruncationResult:
+    check_mode(mode)
+    ks = parse_depths(depths, lm.n_layers)
+    t0 = time.perf_counter()
+    s = Session(lm, image, prompt, max_new_tokens=max_new_tokens, interventions=interventions, reuse=reuse,
+                store=store, hidden_dtype=hidden_dtype, record_attention=record_attention)
+    base = s.baseline
+    if progress:
+        progress(0, len(ks), "baseline")
+    summaries, runs = [], {}
+    for i, k in enumerate(ks):
+        out = s.evaluate([truncation(k, mode)])
+        summaries.append(DepthSummary(depth=k, **compare_outputs(base, out, separator)))
+        if keep_runs:
+            runs[k] = out.run
+        if progress:
+            progress(i + 1, len(ks), f"depth {k}")
+    r = base.run
+    return TruncationResult(
+        model=lm.name, family=lm.family, prompt=s.prep.prompt, image_sha256=s.prep.image_sha, mode=mode,
+        n_layers=lm.n_layers, max_new_tokens=s.n_new, separator=separator, reuse=s.reuse,
+        baseline_text=r.generated_text, baseline_tokens=r.generated_tokens, baseline_token_ids=base.generated_ids,
+        baseline_logprob=float(sum(r.token_logprobs)), baseline_answer=answer_of(r.generated_text, separator),
+        depths=summaries, seconds=round(time.perf_counter() - t0, 3),
+        interventions=[iv.to_json() for iv in s.extra if hasattr(iv, "to_json")],
+        runs=runs, baseline_run=r if keep_runs else None,
+    )
+
+
+def compare(lm, image, prompt: str, depths: Sequence = (0, "all"), *, mode: str = "drop", max_new_tokens: int = 16,
+            interventions: Sequence = (), reuse: bool = True, store: str = "all", hidden_dtype: str = "float16",
+            record_attention: bool = True, separator: str = DEFAULT_SEPARATOR, progress: Progress | None = None,
+            keep_runs: bool = True) -> TruncationResult:
+    """Baseline + one run per truncation depth, side by side.
+
+    Args:
+        depths: ints in 0..L, or "all" (= L, the baseline depth); a "0,4,all" string works too.
+        mode: "drop", "remove" or "freeze".
+        interventions: extra interventions applied to the baseline and every depth.
+        reuse: continue from the baseline's prefix cache (same result, much faster).
+        store, hidden_dtype, record_attention: what each Run records (as in ``capture``).
+        separator: where a reasoning trace ends and the final answer starts (``answer_kept``
+            compares the text after it; without it, the whole text).
+    """
+    return _truncation(lm, image, prompt, depths, mode=mode, max_new_tokens=max_new_tokens, interventions=interventions,
+                       reuse=reuse, store=store, hidden_dtype=hidden_dtype, record_attention=record_attention,
+                       separator=separator, progress=progress, keep_runs=keep_runs)
+
+
+def sweep(lm, image, prompt: str, *, mode: str = "drop", max_new_tokens: int = 16, interventions: Sequence = (),
+          reuse: bool = True, store: str = "all", hidden_dtype: str = "float16", record_attention: bool = True,
+          separator: str = DEFAULT_SEPARATOR, progress: Progress | None = None, keep_runs: bool = True) -> TruncationResult:
+    """The truncation sweep: :func:`compare` at every depth 0..L."""
+    return _truncation(lm, image, prompt, list(range(lm.n_layers + 1)), mode=mode, max_new_tokens=max_new_tokens,
+                       interventions=interventions, reuse=reuse, store=store, hidden_dtype=hidden_dtype,
+                       record_attention=record_attention, separator=separator, progress=progress, keep_runs=keep_runs)

@@ -1,0 +1,263 @@
+"""Shared machinery of the experiments: one baseline, many intervened variants, compared.
+
+A :class:`Session` holds one (model, image, prompt). Its baseline is captured once; each
+:meth:`Session.evaluate` captures one variant (a list of interventions) and scores the
+baseline's generated tokens under it (teacher forcing). With ``reuse=True`` both continue
+from a shared prefix KV cache (see :mod:`vlmlens.experiments.prefix`); with ``reuse=False``
+every variant is an independent :func:`vlmlens.capture` plus a full teacher-forced forward.
+The two give the same numbers (tested).
+
+Comparison of a variant with the baseline (:func:`compare_outputs`):
+
+* ``first_divergence``: index of the first generated token that differs (None: identical);
+* ``edit_distance``: Levenshtein distance between the generated token-id sequences;
+* ``baseline_logprob``: sum of log-probs of the baseline's generated tokens under the variant
+  (teacher-forced; raw logits, as ``Run.token_logprobs``);
+* ``first_token_kl``: KL(baseline || variant) of the next-token distribution at the last
+  prompt token, in nats (full vocabulary, float64);
+* ``answer_kept``: the normalised answer (text after the last ``separator`` when present,
+  else the whole text) equals the baseline's; ``text_kept``: identical token ids.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..capture import capture, check_max_new_tokens
+from ..errors import InputError
+from ..interventions import Truncate, validate_all
+from ..lens import Lens, Plan
+from ..run import Run
+from .prefix import Prefix, prefill, prepare
+
+DEFAULT_SEPARATOR = "answer:"
+Progress = Callable[[int, int, str], None]
+
+
+# ---- text/token comparisons ---------------------------------------------------------------------
+
+def edit_distance(a: Sequence, b: Sequence) -> int:
+    """Levenshtein distance (insert, delete, substitute; cost 1 each) between two sequences."""
+    a, b = list(a), list(b)
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, y in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
+        prev = cur
+    return prev[-1]
+
+
+def normalized_edit_distance(a: Sequence, b: Sequence) -> float:
+    """edit_distance / max(len a, len b): 0 identical, 1 nothing in common (0 if both empty)."""
+    n = max(len(a), len(b))
+    return edit_distance(a, b) / n if n else 0.0
+
+
+def first_divergence(a: Sequence, b: Sequence) -> int | None:
+    """First index where the sequences differ (a prefix differs at the shorter length); None if equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def split_answer(text: str, separator: str = DEFAULT_SEPARATOR) -> tuple[str, str | None]:
+    """(trace, answer): the text before / after the last ``separator`` (case-insensitive).
+
+    Without the separator the whole text is the trace and the answer is None.
+    """
+    if not separator:
+        return text.strip(), None
+    i = text.lower().rfind(separator.lower())
+    if i < 0:
+        return text.strip(), None
+    return text[:i].strip(), text[i + len(separator):].strip()
+
+
+def normalize(text: str) -> str:
+    """Lower case, single spaces, no trailing punctuation (how answers are compared)."""
+    return " ".join(text.lower().split()).strip(" .,!?;:")
+
+
+def answer_of(text: str, separator: str = DEFAULT_SEPARATOR) -> str:
+    """The answer a text gives: after the last separator when present, else the whole text."""
+    trace, ans = split_answer(text, separator)
+    return normalize(trace if ans is None else ans)
+
+
+def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> float:
+    """KL(p || q) in nats from two log-distributions over the same support (float64, >= 0)."""
+    p64, q64 = logp.double(), logq.double()
+    kl = float((p64.exp() * (p64 - q64)).sum())
+    return max(kl, 0.0)  # rounding can give -1e-16 for identical inputs
+
+
+# ---- depth / mode arguments ---------------------------------------------------------------------
+
+MODES = ("drop", "remove", "freeze")
+
+
+def check_mode(mode) -> str:
+    if mode not in MODES:
+        raise InputError(f"unknown truncation mode {mode!r}; expected one of {', '.join(MODES)}")
+    return mode
+
+
+def parse_depths(depths, n_layers: int) -> list[int]:
+    """Depths as a list of ints in 0..L ("all" or "L" = L, the baseline depth); sorted, unique.
+
+    Accepts a comma-separated string ("0,4,8,all") or a sequence of ints/strings.
+    """
+    L = int(n_layers)
+    items = depths.split(",") if isinstance(depths, str) else list(depths)
+    out = []
+    for d in items:
+        s = str(d).strip()
+        if s.lower() in ("all", "l", "none"):
+            out.append(L)
+            continue
+        if isinstance(d, bool) or not s.lstrip("-").isdigit():
+            raise InputError(f"depth must be an integer in 0..{L} or 'all' for this model, got {d!r}")
+        k = int(s)
+        if not 0 <= k <= L:
+            raise InputError(f"depth {k} is out of range: this model has {L} decoder layers, so depths are 0..{L} ('all' = {L})")
+        out.append(k)
+    if not out:
+        raise InputError(f"no depths given; use integers in 0..{L} or 'all'")
+    return sorted(set(out))
+
+
+def truncation(k: int, mode: str):
+    """The intervention that stops the LM's use of the image from decoder layer ``k`` on."""
+    from ..interventions import Freeze
+
+    check_mode(mode)
+    return Freeze(k) if mode == "freeze" else Truncate(k, mode)
+
+
+# ---- sessions -------------------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    """One variant's capture and its teacher-forced scores."""
+
+    interventions: list
+    run: Run
+    first_logprobs: torch.Tensor   # [vocab] log-softmax of the next-token logits at the last prompt token
+    target_logprobs: list[float]   # log-probs of the baseline's generated tokens under this variant
+
+    @property
+    def generated_ids(self) -> list[int]:
+        return self.run.token_ids[self.run.spans.n_prompt:]
+
+
+class Session:
+    """One model + image + prompt, with its baseline, ready to evaluate variants.
+
+    Args:
+        interventions: applied to the baseline and to every variant (a variant's own
+            interventions are added after them; conflicts raise InputError).
+        reuse: continue variants from a shared prefix cache where the family supports it.
+        store, hidden_dtype, record_attention: what each variant's Run records (as in capture).
+    """
+
+    def __init__(self, lm, image, prompt: str, *, max_new_tokens: int = 16, interventions: Sequence = (),
+                 reuse: bool = True, store: str = "none", hidden_dtype: str = "float16",
+                 record_attention: bool = False):
+        self.lm = lm
+        self.n_new = check_max_new_tokens(max_new_tokens)
+        self.extra = list(interventions)
+        validate_all(self.extra, lm.n_layers)
+        self.record = dict(store=store, hidden_dtype=hidden_dtype, record_attention=record_attention)
+        self.prep = prepare(lm, image, prompt)
+        self.reuse = bool(reuse) and self.prep.position_ids is not None
+        self._prefix: Prefix | None = None
+        self.baseline: Outcome = self.evaluate([])
+
+    @property
+    def n_layers(self) -> int:
+        return self.lm.n_layers
+
+    def _prefix_for(self, ivs: list) -> Prefix | None:
+        if not self.reuse:
+            return None
+        if self._prefix is None:
+            self._prefix = prefill(self.lm, self.prep, self.extra, **self.record)
+        if not ivs:
+            return self._prefix
+        if len(ivs) == 1 and isinstance(ivs[0], Truncate):
+            return self._prefix.truncated(ivs[0].after_layer, ivs[0].mode)
+        return prefill(self.lm, self.prep, self.extra + ivs, **self.record)
+
+    def evaluate(self, interventions: Sequence) -> Outcome:
+        """Capture the variant ``interventions`` and score the baseline's tokens under it."""
+        ivs = list(interventions)
+        all_ivs = self.extra + ivs
+        validate_all(all_ivs, self.n_layers)
+        prefix = self._prefix_for(ivs)
+        run = capture(self.lm, self.prep.rgb, self.prep.prompt, max_new_tokens=self.n_new, interventions=all_ivs,
+                      prefix=prefix, **self.record)
+        base = getattr(self, "baseline", None)
+        target = base.generated_ids if base is not None else run.token_ids[run.spans.n_prompt:]
+        first, lps = self._score(all_ivs, target, prefix)
+        return Outcome(ivs, run, first, lps)
+
+    def _score(self, ivs: list, target: list[int], prefix: Prefix | None):
+        """Teacher-forced forward over prompt + ``target`` under ``ivs``: (first-token log-probs, target log-probs)."""
+        lm, prep = self.lm, self.prep
+        n_prompt, T = prep.n_prompt, len(target)
+        if prefix is not None:
+            inputs = prefix.continuation_inputs(target, for_generate=False)
+        else:
+            inputs = _extend(prep.inputs, target, n_prompt)
+        plan = Plan(image_positions=prep.image_pos, n_layers=lm.n_layers, record_hidden=False,
+                    record_attention=False, map_from=n_prompt - 1, interventions=ivs, n_prompt=n_prompt)
+        kwargs = {"logits_to_keep": T + 1} if lm.model._supports_logits_to_keep() else {}
+        with torch.no_grad(), Lens(lm.arch.decoder_layers(lm.model), plan, device=lm.device) as state:
+            if prefix is not None:
+                prefix.seed(state)
+            out = lm.model(**inputs, use_cache=prefix is not None, return_dict=True, **kwargs)
+        logits = out.logits[0, -(T + 1):].float()
+        logp = torch.log_softmax(logits, -1).cpu()
+        lps = [float(logp[i, t]) for i, t in enumerate(target)]
+        return logp[0], lps
+
+
+def _extend(inputs: dict, ids: list[int], n: int) -> dict:
+    """Prompt inputs with ``ids`` appended (text tokens: mask 1, token types 0)."""
+    if not ids:
+        return dict(inputs)
+    out = dict(inputs)
+    add = torch.as_tensor([ids], dtype=inputs["input_ids"].dtype, device=inputs["input_ids"].device)
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == (1, n):
+            fill = add if k == "input_ids" else (torch.ones_like(add) if k == "attention_mask" else torch.zeros_like(add))
+            out[k] = torch.cat([v, fill.to(v.dtype)], 1)
+    return out
+
+
+# ---- comparison with the baseline -----------------------------------------------------------------
+
+def compare_outputs(base: Outcome, var: Outcome, separator: str = DEFAULT_SEPARATOR) -> dict:
+    """How a variant's output differs from the baseline's (see the module docstring)."""
+    b_ids, v_ids = base.generated_ids, var.generated_ids
+    ans_b, ans_v = answer_of(base.run.generated_text, separator), answer_of(var.run.generated_text, separator)
+    return {
+        "text": var.run.generated_text,
+        "tokens": var.run.generated_tokens,
+        "token_ids": v_ids,
+        "first_divergence": first_divergence(b_ids, v_ids),
+        "edit_distance": edit_distance(b_ids, v_ids),
+        "baseline_logprob": float(sum(var.target_logprobs)),
+        "own_logprob": float(sum(var.run.token_logprobs)),
+        "first_token_kl": kl_divergence(base.first_logprobs, var.first_logprobs),
+        "answer": ans_v,
+        "answer_kept": ans_v == ans_b,
+        "text_kept": v_ids == b_ids,
+    }
