@@ -90,6 +90,7 @@ def capture(
     store: str = "all",
     hidden_dtype: str = "float16",
     record_attention: bool = True,
+    record_contrib: bool = True,
     prefix=None,
 ) -> Run:
     """Run ``image`` + ``prompt`` through ``lm`` with the lens installed; return a Run.
@@ -109,6 +110,9 @@ def capture(
             tokens), or "none".
         hidden_dtype: "float16" (default) or "float32" (exact comparisons).
         record_attention: record attention to image keys and image maps.
+        record_contrib: at the last prompt token, record each layer's attention output and the
+            image tokens' contribution to it (``attn_out``, ``image_contrib`` [layer, d_model],
+            ``image_contrib_norm`` [layer, n_image]; see vlmlens.analysis.attention).
         prefix: a :class:`vlmlens.experiments.prefix.Prefix` made for this image, prompt,
             interventions and recording settings: generation continues from its KV cache
             instead of recomputing the prompt up to the last image token (same Run).
@@ -145,6 +149,7 @@ def capture(
         map_from=n_prompt - 1,
         interventions=interventions,
         n_prompt=n_prompt,
+        record_contrib=record_contrib,
     )
     t0 = time.perf_counter()
     gen_inputs = inputs if prefix is None else prefix.continuation_inputs()
@@ -252,4 +257,11 @@ def _arrays_from_state(state, L: int, n_total: int, n_prompt: int, n_img: int, n
         arrays["attention_to_image"] = share
         arrays["attention_maps"] = maps
         arrays["map_positions"] = np.arange(n_prompt - 1, n_total, dtype=np.int64)
+    if state.plan.record_contrib and state.contrib:
+        d = next(iter(state.contrib.values()))[0].numel()
+        vec = np.full((2, L, d), np.nan, dtype=np.float32)
+        norm = np.full((L, n_img), np.nan, dtype=np.float32)
+        for l, (o, c, n) in state.contrib.items():
+            vec[0, l], vec[1, l], norm[l] = o.numpy(), c.numpy(), n.numpy()
+        arrays["attn_out"], arrays["image_contrib"], arrays["image_contrib_norm"] = vec[0], vec[1], norm
     return arrays

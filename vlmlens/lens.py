@@ -64,6 +64,7 @@ class Plan:
         map_from: first position whose head-averaged image map is kept (the last prompt token).
         interventions: objects following the :class:`Intervention` protocol.
         n_prompt: number of prompt positions (generated tokens start here).
+        record_contrib: record attention output + image keys' part of it at query ``map_from``.
     """
 
     image_positions: np.ndarray
@@ -75,6 +76,7 @@ class Plan:
     map_from: int = 0
     interventions: list = field(default_factory=list)
     n_prompt: int = 0
+    record_contrib: bool = False
 
 
 class LensState:
@@ -93,6 +95,7 @@ class LensState:
         self.hidden: dict[int, list] = {l: [] for l in range(plan.n_layers + 1)}
         self.share: dict[int, list] = {l: [] for l in range(plan.n_layers)}
         self.maps: dict[int, list] = {l: [] for l in range(plan.n_layers)}
+        self.contrib: dict[int, tuple] = {}  # layer -> (o [d], sum_j c_j [d], |c_j| [n_image])
 
     # -- helpers -----------------------------------------------------------------------
     def keep_rows(self, layer: int) -> torch.Tensor | None:
@@ -155,7 +158,7 @@ def _lens_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         b = fn(layer, qpos, kpos, state) if fn is not None else None
         if b is not None:
             blocked = b if blocked is None else (blocked | b)
-    need_rows = state.plan.record_attention
+    need_rows = state.plan.record_attention or state.plan.record_contrib
     mask_fits = attention_mask is None or (
         attention_mask.dim() == 4 and attention_mask.shape[-1] == kpos.numel() and attention_mask.shape[-2] == qpos.numel()
     )
@@ -180,9 +183,13 @@ def _lens_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         )
 
     # 3. statistics for non-image query rows against image keys
-    if need_rows and state.image_pos.numel():
+    if state.plan.record_attention and state.image_pos.numel():
         with torch.no_grad():
             _record_attention(state, module, layer, query, key, qpos, kpos, allowed, scale)
+    if state.plan.record_contrib and state.image_pos.numel():
+        from .analysis.attention import record_contributions
+        with torch.no_grad():
+            record_contributions(state, module, layer, query, key, value, qpos, kpos, allowed, scale)
     return out, None
 
 

@@ -278,6 +278,13 @@ def _check_run(run: Run) -> None:
         nq = len(a.get("map_positions", []))
         if am.ndim != 3 or am.shape[0] != L or am.shape[1] != nq or am.shape[2] != s.n_image:
             raise RunFormatError(f"attention_maps has shape {am.shape}; expected [{L}, {nq}, {s.n_image}]")
+    # analysis arrays (lens contributions, LLaVA-CAM, logit lens): None = any size
+    P, n = len(a.get("logit_lens_positions", [])), s.n_image
+    for k, want in {"attn_out": (L, None), "image_contrib": (L, None), "image_contrib_norm": (L, n), "llava_cam": (L, n),
+                    "logit_lens_ids": (L + 1, P, None), "logit_lens_probs": (L + 1, P, None), "logit_lens_target_probs": (L + 1, P),
+                    "patch_lens_ids": (L + 1, n), "patch_lens_probs": (L + 1, n)}.items():
+        if k in a and (a[k].ndim != len(want) or any(w is not None and w != g for w, g in zip(want, a[k].shape))):
+            raise RunFormatError(f"{k} has shape {a[k].shape}; expected {tuple('*' if w is None else w for w in want)}")
 
 
 def _jsonable(x: Any) -> Any:
