@@ -1,0 +1,39 @@
+"""vlmlens dashboard: ``python app.py [--model tiny-shapes] [--no-model] [--runs cached_runs] ...``
+
+Serves on 127.0.0.1 without a share link and without remote model code unless asked.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python app.py", description="vlmlens: interactive dashboard for vision-language models")
+    p.add_argument("--model", default="tiny-shapes", help="tiny-shapes (default), random:<family>, a local dir or a hub id")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--host", default="127.0.0.1", help="interface to serve on (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--runs", default="cached_runs", help="folder of saved runs (opened in the Runs tab)")
+    p.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    p.add_argument("--no-model", action="store_true", help="serve cached runs only (teaching mode)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from vlmlens.ui import build_demo
+
+    demo = build_demo(args.model, device=args.device, dtype=args.dtype, runs_dir=args.runs,
+                      trust_remote_code=args.trust_remote_code, no_model=args.no_model)
+    holder = demo.dashboard.holder
+    if holder.off_reason:
+        print(f"note: {holder.off_reason}", file=sys.stderr)
+    demo.queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port, share=args.share)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

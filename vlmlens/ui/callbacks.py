@@ -1,0 +1,301 @@
+"""Event handlers of the dashboard (the only place, with layout.py, that speaks gradio).
+
+Every handler takes the per-browser-session state ``sess`` (a small dict of run ids, never
+tensors) and returns new values; runs live in the server-side :class:`RunStore`. User
+errors (InputError, RunFormatError, a missing file) become ``gr.Error`` with their message;
+anything unexpected is logged and shown as an error too, and the server keeps serving.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections import defaultdict, deque
+
+import gradio as gr
+
+from ..errors import InputError
+from ..run import RunFormatError
+from . import panels, views, xviews
+from .html import note, token_strip
+from .inputs import load_examples, prompt_choices, random_scene, truth_markdown
+from .model import ModelHolder, resolve_model_name
+from .panels import Missing
+from .store import RunsDir, RunStore
+
+log = logging.getLogger("vlmlens.ui")
+USER_ERRORS = (InputError, RunFormatError, FileNotFoundError, FileExistsError, Missing)
+TABS = ("overview", "heatmaps", "dynamics", "attention", "truncation", "substitution", "compute", "runs")
+
+
+def new_session() -> dict:
+    return {"current": None, "mine": []}
+
+
+def handler(name: str):
+    """Turn user errors into gr.Error, log the rest, and time the call (server-side)."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(self, *args, **kwargs)
+            except gr.Error:
+                raise
+            except USER_ERRORS as e:
+                msg = str(e) if not isinstance(e, KeyError) else str(e.args[0])
+                raise gr.Error(msg, print_exception=False) from None
+            except Exception as e:
+                log.exception("handler %s failed", name)
+                raise gr.Error(f"{name} failed: {type(e).__name__}: {e}") from None
+            finally:
+                self.timings[name].append(time.perf_counter() - t0)
+        return wrapper
+    return deco
+
+
+class Dashboard:
+    """State shared by every session: the model holder, the run store, the runs folder."""
+
+    def __init__(self, *, model: str | None = "tiny-shapes", device: str = "auto", dtype: str = "auto",
+                 runs_dir=None, trust_remote_code: bool = False, no_model: bool = False,
+                 default_run: str | None = None, store_capacity: int = 64, loader=None, start_loading: bool = True):
+        name, why = resolve_model_name(model, no_model)
+        self.holder = ModelHolder(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                  loader=loader, off_reason=why)
+        self.store = RunStore(store_capacity)
+        self.runs = RunsDir(runs_dir)
+        self.examples = load_examples()
+        self.timings: dict[str, deque] = defaultdict(lambda: deque(maxlen=500))
+        names = self.runs.names()
+        self.default_run = default_run if default_run in names else (names[0] if names else None)
+        if self.default_run:  # warm the shared copy so the first page opens it at once
+            try:
+                self.runs.open(self.default_run)
+            except (RunFormatError, InputError, FileNotFoundError) as e:
+                log.warning("default run %s is not usable: %s", self.default_run, e)
+                self.default_run = None
+        if start_loading:
+            self.holder.start()
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def entry(self, sess):
+        return self.store.get((sess or {}).get("current"))
+
+    def _adopt(self, sess, entry) -> dict:
+        sess = dict(sess or new_session())
+        mine = [m for m in sess.get("mine", []) if self.store.has(m[1])]
+        mine.append([entry.label, entry.id])
+        sess.update(current=entry.id, mine=mine[-20:])
+        return sess
+
+    def _overview(self, sess, entry):
+        return (sess, panels.run_info(entry), panels.generation_markdown(entry), token_strip(entry.run),
+                panels.headline_markdown(entry))
+
+    def lm_for(self, entry):
+        """The loaded model if it is the run's model (for LLaVA-CAM), else None; never waits."""
+        lm = self.holder.lm
+        return lm if lm is not None and lm.name == entry.run.meta.get("model") else None
+
+    # ---- input panel --------------------------------------------------------------------------
+    @handler("model_status")
+    def model_status(self):
+        done = self.holder.state in ("ready", "failed", "off")
+        return self.holder.status_markdown(), gr.Timer(active=not done)
+
+    @handler("pick_example")
+    def pick_example(self, evt: gr.SelectData):
+        ex = self.examples[int(evt.index)]
+        choices = prompt_choices(ex.get("prompts"))
+        return (ex["file"], gr.Dropdown(choices=choices, value=None), truth_markdown(ex.get("truth"), ex.get("seed")))
+
+    @handler("random_scene")
+    def new_scene(self, seed=None):
+        seed = None if seed in (None, "", 0) else int(seed)
+        image, truth, prompts = random_scene(seed)
+        return image, gr.Dropdown(choices=prompt_choices(prompts), value=None), truth_markdown(truth)
+
+    @handler("pick_prompt")
+    def pick_prompt(self, choice):
+        return gr.skip() if not choice else choice
+
+    @handler("capture")
+    def capture(self, image, prompt, max_new_tokens, sess, progress=gr.Progress()):
+        """Capture a new run from the input panel; returns the overview of it."""
+        from ..capture import capture, check_max_new_tokens, check_prompt
+        from ..images import load_image
+
+        if image is None:
+            raise InputError("no image: upload one, pick an example, or make a random scene")
+        rgb, conv = load_image(image)
+        prompt = check_prompt(prompt)
+        n = check_max_new_tokens(int(max_new_tokens) if isinstance(max_new_tokens, float) and
+                                 float(max_new_tokens).is_integer() else max_new_tokens)
+        progress(0.05, desc="waiting for the model")
+        with self.holder.use() as lm:
+            progress(0.2, desc=f"capturing {lm.n_layers} layers")
+            run = capture(lm, rgb, prompt, max_new_tokens=n)
+        if conv:
+            gr.Info(f"image note: {conv}")
+        progress(0.9, desc="summarising")
+        entry = self.store.add(run, label=f"capture {time.strftime('%H:%M:%S')}: {prompt[:40]}")
+        return self._overview(self._adopt(sess, entry), entry)
+
+    # ---- runs ---------------------------------------------------------------------------------
+    @handler("list_runs")
+    def list_runs(self):
+        names = self.runs.names()
+        return gr.Dropdown(choices=names, value=names[0] if names else None), names
+
+    @handler("load_run")
+    def load_run(self, name, sess):
+        """Open a saved run by name (validated); returns the same overview as capture."""
+        if not name:
+            raise InputError("pick a run from the list first")
+        run, derived, extras = self.runs.open(name)
+        entry = self.store.add(run, label=name, source=f"saved:{name}", derived=derived, extras=extras)
+        return self._overview(self._adopt(sess, entry), entry)
+
+    @handler("open_default")
+    def open_default(self, sess):
+        """On page load: the default saved run, so the dashboard shows something at once."""
+        if (sess or {}).get("current") and self.store.has(sess["current"]):
+            return self._overview(sess, self.entry(sess))
+        if not self.default_run:
+            empty = note("No run yet: pick an example image and a prompt, then Run.")
+            return sess or new_session(), {}, "", empty, ""
+        return self.load_run(self.default_run, sess)
+
+    @handler("switch_run")
+    def switch_run(self, run_id, sess):
+        ids = {m[1] for m in (sess or {}).get("mine", [])}
+        if run_id not in ids:
+            raise InputError("that run is not one of this session's runs")
+        sess = dict(sess, current=run_id)
+        return self._overview(sess, self.entry(sess))
+
+    @handler("save_run")
+    def save_run(self, name, sess):
+        entry = self.entry(sess)
+        dest = self.runs.save(name, entry.run, entry.extras)
+        names = self.runs.names()
+        return f"Saved as `{dest.name}` in `{self.runs.path}`.", gr.Dropdown(choices=names, value=dest.name)
+
+    @handler("downloads")
+    def downloads(self, sess):
+        from . import exports
+
+        entry = self.entry(sess)
+        figs = [f for f in self._all_figures(entry) if f is not None]
+        return str(exports.run_zip(entry)), str(exports.metrics_csv(entry)), str(exports.figures_html(entry, figs))
+
+    def _all_figures(self, entry):
+        lm = self.lm_for(entry)
+        out = []
+        if "attention_maps" in entry.run.arrays:
+            out += [views.heatmap_grid(entry, 0, "attention", lm)]
+        out += list(views.logit_lens_figures(entry)) + list(views.dynamics_figures(entry))
+        out += list(views.attention_figures(entry)) + list(xviews.truncation_views(entry)[1:])
+        return out
+
+    # ---- controls that follow the run ---------------------------------------------------------
+    @handler("sync_controls")
+    def sync_controls(self, sess, layer):
+        entry = self.entry(sess)
+        run = entry.run
+        L = run.n_layers
+        layer = int(min(max(int(layer or 0), 0), L - 1))
+        mine = [(m[0], m[1]) for m in sess.get("mine", []) if self.store.has(m[1])]
+        return (gr.Slider(minimum=0, maximum=L - 1, value=layer, step=1),
+                gr.Dropdown(choices=panels.query_choices(run), value=0),
+                gr.Dropdown(choices=xviews.depth_choices(L), value=["0", str(L // 2)]),
+                gr.Dropdown(choices=mine, value=entry.id))
+
+    # ---- tabs ---------------------------------------------------------------------------------
+    @handler("heatmaps")
+    def heatmaps(self, sess, layer, query, kind):
+        """Heatmaps tab: single-layer map, small multiples, logit lens, patch lens."""
+        entry = self.entry(sess)
+        lm = self.lm_for(entry)
+        q = int(query or 0)
+        single = views.heatmap_layer(entry, int(layer or 0), q, kind, lm)
+        grid = views.heatmap_grid(entry, q, kind, lm)
+        ll, pl = views.logit_lens_figures(entry)
+        return single, grid, ll, pl
+
+    @handler("heatmap_layer")
+    def heatmap_layer(self, sess, layer, query, kind):
+        """One layer's heatmap, drawn from stored arrays (never runs the model)."""
+        entry = self.entry(sess)
+        return views.heatmap_layer(entry, int(layer or 0), int(query or 0), kind, self.lm_for(entry))
+
+    @handler("dynamics")
+    def dynamics(self, sess, span):
+        entry = self.entry(sess)
+        dyn, cka = views.dynamics_figures(entry, span or "image")
+        return dyn, cka, views.embedding_figure(entry, "pca")
+
+    @handler("token_map")
+    def token_map(self, sess, method, progress=gr.Progress()):
+        progress(0.1, desc=f"{method.upper()} of the token states (first UMAP call compiles, ~30 s)")
+        return views.embedding_figure(self.entry(sess), method or "pca")
+
+    @handler("attention")
+    def attention(self, sess):
+        return views.attention_figures(self.entry(sess))
+
+    @handler("truncation_view")
+    def truncation_view(self, sess):
+        return xviews.truncation_views(self.entry(sess))
+
+    @handler("truncate")
+    def truncate(self, sess, depths, mode, progress=gr.Progress()):
+        """Truncation comparison at the chosen depths (or the full sweep) on the current run."""
+        entry = self.entry(sess)
+        ks, is_sweep = xviews.parse_depth_selection(depths, entry.run.n_layers)
+        mode = mode or "drop"
+        if mode not in xviews.MODES:
+            raise InputError(f"unknown mode {mode!r}; expected one of {', '.join(xviews.MODES)}")
+        progress(0.02, desc="waiting for the model")
+
+        def step(i, n, what):
+            progress((i + 1) / (n + 1), desc=f"{what} ({i}/{n})")
+        with self.holder.use() as lm:
+            xviews.run_truncation(lm, entry, ks, mode, sweep=is_sweep, progress=step)
+        gens, fig, pfig = xviews.truncation_views(entry)
+        return gens, fig, pfig, panels.headline_markdown(entry)
+
+    @handler("sweep")
+    def sweep(self, sess, mode, progress=gr.Progress()):
+        """The truncation sweep over every depth 0..L (API shortcut for truncate(all))."""
+        return self.truncate(sess, [xviews.SWEEP_CHOICE], mode, progress=progress)
+
+    @handler("substitution_view")
+    def substitution_view(self, sess):
+        entry = self.entry(sess)
+        return (xviews.stored_figure(entry, "substitution", "fig_substitution_matrix", "Substitution matrix",
+                                     "press 'Substitution matrix' (needs the model)."),
+                xviews.stored_figure(entry, "layer_skip", "fig_layer_skip", "Layer-skip scan",
+                                     "press 'Layer-skip scan' (needs the model)."))
+
+    def _experiment(self, sess, fn_name, key, progress):
+        entry = self.entry(sess)
+        with self.holder.use() as lm:
+            xviews.run_named_experiment(lm, entry, ("vlmlens.experiments", fn_name), key,
+                                        progress=lambda i, n, what: progress((i + 1) / (n + 1), desc=what))
+        return self.substitution_view(sess)
+
+    @handler("substitution")
+    def substitution(self, sess, progress=gr.Progress()):
+        return self._experiment(sess, "substitution_matrix", "substitution", progress)
+
+    @handler("layer_skip")
+    def layer_skip(self, sess, progress=gr.Progress()):
+        return self._experiment(sess, "layer_skip_scan", "layer_skip", progress)
+
+    @handler("compute_view")
+    def compute_view(self, sess):
+        entry = self.entry(sess)
+        return entry.derived.get("fig_compute", lambda: panels.figure(
+            "vlmlens.figures.experiments", "fig_compute_tradeoff", entry.run, title="Compute per depth"))

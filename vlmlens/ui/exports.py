@@ -1,0 +1,103 @@
+"""Downloads of the current run: the run folder as a zip, per-layer metrics as CSV, figures
+as one self-contained HTML page (no gradio here)."""
+from __future__ import annotations
+
+import csv
+import html
+import math
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from ..run import save_run
+from .panels import Missing, real, safe
+from .store import write_extras
+
+
+def _tmpdir(prefix: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"vlmlens-{prefix}-"))
+
+
+def safe_stem(label: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "-" for c in str(label))[:48].strip("-.")
+    return keep or "run"
+
+
+def run_zip(entry) -> Path:
+    """Zip of run.json + arrays.safetensors + image.png (+ sweep.json / extras.json)."""
+    tmp = _tmpdir("zip")
+    stem = safe_stem(entry.label)
+    d = save_run(entry.run, tmp / stem)
+    write_extras(d, entry.extras)
+    out = tmp / f"{stem}.zip"
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for f in sorted(d.iterdir()):
+            z.write(f, arcname=f"{stem}/{f.name}")
+    return out
+
+
+def metric_rows(entry) -> list[dict]:
+    """Tidy per-layer metrics: attention share, stages, geometry curves, truncation sweep."""
+    run = entry.run
+    rows: list[dict] = []
+
+    def add(metric, span, layer, value):
+        v = float(value) if value is not None else math.nan
+        rows.append({"metric": metric, "span": span, "layer": int(layer), "value": v})
+
+    share = safe(lambda: real("vlmlens.analysis.attention", "attention_share")(run, query="last").image)
+    if share is not None:
+        for l, v in enumerate(np.asarray(share)):
+            add("attention_share_image", "last", l, v)
+    try:
+        from ..analysis.attention import stage_details
+
+        st = stage_details(run)
+        for l, lab in enumerate(st.labels):
+            rows.append({"metric": "stage", "span": lab, "layer": l, "value": float(st.cos[l])})
+    except Exception:
+        pass
+    if "hidden_states" in run.arrays:
+        df = safe(lambda: real("vlmlens.figures.dynamics", "run_dynamics")(run))
+        if df is not None:
+            for r in df.itertuples(index=False):
+                add(r.metric, r.span, r.layer, r.value)
+    sweep = entry.sweep
+    if sweep:
+        for d in sweep.get("depths", []):
+            add("sweep_first_token_kl", sweep.get("mode", "drop"), d["depth"], d.get("first_token_kl"))
+            add("sweep_answer_kept", sweep.get("mode", "drop"), d["depth"], float(bool(d.get("answer_kept"))))
+    return rows
+
+
+def metrics_csv(entry) -> Path:
+    out = _tmpdir("csv") / f"{safe_stem(entry.label)}-metrics.csv"
+    rows = metric_rows(entry)
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["metric", "span", "layer", "value"])
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
+def figures_html(entry, figures: list) -> Path:
+    """One HTML page holding ``figures`` (plotly.js embedded once, so it works offline)."""
+    out = _tmpdir("html") / f"{safe_stem(entry.label)}-figures.html"
+    label = html.escape(str(entry.label))
+    parts = [f"<html><head><meta charset='utf-8'><title>vlmlens — {label}</title></head><body>",
+             f"<h2>vlmlens — {label}</h2><p>prompt: {html.escape(entry.run.prompt)} · generation: "
+             f"{html.escape(entry.run.generated_text)}</p>"]
+    first = True
+    for fig in figures:
+        if fig is None or not hasattr(fig, "to_html"):
+            continue
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=True if first else False))
+        first = False
+    parts.append("</body></html>")
+    out.write_text("\n".join(parts))
+    return out
+
+
+__all__ = ["run_zip", "metrics_csv", "figures_html", "metric_rows", "Missing"]

@@ -1,0 +1,198 @@
+"""The dashboard's layout and event wiring: ``build_demo(...) -> gr.Blocks``."""
+from __future__ import annotations
+
+import gradio as gr
+
+from .callbacks import Dashboard, new_session
+from .inputs import prompt_choices
+from .views import HEATMAP_KINDS
+from .xviews import MODES
+
+CSS = """
+#vl-strip {max-height: 220px; overflow-y: auto;}
+.vl-note {margin: 4px 0;}
+"""
+
+from gradio.events import Dependency
+
+class CheckedImage(gr.Image):
+    """gr.Image whose unreadable uploads become a clear gr.Error instead of a processing error."""
+
+    is_template = True  # rendered by the frontend's Image component
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except gr.Error:
+            raise
+        except Exception as e:
+            name = getattr(payload, "orig_name", None) or "the upload"
+            raise gr.Error(f"cannot read {name}: not a supported image file ({type(e).__name__})",
+                           print_exception=False) from None
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype: str = "auto",
+               runs_dir="cached_runs", trust_remote_code: bool = False, no_model: bool = False,
+               default_run: str | None = None, dashboard: Dashboard | None = None, **kwargs) -> gr.Blocks:
+    """Build the Gradio app. ``dashboard`` (a :class:`Dashboard`) may be passed in; else one is
+    made from the arguments and starts loading the model in the background."""
+    dash = dashboard or Dashboard(model=model, device=device, dtype=dtype, runs_dir=runs_dir,
+                                  trust_remote_code=trust_remote_code, no_model=no_model,
+                                  default_run=default_run, **kwargs)
+    from .inputs import EXAMPLES_DIR
+
+    gr.set_static_paths([str(EXAMPLES_DIR)])
+    with gr.Blocks(title="vlmlens") as demo:
+        demo.dashboard = dash
+        sess = gr.State(new_session())
+        active = gr.State("overview")
+        gr.Markdown("## vlmlens — look inside a vision-language model's layers")
+        status = gr.Markdown(dash.holder.status_markdown(), elem_id="vl-model-status")
+        timer = gr.Timer(1.0, active=dash.holder.state in ("loading", "idle"))
+        with gr.Row():
+            with gr.Column(scale=1, min_width=300):
+                image = CheckedImage(label="Image", type="filepath", image_mode=None, format="png",
+                                     sources=["upload", "clipboard"], height=260, elem_id="vl-image")
+                gallery = gr.Gallery(value=[(e["file"], f"seed {e.get('seed', '')}") for e in dash.examples],
+                                     label="Examples (click one)", columns=5, height=150, allow_preview=False,
+                                     elem_id="vl-gallery")
+                with gr.Row():
+                    scene_btn = gr.Button("New random scene", size="sm", elem_id="vl-scene")
+                truth = gr.Markdown("", elem_id="vl-truth")
+                prompt_pick = gr.Dropdown(choices=prompt_choices(None), value=None, label="Example prompts",
+                                          elem_id="vl-prompt-pick")
+                prompt = gr.Textbox(label="Prompt", placeholder="What color is the circle?", lines=2, elem_id="vl-prompt")
+                max_new = gr.Slider(1, 64, value=12, step=1, label="Max new tokens", elem_id="vl-max-new")
+                run_btn = gr.Button("Run", variant="primary", elem_id="vl-run")
+            with gr.Column(scale=3):
+                with gr.Tabs(elem_id="vl-tabs"):
+                    with gr.Tab("Overview", id="overview") as t_over:
+                        gen_md = gr.Markdown(elem_id="vl-generation")
+                        strip = gr.HTML(elem_id="vl-strip")
+                        headline = gr.Markdown(elem_id="vl-headline")
+                        info = gr.JSON(label="Run info (what the API returns)", elem_id="vl-info")
+                    with gr.Tab("Heatmaps", id="heatmaps") as t_heat:
+                        with gr.Row():
+                            layer = gr.Slider(0, 1, value=0, step=1, label="Layer", elem_id="vl-layer")
+                            query = gr.Dropdown(choices=[("last prompt token", 0)], value=0, label="Token",
+                                                elem_id="vl-query")
+                            kind = gr.Radio(list(HEATMAP_KINDS), value="attention", label="Map", elem_id="vl-kind")
+                        heat = gr.Plot(label="Heatmap", elem_id="vl-heatmap")
+                        grid = gr.Plot(label="All layers", elem_id="vl-grid")
+                        with gr.Row():
+                            lens = gr.Plot(label="Logit lens", elem_id="vl-logit-lens")
+                            plens = gr.Plot(label="Patch lens", elem_id="vl-patch-lens")
+                    with gr.Tab("Dynamics", id="dynamics") as t_dyn:
+                        span = gr.Radio(["image", "text", "generated"], value="image", label="CKA span")
+                        dyn = gr.Plot(label="Geometry across layers", elem_id="vl-dynamics")
+                        cka = gr.Plot(label="Layer similarity (CKA)", elem_id="vl-cka")
+                        with gr.Row():
+                            method = gr.Radio(["pca", "umap"], value="pca", label="Token map method")
+                            embed_btn = gr.Button("Draw token map", size="sm")
+                        embed = gr.Plot(label="Token map", elem_id="vl-embed")
+                    with gr.Tab("Attention flow", id="attention") as t_att:
+                        flow = gr.Plot(label="Attention share per layer", elem_id="vl-flow")
+                        heads = gr.Plot(label="Per-head share", elem_id="vl-heads")
+                    with gr.Tab("Truncation", id="truncation") as t_trunc:
+                        with gr.Row():
+                            depths = gr.Dropdown(choices=[], multiselect=True, label="Depths (image cut from layer k on)",
+                                                 elem_id="vl-depths", allow_custom_value=True)
+                            mode = gr.Radio(list(MODES), value="drop", label="Mode", elem_id="vl-mode")
+                            trunc_btn = gr.Button("Compare", variant="primary", elem_id="vl-compare")
+                            sweep_btn = gr.Button("Full sweep (every depth)", elem_id="vl-sweep-btn")
+                        gens = gr.HTML(elem_id="vl-gens")
+                        sweep_fig = gr.Plot(label="Truncation sweep", elem_id="vl-sweep")
+                        pert_fig = gr.Plot(label="Reasoning-trace perturbation", elem_id="vl-perturb")
+                    with gr.Tab("Substitution / skipping", id="substitution") as t_sub:
+                        with gr.Row():
+                            sub_btn = gr.Button("Substitution matrix", size="sm")
+                            skip_btn = gr.Button("Layer-skip scan", size="sm")
+                        sub_fig = gr.Plot(label="Substitution matrix", elem_id="vl-subst")
+                        skip_fig = gr.Plot(label="Layer-skip scan", elem_id="vl-skip")
+                    with gr.Tab("Compute", id="compute") as t_comp:
+                        comp_fig = gr.Plot(label="FLOPs / KV cache / latency per depth", elem_id="vl-compute")
+                    with gr.Tab("Runs", id="runs") as t_runs:
+                        with gr.Row():
+                            run_list = gr.Dropdown(choices=dash.runs.names(), value=dash.default_run,
+                                                   label=f"Saved runs ({dash.runs.path})", elem_id="vl-run-list")
+                            open_btn = gr.Button("Open", elem_id="vl-open")
+                            refresh_btn = gr.Button("Refresh list", size="sm")
+                        names_json = gr.JSON(visible=False)
+                        mine = gr.Dropdown(choices=[], label="This session's runs", elem_id="vl-mine")
+                        with gr.Row():
+                            save_name = gr.Textbox(label="Save current run as", placeholder="my-run", elem_id="vl-save-name")
+                            save_btn = gr.Button("Save", elem_id="vl-save")
+                        save_msg = gr.Markdown()
+                        dl_btn = gr.Button("Prepare downloads", elem_id="vl-downloads")
+                        with gr.Row():
+                            dl_zip = gr.File(label="Run (zip)")
+                            dl_csv = gr.File(label="Metrics (CSV)")
+                            dl_html = gr.File(label="Figures (HTML)")
+
+        overview = [sess, info, gen_md, strip, headline]
+        tab_outputs = {"heatmaps": [heat, grid, lens, plens], "dynamics": [dyn, cka, embed],
+                       "attention": [flow, heads], "truncation": [gens, sweep_fig, pert_fig],
+                       "substitution": [sub_fig, skip_fig], "compute": [comp_fig]}
+        all_tab_outputs = [c for cs in tab_outputs.values() for c in cs]
+
+        def render_tab(sess_v, tab, layer_v, query_v, kind_v, span_v):
+            """After a new run: redraw the visible tab, leave the others for their select event."""
+            out = {c: gr.skip() for c in all_tab_outputs}
+            calls = {"heatmaps": lambda: dash.heatmaps(sess_v, layer_v, query_v, kind_v),
+                     "dynamics": lambda: dash.dynamics(sess_v, span_v), "attention": lambda: dash.attention(sess_v),
+                     "truncation": lambda: dash.truncation_view(sess_v),
+                     "substitution": lambda: dash.substitution_view(sess_v),
+                     "compute": lambda: (dash.compute_view(sess_v),)}
+            if tab in calls:
+                out.update(zip(tab_outputs[tab], calls[tab]()))
+            return [out[c] for c in all_tab_outputs]
+
+        def after_run(ev, name):
+            ev = ev.success(dash.sync_controls, [sess, layer], [layer, query, depths, mine],
+                            api_name=f"{name}_controls", show_progress="hidden")
+            return ev.success(render_tab, [sess, active, layer, query, kind, span], all_tab_outputs,
+                              api_name=f"{name}_render", show_progress="hidden")
+
+        timer.tick(dash.model_status, None, [status, timer], api_name="model_status", show_progress="hidden")
+        gallery.select(dash.pick_example, None, [image, prompt_pick, truth], api_name="pick_example")
+        scene_btn.click(dash.new_scene, None, [image, prompt_pick, truth], api_name="random_scene")
+        prompt_pick.input(dash.pick_prompt, prompt_pick, prompt, api_name="pick_prompt", show_progress="hidden")
+        after_run(run_btn.click(dash.capture, [image, prompt, max_new, sess], overview, api_name="capture",
+                                concurrency_limit=4), "capture")
+        after_run(prompt.submit(dash.capture, [image, prompt, max_new, sess], overview, api_name="capture_submit",
+                                concurrency_limit=4), "capture_submit")
+        after_run(demo.load(dash.open_default, sess, overview, api_name="open_default"), "open_default")
+        after_run(open_btn.click(dash.load_run, [run_list, sess], overview, api_name="load_run"), "load_run")
+        after_run(mine.input(dash.switch_run, [mine, sess], overview, api_name="switch_run"), "switch_run")
+        refresh_btn.click(dash.list_runs, None, [run_list, names_json], api_name="list_runs")
+        save_btn.click(dash.save_run, [save_name, sess], [save_msg, run_list], api_name="save_run")
+        dl_btn.click(dash.downloads, sess, [dl_zip, dl_csv, dl_html], api_name="downloads")
+
+        layer.change(dash.heatmap_layer, [sess, layer, query, kind], heat, api_name="heatmap_layer",
+                     show_progress="hidden", trigger_mode="always_last")
+        for ctl, nm in ((query, "heatmaps_query"), (kind, "heatmaps_kind")):
+            ctl.input(dash.heatmaps, [sess, layer, query, kind], tab_outputs["heatmaps"], api_name=nm)
+        span.input(dash.dynamics, [sess, span], tab_outputs["dynamics"], api_name="dynamics_span")
+        embed_btn.click(dash.token_map, [sess, method], embed, api_name="token_map")
+        trunc_btn.click(dash.truncate, [sess, depths, mode], [gens, sweep_fig, pert_fig, headline], api_name="truncate")
+        sweep_btn.click(dash.sweep, [sess, mode], [gens, sweep_fig, pert_fig, headline], api_name="sweep")
+        sub_btn.click(dash.substitution, sess, [sub_fig, skip_fig], api_name="substitution")
+        skip_btn.click(dash.layer_skip, sess, [sub_fig, skip_fig], api_name="layer_skip")
+
+        tab_calls = {t_heat: ("heatmaps", dash.heatmaps, [sess, layer, query, kind]),
+                     t_dyn: ("dynamics", dash.dynamics, [sess, span]),
+                     t_att: ("attention", dash.attention, [sess]),
+                     t_trunc: ("truncation", dash.truncation_view, [sess]),
+                     t_sub: ("substitution", dash.substitution_view, [sess]),
+                     t_comp: ("compute", dash.compute_view, [sess])}
+        for tab, (name, fn, ins) in tab_calls.items():
+            tab.select(lambda n=name: n, None, active, api_name=f"select_{name}", show_progress="hidden", queue=False)
+            tab.select(fn, ins, tab_outputs[name], api_name=name)
+        for tab, name in ((t_over, "overview"), (t_runs, "runs")):
+            tab.select(lambda n=name: n, None, active, api_name=f"select_{name}", show_progress="hidden", queue=False)
+    return demo

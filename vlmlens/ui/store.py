@@ -1,0 +1,209 @@
+"""Server-side run store: browser sessions hold run ids, the server holds the runs.
+
+* :class:`Entry` -- one run as a session sees it: the (read-only) Run, the results of
+  experiments this session ran on it (``extras``), and a ``derived`` cache of things that
+  depend on the run alone (figures, LLaVA-CAM), computed once.
+* :class:`RunStore` -- a bounded, thread-safe LRU of entries keyed by random ids. A session
+  only learns the ids of runs it captured or opened, so two sessions never see each
+  other's captures (saved runs are shared through the runs directory).
+* :class:`RunsDir` -- the ``--runs`` folder: list, open (validated, cached per file
+  version), save under a checked name, with the sweep results next to each run.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import InputError
+from ..run import Run, RunFormatError, is_run_dir, load_run, save_run
+
+SWEEP_FILE = "sweep.json"
+EXTRAS_FILE = "extras.json"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class Derived:
+    """Thread-safe compute-once cache (per key) shared by every entry of one Run."""
+
+    def __init__(self) -> None:
+        self._values: dict = {}
+        self._locks: dict = {}
+        self._guard = threading.Lock()
+
+    def get(self, key, compute: Callable[[], Any]):
+        with self._guard:
+            if key in self._values:
+                return self._values[key]
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:  # one computation per key; others wait for it
+            with self._guard:
+                if key in self._values:
+                    return self._values[key]
+            value = compute()
+            with self._guard:
+                self._values[key] = value
+            return value
+
+    def peek(self, key, default=None):
+        with self._guard:
+            return self._values.get(key, default)
+
+    def put(self, key, value) -> None:
+        with self._guard:
+            self._values[key] = value
+
+
+@dataclass
+class Entry:
+    id: str
+    run: Run
+    label: str
+    source: str                                   # "capture", "saved:<name>"
+    derived: Derived = field(default_factory=Derived)
+    extras: dict = field(default_factory=dict)    # this session's experiment results (JSON-able)
+    variants: dict = field(default_factory=dict)  # in-memory Runs of the last comparison (label -> Run)
+
+    @property
+    def sweep(self) -> dict | None:
+        return self.extras.get("sweep")
+
+
+class RunStore:
+    """Bounded LRU ``id -> Entry``; ``get`` of an evicted id raises InputError."""
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = int(capacity)
+        self._entries: "OrderedDict[str, Entry]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, run: Run, *, label: str, source: str = "capture", derived: Derived | None = None,
+            extras: dict | None = None) -> Entry:
+        entry = Entry(uuid.uuid4().hex, run, label, source, derived or Derived(), dict(extras or {}))
+        with self._lock:
+            self._entries[entry.id] = entry
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        return entry
+
+    def get(self, run_id: str | None) -> Entry:
+        if not run_id:
+            raise InputError("no run yet: capture one (Run) or open a saved run in the Runs tab")
+        with self._lock:
+            entry = self._entries.get(run_id)
+            if entry is not None:
+                self._entries.move_to_end(run_id)
+        if entry is None:
+            raise InputError("this run is no longer in the server's memory (too many runs since);"
+                             " capture it again or open a saved run")
+        return entry
+
+    def has(self, run_id: str | None) -> bool:
+        with self._lock:
+            return bool(run_id) and run_id in self._entries
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+
+def check_run_name(name: str) -> str:
+    """A run name is one folder name: letters, digits, '.', '_', '-'; no '/', no '..'."""
+    name = (name or "").strip()
+    if not name:
+        raise InputError("type a name for the run (letters, digits, '.', '_' or '-')")
+    if "/" in name or "\\" in name or ".." in name or not NAME_RE.match(name):
+        raise InputError(f"invalid run name {name!r}: use 1-64 letters, digits, '.', '_' or '-'"
+                         " (no '/', no '..', not starting with '.')")
+    return name
+
+
+class RunsDir:
+    """The folder of saved runs. Opening validates the run (RunFormatError on a bad one) and
+    keeps the loaded Run per file version, so every session opening it shares one copy."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path else None
+        self._loaded: dict[str, tuple[tuple, Run, Derived, dict]] = {}
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        if self.path is None or not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir() if not p.name.startswith(".") and is_run_dir(p))
+
+    def _dir(self, name: str) -> Path:
+        name = check_run_name(name)
+        if self.path is None:
+            raise InputError("no runs folder is configured (start the app with --runs DIR)")
+        d = self.path / name
+        if not is_run_dir(d):
+            raise InputError(f"there is no run named {name!r} in {self.path}")
+        return d
+
+    @staticmethod
+    def _version(d: Path) -> tuple:
+        def mt(p: Path):
+            return p.stat().st_mtime_ns if p.exists() else 0
+        return (mt(d / "run.json"), mt(d / "arrays.safetensors"), mt(d / SWEEP_FILE), mt(d / EXTRAS_FILE))
+
+    def open(self, name: str) -> tuple[Run, Derived, dict]:
+        """(run, shared derived cache, extras from disk: ``sweep`` and any stored results)."""
+        d = self._dir(name)
+        version = self._version(d)
+        with self._lock:
+            hit = self._loaded.get(name)
+            if hit is not None and hit[0] == version:
+                return hit[1], hit[2], dict(hit[3])
+        run = load_run(d)
+        extras = read_extras(d)
+        run.meta.setdefault("label", name)
+        with self._lock:
+            self._loaded[name] = (version, run, Derived(), extras)
+            return run, self._loaded[name][2], dict(extras)
+
+    def save(self, name: str, run: Run, extras: dict | None = None) -> Path:
+        name = check_run_name(name)
+        if self.path is None:
+            raise InputError("no runs folder is configured (start the app with --runs DIR)")
+        dest = self.path / name
+        if dest.exists():
+            raise InputError(f"a run named {name!r} already exists in {self.path}; choose another name")
+        save_run(run, dest, overwrite=False)
+        write_extras(dest, extras or {})
+        return dest
+
+
+def read_extras(d: Path) -> dict:
+    """Results stored next to a run: ``sweep.json`` (the truncation sweep) and ``extras.json``
+    (other experiment results). A malformed file is a RunFormatError naming it."""
+    out: dict = {}
+    for fname in (EXTRAS_FILE, SWEEP_FILE):
+        p = Path(d) / fname
+        if not p.is_file():
+            continue
+        try:
+            doc = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunFormatError(f"{p} is not valid JSON ({e})") from None
+        if not isinstance(doc, dict):
+            raise RunFormatError(f"{p} must hold a JSON object")
+        if fname == SWEEP_FILE:
+            out["sweep"] = doc
+        else:
+            out.update({k: v for k, v in doc.items() if k != "sweep"})
+    return out
+
+
+def write_extras(d: Path, extras: dict) -> None:
+    d = Path(d)
+    if extras.get("sweep") is not None:
+        (d / SWEEP_FILE).write_text(json.dumps(extras["sweep"], indent=1, allow_nan=True))
+    rest = {k: v for k, v in extras.items() if k != "sweep" and v is not None}
+    if rest:
+        (d / EXTRAS_FILE).write_text(json.dumps(rest, indent=1, allow_nan=True))

@@ -1,0 +1,137 @@
+"""Experiment tabs (truncation, substitution / skipping, compute): run them on the current
+run's image and prompt with the loaded model, keep the results (JSON) with the entry, and
+draw them (no gradio here)."""
+from __future__ import annotations
+
+from .html import generations_table, note
+from .panels import Missing, figure, message_figure, real
+
+FIG_EXP = "vlmlens.figures.experiments"
+SWEEP_CHOICE = "all (sweep)"
+MODES = ("drop", "remove", "freeze")
+
+
+def depth_choices(n_layers: int) -> list[str]:
+    return [SWEEP_CHOICE] + [str(k) for k in range(n_layers + 1)]
+
+
+def parse_depth_selection(selected, n_layers: int) -> tuple[list[int], bool]:
+    """(depths, is_sweep) from the multi-select; InputError on an empty or out-of-range pick."""
+    from ..errors import InputError
+
+    items = [selected] if isinstance(selected, (str, int)) else list(selected or [])
+    if not items:
+        raise InputError(f"pick at least one depth (0..{n_layers}) or '{SWEEP_CHOICE}'")
+    if any(str(x).strip() == SWEEP_CHOICE for x in items):
+        return list(range(n_layers + 1)), True
+    from ..experiments.engine import parse_depths
+
+    return parse_depths([str(x).split()[0] for x in items], n_layers), False
+
+
+def _run_args(entry):
+    run = entry.run
+    gen = run.meta.get("generation") or {}
+    return run.image, run.prompt, int(gen.get("max_new_tokens", max(1, len(run.generated_tokens))))
+
+
+def check_model_matches(lm, entry) -> None:
+    from ..errors import InputError
+
+    want = entry.run.meta.get("model")
+    if want and lm.name != want:
+        raise InputError(f"this run was captured with {want!r} but the loaded model is {lm.name!r};"
+                         " experiments must use the run's own model (capture a new run first)")
+    if lm.n_layers != entry.run.n_layers:
+        raise InputError(f"the loaded model has {lm.n_layers} layers, the run {entry.run.n_layers}")
+
+
+def run_truncation(lm, entry, depths: list[int], mode: str, *, sweep: bool, progress=None) -> dict:
+    """compare / sweep on the entry's image + prompt; stores the result JSON in entry.extras."""
+    from ..experiments import compare as C
+
+    check_model_matches(lm, entry)
+    image, prompt, n_new = _run_args(entry)
+    if sweep:
+        res = C.sweep(lm, image, prompt, mode=mode, max_new_tokens=n_new, progress=progress, store="none",
+                      record_attention=False, keep_runs=False)
+        entry.extras["sweep"] = res.to_json()
+    else:
+        res = C.compare(lm, image, prompt, depths, mode=mode, max_new_tokens=n_new, progress=progress, keep_runs=True)
+        entry.extras["compare"] = res.to_json()
+        entry.variants = {f"depth {k} ({mode})": r for k, r in res.runs.items()}
+    return res.to_json()
+
+
+def result_rows(result: dict) -> list[dict]:
+    rows = [{"label": "baseline (no truncation)", "tokens": list(result.get("baseline_tokens", [])),
+             "kl": None, "kept": None}]
+    L = result.get("n_layers")
+    for d in result.get("depths", []):
+        lab = f"depth {d['depth']}" + (" (= L, baseline depth)" if d["depth"] == L else "")
+        rows.append({"label": lab, "tokens": list(d.get("tokens", [])), "kl": d.get("first_token_kl"),
+                     "kept": d.get("answer_kept")})
+    return rows
+
+
+def _result_obj(result: dict):
+    from ..experiments.compare import TruncationResult
+
+    return TruncationResult.from_json(result)
+
+
+def truncation_views(entry) -> tuple[str, object, object]:
+    """(side-by-side HTML, sweep figure, reasoning-perturbation figure) of the stored results."""
+    comp, sweep = entry.extras.get("compare"), entry.extras.get("sweep")
+    shown = comp or sweep
+    if shown:
+        head = (f"<p><b>{'Comparison' if comp else 'Sweep'}</b> · mode <code>{shown.get('mode')}</code> · "
+                f"baseline answer <code>{shown.get('baseline_answer', '')}</code> · {shown.get('seconds', 0):.1f} s</p>")
+        gens = head + generations_table(result_rows(shown))
+    else:
+        gens = note("No truncation results yet: pick depths and a mode, then Compare (needs the model).")
+    if sweep:
+        fig = entry.derived.get(("fig_sweep", id(sweep)), lambda: _figure_of(sweep, "fig_truncation_sweep", "Truncation sweep"))
+    else:
+        fig = message_figure("No sweep for this run yet: choose 'all (sweep)' and Compare.", "Truncation sweep")
+    pert = entry.extras.get("perturbation")
+    pfig = (_figure_of(pert, "fig_reasoning_perturbation", "Reasoning-trace perturbation", raw=True) if pert
+            else message_figure("Reasoning-trace perturbation: run it for a prompt whose answer has a trace.",
+                                "Reasoning-trace perturbation"))
+    return gens, fig, pfig
+
+
+def _figure_of(result: dict, name: str, title: str, raw: bool = False):
+    try:
+        obj = result if raw else _result_obj(result)
+    except Exception as e:
+        return message_figure(f"stored result is not readable: {e}", title)
+    return figure(FIG_EXP, name, obj, title=title)
+
+
+def run_named_experiment(lm, entry, module_fn: tuple[str, str], key: str, progress=None, **kw) -> dict:
+    """Run ``vlmlens.experiments.<fn>(lm, image, prompt, ...)``; keep its JSON in extras[key]."""
+    check_model_matches(lm, entry)
+    fn = real(*module_fn)
+    image, prompt, n_new = _run_args(entry)
+    res = fn(lm, image, prompt, max_new_tokens=n_new, progress=progress, **kw)
+    entry.extras[key] = res.to_json() if hasattr(res, "to_json") else res
+    return entry.extras[key]
+
+
+def stored_figure(entry, key: str, fig_name: str, title: str, how: str):
+    res = entry.extras.get(key)
+    if res is None:
+        return message_figure(f"No {title.lower()} for this run yet: {how}", title)
+    loader = None
+    try:
+        loader = real("vlmlens.experiments", "result_from_json")
+    except Missing:
+        pass
+    obj = res
+    if loader is not None:
+        try:
+            obj = loader(res)
+        except Exception:
+            obj = res
+    return figure(FIG_EXP, fig_name, obj, title=title)
