@@ -150,20 +150,26 @@ def _from_pretrained(path: str, name: str, dev: torch.device, dt: torch.dtype, t
 
 def _load_processor(path: str, arch: Arch, trust_remote_code: bool):
     """AutoProcessor, or — where the family's processor insists on a video processor, which
-    needs torchvision — the family's processor class without its video slot."""
+    needs torchvision (AutoProcessor then fails or quietly returns a bare tokenizer) — the
+    family's processor class without its video slot."""
+    import transformers
     from transformers import AutoProcessor
 
+    from .tiny_processors import without_video_processor
+
+    error = None
     try:
-        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (ImportError, AttributeError, ValueError, TypeError) as first:
-        import transformers
-
-        from .tiny_processors import without_video_processor
-
-        cls = getattr(transformers, arch.processor_class, None)
+        proc = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if hasattr(proc, "image_processor"):
+            return proc
+    except (ImportError, AttributeError, ValueError, TypeError, OSError) as e:
+        error = e
+    cls = getattr(transformers, arch.processor_class, None)
+    try:
         if cls is None:
-            raise
-        try:
-            return without_video_processor(cls).from_pretrained(path, trust_remote_code=trust_remote_code)
-        except Exception:
-            raise first from None
+            raise ValueError(f"transformers has no {arch.processor_class}")
+        return without_video_processor(cls).from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UnsupportedModel(
+            f"cannot load the processor of {path!r} ({arch.processor_class}): {error or e}"
+        ) from None

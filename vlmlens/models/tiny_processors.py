@@ -9,6 +9,8 @@ because every video processor in transformers 5 is torchvision-backed; see ``wit
 
 from __future__ import annotations
 
+import inspect
+
 from dataclasses import dataclass, field
 
 import transformers
@@ -150,8 +152,17 @@ def without_video_processor(cls: type) -> type:
     ``from_pretrained`` also works on a saved checkpoint directory (it loads no video processor).
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_seq_length=None, **kwargs):
+        # image_seq_length is named here because from_pretrained keeps only the arguments that
+        # __init__'s code object names (InternVL needs it; the others never receive it)
+        if image_seq_length is not None:
+            kwargs["image_seq_length"] = image_seq_length
         cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    # keep the parent's other parameters (e.g. InternVL's image_seq_length) visible, so that
+    # save_pretrained writes them and from_pretrained restores them
+    sig = inspect.signature(cls.__init__)
+    __init__.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "video_processor"])
 
     return type(
         f"{cls.__name__}NoVideo",
