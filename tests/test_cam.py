@@ -1,0 +1,146 @@
+"""LLaVA-CAM equals the formula computed directly with autograd on a plain HF forward; attention
+maps and overlays are the recorded values on the grid; tiny-shapes: how often the CAM points at
+the object asked about (measured and printed)."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vlmlens as vl
+from vlmlens.analysis.cam import (
+    Cam, attach_cam, attention_map, cam_from_run, colormap, hit_cell, llava_cam, overlay,
+)
+from vlmlens.capture import prepare_inputs
+from vlmlens.models.loading import TINY_SHAPES_DIR
+
+from tests._models import extend_inputs, random_lm
+
+PROMPT = "What is in the image?"
+
+
+def _reference_cam(lm, run, where: str) -> np.ndarray:
+    """[L, n_image]: y = sum of answer-token logits (teacher forced); A = image rows of each
+    layer's residual input (from output_hidden_states) or of its post-attention norm output
+    (caught with a forward hook); alpha = mean_i ReLU(dy/dA); cam = ReLU(A alpha) / max."""
+    inputs, _, _ = prepare_inputs(lm, run.image, run.prompt)
+    gen = run.token_ids[run.spans.n_prompt:]
+    layers = lm.arch.decoder_layers(lm.model)
+    caught, hooks = {}, []
+    if where == "mlp_input":
+        for l, layer in enumerate(layers):
+            hooks.append(layer.post_attention_layernorm.register_forward_hook(
+                lambda m, i, o, l=l: caught.__setitem__(l, o)))
+    try:
+        out = lm.model(**extend_inputs(inputs, gen), output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    n = run.spans.n_prompt
+    logits = out.logits[0]
+    y = sum(logits[n - 1 + t, tok] for t, tok in enumerate(gen))
+    acts = [caught[l] for l in range(len(layers))] if where == "mlp_input" else list(out.hidden_states[: len(layers)])
+    grads = torch.autograd.grad(y, acts)
+    img = torch.as_tensor(run.spans.positions("image"))
+    cams = []
+    for a, g in zip(acts, grads):
+        alpha = torch.relu(g[0, img]).mean(0)
+        c = torch.relu(a[0, img].detach() @ alpha)
+        cams.append((c / c.max()).numpy() if c.max() > 0 else c.numpy())
+    return np.stack(cams)
+
+
+@pytest.mark.parametrize("activation", ["mlp_input", "residual"])
+def test_cam_equals_direct_autograd(activation, image):
+    lm = random_lm("llava")
+    run = vl.capture(lm, image, PROMPT, max_new_tokens=3)
+    cam = llava_cam(lm, run, activation=activation)
+    L = lm.n_layers
+    rows, cols = run.image_grid
+    assert isinstance(cam, Cam) and np.asarray(cam).shape == (L, rows, cols)
+    assert np.isfinite(cam.maps).all() and cam.maps.min() >= 0 and cam.maps.max() <= 1
+    peak = cam.maps.reshape(L, -1).max(1)
+    if activation == "mlp_input":  # nothing reads image rows after the last MLP: zero gradient there
+        assert np.allclose(peak[:-1], 1.0) and peak[-1] == 0.0
+    else:
+        assert np.allclose(peak, 1.0)
+    ref = _reference_cam(lm, run, activation)
+    assert np.abs(cam.per_token - ref).max() <= 1e-5
+    assert np.array_equal(cam.maps, run.to_grid(ref.astype(np.float32))) or np.abs(cam.maps - run.to_grid(ref)).max() <= 1e-5
+    assert cam.meta["activation"] == activation and cam.meta["target_ids"] == run.token_ids[run.spans.n_prompt:]
+    assert all(p.requires_grad for p in lm.model.parameters()) and all(p.grad is None for p in lm.model.parameters())
+    one = llava_cam(lm, run, layers=[1], activation=activation)
+    assert one.layers == [1] and np.abs(one.per_token[0] - cam.per_token[1]).max() <= 1e-6
+
+
+def test_cam_other_family_targets_and_storage(image, tmp_path):
+    lm = random_lm("qwen2_vl")
+    run = vl.capture(lm, image, PROMPT, max_new_tokens=2)
+    word = lm.processor.tokenizer.decode(run.token_ids[-2:])
+    a = llava_cam(lm, run, target_tokens=run.token_ids[-2:])
+    b = llava_cam(lm, run, target_tokens=word)
+    assert a.maps.shape == (lm.n_layers, *run.image_grid) and np.isfinite(a.maps).all()
+    assert b.meta["target_ids"] == a.meta["target_ids"] == run.token_ids[-2:]  # the string re-tokenizes to the same ids
+    assert np.allclose(a.maps, b.maps, atol=1e-6)
+    attach_cam(lm, run)
+    back = cam_from_run(vl.load_run(vl.save_run(run, tmp_path / "r")))
+    assert np.allclose(back.maps, llava_cam(lm, run).maps, atol=1e-6)
+    assert back.meta["activation"] == "mlp_input"
+    nothing = vl.capture(lm, image, PROMPT, max_new_tokens=0)
+    with pytest.raises(ValueError, match="target_tokens"):
+        llava_cam(lm, nothing)
+
+
+def test_attention_map_and_overlay(image):
+    lm = random_lm("llava")
+    run = vl.capture(lm, image, PROMPT, max_new_tokens=2)
+    m = attention_map(run, layer=1, query_index=2)
+    assert np.array_equal(m, run.attention_maps[1, 2][run.grid_index])
+    ov = overlay(run.image, m, alpha=0.6)
+    assert ov.size == run.image.size and ov.mode == "RGB"
+    # alpha 0 leaves the picture alone; alpha 1 paints the colormap: the hottest cell gets the top colour
+    assert np.array_equal(np.asarray(overlay(run.image, m, alpha=0.0)), np.asarray(run.image))
+    g = np.zeros((2, 2)); g[1, 0] = 1.0
+    flat = Image.new("RGB", (40, 40), (10, 200, 30))
+    full = np.asarray(overlay(flat, g, alpha=1.0, smooth=False))
+    lut = colormap("inferno")
+    assert tuple(full[30, 5]) == tuple(lut[-1]) and tuple(full[5, 30]) == tuple(lut[0])
+    nan = g.copy(); nan[0, 0] = np.nan
+    assert tuple(np.asarray(overlay(flat, nan, alpha=1.0, smooth=False))[5, 5]) == (10, 200, 30)
+    half = np.asarray(overlay(flat, g, alpha=1.0, smooth=False, box=(0.0, 0.0, 1.0, 0.5)))
+    assert tuple(half[5, 30]) == (10, 200, 30) and tuple(half[30, 5]) == tuple(lut[-1])
+    assert hit_cell(nan) == (1, 0)
+
+
+def _object_cells(obj, rows, cols, size):
+    """Grid cells whose patch overlaps the object's bounding box."""
+    from vlmlens.tiny.scenes import _RADIUS
+    r = _RADIUS[obj.size]
+    ch, cw = size / rows, size / cols
+    return {(i, j) for i in range(rows) for j in range(cols)
+            if (j * cw < obj.x + r and (j + 1) * cw > obj.x - r and i * ch < obj.y + r and (i + 1) * ch > obj.y - r)}
+
+
+@pytest.mark.skipif(not (TINY_SHAPES_DIR / "config.json").exists(), reason="tiny-shapes checkpoint not trained yet")
+def test_tiny_shapes_cam_points_at_the_object():
+    from vlmlens.tiny.scenes import IMAGE_SIZE, make_scene
+
+    lm = vl.load_model("tiny-shapes", device="cpu", dtype="float32")
+    L = lm.n_layers
+    hits, chance, n = np.zeros(L), 0.0, 0
+    seed = 0
+    while n < 20:
+        scene = make_scene(seed, n_objects=3)
+        seed += 1
+        obj = scene.objects[n % len(scene.objects)]
+        run = vl.capture(lm, scene.image, f"what color is the {obj.shape} ?", max_new_tokens=2, record_contrib=False)
+        cam = llava_cam(lm, run)
+        rows, cols = run.image_grid
+        cells = _object_cells(obj, rows, cols, IMAGE_SIZE)
+        hits += [hit_cell(cam.maps[l]) in cells for l in range(L)]
+        chance += len(cells) / (rows * cols)
+        n += 1
+    rate, chance = hits / n, chance / n
+    best = int(np.argmax(rate))
+    print(f"\ntiny-shapes LLaVA-CAM argmax on the asked object, per layer: {np.round(rate, 2).tolist()}; "
+          f"best layer {best}: {rate[best]:.2f}; chance {chance:.2f} (n={n})")
+    assert rate[best] > chance

@@ -1,0 +1,275 @@
+"""Where in the image: LLaVA-CAM (gradient-weighted maps, arXiv 2406.06579), plain attention
+maps, and an overlay of either on the input picture (numpy + PIL only).
+
+LLaVA-CAM for decoder layer l, with A = the activations at the image positions [n_image, d]:
+
+* target ``y = sum_t logit_t(y_t)``: the logits of the answer tokens under teacher forcing
+  (the logit at position p-1 of the token at position p, summed over the answer);
+* ``G = dy/dA``; channel weights ``alpha_c = mean_i ReLU(G_ic)`` over image positions i;
+* ``cam_i = ReLU(sum_c alpha_c A_ic)``, divided by its maximum per layer (all-zero stays 0),
+  then drawn on the grid with ``run.to_grid`` (NaN in cells without a token).
+
+Activation (``activation=``): ``"mlp_input"`` (default, as in the paper) is the input of
+layer l's MLP, i.e. the output of the norm in front of the MLP (``post_attention_layernorm``
+in Llama/Qwen, ``pre_feedforward_layernorm`` in Gemma3); ``"residual"`` is the residual
+stream entering layer l (= ``run.hidden_states[l]``). With ``mlp_input`` the last layer's
+map is identically zero: no later layer reads the image rows after the last MLP, so the
+gradient there is exactly 0 (the residual input of the last layer is still read by its
+attention).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+ACTIVATIONS = ("mlp_input", "residual")
+
+
+@dataclass
+class Cam:
+    """LLaVA-CAM maps; ``np.asarray(cam)`` gives ``maps``."""
+
+    maps: np.ndarray          # [n_layers, rows, cols] in [0, 1] (NaN where no token)
+    per_token: np.ndarray     # [n_layers, n_image]
+    layers: list[int]
+    meta: dict = field(default_factory=dict)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.maps, dtype=dtype)
+
+
+def _extend_inputs(inputs: dict, ids: list[int]) -> dict:
+    """Prompt inputs + ``ids`` appended as text tokens (teacher forcing)."""
+    n = inputs["input_ids"].shape[1]
+    out = dict(inputs)
+    for key, v in inputs.items():
+        if isinstance(v, torch.Tensor) and v.dim() == 2 and tuple(v.shape) == (1, n):
+            if key == "input_ids":
+                add = torch.tensor([ids], dtype=v.dtype, device=v.device)
+            elif key == "attention_mask":
+                add = torch.ones(1, len(ids), dtype=v.dtype, device=v.device)
+            else:  # token-type style ids: 0 = text
+                add = torch.zeros(1, len(ids), dtype=v.dtype, device=v.device)
+            out[key] = torch.cat([v, add], dim=1)
+    return out
+
+
+def _targets(lm, run, target_tokens) -> list[int]:
+    if target_tokens is None:
+        ids = list(run.token_ids[run.spans.n_prompt:])
+    elif isinstance(target_tokens, str):
+        ids = lm.processor.tokenizer(target_tokens, add_special_tokens=False)["input_ids"]
+    else:
+        ids = [int(t) for t in target_tokens]
+    if not ids:
+        raise ValueError("no answer tokens to explain: the run generated nothing; pass target_tokens")
+    return ids
+
+
+class _Taps:
+    """Lens intervention (``edit_input``) + MLP pre-hooks: keep image rows of the chosen
+    activations and, when their gradient arrives in the backward, turn it into the CAM."""
+
+    def __init__(self, rows: torch.Tensor, layers: list[int], activation: str):
+        self.rows, self.layers, self.activation = rows, set(layers), activation
+        self.leaf: torch.Tensor | None = None
+        self.cam: dict[int, torch.Tensor] = {}
+
+    def tap(self, layer: int, x: torch.Tensor) -> None:
+        a = x[0, self.rows].detach()
+
+        def on_grad(g, layer=layer, a=a):
+            gi = g[0, self.rows].float()
+            alpha = torch.relu(gi).mean(0)                      # [d]
+            self.cam[layer] = torch.relu(a.float() @ alpha).cpu()
+        x.register_hook(on_grad)
+
+    def edit_input(self, layer, hidden, state):
+        new = None
+        if layer == 0:
+            new = hidden = self.leaf = hidden.detach().requires_grad_(True)
+        if self.activation == "residual" and layer in self.layers:
+            self.tap(layer, hidden)
+        return new
+
+    def mlp_hook(self, layer: int):
+        def hook(module, args):
+            self.tap(layer, args[0])
+        return hook
+
+
+class _frozen_params:
+    """Parameters stop requiring grad inside the block (no weight gradients, less saved state)."""
+
+    def __init__(self, model):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def __enter__(self):
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            p.requires_grad_(True)
+
+
+def llava_cam(lm, run, *, layers=None, target_tokens=None, activation: str = "mlp_input") -> Cam:
+    """LLaVA-CAM of every (or the chosen) decoder layer, in one forward + one backward.
+
+    Args:
+        lm: the LoadedModel the run was captured with.
+        run: a Run; its image and prompt are rebuilt with ``capture.prepare_inputs``.
+        layers: decoder layers (0..L-1); default all.
+        target_tokens: the answer to explain: None = the run's generated tokens, a string
+            (tokenized without special tokens) or a list of token ids, teacher-forced after
+            the prompt.
+        activation: ``"mlp_input"`` or ``"residual"`` (see the module docstring).
+
+    The forward runs with grad through the lens (SDPA, no recording) with the model's
+    parameters frozen; the embeddings entering decoder layer 0 are the only leaf, so the
+    backward computes no weight gradients. Each tapped activation keeps only its image rows
+    (model dtype) until its gradient arrives, when it is reduced to an [n_image] CAM at once.
+    Peak memory above the weights is the forward's saved activations for the backward (for a
+    7B LLaVA-1.5 at ~600 tokens in fp16: on the order of 2-3 GB) plus ``L x n_image x d``
+    kept activations (~150 MB). Interventions recorded in the run are not re-applied.
+    """
+    from ..capture import prepare_inputs
+    from ..lens import Lens, Plan
+
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    L = lm.n_layers
+    layers = list(range(L)) if layers is None else sorted({int(l) for l in layers})
+    if any(not 0 <= l < L for l in layers):
+        raise ValueError(f"layers must lie in 0..{L - 1}")
+    inputs, _, _ = prepare_inputs(lm, run.image, run.prompt)
+    n_prompt = run.spans.n_prompt
+    if inputs["input_ids"][0].tolist() != list(run.token_ids[:n_prompt]):
+        raise ValueError("the run's prompt tokens differ from what this model builds for its image + prompt")
+    targets = _targets(lm, run, target_tokens)
+    full = _extend_inputs(inputs, targets)
+    img = run.spans.positions("image")
+    taps = _Taps(torch.as_tensor(img, device=lm.device), layers, activation)
+    dec = lm.arch.decoder_layers(lm.model)
+    plan = Plan(image_positions=img, n_layers=L, record_hidden=False, record_attention=False,
+                interventions=[taps], n_prompt=n_prompt)
+    handles = [dec[l].mlp.register_forward_pre_hook(taps.mlp_hook(l)) for l in layers] if activation == "mlp_input" else []
+    T = len(targets)
+    kw = {"logits_to_keep": T + 1} if lm.model._supports_logits_to_keep() else {}
+    try:
+        with _frozen_params(lm.model), torch.enable_grad(), Lens(dec, plan, device=lm.device):
+            logits = lm.model(**full, use_cache=False, **kw).logits[0, -(T + 1):-1].float()   # [T, vocab]
+            y = logits.gather(1, torch.tensor(targets, device=logits.device)[:, None]).sum()
+            torch.autograd.grad(y, [taps.leaf])
+    finally:
+        for h in handles:
+            h.remove()
+    per_token = torch.stack([taps.cam[l] for l in layers]).numpy().astype(np.float32)   # [n, n_image]
+    top = per_token.max(axis=1, keepdims=True)
+    per_token = np.where(top > 0, per_token / np.where(top > 0, top, 1), 0.0).astype(np.float32)
+    tok = lm.processor.tokenizer
+    meta = {
+        "method": "llava_cam", "activation": activation, "layers": layers, "target_ids": targets,
+        "target_text": tok.decode(targets), "target_logit_sum": float(y.detach()),
+        "weights": "alpha_c = mean_i ReLU(dy/dA_ic)", "normalisation": "per layer / max",
+    }
+    return Cam(run.to_grid(per_token), per_token, layers, meta)
+
+
+def attach_cam(lm, run, **kwargs):
+    """Compute LLaVA-CAM for all layers and store it in ``run`` (returned): array
+    ``llava_cam`` [L, n_image] and ``meta["llava_cam"]`` (activation, target, ...)."""
+    cam = llava_cam(lm, run, layers=None, **kwargs)
+    run.arrays["llava_cam"] = cam.per_token
+    run.meta["llava_cam"] = cam.meta
+    return run
+
+
+def cam_from_run(run) -> Cam:
+    """The CAM stored by :func:`attach_cam` (KeyError if absent)."""
+    if "llava_cam" not in run.arrays:
+        raise KeyError("this run has no LLaVA-CAM; call vlmlens.analysis.cam.attach_cam(lm, run)")
+    pt = np.asarray(run.arrays["llava_cam"], np.float32)
+    meta = dict(run.meta.get("llava_cam", {}))
+    return Cam(run.to_grid(pt), pt, list(range(pt.shape[0])), meta)
+
+
+def attention_map(run, *, layer: int, query_index: int = 0) -> np.ndarray:
+    """Head-averaged attention of one recorded query over the image tokens, on the grid
+    [rows, cols] (raw attention mass; query 0 = last prompt token, then each generated token)."""
+    return run.to_grid(run.attention_maps[layer, query_index])
+
+
+# ---- overlay ----------------------------------------------------------------------------
+
+# colour maps as anchor colours at evenly spaced stops (linearly interpolated)
+_ANCHORS = {
+    "inferno": [(0, 0, 4), (31, 12, 72), (85, 15, 109), (136, 34, 106), (186, 54, 85),
+                (227, 89, 51), (249, 140, 10), (249, 201, 50), (252, 255, 164)],
+    "viridis": [(68, 1, 84), (71, 45, 123), (59, 82, 139), (44, 114, 142), (33, 145, 140),
+                (40, 174, 128), (94, 201, 98), (173, 220, 48), (253, 231, 37)],
+    "gray": [(0, 0, 0), (255, 255, 255)],
+}
+
+
+def colormap(name: str = "inferno", n: int = 256) -> np.ndarray:
+    """[n, 3] uint8 lookup table for ``name`` (inferno, viridis, gray)."""
+    if name not in _ANCHORS:
+        raise ValueError(f"unknown colormap {name!r}; expected one of {tuple(_ANCHORS)}")
+    a = np.asarray(_ANCHORS[name], dtype=np.float64)
+    x = np.linspace(0, 1, len(a))
+    t = np.linspace(0, 1, n)
+    return np.stack([np.interp(t, x, a[:, c]) for c in range(3)], axis=1).round().astype(np.uint8)
+
+
+def normalize(values, vmin=None, vmax=None) -> np.ndarray:
+    """Scale to [0, 1] by (v - vmin) / (vmax - vmin) (finite min/max by default); NaN stays NaN."""
+    v = np.asarray(values, dtype=np.float64)
+    fin = v[np.isfinite(v)]
+    lo = float(vmin) if vmin is not None else (float(fin.min()) if fin.size else 0.0)
+    hi = float(vmax) if vmax is not None else (float(fin.max()) if fin.size else 1.0)
+    span = hi - lo if hi > lo else 1.0
+    return np.clip((v - lo) / span, 0.0, 1.0)
+
+
+def overlay(image, grid_values, *, alpha: float = 0.5, cmap: str = "inferno", vmin=None, vmax=None,
+            box=(0.0, 0.0, 1.0, 1.0), smooth: bool = True) -> Image.Image:
+    """Blend a [rows, cols] heatmap over ``image`` (PIL, RGB result of the same size).
+
+    Values are scaled to [0, 1] (:func:`normalize`), upsampled over ``box`` = (top, left,
+    bottom, right) as fractions of the image (default: the whole image; pass the processor's
+    crop when the grid covers only part of it) -- bilinear with ``smooth``, else nearest --
+    coloured with ``cmap`` and blended with weight ``alpha``. NaN cells are left uncoloured.
+    """
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    img = image.convert("RGB")
+    W, H = img.size
+    g = np.asarray(grid_values, dtype=np.float64)
+    if g.ndim != 2:
+        raise ValueError(f"grid_values must be [rows, cols], got shape {g.shape}")
+    valid = np.isfinite(g)
+    v = np.where(valid, normalize(g, vmin, vmax), 0.0)
+    top, left, bottom, right = box
+    x0, y0 = int(round(left * W)), int(round(top * H))
+    x1, y1 = max(x0 + 1, int(round(right * W))), max(y0 + 1, int(round(bottom * H)))
+    rs = Image.Resampling.BILINEAR if smooth else Image.Resampling.NEAREST
+    up = np.asarray(Image.fromarray(v.astype(np.float32), "F").resize((x1 - x0, y1 - y0), rs))
+    m = np.asarray(Image.fromarray(valid.astype(np.float32), "F").resize((x1 - x0, y1 - y0), Image.Resampling.NEAREST))
+    lut = colormap(cmap)
+    col = lut[np.clip((up * 255).round().astype(int), 0, 255)].astype(np.float32)
+    base = np.asarray(img, dtype=np.float32).copy()
+    w = (alpha * m)[..., None]
+    base[y0:y1, x0:x1] = (1 - w) * base[y0:y1, x0:x1] + w * col
+    return Image.fromarray(base.round().clip(0, 255).astype(np.uint8), "RGB")
+
+
+def hit_cell(grid_values) -> tuple[int, int]:
+    """(row, col) of the largest finite value (first in raster order on ties)."""
+    g = np.asarray(grid_values, dtype=np.float64)
+    flat = np.where(np.isfinite(g), g, -math.inf).ravel()
+    return tuple(int(x) for x in divmod(int(np.argmax(flat)), g.shape[1]))
