@@ -251,8 +251,10 @@ def test_stabilization_layer_known_plateau():
     assert g.stabilization_layer(np.arange(1.0, 11.0)) is None   # keeps rising
     assert g.stabilization_layer([5, 1, 1, 1, 1]) == 1
     assert g.stabilization_layer([3, 0, 0, 0]) == 1              # zero plateau: band from max|curve|
-    assert g.stabilization_layer([4, 2, np.nan, 2, 2]) == 3       # a NaN breaks the band
+    assert g.stabilization_layer([4, 2, np.nan, 2, 2, 2]) == 3    # a NaN breaks the band
     assert g.stabilization_layer([np.nan, np.nan]) is None
+    assert g.stabilization_layer([1, 5, 1, 9, 3, 3.05]) is None          # only 2 values settled
+    assert g.stabilization_layer([1, 5, 1, 9, 3, 3.05], tail=2) == 4
 
 
 # ---- curves of a stack and of a Run --------------------------------------------------
