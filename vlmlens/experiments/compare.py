@@ -29,6 +29,7 @@ class DepthSummary:
 
     depth: int
     text: str
+    divergence_char: int | None   # where the first divergent token starts in ``text`` (None: same/unknown)
     tokens: list[str]
     token_ids: list[int]
     first_divergence: int | None
@@ -90,6 +91,14 @@ class TruncationResult:
         d["depths"] = [DepthSummary(**x) for x in d["depths"]]
         return cls(**d)
 
+    def marked_text(self, k: int, left: str = "[[", right: str = "]]") -> str:
+        """Depth ``k``'s text with everything from the first divergent token wrapped in markers."""
+        d = self.depth(k)
+        if d.first_divergence is None:
+            return d.text
+        c = d.divergence_char if d.divergence_char is not None else 0
+        return d.text[:c] + left + d.text[c:].lstrip() + right if c < len(d.text) else d.text + left + right
+
     def rows(self) -> list[dict]:
         """One flat row per depth (the CSV columns in :data:`CSV_COLUMNS`)."""
         return [{c: (self.mode if c == "mode" else getattr(d, c)) for c in CSV_COLUMNS} for d in self.depths]
@@ -108,7 +117,7 @@ def _truncation(lm, image, prompt, depths, *, mode, max_new_tokens, intervention
     summaries, runs = [], {}
     for i, k in enumerate(ks):
         out = s.evaluate([truncation(k, mode)])
-        summaries.append(DepthSummary(depth=k, **compare_outputs(base, out, separator)))
+        summaries.append(DepthSummary(depth=k, **compare_outputs(base, out, separator, lm.processor.tokenizer)))
         if keep_runs:
             runs[k] = out.run
         if progress:

@@ -244,15 +244,29 @@ def _extend(inputs: dict, ids: list[int], n: int) -> dict:
 
 # ---- comparison with the baseline -----------------------------------------------------------------
 
-def compare_outputs(base: Outcome, var: Outcome, separator: str = DEFAULT_SEPARATOR) -> dict:
-    """How a variant's output differs from the baseline's (see the module docstring)."""
+def divergence_char(text: str, ids: list[int], at: int | None, tokenizer) -> int | None:
+    """Character offset in ``text`` where the token at index ``at`` starts (None: no divergence
+    or the decoded prefix is not a prefix of the text)."""
+    if at is None or tokenizer is None:
+        return None
+    head = tokenizer.decode(ids[:at], skip_special_tokens=True).strip()
+    return len(head) if text.startswith(head) else None
+
+
+def compare_outputs(base: Outcome, var: Outcome, separator: str = DEFAULT_SEPARATOR, tokenizer=None) -> dict:
+    """How a variant's output differs from the baseline's (see the module docstring).
+
+    ``tokenizer`` (optional) locates the first divergent token in the text (``divergence_char``).
+    """
     b_ids, v_ids = base.generated_ids, var.generated_ids
     ans_b, ans_v = answer_of(base.run.generated_text, separator), answer_of(var.run.generated_text, separator)
+    fd = first_divergence(b_ids, v_ids)
     return {
         "text": var.run.generated_text,
+        "divergence_char": divergence_char(var.run.generated_text, v_ids, fd, tokenizer),
         "tokens": var.run.generated_tokens,
         "token_ids": v_ids,
-        "first_divergence": first_divergence(b_ids, v_ids),
+        "first_divergence": fd,
         "edit_distance": edit_distance(b_ids, v_ids),
         "baseline_logprob": float(sum(var.target_logprobs)),
         "own_logprob": float(sum(var.run.token_logprobs)),

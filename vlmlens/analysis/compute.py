@@ -1,0 +1,237 @@
+"""Compute trade-off of truncation: FLOPs and KV-cache bytes saved by removing image tokens.
+
+Counting rules (a multiply-add = 2 FLOPs), per decoder layer, for ``q`` query rows attending
+to ``P`` (query, key) pairs in total:
+
+* attention projections: ``2 q d hd (2 H + 2 KV)``  (Q and O: H heads; K and V: KV heads);
+* attention scores and weighted sum: ``4 H hd P``  (QKᵀ and AV);
+* MLP: ``2 q d f m``  (``m`` weight matrices: 3 for gated LLaMA/Qwen MLPs, 2 for plain ones).
+
+Norms, rotary embeddings, softmax, the embedding, the LM head and the vision tower are not
+counted (they do not change with truncation depth). The prompt is laid out as
+``[system s][image n_img][text t]``; a prefill over ``N = s + n_img + t`` tokens attends
+``N (N + 1) / 2`` causal pairs. Truncation at depth ``k`` in ``mode="remove"`` takes the
+image rows out of decoder layers ``k..L-1``: those layers process ``s + t`` rows with
+``(s + t)(s + t + 1) / 2`` pairs, each decode step sees ``n_img`` fewer keys there, and their
+KV cache holds ``n_img`` fewer positions. Depth L is the baseline (saving 0); the saving
+grows as k decreases. ``mode="drop"`` gives the same tokens but saves nothing (it masks).
+
+:func:`measure_latency` times prefill and decoding of ``Truncate(k, "remove")`` through the
+lens next to the baseline (the same lens, no truncation), so the two can be compared.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What the FLOP and byte counts need from a decoder's config."""
+
+    d_model: int
+    d_ffn: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    n_layers: int
+    mlp_matrices: int = 3
+    bytes_per_value: int = 2
+
+    @classmethod
+    def from_config(cls, cfg, *, mlp_matrices: int = 3, bytes_per_value: int = 2) -> "LayerShape":
+        """From a transformers text config (hidden_size, intermediate_size, heads, kv heads, head_dim)."""
+        d = int(cfg.hidden_size)
+        h = int(cfg.num_attention_heads)
+        kv = int(getattr(cfg, "num_key_value_heads", None) or h)
+        hd = int(getattr(cfg, "head_dim", None) or d // h)
+        return cls(d, int(cfg.intermediate_size), h, kv, hd, int(cfg.num_hidden_layers), mlp_matrices, bytes_per_value)
+
+    @classmethod
+    def from_model(cls, lm) -> "LayerShape":
+        """From a LoadedModel: config numbers, MLP matrices counted in layer 0, KV dtype size."""
+        import torch
+
+        layer = lm.arch.decoder_layers(lm.model)[0]
+        mlp = getattr(layer, "mlp", None)
+        m = sum(isinstance(x, torch.nn.Linear) for x in mlp.modules()) if mlp is not None else 3
+        size = torch.empty(0, dtype=lm.dtype).element_size()
+        shape = cls.from_config(lm.text_config, mlp_matrices=m or 3, bytes_per_value=size)
+        return shape if shape.n_layers == lm.n_layers else _replace(shape, n_layers=lm.n_layers)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _replace(shape: LayerShape, **kw) -> LayerShape:
+    return LayerShape(**{**asdict(shape), **kw})
+
+
+def causal_pairs(n: int) -> int:
+    """(query, key) pairs of a causal prefill over n tokens: n (n + 1) / 2."""
+    return n * (n + 1) // 2
+
+
+def layer_flops(shape: LayerShape, n_query: int, n_pairs: int) -> dict:
+    """FLOPs of one decoder layer: {"proj", "scores", "mlp", "total"} (module docstring rules)."""
+    s = shape
+    proj = 2 * n_query * s.d_model * s.head_dim * (2 * s.n_heads + 2 * s.n_kv_heads)
+    scores = 4 * s.n_heads * s.head_dim * n_pairs
+    mlp = 2 * n_query * s.d_model * s.d_ffn * s.mlp_matrices
+    return {"proj": proj, "scores": scores, "mlp": mlp, "total": proj + scores + mlp}
+
+
+def _check_depth(shape: LayerShape, depth) -> int:
+    k = shape.n_layers if depth is None else depth
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= shape.n_layers:
+        from ..errors import InputError
+
+        raise InputError(f"depth must be an integer in 0..{shape.n_layers}, got {depth!r}")
+    return int(k)
+
+
+def prefill_flops(shape: LayerShape, n_image: int, n_text: int, n_system: int = 0, depth: int | None = None) -> np.ndarray:
+    """[L] prefill FLOPs per decoder layer; image rows removed from layers >= ``depth`` (None: baseline)."""
+    k = _check_depth(shape, depth)
+    full, kept = n_system + n_image + n_text, n_system + n_text
+    out = np.empty(shape.n_layers, dtype=np.float64)
+    for l in range(shape.n_layers):
+        n = full if l < k else kept
+        out[l] = layer_flops(shape, n, causal_pairs(n))["total"]
+    return out
+
+
+def decode_flops(shape: LayerShape, n_image: int, n_text: int, n_system: int = 0, n_steps: int = 16,
+                 depth: int | None = None) -> np.ndarray:
+    """[L] FLOPs of ``n_steps`` decode forwards (one new token each) per decoder layer."""
+    k = _check_depth(shape, depth)
+    full, kept = n_system + n_image + n_text, n_system + n_text
+    out = np.zeros(shape.n_layers, dtype=np.float64)
+    for l in range(shape.n_layers):
+        ctx = full if l < k else kept
+        pairs = sum(ctx + i + 1 for i in range(n_steps))  # step i attends to the prompt, i earlier steps, itself
+        out[l] = layer_flops(shape, n_steps, pairs)["total"]
+    return out
+
+
+def kv_cache_bytes(shape: LayerShape, n_image: int, n_text: int, n_system: int = 0, n_generated: int = 0,
+                   depth: int | None = None) -> np.ndarray:
+    """[L] KV-cache bytes per decoder layer after ``n_generated`` tokens (K and V, all kv heads)."""
+    k = _check_depth(shape, depth)
+    full, kept = n_system + n_image + n_text + n_generated, n_system + n_text + n_generated
+    per_token = 2 * shape.n_kv_heads * shape.head_dim * shape.bytes_per_value
+    return np.array([per_token * (full if l < k else kept) for l in range(shape.n_layers)], dtype=np.float64)
+
+
+def truncation_savings(shape: LayerShape, n_image: int, n_text: int, n_system: int = 0, n_steps: int = 16,
+                       depths=None) -> dict:
+    """Per depth: total decoder FLOPs (prefill, decode, both) and KV bytes, and the fraction saved
+    relative to the baseline (depth L). Plain lists, JSON-ready."""
+    ks = list(range(shape.n_layers + 1)) if depths is None else [_check_depth(shape, d) for d in depths]
+    base = {
+        "prefill": prefill_flops(shape, n_image, n_text, n_system).sum(),
+        "decode": decode_flops(shape, n_image, n_text, n_system, n_steps).sum(),
+        "kv": kv_cache_bytes(shape, n_image, n_text, n_system, n_steps).sum(),
+    }
+    out = {"depths": ks, "shape": shape.to_json(), "tokens": {"system": n_system, "image": n_image, "text": n_text},
+           "n_steps": n_steps, "prefill_flops": [], "decode_flops": [], "total_flops": [], "kv_bytes": [],
+           "prefill_saving": [], "decode_saving": [], "total_saving": [], "kv_saving": []}
+    for k in ks:
+        p = prefill_flops(shape, n_image, n_text, n_system, k).sum()
+        d = decode_flops(shape, n_image, n_text, n_system, n_steps, k).sum()
+        kv = kv_cache_bytes(shape, n_image, n_text, n_system, n_steps, k).sum()
+        out["prefill_flops"].append(float(p))
+        out["decode_flops"].append(float(d))
+        out["total_flops"].append(float(p + d))
+        out["kv_bytes"].append(float(kv))
+        out["prefill_saving"].append(float(1 - p / base["prefill"]))
+        out["decode_saving"].append(float(1 - d / base["decode"]) if base["decode"] else 0.0)
+        out["total_saving"].append(float(1 - (p + d) / (base["prefill"] + base["decode"])))
+        out["kv_saving"].append(float(1 - kv / base["kv"]))
+    return out
+
+
+# ---- measurement ------------------------------------------------------------------------------------
+
+def token_counts(lm, image, prompt: str) -> dict:
+    """{"system", "image", "text"} token counts of a prompt (tokens between image blocks count as text)."""
+    from ..capture import image_positions, prepare_inputs
+
+    inputs, _, _ = prepare_inputs(lm, image, prompt)
+    ids = inputs["input_ids"]
+    pos = image_positions(lm, ids)
+    n = int(ids.shape[1])
+    s = int(pos[0]) if len(pos) else 0
+    return {"system": s, "image": int(len(pos)), "text": n - s - int(len(pos))}
+
+
+def _timed_generate(lm, inputs, img_pos, n_new: int, ivs) -> float:
+    import torch
+
+    from ..capture import greedy_generate
+    from ..lens import Lens, Plan
+
+    n = int(inputs["input_ids"].shape[1])
+    plan = Plan(image_positions=img_pos, n_layers=lm.n_layers, record_hidden=False, record_attention=False,
+                interventions=list(ivs), n_prompt=n, map_from=n - 1)
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.no_grad(), Lens(lm.arch.decoder_layers(lm.model), plan, device=lm.device):
+        greedy_generate(lm, inputs, n_new)
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def measure_latency(lm, image, prompt: str, depths, *, n_steps: int = 8, repeats: int = 3) -> dict:
+    """Median wall time of prefill and of ``n_steps`` decode forwards, per depth, for
+    ``Truncate(k, "remove")`` (depth L: no truncation), interleaved across depths.
+
+    Prefill time = ``generate(max_new_tokens=1)``; decode time = ``generate(max_new_tokens=
+    n_steps + 1)`` minus that. No recording (hidden states, attention) is done.
+    """
+    from ..capture import image_positions, prepare_inputs
+    from ..interventions import Truncate
+
+    inputs, _, _ = prepare_inputs(lm, image, prompt)
+    pos = image_positions(lm, inputs["input_ids"])
+    L = lm.n_layers
+    ks = [int(k) for k in depths]
+    ivs = {k: ([] if k == L else [Truncate(k, "remove")]) for k in ks}
+    pre = {k: [] for k in ks}
+    tot = {k: [] for k in ks}
+    for k in ks:  # warm-up
+        _timed_generate(lm, inputs, pos, 2, ivs[k])
+    for _ in range(repeats):
+        for k in ks:
+            pre[k].append(_timed_generate(lm, inputs, pos, 1, ivs[k]))
+            tot[k].append(_timed_generate(lm, inputs, pos, n_steps + 1, ivs[k]))
+    out = {"depths": ks, "n_steps": n_steps, "repeats": repeats, "prefill_s": [], "decode_s": [], "total_s": []}
+    for k in ks:
+        p, t = statistics.median(pre[k]), statistics.median(tot[k])
+        out["prefill_s"].append(p)
+        out["decode_s"].append(max(t - p, 0.0))
+        out["total_s"].append(t)
+    return out
+
+
+def compute_tradeoff(lm, image, prompt: str, depths=None, *, n_steps: int = 8, repeats: int = 3, measure: bool = True) -> dict:
+    """Theoretical savings per depth next to measured latency savings (``measure=False``: theory only)."""
+    L = lm.n_layers
+    ks = list(range(L + 1)) if depths is None else sorted({int(k) for k in depths} | {L})
+    shape = LayerShape.from_model(lm)
+    c = token_counts(lm, image, prompt)
+    out = truncation_savings(shape, c["image"], c["text"], c["system"], n_steps, ks)
+    out["model"] = lm.name
+    if measure:
+        m = measure_latency(lm, image, prompt, ks, n_steps=n_steps, repeats=repeats)
+        b = ks.index(L)
+        out["measured"] = m
+        for key in ("prefill", "decode", "total"):
+            base = m[f"{key}_s"][b]
+            out[f"measured_{key}_saving"] = [float(1 - x / base) if base > 0 else 0.0 for x in m[f"{key}_s"]]
+    return out

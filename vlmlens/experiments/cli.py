@@ -1,0 +1,193 @@
+"""Experiment commands: ``truncate``, ``sweep``, ``study`` (registered on import by vlmlens.__main__)."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+from .. import __main__ as _registry
+from ..__main__ import add_input_args, add_model_args, check_inputs, load_from_args
+from ..errors import InputError
+from .cliff import DEFAULT_TAU
+from .engine import MODES, check_mode
+
+
+def progress_bar(stream=None, width: int = 30):
+    """A plain-text progress callback ``(done, total, label)`` writing one updating line to stderr."""
+    out = stream or sys.stderr
+
+    def show(done: int, total: int, label: str) -> None:
+        n = int(width * done / max(total, 1))
+        out.write(f"\r[{'#' * n}{'.' * (width - n)}] {done}/{total} {label[:40]:<40}")
+        if done >= total:
+            out.write("\n")
+        out.flush()
+    return show
+
+
+def _check_tau(tau: float) -> float:
+    if not tau > 0:
+        raise InputError(f"--tau must be a positive number of nats, got {tau}")
+    return tau
+
+
+def _check_out_dir(path: str, marker: str) -> Path:
+    """--out must be new, empty, or a directory this command wrote before (has ``marker``)."""
+    p = Path(path)
+    if p.exists() and (not p.is_dir() or (any(p.iterdir()) and not (p / marker).exists())):
+        raise InputError(f"--out {p} exists and is not an earlier output of this command (no {marker}); choose a new path")
+    return p
+
+
+def write_csv(path: Path, rows: list[dict], columns) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+
+
+def _check_depth_syntax(text: str) -> None:
+    for d in text.split(","):
+        s = d.strip().lower()
+        if s not in ("all", "l") and not s.lstrip("-").isdigit():
+            raise InputError(f"--depths takes integers (0..L) or 'all', comma-separated; got {d.strip()!r}")
+
+
+# ---- truncate -----------------------------------------------------------------------------------
+
+def format_side_by_side(result) -> str:
+    """depth | KL | answer kept | text, with the first divergent token onward in [[ ]]."""
+    lines = [f"baseline ({result.n_layers} layers, mode {result.mode}): {result.baseline_text!r}", "",
+             f"{'depth':>7}  {'KL':>8}  {'kept':>4}  text"]
+    for d in result.depths:
+        label = f"{d.depth}" + (" (all)" if d.depth == result.n_layers else "")
+        lines.append(f"{label:>7}  {d.first_token_kl:8.4f}  {'yes' if d.answer_kept else 'no':>4}  {result.marked_text(d.depth)}")
+    return "\n".join(lines)
+
+
+def command(name: str, help: str):
+    """``vlmlens.__main__.command`` on the importable registry and, under ``python -m vlmlens``,
+    on the running ``__main__`` module too (a different module object with its own registry)."""
+    regs = [_registry]
+    main = sys.modules.get("__main__")
+    if main is not None and main is not _registry and getattr(getattr(main, "__spec__", None), "name", "") == "vlmlens.__main__":
+        regs.append(main)
+
+    def deco(fn):
+        for r in regs:
+            r.command(name, help)(fn)
+        return fn
+    return deco
+
+
+@command("truncate", "generate with the image cut off at several depths, side by side with the baseline")
+def cmd_truncate(args) -> int:
+    from .compare import compare
+
+    check_mode(args.mode)
+    _check_depth_syntax(args.depths)
+    check_inputs(args)
+    lm = load_from_args(args)
+    res = compare(lm, args.image, args.prompt, args.depths, mode=args.mode, max_new_tokens=args.max_new_tokens,
+                  store="none", record_attention=False, keep_runs=False)
+    print(format_side_by_side(res))
+    return 0
+
+
+def _configure_truncate(p):
+    add_model_args(p)
+    add_input_args(p)
+    p.add_argument("--depths", default="0,all", help="comma-separated depths in 0..L, 'all' = L (no truncation)")
+    p.add_argument("--mode", default="drop", help=f"one of {', '.join(MODES)}")
+
+
+cmd_truncate.configure = _configure_truncate
+
+
+# ---- sweep --------------------------------------------------------------------------------------
+
+@command("sweep", "truncation sweep over every depth 0..L: summary (JSON + CSV), cliff layer, and the runs")
+def cmd_sweep(args) -> int:
+    from ..run import save_run
+    from .cliff import cliff_layer, reasoning_perturbation
+    from .compare import CSV_COLUMNS, sweep
+
+    check_mode(args.mode)
+    _check_tau(args.tau)
+    out = _check_out_dir(args.out, "sweep.json")
+    check_inputs(args)
+    lm = load_from_args(args)
+    res = sweep(lm, args.image, args.prompt, mode=args.mode, max_new_tokens=args.max_new_tokens, store=args.store,
+                progress=progress_bar())
+    cliff = cliff_layer(res, args.tau)
+    doc = {"sweep": res.to_json(), "cliff": cliff.to_json(), "reasoning": reasoning_perturbation(res).to_json()}
+    out.mkdir(parents=True, exist_ok=True)
+    save_run(res.baseline_run, out / "runs" / "baseline")
+    for k, run in res.runs.items():
+        save_run(run, out / "runs" / f"depth_{k:02d}")
+    write_csv(out / "sweep.csv", res.rows(), CSV_COLUMNS)
+    (out / "sweep.json").write_text(json.dumps(doc, indent=1))
+    print(format_side_by_side(res))
+    att = "" if cliff.attention_cliff is None else f"; attention cliff {cliff.attention_cliff} (agree: {cliff.agree})"
+    print(f"\ncliff layer: {cliff.cliff} (tau {cliff.tau} nats){att}")
+    print(f"saved: {out}/sweep.json, sweep.csv, runs/")
+    return 0
+
+
+def _configure_sweep(p):
+    add_model_args(p)
+    add_input_args(p)
+    p.add_argument("--out", required=True, help="output directory (new, or an earlier sweep output)")
+    p.add_argument("--mode", default="drop", help=f"one of {', '.join(MODES)}")
+    p.add_argument("--tau", type=float, default=DEFAULT_TAU, help="first-token KL threshold of the cliff rule (nats)")
+    p.add_argument("--store", default="all", choices=["all", "image_text", "none"], help="hidden states kept in the runs")
+
+
+cmd_sweep.configure = _configure_sweep
+
+
+# ---- study --------------------------------------------------------------------------------------
+
+@command("study", "task-dependent necessity: accuracy vs truncation depth per task family (shapes world)")
+def cmd_study(args) -> int:
+    from .study import CSV_COLUMNS, SUITES, task_study
+
+    check_mode(args.mode)
+    if args.suite not in SUITES:
+        raise InputError(f"unknown suite {args.suite!r}; expected one of {', '.join(SUITES)}")
+    if args.n < 1:
+        raise InputError(f"--n must be a positive number of examples per family, got {args.n}")
+    families = [f.strip() for f in args.families.split(",")] if args.families else None
+    if args.depths:
+        _check_depth_syntax(args.depths)
+    out = _check_out_dir(args.out, "study.json") if args.out else None
+    lm = load_from_args(args)
+    res = task_study(lm, suite=args.suite, n=args.n, families=families, mode=args.mode, depths=args.depths,
+                     progress=progress_bar())
+    print(f"{res.model}: {res.n_per_family} examples per family, mode {res.mode}, {res.seconds:.0f} s\n")
+    for metric in ("accuracy", "token_f1", "answer_kept"):
+        print(f"{metric}:\n{res.markdown(metric)}\n")
+    if out is not None:
+        from ..figures.experiments import fig_task_necessity
+
+        out.mkdir(parents=True, exist_ok=True)
+        write_csv(out / "study.csv", res.rows, CSV_COLUMNS)
+        (out / "study.json").write_text(json.dumps(res.to_json(), indent=1))
+        fig_task_necessity(res).write_html(out / "fig_task_necessity.html", include_plotlyjs=True)
+        print(f"saved: {out}/study.json, study.csv, fig_task_necessity.html")
+    return 0
+
+
+def _configure_study(p):
+    add_model_args(p)
+    p.add_argument("--suite", default="shapes", help="task suite with ground truth (shapes)")
+    p.add_argument("--n", type=int, default=100, help="examples per task family")
+    p.add_argument("--families", default=None, help="comma-separated subset of single,caption,reasoning")
+    p.add_argument("--depths", default=None, help="comma-separated depths (default: every depth 0..L)")
+    p.add_argument("--mode", default="drop", help=f"one of {', '.join(MODES)}")
+    p.add_argument("--out", default=None, help="directory for study.csv, study.json, fig_task_necessity.html")
+
+
+cmd_study.configure = _configure_study

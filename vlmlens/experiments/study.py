@@ -1,0 +1,128 @@
+"""Task-dependent necessity of the image: accuracy against truncation depth, per task family.
+
+On the shapes world (``vlmlens.tiny``: exact ground truth), for ``n`` test-split examples of
+each task family (``single``: one-word VQA, ``caption``: describe every object, ``reasoning``:
+a short trace ending in ``answer: X``), run the truncation sweep (depths 0..L) and score every
+depth's output against the ground truth with the shapes world's own scorers
+(``vlmlens.tiny.eval``):
+
+* ``accuracy``: single -> exact answer; caption -> exact caption; reasoning -> final answer;
+* ``token_f1``: word-level F1 against the reference text (the caption metric);
+* ``exact_match``: whole output equals the reference (reasoning: the trace is exact);
+* ``answer_kept``: the output's answer equals the model's own untruncated answer;
+* ``first_token_kl``: mean KL(baseline || truncated) of the first-token distribution (nats).
+
+The question it answers (Ghosh et al.): single-token answers should survive early truncation,
+multi-token outputs (captions, traces) should need the image for longer.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from .engine import Progress, Session, compare_outputs, check_mode, parse_depths, truncation
+
+SUITES = ("shapes",)
+CSV_COLUMNS = ("family", "depth", "n", "accuracy", "token_f1", "exact_match", "answer_kept", "first_token_kl")
+
+
+@dataclass
+class StudyResult:
+    model: str
+    suite: str
+    mode: str
+    n_layers: int
+    n_per_family: int
+    families: list[str]
+    depths: list[int]
+    rows: list[dict]                  # one per (family, depth), columns CSV_COLUMNS
+    seconds: float = 0.0
+    examples: list[dict] = field(default_factory=list)   # per example: seed, prompt, reference, output per depth
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def table(self, metric: str = "accuracy") -> dict:
+        """{family: [metric per depth]} in depth order."""
+        out = {f: [None] * len(self.depths) for f in self.families}
+        for r in self.rows:
+            out[r["family"]][self.depths.index(r["depth"])] = r[metric]
+        return out
+
+    def markdown(self, metric: str = "accuracy") -> str:
+        """A family x depth table of ``metric`` (percent for rates)."""
+        head = "| family | " + " | ".join(f"k={d}" for d in self.depths) + " |"
+        lines = [head, "|---" * (len(self.depths) + 1) + "|"]
+        pct = metric != "first_token_kl"
+        for f, vals in self.table(metric).items():
+            cells = ["–" if v is None else (f"{100 * v:.0f}%" if pct else f"{v:.3f}") for v in vals]
+            lines.append(f"| {f} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+
+def suite_examples(suite: str, family: str, n: int, offset: int = 0):
+    """Test-split examples of one task family (ground truth included)."""
+    if suite not in SUITES:
+        raise InputError(f"unknown suite {suite!r}; expected one of {', '.join(SUITES)}")
+    from ..tiny.tasks import FAMILIES, split_examples
+
+    if family not in FAMILIES:
+        raise InputError(f"unknown task family {family!r}; expected one of {', '.join(FAMILIES)}")
+    return split_examples(family, n, offset)
+
+
+def _metrics(family: str, examples, preds: list[str]) -> dict:
+    from ..tiny.eval import score, token_f1
+
+    s = score(family, examples, preds)
+    acc = {"single": "accuracy", "caption": "exact_match", "reasoning": "final_answer_accuracy"}[family]
+    exact = s["exact_match"] if family == "caption" else s.get("trace_exact_match", s.get("accuracy"))
+    f1 = float(np.mean([token_f1(p, e.answer) for e, p in zip(examples, preds)])) if preds else float("nan")
+    return {"accuracy": float(s[acc]), "token_f1": f1, "exact_match": float(exact)}
+
+
+def task_study(lm, *, suite: str = "shapes", n: int = 100, families: Sequence[str] | None = None, mode: str = "drop",
+               depths=None, offset: int = 0, max_new_tokens: dict | None = None, reuse: bool = True,
+               progress: Progress | None = None) -> StudyResult:
+    """Sweep truncation depth over ``n`` examples per task family and score against ground truth."""
+    from ..tiny.eval import MAX_NEW_TOKENS
+    from ..tiny.tasks import FAMILIES
+
+    check_mode(mode)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InputError(f"n must be a positive integer (examples per family), got {n!r}")
+    fams = list(FAMILIES if families is None else families)
+    ks = parse_depths(range(lm.n_layers + 1) if depths is None else depths, lm.n_layers)
+    budget = dict(MAX_NEW_TOKENS, **(max_new_tokens or {}))
+    per_family = {f: suite_examples(suite, f, n, offset) for f in fams}
+    t0 = time.perf_counter()
+    total, done = n * len(fams), 0
+    rows, details = [], []
+    for f in fams:
+        exs = per_family[f]
+        preds = {k: [] for k in ks}
+        kept = {k: [] for k in ks}
+        kls = {k: [] for k in ks}
+        for e in exs:
+            s = Session(lm, e.scene.image, e.prompt, max_new_tokens=budget[f], reuse=reuse)
+            outs = {}
+            for k in ks:
+                c = compare_outputs(s.baseline, s.evaluate([truncation(k, mode)]))
+                preds[k].append(c["text"])
+                kept[k].append(c["answer_kept"])
+                kls[k].append(c["first_token_kl"])
+                outs[str(k)] = c["text"]
+            details.append({"family": f, "seed": e.seed, "kind": e.kind, "prompt": e.prompt, "reference": e.answer,
+                            "baseline": s.baseline.run.generated_text, "outputs": outs})
+            done += 1
+            if progress:
+                progress(done, total, f"{f} seed {e.seed}")
+        for k in ks:
+            m = _metrics(f, exs, preds[k])
+            rows.append({"family": f, "depth": k, "n": len(exs), **m, "answer_kept": float(np.mean(kept[k])),
+                         "first_token_kl": float(np.mean(kls[k]))})
+    return StudyResult(lm.name, suite, mode, lm.n_layers, n, fams, ks, rows, round(time.perf_counter() - t0, 1), details)

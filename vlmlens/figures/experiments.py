@@ -1,0 +1,173 @@
+"""Figures of the truncation experiments (pure: results -> plotly Figure, no I/O).
+
+* :func:`fig_truncation_sweep` — first-token KL, answer kept and the baseline answer's
+  log-prob against truncation depth, the cliff layer marked;
+* :func:`fig_side_by_side` — table of each depth's text with the divergence highlighted
+  (:func:`side_by_side_html` renders the same as an HTML table);
+* :func:`fig_reasoning_perturbation` — trace edit distance and final-answer change per depth;
+* :func:`fig_task_necessity` — accuracy against depth per task family;
+* :func:`fig_substitution_matrix`, :func:`fig_layer_skip`, :func:`fig_compute_tradeoff`
+  (defined in ``experiments_grids``, re-exported here).
+
+Every function accepts the result object or its ``to_json()`` dict (as saved next to a run).
+"""
+from __future__ import annotations
+
+import html
+
+import plotly.graph_objects as go
+
+from ._style import SPAN_COLORS, empty_figure, new_figure
+from .experiments_grids import fig_compute_tradeoff, fig_layer_skip, fig_substitution_matrix  # noqa: F401
+
+KL_COLOR = SPAN_COLORS["image"]
+KEPT_COLOR = SPAN_COLORS["generated"]
+LOST_COLOR = SPAN_COLORS["text"]
+LOGP_COLOR = "#E69F00"
+FAMILY_COLORS = {"single": "#0072B2", "caption": "#D55E00", "reasoning": "#009E73"}
+CLIFF_COLOR = "#CC79A7"
+
+
+def _truncation(result):
+    if isinstance(result, dict):
+        from ..experiments.compare import TruncationResult
+
+        return TruncationResult.from_json(result)
+    return result
+
+
+def _depth_label(d: int, L: int) -> str:
+    return f"{d} (all)" if d == L else str(d)
+
+
+def fig_truncation_sweep(result, *, tau: float | None = None, cliff: int | None = None, title: str | None = None) -> go.Figure:
+    """Three panels over depth: first-token KL (nats), answer kept (1/0), log-prob of the
+    baseline's tokens under the truncated model. One point per depth of the result (L+1 for a
+    sweep). The cliff layer (computed with ``tau`` unless given) is a vertical line."""
+    from ..experiments.cliff import DEFAULT_TAU, cliff_from
+
+    r = _truncation(result)
+    if not r.depths:
+        return empty_figure("no depths in this result", title=title)
+    tau = DEFAULT_TAU if tau is None else tau
+    if cliff is None:
+        cliff = cliff_from([d.depth for d in r.depths], [d.answer_kept for d in r.depths],
+                           [d.first_token_kl for d in r.depths], r.n_layers, tau)[0]
+    x = [d.depth for d in r.depths]
+    fig = new_figure(3, 1, shared_xaxes=True, height=720, titles=(
+        "First-token KL(baseline ‖ truncated)", "Answer kept", "Log-prob of the baseline's answer"),
+        title=title or f"Truncation sweep ({r.mode}) — {r.prompt}")
+    hover = [f"depth {d.depth}<br>{html.escape(d.text[:80])}" for d in r.depths]
+    fig.add_trace(go.Scatter(x=x, y=[d.first_token_kl for d in r.depths], mode="lines+markers", name="KL (nats)",
+                             line=dict(color=KL_COLOR), hovertext=hover), row=1, col=1)
+    fig.add_hline(y=tau, line=dict(color="#999999", dash="dot"), annotation_text=f"τ = {tau:g}", row=1, col=1)
+    kept = [1 if d.answer_kept else 0 for d in r.depths]
+    fig.add_trace(go.Scatter(x=x, y=kept, mode="markers", name="answer kept",
+                             marker=dict(size=11, color=[KEPT_COLOR if k else LOST_COLOR for k in kept]),
+                             hovertext=hover), row=2, col=1)
+    fig.add_trace(go.Scatter(x=x, y=[d.baseline_logprob for d in r.depths], mode="lines+markers",
+                             name="log p(baseline tokens)", line=dict(color=LOGP_COLOR), hovertext=hover), row=3, col=1)
+    fig.add_hline(y=r.baseline_logprob, line=dict(color="#999999", dash="dot"), annotation_text="baseline", row=3, col=1)
+    for row in (1, 2, 3):
+        fig.add_vline(x=cliff, line=dict(color=CLIFF_COLOR, dash="dash"), row=row, col=1)
+    fig.add_annotation(x=cliff, y=1.0, xref="x", yref="paper", text=f"cliff {cliff}", showarrow=False,
+                       font=dict(color=CLIFF_COLOR), yanchor="bottom")
+    fig.update_yaxes(tickvals=[0, 1], ticktext=["lost", "kept"], range=[-0.3, 1.3], row=2, col=1)
+    fig.update_xaxes(title_text="truncation depth k (image unused from decoder layer k on; L = baseline)", row=3, col=1,
+                     tickvals=x, ticktext=[_depth_label(d, r.n_layers) for d in x])
+    return fig
+
+
+# ---- side by side -----------------------------------------------------------------------------------
+
+def _split(d) -> tuple[str, str]:
+    """(same part, divergent part) of one depth's text."""
+    if d.first_divergence is None:
+        return d.text, ""
+    c = d.divergence_char if d.divergence_char is not None else 0
+    return d.text[:c], d.text[c:]
+
+
+def side_by_side_html(result, *, mark: str = "mark") -> str:
+    """An HTML table: depth, KL, answer kept, text with the divergent part in ``<mark>``."""
+    r = _truncation(result)
+    rows = [f"<tr><td>baseline</td><td></td><td></td><td>{html.escape(r.baseline_text)}</td></tr>"]
+    for d in r.depths:
+        same, diff = _split(d)
+        text = html.escape(same) + (f"<{mark}>{html.escape(diff) or '∅'}</{mark}>" if d.first_divergence is not None else "")
+        rows.append(f"<tr><td>{_depth_label(d.depth, r.n_layers)}</td><td>{d.first_token_kl:.4f}</td>"
+                    f"<td>{'yes' if d.answer_kept else 'no'}</td><td>{text}</td></tr>")
+    head = "<tr><th>depth</th><th>KL</th><th>kept</th><th>generated text (divergence marked)</th></tr>"
+    return f"<table class='vlmlens-side-by-side'>{head}{''.join(rows)}</table>"
+
+
+def fig_side_by_side(result, *, title: str | None = None) -> go.Figure:
+    """The side-by-side table as a figure; the text from the first divergent token is bold and coloured."""
+    r = _truncation(result)
+    cells = [["baseline"], [""], [""], [html.escape(r.baseline_text)]]
+    for d in r.depths:
+        same, diff = _split(d)
+        text = html.escape(same)
+        if d.first_divergence is not None:
+            text += f"<b><span style='color:{LOST_COLOR}'>{html.escape(diff) or '∅'}</span></b>"
+        cells[0].append(_depth_label(d.depth, r.n_layers))
+        cells[1].append(f"{d.first_token_kl:.4f}")
+        cells[2].append("yes" if d.answer_kept else "no")
+        cells[3].append(text)
+    fig = new_figure(title=title or f"Generations by truncation depth ({r.mode})",
+                     height=120 + 34 * (len(r.depths) + 2))
+    fig.add_trace(go.Table(columnwidth=[60, 60, 50, 600],
+                           header=dict(values=["depth", "KL", "kept", "generated text (divergence marked)"],
+                                       align="left", fill_color="#eeeeee"),
+                           cells=dict(values=cells, align="left", height=28)))
+    return fig
+
+
+# ---- reasoning traces --------------------------------------------------------------------------------
+
+def fig_reasoning_perturbation(perturbation, *, title: str | None = None) -> go.Figure:
+    """Bars: normalised trace edit distance per depth; markers: final answer changed (1) or not (0).
+
+    Accepts a TracePerturbation (or its dict) or a TruncationResult (computed with its separator).
+    """
+    from ..experiments.cliff import TracePerturbation, reasoning_perturbation
+
+    p = perturbation
+    if isinstance(p, dict) and "trace_distance" in p:
+        p = TracePerturbation(**p)
+    elif not isinstance(p, TracePerturbation):
+        p = reasoning_perturbation(_truncation(p))
+    fig = new_figure(title=title or "Reasoning trace under truncation")
+    fig.add_trace(go.Bar(x=p.depths, y=p.trace_distance, name="trace edit distance (normalised)",
+                         marker_color=KL_COLOR))
+    fig.add_trace(go.Scatter(x=p.depths, y=[1.0 if c else 0.0 for c in p.answer_changed], mode="markers",
+                             name="final answer changed", marker=dict(size=12, symbol="x", color=LOST_COLOR)))
+    fig.update_yaxes(title_text="distance / changed", range=[0, 1.1])
+    fig.update_xaxes(title_text="truncation depth k", tickvals=p.depths)
+    return fig
+
+
+# ---- task study --------------------------------------------------------------------------------------
+
+def fig_task_necessity(study, *, metric: str = "accuracy", title: str | None = None) -> go.Figure:
+    """``metric`` against depth, one line per task family; dashed: token F1 (captions) and trace
+    exactness (reasoning), the multi-token views."""
+    d = study if isinstance(study, dict) else study.to_json()
+    depths, rows = d["depths"], d["rows"]
+    if not rows:
+        return empty_figure("no study rows", title=title)
+    fig = new_figure(title=title or f"Does the task need the image? ({d['model']}, n={d['n_per_family']}/family)")
+    extra = {"caption": ("token_f1", "token F1"), "reasoning": ("exact_match", "trace exact")}
+    for fam in d["families"]:
+        by = {r["depth"]: r for r in rows if r["family"] == fam}
+        color = FAMILY_COLORS.get(fam, "#666666")
+        fig.add_trace(go.Scatter(x=depths, y=[by[k][metric] if k in by else None for k in depths], mode="lines+markers",
+                                 name=f"{fam} {metric.replace('_', ' ')}", line=dict(color=color)))
+        if metric == "accuracy" and fam in extra:
+            key, label = extra[fam]
+            fig.add_trace(go.Scatter(x=depths, y=[by[k][key] if k in by else None for k in depths], mode="lines+markers",
+                                     name=f"{fam} {label}", line=dict(color=color, dash="dash")))
+    fig.update_xaxes(title_text="truncation depth k (L = no truncation)", tickvals=depths)
+    if metric != "first_token_kl":
+        fig.update_yaxes(title_text=metric.replace("_", " "), range=[0, 1.05], tickformat=".0%")
+    return fig

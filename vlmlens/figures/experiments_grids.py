@@ -1,0 +1,88 @@
+"""Figures of the layer-wise experiments (pure): substitution matrix, layer-skip scan, compute.
+
+Re-exported by :mod:`vlmlens.figures.experiments`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+
+from ._style import SEQUENTIAL_COLORSCALE, SPAN_COLORS, empty_figure, new_figure
+
+TOKEN_COLORS = {"image": SPAN_COLORS["image"], "all": SPAN_COLORS["system"]}
+
+
+def _get(obj, name):
+    return obj[name] if isinstance(obj, dict) else getattr(obj, name)
+
+
+def fig_substitution_matrix(result, *, metric: str = "kl", title: str | None = None) -> go.Figure:
+    """Heatmap over (from_layer i, at_layer j): first-token KL (``metric="kl"``) or answer kept
+    (``"answer_kept"``) when layer j reads layer i's image states. Empty above the diagonal."""
+    layers = list(_get(result, "layers"))
+    if not layers:
+        return empty_figure("no layers in this result", title=title)
+    key = {"kl": "kl", "answer_kept": "answer_kept"}.get(metric)
+    if key is None:
+        raise ValueError(f"metric must be 'kl' or 'answer_kept', got {metric!r}")
+    raw = _get(result, key)
+    z = np.array([[np.nan if v is None else float(v) for v in row] for row in raw], dtype=float)
+    texts = _get(result, "text")
+    hover = [[f"from layer {layers[c]} → layer {layers[r]}<br>{'' if texts[r][c] is None else texts[r][c][:60]}"
+              for c in range(len(layers))] for r in range(len(layers))]
+    label = "first-token KL (nats)" if key == "kl" else "answer kept"
+    fig = new_figure(title=title or f"Substitution matrix — {label}", height=520)
+    fig.add_trace(go.Heatmap(x=layers, y=layers, z=z, hovertext=hover, colorscale=SEQUENTIAL_COLORSCALE,
+                             reversescale=key == "answer_kept", colorbar=dict(title=label),
+                             zmin=0, zmax=1 if key == "answer_kept" else None))
+    fig.update_xaxes(title_text="image states taken from layer i (input of i)", tickvals=layers)
+    fig.update_yaxes(title_text="substituted into layer j", tickvals=layers)
+    return fig
+
+
+def fig_layer_skip(result, *, title: str | None = None) -> go.Figure:
+    """Top: first-token KL when each layer is skipped (image tokens / all tokens), crosses where
+    the answer changed. Bottom: adjacent-layer cosine distance of the image tokens."""
+    layers = list(_get(result, "layers"))
+    if not layers:
+        return empty_figure("no layers in this result", title=title)
+    kl, kept = _get(result, "kl"), _get(result, "answer_kept")
+    fig = new_figure(2, 1, shared_xaxes=True, height=620, title=title or "Layer-skip scan (Skip-It)",
+                     titles=("Output change when layer l is skipped", "How much layer l turns the image tokens"))
+    for t in _get(result, "tokens"):
+        color = TOKEN_COLORS.get(t, "#666666")
+        fig.add_trace(go.Scatter(x=layers, y=kl[t], mode="lines+markers", name=f"skip for {t} tokens: KL",
+                                 line=dict(color=color)), row=1, col=1)
+        lost = [l for l, k in zip(layers, kept[t]) if not k]
+        fig.add_trace(go.Scatter(x=lost, y=[kl[t][layers.index(l)] for l in lost], mode="markers",
+                                 name=f"answer changed ({t})", marker=dict(symbol="x", size=12, color=color)),
+                      row=1, col=1)
+    cos = _get(result, "cosine_distance")
+    if cos is not None:
+        fig.add_trace(go.Bar(x=layers, y=[np.nan if v is None else v for v in cos], name="image-token cosine distance",
+                             marker_color=SPAN_COLORS["image"], opacity=0.6), row=2, col=1)
+    fig.update_yaxes(title_text="KL (nats)", row=1, col=1)
+    fig.update_yaxes(title_text="1 − cos(h_l, h_l+1)", row=2, col=1)
+    fig.update_xaxes(title_text="decoder layer l", tickvals=layers, row=2, col=1)
+    return fig
+
+
+def fig_compute_tradeoff(tradeoff: dict, *, title: str | None = None) -> go.Figure:
+    """Saving (fraction of the baseline) per truncation depth: theoretical decoder FLOPs
+    (prefill, whole generation) and KV-cache bytes, with measured latency savings when present."""
+    ks = tradeoff["depths"]
+    if not ks:
+        return empty_figure("no depths", title=title)
+    fig = new_figure(title=title or "What truncation saves (mode='remove')")
+    lines = [("prefill_saving", "prefill FLOPs (theory)", SPAN_COLORS["image"], None),
+             ("total_saving", "prefill + decode FLOPs (theory)", SPAN_COLORS["generated"], None),
+             ("kv_saving", "KV-cache bytes (theory)", SPAN_COLORS["system"], None),
+             ("measured_prefill_saving", "prefill latency (measured)", SPAN_COLORS["image"], "dash"),
+             ("measured_total_saving", "prefill + decode latency (measured)", SPAN_COLORS["generated"], "dash")]
+    for key, name, color, dash in lines:
+        if key in tradeoff:
+            fig.add_trace(go.Scatter(x=ks, y=tradeoff[key], mode="lines+markers", name=name,
+                                     line=dict(color=color, dash=dash)))
+    fig.update_xaxes(title_text="truncation depth k (image tokens removed from layers ≥ k)", tickvals=ks)
+    fig.update_yaxes(title_text="saving vs baseline", tickformat=".0%")
+    return fig
