@@ -1,0 +1,123 @@
+"""Attention-flow figures (pure: Run -> plotly Figure; no I/O).
+
+* :func:`fig_attention_flow` -- share of attention on image keys per layer, one line per
+  query span (last prompt token, text, generated), with the three stages shaded and the
+  attention cliff marked; a second run (``other``) is overlaid dashed.
+* :func:`fig_attention_heads` -- layer x head heatmap of the last prompt token's image share.
+"""
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+
+from ..analysis.attention import (
+    attention_cliff, attention_share, image_contribution, stage_bands, three_stages,
+)
+
+try:
+    from ._style import OTHER_DASH, SEQUENTIAL_COLORSCALE, apply_style, span_color
+except ImportError:  # the shared style module is not there: same look, defined here
+    OTHER_DASH, SEQUENTIAL_COLORSCALE = "dash", "Viridis"
+    _COLORS = {"system": "#999999", "image": "#0072B2", "text": "#D55E00", "generated": "#009E73"}
+
+    def span_color(span: str) -> str:
+        return _COLORS.get(span, "#CC79A7")
+
+    def apply_style(fig, *, title=None, height=None, width=None):
+        fig.update_layout(template="plotly_white", margin=dict(l=60, r=30, t=90 if title else 50, b=50),
+                          hovermode="closest", title=dict(text=title or "", x=0.01, xanchor="left"))
+        if height:
+            fig.update_layout(height=height)
+        if width:
+            fig.update_layout(width=width)
+        return fig
+
+LAST_COLOR = "#000000"
+STAGE_COLORS = {"sink": "#56B4E9", "fusion": "#E69F00", "discard": "#999999"}
+QUERY_LABELS = {"last": "last prompt token", "text": "text tokens", "generated": "generated tokens"}
+
+
+def _color(query: str) -> str:
+    return LAST_COLOR if query == "last" else span_color(query)
+
+
+def _run_name(run) -> str:
+    ivs = run.meta.get("interventions") or []
+    if ivs:
+        return ", ".join(str(iv.get("kind", iv)) if isinstance(iv, dict) else str(iv) for iv in ivs)
+    return str(run.meta.get("model", "run"))
+
+
+def _stage_labels(run) -> list[str] | None:
+    try:
+        return three_stages(run)
+    except KeyError:  # captured without record_contrib
+        return None
+
+
+def fig_attention_flow(run, other=None, *, normalize_per_key: bool = False, title: str | None = None) -> go.Figure:
+    """Share of attention on image keys per decoder layer, per query span.
+
+    Lines: last prompt token (black), text tokens, generated tokens (span colours; empty spans
+    are left out); ``other`` (e.g. an intervened run) is drawn dashed with the same colours.
+    Shaded bands: the sink / fusion / discard stages of ``run`` (when it recorded value
+    contributions), with the image part of the last token's attention output
+    (``|sum_j c_j| / |o|``) as a dotted grey line. Vertical line: the attention cliff.
+    """
+    fig = go.Figure()
+    L = int(run.n_layers)
+    layers = np.arange(L)
+    for r, dash, suffix in ((run, "solid", ""), (other, OTHER_DASH, " (other)")):
+        if r is None:
+            continue
+        for q in ("last", "text", "generated"):
+            s = attention_share(r, query=q, normalize_per_key=normalize_per_key)
+            if not np.isfinite(s.image).any():
+                continue
+            label = f"{QUERY_LABELS[q]}{suffix}"
+            fig.add_trace(go.Scatter(
+                x=np.arange(len(s.image)), y=s.image, mode="lines+markers", name=label,
+                line=dict(color=_color(q), dash=dash, width=2.5 if q == "last" else 1.8), marker=dict(size=5),
+                customdata=np.full(len(s.image), len(s.positions)),
+                hovertemplate=(f"<b>{label}</b>" + (f" · {_run_name(r)}" if suffix else "")
+                               + "<br>layer %{x}<br>image share %{y:.3f} (mean of %{customdata} queries)<extra></extra>")))
+    labels = _stage_labels(run)
+    if labels is not None:
+        for stage, a, b in stage_bands(labels):
+            fig.add_vrect(x0=a - 0.5, x1=b + 0.5, fillcolor=STAGE_COLORS[stage], opacity=0.13, line_width=0, layer="below",
+                          annotation_text=stage, annotation_position="top left", annotation_font_size=11)
+        rel = image_contribution(run)["rel_norm"]
+        cos = image_contribution(run)["cos"]
+        fig.add_trace(go.Scatter(
+            x=layers, y=rel, mode="lines", name="image part of attn output (last token)", yaxis="y2",
+            line=dict(color="#666666", dash="dot", width=1.5), customdata=np.stack([cos, np.array(labels)], 1),
+            hovertemplate=("layer %{x}: <b>%{customdata[1]}</b><br>|Σ_j c_j| / |o| = %{y:.3f}"
+                           "<br>cos(o − Σ_j c_j, o) = %{customdata[0]:.5f}<extra></extra>")))
+        fig.update_layout(yaxis2=dict(title="|Σ image contrib| / |attn out|", overlaying="y", side="right",
+                                      rangemode="tozero", showgrid=False))
+    cliff = attention_cliff(run)
+    if cliff is not None:
+        fig.add_vline(x=cliff, line=dict(color="#CC0000", dash="dash", width=1.5),
+                      annotation_text=f"attention cliff: layer {cliff}", annotation_position="top right",
+                      annotation_font=dict(color="#CC0000", size=11))
+    what = "per-key density share" if normalize_per_key else "share of attention"
+    apply_style(fig, title=title or f"Attention to the image per layer ({what})", height=420)
+    fig.update_xaxes(title="decoder layer", range=[-0.5, L - 0.5], dtick=1 if L <= 40 else None)
+    fig.update_yaxes(title=f"{what} on image keys", range=[0, 1.02])
+    return fig
+
+
+def fig_attention_heads(run, *, query: str = "last", title: str | None = None) -> go.Figure:
+    """Layer x head heatmap of the image share of ``query`` (default: the last prompt token)."""
+    s = attention_share(run, query=query, per_head=True).image        # [L, H]
+    L, H = s.shape
+    fig = go.Figure(go.Heatmap(
+        z=s, x=np.arange(H), y=np.arange(L), zmin=0, zmax=1, colorscale=SEQUENTIAL_COLORSCALE,
+        colorbar=dict(title="image<br>share"),
+        hovertemplate=f"layer %{{y}} · head %{{x}}<br>{QUERY_LABELS.get(query, query)}: "
+                      "%{z:.3f} of attention on image keys<extra></extra>"))
+    apply_style(fig, title=title or f"Image share per head ({QUERY_LABELS.get(query, query)})",
+                height=max(320, min(900, 18 * L + 140)))
+    fig.update_xaxes(title="head", dtick=1 if H <= 40 else None)
+    fig.update_yaxes(title="decoder layer", autorange="reversed")
+    return fig
