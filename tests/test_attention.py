@@ -197,3 +197,15 @@ def test_cliff_and_concentration_on_chosen_arrays():
     nogen = _synthetic_run(L=L, H=H, n_img=n_img, n_gen=0)
     nogen.arrays["attention_to_image"] = np.zeros((L, H, nogen.spans.n_total), np.float32)
     assert np.isnan(attention_share(nogen, query="generated").image).all()
+
+
+def test_contribution_arrays_round_trip_and_are_validated(image, tmp_path):
+    lm = random_lm("llava")
+    run = vl.capture(lm, image, PROMPT, max_new_tokens=1)
+    back = vl.load_run(vl.save_run(run, tmp_path / "ok"))
+    for k in ("attn_out", "image_contrib", "image_contrib_norm"):
+        assert np.array_equal(back.arrays[k], run.arrays[k], equal_nan=True)
+    assert three_stages(back) == three_stages(run)
+    run.arrays["image_contrib_norm"] = run.arrays["image_contrib_norm"][:, :-1]
+    with pytest.raises(vl.RunFormatError, match="image_contrib_norm"):
+        vl.save_run(run, tmp_path / "bad")
