@@ -120,27 +120,38 @@ def _object_cells(obj, rows, cols, size):
             if (j * cw < obj.x + r and (j + 1) * cw > obj.x - r and i * ch < obj.y + r and (i + 1) * ch > obj.y - r)}
 
 
-@pytest.mark.skipif(not (TINY_SHAPES_DIR / "config.json").exists(), reason="tiny-shapes checkpoint not trained yet")
-def test_tiny_shapes_cam_points_at_the_object():
+def measure_cam_hits(lm, n: int = 20, seed0: int = 0):
+    """Over ``n`` scenes, ask the colour of an object whose shape is unique and check, per
+    layer, whether the CAM's hottest cell overlaps the object. Returns (hit rate [L], chance
+    rate, answer accuracy)."""
     from vlmlens.tiny.scenes import IMAGE_SIZE, make_scene
 
-    lm = vl.load_model("tiny-shapes", device="cpu", dtype="float32")
     L = lm.n_layers
-    hits, chance, n = np.zeros(L), 0.0, 0
-    seed = 0
-    while n < 20:
+    hits, chance, correct, done, seed = np.zeros(L), 0.0, 0, 0, seed0
+    while done < n:
         scene = make_scene(seed, n_objects=3)
         seed += 1
-        obj = scene.objects[n % len(scene.objects)]
-        run = vl.capture(lm, scene.image, f"what color is the {obj.shape} ?", max_new_tokens=2, record_contrib=False)
+        shapes = [o.shape for o in scene.objects]
+        objs = [o for o in scene.objects if shapes.count(o.shape) == 1]
+        if not objs:
+            continue
+        obj = objs[done % len(objs)]
+        run = vl.capture(lm, scene.image, f"What color is the {obj.shape}?", max_new_tokens=1, record_contrib=False)
+        correct += run.generated_text.strip().lower() == obj.color
         cam = llava_cam(lm, run)
         rows, cols = run.image_grid
         cells = _object_cells(obj, rows, cols, IMAGE_SIZE)
         hits += [hit_cell(cam.maps[l]) in cells for l in range(L)]
         chance += len(cells) / (rows * cols)
-        n += 1
-    rate, chance = hits / n, chance / n
+        done += 1
+    return hits / n, chance / n, correct / n
+
+
+@pytest.mark.skipif(not (TINY_SHAPES_DIR / "config.json").exists(), reason="tiny-shapes checkpoint not trained yet")
+def test_tiny_shapes_cam_points_at_the_object():
+    lm = vl.load_model("tiny-shapes", device="cpu", dtype="float32")
+    rate, chance, acc = measure_cam_hits(lm, 20)
     best = int(np.argmax(rate))
     print(f"\ntiny-shapes LLaVA-CAM argmax on the asked object, per layer: {np.round(rate, 2).tolist()}; "
-          f"best layer {best}: {rate[best]:.2f}; chance {chance:.2f} (n={n})")
+          f"best layer {best}: {rate[best]:.2f}; chance {chance:.2f}; answers correct {acc:.2f} (n=20)")
     assert rate[best] > chance

@@ -86,8 +86,8 @@ def fig_attention_flow(run, other=None, *, normalize_per_key: bool = False, titl
         for stage, a, b in stage_bands(labels):
             fig.add_vrect(x0=a - 0.5, x1=b + 0.5, fillcolor=STAGE_COLORS[stage], opacity=0.13, line_width=0, layer="below",
                           annotation_text=stage, annotation_position="top left", annotation_font_size=11)
-        rel = image_contribution(run)["rel_norm"]
-        cos = image_contribution(run)["cos"]
+        ic = image_contribution(run)
+        rel, cos = ic["rel_norm"], ic["cos"]
         fig.add_trace(go.Scatter(
             x=layers, y=rel, mode="lines", name="image part of attn output (last token)", yaxis="y2",
             line=dict(color="#666666", dash="dot", width=1.5), customdata=np.stack([cos, np.array(labels)], 1),
