@@ -69,9 +69,10 @@ class Dashboard:
         self.timings: dict[str, deque] = defaultdict(lambda: deque(maxlen=500))
         names = self.runs.names()
         self.default_run = default_run if default_run in names else (names[0] if names else None)
+        self.default_layers = 2
         if self.default_run:  # warm the shared copy so the first page opens it at once
             try:
-                self.runs.open(self.default_run)
+                self.default_layers = self.runs.open(self.default_run)[0].n_layers
             except (RunFormatError, InputError, FileNotFoundError) as e:
                 log.warning("default run %s is not usable: %s", self.default_run, e)
                 self.default_run = None
@@ -136,10 +137,15 @@ class Dashboard:
         with self.holder.use() as lm:
             progress(0.2, desc=f"capturing {lm.n_layers} layers")
             run = capture(lm, rgb, prompt, max_new_tokens=n)
+            progress(0.7, desc="logit lens and LLaVA-CAM")
+            from ..cached import add_analysis_arrays
+
+            add_analysis_arrays(lm, run)
+            entry = self.store.add(run, label=f"capture {time.strftime('%H:%M:%S')}: {prompt[:40]}")
+            panels.safe(lambda: xviews.theory_compute(lm, entry))
         if conv:
             gr.Info(f"image note: {conv}")
         progress(0.9, desc="summarising")
-        entry = self.store.add(run, label=f"capture {time.strftime('%H:%M:%S')}: {prompt[:40]}")
         return self._overview(self._adopt(sess, entry), entry)
 
     # ---- runs ---------------------------------------------------------------------------------
@@ -205,7 +211,7 @@ class Dashboard:
         entry = self.entry(sess)
         run = entry.run
         L = run.n_layers
-        layer = int(min(max(int(layer or 0), 0), L - 1))
+        layer = int(min(max(int(layer or 0), 0), L - 1))  # keep the layer when it exists in the new run
         mine = [(m[0], m[1]) for m in sess.get("mine", []) if self.store.has(m[1])]
         return (gr.Slider(minimum=0, maximum=L - 1, value=layer, step=1),
                 gr.Dropdown(choices=panels.query_choices(run), value=0),
@@ -213,14 +219,43 @@ class Dashboard:
                 gr.Dropdown(choices=mine, value=entry.id))
 
     # ---- tabs ---------------------------------------------------------------------------------
+    def _cam_model(self, entry, kind):
+        """For LLaVA-CAM of a run that does not hold it: compute it once, under the model lock,
+        into the entry's cache. Returns None (views then read the stored / cached CAM)."""
+        if kind != "LLaVA-CAM" or "llava_cam" in entry.run.arrays or entry.derived.peek("llava_cam") is not None:
+            return None
+        lm = self.lm_for(entry)
+        if lm is not None:
+            with self.holder.use() as lm:
+                panels.safe(lambda: views.cam_array(entry, lm))
+        return None
+
+    @staticmethod
+    def _check_view(entry, layer, query, kind) -> tuple[int, int, str]:
+        L = entry.run.n_layers
+        layer = int(layer or 0)
+        if not 0 <= layer <= L - 1:
+            raise InputError(f"layer {layer} is out of range: this run has decoder layers 0..{L - 1}")
+        nq = len(panels.query_choices(entry.run))
+        try:
+            q = int(query or 0)
+        except (TypeError, ValueError):
+            raise InputError(f"token must be an index 0..{nq - 1}, got {query!r}") from None
+        if not 0 <= q < nq:
+            raise InputError(f"token {q} is out of range: 0 = last prompt token, 1..{nq - 1} = generated tokens")
+        kind = kind or "attention"
+        if kind not in views.HEATMAP_KINDS:
+            raise InputError(f"map must be one of {', '.join(views.HEATMAP_KINDS)}, got {kind!r}")
+        return layer, q, kind
+
     @handler("heatmaps")
     def heatmaps(self, sess, layer, query, kind):
         """Heatmaps tab: single-layer map, small multiples, logit lens, patch lens."""
         entry = self.entry(sess)
-        lm = self.lm_for(entry)
-        q = int(query or 0)
-        single = views.heatmap_layer(entry, int(layer or 0), q, kind, lm)
-        grid = views.heatmap_grid(entry, q, kind, lm)
+        layer, q, kind = self._check_view(entry, layer, query, kind)
+        self._cam_model(entry, kind)
+        single = views.heatmap_layer(entry, layer, q, kind)
+        grid = views.heatmap_grid(entry, q, kind)
         ll, pl = views.logit_lens_figures(entry)
         return single, grid, ll, pl
 
@@ -228,7 +263,7 @@ class Dashboard:
     def heatmap_layer(self, sess, layer, query, kind):
         """One layer's heatmap, drawn from stored arrays (never runs the model)."""
         entry = self.entry(sess)
-        return views.heatmap_layer(entry, int(layer or 0), int(query or 0), kind, self.lm_for(entry))
+        return views.heatmap_layer(entry, *self._check_view(entry, layer, query, kind))
 
     @handler("dynamics")
     def dynamics(self, sess, span):
@@ -274,28 +309,34 @@ class Dashboard:
     @handler("substitution_view")
     def substitution_view(self, sess):
         entry = self.entry(sess)
-        return (xviews.stored_figure(entry, "substitution", "fig_substitution_matrix", "Substitution matrix",
-                                     "press 'Substitution matrix' (needs the model)."),
-                xviews.stored_figure(entry, "layer_skip", "fig_layer_skip", "Layer-skip scan",
-                                     "press 'Layer-skip scan' (needs the model)."))
+        return xviews.experiment_figure(entry, "substitution"), xviews.experiment_figure(entry, "layer_skip")
 
-    def _experiment(self, sess, fn_name, key, progress):
+    def _experiment(self, sess, key, progress):
         entry = self.entry(sess)
+        progress(0.02, desc="waiting for the model")
         with self.holder.use() as lm:
-            xviews.run_named_experiment(lm, entry, ("vlmlens.experiments", fn_name), key,
-                                        progress=lambda i, n, what: progress((i + 1) / (n + 1), desc=what))
+            xviews.run_experiment(lm, entry, key, progress=lambda i, n, what: progress(i / max(n, 1), desc=what))
         return self.substitution_view(sess)
 
     @handler("substitution")
     def substitution(self, sess, progress=gr.Progress()):
-        return self._experiment(sess, "substitution_matrix", "substitution", progress)
+        """Substitution matrix (layer j reads layer i's image states) on the current run."""
+        return self._experiment(sess, "substitution", progress)
 
     @handler("layer_skip")
     def layer_skip(self, sess, progress=gr.Progress()):
-        return self._experiment(sess, "layer_skip_scan", "layer_skip", progress)
+        """Layer-skip scan (skip one layer for image / all tokens) on the current run."""
+        return self._experiment(sess, "layer_skip", progress)
 
     @handler("compute_view")
     def compute_view(self, sess):
+        return xviews.experiment_figure(self.entry(sess), "compute")
+
+    @handler("measure_compute")
+    def measure_compute(self, sess, progress=gr.Progress()):
+        """FLOPs / KV bytes per depth with measured prefill and decode latency (needs the model)."""
         entry = self.entry(sess)
-        return entry.derived.get("fig_compute", lambda: panels.figure(
-            "vlmlens.figures.experiments", "fig_compute_tradeoff", entry.run, title="Compute per depth"))
+        progress(0.02, desc="waiting for the model")
+        with self.holder.use() as lm:
+            xviews.run_experiment(lm, entry, "compute", progress=lambda i, n, what: progress(0.5, desc=what))
+        return xviews.experiment_figure(entry, "compute"), panels.headline_markdown(entry)

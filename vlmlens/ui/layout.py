@@ -33,6 +33,21 @@ class CheckedImage(gr.Image):
                            print_exception=False) from None
 
 
+class LayerSlider(gr.Slider):
+    """A layer slider whose range follows the run per session; the value is checked against
+    the run in the handler (so API clients are not bound by the page's initial range)."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        try:
+            return int(round(float(payload)))
+        except (TypeError, ValueError):
+            raise gr.Error(f"layer must be a number, got {payload!r}", print_exception=False) from None
+
+
 def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype: str = "auto",
                runs_dir="cached_runs", trust_remote_code: bool = False, no_model: bool = False,
                default_run: str | None = None, dashboard: Dashboard | None = None, **kwargs) -> gr.Blocks:
@@ -75,9 +90,10 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                         info = gr.JSON(label="Run info (what the API returns)", elem_id="vl-info")
                     with gr.Tab("Heatmaps", id="heatmaps") as t_heat:
                         with gr.Row():
-                            layer = gr.Slider(0, 1, value=0, step=1, label="Layer", elem_id="vl-layer")
+                            layer = LayerSlider(0, max(1, dash.default_layers - 1), value=0, step=1, label="Layer",
+                                                elem_id="vl-layer")
                             query = gr.Dropdown(choices=[("last prompt token", 0)], value=0, label="Token",
-                                                elem_id="vl-query")
+                                                elem_id="vl-query", allow_custom_value=True)
                             kind = gr.Radio(list(HEATMAP_KINDS), value="attention", label="Map", elem_id="vl-kind")
                         heat = gr.Plot(label="Heatmap", elem_id="vl-heatmap")
                         grid = gr.Plot(label="All layers", elem_id="vl-grid")
@@ -112,15 +128,17 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                         sub_fig = gr.Plot(label="Substitution matrix", elem_id="vl-subst")
                         skip_fig = gr.Plot(label="Layer-skip scan", elem_id="vl-skip")
                     with gr.Tab("Compute", id="compute") as t_comp:
+                        measure_btn = gr.Button("Measure compute (times each depth with the model)", size="sm")
                         comp_fig = gr.Plot(label="FLOPs / KV cache / latency per depth", elem_id="vl-compute")
                     with gr.Tab("Runs", id="runs") as t_runs:
                         with gr.Row():
                             run_list = gr.Dropdown(choices=dash.runs.names(), value=dash.default_run,
-                                                   label=f"Saved runs ({dash.runs.path})", elem_id="vl-run-list")
+                                                   label=f"Saved runs ({dash.runs.path})", elem_id="vl-run-list",
+                                                   allow_custom_value=True)
                             open_btn = gr.Button("Open", elem_id="vl-open")
                             refresh_btn = gr.Button("Refresh list", size="sm")
                         names_json = gr.JSON(visible=False)
-                        mine = gr.Dropdown(choices=[], label="This session's runs", elem_id="vl-mine")
+                        mine = gr.Dropdown(choices=[], label="This session's runs", elem_id="vl-mine", allow_custom_value=True)
                         with gr.Row():
                             save_name = gr.Textbox(label="Save current run as", placeholder="my-run", elem_id="vl-save-name")
                             save_btn = gr.Button("Save", elem_id="vl-save")
@@ -178,6 +196,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
         embed_btn.click(dash.token_map, [sess, method], embed, api_name="token_map")
         trunc_btn.click(dash.truncate, [sess, depths, mode], [gens, sweep_fig, pert_fig, headline], api_name="truncate")
         sweep_btn.click(dash.sweep, [sess, mode], [gens, sweep_fig, pert_fig, headline], api_name="sweep")
+        measure_btn.click(dash.measure_compute, sess, [comp_fig, headline], api_name="measure_compute")
         sub_btn.click(dash.substitution, sess, [sub_fig, skip_fig], api_name="substitution")
         skip_btn.click(dash.layer_skip, sess, [sub_fig, skip_fig], api_name="layer_skip")
 

@@ -196,3 +196,23 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
         for tab, name in ((t_over, "overview"), (t_runs, "runs")):
             tab.select(lambda n=name: n, None, active, api_name=f"select_{name}", show_progress="hidden", queue=False)
     return demo
+class LayerSlider(gr.Slider):
+    """A layer slider whose range follows the run per session; the value is checked against
+    the run in the handler (so API clients are not bound by the page's initial range)."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        try:
+            return int(round(float(payload)))
+        except (TypeError, ValueError):
+            raise gr.Error(f"layer must be a number, got {payload!r}", print_exception=False) from None
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+    

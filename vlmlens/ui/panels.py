@@ -109,41 +109,37 @@ def _stabilisation(entry) -> dict:
 
 
 def sweep_cliff(sweep: dict | None) -> int | None:
-    """Sweep-side cliff: the shallowest depth from which every deeper depth keeps the answer."""
+    """Sweep-side cliff (``vlmlens.experiments.cliff.cliff_layer``): the shallowest depth from
+    which every deeper depth keeps the answer with a small first-token KL."""
     if not sweep:
         return None
     try:
-        fn = real("vlmlens.experiments", "cliff_layer")
-    except Missing:
-        fn = None
-    if fn is not None:
-        try:
-            from ..experiments.compare import TruncationResult
+        from ..experiments.compare import TruncationResult
 
-            return fn(TruncationResult.from_json(sweep))
-        except Exception:
-            log.exception("cliff_layer failed; using the answer-kept rule")
-    depths = sorted(sweep.get("depths", []), key=lambda d: d["depth"])
+        return int(real("vlmlens.experiments.cliff", "cliff_layer")(TruncationResult.from_json(sweep)).cliff)
+    except Missing:
+        pass
+    except Exception:
+        log.exception("cliff_layer failed; using the answer-kept rule")
     cliff = None
-    for d in reversed(depths):
+    for d in sorted(sweep.get("depths", []), key=lambda d: -d["depth"]):
         if not d.get("answer_kept"):
             break
         cliff = d["depth"]
     return cliff
 
 
-def compute_saved(entry, layer: int | None) -> str | None:
-    if layer is None:
+def compute_saved(entry, depth: int | None) -> str | None:
+    """Savings of truncating (mode "remove") at ``depth``, from the stored compute trade-off."""
+    comp = entry.extras.get("compute")
+    if depth is None or not comp or depth not in comp.get("depths", []):
         return None
-    def compute():
-        fn = real("vlmlens.analysis.compute", "compute_saved")
-        return fn(entry.run, layer)
-    out = entry.derived.get(("compute_saved", layer), lambda: safe(compute))
-    if out is None:
-        return None
-    if isinstance(out, (int, float)):
-        return f"{out:.0%} of decoder FLOPs" if out <= 1 else f"{out:.3g} FLOPs"
-    return str(out)
+    i = comp["depths"].index(depth)
+    text = (f"{comp['total_saving'][i]:.0%} of decoder FLOPs, {comp['kv_saving'][i]:.0%} of the KV cache"
+            f" (depth {depth}, mode remove)")
+    if "measured_total_saving" in comp:
+        text += f"; measured latency −{comp['measured_total_saving'][i]:.0%}"
+    return text
 
 
 def headline_markdown(entry) -> str:
@@ -173,7 +169,7 @@ def headline_markdown(entry) -> str:
     else:
         lines.append("| **three stages** | — (run has no value contributions) |")
     saved = compute_saved(entry, s_cliff if s_cliff is not None else cliff)
-    lines.append(f"| **compute saved at the cliff** | {saved or '— (compute analysis not available in this build)'} |")
+    lines.append(f"| **compute saved at the cliff** | {saved or '— (no compute estimate for this run: Compute tab)'} |")
     return "\n".join(lines)
 
 

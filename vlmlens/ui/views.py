@@ -11,7 +11,7 @@ import io
 
 import numpy as np
 
-from .panels import Missing, figure, message_figure, real
+from .panels import Missing, figure, log, message_figure, real
 
 HEATMAP_KINDS = ("attention", "LLaVA-CAM")
 FIG_HEAT = "vlmlens.figures.heatmaps"
@@ -25,129 +25,147 @@ def _image_uri(run) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def attention_heatmap(run, layer: int, query: int = 0, *, image_uri: str | None = None, title: str | None = None):
-    """Head-averaged attention of one query over the image grid at one decoder layer,
-    drawn over the image (the dashboard's own view, from ``run.attention_maps``)."""
+def layer_values(entry, kind: str, query: int, lm=None) -> np.ndarray:
+    """[layer, n_image] values drawn by the heatmaps: head-averaged attention of one query
+    (``attention``) or LLaVA-CAM (per layer, normalised to max 1)."""
+    run = entry.run
+    if kind == "LLaVA-CAM":
+        return cam_array(entry, lm)
+    if "attention_maps" not in run.arrays:
+        raise Missing("this run recorded no attention maps")
+    maps = run.attention_maps
+    return maps[:, int(np.clip(query, 0, maps.shape[1] - 1))]
+
+
+def _query_label(run, query: int) -> str:
+    qpos = int(run.map_positions[query]) if "map_positions" in run.arrays else run.spans.n_prompt - 1
+    tok = run.tokens[qpos] if qpos < len(run.tokens) else "?"
+    return f"«{tok}» (pos {qpos})"
+
+
+def grid_heatmap(run, values: np.ndarray, layer: int, *, kind: str, query: int = 0, image_uri: str | None = None):
+    """One layer's map on the image grid, drawn over the image (the dashboard's own view)."""
     import plotly.graph_objects as go
 
-    maps = run.attention_maps
-    layer = int(np.clip(layer, 0, maps.shape[0] - 1))
-    query = int(np.clip(query, 0, maps.shape[1] - 1))
-    grid = run.to_grid(maps[layer, query])
+    layer = int(np.clip(layer, 0, values.shape[0] - 1))
+    grid = run.to_grid(values[layer])
     rows, cols = grid.shape
-    idx = run.grid_index
-    qpos = int(run.map_positions[query])
-    qtok = run.tokens[qpos] if qpos < len(run.tokens) else "?"
+    what = "attention" if kind == "attention" else "CAM"
+    who = f"query {_query_label(run, query)}" if kind == "attention" else "answer tokens"
+    zmax = float(np.nanmax(values)) if np.isfinite(values).any() else 1.0
     fig = go.Figure(go.Heatmap(
-        z=grid, x=np.arange(cols), y=np.arange(rows), customdata=idx, colorscale="Viridis", opacity=0.62,
-        zmin=0.0, zmax=float(np.nanmax(maps[:, query])) or 1.0, colorbar=dict(title="attention"),
-        hovertemplate=(f"layer {layer} · query «{qtok}» (pos {qpos})<br>row %{{y}}, col %{{x}} · image token "
-                       "%{customdata}<br>attention %{z:.4f}<extra></extra>")))
+        z=grid, x=np.arange(cols), y=np.arange(rows), customdata=run.grid_index, colorscale="Viridis", opacity=0.62,
+        zmin=0.0, zmax=zmax or 1.0, colorbar=dict(title=what),
+        hovertemplate=(f"layer {layer} · {who}<br>row %{{y}}, col %{{x}} · image token %{{customdata}}"
+                       f"<br>{what} %{{z:.4f}}<extra></extra>")))
     fig.add_layout_image(dict(source=image_uri or _image_uri(run), xref="x", yref="y", x=-0.5, y=-0.5,
                               sizex=cols, sizey=rows, sizing="stretch", layer="below"))
     fig.update_xaxes(range=[-0.5, cols - 0.5], showgrid=False, title="patch column")
     fig.update_yaxes(range=[rows - 0.5, -0.5], showgrid=False, scaleanchor="x", title="patch row")
-    fig.update_layout(title=title or f"Attention to the image — layer {layer}, query «{qtok}»", height=430,
-                      margin=dict(l=50, r=20, t=60, b=40), template="plotly_white")
+    title = (f"Attention to the image — layer {layer}, query {_query_label(run, query)}" if kind == "attention"
+             else f"LLaVA-CAM — layer {layer}")
+    fig.update_layout(title=title, height=430, margin=dict(l=50, r=20, t=60, b=40), template="plotly_white")
     return fig
 
 
-def attention_grid(run, query: int = 0):
-    """Small multiples: the attention heatmap of one query at every decoder layer."""
+def grid_multiples(run, values: np.ndarray, *, kind: str):
+    """Small multiples: the map at every decoder layer, one colour scale."""
     from plotly.subplots import make_subplots
     import plotly.graph_objects as go
 
-    maps = run.attention_maps
-    L = maps.shape[0]
+    L = values.shape[0]
     cols_n = min(8, L)
     rows_n = -(-L // cols_n)
     fig = make_subplots(rows=rows_n, cols=cols_n, subplot_titles=[f"layer {l}" for l in range(L)],
                         horizontal_spacing=0.01, vertical_spacing=0.06)
-    zmax = float(np.nanmax(maps[:, query])) or 1.0
+    zmax = float(np.nanmax(values)) if np.isfinite(values).any() else 1.0
+    what = "attention" if kind == "attention" else "CAM"
     for l in range(L):
-        g = run.to_grid(maps[l, query])
-        fig.add_trace(go.Heatmap(z=g, coloraxis="coloraxis", customdata=run.grid_index,
+        fig.add_trace(go.Heatmap(z=run.to_grid(values[l]), coloraxis="coloraxis", customdata=run.grid_index,
                                  hovertemplate=f"layer {l}<br>row %{{y}}, col %{{x}} · image token %{{customdata}}"
-                                               "<br>attention %{z:.4f}<extra></extra>"),
+                                               f"<br>{what} %{{z:.4f}}<extra></extra>"),
                       row=l // cols_n + 1, col=l % cols_n + 1)
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False, autorange="reversed")
-    fig.update_layout(coloraxis=dict(colorscale="Viridis", cmin=0, cmax=zmax), height=150 * rows_n + 80,
-                      title="Attention to the image across layers", margin=dict(l=10, r=10, t=60, b=10),
-                      template="plotly_white")
+    fig.update_layout(coloraxis=dict(colorscale="Viridis", cmin=0, cmax=zmax or 1.0), height=150 * rows_n + 80,
+                      title=f"{'Attention to the image' if kind == 'attention' else 'LLaVA-CAM'} across layers",
+                      margin=dict(l=10, r=10, t=60, b=10), template="plotly_white")
     return fig
 
 
 # ---- heatmaps tab --------------------------------------------------------------------------
 
-def cam_array(entry, lm=None):
+def cam_array(entry, lm=None) -> np.ndarray:
     """[layer, n_image] LLaVA-CAM of the run: stored with it, cached, or computed once with
     ``lm`` (Missing when there is no way to get it)."""
     run = entry.run
     if "llava_cam" in run.arrays:
-        return run.arrays["llava_cam"]
+        return np.asarray(run.arrays["llava_cam"], dtype=np.float32)
     hit = entry.derived.peek("llava_cam")
     if hit is not None:
         return hit
     if lm is None:
-        raise Missing("LLaVA-CAM of this run needs the model (it was not stored with the run)")
+        raise Missing("LLaVA-CAM of this run needs the run's model (it was not stored with the run)")
     if lm.name != run.meta.get("model"):
         raise Missing(f"LLaVA-CAM needs the run's own model ({run.meta.get('model')}); the loaded model is {lm.name}")
     fn = real("vlmlens.analysis.cam", "llava_cam")
-    return entry.derived.get("llava_cam", lambda: np.asarray(fn(lm, run)))
+    return entry.derived.get("llava_cam", lambda: np.asarray(fn(lm, run).per_token, dtype=np.float32))
 
 
 def heatmap_layer(entry, layer: int, query: int, kind: str, lm=None):
-    """The single-layer heatmap (cached per layer / query / kind)."""
-    run = entry.run
-    if "attention_maps" not in run.arrays:
-        return message_figure("This run recorded no attention maps.")
+    """The single-layer heatmap (cached per layer / query / kind); never runs the model
+    unless LLaVA-CAM is asked for and the run does not hold it yet."""
     key = ("heatmap", int(layer), int(query), kind)
     hit = entry.derived.peek(key)
     if hit is not None:
         return hit
-    if kind == "LLaVA-CAM":
-        try:
-            cam = cam_array(entry, lm)
-        except Missing as e:
-            return message_figure(str(e), "LLaVA-CAM")
-        fig = figure(FIG_HEAT, "fig_cam_layer", run, int(layer), "cam", cam=cam, title="LLaVA-CAM")
-    else:
-        try:
-            fn = real(FIG_HEAT, "fig_cam_layer")
-            fig = fn(run, int(layer), "attention", query=int(query))
-        except Missing:
-            uri = entry.derived.get("image_uri", lambda: _image_uri(run))
-            fig = attention_heatmap(run, layer, query, image_uri=uri)
-        except Exception:
-            uri = entry.derived.get("image_uri", lambda: _image_uri(run))
-            fig = attention_heatmap(run, layer, query, image_uri=uri)
+    run = entry.run
+    try:
+        values = layer_values(entry, kind, query, lm)
+    except Missing as e:
+        return message_figure(str(e), kind)
+    try:
+        cam = kind == "LLaVA-CAM"
+        fig = real(FIG_HEAT, "fig_cam_layer")(run, int(layer), "cam" if cam else "attention",
+                                               cams=values if cam else None, query_index=int(query))
+    except Exception as e:
+        if not isinstance(e, Missing):
+            log.warning("fig_cam_layer failed (%s); drawing the dashboard's own heatmap", e)
+        uri = entry.derived.get("image_uri", lambda: _image_uri(run))
+        fig = grid_heatmap(run, values, layer, kind=kind, query=query, image_uri=uri)
     entry.derived.put(key, fig)
     return fig
 
 
 def heatmap_grid(entry, query: int, kind: str, lm=None):
     run = entry.run
-    if "attention_maps" not in run.arrays:
-        return message_figure("This run recorded no attention maps.")
+
     def compute():
-        if kind == "LLaVA-CAM":
-            try:
-                cam = cam_array(entry, lm)
-            except Missing as e:
-                return message_figure(str(e), "LLaVA-CAM")
-            return figure(FIG_HEAT, "fig_cam_grid", run, "cam", cam=cam)
         try:
-            return real(FIG_HEAT, "fig_cam_grid")(run, "attention", query=int(query))
-        except Exception:
-            return attention_grid(run, int(query))
+            values = layer_values(entry, kind, query, lm)
+        except Missing as e:
+            return message_figure(str(e), kind)
+        try:
+            cam = kind == "LLaVA-CAM"
+            return real(FIG_HEAT, "fig_cam_grid")(run, values if cam else None, "cam" if cam else "attention",
+                                                  query_index=int(query))
+        except Exception as e:
+            if not isinstance(e, Missing):
+                log.warning("fig_cam_grid failed (%s); drawing the dashboard's own grid", e)
+            return grid_multiples(run, values, kind=kind)
     return entry.derived.get(("grid", int(query), kind), compute)
 
 
 def logit_lens_figures(entry):
+    """(logit lens of the last prompt / generated tokens, patch lens of every layer with its
+    own slider), from the arrays stored with the run (``attach_logit_lens``)."""
     run = entry.run
-    return (entry.derived.get("fig_logit_lens", lambda: figure(FIG_HEAT, "fig_logit_lens", run, title="Logit lens")),
-            entry.derived.get("fig_patch_lens", lambda: figure(FIG_HEAT, "fig_patch_lens", run, title="Patch lens")))
+    if "logit_lens_ids" not in run.arrays:
+        m = message_figure("This run holds no logit lens (captured without it; needs the run's model).", "Logit lens")
+        return m, m
+    ll = entry.derived.get("fig_logit_lens", lambda: figure(FIG_HEAT, "fig_logit_lens", run, title="Logit lens"))
+    pl = entry.derived.get("fig_patch_lens", lambda: figure(FIG_HEAT, "fig_patch_lens", run, title="Patch lens"))
+    return ll, pl
 
 
 # ---- dynamics / attention tabs ------------------------------------------------------------------

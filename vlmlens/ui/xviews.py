@@ -3,12 +3,20 @@ run's image and prompt with the loaded model, keep the results (JSON) with the e
 draw them (no gradio here)."""
 from __future__ import annotations
 
+import hashlib
+import json
+
 from .html import generations_table, note
 from .panels import Missing, figure, message_figure, real
 
 FIG_EXP = "vlmlens.figures.experiments"
 SWEEP_CHOICE = "all (sweep)"
 MODES = ("drop", "remove", "freeze")
+
+
+def content_key(result: dict) -> str:
+    """Cache key of a stored result (its content, so equal results share a figure)."""
+    return hashlib.sha1(json.dumps(result, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def depth_choices(n_layers: int) -> list[str]:
@@ -56,6 +64,7 @@ def run_truncation(lm, entry, depths: list[int], mode: str, *, sweep: bool, prog
         res = C.sweep(lm, image, prompt, mode=mode, max_new_tokens=n_new, progress=progress, store="none",
                       record_attention=False, keep_runs=False)
         entry.extras["sweep"] = res.to_json()
+        entry.extras.pop("compare", None)          # the sweep's table shows every depth
     else:
         res = C.compare(lm, image, prompt, depths, mode=mode, max_new_tokens=n_new, progress=progress, keep_runs=True)
         entry.extras["compare"] = res.to_json()
@@ -91,47 +100,75 @@ def truncation_views(entry) -> tuple[str, object, object]:
     else:
         gens = note("No truncation results yet: pick depths and a mode, then Compare (needs the model).")
     if sweep:
-        fig = entry.derived.get(("fig_sweep", id(sweep)), lambda: _figure_of(sweep, "fig_truncation_sweep", "Truncation sweep"))
+        fig = entry.derived.get(("fig_sweep", content_key(sweep)), lambda: _figure_of(sweep, "fig_truncation_sweep", "Truncation sweep"))
     else:
         fig = message_figure("No sweep for this run yet: choose 'all (sweep)' and Compare.", "Truncation sweep")
-    pert = entry.extras.get("perturbation")
-    pfig = (_figure_of(pert, "fig_reasoning_perturbation", "Reasoning-trace perturbation", raw=True) if pert
-            else message_figure("Reasoning-trace perturbation: run it for a prompt whose answer has a trace.",
-                                "Reasoning-trace perturbation"))
-    return gens, fig, pfig
+    return gens, fig, perturbation_figure(entry, sweep or comp)
 
 
-def _figure_of(result: dict, name: str, title: str, raw: bool = False):
+def has_trace(result: dict | None) -> bool:
+    sep = (result or {}).get("separator") or "answer:"
+    return bool(result) and sep.lower() in str(result.get("baseline_text", "")).lower()
+
+
+def perturbation_figure(entry, result: dict | None):
+    title = "Reasoning-trace perturbation"
+    if not result:
+        return message_figure("Run a comparison or sweep first; for prompts whose answer has a reasoning trace.", title)
+    if not has_trace(result):
+        return message_figure("The baseline answer has no reasoning trace (no 'answer:' in it); "
+                              "try a reasoning prompt.", title)
+    return entry.derived.get(("fig_pert", content_key(result)),
+                             lambda: _figure_of(result, "fig_reasoning_perturbation", title))
+
+
+def _figure_of(result: dict, name: str, title: str):
     try:
-        obj = result if raw else _result_obj(result)
+        obj = _result_obj(result)
     except Exception as e:
         return message_figure(f"stored result is not readable: {e}", title)
     return figure(FIG_EXP, name, obj, title=title)
 
 
-def run_named_experiment(lm, entry, module_fn: tuple[str, str], key: str, progress=None, **kw) -> dict:
-    """Run ``vlmlens.experiments.<fn>(lm, image, prompt, ...)``; keep its JSON in extras[key]."""
+#: extras key -> (module, function, result class or None for a plain dict, figure, button title)
+EXPERIMENTS = {
+    "substitution": ("vlmlens.experiments.substitution", "substitution_matrix", "SubstitutionResult",
+                     "fig_substitution_matrix", "Substitution matrix"),
+    "layer_skip": ("vlmlens.experiments.skip", "layer_skip_scan", "SkipScanResult", "fig_layer_skip", "Layer-skip scan"),
+    "compute": ("vlmlens.analysis.compute", "compute_tradeoff", None, "fig_compute_tradeoff", "Measure compute"),
+}
+
+
+def run_experiment(lm, entry, key: str, progress=None) -> dict:
+    """Run the experiment ``key`` on the entry's image + prompt; keep its JSON in extras[key]."""
+    module, fn_name, *_ = EXPERIMENTS[key]
     check_model_matches(lm, entry)
-    fn = real(*module_fn)
+    fn = real(module, fn_name)
     image, prompt, n_new = _run_args(entry)
-    res = fn(lm, image, prompt, max_new_tokens=n_new, progress=progress, **kw)
+    if key == "compute":
+        if progress:
+            progress(0, 1, "timing prefill and decoding per depth")
+        res = fn(lm, image, prompt, measure=True, repeats=3)
+    else:
+        res = fn(lm, image, prompt, max_new_tokens=n_new, progress=progress)
     entry.extras[key] = res.to_json() if hasattr(res, "to_json") else res
     return entry.extras[key]
 
 
-def stored_figure(entry, key: str, fig_name: str, title: str, how: str):
+def theory_compute(lm, entry) -> None:
+    """FLOP / KV-cache savings per depth without timing (cheap), unless already stored."""
+    if "compute" not in entry.extras:
+        entry.extras["compute"] = real("vlmlens.analysis.compute", "compute_tradeoff")(
+            lm, entry.run.image, entry.run.prompt, measure=False)
+
+
+def experiment_figure(entry, key: str):
+    module, _fn, cls_name, fig_name, title = EXPERIMENTS[key]
     res = entry.extras.get(key)
     if res is None:
-        return message_figure(f"No {title.lower()} for this run yet: {how}", title)
-    loader = None
+        return message_figure(f"No {title.lower()} for this run yet: press '{title}' (needs the run's model).", title)
     try:
-        loader = real("vlmlens.experiments", "result_from_json")
-    except Missing:
-        pass
-    obj = res
-    if loader is not None:
-        try:
-            obj = loader(res)
-        except Exception:
-            obj = res
-    return figure(FIG_EXP, fig_name, obj, title=title)
+        obj = real(module, cls_name)(**res) if cls_name else res
+    except Exception as e:
+        return message_figure(f"stored {title.lower()} is not readable ({e})", title)
+    return entry.derived.get((fig_name, content_key(res)), lambda: figure(FIG_EXP, fig_name, obj, title=title))

@@ -1,0 +1,270 @@
+"""The dashboard in-process: build_demo on a free localhost port, driven through gradio_client.
+
+One app with ``random:llava`` (CPU, float32) and one without a model (teaching mode), both
+over a temporary runs folder holding two runs made by ``make-cached-runs`` and one broken
+run. Assertions read the returned figure JSON (trace counts, values) and error messages.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import socket
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gradio")
+from gradio_client import Client, handle_file  # noqa: E402
+
+from vlmlens.cached import make_cached_runs  # noqa: E402
+from vlmlens.ui.inputs import EXAMPLES_DIR  # noqa: E402
+
+EXAMPLE = str(EXAMPLES_DIR / "shapes_00.png")
+CACHED = ["single-color", "reasoning-more"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def plot(value) -> dict:
+    """The plotly figure dict of a gr.Plot output."""
+    assert isinstance(value, dict) and value.get("type") == "plotly", value
+    return json.loads(value["plot"])
+
+
+def arr(v):
+    """A plotly array from figure JSON: a plain list, or plotly's typed array {dtype, bdata, shape}."""
+    import base64
+
+    import numpy as np
+
+    if isinstance(v, dict) and "bdata" in v:
+        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
+        return a.reshape([int(x) for x in str(v["shape"]).split(",")]) if "shape" in v else a
+    return np.asarray(v, dtype=float)
+
+
+def heat(value) -> dict:
+    """The heatmap trace of a single-layer heatmap figure (drawn over a go.Image)."""
+    return next(t for t in plot(value)["data"] if t["type"] == "heatmap")
+
+
+def app_error(client, *args, api_name: str) -> str:
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as e:
+        client.predict(*args, api_name=api_name)
+    return str(e.value)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    from tests._models import random_lm
+
+    return random_lm("llava")
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory, lm):
+    d = tmp_path_factory.mktemp("runs")
+    make_cached_runs(lm, d, only=CACHED, log=lambda *_: None)
+    broken = d / "broken-run"
+    shutil.copytree(d / CACHED[0], broken)
+    (broken / "run.json").write_text(json.dumps({"format": "vlmlens-run", "format_version": 999}))
+    return d
+
+
+def _launch(demo):
+    port = free_port()
+    demo.queue(default_concurrency_limit=4).launch(prevent_thread_lock=True, server_port=port, quiet=True)
+    return f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture(scope="module")
+def app(runs_dir, lm):
+    from vlmlens.ui import build_demo
+
+    demo = build_demo("random:llava", runs_dir=runs_dir, default_run=CACHED[0], loader=lambda *a, **k: lm)
+    url = _launch(demo)
+    demo.dashboard.holder.wait(60)
+    yield demo, url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def teaching(runs_dir):
+    from vlmlens.ui import build_demo
+
+    demo = build_demo(no_model=True, runs_dir=runs_dir, default_run=CACHED[1])
+    url = _launch(demo)
+    yield demo, url
+    demo.close()
+
+
+@pytest.fixture()
+def client(app):
+    return Client(app[1], verbose=False)
+
+
+def test_endpoints_are_named(client):
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    for want in ("/capture", "/heatmaps", "/heatmap_layer", "/dynamics", "/attention", "/truncate", "/sweep",
+                 "/list_runs", "/load_run", "/save_run", "/downloads", "/substitution", "/layer_skip", "/random_scene"):
+        assert want in names
+
+
+def test_capture_then_every_tab(client, app):
+    info, gen_md, strip, headline = client.predict(handle_file(EXAMPLE), "What color is the circle?", 3,
+                                                   api_name="/capture")
+    L = info["n_layers"]
+    assert info["model"] == "random:llava" and L == 2 and info["n_image_tokens"] == 36
+    assert len(info["generated_tokens"]) == 3 and info["generated_text"] in gen_md
+    assert strip.count('class="vl-tok vl-generated') == 3 and "&lt;image × 36&gt;" in strip
+    assert "attention cliff" in headline
+    single, grid, lens, plens = client.predict(0, 0, "attention", api_name="/heatmaps")
+    g = plot(grid)
+    assert sum(t["type"] == "heatmap" for t in g["data"]) == L          # one small multiple per layer
+    h0 = heat(single)
+    h1 = heat(client.predict(1, 0, "attention", api_name="/heatmap_layer"))
+    assert "layer 0" in h0["hovertemplate"] and "layer 1" in h1["hovertemplate"]
+    z0, z1 = arr(h0["z"]), arr(h1["z"])
+    assert z0.shape == z1.shape == (6, 6) and not np.allclose(z0, z1, equal_nan=True)   # another layer
+    dyn, cka, emb = client.predict("image", api_name="/dynamics")
+    d = plot(dyn)
+    xs = [x for t in d["data"] if t.get("name") == "image" for x in arr(t["x"])]
+    assert max(xs) == L                                                 # layers 0..L
+    flow, heads = client.predict(api_name="/attention")
+    assert plot(flow)["data"] or plot(flow)["layout"].get("annotations")
+
+
+def test_slider_redraws_from_the_run_without_the_model(client, app):
+    dash = app[0].dashboard
+    client.predict(handle_file(EXAMPLE), "How many objects are there?", 2, api_name="/capture")
+    client.predict(0, 0, "attention", api_name="/heatmaps")
+    calls = []
+    real = dash.holder.use
+    dash.holder.use = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        for layer in (1, 0, 1):
+            client.predict(layer, 0, "attention", api_name="/heatmap_layer")
+    finally:
+        dash.holder.use = real
+    assert calls == []
+    assert max(list(dash.timings["heatmap_layer"])[-3:]) < 0.5
+
+
+def test_truncation_compare_and_sweep(client):
+    client.predict(handle_file(EXAMPLE), "What color is the circle?", 3, api_name="/capture")
+    gens, sweep_fig, pert, headline = client.predict(["0", "2"], "drop", api_name="/truncate")
+    assert gens.count("class='vl-gen-row'") == 3                         # baseline + two depths
+    assert "depth 0" in gens and "depth 2" in gens
+    gens, sweep_fig, pert, headline = client.predict("remove", api_name="/sweep")
+    assert gens.count("class='vl-gen-row'") == 1 + 3                     # baseline + depths 0..L
+    assert "sweep cliff" in headline and "no sweep for this run" not in headline
+    assert "depth 2 (= L" in gens
+
+
+def test_runs_tab_open_save_download(client, runs_dir):
+    dd, names = client.predict(api_name="/list_runs")
+    assert set(CACHED) <= set(names) and "broken-run" in names
+    info, *_ = client.predict(CACHED[1], api_name="/load_run")
+    assert info["source"] == f"saved:{CACHED[1]}" and info["has_sweep"]
+    saved = json.loads((runs_dir / CACHED[1] / "run.json").read_text())
+    assert info["generated_text"] == saved["generated_text"]
+    gens, sweep_fig, _pert = client.predict(api_name="/truncation_view")
+    assert "Sweep" in gens and gens.count("class='vl-gen-row'") == 1 + info["n_layers"] + 1
+    client.predict(handle_file(EXAMPLE), "Is there a red circle?", 2, api_name="/capture")
+    name = f"saved-{int(time.time() * 1000)}"
+    msg, _ = client.predict(name, api_name="/save_run")
+    assert name in msg and (runs_dir / name / "arrays.safetensors").is_file()
+    assert "already exists" in app_error(client, name, api_name="/save_run")
+    zpath, cpath, hpath = client.predict(api_name="/downloads")
+    with zipfile.ZipFile(zpath) as z:
+        files = {Path(n).name for n in z.namelist()}
+    assert {"run.json", "arrays.safetensors", "image.png"} <= files
+    rows = list(csv.DictReader(open(cpath)))
+    assert rows and {"metric", "span", "layer", "value"} == set(rows[0])
+    assert any(r["metric"] == "attention_share_image" for r in rows)
+    assert "plotly" in Path(hpath).read_text()[:200000].lower()
+
+
+def test_bad_inputs_are_messages_and_the_server_keeps_serving(client, tmp_path):
+    assert "no image" in app_error(client, None, "What?", 3, api_name="/capture")
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"this is not a png")
+    assert "not a supported image" in app_error(client, handle_file(str(junk)), "What?", 3, api_name="/capture")
+    assert "prompt is empty" in app_error(client, handle_file(EXAMPLE), "   ", 3, api_name="/capture")
+    assert "no run yet" in app_error(client, 0, 0, "attention", api_name="/heatmaps")
+    client.predict(handle_file(EXAMPLE), "What color is the circle?", 2, api_name="/capture")
+    assert "layer 5 is out of range" in app_error(client, 5, 0, "attention", api_name="/heatmap_layer")
+    assert "token 9 is out of range" in app_error(client, 0, 9, "attention", api_name="/heatmaps")
+    assert "out of range" in app_error(client, ["7"], "drop", api_name="/truncate")
+    assert "pick at least one depth" in app_error(client, [], "drop", api_name="/truncate")
+    for bad in ("../escape", "a/b", ".hidden", ""):
+        assert "name" in app_error(client, bad, api_name="/save_run")
+    msg = app_error(client, "broken-run", api_name="/load_run")
+    assert "format version 999" in msg
+    assert "no run named" in app_error(client, "does-not-exist", api_name="/load_run")
+    info, *_ = client.predict(CACHED[0], api_name="/load_run")               # still serving
+    assert info["label"] == CACHED[0]
+
+
+def test_sessions_do_not_see_each_other(app):
+    a, b = Client(app[1], verbose=False), Client(app[1], verbose=False)
+    info, *_ = a.predict(handle_file(EXAMPLE), "What color is the circle?", 2, api_name="/capture")
+    assert "no run yet" in app_error(b, 0, 0, "attention", api_name="/heatmaps")
+    assert "not one of this session's runs" in app_error(b, info["run_id"], api_name="/switch_run")
+    a.predict(0, 0, "attention", api_name="/heatmaps")
+
+
+def test_concurrent_captures_are_serialised(app):
+    results, errors = [], []
+
+    def go(prompt):
+        try:
+            c = Client(app[1], verbose=False)
+            results.append(c.predict(handle_file(EXAMPLE), prompt, 2, api_name="/capture")[0])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=go, args=(p,)) for p in ("What color is the circle?", "Describe the image.")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(results) == 2
+    assert {r["prompt"] for r in results} == {"What color is the circle?", "Describe the image."}
+
+
+def test_teaching_mode(teaching):
+    demo, url = teaching
+    c = Client(url, verbose=False)
+    assert demo.dashboard.holder.state == "off"
+    assert "teaching mode" in app_error(c, handle_file(EXAMPLE), "What?", 2, api_name="/capture")
+    t0 = time.perf_counter()
+    info, gen_md, strip, headline = c.predict(api_name="/open_default")
+    assert time.perf_counter() - t0 < 1.0 and info["label"] == CACHED[1]
+    assert "depth" in headline                                               # sweep cliff from sweep.json
+    single, grid, *_ = c.predict(1, 0, "attention", api_name="/heatmaps")
+    assert "layer 1" in heat(single)["hovertemplate"]
+    assert "teaching mode" in app_error(c, ["0"], "drop", api_name="/truncate")
+    assert "teaching mode" in app_error(c, api_name="/substitution")
+
+
+def test_store_is_bounded():
+    from vlmlens.errors import InputError
+    from vlmlens.ui.store import RunStore
+
+    store = RunStore(capacity=2)
+    ids = [store.add(object(), label=str(i)).id for i in range(3)]
+    assert not store.has(ids[0]) and store.has(ids[2]) and len(store) == 2
+    with pytest.raises(InputError, match="no longer in the server's memory"):
+        store.get(ids[0])
+    assert np.unique(ids).size == 3

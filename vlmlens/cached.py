@@ -1,0 +1,194 @@
+"""``python -m vlmlens make-cached-runs``: (re)build the runs shipped in ``cached_runs/``.
+
+Each run is one example scene of ``assets/examples`` with one of its prompts (one-word
+answers, captions and reasoning traces), captured with every hidden state (float16), saved
+with :func:`vlmlens.save_run`, plus its truncation sweep in ``<run>/sweep.json``
+(``TruncationResult.to_json()``). ``cached_runs/index.json`` lists them with the ground
+truth. Regenerate them whenever the run format changes; the dashboard opens them without
+a model (``python app.py --no-model``).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from . import __main__ as cli
+from .errors import InputError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO_ROOT / "assets" / "examples"
+MAX_NEW = {"single": 4, "caption": 40, "reasoning": 48}
+
+#: (run name, example file, task family, question kind or None for the family's first prompt)
+SPECS = (
+    ("single-color", "shapes_00.png", "single", "color"),
+    ("single-count", "shapes_03.png", "single", "count"),
+    ("single-exist", "shapes_05.png", "single", "exist"),
+    ("caption-two-objects", "shapes_01.png", "caption", None),
+    ("caption-four-objects", "shapes_03.png", "caption", None),
+    ("reasoning-more", "shapes_02.png", "reasoning", "more"),
+    ("reasoning-count-color", "shapes_06.png", "reasoning", "count_color"),
+)
+
+
+def load_specs(examples_dir: Path = EXAMPLES) -> list[dict]:
+    """Resolve SPECS against ``prompts.json``: image path, prompt, ground-truth answer."""
+    doc_path = Path(examples_dir) / "prompts.json"
+    if not doc_path.is_file():
+        raise InputError(f"{doc_path} is missing; write the examples with `python -m vlmlens.tiny examples --out {examples_dir}`")
+    by_file = {e["file"]: e for e in json.loads(doc_path.read_text())["examples"]}
+    out = []
+    for name, fname, family, kind in SPECS:
+        ex = by_file.get(fname)
+        if ex is None:
+            raise InputError(f"example {fname} is not listed in {doc_path}")
+        items = ex["prompts"].get(family) or []
+        pick = next((p for p in items if kind is None or p["kind"] == kind), items[0] if items else None)
+        if pick is None:
+            raise InputError(f"example {fname} has no {family} prompt")
+        out.append({"name": name, "image": str(Path(examples_dir) / fname), "family": family, "kind": pick["kind"],
+                    "prompt": pick["prompt"], "answer": pick["answer"], "seed": ex.get("seed"),
+                    "truth": ex.get("truth"), "max_new_tokens": MAX_NEW[family]})
+    return out
+
+
+def add_analysis_arrays(lm, run) -> list[str]:
+    """Store the model-dependent analyses in the run, so that figures (and the app without a
+    model) need only the Run: LLaVA-CAM and the logit / patch lens, where this build has them.
+    Returns the names added; a failing analysis is skipped (and named in ``run.meta``)."""
+    import importlib
+
+    added, failed = [], {}
+    try:
+        cam = importlib.import_module("vlmlens.analysis.cam")
+    except ImportError:
+        cam = None
+    if cam is not None and hasattr(cam, "attach_cam") and "llava_cam" not in run.arrays:
+        try:
+            cam.attach_cam(lm, run)
+            added.append("llava_cam")
+        except Exception as e:  # noqa: BLE001 -- optional analysis
+            failed["llava_cam"] = f"{type(e).__name__}: {e}"
+    try:
+        ll = importlib.import_module("vlmlens.analysis.logit_lens")
+    except ImportError:
+        ll = None
+    if ll is not None and "hidden_states" in run.arrays and "logit_lens_ids" not in run.arrays:
+        try:
+            ll.attach_logit_lens(lm, run)
+            added.append("logit_lens")
+        except Exception as e:  # noqa: BLE001
+            failed["logit_lens"] = f"{type(e).__name__}: {e}"
+    if failed:
+        run.meta["analysis_failed"] = failed
+    return added
+
+
+def experiment_extras(lm, image, prompt: str, max_new_tokens: int, *, measure: bool = True) -> dict:
+    """Substitution matrix, layer-skip scan and compute trade-off of one input (JSON-able),
+    stored as ``extras.json`` next to a run (where this build has the experiment)."""
+    import importlib
+
+    L = lm.n_layers
+    jobs = {
+        "substitution": ("vlmlens.experiments.substitution", "substitution_matrix",
+                         {"stride": max(1, L // 8), "max_new_tokens": max_new_tokens}),
+        "layer_skip": ("vlmlens.experiments.skip", "layer_skip_scan", {"max_new_tokens": max_new_tokens}),
+        "compute": ("vlmlens.analysis.compute", "compute_tradeoff", {"measure": measure, "repeats": 3}),
+    }
+    out = {}
+    for key, (module, name, kw) in jobs.items():
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        res = fn(lm, image, prompt, **kw)
+        out[key] = res.to_json() if hasattr(res, "to_json") else res
+    return out
+
+
+def make_cached_runs(lm, out_dir: str | Path, *, sweep: bool = True, extras: bool = True,
+                     only: list[str] | None = None, log=print) -> list[dict]:
+    """Capture every spec with ``lm`` into ``out_dir`` (each run replaced atomically)."""
+    from .capture import capture
+    from .experiments.compare import sweep as run_sweep
+    from .run import save_run
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    index = []
+    for spec in load_specs():
+        if only and spec["name"] not in only:
+            continue
+        t0 = time.perf_counter()
+        run = capture(lm, spec["image"], spec["prompt"], max_new_tokens=spec["max_new_tokens"], store="all",
+                      hidden_dtype="float16")
+        run.meta["label"] = spec["name"]
+        run.meta["task"] = {k: spec[k] for k in ("family", "kind", "answer", "seed")}
+        added = add_analysis_arrays(lm, run)
+        dest = save_run(run, out / spec["name"])
+        if sweep:
+            res = run_sweep(lm, spec["image"], spec["prompt"], mode="drop", max_new_tokens=spec["max_new_tokens"],
+                            store="none", record_attention=False, keep_runs=False)
+            (dest / "sweep.json").write_text(json.dumps(res.to_json(), indent=1, allow_nan=True))
+        if extras:
+            ex = experiment_extras(lm, spec["image"], spec["prompt"], spec["max_new_tokens"])
+            (dest / "extras.json").write_text(json.dumps(ex, indent=1, allow_nan=True))
+            added += sorted(ex)
+        size = sum(f.stat().st_size for f in dest.iterdir())
+        log(f"{spec['name']:24s} {run.generated_text!r:48s} truth {spec['answer']!r}  "
+            f"{size / 1e6:.2f} MB  {time.perf_counter() - t0:.1f} s{'  +' + ','.join(added) if added else ''}")
+        index.append({"name": spec["name"], "prompt": spec["prompt"], "family": spec["family"], "kind": spec["kind"],
+                      "truth": spec["answer"], "generated": run.generated_text, "model": lm.name,
+                      "image": Path(spec["image"]).name, "bytes": size})
+    if not only:
+        known = {s[0] for s in SPECS}
+        for p in out.iterdir():  # runs of an older spec list
+            if p.is_dir() and (p / "run.json").is_file() and p.name not in known:
+                shutil.rmtree(p)
+    if only and (out / "index.json").is_file():  # keep the entries of the runs not rebuilt
+        old = json.loads((out / "index.json").read_text()).get("runs", [])
+        names = {r["name"] for r in index}
+        index = [r for r in old if r["name"] not in names] + index
+        order = [s[0] for s in SPECS]
+        index.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+    (out / "index.json").write_text(json.dumps({"model": lm.name, "runs": index}, indent=1))
+    return index
+
+
+def cmd_make_cached_runs(args) -> int:
+    lm = cli.load_from_args(args)
+    index = make_cached_runs(lm, args.out, sweep=not args.no_sweep, extras=not args.no_extras, only=args.only or None)
+    total = sum(r["bytes"] for r in index)
+    print(f"{len(index)} runs, {total / 1e6:.2f} MB in {args.out}")
+    return 0
+
+
+def _configure(p) -> None:
+    cli.add_model_args(p)
+    p.add_argument("--out", default=str(REPO_ROOT / "cached_runs"), help="folder to write the runs to")
+    p.add_argument("--no-sweep", action="store_true", help="skip the truncation sweeps")
+    p.add_argument("--no-extras", action="store_true", help="skip substitution matrix, layer-skip scan and compute")
+    p.add_argument("--only", nargs="*", help="names of runs to rebuild (default: all)")
+
+
+cmd_make_cached_runs.configure = _configure
+
+
+def _register() -> None:
+    """Register with the command registry. Under ``python -m vlmlens`` the running registry is
+    the ``__main__`` module, a different object from the importable ``vlmlens.__main__``;
+    register with both so the command shows up either way."""
+    mods = [cli]
+    main = sys.modules.get("__main__")
+    if main is not None and main is not cli and getattr(getattr(main, "__spec__", None), "name", "") == "vlmlens.__main__":
+        mods.append(main)
+    for m in mods:
+        m.command("make-cached-runs", "capture the example runs shipped in cached_runs/ (with their truncation sweeps)")(
+            cmd_make_cached_runs)
+
+
+_register()
