@@ -14,10 +14,49 @@ on the distinct rows.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import numpy as np
 
 _BRUTE_MAX = 6000          # points up to which the Gram (brute force) path is used
 _SAFETY = 100.0            # refine a row when its nearest squared distance < _SAFETY * error bound
+
+
+_BLAS_LOCK = threading.Lock()
+_BLAS_STATE = {"depth": 0, "limiter": None, "controller": None}
+_SMALL_WORK = 2e7          # flops below which BLAS does not thread anyway: skip the limiter
+
+
+@contextlib.contextmanager
+def single_thread_blas(work: float = float("inf")):
+    """Limit BLAS (OpenBLAS/MKL of numpy and scipy) to one thread for the ``with`` block.
+
+    The matrices here are small (n x n with n ~ hundreds): threading them gains little on
+    an idle machine and loses up to 4x when other processes share the cores (OpenBLAS
+    threads spin while waiting). Callers that want parallelism run independent layers in
+    threads instead. Re-entrant and thread-safe: the first entrant sets the limit, the last
+    one out restores the original. A no-op when ``work`` (flops) is tiny.
+    """
+    if work < _SMALL_WORK:
+        yield
+        return
+    with _BLAS_LOCK:
+        if _BLAS_STATE["depth"] == 0:
+            if _BLAS_STATE["controller"] is None:
+                from threadpoolctl import ThreadpoolController
+
+                _BLAS_STATE["controller"] = ThreadpoolController()
+            _BLAS_STATE["limiter"] = _BLAS_STATE["controller"].limit(limits=1, user_api="blas")
+        _BLAS_STATE["depth"] += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_STATE["depth"] -= 1
+            if _BLAS_STATE["depth"] == 0:
+                _BLAS_STATE["limiter"].restore_original_limits()
+                _BLAS_STATE["limiter"] = None
 
 
 def work_dtype(x: np.ndarray) -> type:
@@ -97,13 +136,14 @@ def neighbour_distances(X: np.ndarray, *, k: int, gram: np.ndarray | None = None
         nn = NearestNeighbors(n_neighbors=int(min(k, Xu.shape[0] - 1))).fit(Xu)
         r, _ = nn.kneighbors()
         return r
-    if gram is None:
-        Xc = X.astype(work_dtype(X))
-        Xc -= Xc.mean(axis=0)
-        gram = Xc @ Xc.T
-    K = np.asarray(gram)
-    D2 = _sq_dists_from_gram(K)
-    _refine(D2, X, K)
+    with single_thread_blas(float(n) * n * X.shape[1]):
+        if gram is None:
+            Xc = X.astype(work_dtype(X))
+            Xc -= Xc.mean(axis=0)
+            gram = Xc @ Xc.T
+        K = np.asarray(gram)
+        D2 = _sq_dists_from_gram(K)
+        _refine(D2, X, K)
     zi, zj = np.nonzero(D2 <= 0)
     if zi.size:                                    # duplicates: keep the first of each group
         keep = np.ones(n, dtype=bool)

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from . import geometry_metrics as G
-from .dimension import intrinsic_dimension, intrinsic_dimensions, work_dtype
+from .dimension import intrinsic_dimension, intrinsic_dimensions, single_thread_blas, work_dtype
 from .geometry_metrics import (angles, cka, cosine_distance, cosine_distances, curvature, entropy,
                                layer_similarity, sequence_curvature, stabilization_layer)
 
@@ -104,15 +104,12 @@ def layer_curves(H: np.ndarray, *, k: int = 20, discard_fraction: float = 0.1,
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from threadpoolctl import threadpool_limits
-
     H = G._as_stack(H)
     L, n, d = H.shape
     grams = np.empty((L, n, n), dtype=work_dtype(H)) if with_cka and 2 <= n <= d else None
     bound = G.entropy_bound(n, d)
     names = ("entropy", "entropy_normalized", "id_twonn", "id_mle", "sequence_curvature")
-    with threadpool_limits(limits=1, user_api="blas"), \
-            ThreadPoolExecutor(max_workers=_workers(workers, L)) as pool:
+    with single_thread_blas(), ThreadPoolExecutor(max_workers=_workers(workers, L)) as pool:
         depth = pool.submit(G.depth_profiles, H)
         per = list(pool.map(lambda l: _layer_stats(
             H[l], k=k, discard_fraction=discard_fraction, bound=bound,

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .dimension import work_dtype
+from .dimension import single_thread_blas, work_dtype
 
-_CHUNK_ELEMS = 8_000_000     # elements of a [layer, token-chunk, d] block processed at once
+_CHUNK_ELEMS = 2_000_000     # elements of a [layer, token-chunk, d] block processed at once
 
 
 # ---- matrix entropy ------------------------------------------------------------------
@@ -72,8 +72,9 @@ def entropy(X: np.ndarray, *, alpha: float = 1.0, normalize: bool = False) -> fl
     n, d = X.shape
     if n < 2 or d < 1:
         return float("nan")
-    Z = _centred_unit_rows(X)
-    s = spectrum_entropy(eigvalsh(gram(Z, columns=d < n)), alpha=alpha)
+    with single_thread_blas(float(n) * d * min(n, d)):
+        Z = _centred_unit_rows(X)
+        s = spectrum_entropy(eigvalsh(gram(Z, columns=d < n)), alpha=alpha)
     if normalize:
         b = entropy_bound(n, d)
         return s / b if b > 0 else 0.0
@@ -233,6 +234,11 @@ def cka(X: np.ndarray, Y: np.ndarray) -> float:
     if X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0]:
         raise ValueError(f"cka needs [n, dx] and [n, dy] with the same n, got {X.shape} and {Y.shape}")
     n, dx, dy = X.shape[0], X.shape[1], Y.shape[1]
+    with single_thread_blas(float(n) * min(n * (dx + dy), dx * dy + dx * dx + dy * dy)):
+        return _cka(X, Y, n, dx, dy)
+
+
+def _cka(X, Y, n, dx, dy) -> float:
     Xc, Yc = _centred(X, np.float64), _centred(Y, np.float64)
     if n * n * (dx + dy) <= n * (dx * dy + dx * dx + dy * dy):
         Kx, Ky = Xc @ Xc.T, Yc @ Yc.T
@@ -259,16 +265,22 @@ def _cka_normalise(G: np.ndarray) -> np.ndarray:
 
 
 def gram(A: np.ndarray, *, columns: bool = False) -> np.ndarray:
-    """A @ A.T (or A.T @ A with ``columns=True``) for a 2-D float32/float64 array, via BLAS
-    syrk: half the work of a gemm, and numpy's own A @ A.T is pathologically slow for a
-    short, very wide A. Symmetric output in A's dtype."""
+    """A @ A.T (or A.T @ A with ``columns=True``) of a 2-D array, symmetric, in A's float
+    dtype (float64 for other dtypes). numpy's matmul (which uses syrk for A @ A.T) for the
+    usual tall/square cases; BLAS syrk directly for a short, very wide A, where numpy's
+    matmul is pathologically slow (seconds for a 33 x 360000 matrix)."""
+    A = np.asarray(A)
+    if A.dtype not in (np.float32, np.float64):
+        A = A.astype(np.float64)
+    if columns:
+        A = A.T
+    if A.shape[0] >= 128 or A.shape[1] <= 64 * max(A.shape[0], 1):
+        return A @ A.T
     from scipy.linalg import blas
 
     A = np.ascontiguousarray(A)
-    if A.dtype not in (np.float32, np.float64):
-        A = A.astype(np.float64)
     syrk = blas.ssyrk if A.dtype == np.float32 else blas.dsyrk
-    U = syrk(1.0, A.T, trans=0 if columns else 1)    # A.T is Fortran-ordered: no copy
+    U = syrk(1.0, A.T, trans=1)                 # A.T is Fortran-ordered: no copy
     iu = np.triu_indices_from(U, 1)
     U[iu[1], iu[0]] = U[iu]
     return U
@@ -295,6 +307,11 @@ def layer_similarity(H: np.ndarray) -> np.ndarray:
     """
     H = _as_stack(H)
     L, n, d = H.shape
+    with single_thread_blas(float(L) * n * d * min(n, d)):
+        return _layer_similarity(H, L, n, d)
+
+
+def _layer_similarity(H, L, n, d) -> np.ndarray:
     wd = work_dtype(H)
     mu = H.mean(axis=1, dtype=np.float64).astype(wd)
     if n > d:
