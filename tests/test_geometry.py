@@ -288,6 +288,21 @@ def test_layer_curves_match_single_metric_functions():
     np.testing.assert_allclose(wide["cka"], g.layer_similarity(H32[:, :, :16]), atol=1e-5)
 
 
+def test_non_finite_states_give_nan_or_are_left_out():
+    H = layered().astype(np.float32)
+    bad = H.copy()
+    bad[3, 5, 7] = np.inf                                   # float16 overflow of one token
+    with np.errstate(all="ignore"):
+        assert math.isnan(g.entropy(bad[3]))
+        assert math.isnan(g.intrinsic_dimension(bad[3]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = g.layer_curves(bad, k=10)
+    ref = g.layer_curves(np.delete(H, 5, axis=1), k=10)
+    for name in ("entropy", "id_twonn", "curvature", "cosine_distance", "cka"):
+        np.testing.assert_allclose(out[name], ref[name], rtol=1e-6, err_msg=name)
+
+
 def make_run(L=5, d=32, n_sys=2, n_img=36, n_txt=6, n_gen=1, seed=0):
     rng = np.random.default_rng(seed)
     n_prompt = n_sys + n_img + n_txt

@@ -119,7 +119,8 @@ def neighbour_distances(X: np.ndarray, *, k: int, gram: np.ndarray | None = None
 
     Returns:
         [n_distinct, k'] ascending distances, all > 0, or None when fewer than 3 distinct
-        points exist. Of a group of equal rows only the first is kept.
+        points exist (or the input is not finite). Of a group of equal rows only the first
+        is kept.
     """
     X = np.asarray(X)
     if X.ndim != 2:
@@ -142,6 +143,8 @@ def neighbour_distances(X: np.ndarray, *, k: int, gram: np.ndarray | None = None
             Xc -= Xc.mean(axis=0)
             gram = Xc @ Xc.T
         K = np.asarray(gram)
+        if not np.isfinite(K).all():
+            return None
         D2 = _sq_dists_from_gram(K)
         _refine(D2, X, K)
     zi, zj = np.nonzero(D2 <= 0)

@@ -57,10 +57,14 @@ def _workers(requested: int | None, n_tasks: int) -> int:
 
 
 def _layer_stats(X: np.ndarray, *, k: int, discard_fraction: float, bound: float,
-                 gram_out: np.ndarray | None) -> tuple[float, float, float, float, float]:
-    """(entropy, entropy_normalized, id_twonn, id_mle, sequence_curvature) of one layer."""
+                 gram_out: np.ndarray | None):
+    """(entropy, entropy_normalized, id_twonn, id_mle, sequence_curvature) of one layer, or
+    the mask of its finite tokens when some are not finite."""
     n, d = X.shape
     X = X.astype(work_dtype(X))            # a copy: centred in place below
+    finite = np.isfinite(X).all(axis=1)
+    if not finite.all():
+        return finite
     seq = G.sequence_curvature(X) if n >= 3 else np.nan
     if n < 2:
         return np.nan, np.nan, np.nan, np.nan, seq
@@ -99,8 +103,9 @@ def layer_curves(H: np.ndarray, *, k: int = 20, discard_fraction: float = 0.1,
         ``sequence_curvature`` (each [layer]), ``curvature`` [layer-2], ``cosine_distance``
         [layer-1] and ``cka`` [layer, layer]. Values are NaN where a metric is undefined
         for so few tokens (entropy: n < 2; intrinsic dimension: < 3 distinct tokens;
-        sequence curvature: n < 3). Equal to the single-metric functions of ``geometry``
-        up to float32 rounding.
+        sequence curvature: n < 3). Tokens whose state is not finite at some layer (float16
+        overflow) are left out of every curve. Equal to the single-metric functions of
+        ``geometry`` up to float32 rounding.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -114,6 +119,12 @@ def layer_curves(H: np.ndarray, *, k: int = 20, discard_fraction: float = 0.1,
         per = list(pool.map(lambda l: _layer_stats(
             H[l], k=k, discard_fraction=discard_fraction, bound=bound,
             gram_out=None if grams is None else grams[l]), range(L)))
+        masks = [m for m in per if isinstance(m, np.ndarray)]
+        if masks:                           # rare: drop tokens with non-finite states, redo
+            depth.cancel()
+            keep = np.logical_and.reduce(masks)
+            return layer_curves(H[:, keep], k=k, discard_fraction=discard_fraction,
+                                with_cka=with_cka, workers=workers)
         out = {name: np.array([row[i] for row in per], dtype=np.float64) for i, name in enumerate(names)}
         out["curvature"], out["cosine_distance"] = depth.result()
         if with_cka:

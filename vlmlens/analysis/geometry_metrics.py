@@ -64,7 +64,7 @@ def entropy(X: np.ndarray, *, alpha: float = 1.0, normalize: bool = False) -> fl
 
     Range: [0, log min(n-1, d)] nats; 0 when all rows are equal, log r for tokens spread
     isotropically over r dimensions. ``normalize=True`` divides by log min(n-1, d) so the
-    value lies in [0, 1] (0 when that bound is 1). NaN for n < 2.
+    value lies in [0, 1] (0 when that bound is 1). NaN for n < 2 or non-finite input.
     """
     X = np.asarray(X)
     if X.ndim != 2:
@@ -74,7 +74,10 @@ def entropy(X: np.ndarray, *, alpha: float = 1.0, normalize: bool = False) -> fl
         return float("nan")
     with single_thread_blas(float(n) * d * min(n, d)):
         Z = _centred_unit_rows(X)
-        s = spectrum_entropy(eigvalsh(gram(Z, columns=d < n)), alpha=alpha)
+        K = gram(Z, columns=d < n)
+        if not np.isfinite(K).all():
+            return float("nan")
+        s = spectrum_entropy(eigvalsh(K), alpha=alpha)
     if normalize:
         b = entropy_bound(n, d)
         return s / b if b > 0 else 0.0
@@ -94,8 +97,13 @@ def _unit64(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _valid(ab, aa, bb) -> np.ndarray:
+    """Pairs with two non-zero, finite vectors."""
+    return (aa > 0) & (bb > 0) & np.isfinite(aa) & np.isfinite(bb) & np.isfinite(ab)
+
+
 def _angles_from_dots(ab, aa, bb, a, b) -> np.ndarray:
-    ok = (aa > 0) & (bb > 0)
+    ok = _valid(ab, aa, bb)
     cos = np.divide(ab, np.sqrt(aa * bb), out=np.zeros_like(ab), where=ok)
     out = np.arccos(np.clip(cos, -1.0, 1.0))
     fix = ok & (np.abs(cos) > 0.99)
@@ -107,7 +115,7 @@ def _angles_from_dots(ab, aa, bb, a, b) -> np.ndarray:
 
 
 def _cosdist_from_dots(ab, aa, bb, a, b) -> np.ndarray:
-    ok = (aa > 0) & (bb > 0)
+    ok = _valid(ab, aa, bb)
     dist = 1.0 - np.divide(ab, np.sqrt(aa * bb), out=np.zeros_like(ab), where=ok)
     fix = ok & (dist < 1e-2)
     if fix.any():
@@ -159,21 +167,27 @@ def depth_profiles(H: np.ndarray, *, want_curvature: bool = True,
     k_sum, k_cnt = np.zeros(max(L - 1, 0)), np.zeros(max(L - 1, 0))
     step = max(1, _CHUNK_ELEMS // max(L * d, 1))
     for s in range(0, n, step):
-        Hc = np.asarray(H[:, s:s + step], dtype=wd)
-        if want_cosine and L >= 2:
-            hh = _dots(Hc, Hc)
-            dist = _cosdist_from_dots(_dots(Hc[:-1], Hc[1:]), hh[:-1], hh[1:], Hc[:-1], Hc[1:])
-            good = np.isfinite(dist)
-            k_sum += np.where(good, dist, 0.0).sum(axis=1)
-            k_cnt += good.sum(axis=1)
-        if want_curvature and L >= 3:
-            v = np.diff(Hc, axis=0)
-            vv = _dots(v, v)
-            ang = _angles_from_dots(_dots(v[:-1], v[1:]), vv[:-1], vv[1:], v[:-1], v[1:])
-            good = np.isfinite(ang)
-            c_sum += np.where(good, ang, 0.0).sum(axis=1)
-            c_cnt += good.sum(axis=1)
+        with np.errstate(invalid="ignore", over="ignore"):    # non-finite tokens are skipped
+            Hc = np.asarray(H[:, s:s + step], dtype=wd)
+            _depth_chunk(Hc, L, want_cosine, want_curvature, c_sum, c_cnt, k_sum, k_cnt)
     return _nanmean_rows(c_sum, c_cnt), _nanmean_rows(k_sum, k_cnt)
+
+
+def _depth_chunk(Hc, L, want_cosine, want_curvature, c_sum, c_cnt, k_sum, k_cnt) -> None:
+    """Accumulate the sums and counts of one token chunk Hc [L, c, d] (in place)."""
+    if want_cosine and L >= 2:
+        hh = _dots(Hc, Hc)
+        dist = _cosdist_from_dots(_dots(Hc[:-1], Hc[1:]), hh[:-1], hh[1:], Hc[:-1], Hc[1:])
+        good = np.isfinite(dist)
+        k_sum += np.where(good, dist, 0.0).sum(axis=1)
+        k_cnt += good.sum(axis=1)
+    if want_curvature and L >= 3:
+        v = np.diff(Hc, axis=0)
+        vv = _dots(v, v)
+        ang = _angles_from_dots(_dots(v[:-1], v[1:]), vv[:-1], vv[1:], v[:-1], v[1:])
+        good = np.isfinite(ang)
+        c_sum += np.where(good, ang, 0.0).sum(axis=1)
+        c_cnt += good.sum(axis=1)
 
 
 def curvature(H: np.ndarray) -> np.ndarray:
@@ -199,9 +213,10 @@ def sequence_curvature(X: np.ndarray) -> float:
         raise ValueError(f"expected a 2-D array [n, d], got shape {X.shape}")
     if X.shape[0] < 3:
         return float("nan")
-    v = np.diff(np.asarray(X, dtype=work_dtype(X)), axis=0)
-    vv = _dots(v, v)
-    a = _angles_from_dots(_dots(v[:-1], v[1:]), vv[:-1], vv[1:], v[:-1], v[1:])
+    with np.errstate(invalid="ignore", over="ignore"):        # non-finite steps are skipped
+        v = np.diff(np.asarray(X, dtype=work_dtype(X)), axis=0)
+        vv = _dots(v, v)
+        a = _angles_from_dots(_dots(v[:-1], v[1:]), vv[:-1], vv[1:], v[:-1], v[1:])
     a = a[np.isfinite(a)]
     return float(a.mean()) if a.size else float("nan")
 
