@@ -216,7 +216,7 @@ class Dashboard:
         return (gr.Slider(minimum=0, maximum=L - 1, value=layer, step=1),
                 gr.Dropdown(choices=panels.query_choices(run), value=0),
                 gr.Dropdown(choices=xviews.depth_choices(L), value=["0", str(L // 2)]),
-                gr.Dropdown(choices=mine, value=entry.id))
+                gr.Dropdown(choices=mine, value=entry.id), run.image)
 
     # ---- tabs ---------------------------------------------------------------------------------
     def _cam_model(self, entry, kind):

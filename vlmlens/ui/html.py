@@ -11,7 +11,7 @@ try:  # one palette for figures and strips, when the figures package provides it
 except ImportError:  # pragma: no cover
     pass
 
-_SPACE_MARKS = {"▁": " ", "Ġ": " ", "Ċ": "⏎", "<0x0A>": "⏎"}
+_SPACE_MARKS = {"▁": " ", "Ġ": " ", "Ċ": "⏎", "<0x0A>": "⏎", "\n": "⏎"}
 
 
 def show_token(tok: str) -> str:
@@ -83,8 +83,9 @@ def first_divergence(base: list[str], other: list[str]) -> int | None:
 
 
 def generations_table(rows: list[dict]) -> str:
-    """Side-by-side generations. Each row: label, tokens (list[str]), and optional kl, kept,
-    note. The first token that differs from the first row (the baseline) is highlighted."""
+    """Side-by-side generations. Each row: label, tokens (list[str]), and optional kl, kept and
+    div (index of the first generated token that differs from the baseline, the first row;
+    computed from the token strings when absent). That token is highlighted."""
     if not rows:
         return "<p><i>No generations yet.</i></p>"
     base = rows[0]["tokens"]
@@ -93,7 +94,7 @@ def generations_table(rows: list[dict]) -> str:
            "<th>first change</th><th>KL (nats)</th><th>answer kept</th></tr>"]
     for r in rows:
         toks = r["tokens"]
-        div = None if r is rows[0] else first_divergence(base, toks)
+        div = None if r is rows[0] else (r["div"] if "div" in r else first_divergence(base, toks))
         cells = []
         for i, t in enumerate(toks):
             if i == div:

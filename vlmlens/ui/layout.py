@@ -84,10 +84,15 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
             with gr.Column(scale=3):
                 with gr.Tabs(elem_id="vl-tabs"):
                     with gr.Tab("Overview", id="overview") as t_over:
-                        gen_md = gr.Markdown(elem_id="vl-generation")
-                        strip = gr.HTML(elem_id="vl-strip")
+                        with gr.Row():
+                            run_image = gr.Image(label="The run's image", interactive=False, height=200, scale=1,
+                                                 min_width=160, format="png", elem_id="vl-run-image")
+                            with gr.Column(scale=4):
+                                gen_md = gr.Markdown(elem_id="vl-generation")
+                                strip = gr.HTML(elem_id="vl-strip")
                         headline = gr.Markdown(elem_id="vl-headline")
-                        info = gr.JSON(label="Run info (what the API returns)", elem_id="vl-info")
+                        with gr.Accordion("Run info (what the API returns)", open=False):
+                            info = gr.JSON(elem_id="vl-info")
                     with gr.Tab("Heatmaps", id="heatmaps") as t_heat:
                         with gr.Row():
                             layer = LayerSlider(0, max(1, dash.default_layers - 1), value=0, step=1, label="Layer",
@@ -168,7 +173,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
             return [out[c] for c in all_tab_outputs]
 
         def after_run(ev, name):
-            ev = ev.success(dash.sync_controls, [sess, layer], [layer, query, depths, mine],
+            ev = ev.success(dash.sync_controls, [sess, layer], [layer, query, depths, mine, run_image],
                             api_name=f"{name}_controls", show_progress="hidden")
             return ev.success(render_tab, [sess, active, layer, query, kind, span], all_tab_outputs,
                               api_name=f"{name}_render", show_progress="hidden")

@@ -150,7 +150,7 @@ def headline_markdown(entry) -> str:
     s_cliff = sweep_cliff(sweep)
     stab = _stabilisation(entry)
     bands = _stages(entry)
-    lines = ["| | |", "|---|---|"]
+    lines = ["| headline | value |", "|---|---|"]
     lines.append(f"| **attention cliff** (sharpest drop of the last token's image share) | "
                  f"{'—' if cliff is None else f'layer {cliff} of {L}'} |")
     lines.append("| **sweep cliff** (shallowest depth that keeps the answer) | "

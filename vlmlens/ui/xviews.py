@@ -79,7 +79,7 @@ def result_rows(result: dict) -> list[dict]:
     for d in result.get("depths", []):
         lab = f"depth {d['depth']}" + (" (= L, baseline depth)" if d["depth"] == L else "")
         rows.append({"label": lab, "tokens": list(d.get("tokens", [])), "kl": d.get("first_token_kl"),
-                     "kept": d.get("answer_kept")})
+                     "kept": d.get("answer_kept"), "div": d.get("first_divergence")})
     return rows
 
 

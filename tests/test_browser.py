@@ -1,0 +1,227 @@
+"""End-to-end in a real browser: headless Chromium (Debian's, never ``playwright install``)
+driving the dashboard served in this process.
+
+Load the page (a cached run opens by itself), upload an example image, type a prompt, Run,
+wait for the plots, move the layer slider and check the heatmap changed (and that the
+server redrew it without the model), compare two truncation depths, open a cached run.
+Screenshots go to ``docs/screenshots/`` (README) and ``test-artifacts/``; timings are
+printed and written to BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("VLMLENS_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+SHOTS = [ROOT / "docs" / "screenshots", ROOT / "test-artifacts"]
+PROMPT = "What color is the circle?"
+
+if not Path(CHROMIUM).exists():  # CI installs it (scripts/install.sh --dev); never `playwright install`
+    pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install -y chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model_and_runs(tmp_path_factory):
+    """tiny-shapes and the shipped cached runs when present, else random:llava and two fresh runs."""
+    from vlmlens.models.loading import TINY_SHAPES_DIR
+    from vlmlens.run import is_run_dir
+
+    shipped = ROOT / "cached_runs"
+    names = sorted(p.name for p in shipped.iterdir() if is_run_dir(p)) if shipped.is_dir() else []
+    if TINY_SHAPES_DIR.is_dir() and len(names) >= 2:
+        import vlmlens as vl
+
+        return vl.load_model("tiny-shapes", device="cpu", dtype="float32"), shipped
+    from tests._models import random_lm
+    from vlmlens.cached import make_cached_runs
+
+    lm = random_lm("llava")
+    d = tmp_path_factory.mktemp("browser-runs")
+    make_cached_runs(lm, d, only=["single-color", "reasoning-more"], extras=False, log=lambda *_: None)
+    return lm, d
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from vlmlens.ui import build_demo
+
+    lm, runs = _model_and_runs(tmp_path_factory)
+    demo = build_demo(lm.name, runs_dir=runs, loader=lambda *a, **k: lm)
+    port = _port()
+    demo.queue().launch(prevent_thread_lock=True, server_port=port, quiet=True)
+    demo.dashboard.holder.wait(120)
+    yield demo, f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        pg.errors = errors
+        yield pg
+        browser.close()
+
+
+def shot(page, name: str) -> None:
+    for d in SHOTS:
+        d.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS[0] / f"{name}.png"), full_page=True)
+    shutil.copy(SHOTS[0] / f"{name}.png", SHOTS[1] / f"{name}.png")
+
+
+def heatmap_state(page) -> dict | None:
+    """Title and z values of the single-layer heatmap as plotly holds them in the page."""
+    return page.evaluate("""() => {
+        const el = document.querySelector('#vl-heatmap .js-plotly-plot');
+        if (!el || !el.data) return null;
+        const h = el.data.find(t => t.type === 'heatmap');
+        if (!h) return null;
+        return {title: (el.layout.title && el.layout.title.text) || '', hover: h.hovertemplate || '',
+                z: JSON.stringify(h.z)};
+    }""")
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def test_dashboard_end_to_end(served, page):
+    demo, url = served
+    dash = demo.dashboard
+    timings = {}
+
+    # 1. page load: the default cached run is shown without any model work
+    t0 = time.perf_counter()
+    page.goto(url)
+    page.wait_for_selector("#vl-generation :text('Generation')", timeout=60_000)
+    timings["page ready (navigation → cached run shown)"] = time.perf_counter() - t0
+    timings["open cached run at start (server)"] = dash.timings["open_default"][-1]
+    assert page.locator("#vl-strip .vl-tok").count() > 3
+    shot(page, "overview-cached")
+
+    # 2. upload an example, type a prompt, Run
+    page.set_input_files("#vl-image input[type=file]", str(ROOT / "assets" / "examples" / "shapes_00.png"))
+    page.wait_for_selector("#vl-image img", timeout=30_000)
+    page.fill("#vl-prompt textarea", PROMPT)
+    n_captures = len(dash.timings["capture"])
+    t0 = time.perf_counter()
+    page.click("#vl-run")
+    page.wait_for_selector(f"#vl-generation :text('{PROMPT}')", timeout=120_000)
+    timings["capture round trip (click → overview)"] = time.perf_counter() - t0
+    assert len(dash.timings["capture"]) == n_captures + 1
+    timings["capture (server)"] = dash.timings["capture"][-1]
+    assert page.locator("#vl-strip .vl-generated").count() >= 1
+    shot(page, "overview")
+
+    # 3. heatmaps: plots render; the slider redraws from the run
+    open_tab(page, "Heatmaps")
+    page.wait_for_function("() => document.querySelector('#vl-heatmap .js-plotly-plot .heatmaplayer, "
+                           "#vl-heatmap .js-plotly-plot .hm')", timeout=60_000)
+    page.wait_for_selector("#vl-grid .js-plotly-plot", timeout=60_000)
+    before = heatmap_state(page)
+    assert before and "layer 0" in before["hover"] and len(before["z"]) > 20
+    L = int(page.locator("#vl-layer input[type=range]").get_attribute("max")) + 1
+    assert L == dash.holder.lm.n_layers
+    uses = []
+    real_use = dash.holder.use
+    dash.holder.use = lambda *a, **k: uses.append(1) or real_use(*a, **k)
+    client_ms, server_ms = [], []
+    try:
+        slider = page.locator("#vl-layer input[type=range]")
+        for target in range(1, min(L, 4)):
+            n = len(dash.timings["heatmap_layer"])
+            t0 = time.perf_counter()
+            slider.focus()
+            page.keyboard.press("ArrowRight")
+            page.wait_for_function(
+                "(l) => { const el = document.querySelector('#vl-heatmap .js-plotly-plot');"
+                " const h = el && el.data && el.data.find(t => t.type === 'heatmap');"
+                " return h && h.hovertemplate.startsWith('layer ' + l + ' '); }", arg=target, timeout=30_000)
+            client_ms.append((time.perf_counter() - t0) * 1000)
+            server_ms.append(list(dash.timings["heatmap_layer"])[n:][-1] * 1000)
+    finally:
+        dash.holder.use = real_use
+    after = heatmap_state(page)
+    assert after["z"] != before["z"] and after["hover"] != before["hover"]
+    assert uses == []                                   # the slider never touched the model
+    timings["slider re-render, server (median)"] = statistics.median(server_ms) / 1000
+    timings["slider re-render, browser round trip (median)"] = statistics.median(client_ms) / 1000
+    shot(page, "heatmaps")
+
+    # 4. the other analysis tabs render a plot each
+    for tab, sel in (("Dynamics", "#vl-dynamics"), ("Attention flow", "#vl-flow")):
+        open_tab(page, tab)
+        page.wait_for_selector(f"{sel} .js-plotly-plot .main-svg", timeout=60_000)
+        shot(page, tab.lower().replace(" ", "-"))
+
+    # 5. truncation at two depths: baseline + two generations side by side
+    open_tab(page, "Truncation")
+    chips = page.locator("#vl-depths .token")
+    page.wait_for_function("() => document.querySelectorAll('#vl-depths .token').length === 2", timeout=30_000)
+    assert chips.count() == 2
+    t0 = time.perf_counter()
+    page.click("#vl-compare")
+    page.wait_for_function("() => document.querySelectorAll('#vl-gens tr.vl-gen-row').length === 3", timeout=120_000)
+    timings["truncation at two depths (click → table)"] = time.perf_counter() - t0
+    rows = page.locator("#vl-gens tr.vl-gen-row")
+    assert rows.nth(0).inner_text().startswith("baseline")
+    assert rows.nth(1).inner_text().startswith("depth 0") and rows.nth(2).inner_text().startswith("depth ")
+    shot(page, "truncation")
+
+    # 6. open another cached run from the Runs tab
+    open_tab(page, "Runs")
+    names = dash.runs.names()
+    other = next(n for n in names if n != dash.default_run)
+    box = page.locator("#vl-run-list input")
+    box.click()
+    box.fill(other)
+    page.keyboard.press("Enter")
+    t0 = time.perf_counter()
+    page.click("#vl-open")
+    open_tab(page, "Overview")
+    page.wait_for_selector(f"#vl-generation :text('{other}')", timeout=30_000)
+    timings["open a cached run (click → overview)"] = time.perf_counter() - t0
+    assert page.locator(f"#vl-generation :text('{json_prompt(dash, other)}')").count() >= 1
+    shot(page, "runs-open")
+    assert not page.errors, page.errors
+
+    report(timings, dash)
+
+
+def json_prompt(dash, name: str) -> str:
+    run, _d, _e = dash.runs.open(name)
+    return run.prompt
+
+
+def report(timings: dict, dash) -> None:
+    lm = dash.holder.lm
+    lines = [f"Model `{lm.name}` ({lm.n_layers} layers, {lm.device}); headless Chromium; app and browser on this machine.",
+             "", "| step | time |", "|---|---|"]
+    for k, v in timings.items():
+        lines.append(f"| {k} | {v * 1000:.0f} ms |" if v < 10 else f"| {k} | {v:.1f} s |")
+    body = "\n".join(lines)
+    print("\n" + body)
+    from benchmarks._report import write_section
+
+    write_section("ui-browser", "Dashboard in a browser (tests/test_browser.py)", body)
