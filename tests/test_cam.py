@@ -108,7 +108,7 @@ def test_attention_map_and_overlay(image):
     assert tuple(np.asarray(overlay(flat, nan, alpha=1.0, smooth=False))[5, 5]) == (10, 200, 30)
     half = np.asarray(overlay(flat, g, alpha=1.0, smooth=False, box=(0.0, 0.0, 1.0, 0.5)))
     assert tuple(half[5, 30]) == (10, 200, 30) and tuple(half[30, 5]) == tuple(lut[-1])
-    assert hit_cell(nan) == (1, 0)
+    assert hit_cell(nan) == (1, 0) and hit_cell(np.zeros((2, 2))) is None
 
 
 def _object_cells(obj, rows, cols, size):

@@ -270,8 +270,12 @@ def overlay(image, grid_values, *, alpha: float = 0.5, cmap: str = "inferno", vm
     return Image.fromarray(base.round().clip(0, 255).astype(np.uint8), "RGB")
 
 
-def hit_cell(grid_values) -> tuple[int, int]:
-    """(row, col) of the largest finite value (first in raster order on ties)."""
+def hit_cell(grid_values) -> tuple[int, int] | None:
+    """(row, col) of the largest finite value (first in raster order on ties); None when no
+    cell is above 0 (an all-zero CAM points nowhere)."""
     g = np.asarray(grid_values, dtype=np.float64)
     flat = np.where(np.isfinite(g), g, -math.inf).ravel()
-    return tuple(int(x) for x in divmod(int(np.argmax(flat)), g.shape[1]))
+    i = int(np.argmax(flat))
+    if not flat[i] > 0:
+        return None
+    return tuple(int(x) for x in divmod(i, g.shape[1]))
