@@ -255,6 +255,8 @@ def test_stabilization_layer_known_plateau():
     assert g.stabilization_layer([np.nan, np.nan]) is None
     assert g.stabilization_layer([1, 5, 1, 9, 3, 3.05]) is None          # only 2 values settled
     assert g.stabilization_layer([1, 5, 1, 9, 3, 3.05], tail=2) == 4
+    assert g.stabilization_layer([2.0, 2.0, 2.0]) is None                # too short to tell
+    assert g.stabilization_layer([7.0, 2.0, 2.0, 2.0]) == 1
 
 
 # ---- curves of a stack and of a Run --------------------------------------------------

@@ -364,16 +364,17 @@ def stabilization_layer(curve, *, eps: float = 0.05, tail: int = 3) -> int | Non
     smallest i such that every value at index >= i lies within the band (a NaN breaks the
     band). None when no such stretch of at least ``tail`` values ends the curve (the curve
     has not settled: a last value inside the band by chance does not count), or the curve
-    has no finite values. Indices are positions in ``curve``; map them to layers yourself.
+    has at most ``tail`` finite values (too short to tell). Indices are positions in
+    ``curve``; map them to layers yourself.
     """
     c = np.asarray(curve, dtype=np.float64).ravel()
     fin = c[np.isfinite(c)]
     tail = max(int(tail), 1)
-    if fin.size == 0:
+    if fin.size <= tail:
         return None
     plateau = float(fin[-tail:].mean())
     band = eps * abs(plateau) if plateau != 0 else eps * float(np.abs(fin).max())
     inside = np.isfinite(c) & (np.abs(c - plateau) <= band + 1e-12 * max(1.0, abs(plateau)))
     outside = np.flatnonzero(~inside)
     first = int(outside[-1] + 1) if outside.size else 0
-    return first if c.size - first >= min(tail, c.size) else None
+    return first if c.size - first >= tail else None
