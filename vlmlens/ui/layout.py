@@ -9,6 +9,7 @@ from .views import HEATMAP_KINDS
 from .xviews import MODES
 
 # api names of the tab renderers (where the plain tab name is taken by the tab's action button)
+INTERNAL = "undocumented"  # UI plumbing: named and callable, but not listed in the API page
 VIEW_API = {"truncation": "truncation_view", "substitution": "substitution_view", "compute": "compute_view"}
 
 CSS = """
@@ -64,7 +65,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
         sess = gr.State(new_session())
         active = gr.State("overview")
         gr.Markdown("## vlmlens — look inside a vision-language model's layers")
-        status = gr.Markdown(dash.holder.status_markdown(), elem_id="vl-model-status")
+        status = gr.Markdown(dash.holder.status_markdown(), label="model_status", elem_id="vl-model-status")
         timer = gr.Timer(1.0, active=dash.holder.state in ("loading", "idle"))
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
@@ -75,7 +76,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                                      elem_id="vl-gallery")
                 with gr.Row():
                     scene_btn = gr.Button("New random scene", size="sm", elem_id="vl-scene")
-                truth = gr.Markdown("", elem_id="vl-truth")
+                truth = gr.Markdown("", label="ground_truth", elem_id="vl-truth")
                 prompt_pick = gr.Dropdown(choices=prompt_choices(None), value=None, label="Example prompts",
                                           elem_id="vl-prompt-pick")
                 prompt = gr.Textbox(label="Prompt", placeholder="What color is the circle?", lines=2, elem_id="vl-prompt")
@@ -88,11 +89,11 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                             run_image = gr.Image(label="The run's image", interactive=False, height=200, scale=1,
                                                  min_width=160, format="png", elem_id="vl-run-image")
                             with gr.Column(scale=4):
-                                gen_md = gr.Markdown(elem_id="vl-generation")
-                                strip = gr.HTML(elem_id="vl-strip")
-                        headline = gr.Markdown(elem_id="vl-headline")
+                                gen_md = gr.Markdown(label="generation", elem_id="vl-generation")
+                                strip = gr.HTML(label="token_strip", elem_id="vl-strip")
+                        headline = gr.Markdown(label="headline", elem_id="vl-headline")
                         with gr.Accordion("Run info (what the API returns)", open=False):
-                            info = gr.JSON(elem_id="vl-info")
+                            info = gr.JSON(label="run_info", show_label=False, elem_id="vl-info")
                     with gr.Tab("Heatmaps", id="heatmaps") as t_heat:
                         with gr.Row():
                             layer = LayerSlider(0, max(1, dash.default_layers - 1), value=0, step=1, label="Layer",
@@ -123,7 +124,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                             mode = gr.Radio(list(MODES), value="drop", label="Mode", elem_id="vl-mode")
                             trunc_btn = gr.Button("Compare", variant="primary", elem_id="vl-compare")
                             sweep_btn = gr.Button("Full sweep (every depth)", elem_id="vl-sweep-btn")
-                        gens = gr.HTML(elem_id="vl-gens")
+                        gens = gr.HTML(label="generations", elem_id="vl-gens")
                         sweep_fig = gr.Plot(label="Truncation sweep", elem_id="vl-sweep")
                         pert_fig = gr.Plot(label="Reasoning-trace perturbation", elem_id="vl-perturb")
                     with gr.Tab("Substitution / skipping", id="substitution") as t_sub:
@@ -138,16 +139,16 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                     with gr.Tab("Runs", id="runs") as t_runs:
                         with gr.Row():
                             run_list = gr.Dropdown(choices=dash.runs.names(), value=dash.default_run,
-                                                   label=f"Saved runs ({dash.runs.path})", elem_id="vl-run-list",
+                                                   label="Saved runs", info=f"in {dash.runs.path}", elem_id="vl-run-list",
                                                    allow_custom_value=True)
                             open_btn = gr.Button("Open", elem_id="vl-open")
                             refresh_btn = gr.Button("Refresh list", size="sm")
-                        names_json = gr.JSON(visible=False)
+                        names_json = gr.JSON(visible=False, label="run_names")
                         mine = gr.Dropdown(choices=[], label="This session's runs", elem_id="vl-mine", allow_custom_value=True)
                         with gr.Row():
                             save_name = gr.Textbox(label="Save current run as", placeholder="my-run", elem_id="vl-save-name")
                             save_btn = gr.Button("Save", elem_id="vl-save")
-                        save_msg = gr.Markdown()
+                        save_msg = gr.Markdown(label="save_message")
                         dl_btn = gr.Button("Prepare downloads", elem_id="vl-downloads")
                         with gr.Row():
                             dl_zip = gr.File(label="Run (zip)")
@@ -174,19 +175,23 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
 
         def after_run(ev, name):
             ev = ev.success(dash.sync_controls, [sess, layer], [layer, query, depths, mine, run_image],
-                            api_name=f"{name}_controls", show_progress="hidden")
+                            api_name=f"{name}_controls", show_progress="hidden", api_visibility=INTERNAL)
             return ev.success(render_tab, [sess, active, layer, query, kind, span], all_tab_outputs,
-                              api_name=f"{name}_render", show_progress="hidden")
+                              api_name=f"{name}_render", show_progress="hidden", api_visibility=INTERNAL)
 
-        timer.tick(dash.model_status, None, [status, timer], api_name="model_status", show_progress="hidden")
-        gallery.select(dash.pick_example, None, [image, prompt_pick, truth], api_name="pick_example")
+        timer.tick(dash.model_status, None, [status, timer], api_name="model_status", show_progress="hidden",
+                   api_visibility=INTERNAL)
+        gallery.select(dash.pick_example, None, [image, prompt_pick, truth], api_name="pick_example",
+                       api_visibility=INTERNAL)
         scene_btn.click(dash.new_scene, None, [image, prompt_pick, truth], api_name="random_scene")
-        prompt_pick.input(dash.pick_prompt, prompt_pick, prompt, api_name="pick_prompt", show_progress="hidden")
+        prompt_pick.input(dash.pick_prompt, prompt_pick, prompt, api_name="pick_prompt", show_progress="hidden",
+                          api_visibility=INTERNAL)
         after_run(run_btn.click(dash.capture, [image, prompt, max_new, sess], overview, api_name="capture",
                                 concurrency_limit=4), "capture")
         after_run(prompt.submit(dash.capture, [image, prompt, max_new, sess], overview, api_name="capture_submit",
-                                concurrency_limit=4), "capture_submit")
-        after_run(demo.load(dash.open_default, sess, overview, api_name="open_default"), "open_default")
+                                concurrency_limit=4, api_visibility=INTERNAL), "capture_submit")
+        after_run(demo.load(dash.open_default, sess, overview, api_name="open_default", api_visibility=INTERNAL),
+                  "open_default")
         after_run(open_btn.click(dash.load_run, [run_list, sess], overview, api_name="load_run"), "load_run")
         after_run(mine.input(dash.switch_run, [mine, sess], overview, api_name="switch_run"), "switch_run")
         refresh_btn.click(dash.list_runs, None, [run_list, names_json], api_name="list_runs")
@@ -196,8 +201,9 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
         layer.change(dash.heatmap_layer, [sess, layer, query, kind], heat, api_name="heatmap_layer",
                      show_progress="hidden", trigger_mode="always_last")
         for ctl, nm in ((query, "heatmaps_query"), (kind, "heatmaps_kind")):
-            ctl.input(dash.heatmaps, [sess, layer, query, kind], tab_outputs["heatmaps"], api_name=nm)
-        span.input(dash.dynamics, [sess, span], tab_outputs["dynamics"], api_name="dynamics_span")
+            ctl.input(dash.heatmaps, [sess, layer, query, kind], tab_outputs["heatmaps"], api_name=nm,
+                      api_visibility=INTERNAL)
+        span.input(dash.dynamics, [sess, span], tab_outputs["dynamics"], api_name="dynamics_span", api_visibility=INTERNAL)
         embed_btn.click(dash.token_map, [sess, method], embed, api_name="token_map")
         trunc_btn.click(dash.truncate, [sess, depths, mode], [gens, sweep_fig, pert_fig, headline], api_name="truncate")
         sweep_btn.click(dash.sweep, [sess, mode], [gens, sweep_fig, pert_fig, headline], api_name="sweep")
@@ -212,8 +218,10 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                      t_sub: ("substitution", dash.substitution_view, [sess]),
                      t_comp: ("compute", dash.compute_view, [sess])}
         for tab, (name, fn, ins) in tab_calls.items():
-            tab.select(lambda n=name: n, None, active, api_name=f"select_{name}", show_progress="hidden", queue=False)
+            tab.select(lambda n=name: n, None, active, api_name=f"select_{name}", show_progress="hidden", queue=False,
+                       api_visibility=INTERNAL)
             tab.select(fn, ins, tab_outputs[name], api_name=VIEW_API.get(name, name))
         for tab, name in ((t_over, "overview"), (t_runs, "runs")):
-            tab.select(lambda n=name: n, None, active, api_name=f"select_{name}", show_progress="hidden", queue=False)
+            tab.select(lambda n=name: n, None, active, api_name=f"select_{name}", show_progress="hidden", queue=False,
+                       api_visibility=INTERNAL)
     return demo
