@@ -36,13 +36,13 @@ TARGET_S = 3.0
 BEGIN, END = "<!-- bench_geometry -->", "<!-- /bench_geometry -->"
 
 
-def timed(fn, repeats):
+def timed(fn, repeats, clock=time.perf_counter):
     ts = []
     out = None
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         out = fn()
-        ts.append(time.perf_counter() - t0)
+        ts.append(clock() - t0)
     return min(ts), float(np.median(ts)), out
 
 
@@ -67,7 +67,8 @@ def cpus() -> int:
 
 
 def components(H, repeats):
-    """Serial, single-threaded time of each stage of layer_curves (sum over layers)."""
+    """Serial, single-threaded CPU time of each stage of layer_curves (sum over layers).
+    CPU time (not wall) so that other processes on a shared machine do not inflate it."""
     from threadpoolctl import threadpool_limits
 
     rows = {}
@@ -79,25 +80,25 @@ def components(H, repeats):
                                  "depth pass (curvature + cosine)", "CKA from Grams"], 0.0)
             grams = np.empty((SHAPE[0], SHAPE[1], SHAPE[1]), np.float32)
             for l in range(SHAPE[0]):
-                t = time.perf_counter()
+                t = time.process_time()
                 X = H[l].astype(np.float32)
                 X -= X.mean(axis=0)
-                t1 = time.perf_counter(); cur["float16 -> float32 + centre"] += t1 - t
+                t1 = time.process_time(); cur["float16 -> float32 + centre"] += t1 - t
                 K = gm.gram(X)
                 grams[l] = K
-                t2 = time.perf_counter(); cur["Gram (syrk)"] += t2 - t1
+                t2 = time.process_time(); cur["Gram (syrk)"] += t2 - t1
                 s = (1.0 / np.sqrt(np.diag(K))).astype(np.float32)
                 gm.spectrum_entropy(gm.eigvalsh(K * s[:, None] * s[None, :]))
-                t3 = time.perf_counter(); cur["entropy eigvalsh"] += t3 - t2
+                t3 = time.process_time(); cur["entropy eigvalsh"] += t3 - t2
                 dim.intrinsic_dimensions(X, k=20, gram=K)
-                t4 = time.perf_counter(); cur["kNN from Gram + TwoNN + MLE"] += t4 - t3
+                t4 = time.process_time(); cur["kNN from Gram + TwoNN + MLE"] += t4 - t3
                 gm.sequence_curvature(X)
-                cur["sequence curvature"] += time.perf_counter() - t4
-            t = time.perf_counter()
+                cur["sequence curvature"] += time.process_time() - t4
+            t = time.process_time()
             gm.depth_profiles(H)
-            t1 = time.perf_counter(); cur["depth pass (curvature + cosine)"] += t1 - t
+            t1 = time.process_time(); cur["depth pass (curvature + cosine)"] += t1 - t
             gm.cka_from_grams(grams)
-            cur["CKA from Grams"] += time.perf_counter() - t1
+            cur["CKA from Grams"] += time.process_time() - t1
             for k, v in cur.items():
                 acc[k] = min(acc.get(k, np.inf), v)
         rows.update(acc)
@@ -115,7 +116,7 @@ def standalone(H, repeats):
         "cosine_distance": lambda: geo.cosine_distance(H),
         "layer_similarity (CKA matrix)": lambda: geo.layer_similarity(H),
     }
-    return {k: timed(f, repeats)[0] for k, f in fns.items()}
+    return {k: timed(f, repeats, clock=time.process_time)[0] for k, f in fns.items()}
 
 
 def skdim_comparison():
@@ -181,20 +182,25 @@ def render(total, comps, single, skd, skd_note, umap_rows, load) -> str:
              f"| all curves + CKA matrix — CPU time, all threads (best repeat) | {total[2]:.2f} | |", "",
              "CPU time is what the work costs with the cores to itself: wall time on an idle 2-core"
              " machine is about CPU / 2 plus a little; on a shared machine wall time is higher.", "",
-             "Stages, serial and single-threaded (sum over layers):", "",
-             "| stage | time (s) |", "|---|---:|"]
+             "Stages, serial and single-threaded, CPU time (sum over layers):", "",
+             "| stage | CPU (s) |", "|---|---:|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in comps.items()]
     lines += [f"| *sum* | {sum(comps.values()):.3f} |", "",
-              "Public one-metric functions called separately (each forms its own Gram / kNN):", "",
-              "| function | time (s) |", "|---|---:|"]
+              "Public one-metric functions called separately (each forms its own Gram / kNN), CPU time:", "",
+              "| function | CPU (s) |", "|---|---:|"]
     lines += [f"| `{k}` | {v:.3f} |" for k, v in single.items()]
-    lines += ["", "What limits speed: one n x n Gram matrix per layer (syrk, 600 x 600 x 4096 ≈ 1.5 GFLOP"
-              " each, ~45 % of the serial time) and the eigenvalues of the normalised Gram (LAPACK syevd"
-              " on 600 x 600, ~25 %); then memory-bound passes (float16 -> float32, the fused"
-              " curvature/cosine pass). Everything else reuses the Gram: the kNN distances for TwoNN and"
-              " MLE (one query for both), and CKA (inner products of Grams). Layers run in parallel"
-              " threads with single-threaded BLAS, which also degrades far less than multi-threaded"
-              " BLAS when other processes share the cores.", ""]
+    tot = sum(comps.values())
+    share = {k: 100 * v / tot for k, v in comps.items()}
+    lines += ["", f"What limits speed: one n x n Gram matrix per layer (600 x 600 x 4096 ≈ 1.5 GFLOP each,"
+              f" {share['Gram (syrk)']:.0f} % of the CPU time) and the eigenvalues of the normalised Gram"
+              f" (LAPACK syevd on 600 x 600, {share['entropy eigvalsh']:.0f} %); then memory-bound passes"
+              " (float16 -> float32, the fused curvature/cosine pass). Everything else reuses the Gram:"
+              " the kNN distances for TwoNN and MLE (one query for both) and CKA (inner products of"
+              " Grams). Layers run in parallel threads with single-threaded BLAS, which also degrades"
+              " far less than multi-threaded BLAS when other processes share the cores (OpenBLAS threads"
+              " spin: a 600 x 600 eigen-solve took 4-5x longer with 2 BLAS threads than with 1 on this"
+              " shared machine). The remaining gap between wall and CPU/2 is CPU time taken by other"
+              " processes.", ""]
     if skd:
         lines += [f"Intrinsic dimension vs {skd_note} (`TwoNN()`, `MLE()` with 20 neighbours):", "",
                   "| data | true | TwoNN ours | TwoNN skdim | MLE ours | MLE skdim | ours (both, s) | skdim (both, s) |",
