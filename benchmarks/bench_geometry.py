@@ -121,10 +121,9 @@ def standalone(H, repeats):
 
 def skdim_comparison():
     try:
-        import skdim  # noqa: F401
+        import skdim
     except Exception as e:  # not installed (it is optional)
         return None, f"scikit-dimension not importable ({type(e).__name__}); comparison skipped"
-    import skdim
     sys.path.insert(0, str(ROOT / "tests"))
     from test_geometry import linear_subspace, swiss_roll
 

@@ -120,20 +120,22 @@ def layer_curves(H: np.ndarray, *, k: int = 20, discard_fraction: float = 0.1,
             H[l], k=k, discard_fraction=discard_fraction, bound=bound,
             gram_out=None if grams is None else grams[l]), range(L)))
         masks = [m for m in per if isinstance(m, np.ndarray)]
-        if masks:                           # rare: drop tokens with non-finite states, redo
+        if masks:
             depth.cancel()
-            keep = np.logical_and.reduce(masks)
-            return layer_curves(H[:, keep], k=k, discard_fraction=discard_fraction,
-                                with_cka=with_cka, workers=workers)
-        out = {name: np.array([row[i] for row in per], dtype=np.float64) for i, name in enumerate(names)}
-        out["curvature"], out["cosine_distance"] = depth.result()
-        if with_cka:
-            if n < 2:
-                out["cka"] = np.full((L, L), np.nan)
-            elif grams is not None:
-                out["cka"] = G.cka_from_grams(grams)
-            else:
-                out["cka"] = G.layer_similarity(H)
+        else:
+            out = {name: np.array([row[i] for row in per], dtype=np.float64) for i, name in enumerate(names)}
+            out["curvature"], out["cosine_distance"] = depth.result()
+            if with_cka:
+                if n < 2:
+                    out["cka"] = np.full((L, L), np.nan)
+                elif grams is not None:
+                    out["cka"] = G.cka_from_grams(grams)
+                else:
+                    out["cka"] = G.layer_similarity(H)
+    if masks:                               # rare: drop tokens with non-finite states, redo
+        keep = np.logical_and.reduce(masks)
+        return layer_curves(H[:, keep], k=k, discard_fraction=discard_fraction,
+                            with_cka=with_cka, workers=workers)
     return out
 
 
