@@ -268,3 +268,75 @@ def test_store_is_bounded():
     with pytest.raises(InputError, match="no longer in the server's memory"):
         store.get(ids[0])
     assert np.unique(ids).size == 3
+
+
+def test_store_is_bounded_by_bytes():
+    from types import SimpleNamespace
+
+    from vlmlens.ui.store import RunStore
+
+    big = SimpleNamespace(arrays={"a": np.zeros(1000, dtype=np.float32)})   # 4000 bytes
+    store = RunStore(capacity=10, max_bytes=10_000)
+    ids = [store.add(big, label=str(i)).id for i in range(4)]
+    assert [store.has(i) for i in ids] == [False, False, True, True]
+    huge = SimpleNamespace(arrays={"a": np.zeros(10_000, dtype=np.float32)})
+    last = store.add(huge, label="huge").id
+    assert store.has(last) and len(store) == 1                                # the newest always stays
+
+
+def test_random_scene_has_ground_truth(client):
+    image, prompts, truth = client.predict(api_name="/random_scene")
+    assert Path(image).is_file() and "Ground truth" in truth and "object" in truth
+    labels = [c[0] for c in prompts["choices"]]
+    assert any(l.startswith("[one word]") for l in labels) and any(l.startswith("[caption]") for l in labels)
+
+
+def test_missing_tiny_model_falls_back_to_teaching_mode(monkeypatch, tmp_path, runs_dir):
+    from vlmlens.models import loading
+    from vlmlens.ui.callbacks import Dashboard
+
+    monkeypatch.setitem(loading.BUILTIN, "tiny-shapes", tmp_path / "not-there")
+    dash = Dashboard(model="tiny-shapes", runs_dir=runs_dir)
+    assert dash.holder.state == "off"
+    assert "not present" in dash.holder.off_reason and "not present" in dash.holder.status_markdown()
+    assert dash.default_run in CACHED
+
+
+def test_cached_runs_usable_while_the_model_loads(runs_dir, lm):
+    from vlmlens.ui.callbacks import Dashboard, new_session
+
+    release = threading.Event()
+    dash = Dashboard(model="random:llava", runs_dir=runs_dir, loader=lambda *a, **k: release.wait(30) and lm)
+    try:
+        assert dash.holder.state == "loading" and "loading" in dash.holder.status_markdown()
+        t0 = time.perf_counter()
+        sess, info, *_ = dash.open_default(new_session())
+        assert time.perf_counter() - t0 < 1.0 and info["label"] == dash.default_run
+        fig = dash.heatmap_layer(sess, 1, 0, "attention")
+        assert any(t.type == "heatmap" for t in fig.data)
+    finally:
+        release.set()
+    assert dash.holder.wait(30) is lm and dash.holder.state == "ready"
+
+
+def test_app_defaults_are_safe():
+    import app
+
+    a = app.parse_args([])
+    assert (a.host, a.port, a.share, a.trust_remote_code, a.no_model, a.model) == \
+        ("127.0.0.1", 7860, False, False, False, "tiny-shapes")
+
+
+def test_library_never_imports_gradio():
+    import subprocess
+    import sys
+
+    code = ("import importlib, pkgutil, sys, vlmlens\n"
+            "for m in pkgutil.walk_packages(vlmlens.__path__, 'vlmlens.'):\n"
+            "    if not m.name.startswith('vlmlens.ui') and not m.name.endswith('__main__'):\n"
+            "        importlib.import_module(m.name)\n"
+            "print('gradio' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"

@@ -67,15 +67,14 @@ class Dashboard:
         self.runs = RunsDir(runs_dir)
         self.examples = load_examples()
         self.timings: dict[str, deque] = defaultdict(lambda: deque(maxlen=500))
-        names = self.runs.names()
-        self.default_run = default_run if default_run in names else (names[0] if names else None)
-        self.default_layers = 2
-        if self.default_run:  # warm the shared copy so the first page opens it at once
-            try:
-                self.default_layers = self.runs.open(self.default_run)[0].n_layers
+        self.default_run, self.default_layers = None, 2
+        for name in ([default_run] if default_run else []) + self.runs.preferred_order():
+            try:  # warm the shared copy so the first page opens it at once
+                self.default_layers = self.runs.open(name)[0].n_layers
+                self.default_run = name
+                break
             except (RunFormatError, InputError, FileNotFoundError) as e:
-                log.warning("default run %s is not usable: %s", self.default_run, e)
-                self.default_run = None
+                log.warning("run %s cannot be the default run: %s", name, e)
         if start_loading:
             self.holder.start()
 

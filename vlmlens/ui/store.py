@@ -67,19 +67,26 @@ class Entry:
     source: str                                   # "capture", "saved:<name>"
     derived: Derived = field(default_factory=Derived)
     extras: dict = field(default_factory=dict)    # this session's experiment results (JSON-able)
-    variants: dict = field(default_factory=dict)  # in-memory Runs of the last comparison (label -> Run)
 
     @property
     def sweep(self) -> dict | None:
         return self.extras.get("sweep")
 
 
-class RunStore:
-    """Bounded LRU ``id -> Entry``; ``get`` of an evicted id raises InputError."""
+def run_bytes(run) -> int:
+    arrays = getattr(run, "arrays", None) or {}
+    return int(sum(getattr(a, "nbytes", 0) for a in arrays.values()))
 
-    def __init__(self, capacity: int = 64) -> None:
+
+class RunStore:
+    """Bounded LRU ``id -> Entry`` (at most ``capacity`` entries and about ``max_bytes`` of
+    arrays; the newest entry always stays); ``get`` of an evicted id raises InputError."""
+
+    def __init__(self, capacity: int = 64, max_bytes: float = 2e9) -> None:
         self.capacity = int(capacity)
+        self.max_bytes = float(max_bytes)
         self._entries: "OrderedDict[str, Entry]" = OrderedDict()
+        self._bytes: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def add(self, run: Run, *, label: str, source: str = "capture", derived: Derived | None = None,
@@ -87,8 +94,11 @@ class RunStore:
         entry = Entry(uuid.uuid4().hex, run, label, source, derived or Derived(), dict(extras or {}))
         with self._lock:
             self._entries[entry.id] = entry
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+            self._bytes[entry.id] = run_bytes(run)
+            while len(self._entries) > 1 and (len(self._entries) > self.capacity
+                                              or sum(self._bytes.values()) > self.max_bytes):
+                old, _ = self._entries.popitem(last=False)
+                self._bytes.pop(old, None)
         return entry
 
     def get(self, run_id: str | None) -> Entry:
@@ -136,6 +146,16 @@ class RunsDir:
         if self.path is None or not self.path.is_dir():
             return []
         return sorted(p.name for p in self.path.iterdir() if not p.name.startswith(".") and is_run_dir(p))
+
+    def preferred_order(self) -> list[str]:
+        """Run names, those listed in ``index.json`` (make-cached-runs' order) first."""
+        names = self.names()
+        try:
+            listed = [r["name"] for r in json.loads((self.path / "index.json").read_text())["runs"]]
+        except (OSError, TypeError, ValueError, KeyError):
+            listed = []
+        first = [n for n in listed if n in names]
+        return first + [n for n in names if n not in first]
 
     def _dir(self, name: str) -> Path:
         name = check_run_name(name)

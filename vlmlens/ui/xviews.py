@@ -66,9 +66,9 @@ def run_truncation(lm, entry, depths: list[int], mode: str, *, sweep: bool, prog
         entry.extras["sweep"] = res.to_json()
         entry.extras.pop("compare", None)          # the sweep's table shows every depth
     else:
-        res = C.compare(lm, image, prompt, depths, mode=mode, max_new_tokens=n_new, progress=progress, keep_runs=True)
+        res = C.compare(lm, image, prompt, depths, mode=mode, max_new_tokens=n_new, progress=progress, store="none",
+                        record_attention=False, keep_runs=False)
         entry.extras["compare"] = res.to_json()
-        entry.variants = {f"depth {k} ({mode})": r for k, r in res.runs.items()}
     return res.to_json()
 
 
