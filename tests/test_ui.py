@@ -173,8 +173,11 @@ def test_truncation_compare_and_sweep(client):
 
 
 def test_runs_tab_open_save_download(client, runs_dir):
-    dd, names = client.predict(api_name="/list_runs")
+    dd, names, table = client.predict(api_name="/list_runs")
     assert set(CACHED) <= set(names) and "broken-run" in names
+    assert names[:2] == CACHED                                               # index.json order first
+    row = next(l for l in table.splitlines() if l.startswith(f"| {CACHED[1]} "))
+    assert row.rstrip(" |").endswith("yes")                                  # its sweep is listed
     info, *_ = client.predict(CACHED[1], api_name="/load_run")
     assert info["source"] == f"saved:{CACHED[1]}" and info["has_sweep"]
     saved = json.loads((runs_dir / CACHED[1] / "run.json").read_text())
@@ -183,7 +186,8 @@ def test_runs_tab_open_save_download(client, runs_dir):
     assert "Sweep" in gens and gens.count("class='vl-gen-row'") == 1 + info["n_layers"] + 1
     client.predict(handle_file(EXAMPLE), "Is there a red circle?", 2, api_name="/capture")
     name = f"saved-{int(time.time() * 1000)}"
-    msg, _ = client.predict(name, api_name="/save_run")
+    msg, _, table = client.predict(name, api_name="/save_run")
+    assert f"| {name} " in table
     assert name in msg and (runs_dir / name / "arrays.safetensors").is_file()
     assert "already exists" in app_error(client, name, api_name="/save_run")
     zpath, cpath, hpath = client.predict(api_name="/downloads")

@@ -105,10 +105,12 @@ class Dashboard:
         return self.holder.status_markdown(), gr.Timer(active=not done)
 
     @handler("pick_example")
-    def pick_example(self, evt: gr.SelectData):
+    def pick_example(self, prompt, evt: gr.SelectData):
         ex = self.examples[int(evt.index)]
         choices = prompt_choices(ex.get("prompts"))
-        return (ex["file"], gr.Dropdown(choices=choices, value=None), truth_markdown(ex.get("truth"), ex.get("seed")))
+        first = choices[0][1] if choices and not (prompt or "").strip() else gr.skip()
+        return (ex["file"], gr.Dropdown(choices=choices, value=None), truth_markdown(ex.get("truth"), ex.get("seed")),
+                first)
 
     @handler("random_scene")
     def new_scene(self, seed=None):
@@ -150,8 +152,9 @@ class Dashboard:
     # ---- runs ---------------------------------------------------------------------------------
     @handler("list_runs")
     def list_runs(self):
-        names = self.runs.names()
-        return gr.Dropdown(choices=names, value=names[0] if names else None), names
+        """Names of the saved runs (and a table of them for the Runs tab)."""
+        names = self.runs.preferred_order()
+        return gr.Dropdown(choices=names, value=names[0] if names else None), names, self.runs.table_markdown()
 
     @handler("load_run")
     def load_run(self, name, sess):
@@ -184,8 +187,9 @@ class Dashboard:
     def save_run(self, name, sess):
         entry = self.entry(sess)
         dest = self.runs.save(name, entry.run, entry.extras)
-        names = self.runs.names()
-        return f"Saved as `{dest.name}` in `{self.runs.path}`.", gr.Dropdown(choices=names, value=dest.name)
+        names = self.runs.preferred_order()
+        return (f"Saved as `{dest.name}` in `{self.runs.path}`.", gr.Dropdown(choices=names, value=dest.name),
+                self.runs.table_markdown())
 
     @handler("downloads")
     def downloads(self, sess):

@@ -138,12 +138,13 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                         comp_fig = gr.Plot(label="FLOPs / KV cache / latency per depth", elem_id="vl-compute")
                     with gr.Tab("Runs", id="runs") as t_runs:
                         with gr.Row():
-                            run_list = gr.Dropdown(choices=dash.runs.names(), value=dash.default_run,
+                            run_list = gr.Dropdown(choices=dash.runs.preferred_order(), value=dash.default_run,
                                                    label="Saved runs", info=f"in {dash.runs.path}", elem_id="vl-run-list",
                                                    allow_custom_value=True)
                             open_btn = gr.Button("Open", elem_id="vl-open")
                             refresh_btn = gr.Button("Refresh list", size="sm")
                         names_json = gr.JSON(visible=False, label="run_names")
+                        runs_table = gr.Markdown(dash.runs.table_markdown(), label="runs_table", elem_id="vl-runs-table")
                         mine = gr.Dropdown(choices=[], label="This session's runs", elem_id="vl-mine", allow_custom_value=True)
                         with gr.Row():
                             save_name = gr.Textbox(label="Save current run as", placeholder="my-run", elem_id="vl-save-name")
@@ -181,7 +182,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
 
         timer.tick(dash.model_status, None, [status, timer], api_name="model_status", show_progress="hidden",
                    api_visibility=INTERNAL)
-        gallery.select(dash.pick_example, None, [image, prompt_pick, truth], api_name="pick_example",
+        gallery.select(dash.pick_example, prompt, [image, prompt_pick, truth, prompt], api_name="pick_example",
                        api_visibility=INTERNAL)
         scene_btn.click(dash.new_scene, None, [image, prompt_pick, truth], api_name="random_scene")
         prompt_pick.input(dash.pick_prompt, prompt_pick, prompt, api_name="pick_prompt", show_progress="hidden",
@@ -194,8 +195,8 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                   "open_default")
         after_run(open_btn.click(dash.load_run, [run_list, sess], overview, api_name="load_run"), "load_run")
         after_run(mine.input(dash.switch_run, [mine, sess], overview, api_name="switch_run"), "switch_run")
-        refresh_btn.click(dash.list_runs, None, [run_list, names_json], api_name="list_runs")
-        save_btn.click(dash.save_run, [save_name, sess], [save_msg, run_list], api_name="save_run")
+        refresh_btn.click(dash.list_runs, None, [run_list, names_json, runs_table], api_name="list_runs")
+        save_btn.click(dash.save_run, [save_name, sess], [save_msg, run_list, runs_table], api_name="save_run")
         dl_btn.click(dash.downloads, sess, [dl_zip, dl_csv, dl_html], api_name="downloads")
 
         layer.change(dash.heatmap_layer, [sess, layer, query, kind], heat, api_name="heatmap_layer",

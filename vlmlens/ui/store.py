@@ -147,6 +147,24 @@ class RunsDir:
             return []
         return sorted(p.name for p in self.path.iterdir() if not p.name.startswith(".") and is_run_dir(p))
 
+    def table_markdown(self) -> str:
+        """One row per run of the folder: prompt, generation, model, layers, whether a truncation
+        sweep is stored (read from run.json / sweep.json only; arrays are not loaded)."""
+        rows = ["| run | prompt | generation | model | layers | sweep |", "|---|---|---|---|---|---|"]
+        for name in self.preferred_order():
+            d = self.path / name
+            try:
+                doc = json.loads((d / "run.json").read_text())
+                meta = doc.get("meta", {})
+                gen = str(doc.get("generated_text", ""))
+                cells = [name, str(meta.get("prompt", "")), gen if len(gen) < 60 else gen[:57] + "…",
+                         str(meta.get("model", "")), str(meta.get("n_layers", "")),
+                         "yes" if (d / SWEEP_FILE).is_file() else "—"]
+            except (OSError, ValueError, AttributeError):
+                cells = [name, "(unreadable run.json)", "", "", "", ""]
+            rows.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+        return "\n".join(rows) if len(rows) > 2 else "_No saved runs in this folder yet._"
+
     def preferred_order(self) -> list[str]:
         """Run names, those listed in ``index.json`` (make-cached-runs' order) first."""
         names = self.names()
