@@ -187,12 +187,14 @@ def _timed_generate(lm, inputs, img_pos, n_new: int, ivs) -> float:
     return time.perf_counter() - t0
 
 
-def measure_latency(lm, image, prompt: str, depths, *, n_steps: int = 8, repeats: int = 3) -> dict:
+def measure_latency(lm, image, prompt: str, depths, *, n_steps: int = 8, repeats: int = 3,
+                    keep_samples: bool = False) -> dict:
     """Median wall time of prefill and of ``n_steps`` decode forwards, per depth, for
     ``Truncate(k, "remove")`` (depth L: no truncation), interleaved across depths.
 
     Prefill time = ``generate(max_new_tokens=1)``; decode time = ``generate(max_new_tokens=
     n_steps + 1)`` minus that. No recording (hidden states, attention) is done.
+    ``keep_samples`` adds every repeat's seconds under ``"samples"`` ({prefill, total}: [depth][repeat]).
     """
     from ..capture import image_positions, prepare_inputs
     from ..interventions import Truncate
@@ -216,6 +218,8 @@ def measure_latency(lm, image, prompt: str, depths, *, n_steps: int = 8, repeats
         out["prefill_s"].append(p)
         out["decode_s"].append(max(t - p, 0.0))
         out["total_s"].append(t)
+    if keep_samples:
+        out["samples"] = {"prefill": [pre[k] for k in ks], "total": [tot[k] for k in ks]}
     return out
 
 

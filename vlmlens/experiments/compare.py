@@ -47,7 +47,8 @@ class TruncationResult:
     """Baseline + per-depth summaries (JSON-serialisable via :meth:`to_json`).
 
     ``runs`` (depth -> Run) and ``baseline_run`` are kept in memory only (save them with
-    ``save_run``); they are not part of the JSON.
+    ``save_run``); they are not part of the JSON. When depth L is among the depths, the
+    baseline *is* the depth-L run (its truncation is a no-op, so it is captured once).
     """
 
     model: str
@@ -109,14 +110,16 @@ def _truncation(lm, image, prompt, depths, *, mode, max_new_tokens, intervention
     check_mode(mode)
     ks = parse_depths(depths, lm.n_layers)
     t0 = time.perf_counter()
+    L = lm.n_layers
     s = Session(lm, image, prompt, max_new_tokens=max_new_tokens, interventions=interventions, reuse=reuse,
-                store=store, hidden_dtype=hidden_dtype, record_attention=record_attention)
+                store=store, hidden_dtype=hidden_dtype, record_attention=record_attention,
+                baseline=[truncation(L, mode)] if L in ks else [])
     base = s.baseline
     if progress:
         progress(0, len(ks), "baseline")
     summaries, runs = [], {}
     for i, k in enumerate(ks):
-        out = s.evaluate([truncation(k, mode)])
+        out = base if k == L else s.evaluate([truncation(k, mode)])
         summaries.append(DepthSummary(depth=k, **compare_outputs(base, out, separator, lm.processor.tokenizer)))
         if keep_runs:
             runs[k] = out.run

@@ -20,7 +20,7 @@ Comparison of a variant with the baseline (:func:`compare_outputs`):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -28,10 +28,10 @@ import torch
 
 from ..capture import capture, check_max_new_tokens
 from ..errors import InputError
-from ..interventions import Truncate, validate_all
+from ..interventions import Freeze, Truncate, validate_all
 from ..lens import Lens, Plan
 from ..run import Run
-from .prefix import Prefix, prefill, prepare
+from .prefix import Prefix, accepts_logits_to_keep, prefill, prepare
 
 DEFAULT_SEPARATOR = "answer:"
 Progress = Callable[[int, int, str], None]
@@ -135,8 +135,6 @@ def parse_depths(depths, n_layers: int) -> list[int]:
 
 def truncation(k: int, mode: str):
     """The intervention that stops the LM's use of the image from decoder layer ``k`` on."""
-    from ..interventions import Freeze
-
     check_mode(mode)
     return Freeze(k) if mode == "freeze" else Truncate(k, mode)
 
@@ -165,11 +163,13 @@ class Session:
             interventions are added after them; conflicts raise InputError).
         reuse: continue variants from a shared prefix cache where the family supports it.
         store, hidden_dtype, record_attention: what each variant's Run records (as in capture).
+        baseline: interventions of the baseline itself (after ``interventions``); a sweep uses
+            its no-op depth-L truncation, so the baseline doubles as the depth-L run.
     """
 
     def __init__(self, lm, image, prompt: str, *, max_new_tokens: int = 16, interventions: Sequence = (),
                  reuse: bool = True, store: str = "none", hidden_dtype: str = "float16",
-                 record_attention: bool = False):
+                 record_attention: bool = False, baseline: Sequence = ()):
         self.lm = lm
         self.n_new = check_max_new_tokens(max_new_tokens)
         self.extra = list(interventions)
@@ -178,7 +178,7 @@ class Session:
         self.prep = prepare(lm, image, prompt)
         self.reuse = bool(reuse) and self.prep.position_ids is not None
         self._prefix: Prefix | None = None
-        self.baseline: Outcome = self.evaluate([])
+        self.baseline: Outcome = self.evaluate(list(baseline))
 
     @property
     def n_layers(self) -> int:
@@ -193,6 +193,8 @@ class Session:
             return self._prefix
         if len(ivs) == 1 and isinstance(ivs[0], Truncate):
             return self._prefix.truncated(ivs[0].after_layer, ivs[0].mode)
+        if len(ivs) == 1 and isinstance(ivs[0], Freeze) and ivs[0].after_layer >= self.n_layers:
+            return replace(self._prefix, interventions=self._prefix.interventions + [ivs[0].to_json()])  # a no-op
         return prefill(self.lm, self.prep, self.extra + ivs, **self.record)
 
     def evaluate(self, interventions: Sequence) -> Outcome:
@@ -218,7 +220,7 @@ class Session:
             inputs = _extend(prep.inputs, target, n_prompt)
         plan = Plan(image_positions=prep.image_pos, n_layers=lm.n_layers, record_hidden=False,
                     record_attention=False, map_from=n_prompt - 1, interventions=ivs, n_prompt=n_prompt)
-        kwargs = {"logits_to_keep": T + 1} if lm.model._supports_logits_to_keep() else {}
+        kwargs = {"logits_to_keep": T + 1} if accepts_logits_to_keep(lm) else {}
         with torch.no_grad(), Lens(lm.arch.decoder_layers(lm.model), plan, device=lm.device) as state:
             if prefix is not None:
                 prefix.seed(state)

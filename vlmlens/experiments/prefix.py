@@ -86,6 +86,13 @@ def prepare(lm, image, prompt: str) -> Prepared:
                     position_ids)
 
 
+def accepts_logits_to_keep(lm) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (skip the LM head on rows we do not read)."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(lm.model.forward).parameters
+
+
 def _per_token(v, n: int) -> bool:
     return isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == (1, n)
 
@@ -151,7 +158,7 @@ class Prefix:
         if not for_generate:
             pos = pos[..., -ids.shape[1]:]
         return {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
-                "past_key_values": copy.deepcopy(self.cache)}
+                "past_key_values": _private_copy(self.cache)}
 
     # -- derived prefixes ---------------------------------------------------------------------------
     def truncated(self, k: int, mode: str) -> "Prefix":
@@ -174,6 +181,19 @@ class Prefix:
             # hidden index l+1 is the output of decoder layer l: removed rows are not recorded there
             hidden[l + 1] = [_drop_rows(pos, h, self.prep.image_pos) for pos, h in self.hidden.get(l + 1, [])]
         return replace(self, cache=cache, key_pos=key_pos, hidden=hidden, interventions=ivs)
+
+
+def _private_copy(cache):
+    """A cache the continuation may grow without touching ``cache``. Dynamic layers grow by
+    ``torch.cat`` (new tensors), so sharing their tensors is safe and saves a full copy; any
+    other layer type (static caches write in place) is deep-copied."""
+    from transformers.cache_utils import DynamicLayer
+
+    if type(cache).__name__ == "DynamicCache" and all(type(l) is DynamicLayer for l in cache.layers):
+        out = copy.copy(cache)
+        out.layers = [copy.copy(l) for l in cache.layers]
+        return out
+    return copy.deepcopy(cache)
 
 
 def _drop_rows(pos: np.ndarray, h: torch.Tensor, removed: np.ndarray):
@@ -199,7 +219,7 @@ def prefill(lm, prep: Prepared, interventions=(), *, store: str = "all", hidden_
     )
     inputs = {k: (v[:, :m] if _per_token(v, n) else v) for k, v in prep.inputs.items()}
     inputs["position_ids"] = prep.position_ids[..., :m]
-    kwargs = {"logits_to_keep": 1} if lm.model._supports_logits_to_keep() else {}
+    kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(lm) else {}
     with torch.no_grad(), Lens(lm.arch.decoder_layers(lm.model), plan, device=lm.device) as state:
         out = lm.model(**inputs, use_cache=True, return_dict=True, **kwargs)
     return Prefix(
