@@ -323,6 +323,16 @@ def test_cached_runs_usable_while_the_model_loads(runs_dir, lm):
     assert dash.holder.wait(30) is lm and dash.holder.state == "ready"
 
 
+def test_empty_runs_folder_page_load_is_quiet(tmp_path):
+    from vlmlens.ui.callbacks import Dashboard, new_session
+
+    dash = Dashboard(no_model=True, runs_dir=tmp_path)
+    sess, info, gen, strip, headline = dash.open_default(new_session())
+    assert info == {} and "No run yet" in strip and dash.default_run is None
+    assert all(x == {"__type__": "update"} for x in dash.sync_controls(sess, 0))          # gr.skip()
+    assert "No saved runs" in dash.runs.table_markdown()
+
+
 def test_app_defaults_are_safe():
     import app
 

@@ -211,6 +211,8 @@ class Dashboard:
     # ---- controls that follow the run ---------------------------------------------------------
     @handler("sync_controls")
     def sync_controls(self, sess, layer):
+        if not self.store.has((sess or {}).get("current")):  # e.g. an empty runs folder at page load
+            return tuple(gr.skip() for _ in range(5))
         entry = self.entry(sess)
         run = entry.run
         L = run.n_layers

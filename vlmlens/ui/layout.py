@@ -165,6 +165,8 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
         def render_tab(sess_v, tab, layer_v, query_v, kind_v, span_v):
             """After a new run: redraw the visible tab, leave the others for their select event."""
             out = {c: gr.skip() for c in all_tab_outputs}
+            if not dash.store.has((sess_v or {}).get("current")):
+                return [out[c] for c in all_tab_outputs]
             calls = {"heatmaps": lambda: dash.heatmaps(sess_v, layer_v, query_v, kind_v),
                      "dynamics": lambda: dash.dynamics(sess_v, span_v), "attention": lambda: dash.attention(sess_v),
                      "truncation": lambda: dash.truncation_view(sess_v),
