@@ -64,6 +64,17 @@ def test_sweep_equals_independent_captures(family, mode, image, llava_sweep):
     assert res.baseline_token_ids == ref.baseline_token_ids
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl", "idefics3"])
+def test_other_families_reuse_or_fall_back(family, image):
+    lm = random_lm(family)
+    a = sweep(lm, image, P, mode="remove", max_new_tokens=2, store="none", record_attention=False)
+    b = sweep(lm, image, P, mode="remove", max_new_tokens=2, store="none", record_attention=False, reuse=False)
+    assert a.reuse == (family != "idefics3")  # image tiles: independent captures
+    for x, y in zip(a.depths, b.depths):
+        assert x.token_ids == y.token_ids
+        assert abs(x.first_token_kl - y.first_token_kl) <= 1e-5 and abs(x.baseline_logprob - y.baseline_logprob) <= 1e-5
+
+
 def test_baseline_depth_and_metric_meaning(image, llava_sweep):
     res, lm = llava_sweep, random_lm("llava")
     L = lm.n_layers

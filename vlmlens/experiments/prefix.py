@@ -33,8 +33,9 @@ from ..images import image_sha256
 from ..interventions import Truncate, validate_all
 from ..lens import Lens, Plan
 
-# families whose prompt layout, position ids and cache were checked for continuation
-REUSE_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+# families whose prompt layout, position ids and cache were checked for continuation (tests);
+# gemma3 (bidirectional image block) and idefics3 (image tiles) run independent captures
+REUSE_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl")
 
 
 @dataclass
