@@ -281,3 +281,16 @@ def test_cli_sweep_writes_outputs(image, tmp_path, capsys):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.txt").write_text("x")
     assert main(args[:-4] + ["--out", str(tmp_path / "other")]) == 2
+
+
+def test_cli_study_writes_outputs(tmp_path, capsys):
+    out = tmp_path / "study"
+    args = ["study", "--model", "random:llava", "--n", "1", "--families", "single", "--depths", "0,all", "--out", str(out)]
+    assert main(args) == 0
+    doc = json.loads((out / "study.json").read_text())
+    assert doc["depths"] == [0, 2] and [r["family"] for r in doc["rows"]] == ["single", "single"]
+    assert (out / "study.csv").read_text().splitlines()[0].startswith("family,depth,n,accuracy")
+    assert (out / "fig_task_necessity.html").stat().st_size > 1000
+    assert "| single |" in capsys.readouterr().out
+    assert main(["study", "--model", "random:llava", "--suite", "clevr"]) == 2
+    assert "unknown suite" in capsys.readouterr().err

@@ -175,7 +175,7 @@ def cmd_study(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write_csv(out / "study.csv", res.rows, CSV_COLUMNS)
         (out / "study.json").write_text(json.dumps(res.to_json(), indent=1))
-        fig_task_necessity(res).write_html(out / "fig_task_necessity.html", include_plotlyjs=True)
+        fig_task_necessity(res).write_html(out / "fig_task_necessity.html", include_plotlyjs="cdn")  # small; plotly.js from its CDN
         print(f"saved: {out}/study.json, study.csv, fig_task_necessity.html")
     return 0
 
