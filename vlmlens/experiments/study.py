@@ -108,10 +108,12 @@ def task_study(lm, *, suite: str = "shapes", n: int = 100, families: Sequence[st
         kept = {k: [] for k in ks}
         kls = {k: [] for k in ks}
         for e in exs:
-            s = Session(lm, e.scene.image, e.prompt, max_new_tokens=budget[f], reuse=reuse)
+            L = lm.n_layers  # the untruncated run doubles as depth L (a no-op truncation)
+            s = Session(lm, e.scene.image, e.prompt, max_new_tokens=budget[f], reuse=reuse,
+                        baseline=[truncation(L, mode)])
             outs = {}
             for k in ks:
-                c = compare_outputs(s.baseline, s.evaluate([truncation(k, mode)]))
+                c = compare_outputs(s.baseline, s.baseline if k == L else s.evaluate([truncation(k, mode)]))
                 preds[k].append(c["text"])
                 kept[k].append(c["answer_kept"])
                 kls[k].append(c["first_token_kl"])
