@@ -29,7 +29,6 @@ class DepthSummary:
 
     depth: int
     text: str
-    divergence_char: int | None   # where the first divergent token starts in ``text`` (None: same/unknown)
     tokens: list[str]
     token_ids: list[int]
     first_divergence: int | None
@@ -40,6 +39,7 @@ class DepthSummary:
     answer: str
     answer_kept: bool
     text_kept: bool
+    divergence_char: int | None = None   # where the first divergent token starts in ``text`` (None: same/unknown)
 
 
 @dataclass
@@ -88,9 +88,14 @@ class TruncationResult:
 
     @classmethod
     def from_json(cls, d: dict) -> "TruncationResult":
-        d = dict(d)
-        d["depths"] = [DepthSummary(**x) for x in d["depths"]]
-        return cls(**d)
+        """Rebuild from :meth:`to_json` output (unknown keys, e.g. from a newer version, are ignored)."""
+        from dataclasses import fields
+
+        keep = {f.name for f in fields(DepthSummary)}
+        top = {f.name for f in fields(cls)} - {"runs", "baseline_run"}
+        out = {k: v for k, v in d.items() if k in top}
+        out["depths"] = [DepthSummary(**{k: v for k, v in x.items() if k in keep}) for x in d["depths"]]
+        return cls(**out)
 
     def marked_text(self, k: int, left: str = "[[", right: str = "]]") -> str:
         """Depth ``k``'s text with everything from the first divergent token wrapped in markers."""
