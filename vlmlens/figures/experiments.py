@@ -17,7 +17,7 @@ import html
 
 import plotly.graph_objects as go
 
-from ._style import SPAN_COLORS, empty_figure, new_figure
+from ._style import SPAN_COLORS, empty_figure, legend_below, new_figure
 from .experiments_grids import fig_compute_tradeoff, fig_layer_skip, fig_substitution_matrix  # noqa: F401
 
 KL_COLOR = SPAN_COLORS["image"]
@@ -72,6 +72,7 @@ def fig_truncation_sweep(result, *, tau: float | None = None, cliff: int | None 
         fig.add_vline(x=cliff, line=dict(color=CLIFF_COLOR, dash="dash"), row=row, col=1)
     fig.add_annotation(x=cliff, y=1.0, xref="x", yref="paper", text=f"cliff {cliff}", showarrow=False,
                        font=dict(color=CLIFF_COLOR), yanchor="bottom")
+    legend_below(fig, y=-0.12)
     fig.update_yaxes(tickvals=[0, 1], ticktext=["lost", "kept"], range=[-0.3, 1.3], row=2, col=1)
     fig.update_xaxes(title_text="truncation depth k (image unused from decoder layer k on; L = baseline)", row=3, col=1,
                      tickvals=x, ticktext=[_depth_label(d, r.n_layers) for d in x])
@@ -114,8 +115,10 @@ def fig_side_by_side(result, *, title: str | None = None) -> go.Figure:
         cells[1].append(f"{d.first_token_kl:.4f}")
         cells[2].append("yes" if d.answer_kept else "no")
         cells[3].append(text)
+    # rows wrap: about 95 characters per line of the text column at the default width
+    lines = sum(1 + len(t.replace("<b>", "")) // 95 for t in [r.baseline_text] + [d.text for d in r.depths])
     fig = new_figure(title=title or f"Generations by truncation depth ({r.mode})",
-                     height=120 + 34 * (len(r.depths) + 2))
+                     height=150 + 22 * lines + 10 * (len(r.depths) + 2))
     fig.add_trace(go.Table(columnwidth=[60, 60, 50, 600],
                            header=dict(values=["depth", "KL", "kept", "generated text (divergence marked)"],
                                        align="left", fill_color="#eeeeee"),
@@ -126,7 +129,7 @@ def fig_side_by_side(result, *, title: str | None = None) -> go.Figure:
 # ---- reasoning traces --------------------------------------------------------------------------------
 
 def fig_reasoning_perturbation(perturbation, *, title: str | None = None) -> go.Figure:
-    """Bars: normalised trace edit distance per depth; markers: final answer changed (1) or not (0).
+    """Bars: normalised trace edit distance per depth; markers on top: final answer changed / kept.
 
     Accepts a TracePerturbation (or its dict) or a TruncationResult (computed with its separator).
     """
@@ -140,9 +143,12 @@ def fig_reasoning_perturbation(perturbation, *, title: str | None = None) -> go.
     fig = new_figure(title=title or "Reasoning trace under truncation")
     fig.add_trace(go.Bar(x=p.depths, y=p.trace_distance, name="trace edit distance (normalised)",
                          marker_color=KL_COLOR))
-    fig.add_trace(go.Scatter(x=p.depths, y=[1.0 if c else 0.0 for c in p.answer_changed], mode="markers",
-                             name="final answer changed", marker=dict(size=12, symbol="x", color=LOST_COLOR)))
-    fig.update_yaxes(title_text="distance / changed", range=[0, 1.1])
+    for changed, name, symbol, color in ((True, "final answer changed", "x", LOST_COLOR),
+                                         (False, "final answer kept", "circle", KEPT_COLOR)):
+        xs = [d for d, c in zip(p.depths, p.answer_changed) if c == changed]
+        fig.add_trace(go.Scatter(x=xs, y=[1.08] * len(xs), mode="markers", name=name,
+                                 marker=dict(size=12, symbol=symbol, color=color)))
+    fig.update_yaxes(title_text="trace edit distance", range=[0, 1.15], tickvals=[0, 0.25, 0.5, 0.75, 1])
     fig.update_xaxes(title_text="truncation depth k", tickvals=p.depths)
     return fig
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-from ._style import SEQUENTIAL_COLORSCALE, SPAN_COLORS, empty_figure, new_figure
+from ._style import SEQUENTIAL_COLORSCALE, SPAN_COLORS, empty_figure, legend_below, new_figure
 
 TOKEN_COLORS = {"image": SPAN_COLORS["image"], "all": SPAN_COLORS["system"]}
 
@@ -61,6 +61,7 @@ def fig_layer_skip(result, *, title: str | None = None) -> go.Figure:
     if cos is not None:
         fig.add_trace(go.Bar(x=layers, y=[np.nan if v is None else v for v in cos], name="image-token cosine distance",
                              marker_color=SPAN_COLORS["image"], opacity=0.6), row=2, col=1)
+    legend_below(fig, y=-0.15)
     fig.update_yaxes(title_text="KL (nats)", row=1, col=1)
     fig.update_yaxes(title_text="1 − cos(h_l, h_l+1)", row=2, col=1)
     fig.update_xaxes(title_text="decoder layer l", tickvals=layers, row=2, col=1)
