@@ -24,8 +24,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .lens_stats import record_attention, record_contributions
 
 ATTN_NAME = "vlmlens"
 _STATE_ATTR = "_vlmlens_state"
@@ -185,49 +187,11 @@ def _lens_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     # 3. statistics for non-image query rows against image keys
     if state.plan.record_attention and state.image_pos.numel():
         with torch.no_grad():
-            _record_attention(state, module, layer, query, key, qpos, kpos, allowed, scale)
+            record_attention(state, module, layer, query, key, qpos, kpos, allowed, scale)
     if state.plan.record_contrib and state.image_pos.numel():
-        from .analysis.attention import record_contributions
         with torch.no_grad():
             record_contributions(state, module, layer, query, key, value, qpos, kpos, allowed, scale)
     return out, None
-
-
-def _record_attention(state, module, layer, query, key, qpos, kpos, allowed, scale, chunk=256):
-    rows = torch.nonzero(~state.is_image(qpos) & (qpos > state.image_pos[0]), as_tuple=False).flatten()
-    img_keys = torch.nonzero(state.is_image(kpos), as_tuple=False).flatten()
-    if rows.numel() == 0 or img_keys.numel() == 0:
-        # no recorded rows, or image keys removed from the cache: no image mass anywhere
-        _zero_rows(state, layer, module, query, qpos)
-        return
-    n_rep = query.shape[1] // key.shape[1]
-    k = repeat_kv(key, n_rep)[0].float()          # [H, kv, d]
-    shares, maps, map_pos = [], [], []
-    for start in range(0, rows.numel(), chunk):
-        r = rows[start:start + chunk]
-        q = query[0, :, r, :].float()              # [H, R, d]
-        s = torch.matmul(q, k.transpose(-1, -2)) * scale
-        s = s.masked_fill(~allowed[r][None], float("-inf"))
-        p = torch.softmax(s, dim=-1)[:, :, img_keys]   # [H, R, n_img]
-        shares.append(p.sum(-1))                    # [H, R]
-        mrows = qpos[r] >= state.plan.map_from
-        if bool(mrows.any()):
-            maps.append(p[:, mrows].mean(0))         # [R', n_img]
-            map_pos.append(qpos[r][mrows])
-    share = torch.cat(shares, dim=1)
-    # full per-forward row set: image queries NaN, queries before the image 0
-    full = torch.zeros(query.shape[1], qpos.numel(), device=share.device)
-    full[:, state.is_image(qpos)] = float("nan")
-    full[:, rows] = share
-    state.share[layer].append((qpos.cpu().numpy(), full.cpu()))
-    if maps:
-        state.maps[layer].append((torch.cat(map_pos).cpu().numpy(), torch.cat(maps, 0).cpu()))
-
-
-def _zero_rows(state, layer, module, query, qpos):
-    full = torch.zeros(query.shape[1], qpos.numel())
-    full[:, state.is_image(qpos).cpu()] = float("nan")
-    state.share[layer].append((qpos.cpu().numpy(), full))
 
 
 AttentionInterface.register(ATTN_NAME, _lens_attention)

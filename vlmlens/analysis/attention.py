@@ -21,55 +21,9 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 QUERIES = ("last", "text", "generated", "all")
 STAGES = ("sink", "fusion", "discard")
-
-
-# ---- lens side: value contributions at the last prompt token ------------------------------
-
-def record_contributions(state, module, layer, query, key, value, qpos, kpos, allowed, scale) -> None:
-    """Called by the lens (``Plan.record_contrib``) inside the attention function.
-
-    For the query at position ``state.plan.map_from`` (the last prompt token) it recomputes
-    the attention row ``a[h, j] = softmax_j(q_h . k_hj * scale)`` (same masks as the layer)
-    and, with ``W_O`` the layer's ``o_proj``:
-
-    * ``o = W_O concat_h(sum_j a[h, j] v[h, j]) + b_O``  -- the attention block's output
-      (the o_proj output, before the residual add and before any post-attention norm),
-    * ``c_j = W_O concat_h(a[h, j] v[h, j])`` for every image key j (no bias),
-
-    and stores ``state.contrib[layer] = (o [d], sum_j c_j [d], |c_j| [n_image])`` on the CPU
-    (float32; NaN norms for image tokens no longer in the cache). Cost per layer: one query
-    row against all keys plus an ``[n_image, H*d_head] x [H*d_head, d_model]`` product. A
-    module without ``o_proj`` is recorded in head space (W_O = identity).
-    """
-    rows = torch.nonzero(qpos == state.plan.map_from).flatten()
-    if rows.numel() == 0 or layer in state.contrib:
-        return
-    r = int(rows[0])
-    from transformers.integrations.sdpa_attention import repeat_kv
-
-    n_rep = query.shape[1] // key.shape[1]
-    k = repeat_kv(key, n_rep)[0].float()                      # [H, kv, dh]
-    v = repeat_kv(value, n_rep)[0].float()
-    s = torch.einsum("hd,hkd->hk", query[0, :, r].float(), k) * scale
-    s = s.masked_fill(~allowed[r][None], float("-inf"))
-    a = torch.softmax(s, dim=-1)                              # [H, kv]
-    heads = torch.einsum("hk,hkd->hd", a, v).reshape(-1)      # [H*dh], head-major like the model
-    img = torch.nonzero(state.is_image(kpos)).flatten()
-    per_tok = (a[:, img, None] * v[:, img]).permute(1, 0, 2).reshape(img.numel(), heads.numel())
-    proj = getattr(module, "o_proj", None)
-    if proj is not None:
-        w = proj.weight.float()
-        o = heads @ w.T + (proj.bias.float() if proj.bias is not None else 0.0)
-        c = per_tok @ w.T                                     # [n_img_keys, d_model]
-    else:
-        o, c = heads, per_tok
-    norms = torch.full((state.image_pos.numel(),), float("nan"), device=c.device)
-    norms[torch.searchsorted(state.image_pos, kpos[img])] = c.norm(dim=-1)
-    state.contrib[layer] = (o.cpu(), c.sum(0).cpu(), norms.cpu())
 
 
 # ---- shares --------------------------------------------------------------------------------
@@ -208,7 +162,7 @@ def stage_details(run, *, fusion_cos: float = 0.995, discard_cos: float = 0.999,
 
     With ``o`` the attention block's output at the last prompt token (the o_proj output) and
     ``c_j = W_O concat_h(a_hj v_hj)`` image token j's part of it (see
-    :func:`record_contributions`), let ``cos_l = cos(o - sum_j c_j, o)`` at layer l.
+    :func:`vlmlens.lens_stats.record_contributions`), let ``cos_l = cos(o - sum_j c_j, o)`` at layer l.
 
     * a layer is a *fusion* layer when removing every image contribution turns its output by
       more than the threshold: ``cos_l < fusion_cos``;
