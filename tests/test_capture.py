@@ -135,3 +135,13 @@ def test_zero_new_tokens(image):
     run = vl.capture(lm, image, PROMPT, max_new_tokens=0)
     assert run.spans.n_total == run.spans.n_prompt and run.generated_text == "" and run.token_logprobs == []
     assert run.attention_maps.shape[1] == 1  # the last prompt token only
+
+
+def test_center_crop_box_recorded(image):
+    # the random LLaVA processor resizes the short edge to 48 and centre-crops 48x48:
+    # a 64x48 image keeps columns 8..56 of 64
+    run = vl.capture(random_lm("llava"), image, PROMPT, max_new_tokens=1)
+    assert run.meta["image_box"] == [0.0, 0.125, 1.0, 0.875]
+    square = vl.capture(random_lm("llava"), image.resize((48, 48)), PROMPT, max_new_tokens=1)
+    assert square.meta["image_box"] is None
+    assert vl.capture(random_lm("qwen2_vl"), image, PROMPT, max_new_tokens=1).meta["image_box"] is None

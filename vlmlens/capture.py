@@ -53,6 +53,24 @@ def image_positions(lm, input_ids: torch.Tensor) -> np.ndarray:
     return torch.nonzero(torch.isin(input_ids[0], ids)).flatten().cpu().numpy()
 
 
+def center_crop_box(lm, image) -> list[float] | None:
+    """(top, left, bottom, right) fractions of ``image`` that a LLaVA-style processor keeps
+    (resize the shortest edge, then centre-crop); None when the whole image is used."""
+    ip = getattr(lm.processor, "image_processor", None)
+    if lm.family != "llava" or ip is None or not getattr(ip, "do_center_crop", False):
+        return None
+    short = getattr(ip.size, "shortest_edge", None)
+    ch, cw = getattr(ip.crop_size, "height", None), getattr(ip.crop_size, "width", None)
+    if not (short and ch and cw):
+        return None
+    w, h = image.size
+    scale = short / min(w, h)
+    rw, rh = w * scale, h * scale
+    top, left = max(0.0, (rh - ch) / 2 / rh), max(0.0, (rw - cw) / 2 / rw)
+    box = [top, left, 1.0 - top, 1.0 - left]
+    return None if box == [0.0, 0.0, 1.0, 1.0] else [round(v, 6) for v in box]
+
+
 def _eos_ids(lm) -> set[int]:
     eos = lm.model.generation_config.eos_token_id
     if eos is None:
@@ -201,6 +219,7 @@ def capture(
         "capture_seconds": round(seconds, 4),
         "prefix_reuse": prefix is not None,
         "grid_order": grid.order,
+        "image_box": center_crop_box(lm, rgb),
         "grid_exact": bool(grid.exact),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
