@@ -87,17 +87,18 @@ def add_analysis_arrays(lm, run) -> list[str]:
     return added
 
 
-def experiment_extras(lm, image, prompt: str, max_new_tokens: int, *, measure: bool = True) -> dict:
+def experiment_extras(lm, image, prompt: str, max_new_tokens: int, *, measure: bool = False) -> dict:
     """Substitution matrix, layer-skip scan and compute trade-off of one input (JSON-able),
-    stored as ``extras.json`` next to a run (where this build has the experiment)."""
+    stored as ``extras.json`` next to a run (where this build has the experiment). Latency is
+    only timed with ``measure`` (timings from a shared machine would ship as noise)."""
     import importlib
 
     L = lm.n_layers
     jobs = {
         "substitution": ("vlmlens.experiments.substitution", "substitution_matrix",
-                         {"stride": max(1, L // 8), "max_new_tokens": max_new_tokens}),
+                         {"stride": max(1, L // 4), "max_new_tokens": max_new_tokens}),
         "layer_skip": ("vlmlens.experiments.skip", "layer_skip_scan", {"max_new_tokens": max_new_tokens}),
-        "compute": ("vlmlens.analysis.compute", "compute_tradeoff", {"measure": measure, "repeats": 3}),
+        "compute": ("vlmlens.analysis.compute", "compute_tradeoff", {"measure": measure, "repeats": 2}),
     }
     out = {}
     for key, (module, name, kw) in jobs.items():
@@ -111,7 +112,7 @@ def experiment_extras(lm, image, prompt: str, max_new_tokens: int, *, measure: b
 
 
 def make_cached_runs(lm, out_dir: str | Path, *, sweep: bool = True, extras: bool = True,
-                     only: list[str] | None = None, log=print) -> list[dict]:
+                     measure_latency: bool = False, only: list[str] | None = None, log=print) -> list[dict]:
     """Capture every spec with ``lm`` into ``out_dir`` (each run replaced atomically)."""
     from .capture import capture
     from .experiments.compare import sweep as run_sweep
@@ -135,7 +136,7 @@ def make_cached_runs(lm, out_dir: str | Path, *, sweep: bool = True, extras: boo
                             store="none", record_attention=False, keep_runs=False)
             (dest / "sweep.json").write_text(json.dumps(res.to_json(), indent=1, allow_nan=True))
         if extras:
-            ex = experiment_extras(lm, spec["image"], spec["prompt"], spec["max_new_tokens"])
+            ex = experiment_extras(lm, spec["image"], spec["prompt"], spec["max_new_tokens"], measure=measure_latency)
             (dest / "extras.json").write_text(json.dumps(ex, indent=1, allow_nan=True))
             added += sorted(ex)
         size = sum(f.stat().st_size for f in dest.iterdir())
@@ -161,7 +162,8 @@ def make_cached_runs(lm, out_dir: str | Path, *, sweep: bool = True, extras: boo
 
 def cmd_make_cached_runs(args) -> int:
     lm = cli.load_from_args(args)
-    index = make_cached_runs(lm, args.out, sweep=not args.no_sweep, extras=not args.no_extras, only=args.only or None)
+    index = make_cached_runs(lm, args.out, sweep=not args.no_sweep, extras=not args.no_extras,
+                             measure_latency=args.measure_latency, only=args.only or None)
     total = sum(r["bytes"] for r in index)
     print(f"{len(index)} runs, {total / 1e6:.2f} MB in {args.out}")
     return 0
@@ -172,6 +174,7 @@ def _configure(p) -> None:
     p.add_argument("--out", default=str(REPO_ROOT / "cached_runs"), help="folder to write the runs to")
     p.add_argument("--no-sweep", action="store_true", help="skip the truncation sweeps")
     p.add_argument("--no-extras", action="store_true", help="skip substitution matrix, layer-skip scan and compute")
+    p.add_argument("--measure-latency", action="store_true", help="also time each depth (on a quiet machine)")
     p.add_argument("--only", nargs="*", help="names of runs to rebuild (default: all)")
 
 

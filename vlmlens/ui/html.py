@@ -96,6 +96,7 @@ def generations_table(rows: list[dict]) -> str:
         toks = r["tokens"]
         div = None if r is rows[0] else (r["div"] if "div" in r else first_divergence(base, toks))
         cells = []
+        marked = any(str(t).startswith(("▁", "Ġ")) for t in toks)   # sub-word tokens carry their spaces
         for i, t in enumerate(toks):
             if i == div:
                 cells.append(_chip(show_token(t), "generated", f"first token that differs from {rows[0]['label']}",
@@ -109,7 +110,7 @@ def generations_table(rows: list[dict]) -> str:
         kept = r.get("kept")
         out.append(
             f"<tr class='vl-gen-row' style='border-top:1px solid #ddd'><td><b>{html.escape(str(r['label']))}</b></td>"
-            f"<td style='font-family:monospace'>{' '.join(cells) or '<i>(nothing)</i>'}</td>"
+            f"<td style='font-family:monospace;white-space:pre-wrap'>{('' if marked else ' ').join(cells) or '<i>(nothing)</i>'}</td>"
             f"<td style='text-align:center'>{'—' if div is None else f'token {div + 1}'}</td>"
             f"<td style='text-align:center'>{'' if kl is None else f'{kl:.3g}'}</td>"
             f"<td style='text-align:center'>{'' if kept is None else ('✓' if kept else '✗')}</td></tr>")

@@ -98,14 +98,14 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                         with gr.Row():
                             layer = LayerSlider(0, max(1, dash.default_layers - 1), value=0, step=1, label="Layer",
                                                 elem_id="vl-layer")
-                            query = gr.Dropdown(choices=[("last prompt token", 0)], value=0, label="Token",
+                            query = gr.Dropdown(choices=[("last prompt token", 0)], value=0, label="Token (attention map)",
                                                 elem_id="vl-query", allow_custom_value=True)
                             kind = gr.Radio(list(HEATMAP_KINDS), value="attention", label="Map", elem_id="vl-kind")
-                        heat = gr.Plot(label="Heatmap", elem_id="vl-heatmap")
-                        grid = gr.Plot(label="All layers", elem_id="vl-grid")
                         with gr.Row():
-                            lens = gr.Plot(label="Logit lens", elem_id="vl-logit-lens")
-                            plens = gr.Plot(label="Patch lens", elem_id="vl-patch-lens")
+                            heat = gr.Plot(label="Heatmap", elem_id="vl-heatmap")
+                            plens = gr.Plot(label="Patch lens (its own layer slider)", elem_id="vl-patch-lens")
+                        grid = gr.Plot(label="All layers", elem_id="vl-grid")
+                        lens = gr.Plot(label="Logit lens", elem_id="vl-logit-lens")
                     with gr.Tab("Dynamics", id="dynamics") as t_dyn:
                         span = gr.Radio(["image", "text", "generated"], value="image", label="CKA span")
                         dyn = gr.Plot(label="Geometry across layers", elem_id="vl-dynamics")

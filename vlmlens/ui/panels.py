@@ -138,7 +138,7 @@ def compute_saved(entry, depth: int | None) -> str | None:
     text = (f"{comp['total_saving'][i]:.0%} of decoder FLOPs, {comp['kv_saving'][i]:.0%} of the KV cache"
             f" (depth {depth}, mode remove)")
     if "measured_total_saving" in comp:
-        text += f"; measured latency −{comp['measured_total_saving'][i]:.0%}"
+        text += f"; measured latency saving {comp['measured_total_saving'][i]:.0%}"
     return text
 
 
