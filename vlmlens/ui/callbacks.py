@@ -11,6 +11,7 @@ import functools
 import logging
 import time
 from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
 
 import gradio as gr
 
@@ -75,8 +76,26 @@ class Dashboard:
                 break
             except (RunFormatError, InputError, FileNotFoundError) as e:
                 log.warning("run %s cannot be the default run: %s", name, e)
+        self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmlens-prefetch")
+        if self.default_run:  # warm plotly's validators and the default run's heatmaps off the request path
+            self._prefetch.submit(self._warm_default)
         if start_loading:
             self.holder.start()
+
+    def _warm_default(self) -> None:
+        try:
+            run, derived, extras = self.runs.open(self.default_run)
+            entry = self.store.add(run, label=self.default_run, source=f"saved:{self.default_run}",
+                                   derived=derived, extras=extras)
+            self._prefetch_layers(entry, 0, "attention")
+        except Exception:  # only a warm-up
+            log.exception("warm-up failed")
+
+    def _prefetch_layers(self, entry, query: int, kind: str) -> None:
+        """Draw every layer's heatmap for (query, kind) in the background, so the slider finds
+        them in the cache."""
+        for layer in range(entry.run.n_layers):
+            views.heatmap_layer(entry, layer, query, kind)
 
     # ---- helpers ------------------------------------------------------------------------------
     def entry(self, sess):
@@ -260,6 +279,7 @@ class Dashboard:
         layer, q, kind = self._check_view(entry, layer, query, kind)
         self._cam_model(entry, kind)
         single = views.heatmap_layer(entry, layer, q, kind)
+        self._prefetch.submit(panels.safe, lambda: self._prefetch_layers(entry, q, kind))
         grid = views.heatmap_grid(entry, q, kind)
         ll, pl = views.logit_lens_figures(entry)
         return single, grid, ll, pl
