@@ -354,3 +354,24 @@ def test_library_never_imports_gradio():
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_shipped_cached_runs_are_valid():
+    """cached_runs/ must load with this vlmlens (else: python -m vlmlens make-cached-runs)."""
+    from vlmlens.experiments.compare import TruncationResult
+    from vlmlens.run import is_run_dir, load_run
+
+    root = Path(__file__).resolve().parents[1] / "cached_runs"
+    dirs = [p for p in sorted(root.iterdir()) if is_run_dir(p)]
+    assert len(dirs) >= 6
+    families, total = set(), 0
+    for d in dirs:
+        run = load_run(d)
+        sweep = TruncationResult.from_json(json.loads((d / "sweep.json").read_text()))
+        assert [x.depth for x in sweep.depths] == list(range(run.n_layers + 1))
+        assert sweep.baseline_text == run.generated_text                  # same model, same greedy output
+        assert {"llava_cam", "logit_lens_ids", "hidden_states"} <= set(run.arrays)
+        families.add(run.meta["task"]["family"])
+        total += sum(f.stat().st_size for f in d.iterdir())
+    assert families == {"single", "caption", "reasoning"}
+    assert total < 20e6

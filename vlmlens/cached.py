@@ -157,7 +157,31 @@ def make_cached_runs(lm, out_dir: str | Path, *, sweep: bool = True, extras: boo
         order = [s[0] for s in SPECS]
         index.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     (out / "index.json").write_text(json.dumps({"model": lm.name, "runs": index}, indent=1))
+    (out / "README.md").write_text(readme(lm.name, index))
     return index
+
+
+def readme(model: str, index: list[dict]) -> str:
+    """cached_runs/README.md: what the runs are and how to rebuild them."""
+    def cell(x) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    lines = [
+        "# Cached runs", "",
+        f"Example runs of `{model}` on the scenes of `assets/examples/`, opened by the dashboard without a model",
+        "(`python app.py --no-model`). Each folder is a run (`run.json`, `arrays.safetensors`, `image.png`; hidden",
+        "states float16, LLaVA-CAM and logit lens included) plus `sweep.json` (the truncation sweep, mode drop) and",
+        "`extras.json` (substitution matrix, layer-skip scan, FLOP / KV-cache savings per depth).", "",
+        "Rebuild them (e.g. after a run-format change) with:", "",
+        "```bash", f"python -m vlmlens make-cached-runs --model {model}", "```", "",
+        "| run | task | prompt | ground truth | generated | size |", "|---|---|---|---|---|---|",
+    ]
+    for r in index:
+        lines.append(f"| {r['name']} | {r['family']} / {r['kind']} | {cell(r['prompt'])} | {cell(r['truth'])} | "
+                     f"{cell(r['generated'])} | {r['bytes'] / 1e3:.0f} kB |")
+    total = sum(r["bytes"] for r in index)
+    lines += ["", f"Total: {len(index)} runs, {total / 1e6:.2f} MB.", ""]
+    return "\n".join(lines)
 
 
 def cmd_make_cached_runs(args) -> int:
