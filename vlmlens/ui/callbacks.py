@@ -298,7 +298,7 @@ class Dashboard:
 
     @handler("token_map")
     def token_map(self, sess, method, progress=gr.Progress()):
-        progress(0.1, desc=f"{method.upper()} of the token states (first UMAP call compiles, ~30 s)")
+        progress(0.1, desc=f"{method.upper()} of the token states (the first UMAP call compiles, ~10 s)")
         return views.embedding_figure(self.entry(sess), method or "pca")
 
     @handler("attention")
