@@ -12,12 +12,6 @@ from .xviews import MODES
 INTERNAL = "undocumented"  # UI plumbing: named and callable, but not listed in the API page
 VIEW_API = {"truncation": "truncation_view", "substitution": "substitution_view", "compute": "compute_view"}
 
-CSS = """
-#vl-strip {max-height: 220px; overflow-y: auto;}
-.vl-note {margin: 4px 0;}
-"""
-
-
 class CheckedImage(gr.Image):
     """gr.Image whose unreadable uploads become a clear gr.Error instead of a processing error."""
 
