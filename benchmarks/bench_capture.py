@@ -144,9 +144,12 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.memory_child:
         return memory_child(a.preset, a.device, a.dtype, a.memory_child, a.new_tokens)
     dtype = getattr(torch, a.dtype)
@@ -169,7 +172,7 @@ def main():
     for n in names:
         out = subprocess.run(
             [sys.executable, __file__, "--preset", a.preset, "--device", a.device, "--dtype", a.dtype,
-             "--new-tokens", str(a.new_tokens), "--memory-child", n],
+             "--new-tokens", str(a.new_tokens), "--threads", str(a.threads), "--memory-child", n],
             capture_output=True, text=True,
         )
         if out.returncode != 0:
