@@ -14,23 +14,7 @@ from ..analysis.attention import (
     attention_cliff, attention_share, image_contribution, stage_bands, three_stages,
 )
 
-try:
-    from ._style import OTHER_DASH, SEQUENTIAL_COLORSCALE, apply_style, span_color
-except ImportError:  # the shared style module is not there: same look, defined here
-    OTHER_DASH, SEQUENTIAL_COLORSCALE = "dash", "Viridis"
-    _COLORS = {"system": "#999999", "image": "#0072B2", "text": "#D55E00", "generated": "#009E73"}
-
-    def span_color(span: str) -> str:
-        return _COLORS.get(span, "#CC79A7")
-
-    def apply_style(fig, *, title=None, height=None, width=None):
-        fig.update_layout(template="plotly_white", margin=dict(l=60, r=30, t=90 if title else 50, b=50),
-                          hovermode="closest", title=dict(text=title or "", x=0.01, xanchor="left"))
-        if height:
-            fig.update_layout(height=height)
-        if width:
-            fig.update_layout(width=width)
-        return fig
+from ._style import OTHER_DASH, SEQUENTIAL_COLORSCALE, apply_style, span_color
 
 LAST_COLOR = "#000000"
 STAGE_COLORS = {"sink": "#56B4E9", "fusion": "#E69F00", "discard": "#999999"}

@@ -25,17 +25,7 @@ import plotly.graph_objects as go
 from ..analysis.cam import overlay as _overlay
 from ..analysis.logit_lens import lens_from_run, patch_lens_from_run
 
-try:
-    from ._style import apply_style
-except ImportError:
-    def apply_style(fig, *, title=None, height=None, width=None):
-        fig.update_layout(template="plotly_white", margin=dict(l=60, r=30, t=90 if title else 50, b=50),
-                          hovermode="closest", title=dict(text=title or "", x=0.01, xanchor="left"))
-        if height:
-            fig.update_layout(height=height)
-        if width:
-            fig.update_layout(width=width)
-        return fig
+from ._style import apply_style
 
 HEAT_SCALE = "Inferno"
 KINDS = ("attention", "cam")
