@@ -32,9 +32,12 @@ def main(argv=None) -> int:
     s.add_argument("--out", required=True)
 
     args = ap.parse_args(argv)
-    # On a shared CPU, spinning OpenMP workers stall each other (10x slower steps);
-    # passive waiting keeps 2 threads efficient.  Must be set before torch loads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # On a shared CPU, spinning OpenMP workers stall each other (measured: 5-20x slower
+    # steps); passive waiting keeps 2 threads efficient.  libgomp reads the variable when
+    # torch is first imported (already done by `import vlmlens`), so re-exec once with it set.
+    if args.cmd in ("train", "eval") and "OMP_WAIT_POLICY" not in os.environ and argv is None:
+        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+        os.execve(sys.executable, [sys.executable, "-m", "vlmlens.tiny", *sys.argv[1:]], env)
     if args.cmd == "train":
         from .train import TrainConfig, train
 

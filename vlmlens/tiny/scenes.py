@@ -31,8 +31,8 @@ IMAGE_SIZE = 64  # native resolution the model sees
 _SUPER = 4  # supersampling factor for anti-aliased edges
 MAX_OBJECTS = 4
 # half-extent of a shape, in native pixels
-_RADIUS = {"small": 4.6, "large": 8.2}
-_JITTER = 1.6  # max centre offset inside a cell, native pixels
+_RADIUS = {"small": 5.4, "large": 8.6}
+_JITTER = 1.0  # max centre offset inside a cell, native pixels
 _NOISE_STD = 6.0  # per-pixel background/shape noise (0-255 scale)
 _COLOR_JITTER = 14  # per-object RGB jitter
 

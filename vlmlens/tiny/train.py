@@ -17,23 +17,56 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .model import TinyArch, build_model, count_params
+from .scenes import COLORS, IMAGE_SIZE, MAX_OBJECTS, SHAPES, SIZES, Scene, make_scene
 from .tasks import FAMILIES, SPLITS, make_example
-from .tokenizer import FastEncoder, build_processor, pixels
+from .tokenizer import PATCH_SIZE, FastEncoder, build_processor, pixels
+
+# colour, shape, size of the object on the patch (0 = background), and the 3x3 layout
+# row / column the patch lies in (so the features also carry position)
+AUX_CLASSES = (len(COLORS) + 1, len(SHAPES) + 1, len(SIZES) + 1, 3, 3)
+
+
+def patch_labels(scene: Scene) -> np.ndarray:
+    """(5, G*G) colour/shape/size class of the object covering each patch centre (0 = none),
+    then the layout row and column of the patch centre."""
+    g = IMAGE_SIZE // PATCH_SIZE
+    out = np.zeros((len(AUX_CLASSES), g * g), dtype=np.int64)
+    from .scenes import _RADIUS
+
+    for i in range(g):
+        for j in range(g):
+            cx, cy = j * PATCH_SIZE + PATCH_SIZE / 2, i * PATCH_SIZE + PATCH_SIZE / 2
+            out[3, i * g + j] = int(cy * 3 // IMAGE_SIZE)
+            out[4, i * g + j] = int(cx * 3 // IMAGE_SIZE)
+            for o in scene.objects:
+                r = _RADIUS[o.size] + 0.5
+                if abs(cx - o.x) <= r and abs(cy - o.y) <= r:
+                    out[:3, i * g + j] = (COLORS.index(o.color) + 1, SHAPES.index(o.shape) + 1,
+                                         SIZES.index(o.size) + 1)
+    return out
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 2000
+    steps: int = 3000
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 1.5e-3
     min_lr_frac: float = 0.03
-    warmup: int = 150
+    warmup: int = 200
     weight_decay: float = 0.02
     grad_clip: float = 1.0
     seed: int = 0
     threads: int = 2
     bf16: bool = False
     family_weights: tuple = (0.35, 0.35, 0.3)  # single, caption, reasoning
+    aux_weight: float = 1.0  # patch-attribute loss on the vision tower (training only)
+    # curriculum: P(1..4 objects) for the first `curriculum_frac` of training, then uniform
+    early_objects: tuple = (0.4, 0.3, 0.15, 0.15)
+    curriculum_frac: float = 0.25
+    # phase 0: train only vision tower + projector on the patch-attribute task so that the
+    # decoder starts from image tokens that already carry colour/shape/size/position
+    vision_warmup_steps: int = 800
+    aux_bg_weight: float = 0.2  # weight of background patches in the attribute loss
     eval_every: int = 200
     save_every: int = 400
     arch: TinyArch = field(default_factory=TinyArch)
@@ -48,14 +81,18 @@ class Batcher:
         self.next_seed = SPLITS[split][0] + offset
         self.limit = SPLITS[split][1]
 
-    def examples(self, n: int, families=None):
+    def examples(self, n: int, families=None, object_probs=None):
         w = np.array(self.cfg.family_weights, dtype=np.float64)
         fams = families or [FAMILIES[i] for i in self.rng.choice(3, size=n, p=w / w.sum())]
         out = []
         for fam in fams:
             if self.next_seed >= self.limit:
                 raise RuntimeError("ran out of seeds in split")
-            out.append(make_example(self.next_seed, fam))
+            scene = None
+            if object_probs is not None:
+                k = int(self.rng.choice(MAX_OBJECTS, p=np.asarray(object_probs) / np.sum(object_probs))) + 1
+                scene = make_scene(self.next_seed, n_objects=k)
+            out.append(make_example(self.next_seed, fam, scene=scene))
             self.next_seed += 1
         return out
 
@@ -81,8 +118,9 @@ class Batcher:
             target[i, st - 1: len(s) - 1] = torch.tensor(s[st:])
             weight[i, st - 1: len(s) - 1] = 1.0 / math.sqrt(n)
         pv = torch.from_numpy(np.stack([pixels(ex.scene.image) for ex in examples]))
+        aux = torch.from_numpy(np.stack([patch_labels(ex.scene) for ex in examples]))
         return {"input_ids": ids, "attention_mask": mask, "pixel_values": pv,
-                "target": target, "weight": weight}
+                "target": target, "weight": weight, "patch_labels": aux}
 
 
 def batch_loss(model, batch, bf16: bool = False):
@@ -103,6 +141,49 @@ def batch_loss(model, batch, bf16: bool = False):
         ok = (logits.argmax(-1) == tgt) | (tgt == -100)
         exact = ok.all(dim=1)
     return loss, exact
+
+
+def aux_loss(head, hidden, labels, bg_weight: float = 0.2):
+    """Mean CE of the per-image-token attribute classifiers (object tokens weighted 1,
+    background tokens ``bg_weight``)."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = head(hidden.float())  # (B, 64, classes): projector output, CLS already dropped
+    w = torch.where(labels[:, 0] > 0, 1.0, bg_weight)
+    total, start = 0.0, 0
+    for k, n in enumerate(AUX_CLASSES):
+        part = logits[..., start: start + n]
+        ce = F.cross_entropy(part.reshape(-1, n), labels[:, k].reshape(-1), reduction="none")
+        total = total + (ce.view(w.shape) * w).sum() / w.sum()
+        start += n
+    return total / len(AUX_CLASSES)
+
+
+def vision_warmup(model, aux_head, captured, batcher, cfg, log=print):
+    """Phase 0: vision tower + projector + aux head only (the decoder is not run)."""
+    import torch
+    from tqdm import tqdm
+
+    params = (list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+              + list(aux_head.parameters()))
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    bar = tqdm(range(cfg.vision_warmup_steps), desc="vision warm-up", file=sys.stdout, mininterval=5.0, ncols=100)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / 50)
+        scenes = [make_scene(s) for s in range(batcher.next_seed, batcher.next_seed + cfg.batch_size)]
+        batcher.next_seed += cfg.batch_size
+        pv = torch.from_numpy(np.stack([pixels(sc.image) for sc in scenes]))
+        labels = torch.from_numpy(np.stack([patch_labels(sc) for sc in scenes]))
+        model.model.get_image_features(pixel_values=pv)
+        loss = aux_loss(aux_head, captured.pop("h"), labels, cfg.aux_bg_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        bar.set_postfix(aux=f"{loss.item():.3f}", refresh=False)
+    log(f"vision warm-up done: aux loss {loss.item():.4f}")
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -149,8 +230,18 @@ def train(out_dir: str, cfg: TrainConfig, log=print) -> dict:
     enc = FastEncoder(processor.tokenizer)
     model = build_model(cfg.arch, processor.tokenizer, seed=cfg.seed)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    # Training-only auxiliary head: a linear classifier of each image token's colour / shape /
+    # size / layout cell, read from the projector output (the decoder's image embeddings).
+    # Without it the decoder sat for thousands of steps on a language-prior plateau: the
+    # projected tokens carried colour but barely any shape (linear probe ~60%), so nothing
+    # could be read out.  The head is discarded; the saved model is a plain Llava.
+    aux_head = torch.nn.Linear(cfg.arch.text_dim, sum(AUX_CLASSES))
+    captured = {}
+    model.model.multi_modal_projector.register_forward_hook(
+        lambda mod, inp, out: captured.__setitem__("h", out))
+    params = list(model.named_parameters()) + [("aux." + n, p) for n, p in aux_head.named_parameters()]
+    decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
@@ -158,23 +249,29 @@ def train(out_dir: str, cfg: TrainConfig, log=print) -> dict:
     log(f"params={count_params(model):,} steps={cfg.steps} batch={cfg.batch_size} "
         f"threads={cfg.threads} bf16={cfg.bf16}")
     t0 = time.time()
+    if cfg.vision_warmup_steps:
+        vision_warmup(model, aux_head, captured, batcher, cfg, log)
     history, ema = [], None
     bar = tqdm(range(cfg.steps), desc="train", file=sys.stdout, mininterval=5.0,
                dynamic_ncols=False, ncols=100)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
-        batch = batcher.collate(batcher.examples(cfg.batch_size))
-        loss, _ = batch_loss(model, batch, cfg.bf16)
+        early = step < cfg.curriculum_frac * cfg.steps
+        batch = batcher.collate(batcher.examples(cfg.batch_size,
+                                                 object_probs=cfg.early_objects if early else None))
+        lm_loss, _ = batch_loss(model, batch, cfg.bf16)
+        aux = aux_loss(aux_head, captured.pop("h"), batch["patch_labels"], cfg.aux_bg_weight)
+        loss = lm_loss + cfg.aux_weight * aux if cfg.aux_weight else lm_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        lv = loss.detach().item()
+        lv = lm_loss.detach().item()
         if not math.isfinite(lv):
             raise FloatingPointError(f"loss became {lv} at step {step}")
         ema = lv if ema is None else 0.98 * ema + 0.02 * lv
-        bar.set_postfix(loss=f"{ema:.4f}", lr=f"{_lr_at(step, cfg):.1e}", refresh=False)
+        bar.set_postfix(loss=f"{ema:.4f}", aux=f"{aux.item():.3f}", lr=f"{_lr_at(step, cfg):.1e}", refresh=False)
         last = step + 1 == cfg.steps
         if (step + 1) % cfg.eval_every == 0 or last:
             val = validate(model, enc, cfg)
@@ -193,4 +290,5 @@ def train(out_dir: str, cfg: TrainConfig, log=print) -> dict:
 def _cfg_dict(cfg: TrainConfig) -> dict:
     d = asdict(cfg)
     d["family_weights"] = list(cfg.family_weights)
+    d["early_objects"] = list(cfg.early_objects)
     return d
