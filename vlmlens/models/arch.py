@@ -17,7 +17,7 @@ Verified against transformers 5.23 with the tiny models in ``tiny_random`` (test
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -141,6 +141,21 @@ def _square(inputs, n):
     return grids.square_raster(n)
 
 
+_QWEN2_VL = Arch(
+    family="qwen2_vl",
+    model_class="Qwen2VLForConditionalGeneration",
+    processor_class="Qwen2VLProcessor",
+    image_token="<|image_pad|>",
+    token_order="raster",
+    grid_rule="image_grid_thw = (1, h, w) patches -> (h/2) x (w/2) raster after the 2x2 merge",
+    required_inputs=("pixel_values", "image_grid_thw", "mm_token_type_ids"),
+    vision_tower_path="model.visual",
+    projector_path="model.visual.merger",
+    notes="pixel_values are flattened patches (N, C*t*p*p); M-RoPE positions come from "
+    "mm_token_type_ids; the image keeps its aspect ratio (resized to multiples of 28 px)",
+    _grid=grids.qwen_grid,
+)
+
 ARCHES: dict[str, Arch] = {
     a.family: a
     for a in [
@@ -174,33 +189,14 @@ ARCHES: dict[str, Arch] = {
             _grid=grids.llava_next_grid,
             _grid_kwargs=("processor",),
         ),
-        Arch(
-            family="qwen2_vl",
-            model_class="Qwen2VLForConditionalGeneration",
-            processor_class="Qwen2VLProcessor",
-            image_token="<|image_pad|>",
-            token_order="raster",
-            grid_rule="image_grid_thw = (1, h, w) patches -> (h/2) x (w/2) raster after the 2x2 merge",
-            required_inputs=("pixel_values", "image_grid_thw", "mm_token_type_ids"),
-            vision_tower_path="model.visual",
-            projector_path="model.visual.merger",
-            notes="pixel_values are flattened patches (N, C*t*p*p); M-RoPE positions come from "
-            "mm_token_type_ids; the image keeps its aspect ratio (resized to multiples of 28 px)",
-            _grid=grids.qwen_grid,
-        ),
-        Arch(
+        _QWEN2_VL,
+        replace(
+            _QWEN2_VL,
             family="qwen2_5_vl",
             model_class="Qwen2_5_VLForConditionalGeneration",
             processor_class="Qwen2_5_VLProcessor",
-            image_token="<|image_pad|>",
-            token_order="raster",
-            grid_rule="image_grid_thw = (1, h, w) patches -> (h/2) x (w/2) raster after the 2x2 merge",
-            required_inputs=("pixel_values", "image_grid_thw", "mm_token_type_ids"),
-            vision_tower_path="model.visual",
-            projector_path="model.visual.merger",
             notes="vision tower uses windowed attention internally but un-permutes its output, so the "
             "merged tokens reach the LM in raster order",
-            _grid=grids.qwen_grid,
         ),
         Arch(
             family="internvl",
