@@ -362,8 +362,11 @@ def test_shipped_cached_runs_are_valid():
     from vlmlens.run import is_run_dir, load_run
 
     root = Path(__file__).resolve().parents[1] / "cached_runs"
+    from vlmlens.images import image_sha256, load_image
+
     dirs = [p for p in sorted(root.iterdir()) if is_run_dir(p)]
     assert len(dirs) >= 6
+    index = {r["name"]: r for r in json.loads((root / "index.json").read_text())["runs"]}
     families, total = set(), 0
     for d in dirs:
         run = load_run(d)
@@ -372,6 +375,9 @@ def test_shipped_cached_runs_are_valid():
         assert sweep.baseline_text == run.generated_text                  # same model, same greedy output
         assert {"llava_cam", "logit_lens_ids", "hidden_states"} <= set(run.arrays)
         families.add(run.meta["task"]["family"])
+        example = EXAMPLES_DIR / index[d.name]["image"]
+        assert run.meta["image_sha256"] == image_sha256(load_image(example)[0]), \
+            f"{d.name} was made from an older {example.name}: python -m vlmlens make-cached-runs"
         total += sum(f.stat().st_size for f in d.iterdir())
     assert families == {"single", "caption", "reasoning"}
     assert total < 20e6
