@@ -381,3 +381,19 @@ def test_shipped_cached_runs_are_valid():
         total += sum(f.stat().st_size for f in d.iterdir())
     assert families == {"single", "caption", "reasoning"}
     assert total < 20e6
+
+
+def test_substitution_skip_and_compute_tabs(client):
+    info, *_ = client.predict(handle_file(EXAMPLE), "What color is the circle?", 2, api_name="/capture")
+    L = info["n_layers"]
+    comp = plot(client.predict(api_name="/compute_view"))                     # theory, stored at capture
+    xs = {tuple(arr(t["x"]).tolist()) for t in comp["data"] if "x" in t}
+    assert tuple(range(L + 1)) in xs
+    sub, skip = client.predict(api_name="/substitution")
+    cells = [t for t in plot(sub)["data"] if t["type"] == "heatmap"]
+    assert cells and arr(cells[0]["z"]).shape == (L, L)                       # at_layer x from_layer
+    sub, skip = client.predict(api_name="/layer_skip")
+    kl = [t for t in plot(skip)["data"] if "KL" in (t.get("name") or "")]
+    assert kl and all(len(arr(t["y"])) == L for t in kl)                      # one point per skipped layer
+    comp, headline = client.predict(api_name="/measure_compute")
+    assert any("measured" in (t.get("name") or "") for t in plot(comp)["data"])
