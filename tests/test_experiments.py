@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vlmlens as vl
-from vlmlens.__main__ import main
+from vlmlens.cli import main
 from vlmlens.capture import greedy_generate, image_positions, prepare_inputs
 from vlmlens.errors import InputError
 from vlmlens.experiments.cliff import cliff_from, cliff_layer, reasoning_perturbation, trace_distance

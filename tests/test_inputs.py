@@ -98,6 +98,20 @@ def test_cli_capture_and_show(tmp_path, image):
     assert s.returncode == 0 and run.generated_text in s.stdout
 
 
+def test_cli_one_registry_for_every_command():
+    """Plugin modules register into vlmlens.cli; ``python -m vlmlens`` must see the same set
+    (it once ran the registry as a second ``__main__`` module object)."""
+    import vlmlens.cli as cli
+
+    cli.build_parser()
+    expected = {"capture", "show", "truncate", "sweep", "study", "make-cached-runs"}
+    assert expected <= set(cli.COMMANDS)
+    r = _cli("--help")
+    assert r.returncode == 0, r.stderr
+    listed = r.stdout.split("{", 1)[1].split("}", 1)[0].split(",")
+    assert sorted(listed) == sorted(cli.COMMANDS)
+
+
 @pytest.mark.parametrize("case", ["zero-byte", "out-not-run", "bad-model", "bad-tokens", "empty-prompt"])
 def test_cli_bad_input_exit_2(tmp_path, image, case):
     img = tmp_path / "x.png"

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-from . import __main__ as cli
+from . import cli
 from .errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -205,17 +204,5 @@ def _configure(p) -> None:
 cmd_make_cached_runs.configure = _configure
 
 
-def _register() -> None:
-    """Register with the command registry. Under ``python -m vlmlens`` the running registry is
-    the ``__main__`` module, a different object from the importable ``vlmlens.__main__``;
-    register with both so the command shows up either way."""
-    mods = [cli]
-    main = sys.modules.get("__main__")
-    if main is not None and main is not cli and getattr(getattr(main, "__spec__", None), "name", "") == "vlmlens.__main__":
-        mods.append(main)
-    for m in mods:
-        m.command("make-cached-runs", "capture the example runs shipped in cached_runs/ (with their truncation sweeps)")(
-            cmd_make_cached_runs)
-
-
-_register()
+cli.command("make-cached-runs", "capture the example runs shipped in cached_runs/ (with their truncation sweeps)")(
+    cmd_make_cached_runs)

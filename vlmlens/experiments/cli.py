@@ -1,4 +1,4 @@
-"""Experiment commands: ``truncate``, ``sweep``, ``study`` (registered on import by vlmlens.__main__)."""
+"""Experiment commands: ``truncate``, ``sweep``, ``study`` (registered on import by vlmlens.cli)."""
 from __future__ import annotations
 
 import csv
@@ -6,8 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .. import __main__ as _registry
-from ..__main__ import add_input_args, add_model_args, check_inputs, load_from_args
+from ..cli import add_input_args, add_model_args, check_inputs, command, load_from_args
 from ..errors import InputError
 from .cliff import DEFAULT_TAU
 from .engine import MODES, check_mode
@@ -65,21 +64,6 @@ def format_side_by_side(result) -> str:
         label = f"{d.depth}" + (" (all)" if d.depth == result.n_layers else "")
         lines.append(f"{label:>7}  {d.first_token_kl:8.4f}  {'yes' if d.answer_kept else 'no':>4}  {result.marked_text(d.depth)}")
     return "\n".join(lines)
-
-
-def command(name: str, help: str):
-    """``vlmlens.__main__.command`` on the importable registry and, under ``python -m vlmlens``,
-    on the running ``__main__`` module too (a different module object with its own registry)."""
-    regs = [_registry]
-    main = sys.modules.get("__main__")
-    if main is not None and main is not _registry and getattr(getattr(main, "__spec__", None), "name", "") == "vlmlens.__main__":
-        regs.append(main)
-
-    def deco(fn):
-        for r in regs:
-            r.command(name, help)(fn)
-        return fn
-    return deco
 
 
 @command("truncate", "generate with the image cut off at several depths, side by side with the baseline")
