@@ -59,6 +59,30 @@ def test_non_rgb_modes_are_converted_exactly(tmp_path):
     assert load_image(p)[0].getpixel((1, 1)) == (255, 255, 255)
 
 
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_exif_orientation_is_applied(tmp_path, fmt):
+    """A photo stored sideways with EXIF orientation 6 ("rotate 90 degrees clockwise to view"):
+    stored 20x10 with red on the left and blue on the right, it is viewed 10x20 with red on top."""
+    a = np.zeros((10, 20, 3), dtype=np.uint8)
+    a[:, :10] = (255, 0, 0)
+    a[:, 10:] = (0, 0, 255)
+    stored = Image.fromarray(a)
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    p = tmp_path / f"phone.{fmt}"
+    stored.save(p, exif=exif.tobytes(), **({"quality": 95} if fmt == "jpeg" else {}))
+    im, note = load_image(p)
+    assert im.size == (10, 20) and "orientation 6" in note
+    top, bottom = np.asarray(im)[3, 5].astype(int), np.asarray(im)[16, 5].astype(int)
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60
+    with Image.open(p) as opened:  # the same for an opened PIL image
+        assert load_image(opened)[0].size == (10, 20)
+    plain = tmp_path / f"plain.{fmt}"
+    stored.save(plain)
+    im2, note2 = load_image(plain)
+    assert im2.size == (20, 10) and note2 is None
+
+
 def test_arrays():
     assert load_image(np.zeros((2, 3), np.uint8))[0].size == (3, 2)
     assert load_image(np.ones((2, 2, 3), np.float32))[0].getpixel((0, 0)) == (255, 255, 255)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 
@@ -32,9 +32,32 @@ def to_rgb(im: Image.Image) -> tuple[Image.Image, str | None]:
     return im.convert("RGB"), f"{mode} image converted to RGB"
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def upright(im: Image.Image) -> tuple[Image.Image, str | None]:
+    """Apply the EXIF orientation tag (phone photos are often stored sideways), so the model
+    sees the image the way a viewer shows it. Returns (image, note or None)."""
+    try:
+        orientation = int(im.getexif().get(EXIF_ORIENTATION, 1))
+    except (OSError, ValueError, TypeError, SyntaxError):
+        return im, None  # unreadable EXIF: keep the pixels as stored
+    if orientation not in range(2, 9):
+        return im, None
+    return ImageOps.exif_transpose(im), f"turned upright from EXIF orientation {orientation}"
+
+
+def _prepare(im: Image.Image) -> tuple[Image.Image, str | None]:
+    im, turned = upright(im)
+    im, converted = to_rgb(im)
+    notes = [n for n in (turned, converted) if n]
+    return im, "; ".join(notes) if notes else None
+
+
 def load_image(image) -> tuple[Image.Image, str | None]:
     """Accept a PIL image, a numpy array (HxW, HxWx3, HxWx4; uint8, uint16 or float in [0, 1])
-    or a path; return an RGB PIL image and a note on any conversion made.
+    or a path; return an upright RGB PIL image and a note on any conversion made (EXIF
+    orientation applied, mode converted).
 
     Raises:
         InputError: missing, empty or unreadable file; array of an unusable shape or dtype.
@@ -50,7 +73,7 @@ def load_image(image) -> tuple[Image.Image, str | None]:
                 if im.width * im.height > MAX_PIXELS:
                     raise InputError(f"image {p} is {im.width}x{im.height}; larger than {MAX_PIXELS} pixels")
                 im.load()
-                return to_rgb(im.copy())
+                return _prepare(im.copy())
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise InputError(f"cannot read image {p}: not a supported image file ({e})") from None
     if isinstance(image, np.ndarray):
@@ -62,7 +85,7 @@ def load_image(image) -> tuple[Image.Image, str | None]:
             raise InputError(f"cannot read image: {e}") from None
         if image.width == 0 or image.height == 0:
             raise InputError("image has zero width or height")
-        return to_rgb(image)
+        return _prepare(image)
     if image is None:
         raise InputError("no image given; pass a PIL image, a numpy array or a file path")
     raise InputError(f"unsupported image type {type(image).__name__}; pass a PIL image, a numpy array or a file path")
