@@ -194,6 +194,39 @@ def test_chat_template_and_image_expansion(processor):
     assert np.abs(inp["pixel_values"][0].numpy() - px).max() < 1e-5
 
 
+def test_training_conversation_matches_chat_template(processor):
+    """A packed training sequence (several questions about one scene) is token for token what
+    the chat template renders for that conversation, and only answer tokens are targets."""
+    from vlmlens.tiny.train import Batcher, TrainConfig
+
+    cfg = TrainConfig(turns=3, family_weights=(1.0, 1.0, 1.0))
+    b = Batcher(FastEncoder(processor.tokenizer), cfg)
+    episodes = b.episodes(6)
+    assert [len(t) for t in episodes].count(3) >= 4  # most fit 3 turns in max_len
+    batch = b.collate(episodes)
+    tok = processor.tokenizer
+    for row, turns in enumerate(episodes):
+        assert len({t.prompt for t in turns}) == len(turns) and len({t.seed for t in turns}) == 1
+        msgs = []
+        for i, ex in enumerate(turns):
+            user = [{"type": "image"}] if i == 0 else []
+            msgs += [{"role": "user", "content": user + [{"type": "text", "text": ex.prompt}]},
+                     {"role": "assistant", "content": [{"type": "text", "text": ex.answer}]}]
+        text = processor.apply_chat_template(msgs)
+        ids = processor(images=[turns[0].scene.image], text=text, return_tensors="pt")["input_ids"][0].tolist()
+        n = int(batch["attention_mask"][row].sum())
+        assert batch["input_ids"][row, :n].tolist() == ids
+        tgt = batch["target"][row]
+        answers = [t for t in tgt.tolist() if t != -100]
+        expected = []
+        for ex in turns:
+            expected += tok(ex.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert answers == expected
+        # target at t is the token at t+1
+        pos = (tgt != -100).nonzero().flatten()
+        assert (batch["input_ids"][row, pos + 1] == tgt[pos]).all()
+
+
 def test_processor_accepts_arbitrary_images(processor):
     from PIL import Image
 

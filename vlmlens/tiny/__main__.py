@@ -19,6 +19,9 @@ def main(argv=None) -> int:
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on some CPUs)")
+    t.add_argument("--family-weights", default=None, help="per-turn mix, e.g. 0.5,0.15,0.35 (single,caption,reasoning)")
+    t.add_argument("--turns", type=int, default=None, help="questions per training conversation (default 4)")
+    t.add_argument("--warmup", type=int, default=None)
 
     e = sub.add_parser("eval", help="score a checkpoint on the test split")
     e.add_argument("--model", required=True, help="checkpoint folder")
@@ -48,6 +51,21 @@ def main(argv=None) -> int:
             cfg.batch_size = args.batch_size
         if args.lr is not None:
             cfg.lr = args.lr
+        if args.warmup is not None:
+            cfg.warmup = args.warmup
+        if args.turns is not None:
+            cfg.turns = args.turns
+        if args.family_weights:
+            try:
+                w = tuple(float(x) for x in args.family_weights.split(","))
+            except ValueError:
+                w = ()
+            if len(w) != 3 or min(w) < 0 or sum(w) <= 0:
+                ap.error(f"--family-weights takes 3 non-negative numbers (single,caption,reasoning), "
+                         f"got {args.family_weights!r}")
+            cfg.family_weights = w
+        if cfg.turns < 1 or cfg.steps < 1:
+            ap.error("--turns and --steps must be at least 1")
         res = train(args.out, cfg)
         print(f"done in {res['wall_time_s'] / 60:.1f} min -> {args.out}")
         return 0

@@ -1,7 +1,7 @@
 """Architecture of the tiny shapes VLM: a stock ``LlavaForConditionalGeneration``.
 
 CLIP-style vision tower (64x64 input, 8x8 patches -> 64 patch tokens + CLS)
--> 2-layer GELU projector -> 8-layer Llama decoder over a ~75-word vocabulary.
+-> 2-layer GELU projector -> 8-layer Llama decoder over a 76-token word vocabulary.
 Nothing custom: ``from_pretrained`` on the saved folder needs only transformers.
 """
 from __future__ import annotations

@@ -152,12 +152,15 @@ def _pick(rng: np.random.Generator, items):
     return items[int(rng.integers(0, len(items)))]
 
 
-def make_example(seed: int, family: str, kind: str | None = None, scene: Scene | None = None) -> Example:
-    """Deterministic example for ``(seed, family)``; ``kind`` forces a question type."""
+def make_example(seed: int, family: str, kind: str | None = None, scene: Scene | None = None,
+                 variant: int = 0) -> Example:
+    """Deterministic example for ``(seed, family)``; ``kind`` forces a question type;
+    ``variant`` > 0 draws another question about the same scene (training asks several)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     scene = make_scene(seed) if scene is None else scene
-    rng = np.random.default_rng([int(seed), FAMILIES.index(family), 1234])
+    key = [int(seed), FAMILIES.index(family), 1234] + ([int(variant)] if variant else [])
+    rng = np.random.default_rng(key)
     want_yes = bool(rng.integers(0, 2))
     if family == "caption":
         return Example(seed, family, "caption", _pick(rng, CAPTION_PROMPTS), caption(scene), scene)

@@ -117,6 +117,11 @@ class FastEncoder:
         """ids of '<s>USER: <image>*64 {prompt} ASSISTANT:'"""
         return self.head + self.words(prompt) + self.tail
 
+    def turn_ids(self, prompt: str, first: bool) -> list[int]:
+        """A user turn after the head (first) or after an earlier answer's '</s>':
+        '{prompt} ASSISTANT:' or 'USER: {prompt} ASSISTANT:'."""
+        return ([] if first else self.words("USER:")) + self.words(prompt) + self.tail
+
     def answer_ids(self, answer: str) -> list[int]:
         return self.words(answer) + [self.eos_id]
 

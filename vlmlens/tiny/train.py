@@ -4,6 +4,13 @@ Every step draws fresh scenes from the *train* seed range, mixes the three task
 families, and trains with cross-entropy on the answer tokens (+ ``</s>``) only.
 Each answer token is weighted 1/sqrt(answer length) so that one-word answers are
 not drowned out by long captions.
+
+A training sequence is a conversation of up to ``turns`` questions about one scene
+("USER: <image> Q1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>..."), rendered exactly as
+the chat template renders it.  The 64 image tokens and the vision tower then pay for
+several answers instead of one: one-word answers give one token of signal each, and
+finding an object by its shape or comparing two objects' columns only came after many
+thousands of them.  The first turn is the single-turn prompt every consumer uses.
 """
 from __future__ import annotations
 
@@ -48,7 +55,7 @@ def patch_labels(scene: Scene) -> np.ndarray:
 
 @dataclass
 class TrainConfig:
-    steps: int = 3000
+    steps: int = 2200
     batch_size: int = 32
     lr: float = 1.5e-3
     min_lr_frac: float = 0.03
@@ -58,7 +65,9 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     bf16: bool = False
-    family_weights: tuple = (0.35, 0.35, 0.3)  # single, caption, reasoning
+    family_weights: tuple = (0.5, 0.15, 0.35)  # single, caption, reasoning (per turn)
+    turns: int = 4  # questions about the same scene per training sequence
+    max_len: int = 224  # stop adding turns to a sequence beyond this many tokens
     aux_weight: float = 1.0  # patch-attribute loss on the vision tower (training only)
     # curriculum: P(1..4 objects) for the first `curriculum_frac` of training, then uniform
     early_objects: tuple = (0.4, 0.3, 0.15, 0.15)
@@ -81,44 +90,82 @@ class Batcher:
         self.next_seed = SPLITS[split][0] + offset
         self.limit = SPLITS[split][1]
 
-    def examples(self, n: int, families=None, object_probs=None):
+    def _family(self) -> str:
         w = np.array(self.cfg.family_weights, dtype=np.float64)
-        fams = families or [FAMILIES[i] for i in self.rng.choice(3, size=n, p=w / w.sum())]
+        return FAMILIES[int(self.rng.choice(3, p=w / w.sum()))]
+
+    def _scene(self, object_probs=None):
+        if self.next_seed >= self.limit:
+            raise RuntimeError("ran out of seeds in split")
+        seed, scene = self.next_seed, None
+        self.next_seed += 1
+        if object_probs is not None:
+            k = int(self.rng.choice(MAX_OBJECTS, p=np.asarray(object_probs) / np.sum(object_probs))) + 1
+            scene = make_scene(seed, n_objects=k)
+        return seed, scene
+
+    def examples(self, n: int, families=None, object_probs=None):
+        """``n`` single-turn examples (validation; ``families`` fixes each one's family)."""
         out = []
-        for fam in fams:
-            if self.next_seed >= self.limit:
-                raise RuntimeError("ran out of seeds in split")
-            scene = None
-            if object_probs is not None:
-                k = int(self.rng.choice(MAX_OBJECTS, p=np.asarray(object_probs) / np.sum(object_probs))) + 1
-                scene = make_scene(self.next_seed, n_objects=k)
-            out.append(make_example(self.next_seed, fam, scene=scene))
-            self.next_seed += 1
+        for fam in families or [self._family() for _ in range(n)]:
+            seed, scene = self._scene(object_probs)
+            out.append([make_example(seed, fam, scene=scene)])
         return out
 
-    def collate(self, examples):
+    def episodes(self, n: int, object_probs=None):
+        """``n`` training conversations: up to ``cfg.turns`` distinct questions about one scene
+        each, families drawn per turn, cut at ``cfg.max_len`` tokens."""
+        out = []
+        for _ in range(n):
+            seed, scene = self._scene(object_probs)
+            turns, prompts, families, length = [], set(), set(), len(self.enc.head)
+            for v in range(self.cfg.turns * 2):  # a few spare draws for repeated questions
+                if len(turns) == self.cfg.turns:
+                    break
+                ex = make_example(seed, self._family(), scene=scene, variant=v)
+                # one caption per scene (its prompts differ, the answer does not)
+                if ex.prompt in prompts or (ex.family == "caption" and "caption" in families):
+                    continue
+                n_tok = len(self.enc.turn_ids(ex.prompt, first=not turns)) + len(self.enc.answer_ids(ex.answer))
+                if turns and length + n_tok > self.cfg.max_len:
+                    break
+                turns.append(ex)
+                prompts.add(ex.prompt)
+                families.add(ex.family)
+                length += n_tok
+            out.append(turns)
+        return out
+
+    def collate(self, episodes):
+        """Pad conversations (lists of Examples about one scene) into one batch; targets are
+        every answer's tokens + ``</s>``."""
         import torch
 
-        seqs, starts = [], []
-        for ex in examples:
-            p = self.enc.prompt_ids(ex.prompt)
-            a = self.enc.answer_ids(ex.answer)
-            seqs.append(p + a)
-            starts.append(len(p))
+        seqs, spans = [], []
+        for turns in episodes:
+            ids, sp = list(self.enc.head), []
+            for i, ex in enumerate(turns):
+                ids += self.enc.turn_ids(ex.prompt, first=i == 0)
+                a = self.enc.answer_ids(ex.answer)
+                sp.append((len(ids), len(ids) + len(a)))
+                ids += a
+            seqs.append(ids)
+            spans.append(sp)
         L = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), L), self.enc.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), L), dtype=torch.long)
         target = torch.full((len(seqs), L), -100, dtype=torch.long)
         weight = torch.zeros((len(seqs), L), dtype=torch.float32)
-        for i, (s, st) in enumerate(zip(seqs, starts)):
+        for i, (s, sp) in enumerate(zip(seqs, spans)):
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
-            n = len(s) - st
-            # logits at position t predict token t+1
-            target[i, st - 1: len(s) - 1] = torch.tensor(s[st:])
-            weight[i, st - 1: len(s) - 1] = 1.0 / math.sqrt(n)
-        pv = torch.from_numpy(np.stack([pixels(ex.scene.image) for ex in examples]))
-        aux = torch.from_numpy(np.stack([patch_labels(ex.scene) for ex in examples]))
+            for a, b in sp:
+                # logits at position t predict token t+1
+                target[i, a - 1: b - 1] = torch.tensor(s[a:b])
+                weight[i, a - 1: b - 1] = 1.0 / math.sqrt(b - a)
+        scenes = [turns[0].scene for turns in episodes]
+        pv = torch.from_numpy(np.stack([pixels(sc.image) for sc in scenes]))
+        aux = torch.from_numpy(np.stack([patch_labels(sc) for sc in scenes]))
         return {"input_ids": ids, "attention_mask": mask, "pixel_values": pv,
                 "target": target, "weight": weight, "patch_labels": aux}
 
@@ -258,7 +305,7 @@ def train(out_dir: str, cfg: TrainConfig, log=print) -> dict:
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
         early = step < cfg.curriculum_frac * cfg.steps
-        batch = batcher.collate(batcher.examples(cfg.batch_size,
+        batch = batcher.collate(batcher.episodes(cfg.batch_size,
                                                  object_probs=cfg.early_objects if early else None))
         lm_loss, _ = batch_loss(model, batch, cfg.bf16)
         aux = aux_loss(aux_head, captured.pop("h"), batch["patch_labels"], cfg.aux_bg_weight)
