@@ -375,6 +375,9 @@ def test_shipped_cached_runs_are_valid():
         assert sweep.baseline_text == run.generated_text                  # same model, same greedy output
         assert {"llava_cam", "logit_lens_ids", "hidden_states"} <= set(run.arrays)
         families.add(run.meta["task"]["family"])
+        assert run.meta["model"] == "tiny-shapes", f"{d.name} was made with {run.meta['model']}"
+        # the shipped model answers its example prompts right, except where a run says otherwise
+        assert (run.generated_text.strip() == index[d.name]["truth"]) != d.name.endswith("-mistake"), d.name
         example = EXAMPLES_DIR / index[d.name]["image"]
         assert run.meta["image_sha256"] == image_sha256(load_image(example)[0]), \
             f"{d.name} was made from an older {example.name}: python -m vlmlens make-cached-runs"

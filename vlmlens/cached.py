@@ -30,6 +30,10 @@ SPECS = (
     ("caption-four-objects", "shapes_03.png", "caption", None),
     ("reasoning-more", "shapes_02.png", "reasoning", "more"),
     ("reasoning-count-color", "shapes_06.png", "reasoning", "count_color"),
+    ("reasoning-left-of", "shapes_03.png", "reasoning", "left_of"),
+    # the model's known weak spot (reading the row of a named object); it answers this one
+    # wrongly, which is worth seeing layer by layer
+    ("reasoning-above-mistake", "shapes_06.png", "reasoning", "above"),
 )
 
 
