@@ -272,6 +272,7 @@ def test_training_runs_end_to_end_and_saves_a_loadable_llava(tmp_path):
     fresh = build_model(arch, proc.tokenizer, seed=cfg.seed).eval()
     with torch.no_grad():
         trained_loss, before = float(batch_loss(model, batch)[0]), float(batch_loss(fresh, batch)[0])
+    print(f"val loss {before:.3f} -> {trained_loss:.3f}")
     assert before > 3.5 and trained_loss < 0.8 * before, (trained_loss, before)
     assert model.config.text_config.num_hidden_layers == 2
     x = proc(images=[make_scene(0).image], text=proc.apply_chat_template(chat_prompt("Describe the image."),
