@@ -122,12 +122,13 @@ def _object_cells(obj, rows, cols, size):
 
 def measure_cam_hits(lm, n: int = 20, seed0: int = 0):
     """Over ``n`` scenes, ask the colour of an object whose shape is unique and check, per
-    layer, whether the CAM's hottest cell overlaps the object. Returns (hit rate [L], chance
-    rate, answer accuracy)."""
+    layer, whether the hottest cell of the LLaVA-CAM and of the last prompt token's attention
+    map overlaps the object. Returns (CAM hit rate [L], attention hit rate [L], chance rate,
+    answer accuracy)."""
     from vlmlens.tiny.scenes import IMAGE_SIZE, make_scene
 
     L = lm.n_layers
-    hits, chance, correct, done, seed = np.zeros(L), 0.0, 0, 0, seed0
+    hits, att_hits, chance, correct, done, seed = np.zeros(L), np.zeros(L), 0.0, 0, 0, seed0
     while done < n:
         scene = make_scene(seed, n_objects=3)
         seed += 1
@@ -142,16 +143,23 @@ def measure_cam_hits(lm, n: int = 20, seed0: int = 0):
         rows, cols = run.image_grid
         cells = _object_cells(obj, rows, cols, IMAGE_SIZE)
         hits += [hit_cell(cam.maps[l]) in cells for l in range(L)]
+        att_hits += [hit_cell(run.to_grid(np.asarray(run.attention_maps[l, 0]))) in cells for l in range(L)]
         chance += len(cells) / (rows * cols)
         done += 1
-    return hits / n, chance / n, correct / n
+    return hits / n, att_hits / n, chance / n, correct / n
 
 
 @pytest.mark.skipif(not (TINY_SHAPES_DIR / "config.json").exists(), reason="tiny-shapes checkpoint not trained yet")
-def test_tiny_shapes_cam_points_at_the_object():
+def test_tiny_shapes_maps_point_at_the_object():
+    """Known answer: the asked-about object. The trained model reads the colour in its last
+    layer (docs/study.md), so that layer's attention must land on the object; LLaVA-CAM is
+    measured and printed (on this model it localises poorly: best layer ~0.2-0.25)."""
     lm = vl.load_model("tiny-shapes", device="cpu", dtype="float32")
-    rate, chance, acc = measure_cam_hits(lm, 20)
+    rate, att, chance, acc = measure_cam_hits(lm, 20)
     best = int(np.argmax(rate))
-    print(f"\ntiny-shapes LLaVA-CAM argmax on the asked object, per layer: {np.round(rate, 2).tolist()}; "
-          f"best layer {best}: {rate[best]:.2f}; chance {chance:.2f}; answers correct {acc:.2f} (n=20)")
+    print(f"\ntiny-shapes, n=20, chance {chance:.2f}, answers correct {acc:.2f}\n"
+          f"  LLaVA-CAM argmax on the object per layer: {np.round(rate, 2).tolist()} (best layer {best})\n"
+          f"  attention argmax on the object per layer: {np.round(att, 2).tolist()}")
+    assert acc >= 0.9
+    assert att[-1] >= 0.8 and att[-1] > 4 * chance
     assert rate[best] > chance
