@@ -88,6 +88,12 @@ class LensState:
         self.plan = plan
         self.device = device
         self.image_pos = torch.as_tensor(np.asarray(plan.image_positions, dtype=np.int64), device=device)
+        # position -> is an image token, as a lookup table (called for every layer's keys and
+        # queries at every step; a gather is much cheaper than torch.isin's sort)
+        n = int(self.image_pos.max()) + 1 if self.image_pos.numel() else 0
+        self._image_lut = torch.zeros(n + 1, dtype=torch.bool, device=device)
+        if n:
+            self._image_lut[self.image_pos] = True
         self.n_seen = 0                      # positions processed by completed forwards
         self.qpos: torch.Tensor | None = None  # positions of the current forward's queries
         self.key_pos: dict[int, torch.Tensor] = {}  # per layer: positions held in the KV cache
@@ -121,7 +127,8 @@ class LensState:
     def is_image(self, pos: torch.Tensor) -> torch.Tensor:
         if self.image_pos.numel() == 0:
             return torch.zeros_like(pos, dtype=torch.bool)
-        return torch.isin(pos, self.image_pos)
+        # the table's last entry is False: every position past the image maps there
+        return self._image_lut[pos.clamp(0, self._image_lut.numel() - 1)]
 
     def _store_hidden(self, layer: int, hidden: torch.Tensor, pos: torch.Tensor) -> None:
         if not self.plan.record_hidden:
