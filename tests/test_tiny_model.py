@@ -138,3 +138,27 @@ def test_arbitrary_images_do_not_crash(loaded):
     for p in preds:  # whatever it says, it says it in its own vocabulary
         for w in processor.tokenizer.tokenize(p):
             assert w in vocab_words
+
+
+def test_capture_through_the_library_maps_image_tokens_to_the_8x8_grid():
+    """vl.capture on the shipped model: 64 image tokens on an 8x8 grid, in raster order. Known
+    answer: in one-object scenes, the image token whose layer-0 state (the projector output)
+    is farthest from the background's median lies on the object."""
+    import vlmlens as vl
+    from vlmlens.tiny.scenes import _RADIUS, make_scene
+
+    lm = vl.load_model("tiny-shapes", device="cpu", dtype="float32")
+    for seed in range(6):
+        scene = make_scene(seed, n_objects=1)
+        obj = scene.objects[0]
+        run = vl.capture(lm, scene.image, f"What color is the {obj.shape}?", max_new_tokens=2)
+        assert run.generated_text.strip() == obj.color
+        assert run.image_grid == (8, 8) and run.spans.n_image == 64
+        img = run.spans.positions("image")
+        assert np.array_equal(img, np.arange(img[0], img[0] + 64))
+        h = run.hidden_states[0][img].astype(np.float32)          # [64, d]
+        dist = np.linalg.norm(h - np.median(h, axis=0), axis=1)
+        grid = run.to_grid(dist)
+        i, j = np.unravel_index(np.nanargmax(grid), grid.shape)
+        cx, cy, r = (j + 0.5) * 8, (i + 0.5) * 8, _RADIUS[obj.size] + 4
+        assert abs(cx - obj.x) <= r and abs(cy - obj.y) <= r, (seed, (i, j), (obj.x, obj.y))
