@@ -74,7 +74,8 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                 prompt_pick = gr.Dropdown(choices=prompt_choices(None), value=None, label="Example prompts",
                                           elem_id="vl-prompt-pick")
                 prompt = gr.Textbox(label="Prompt", placeholder="What color is the circle?", lines=2, elem_id="vl-prompt")
-                max_new = gr.Slider(1, 64, value=12, step=1, label="Max new tokens", elem_id="vl-max-new")
+                max_new = gr.Slider(1, 256, value=12, step=1, label="Max new tokens", elem_id="vl-max-new",
+                                    info="reasoning traces of real models need 100-250")
                 run_btn = gr.Button("Run", variant="primary", elem_id="vl-run")
             with gr.Column(scale=3):
                 with gr.Tabs(elem_id="vl-tabs"):
