@@ -163,3 +163,32 @@ def test_tiny_shapes_maps_point_at_the_object():
     assert acc >= 0.9
     assert att[-1] >= 0.8 and att[-1] > 4 * chance
     assert rate[best] > chance
+
+
+def test_cam_reapplies_the_runs_interventions(image):
+    """Known answers: with the image cut from layer k on, nothing downstream reads image rows at
+    layers >= k, so their CAM is 0 while layers < k keep a peak of 1; drop and remove runs give
+    the same CAM; with every query blocked from the image at every layer the CAM is 0 everywhere;
+    interventions=[] explains the same tokens with the unmodified model."""
+    lm = random_lm("llava")
+    L, k = lm.n_layers, 1
+    assert L >= 2
+    res = {"activation": "residual"}  # untruncated, every layer's residual peaks at 1
+    drop = vl.capture(lm, image, PROMPT, max_new_tokens=3, interventions=[vl.Truncate(after_layer=k, mode="drop")])
+    remove = vl.capture(lm, image, PROMPT, max_new_tokens=3, interventions=[vl.Truncate(after_layer=k, mode="remove")])
+    assert drop.token_ids == remove.token_ids
+    cd, cr = llava_cam(lm, drop, **res), llava_cam(lm, remove, **res)
+    peak = cd.maps.reshape(L, -1).max(1)
+    assert np.allclose(peak[:k], 1.0) and np.all(peak[k:] == 0.0), peak
+    assert np.abs(cd.per_token - cr.per_token).max() <= 1e-5
+    assert cr.meta["interventions"] == [{"kind": "Truncate", "after_layer": k, "mode": "drop"}]
+    blocked = vl.capture(lm, image, PROMPT, max_new_tokens=2,
+                         interventions=[vl.Knockout(src="all", dst="image", layers=list(range(L)))])
+    assert np.all(llava_cam(lm, blocked, **res).per_token == 0.0)
+    plain = vl.capture(lm, image, PROMPT, max_new_tokens=3)
+    gen = drop.token_ids[drop.spans.n_prompt:]
+    none = llava_cam(lm, drop, interventions=[], **res)
+    ref = llava_cam(lm, plain, target_tokens=gen, **res)
+    assert np.allclose(ref.maps.reshape(L, -1).max(1), 1.0)
+    assert none.meta["interventions"] == [] and np.abs(none.per_token - ref.per_token).max() <= 1e-6
+    assert np.abs(none.per_token - cd.per_token).max() > 1e-3   # the truncation changes the map

@@ -117,7 +117,29 @@ class _frozen_params:
             p.requires_grad_(True)
 
 
-def llava_cam(lm, run, *, layers=None, target_tokens=None, activation: str = "mlp_input") -> Cam:
+def _cam_interventions(run, interventions):
+    """The interventions the CAM's forward applies: ``interventions`` if given, else the run's own
+    (rebuilt from its meta). ``Truncate(k, "remove")`` becomes ``Truncate(k, "drop")``: the same
+    outputs (tested), but the image rows stay in place for the taps (their CAM is then 0 from k on,
+    as nothing downstream reads them)."""
+    from ..interventions import Truncate, from_json
+
+    if interventions is None:
+        stored = run.meta.get("interventions") or []
+        if any(not isinstance(d, dict) for d in stored):
+            raise ValueError("the run was captured with a custom intervention that cannot be rebuilt from its "
+                             "meta; pass interventions=[...] to llava_cam")
+        interventions = [from_json(d) for d in stored]
+    out = []
+    for iv in interventions:
+        if isinstance(iv, Truncate) and iv.mode == "remove":
+            iv = Truncate(after_layer=iv.after_layer, mode="drop")
+        out.append(iv)
+    return out
+
+
+def llava_cam(lm, run, *, layers=None, target_tokens=None, activation: str = "mlp_input",
+              interventions=None) -> Cam:
     """LLaVA-CAM of every (or the chosen) decoder layer, in one forward + one backward.
 
     Args:
@@ -128,6 +150,8 @@ def llava_cam(lm, run, *, layers=None, target_tokens=None, activation: str = "ml
             (tokenized without special tokens) or a list of token ids, teacher-forced after
             the prompt.
         activation: ``"mlp_input"`` or ``"residual"`` (see the module docstring).
+        interventions: applied in the CAM's forward, so that the map explains the answer of the
+            model the run was captured with; default: the run's own (from its meta); ``[]``: none.
 
     The forward runs with grad through the lens (SDPA, no recording) with the model's
     parameters frozen; the embeddings entering decoder layer 0 are the only leaf, so the
@@ -137,9 +161,10 @@ def llava_cam(lm, run, *, layers=None, target_tokens=None, activation: str = "ml
     ``L x n_image x d`` kept activations: for a 7B LLaVA-1.5 (32 layers, d 4096, 576 image
     tokens) at 640 tokens in fp16 about 70 MB per decoder layer (measured: saved-tensor bytes
     of one 7B-shaped Llama layer with frozen weights, 141 MB in fp32) -> ~2.3 GB, plus 150 MB
-    of kept image rows and T x vocab logits. Interventions recorded in the run are not re-applied.
+    of kept image rows and T x vocab logits.
     """
     from ..capture import prepare_inputs
+    from ..interventions import validate_all
     from ..lens import Lens, Plan
 
     if activation not in ACTIVATIONS:
@@ -148,6 +173,8 @@ def llava_cam(lm, run, *, layers=None, target_tokens=None, activation: str = "ml
     layers = list(range(L)) if layers is None else sorted({int(l) for l in layers})
     if any(not 0 <= l < L for l in layers):
         raise ValueError(f"layers must lie in 0..{L - 1}")
+    ivs = _cam_interventions(run, interventions)
+    validate_all(ivs, L)
     inputs, _, _ = prepare_inputs(lm, run.image, run.prompt)
     n_prompt = run.spans.n_prompt
     if inputs["input_ids"][0].tolist() != list(run.token_ids[:n_prompt]):
@@ -158,7 +185,7 @@ def llava_cam(lm, run, *, layers=None, target_tokens=None, activation: str = "ml
     taps = _Taps(torch.as_tensor(img, device=lm.device), layers, activation)
     dec = lm.arch.decoder_layers(lm.model)
     plan = Plan(image_positions=img, n_layers=L, record_hidden=False, record_attention=False,
-                interventions=[taps], n_prompt=n_prompt)
+                interventions=[taps, *ivs], n_prompt=n_prompt)
     handles = [dec[l].mlp.register_forward_pre_hook(taps.mlp_hook(l)) for l in layers] if activation == "mlp_input" else []
     T = len(targets)
     kw = {"logits_to_keep": T + 1} if lm.model._supports_logits_to_keep() else {}
@@ -178,6 +205,7 @@ def llava_cam(lm, run, *, layers=None, target_tokens=None, activation: str = "ml
         "method": "llava_cam", "activation": activation, "layers": layers, "target_ids": targets,
         "target_text": tok.decode(targets), "target_logit_sum": float(y.detach()),
         "weights": "alpha_c = mean_i ReLU(dy/dA_ic)", "normalisation": "per layer / max",
+        "interventions": [iv.to_json() if hasattr(iv, "to_json") else repr(iv) for iv in ivs],
     }
     return Cam(run.to_grid(per_token), per_token, layers, meta)
 
