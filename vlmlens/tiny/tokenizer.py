@@ -115,7 +115,7 @@ class FastEncoder:
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """ids of '<s>USER: <image>*64 {prompt} ASSISTANT:'"""
-        return self.head + self.words(prompt) + self.tail
+        return self.head + self.turn_ids(prompt, first=True)
 
     def turn_ids(self, prompt: str, first: bool) -> list[int]:
         """A user turn after the head (first) or after an earlier answer's '</s>':
