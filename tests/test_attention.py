@@ -7,8 +7,8 @@ from PIL import Image
 
 import vlmlens as vl
 from vlmlens.analysis.attention import (
-    attention_cliff, attention_share, image_concentration, image_contribution, query_positions,
-    stage_bands, stage_details, three_stages,
+    attention_cliff, attention_cliff_details, attention_share, image_concentration, image_contribution, query_positions,
+    sharpest_drop, stage_bands, stage_details, three_stages,
 )
 from vlmlens.capture import prepare_inputs
 from vlmlens.run import Run, TokenSpans
@@ -184,15 +184,20 @@ def test_cliff_and_concentration_on_chosen_arrays():
     maps[2, 0] = 0.0
     maps[2, 0, 4] = 0.5              # ...except a one-token sink at layer 2
     run.arrays.update(attention_to_image=share, attention_maps=maps, map_positions=np.arange(last, n))
-    assert attention_cliff(run) == 3                       # largest drop 0.7 -> 0.2
-    assert attention_cliff(run, relative=True) == 5        # 0.15 -> 0.03 (-80%) beats 0.7 -> 0.2 (-71%)
-    assert attention_cliff(run, min_drop=0.6) is None
+    assert sharpest_drop(run) == 3                         # largest drop 0.7 -> 0.2
+    assert sharpest_drop(run, relative=True) == 5          # 0.15 -> 0.03 (-80%) beats 0.7 -> 0.2 (-71%)
+    assert sharpest_drop(run, min_drop=0.6) is None
+    assert attention_cliff(run) == 4                       # below 0.25 * 0.8 = 0.2 from layer 4 on (0.2 is not below)
+    assert attention_cliff(run, frac=0.3) == 3             # below 0.24 from layer 3 on
     assert np.allclose(attention_share(run).image, curve)
     c = image_concentration(run)
     assert c["k"] == 1 and np.allclose(c["mass"], 0.5)
     assert np.allclose(np.delete(c["entropy"], 2), 1.0) and c["entropy"][2] == 0.0
     assert np.allclose(np.delete(c["top_share"], 2), 1 / n_img) and c["top_share"][2] == 1.0
     assert c["top_tokens"][2, 0] == 4
+    share[:, :, last] = np.array([0.8, 0.75, 0.02, 0.02, 0.5, 0.9])[:, None]   # drops, then looks back
+    assert sharpest_drop(run) == 2 and attention_cliff(run) is None
+    assert "still puts 90%" in attention_cliff_details(run).statement
     assert image_concentration(run, top_frac=0.25)["top_share"][0] == pytest.approx(0.25)
     nogen = _synthetic_run(L=L, H=H, n_img=n_img, n_gen=0)
     nogen.arrays["attention_to_image"] = np.zeros((L, H, nogen.spans.n_total), np.float32)

@@ -4,8 +4,9 @@ driving the dashboard served in this process.
 Load the page (a cached run opens by itself), upload an example image, type a prompt, Run,
 wait for the plots, move the layer slider and check the heatmap changed (and that the
 server redrew it without the model), compare two truncation depths, open a cached run.
-Screenshots go to ``docs/screenshots/`` (README) and ``test-artifacts/``; timings are
-printed and written to BENCHMARKS.md.
+Screenshots go to ``test-artifacts/`` (ignored by git) and timings are printed. Tests never
+write tracked files: with ``VLMLENS_UPDATE_DOCS=1`` the same run also refreshes
+``docs/screenshots/`` (README) and the browser section of BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("VLMLENS_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
-SHOTS = [ROOT / "docs" / "screenshots", ROOT / "test-artifacts"]
+UPDATE_DOCS = os.environ.get("VLMLENS_UPDATE_DOCS") == "1"
+SHOTS = [ROOT / "test-artifacts"] + ([ROOT / "docs" / "screenshots"] if UPDATE_DOCS else [])
 PROMPT = "What color is the circle?"
 
 if not Path(CHROMIUM).exists():  # CI installs it (scripts/install.sh --dev); never `playwright install`
@@ -90,7 +92,8 @@ def shot(page, name: str) -> None:
     for d in SHOTS:
         d.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS[0] / f"{name}.png"), full_page=True)
-    shutil.copy(SHOTS[0] / f"{name}.png", SHOTS[1] / f"{name}.png")
+    for d in SHOTS[1:]:
+        shutil.copy(SHOTS[0] / f"{name}.png", d / f"{name}.png")
 
 
 def heatmap_state(page) -> dict | None:
@@ -242,6 +245,8 @@ def report(timings: dict, dash) -> None:
                      else f"| {k} | {v:.1f} s |")
     body = "\n".join(lines)
     print("\n" + body)
+    if not UPDATE_DOCS:
+        return
     from benchmarks._report import write_section
 
     write_section("ui-browser", "Dashboard in a browser (tests/test_browser.py)", body)

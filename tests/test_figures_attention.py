@@ -45,9 +45,14 @@ def test_attention_flow_and_heads(runs):
     assert len(contrib) == 1 and len(contrib[0].y) == L
     bands = [s for s in fig.layout.shapes if s.type == "rect"]
     assert len(bands) == len(stage_bands(three_stages(run)))
+    assert all(f"{b[0]} (proxy)" in [a.text for a in fig.layout.annotations] for b in stage_bands(three_stages(run)))
     cliff = attention_cliff(run)
-    vlines = [s for s in fig.layout.shapes if s.type == "line"]
+    vlines = [s for s in fig.layout.shapes if s.type == "line" and s.x0 == s.x1]
     assert len(vlines) == (cliff is not None) and all(s.x0 == cliff for s in vlines)
+    causal = fig_attention_flow(run, stages=["sink"] * (L - 1) + ["fusion"])   # knockout stages replace the proxy bands
+    rects = [s for s in causal.layout.shapes if s.type == "rect"]
+    assert [(r.x0, r.x1) for r in rects] == [(-0.5, L - 1.5), (L - 1.5, L - 0.5)]
+    assert {"sink (knockout)", "fusion (knockout)"} <= {a.text for a in causal.layout.annotations}
     plain = fig_attention_flow(bare)   # no value contributions: no bands, no contribution line
     assert len(plain.data) == 3 and not [s for s in plain.layout.shapes if s.type == "rect"]
     heads = fig_attention_heads(run)

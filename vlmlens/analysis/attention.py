@@ -12,8 +12,10 @@ nothing recomputes attention. Layers are decoder layers 0..L-1.
 * :func:`three_stages` / :func:`stage_details` -- VisiPruner's (arXiv 2510.17205) sink /
   fusion / discard segmentation, from the value contributions the lens records at the last
   prompt token (``attn_out``, ``image_contrib``, ``image_contrib_norm``).
-* :func:`attention_cliff` -- the layer after the sharpest drop of the last-token image
-  share (the attention-side "cliff" of arXiv 2406.06579).
+* :func:`attention_cliff` -- the first layer from which the last token's image share stays
+  below a fraction of its peak to the end of the stack (the attention-side "cliff" of
+  arXiv 2406.06579, defined so that it matches its name); :func:`sharpest_drop` is the layer
+  after the largest single drop, which a later rise can contradict.
 """
 from __future__ import annotations
 
@@ -214,13 +216,17 @@ def stage_bands(labels: list[str]) -> list[tuple[str, int, int]]:
 
 # ---- the cliff ----------------------------------------------------------------------------
 
-def attention_cliff(run, *, query: str = "last", relative: bool = False, min_drop: float = 0.0) -> int | None:
+DEFAULT_CLIFF_FRAC = 0.25
+
+
+def sharpest_drop(run, *, query: str = "last", relative: bool = False, min_drop: float = 0.0) -> int | None:
     """The decoder layer right after the sharpest drop of the image share.
 
     With ``s = attention_share(run, query=query).image`` ([L], heads averaged), the drop
     after layer l is ``d_l = s[l] - s[l+1]`` (``relative=True``: ``d_l / s[l]``). Returns
     ``argmax_l d_l + 1``, or None when there are fewer than two layers or the largest drop is
-    not above ``min_drop``. Ties go to the shallowest layer.
+    not above ``min_drop``. Ties go to the shallowest layer. A drop can be followed by a rise
+    (the answer looks back at the image later): this is not a cliff, see :func:`attention_cliff`.
     """
     s = attention_share(run, query=query).image
     if len(s) < 2 or not np.isfinite(s).any():
@@ -232,3 +238,57 @@ def attention_cliff(run, *, query: str = "last", relative: bool = False, min_dro
     d = np.nan_to_num(d, nan=-np.inf)
     l = int(np.argmax(d))
     return l + 1 if d[l] > min_drop else None
+
+
+@dataclass
+class AttentionCliff:
+    """:func:`attention_cliff_details`: the cliff and the numbers behind it."""
+
+    layer: int | None          # first layer from which the share stays below the threshold; None: never
+    share: np.ndarray          # [L] image share of the query set (heads averaged)
+    peak: float
+    peak_layer: int | None
+    threshold: float           # frac * peak
+    frac: float
+    query: str
+    statement: str
+
+
+def attention_cliff_details(run, *, query: str = "last", frac: float = DEFAULT_CLIFF_FRAC) -> AttentionCliff:
+    """The layer after which the answer stops looking at the image, as the name says.
+
+    With ``s`` the image share of ``query`` per decoder layer and ``p = max s`` its peak, the
+    cliff is the first layer ``l`` after the peak such that ``s[l'] < frac * p`` for every
+    ``l' >= l`` (to the last layer). None when the last layer's share is still at or above
+    the threshold: the answer looks at the image until the end.
+    """
+    if not 0 < frac < 1:
+        raise ValueError(f"frac must be in (0, 1), got {frac!r}")
+    s = np.asarray(attention_share(run, query=query).image, dtype=np.float64)
+    L = len(s)
+    who = "the last prompt token" if query == "last" else f"the {query} tokens"
+    if not L or not np.isfinite(s).any():
+        return AttentionCliff(None, s, float("nan"), None, float("nan"), frac, query,
+                              f"no attention share recorded for {who}")
+    pk = int(np.nanargmax(s))
+    peak = float(s[pk])
+    thr = frac * peak
+    below = np.isfinite(s) & (s < thr)
+    layer = None
+    if below[-1]:
+        bad = np.flatnonzero(~below)
+        layer = int(bad[-1] + 1) if bad.size else 0
+    if layer is None:
+        text = (f"none: {who} still puts {s[-1]:.0%} of its attention on the image at the last layer "
+                f"(peak {peak:.0%} at layer {pk}; threshold {frac:.0%} of the peak)")
+    else:
+        text = (f"layer {layer}: from there to the last layer {who} puts less than {thr:.0%} of its attention on "
+                f"the image ({frac:.0%} of its peak {peak:.0%} at layer {pk})")
+    return AttentionCliff(layer, s, peak, pk, thr, frac, query, text)
+
+
+def attention_cliff(run, *, query: str = "last", frac: float = DEFAULT_CLIFF_FRAC) -> int | None:
+    """The first decoder layer from which the image share of ``query`` stays below ``frac``
+    of its peak for the rest of the stack (None: it never does); see
+    :func:`attention_cliff_details`."""
+    return attention_cliff_details(run, query=query, frac=frac).layer

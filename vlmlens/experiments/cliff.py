@@ -42,9 +42,13 @@ class CliffReport:
 
 
 def cliff_from(depths, kept, kl, n_layers: int, tau: float = DEFAULT_TAU) -> tuple[int, list[bool]]:
-    """The cliff rule on plain lists (depths ascending or not). Returns (cliff, ok per depth)."""
+    """The cliff rule on plain lists (depths ascending or not). Returns (cliff, ok per depth).
+
+    ``kl=None`` drops the KL condition: the cliff is then the shallowest depth from which
+    every deeper measured depth keeps the answer (what the dashboard's headline states)."""
     if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not tau > 0:
         raise InputError(f"tau must be a positive number of nats, got {tau!r}")
+    kl = [0.0] * len(list(depths)) if kl is None else kl
     rows = sorted(zip(depths, kept, kl), key=lambda r: r[0])
     ok = {int(d): bool(k) and float(x) < tau for d, k, x in rows}
     cliff = int(n_layers)
@@ -69,8 +73,8 @@ def _attention_side(run) -> tuple[int | None, str]:
     except Exception as e:  # noqa: BLE001 -- optional analysis: report, do not fail the sweep
         return None, f"attention cliff unavailable ({type(e).__name__}: {e})"
     if value is None:
-        return None, "attention share shows no drop"
-    return int(value), "layer after the sharpest drop of the last prompt token's attention to the image"
+        return None, "the last prompt token still looks at the image at the last layer"
+    return int(value), "first layer from which the last prompt token's image share stays below 25% of its peak"
 
 
 def cliff_layer(result, tau: float = DEFAULT_TAU, *, attention_run=None) -> CliffReport:

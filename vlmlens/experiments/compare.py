@@ -17,10 +17,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-from .engine import DEFAULT_SEPARATOR, Progress, Session, answer_of, check_mode, compare_outputs, parse_depths, truncation
+from .engine import (DEFAULT_SEPARATOR, Progress, Session, answer_of, check_mode, compare_outputs, parse_depths,
+                     truncation)
 
-CSV_COLUMNS = ("depth", "mode", "first_token_kl", "answer_kept", "text_kept", "baseline_logprob", "own_logprob",
-               "first_divergence", "edit_distance", "answer", "text")
+CSV_COLUMNS = ("depth", "mode", "first_token_kl", "answer_kl", "answer_logprob_delta", "answer_tokens", "answer_kept",
+               "correct", "text_kept", "baseline_logprob", "own_logprob", "first_divergence", "edit_distance", "answer",
+               "text")
 
 
 @dataclass
@@ -40,6 +42,11 @@ class DepthSummary:
     answer_kept: bool
     text_kept: bool
     divergence_char: int | None = None   # where the first divergent token starts in ``text`` (None: same/unknown)
+    answer_kl: float = float("nan")      # summed KL(baseline || truncated) over the answer tokens (engine docstring)
+    answer_logprob_delta: float = float("nan")   # truncated minus baseline log-prob of the baseline's answer
+    answer_tokens: int = 0               # how many baseline tokens the answer-level metrics cover
+    answer_start: int = 0                # index of the first of them among the generated tokens
+    correct: bool | None = None          # the answer equals the ground truth (None: no truth known)
 
 
 @dataclass
@@ -68,6 +75,8 @@ class TruncationResult:
     depths: list[DepthSummary]
     seconds: float = 0.0
     interventions: list = field(default_factory=list)
+    truth: str | None = None              # the ground-truth answer, when the input comes with one
+    baseline_correct: bool | None = None
     runs: dict = field(default_factory=dict, repr=False)
     baseline_run: object = field(default=None, repr=False)
 
@@ -110,8 +119,17 @@ class TruncationResult:
         return [{c: (self.mode if c == "mode" else getattr(d, c)) for c in CSV_COLUMNS} for d in self.depths]
 
 
+def is_correct(text: str, truth: str | None, separator: str = DEFAULT_SEPARATOR) -> bool | None:
+    """Does ``text`` give the ground-truth answer? Both are compared as :func:`answer_of`
+    (after the separator when present, normalised); None without a truth."""
+    if truth is None or not str(truth).strip():
+        return None
+    return answer_of(text, separator) == answer_of(str(truth), separator)
+
+
 def _truncation(lm, image, prompt, depths, *, mode, max_new_tokens, interventions, reuse, store, hidden_dtype,
-                record_attention, separator, progress: Progress | None, keep_runs: bool) -> TruncationResult:
+                record_attention, separator, progress: Progress | None, keep_runs: bool,
+                truth: str | None = None) -> TruncationResult:
     check_mode(mode)
     ks = parse_depths(depths, lm.n_layers)
     t0 = time.perf_counter()
@@ -125,7 +143,8 @@ def _truncation(lm, image, prompt, depths, *, mode, max_new_tokens, intervention
     summaries, runs = [], {}
     for i, k in enumerate(ks):
         out = base if k == L else s.evaluate([truncation(k, mode)])
-        summaries.append(DepthSummary(depth=k, **compare_outputs(base, out, separator, lm.processor.tokenizer)))
+        cmp = compare_outputs(base, out, separator, getattr(lm.processor, "tokenizer", None))
+        summaries.append(DepthSummary(depth=k, correct=is_correct(cmp["text"], truth, separator), **cmp))
         if keep_runs:
             runs[k] = out.run
         if progress:
@@ -138,14 +157,14 @@ def _truncation(lm, image, prompt, depths, *, mode, max_new_tokens, intervention
         baseline_logprob=float(sum(r.token_logprobs)), baseline_answer=answer_of(r.generated_text, separator),
         depths=summaries, seconds=round(time.perf_counter() - t0, 3),
         interventions=[iv.to_json() for iv in s.extra if hasattr(iv, "to_json")],
-        runs=runs, baseline_run=r if keep_runs else None,
+        truth=truth, baseline_correct=is_correct(r.generated_text, truth, separator), runs=runs, baseline_run=r if keep_runs else None,
     )
 
 
 def compare(lm, image, prompt: str, depths: Sequence = (0, "all"), *, mode: str = "drop", max_new_tokens: int = 16,
             interventions: Sequence = (), reuse: bool = True, store: str = "all", hidden_dtype: str = "float16",
             record_attention: bool = True, separator: str = DEFAULT_SEPARATOR, progress: Progress | None = None,
-            keep_runs: bool = True) -> TruncationResult:
+            keep_runs: bool = True, truth: str | None = None) -> TruncationResult:
     """Baseline + one run per truncation depth, side by side.
 
     Args:
@@ -156,16 +175,20 @@ def compare(lm, image, prompt: str, depths: Sequence = (0, "all"), *, mode: str 
         store, hidden_dtype, record_attention: what each Run records (as in ``capture``).
         separator: where a reasoning trace ends and the final answer starts (``answer_kept``
             compares the text after it; without it, the whole text).
+        truth: the ground-truth answer (e.g. of a shapes-world scene): every depth is then
+            also marked correct / wrong (``correct``), so a cut that fixes a mistake shows.
     """
     return _truncation(lm, image, prompt, depths, mode=mode, max_new_tokens=max_new_tokens, interventions=interventions,
                        reuse=reuse, store=store, hidden_dtype=hidden_dtype, record_attention=record_attention,
-                       separator=separator, progress=progress, keep_runs=keep_runs)
+                       separator=separator, progress=progress, keep_runs=keep_runs, truth=truth)
 
 
 def sweep(lm, image, prompt: str, *, mode: str = "drop", max_new_tokens: int = 16, interventions: Sequence = (),
           reuse: bool = True, store: str = "all", hidden_dtype: str = "float16", record_attention: bool = True,
-          separator: str = DEFAULT_SEPARATOR, progress: Progress | None = None, keep_runs: bool = True) -> TruncationResult:
+          separator: str = DEFAULT_SEPARATOR, progress: Progress | None = None, keep_runs: bool = True,
+          truth: str | None = None) -> TruncationResult:
     """The truncation sweep: :func:`compare` at every depth 0..L."""
     return _truncation(lm, image, prompt, list(range(lm.n_layers + 1)), mode=mode, max_new_tokens=max_new_tokens,
                        interventions=interventions, reuse=reuse, store=store, hidden_dtype=hidden_dtype,
-                       record_attention=record_attention, separator=separator, progress=progress, keep_runs=keep_runs)
+                       record_attention=record_attention, separator=separator, progress=progress, keep_runs=keep_runs,
+                       truth=truth)

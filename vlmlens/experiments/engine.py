@@ -16,7 +16,15 @@ Comparison of a variant with the baseline (:func:`compare_outputs`):
 * ``first_token_kl``: KL(baseline || variant) of the next-token distribution at the last
   prompt token, in nats (full vocabulary, float64);
 * ``answer_kept``: the normalised answer (text after the last ``separator`` when present,
-  else the whole text) equals the baseline's; ``text_kept``: identical token ids.
+  else the whole text) equals the baseline's; ``text_kept``: identical token ids;
+* answer-level metrics, teacher-forced on the baseline's tokens: the *answer tokens* are the
+  baseline's generated tokens after the separator when its text has one, else all of them
+  (``answer_start`` is the index of the first). ``answer_kl`` is the sum over the answer
+  tokens of KL(baseline || variant) of the distribution that predicts each of them (nats);
+  ``answer_logprob_delta`` the variant's minus the baseline's summed log-prob of them
+  (<= 0 when the variant makes the baseline's answer less likely). A first-token KL only
+  sees the first word ("a", "the", "step"), which rarely depends on the image; these see
+  the words that do. With nothing generated both fall back to the first-token distribution.
 """
 from __future__ import annotations
 
@@ -149,6 +157,8 @@ class Outcome:
     run: Run
     first_logprobs: torch.Tensor   # [vocab] log-softmax of the next-token logits at the last prompt token
     target_logprobs: list[float]   # log-probs of the baseline's generated tokens under this variant
+    step_logprobs: torch.Tensor | None = None   # [T+1, vocab] log-softmax at the last prompt token and
+                                                #   after each of the baseline's T generated tokens
 
     @property
     def generated_ids(self) -> list[int]:
@@ -207,11 +217,21 @@ class Session:
                       prefix=prefix, **self.record)
         base = getattr(self, "baseline", None)
         target = base.generated_ids if base is not None else run.token_ids[run.spans.n_prompt:]
-        first, lps = self._score(all_ivs, target, prefix)
-        return Outcome(ivs, run, first, lps)
+        steps, lps = self._score(all_ivs, target, prefix)
+        return Outcome(ivs, run, steps[0], lps, steps)
+
+    def score(self, interventions: Sequence) -> Outcome:
+        """Teacher-forced only: the baseline's tokens scored under ``interventions`` (one
+        forward, no generation; ``run`` is the baseline's). Whether greedy decoding would
+        repeat the baseline is exact from it: :func:`teacher_forced_kept`."""
+        ivs = list(interventions)
+        all_ivs = self.extra + ivs
+        validate_all(all_ivs, self.n_layers)
+        steps, lps = self._score(all_ivs, self.baseline.generated_ids, None)
+        return Outcome(ivs, self.baseline.run, steps[0], lps, steps)
 
     def _score(self, ivs: list, target: list[int], prefix: Prefix | None):
-        """Teacher-forced forward over prompt + ``target`` under ``ivs``: (first-token log-probs, target log-probs)."""
+        """Teacher-forced forward over prompt + ``target`` under ``ivs``: ([T+1, vocab] log-probs, target log-probs)."""
         lm, prep = self.lm, self.prep
         n_prompt, T = prep.n_prompt, len(target)
         if prefix is not None:
@@ -228,7 +248,7 @@ class Session:
         logits = out.logits[0, -(T + 1):].float()
         logp = torch.log_softmax(logits, -1).cpu()
         lps = [float(logp[i, t]) for i, t in enumerate(target)]
-        return logp[0], lps
+        return logp, lps
 
 
 def _extend(inputs: dict, ids: list[int], n: int) -> dict:
@@ -255,12 +275,61 @@ def divergence_char(text: str, ids: list[int], at: int | None, tokenizer) -> int
     return len(head) if text.startswith(head) else None
 
 
+def answer_start(ids: Sequence[int], text: str, separator: str = DEFAULT_SEPARATOR, tokenizer=None,
+                 tokens: Sequence[str] | None = None) -> int:
+    """Index of the first answer token of a generation: the first token after the last
+    ``separator`` when ``text`` contains it, else 0. Located by decoding growing prefixes of
+    ``ids`` with ``tokenizer`` (without one: joining ``tokens`` with spaces)."""
+    sep = (separator or "").lower()
+    if not sep or sep not in text.lower():
+        return 0
+    want = text.lower().count(sep)
+    for i in range(1, len(ids) + 1):
+        head = (tokenizer.decode(list(ids[:i]), skip_special_tokens=True) if tokenizer is not None
+                else " ".join((tokens or [])[:i]))
+        if head.lower().count(sep) >= want:
+            return i
+    return len(ids)
+
+
+def answer_scores(base: Outcome, var: Outcome, start: int) -> dict:
+    """Answer-level KL and log-prob change of ``var`` on the baseline's tokens from ``start``
+    (see the module docstring); ``answer_tokens`` is how many tokens that covers."""
+    T = len(base.generated_ids)
+    if base.step_logprobs is None or var.step_logprobs is None or T == 0 or start >= T:
+        kl = kl_divergence(base.first_logprobs, var.first_logprobs)
+        return {"answer_kl": kl, "answer_logprob_delta": 0.0, "answer_tokens": 0, "answer_start": int(min(start, T))}
+    p = base.step_logprobs[start:T].double()
+    q = var.step_logprobs[start:T].double()
+    kl = float(max((p.exp() * (p - q)).sum(), 0.0))
+    delta = float(sum(var.target_logprobs[start:T]) - sum(base.target_logprobs[start:T]))
+    return {"answer_kl": kl, "answer_logprob_delta": delta, "answer_tokens": T - start, "answer_start": int(start)}
+
+
+def teacher_forced_kept(base: Outcome, var: Outcome, start: int = 0) -> bool:
+    """Would greedy decoding under ``var`` repeat the baseline's tokens from ``start`` on?
+    Exact: the variant's argmax after each baseline prefix equals the baseline's next token
+    (and, when the baseline stopped early, its stop token stays the argmax)."""
+    ids = base.generated_ids
+    if var.step_logprobs is None:
+        raise ValueError("the variant was scored without per-step log-probs")
+    arg = var.step_logprobs.argmax(-1).tolist()
+    if any(arg[i] != ids[i] for i in range(start, len(ids))):
+        return False
+    stop = (base.run.meta.get("generation") or {}).get("stop_reason")
+    if stop == "eos" and base.step_logprobs is not None:
+        return arg[len(ids)] == int(base.step_logprobs[len(ids)].argmax())
+    return True
+
+
 def compare_outputs(base: Outcome, var: Outcome, separator: str = DEFAULT_SEPARATOR, tokenizer=None) -> dict:
     """How a variant's output differs from the baseline's (see the module docstring).
 
-    ``tokenizer`` (optional) locates the first divergent token in the text (``divergence_char``).
+    ``tokenizer`` (optional) locates the first divergent token in the text (``divergence_char``)
+    and the first answer token after the separator.
     """
     b_ids, v_ids = base.generated_ids, var.generated_ids
+    start = answer_start(b_ids, base.run.generated_text, separator, tokenizer, base.run.generated_tokens)
     ans_b, ans_v = answer_of(base.run.generated_text, separator), answer_of(var.run.generated_text, separator)
     fd = first_divergence(b_ids, v_ids)
     return {
@@ -276,4 +345,5 @@ def compare_outputs(base: Outcome, var: Outcome, separator: str = DEFAULT_SEPARA
         "answer": ans_v,
         "answer_kept": ans_v == ans_b,
         "text_kept": v_ids == b_ids,
+        **answer_scores(base, var, start),
     }

@@ -32,6 +32,7 @@ class SubstitutionResult:
     baseline_text: str
     separator: str
     seconds: float = 0.0
+    answer_kl: list[list[float | None]] | None = None   # summed KL over the answer tokens (engine docstring)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -70,7 +71,8 @@ def substitution_effect(lm, image, prompt: str, at_layer: int, from_layer: int, 
     """Output change when decoder layer ``at_layer`` reads the image states of ``from_layer``."""
     check_pair(at_layer, from_layer, lm.n_layers)
     s = Session(lm, image, prompt, max_new_tokens=max_new_tokens, reuse=reuse)
-    return compare_outputs(s.baseline, s.evaluate([Substitute(at_layer=at_layer, from_layer=from_layer)]), separator)
+    return compare_outputs(s.baseline, s.evaluate([Substitute(at_layer=at_layer, from_layer=from_layer)]), separator,
+                           getattr(lm.processor, "tokenizer", None))
 
 
 def substitution_matrix(lm, image, prompt: str, *, stride: int = 1, layers: Sequence[int] | None = None,
@@ -84,15 +86,18 @@ def substitution_matrix(lm, image, prompt: str, *, stride: int = 1, layers: Sequ
     s = Session(lm, image, prompt, max_new_tokens=max_new_tokens, reuse=reuse)
     n = len(grid)
     kl = [[None] * n for _ in range(n)]
+    akl = [[None] * n for _ in range(n)]
     kept = [[None] * n for _ in range(n)]
     text = [[None] * n for _ in range(n)]
     total, done = n * (n + 1) // 2, 0
     for r, j in enumerate(grid):
         for c, i in enumerate(grid[: r + 1]):
-            cmp = compare_outputs(s.baseline, s.evaluate([Substitute(at_layer=j, from_layer=i)]), separator)
+            cmp = compare_outputs(s.baseline, s.evaluate([Substitute(at_layer=j, from_layer=i)]), separator,
+                                  getattr(lm.processor, "tokenizer", None))
             kl[r][c], kept[r][c], text[r][c] = cmp["first_token_kl"], cmp["answer_kept"], cmp["text"]
+            akl[r][c] = cmp["answer_kl"]
             done += 1
             if progress:
                 progress(done, total, f"substitute {i} -> {j}")
     return SubstitutionResult(lm.name, s.prep.prompt, lm.n_layers, grid, kl, kept, text,
-                              s.baseline.run.generated_text, separator, round(time.perf_counter() - t0, 3))
+                              s.baseline.run.generated_text, separator, round(time.perf_counter() - t0, 3), akl)

@@ -11,7 +11,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from ..analysis.attention import (
-    attention_cliff, attention_share, image_contribution, stage_bands, three_stages,
+    attention_cliff_details, attention_share, image_contribution, stage_bands, three_stages,
 )
 
 from ._style import OTHER_DASH, SEQUENTIAL_COLORSCALE, apply_style, span_color
@@ -39,14 +39,18 @@ def _stage_labels(run) -> list[str] | None:
         return None
 
 
-def fig_attention_flow(run, other=None, *, normalize_per_key: bool = False, title: str | None = None) -> go.Figure:
+def fig_attention_flow(run, other=None, *, normalize_per_key: bool = False, title: str | None = None,
+                       stages: list[str] | None = None) -> go.Figure:
     """Share of attention on image keys per decoder layer, per query span.
 
     Lines: last prompt token (black), text tokens, generated tokens (span colours; empty spans
     are left out); ``other`` (e.g. an intervened run) is drawn dashed with the same colours.
-    Shaded bands: the sink / fusion / discard stages of ``run`` (when it recorded value
-    contributions), with the image part of the last token's attention output
-    (``|sum_j c_j| / |o|``) as a dotted grey line. Vertical line: the attention cliff.
+    Shaded bands: the sink / fusion / discard stages -- ``stages`` (per-layer labels from the
+    knockout windows of :mod:`vlmlens.experiments.stages`, annotated "knockout") when given,
+    else VisiPruner's cosine rule on the run's value contributions, annotated "proxy". The
+    image part of the last token's attention output (``|sum_j c_j| / |o|``, what the proxy
+    reads) is a dotted grey line. Vertical line: the attention cliff (first layer from which
+    the last token's share stays below 25 % of its peak), with that threshold dotted.
     """
     fig = go.Figure()
     L = int(run.n_layers)
@@ -65,24 +69,31 @@ def fig_attention_flow(run, other=None, *, normalize_per_key: bool = False, titl
                 customdata=np.full(len(s.image), len(s.positions)),
                 hovertemplate=(f"<b>{label}</b>" + (f" · {_run_name(r)}" if suffix else "")
                                + "<br>layer %{x}<br>image share %{y:.3f} (mean of %{customdata} queries)<extra></extra>")))
-    labels = _stage_labels(run)
+    proxy = _stage_labels(run)
+    labels, how = (list(stages), "knockout") if stages is not None else (proxy, "proxy")
     if labels is not None:
         for stage, a, b in stage_bands(labels):
             fig.add_vrect(x0=a - 0.5, x1=b + 0.5, fillcolor=STAGE_COLORS[stage], opacity=0.13, line_width=0, layer="below",
-                          annotation_text=stage, annotation_position="top left", annotation_font_size=11)
+                          annotation_text=f"{stage} ({how})", annotation_position="top left", annotation_font_size=11)
+    if proxy is not None:
+        labels = proxy
         ic = image_contribution(run)
         rel, cos = ic["rel_norm"], ic["cos"]
         fig.add_trace(go.Scatter(
-            x=layers, y=rel, mode="lines", name="image part of attn output (last token)", yaxis="y2",
+            x=layers, y=rel, mode="lines", name="image part of attn output (last token; proxy)", yaxis="y2",
             line=dict(color="#666666", dash="dot", width=1.5), customdata=np.stack([cos, np.array(labels)], 1),
-            hovertemplate=("layer %{x}: <b>%{customdata[1]}</b><br>|Σ_j c_j| / |o| = %{y:.3f}"
+            hovertemplate=("layer %{x}: <b>%{customdata[1]}</b> (cosine proxy)<br>|Σ_j c_j| / |o| = %{y:.3f}"
                            "<br>cos(o − Σ_j c_j, o) = %{customdata[0]:.5f}<extra></extra>")))
         fig.update_layout(yaxis2=dict(title="|Σ image contrib| / |attn out|", overlaying="y", side="right",
                                       rangemode="tozero", showgrid=False))
-    cliff = attention_cliff(run)
-    if cliff is not None:
-        fig.add_vline(x=cliff, line=dict(color="#CC0000", dash="dash", width=1.5),
-                      annotation_text=f"attention cliff: layer {cliff}", annotation_position="top right",
+    c = attention_cliff_details(run)
+    if np.isfinite(c.threshold) and not normalize_per_key:
+        fig.add_hline(y=c.threshold, line=dict(color="#CC0000", dash="dot", width=1),
+                      annotation_text=f"{c.frac:.0%} of the last token's peak", annotation_position="bottom right",
+                      annotation_font=dict(color="#CC0000", size=10))
+    if c.layer is not None:
+        fig.add_vline(x=c.layer, line=dict(color="#CC0000", dash="dash", width=1.5),
+                      annotation_text=f"attention cliff: layer {c.layer}", annotation_position="top right",
                       annotation_font=dict(color="#CC0000", size=11))
     what = "per-key density share" if normalize_per_key else "share of attention"
     apply_style(fig, title=title or f"Attention to the image per layer ({what})", height=420)

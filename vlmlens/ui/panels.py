@@ -13,6 +13,8 @@ import logging
 
 import numpy as np
 
+from ..analysis.attention import attention_cliff
+from ..findings import findings, sweep_cliff_finding
 from .html import note, show_token
 
 log = logging.getLogger("vlmlens.ui")
@@ -86,7 +88,7 @@ def query_choices(run) -> list[tuple[str, int]]:
 # ---- overview ------------------------------------------------------------------------------
 
 def _cliff(entry):
-    return entry.derived.get("attention_cliff", lambda: safe(lambda: real("vlmlens.analysis.attention", "attention_cliff")(entry.run)))
+    return entry.derived.get("attention_cliff", lambda: safe(lambda: attention_cliff(entry.run)))
 
 
 def _stages(entry):
@@ -96,81 +98,51 @@ def _stages(entry):
     return entry.derived.get("stage_bands", lambda: safe(compute))
 
 
-def _stabilisation(entry) -> dict:
-    """Stabilisation layer of the image tokens, per geometry metric (empty when unavailable)."""
-    def compute():
-        run = entry.run
-        if "hidden_states" not in run.arrays or run.spans.n_image < 2:
-            return {}
-        df = real("vlmlens.figures.dynamics", "run_dynamics")(run)
-        return {r["metric"]: r["layer"] for r in df.attrs.get("stabilization", [])
-                if r["span"] == "image" and np.isfinite(r["layer"])}
-    return entry.derived.get("stabilisation", lambda: safe(compute, {})) or {}
-
-
 def sweep_cliff(sweep: dict | None) -> int | None:
-    """Sweep-side cliff (``vlmlens.experiments.cliff.cliff_layer``): the shallowest depth from
-    which every deeper depth keeps the answer with a small first-token KL."""
-    if not sweep:
-        return None
-    try:
-        from ..experiments.compare import TruncationResult
-
-        return int(real("vlmlens.experiments.cliff", "cliff_layer")(TruncationResult.from_json(sweep)).cliff)
-    except Missing:
-        pass
-    except Exception:
-        log.exception("cliff_layer failed; using the answer-kept rule")
-    cliff = None
-    for d in sorted(sweep.get("depths", []), key=lambda d: -d["depth"]):
-        if not d.get("answer_kept"):
-            break
-        cliff = d["depth"]
-    return cliff
+    """Sweep-side cliff: the shallowest depth from which every deeper depth keeps the answer
+    (:func:`vlmlens.findings.sweep_cliff_finding`)."""
+    return sweep_cliff_finding(sweep).value if sweep else None
 
 
-def compute_saved(entry, depth: int | None) -> str | None:
-    """Savings of truncating (mode "remove") at ``depth``, from the stored compute trade-off."""
-    comp = entry.extras.get("compute")
-    if depth is None or not comp or depth not in comp.get("depths", []):
-        return None
-    i = comp["depths"].index(depth)
-    text = (f"{comp['total_saving'][i]:.0%} of decoder FLOPs, {comp['kv_saving'][i]:.0%} of the KV cache"
-            f" (depth {depth}, mode remove)")
-    if "measured_total_saving" in comp:
-        text += f"; measured latency saving {comp['measured_total_saving'][i]:.0%}"
-    return text
+def run_findings(entry) -> list:
+    """The run's headlines (:func:`vlmlens.findings.findings`) from the run, its sweep and extras;
+    cached per run until the sweep or an extra changes."""
+    ex = entry.extras
+    key = ("findings", content_key_of(entry.sweep), content_key_of(ex.get("stages")),
+           content_key_of(ex.get("substitution")), content_key_of(ex.get("compute")))
+    return entry.derived.get(key, lambda: findings(entry.run, sweep=entry.sweep, extras=ex))
+
+
+def content_key_of(obj) -> str:
+    import hashlib
+    import json
+
+    return "" if obj is None else hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+STATUS_BADGE = {"causal": "✔ causal", "measured": "measured", "proxy": "proxy", "not found": "not found",
+                "unverified": "unverified"}
 
 
 def headline_markdown(entry) -> str:
-    run = entry.run
-    L = run.n_layers
-    cliff = _cliff(entry)
-    sweep = entry.sweep
-    s_cliff = sweep_cliff(sweep)
-    stab = _stabilisation(entry)
-    bands = _stages(entry)
-    lines = ["| headline | value |", "|---|---|"]
-    lines.append(f"| **attention cliff** (sharpest drop of the last token's image share) | "
-                 f"{'—' if cliff is None else f'layer {cliff} of {L}'} |")
-    lines.append("| **sweep cliff** (shallowest depth that keeps the answer) | "
-                 + (f"depth {s_cliff} ({sweep.get('mode', 'drop')})" if s_cliff is not None else
-                    ("no depth keeps the answer" if sweep else "— (no sweep for this run; Truncation tab)")) + " |")
-    if stab:
-        main = stab.get("entropy_normalized", next(iter(stab.values())))
-        others = ", ".join(f"{k} {int(v)}" for k, v in stab.items())
-        lines.append(f"| **visual stabilisation** (image tokens stop changing) | layer {int(main)} "
-                     f"<small>({others})</small> |")
-    else:
-        lines.append("| **visual stabilisation** | — (needs hidden states and the geometry module) |")
-    if bands:
-        txt = " · ".join(f"{lab} {a}–{b}" if a != b else f"{lab} {a}" for lab, a, b in bands)
-        lines.append(f"| **three stages** (decoder layers) | {txt} |")
-    else:
-        lines.append("| **three stages** | — (run has no value contributions) |")
-    saved = compute_saved(entry, s_cliff if s_cliff is not None else cliff)
-    lines.append(f"| **compute saved at the cliff** | {saved or '— (no compute estimate for this run: Compute tab)'} |")
+    """The Overview's headline table: each finding with its status (causal / measured / proxy /
+    not found / unverified) and its definition on hover."""
+    lines = ["| headline | status | finding |", "|---|---|---|"]
+    for f in run_findings(entry):
+        title = f'<span title="{_attr(f.definition)}">**{f.title}**</span>'
+        lines.append(f"| {title} | {STATUS_BADGE.get(f.status, f.status)} | {_cell(f.text)} |")
+    lines.append("")
+    lines.append("<small>✔ causal: read off an intervention this tool ran · measured: a direct measurement, not an "
+                 "intervention · proxy: a stand-in rule · hover a headline for its definition</small>")
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _attr(text: str) -> str:
+    return str(text).replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def generation_markdown(entry) -> str:
@@ -197,5 +169,5 @@ def run_info(entry) -> dict:
         "n_image_tokens": s.n_image, "image_grid": list(run.image_grid),
         "attention_cliff": _cliff(entry), "sweep_cliff": sweep_cliff(entry.sweep),
         "has_sweep": entry.sweep is not None, "stages": [list(b) for b in (_stages(entry) or [])],
-        "visual_stabilisation": {k: int(v) for k, v in _stabilisation(entry).items()},
+        "findings": [{"key": f.key, "status": f.status, "text": f.text} for f in run_findings(entry)],
     }

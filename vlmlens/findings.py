@@ -1,0 +1,311 @@
+"""The headline statements of a run, each causally measured, a labelled proxy, or "not found".
+
+:func:`findings` turns one run and the experiments stored with it (the truncation sweep,
+the knockout windows of :mod:`vlmlens.experiments.stages`, the substitution matrix, the
+compute model) into a list of :class:`Finding`. Every finding carries its *status*:
+
+* ``causal``: read off an intervention the tool ran (truncation, knockout, substitution);
+* ``measured``: a direct measurement of the run, not an intervention (how far the tokens
+  move, where attention goes); it says what it measures and nothing more;
+* ``proxy``: a rule on recorded statistics standing in for a causal test; labelled so;
+* ``not found``: the rule was applied and found nothing (stated in words);
+* ``unverified``: it needs an experiment that was not run (which one is said).
+
+Definitions (each finding also carries its own ``definition`` text):
+
+* **answer vs truth**: the generated answer (after the separator when there is one) equals
+  the ground truth (shapes-world scenes have it).
+* **sweep cliff**: the shallowest depth k such that cutting the image from layer k on keeps
+  the answer at k and at every deeper depth; a non-monotonic kept/lost pattern is spelled out.
+* **VTW depth** (arXiv 2405.05803's criterion): the shallowest depth whose withdrawal of the
+  image changes the answer tokens by at most ``eta`` nats of summed KL.
+* **attention cliff** (measured): the first layer from which the last prompt token's image
+  share stays below 25 % of its peak (:func:`vlmlens.analysis.attention.attention_cliff`).
+* **visual stabilisation** (measured): image tokens stable from layer m when every later layer
+  moves 90 % of them by at most 5 % of their norm (:mod:`vlmlens.analysis.stability`).
+* **functional stabilisation** (causal): the smallest layer i whose image states can replace
+  those of every later layer of the substitution grid without changing the answer.
+* **three stages** (causal): sink / fusion / discard from knockout windows
+  (:mod:`vlmlens.experiments.stages`); the cosine rule is shown beside it as a proxy.
+* **compute saved**: FLOPs saved by removing the image from the sweep cliff on, only when a
+  drop/remove sweep verified that depth (drop and remove give the same tokens).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .experiments.cliff import cliff_from
+from .experiments.engine import DEFAULT_SEPARATOR, answer_of
+
+STATUSES = ("causal", "measured", "proxy", "not found", "unverified")
+#: summed answer KL (nats) below which a change is reported as "no change" (numerical noise
+#: of float32 forwards is ~1e-6; a real change on tiny-shapes is >= 1e-2)
+NOISE_FLOOR = 1e-3
+DEFAULT_ETA = 0.1
+
+
+@dataclass
+class Finding:
+    key: str
+    title: str
+    status: str
+    text: str
+    definition: str
+    value: object = None
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# ---- small readers --------------------------------------------------------------------------------
+
+def ranges(values) -> str:
+    """``[0, 1, 2, 5, 6]`` -> ``"0–2, 5–6"``."""
+    vs = sorted(int(v) for v in values)
+    out, i = [], 0
+    while i < len(vs):
+        j = i
+        while j + 1 < len(vs) and vs[j + 1] == vs[j] + 1:
+            j += 1
+        out.append(str(vs[i]) if i == j else f"{vs[i]}–{vs[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+def kept_pattern(depths, kept) -> str:
+    """``"kept at 0–5, 8; lost at 6–7"`` (the depths where the answer was kept / lost)."""
+    k = [d for d, x in zip(depths, kept) if x]
+    lost = [d for d, x in zip(depths, kept) if not x]
+    parts = []
+    if k:
+        parts.append(f"kept at {ranges(k)}")
+    if lost:
+        parts.append(f"lost at {ranges(lost)}")
+    return "; ".join(parts)
+
+
+def is_monotonic(depths, kept) -> bool:
+    """True when the answer is lost up to some depth and kept from there on."""
+    seq = [x for _, x in sorted(zip(depths, kept))]
+    return all(not (a and not b) for a, b in zip(seq, seq[1:]))
+
+
+def run_truth(run) -> str | None:
+    """The ground-truth answer stored with a run (``meta["task"]["answer"]``), if any."""
+    task = run.meta.get("task") or {}
+    ans = task.get("answer")
+    return str(ans) if ans not in (None, "") else None
+
+
+def _depth_rows(sweep: dict):
+    ds = sorted(sweep.get("depths", []), key=lambda d: d["depth"])
+    return ds, [d["depth"] for d in ds], [bool(d.get("answer_kept")) for d in ds]
+
+
+def _answer_kl(d: dict) -> float:
+    v = d.get("answer_kl")
+    if v is None or not np.isfinite(v):
+        return float(d.get("first_token_kl", float("nan")))
+    return float(v)
+
+
+# ---- the findings ---------------------------------------------------------------------------------
+
+def truth_finding(run, truth: str | None, separator: str = DEFAULT_SEPARATOR) -> Finding | None:
+    if truth is None:
+        return None
+    said, want = answer_of(run.generated_text, separator), answer_of(truth, separator)
+    ok = said == want
+    text = f"correct ({want!r})" if ok else f"wrong: said {said!r}, truth {want!r}"
+    return Finding("truth", "answer vs ground truth", "measured", text,
+                   "the generated answer (after the separator when present, normalised) equals the scene's truth", ok)
+
+
+def sweep_cliff_finding(sweep: dict | None) -> Finding:
+    definition = ("shallowest depth k such that cutting the image from decoder layer k on keeps the answer at k and at "
+                  "every deeper depth of the sweep")
+    if not sweep:
+        return Finding("sweep_cliff", "sweep cliff", "unverified", "no sweep for this run (Truncation tab: all)",
+                       definition)
+    ds, depths, kept = _depth_rows(sweep)
+    L = int(sweep["n_layers"])
+    cliff, _ = cliff_from(depths, kept, None, L)
+    mode = sweep.get("mode", "drop")
+    pattern = kept_pattern(depths, kept)
+    mono = is_monotonic(depths, kept)
+    if cliff >= L:
+        text = f"depth {L} ({mode}): the answer needs the image in every layer"
+        if any(kept[:-1]):
+            text += f" — but not monotonically: {pattern}"
+        status = "causal"
+    elif cliff == 0:
+        text = f"depth 0 ({mode}): the answer is kept even when the model never reads the image"
+        status = "causal"
+    else:
+        text = f"depth {cliff} ({mode}): cutting the image from layer {cliff} on keeps the answer there and deeper"
+        if not mono:
+            text += f" — non-monotonic: {pattern}"
+        status = "causal"
+    extra = {"pattern": pattern, "monotonic": mono, "mode": mode}
+    truth = sweep.get("truth")
+    corr = [d.get("correct") for d in ds]
+    if truth is not None and any(c is not None for c in corr):
+        base_ok = sweep.get("baseline_correct")
+        right = [d for d, c in zip(depths, corr) if c]
+        if base_ok is False and right:
+            text += f"; cutting the image fixes the baseline's mistake at depths {ranges(right)}"
+        elif base_ok and len(right) < len(depths):
+            wrong = [d for d, c in zip(depths, corr) if c is False]
+            text += f"; wrong against the truth at depths {ranges(wrong)}"
+        extra["correct_depths"] = right
+    return Finding("sweep_cliff", "sweep cliff", status, text, definition, cliff, extra)
+
+
+def vtw_finding(sweep: dict | None, eta: float = DEFAULT_ETA) -> Finding:
+    definition = (f"VTW's criterion: shallowest depth k whose withdrawal of the image changes the answer tokens by at "
+                  f"most {eta} nats (KL(baseline || cut) summed over the answer tokens, teacher-forced)")
+    if not sweep:
+        return Finding("vtw", "VTW depth", "unverified", "no sweep for this run", definition)
+    ds, depths, _ = _depth_rows(sweep)
+    L = int(sweep["n_layers"])
+    ok = [d["depth"] for d in ds if d["depth"] < L and _answer_kl(d) <= eta]
+    if not ok:
+        worst = min((_answer_kl(d) for d in ds if d["depth"] < L), default=float("nan"))
+        return Finding("vtw", "VTW depth", "not found",
+                       f"no depth below {L} meets answer KL <= {eta} (smallest {worst:.3g} nats)", definition, None)
+    k = min(ok)
+    d = next(x for x in ds if x["depth"] == k)
+    return Finding("vtw", "VTW depth", "causal", f"depth {k} (answer KL {_answer_kl(d):.2g} nats)", definition, k)
+
+
+def attention_cliff_finding(run, sweep_cliff: int | None) -> Finding:
+    from .analysis.attention import attention_cliff_details
+
+    definition = ("first decoder layer from which the last prompt token's attention share on the image stays below 25% "
+                  "of its peak to the last layer (attention, not an intervention)")
+    if "attention_to_image" not in run.arrays:
+        return Finding("attention_cliff", "attention cliff", "unverified", "this run recorded no attention", definition)
+    c = attention_cliff_details(run)
+    status = "measured" if c.layer is not None else "not found"
+    text = c.statement
+    if sweep_cliff is not None and c.layer is not None:
+        agree = abs(c.layer - sweep_cliff) <= 1
+        text += f" — {'agrees' if agree else 'disagrees'} with the sweep cliff (depth {sweep_cliff})"
+    elif sweep_cliff is not None:
+        text += f" — the sweep cliff is depth {sweep_cliff}"
+    return Finding("attention_cliff", "attention cliff", status, text, definition, c.layer)
+
+
+def stabilisation_finding(run) -> Finding:
+    from .analysis.stability import stabilisation
+
+    definition = ("image tokens stable from decoder layer m when every layer from m on moves 90% of them by at most 5% "
+                  "of their norm (relative step of each token's own state; rotation-invariant statistics never decide)")
+    if "hidden_states" not in run.arrays or run.spans.n_image < 1:
+        return Finding("stabilisation", "visual stabilisation", "unverified", "this run stored no image hidden states",
+                       definition)
+    if run.meta.get("interventions"):
+        definition += "; in a run with interventions the image rows may be rewritten by them"
+    s = stabilisation(run)
+    return Finding("stabilisation", "visual stabilisation", "measured" if s.layer is not None else "not found",
+                   s.statement, definition, s.layer, {"step_q": s.step_q, "step_median": s.step_median})
+
+
+def functional_finding(substitution: dict | None, tau: float = DEFAULT_ETA) -> Finding:
+    definition = (f"smallest grid layer i such that feeding layer i's image states to any later grid layer j keeps the "
+                  f"answer (answer kept and answer KL <= {tau} nats)")
+    if not substitution:
+        return Finding("functional", "functional stabilisation", "unverified", "no substitution matrix for this run",
+                       definition)
+    grid = substitution["layers"]
+    akl = substitution.get("answer_kl") or substitution["kl"]
+    kept = substitution["answer_kept"]
+    n = len(grid)
+    ok = lambda r, c: bool(kept[r][c]) and akl[r][c] is not None and akl[r][c] <= tau  # noqa: E731
+    for c in range(n - 1):
+        if all(ok(r, c) for r in range(c + 1, n)):
+            later = ", ".join(str(grid[r]) for r in range(c + 1, n))
+            return Finding("functional", "functional stabilisation", "causal",
+                           f"layer {grid[c]}: its image states can replace those of layers {later} without changing "
+                           "the answer", definition, grid[c])
+    return Finding("functional", "functional stabilisation", "not found",
+                   f"no layer of the grid {grid[:-1]} can stand in for every later one: each substitution into a later "
+                   "layer changes the answer somewhere", definition, None)
+
+
+def stages_finding(stages: dict | None) -> Finding:
+    from .experiments.stages import STAGE_RULE
+
+    if not stages:
+        return Finding("stages", "three stages", "unverified",
+                       "no knockout windows for this run (Attention tab: find the stages)", STAGE_RULE)
+    text = stages["statement"] + f" (tau {stages['tau']} nats)"
+    return Finding("stages", "three stages", "causal", text, stages.get("rule", STAGE_RULE),
+                   {"sink": stages.get("sink"), "fusion": stages.get("fusion"), "discard": stages.get("discard")})
+
+
+def stages_proxy_finding(run) -> Finding | None:
+    from .analysis.attention import stage_bands, three_stages
+
+    if "attn_out" not in run.arrays:
+        return None
+    bands = stage_bands(three_stages(run))
+    txt = " · ".join(f"{lab} {a}–{b}" if a != b else f"{lab} {a}" for lab, a, b in bands)
+    return Finding("stages_proxy", "three stages (cosine proxy)", "proxy", txt,
+                   "VisiPruner's cosine rule on how much the image turns the last token's attention output; "
+                   "a stand-in for the knockout windows, which it can contradict", bands)
+
+
+def compute_finding(sweep: dict | None, compute: dict | None) -> Finding:
+    definition = ("decoder FLOPs and KV cache saved by removing the image tokens from the sweep cliff on; stated only "
+                  "when a drop or remove sweep verified that depth (drop and remove give the same tokens)")
+    if not sweep:
+        return Finding("compute", "compute saved at the cliff", "unverified", "unverified (run the sweep)", definition)
+    mode = sweep.get("mode", "drop")
+    cliff = sweep_cliff_finding(sweep).value
+    L = int(sweep["n_layers"])
+    if mode not in ("drop", "remove"):
+        return Finding("compute", "compute saved at the cliff", "unverified",
+                       f"unverified: the sweep used {mode}, the saving is for removing the image; run a drop or remove"
+                       " sweep", definition)
+    if cliff is None or cliff >= L:
+        return Finding("compute", "compute saved at the cliff", "causal",
+                       "none: the answer needs the image in every layer (0% saved)", definition, 0.0)
+    if not compute or cliff not in compute.get("depths", []):
+        return Finding("compute", "compute saved at the cliff", "unverified",
+                       f"depth {cliff} verified, but no compute estimate for this run (Compute tab)", definition)
+    i = compute["depths"].index(cliff)
+    text = (f"{compute['total_saving'][i]:.0%} of decoder FLOPs, {compute['kv_saving'][i]:.0%} of the KV cache "
+            f"(remove from layer {cliff}, verified by the {mode} sweep)")
+    if "measured_total_saving" in compute:
+        text += f"; measured latency saving {compute['measured_total_saving'][i]:.0%}"
+    return Finding("compute", "compute saved at the cliff", "causal", text, definition, compute["total_saving"][i])
+
+
+def findings(run, *, sweep: dict | None = None, extras: dict | None = None, truth: str | None = None,
+             separator: str = DEFAULT_SEPARATOR) -> list[Finding]:
+    """Every headline of a run, in the order the Overview shows them."""
+    extras = extras or {}
+    truth = truth if truth is not None else run_truth(run)
+    out = []
+    t = truth_finding(run, truth, separator)
+    if t is not None:
+        out.append(t)
+    sc = sweep_cliff_finding(sweep)
+    out += [sc, vtw_finding(sweep), attention_cliff_finding(run, sc.value), stabilisation_finding(run),
+            functional_finding(extras.get("substitution")), stages_finding(extras.get("stages"))]
+    proxy = stages_proxy_finding(run)
+    if proxy is not None:
+        out.append(proxy)
+    out.append(compute_finding(sweep, extras.get("compute")))
+    return out
+
+
+def below_floor(values, floor: float = NOISE_FLOOR):
+    """Boolean mask of KL values that are numerical noise ("no change")."""
+    a = np.asarray([[np.nan if v is None else v for v in row] for row in values] if values and isinstance(values[0], list)
+                   else [np.nan if v is None else v for v in values], dtype=np.float64)
+    return np.isfinite(a) & (a < floor)
