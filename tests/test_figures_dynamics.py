@@ -66,17 +66,32 @@ def test_fig_dynamics_panels_traces_and_lengths(run):
     fig = fd.fig_dynamics(run)
     expected_len = {"entropy_normalized": L + 1, "id_twonn": L + 1, "curvature": L - 1, "cosine_distance": L}
     for panel, (metric, _title, _y) in enumerate(fd.PANELS):
-        curves = [t for t in traces_in_panel(fig, panel) if "stabilises" not in t.name]
+        curves = [t for t in traces_in_panel(fig, panel) if "stabilises" not in t.name and "text's n" not in t.name]
         assert [t.name for t in curves] == ["image", "text", "generated"], metric
+        n = {"image": N_IMG, "text": N_TXT, "generated": N_GEN}
         for t in curves:
             assert len(t.x) == expected_len[metric]
-            assert t.line.color == _style.span_color(t.name)
-            assert "layer %{x}" in t.hovertemplate
+            weak = n[t.name] < fd.MIN_POINTS.get(metric, 0)        # e.g. TwoNN on 8 text tokens: greyed
+            assert t.line.color == (fd.UNRELIABLE if weak else _style.span_color(t.name)), (metric, t.name)
+            assert "layer %{x}" in t.hovertemplate and f"(n={n[t.name]})" in t.hovertemplate
     legend = [t.name for t in fig.data if t.showlegend]
-    assert legend == ["image", "text", "generated"]
+    assert legend == ["image", "text", "generated", f"image at text's n={N_TXT}"]
     ent_img = traces_in_panel(fig, 0)[0]
     want = geo.entropy(run.span_states("image")[7], normalize=True)
     assert ent_img.y[7] == pytest.approx(want, rel=1e-4)
+
+
+def test_fig_dynamics_draws_image_at_the_text_sample_size(run):
+    from vlmlens.analysis.stability import image_vs_text
+
+    fig = fd.fig_dynamics(run)
+    band = [t for t in traces_in_panel(fig, 0) if t.name == f"image at text's n={N_TXT}"]
+    assert len(band) == 2 and band[0].fill == "toself"
+    want = image_vs_text(run, metrics=("entropy_normalized",))["image"]["entropy_normalized"].median
+    np.testing.assert_allclose(band[1].y, want)
+    # TwoNN needs 10 points: at the text's n = 8 there is no band, only the reason
+    assert not [t for t in traces_in_panel(fig, 1) if "text's n" in t.name]
+    assert any("needs at least 10 tokens" in (a.text or "") for a in fig.layout.annotations)
 
 
 def test_fig_dynamics_marks_stabilisation_where_image_tokens_freeze(run):

@@ -91,27 +91,22 @@ def add_analysis_arrays(lm, run) -> list[str]:
 
 
 def experiment_extras(lm, image, prompt: str, max_new_tokens: int, *, measure: bool = False) -> dict:
-    """Substitution matrix, layer-skip scan and compute trade-off of one input (JSON-able),
-    stored as ``extras.json`` next to a run (where this build has the experiment). Latency is
-    only timed with ``measure`` (timings from a shared machine would ship as noise)."""
-    import importlib
+    """Knockout stages, substitution matrix, layer-skip scan and compute trade-off of one input
+    (JSON-able), stored as ``extras.json`` next to a run. Latency is only timed with
+    ``measure`` (timings from a shared machine would ship as noise)."""
+    from .analysis.compute import compute_tradeoff
+    from .experiments.skip import layer_skip_scan
+    from .experiments.stages import causal_stages
+    from .experiments.substitution import substitution_matrix
 
     L = lm.n_layers
-    jobs = {
-        "substitution": ("vlmlens.experiments.substitution", "substitution_matrix",
-                         {"stride": max(1, L // 4), "max_new_tokens": max_new_tokens}),
-        "layer_skip": ("vlmlens.experiments.skip", "layer_skip_scan", {"max_new_tokens": max_new_tokens}),
-        "compute": ("vlmlens.analysis.compute", "compute_tradeoff", {"measure": measure, "repeats": 2}),
+    results = {
+        "stages": causal_stages(lm, image, prompt, max_new_tokens=max_new_tokens),
+        "substitution": substitution_matrix(lm, image, prompt, stride=max(1, L // 4), max_new_tokens=max_new_tokens),
+        "layer_skip": layer_skip_scan(lm, image, prompt, max_new_tokens=max_new_tokens),
+        "compute": compute_tradeoff(lm, image, prompt, measure=measure, repeats=2),
     }
-    out = {}
-    for key, (module, name, kw) in jobs.items():
-        try:
-            fn = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            continue
-        res = fn(lm, image, prompt, **kw)
-        out[key] = res.to_json() if hasattr(res, "to_json") else res
-    return out
+    return {k: (v.to_json() if hasattr(v, "to_json") else v) for k, v in results.items()}
 
 
 def make_cached_runs(lm, out_dir: str | Path, *, sweep: bool = True, extras: bool = True,
@@ -136,7 +131,7 @@ def make_cached_runs(lm, out_dir: str | Path, *, sweep: bool = True, extras: boo
         dest = save_run(run, out / spec["name"])
         if sweep:
             res = run_sweep(lm, spec["image"], spec["prompt"], mode="drop", max_new_tokens=spec["max_new_tokens"],
-                            store="none", record_attention=False, keep_runs=False)
+                            store="none", record_attention=False, keep_runs=False, truth=spec["answer"])
             (dest / "sweep.json").write_text(json.dumps(res.to_json(), indent=1, allow_nan=True))
         if extras:
             ex = experiment_extras(lm, spec["image"], spec["prompt"], spec["max_new_tokens"], measure=measure_latency)
@@ -173,8 +168,9 @@ def readme(model: str, index: list[dict]) -> str:
         "# Cached runs", "",
         f"Example runs of `{model}` on the scenes of `assets/examples/`, opened by the dashboard without a model",
         "(`python app.py --no-model`). Each folder is a run (`run.json`, `arrays.safetensors`, `image.png`; hidden",
-        "states float16, LLaVA-CAM and logit lens included) plus `sweep.json` (the truncation sweep, mode drop) and",
-        "`extras.json` (substitution matrix, layer-skip scan, FLOP / KV-cache savings per depth).", "",
+        "states float16, LLaVA-CAM and logit lens included) plus `sweep.json` (the truncation sweep, mode drop, with",
+        "answer-level KL and correct / wrong against the truth per depth) and `extras.json` (the knockout windows behind",
+        "the three stages, substitution matrix, layer-skip scan, FLOP / KV-cache savings per depth).", "",
         "Rebuild them (e.g. after a run-format change) with:", "",
         "```bash", f"python -m vlmlens make-cached-runs --model {model}", "```", "",
         "| run | task | prompt | ground truth | generated | size |", "|---|---|---|---|---|---|",

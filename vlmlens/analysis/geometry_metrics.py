@@ -357,10 +357,13 @@ def _layer_similarity(H, L, n, d) -> np.ndarray:
 # ---- stabilisation ---------------------------------------------------------------------
 
 def stabilization_layer(curve, *, eps: float = 0.05, tail: int = 3) -> int | None:
-    """First index after which ``curve`` stays within a relative band of its final plateau.
+    """First index after which ``curve`` stays within a band around its final plateau.
 
-    The plateau is the mean of the last ``tail`` finite values. The band is
-    ``eps * |plateau|`` (``eps * max|curve|`` when the plateau is 0). The result is the
+    The plateau is the mean of the last ``tail`` finite values. The band is ``eps`` times the
+    curve's *range* (max − min of its finite values), not of its level: a curve that moves by
+    1 % of a large level is not thereby "stable", and a flat curve is flat from index 0 (which
+    says nothing about the tokens themselves for rotation-invariant statistics; see
+    :mod:`vlmlens.analysis.stability`). The result is the
     smallest i such that every value at index >= i lies within the band (a NaN breaks the
     band). None when no such stretch of at least ``tail`` values ends the curve (the curve
     has not settled: a last value inside the band by chance does not count), or the curve
@@ -373,7 +376,7 @@ def stabilization_layer(curve, *, eps: float = 0.05, tail: int = 3) -> int | Non
     if fin.size <= tail:
         return None
     plateau = float(fin[-tail:].mean())
-    band = eps * abs(plateau) if plateau != 0 else eps * float(np.abs(fin).max())
+    band = eps * float(fin.max() - fin.min())
     inside = np.isfinite(c) & (np.abs(c - plateau) <= band + 1e-12 * max(1.0, abs(plateau)))
     outside = np.flatnonzero(~inside)
     first = int(outside[-1] + 1) if outside.size else 0

@@ -23,6 +23,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from ..analysis import geometry as geo
+from ..analysis.stability import MIN_POINTS, image_vs_text
 from ._style import (LAYER_COLORSCALE, OTHER_DASH, SEQUENTIAL_COLORSCALE, SPAN_ORDER, STAB_DASH,
                      empty_figure, legend_below, new_figure, span_color, span_symbol)
 
@@ -86,8 +87,12 @@ def _label(run, fallback: str) -> str:
     return str(run.meta.get("label") or run.meta.get("model") or fallback)
 
 
+UNRELIABLE = "#BBBBBB"
+
+
 def _add_run_traces(fig, df, *, suffix: str, dash: str | None, mark_stab: bool, first: bool) -> None:
     stab = {(r["metric"], r["span"]): r["layer"] for r in df.attrs.get("stabilization", [])}
+    n_tokens = df.attrs.get("n_tokens", {})
     for i, (metric, _title, ylabel) in enumerate(PANELS):
         row, col = divmod(i, 2)
         for span in [s for s in SPAN_ORDER if s in set(df["span"])]:
@@ -95,12 +100,16 @@ def _add_run_traces(fig, df, *, suffix: str, dash: str | None, mark_stab: bool, 
             if sub.empty:
                 continue
             name = span + suffix
-            color = span_color(span)
+            n = n_tokens.get(span, 0)
+            need = MIN_POINTS.get(metric, 0)
+            weak = n < need
+            color = UNRELIABLE if weak else span_color(span)
+            why = f"<br><i>unreliable: {metric} needs ≥ {need} tokens, {span} has {n}</i>" if weak else ""
             fig.add_trace(go.Scatter(
                 x=sub["layer"].to_numpy(), y=sub["value"].to_numpy(), name=name, legendgroup=name,
                 showlegend=first and i == 0, mode="lines+markers",
-                line=dict(color=color, width=2, dash=dash), marker=dict(size=5, color=color),
-                hovertemplate=f"<b>{name}</b><br>layer %{{x}}<br>{ylabel}: %{{y:.4g}}<extra></extra>",
+                line=dict(color=color, width=2, dash="dot" if weak and dash is None else dash), marker=dict(size=5, color=color),
+                hovertemplate=f"<b>{name}</b> (n={n})<br>layer %{{x}}<br>{ylabel}: %{{y:.4g}}{why}<extra></extra>",
             ), row=row + 1, col=col + 1)
             layer = stab.get((metric, span))
             if layer is None or not np.isfinite(layer):
@@ -110,8 +119,9 @@ def _add_run_traces(fig, df, *, suffix: str, dash: str | None, mark_stab: bool, 
                 x=[layer], y=[y], name=f"{name} stabilises", legendgroup=name, showlegend=False,
                 mode="markers", marker=dict(symbol="diamond-open" if dash else "diamond", size=11,
                                             color=color, line=dict(width=2, color=color)),
-                hovertemplate=(f"<b>{name}</b>: {metric} stabilises at layer %{{x}}"
-                               "<br>(stays within the band around its final plateau)<extra></extra>"),
+                hovertemplate=(f"<b>{name}</b>: the {metric} curve settles at layer %{{x}}"
+                               "<br>(within 5% of its range around its final plateau; the curve, not the tokens:"
+                               "<br>whether the tokens stop moving is the token-movement headline)<extra></extra>"),
             ), row=row + 1, col=col + 1)
             if mark_stab:
                 fig.add_vline(x=layer, line=dict(color=color, dash=STAB_DASH, width=1.2),
@@ -130,11 +140,13 @@ def fig_dynamics(run, other=None, *, spans=DEFAULT_SPANS, eps: float = 0.05, k: 
     df = run_dynamics(run, spans=spans, k=k, eps=eps)
     if df.empty:
         return empty_figure("No tokens in the requested spans.", title="Representation geometry")
-    counts = ", ".join(f"{s} {n}" for s, n in df.attrs.get("n_tokens", {}).items())
+    counts = ", ".join(f"{s} n={n}" for s, n in df.attrs.get("n_tokens", {}).items())
     title = f"Representation geometry across layers — {_label(run, 'run')}"
-    title += f"<br><sup>tokens: {counts}; ◆ / dotted line: layer where the curve stabilises (±{eps:.0%})</sup>"
+    title += (f"<br><sup>tokens: {counts}; ◆ / dotted line: layer where the curve settles (±{eps:.0%} of its range);"
+              " grey: too few tokens for the estimator; band: image subsampled to the text's n</sup>")
     fig = new_figure(2, 2, titles=[p[1] for p in PANELS], title=title, height=720)
     _add_run_traces(fig, df, suffix="", dash=None, mark_stab=True, first=True)
+    _add_matched_bands(fig, run, df)
     if other is not None:
         odf = run_dynamics(other, spans=spans, k=k, eps=eps)
         _add_run_traces(fig, odf, suffix=f" ({other_label})", dash=OTHER_DASH, mark_stab=False, first=True)
@@ -145,6 +157,50 @@ def fig_dynamics(run, other=None, *, spans=DEFAULT_SPANS, eps: float = 0.05, k: 
     fig.update_layout(margin=dict(t=120, b=90))
     legend_below(fig, y=-0.09)
     return fig
+
+
+def matched_image_curves(run):
+    """``stability.image_vs_text(run)`` cached per run (None when the text span is not smaller)."""
+    def compute():
+        n = run.spans.positions("text").size
+        if n < 3 or n >= run.spans.n_image:
+            return None
+        return image_vs_text(run, metrics=MATCHED_METRICS)
+    return _cached(run, ("matched",), compute)
+
+
+MATCHED_METRICS = ("entropy_normalized", "id_twonn")
+
+
+def _add_matched_bands(fig, run, df) -> None:
+    """Image curves recomputed on random subsets of the text span's size (10th–90th percentile
+    band, median dashed): the image-vs-text comparison at equal n."""
+    m = matched_image_curves(run)
+    if m is None:
+        return
+    n = m["n"]
+    color = span_color("image")
+    for i, (metric, _t, ylabel) in enumerate(PANELS):
+        if metric not in MATCHED_METRICS:
+            continue
+        row, col = divmod(i, 2)
+        c = m["image"][metric]
+        x = np.arange(len(c.median))
+        if c.reason is not None or not np.isfinite(c.median).any():
+            fig.add_annotation(text=f"image at n={n}: {c.reason or 'undefined'}", x=0.02, y=0.98, xref="x domain",
+                               yref="y domain", showarrow=False, font=dict(size=10, color="#777777"),
+                               row=row + 1, col=col + 1)
+            continue
+        name = f"image at text's n={n}"
+        fig.add_trace(go.Scatter(
+            x=np.concatenate([x, x[::-1]]), y=np.concatenate([c.hi, c.lo[::-1]]), fill="toself", mode="lines",
+            line=dict(width=0), fillcolor=color, opacity=0.18, name=name, legendgroup=name, showlegend=i == 0,
+            hoverinfo="skip"), row=row + 1, col=col + 1)
+        fig.add_trace(go.Scatter(
+            x=x, y=c.median, mode="lines", line=dict(color=color, dash="dash", width=1.5), name=name,
+            legendgroup=name, showlegend=False,
+            hovertemplate=(f"<b>{name}</b> (median of {20} subsets of the {c.n_total} image tokens)"
+                           f"<br>layer %{{x}}<br>{ylabel}: %{{y:.4g}}<extra></extra>")), row=row + 1, col=col + 1)
 
 
 # ---- fig_layer_similarity ---------------------------------------------------------------

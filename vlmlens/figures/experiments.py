@@ -1,7 +1,8 @@
 """Figures of the truncation experiments (pure: results -> plotly Figure, no I/O).
 
-* :func:`fig_truncation_sweep` — first-token KL, answer kept and the baseline answer's
-  log-prob against truncation depth, the cliff layer marked;
+* :func:`fig_truncation_sweep` — answer-level KL (first-token KL dotted), answer kept and
+  correct vs the truth, and the change in the baseline answer's log-prob against truncation
+  depth, the sweep cliff marked;
 * :func:`fig_side_by_side` — table of each depth's text with the divergence highlighted
   (:func:`side_by_side_html` renders the same as an HTML table);
 * :func:`fig_reasoning_perturbation` — trace edit distance and final-answer change per depth;
@@ -17,6 +18,7 @@ import html
 
 import plotly.graph_objects as go
 
+from ..findings import NOISE_FLOOR
 from ._style import SPAN_COLORS, empty_figure, legend_below, new_figure
 from .experiments_grids import fig_compute_tradeoff, fig_layer_skip, fig_substitution_matrix  # noqa: F401
 
@@ -40,46 +42,81 @@ def _depth_label(d: int, L: int) -> str:
     return f"{d} (all)" if d == L else str(d)
 
 
-def fig_truncation_sweep(result, *, tau: float | None = None, cliff: int | None = None, title: str | None = None) -> go.Figure:
-    """Three panels over depth: first-token KL (nats), answer kept (1/0), log-prob of the
-    baseline's tokens under the truncated model. One point per depth of the result (L+1 for a
-    sweep). The cliff layer (computed with ``tau`` unless given) is a vertical line."""
-    from ..experiments.cliff import DEFAULT_TAU, cliff_from
+def _akl(d) -> float:
+    v = d.answer_kl
+    return d.first_token_kl if v is None or v != v else v
+
+
+def fig_truncation_sweep(result, *, cliff: int | None = None, floor: float = NOISE_FLOOR,
+                         title: str | None = None) -> go.Figure:
+    """Three panels over depth, one point per depth of the result (L+1 for a sweep):
+
+    1. KL(baseline ‖ truncated) summed over the answer tokens (answer-level, teacher-forced),
+       with the first-token KL dotted; the band below ``floor`` nats is "no change";
+    2. the answer kept vs the baseline and, when the result has a ground truth, correct vs the
+       truth (a depth that fixes the baseline's mistake shows as lost + correct);
+    3. the change in log-prob of the baseline's answer tokens.
+
+    The sweep cliff (shallowest depth from which every deeper depth keeps the answer;
+    :func:`vlmlens.findings.sweep_cliff_finding`) is a vertical line, unless ``cliff`` is given.
+    """
+    from ..findings import sweep_cliff_finding
 
     r = _truncation(result)
     if not r.depths:
         return empty_figure("no depths in this result", title=title)
-    tau = DEFAULT_TAU if tau is None else tau
+    found = sweep_cliff_finding(r.to_json())
     if cliff is None:
-        cliff = cliff_from([d.depth for d in r.depths], [d.answer_kept for d in r.depths],
-                           [d.first_token_kl for d in r.depths], r.n_layers, tau)[0]
+        cliff = found.value
     x = [d.depth for d in r.depths]
-    fig = new_figure(3, 1, shared_xaxes=True, height=720, titles=(
-        "First-token KL(baseline ‖ truncated)", "Answer kept", "Log-prob of the baseline's answer"),
-        title=title or f"Truncation sweep ({r.mode}) — {r.prompt}")
+    fig = new_figure(3, 1, shared_xaxes=True, height=760, titles=(
+        "Answer KL(baseline ‖ truncated), summed over the answer tokens", "Answer kept / correct",
+        "Change in log-prob of the baseline's answer"),
+        title=title or f"Truncation sweep ({r.mode}) — {r.prompt}<br><sup>{found.text}</sup>")
     hover = [f"depth {d.depth}<br>{html.escape(d.text[:80])}" for d in r.depths]
-    fig.add_trace(go.Scatter(x=x, y=[d.first_token_kl for d in r.depths], mode="lines+markers", name="KL (nats)",
+    fig.add_hrect(y0=0, y1=floor, fillcolor="#dddddd", opacity=0.5, line_width=0, row=1, col=1,
+                  annotation_text=f"no change (< {floor:g})", annotation_position="top left")
+    fig.add_trace(go.Scatter(x=x, y=[_akl(d) for d in r.depths], mode="lines+markers", name="answer KL (nats)",
                              line=dict(color=KL_COLOR), hovertext=hover), row=1, col=1)
-    fig.add_hline(y=tau, line=dict(color="#999999", dash="dot"), annotation_text=f"τ = {tau:g}", row=1, col=1)
+    fig.add_trace(go.Scatter(x=x, y=[d.first_token_kl for d in r.depths], mode="lines", name="first-token KL",
+                             line=dict(color=KL_COLOR, dash="dot", width=1), hovertext=hover), row=1, col=1)
     kept = [1 if d.answer_kept else 0 for d in r.depths]
-    fig.add_trace(go.Scatter(x=x, y=kept, mode="markers", name="answer kept",
-                             marker=dict(size=11, color=[KEPT_COLOR if k else LOST_COLOR for k in kept]),
+    fig.add_trace(go.Scatter(x=x, y=[1] * len(x), mode="markers", name="answer kept (vs baseline)",
+                             marker=dict(size=12, symbol=["circle" if k else "x" for k in kept],
+                                         color=[KEPT_COLOR if k else LOST_COLOR for k in kept]),
                              hovertext=hover), row=2, col=1)
-    fig.add_trace(go.Scatter(x=x, y=[d.baseline_logprob for d in r.depths], mode="lines+markers",
-                             name="log p(baseline tokens)", line=dict(color=LOGP_COLOR), hovertext=hover), row=3, col=1)
-    fig.add_hline(y=r.baseline_logprob, line=dict(color="#999999", dash="dot"), annotation_text="baseline", row=3, col=1)
-    for row in (1, 2, 3):
-        fig.add_vline(x=cliff, line=dict(color=CLIFF_COLOR, dash="dash"), row=row, col=1)
-    fig.add_annotation(x=cliff, y=1.0, xref="x", yref="paper", text=f"cliff {cliff}", showarrow=False,
-                       font=dict(color=CLIFF_COLOR), yanchor="bottom")
+    has_truth = any(d.correct is not None for d in r.depths)
+    if has_truth:
+        corr = [d.correct for d in r.depths]
+        fig.add_trace(go.Scatter(x=x, y=[0] * len(x), mode="markers", name=f"correct (truth: {r.truth})"[:80],
+                                 marker=dict(size=12, symbol=["circle" if c else "x" for c in corr],
+                                             color=[KEPT_COLOR if c else LOST_COLOR for c in corr]),
+                                 hovertext=hover), row=2, col=1)
+    fig.add_trace(go.Scatter(x=x, y=[d.answer_logprob_delta for d in r.depths], mode="lines+markers",
+                             name="Δ log p(baseline answer)", line=dict(color=LOGP_COLOR), hovertext=hover), row=3, col=1)
+    fig.add_hline(y=0, line=dict(color="#999999", dash="dot"), annotation_text="baseline", row=3, col=1)
+    if cliff is not None:
+        for row in (1, 2, 3):
+            fig.add_vline(x=cliff, line=dict(color=CLIFF_COLOR, dash="dash"), row=row, col=1)
+        fig.add_annotation(x=cliff, y=1.0, xref="x", yref="paper", text=f"sweep cliff {cliff}", showarrow=False,
+                           font=dict(color=CLIFF_COLOR), yanchor="bottom")
     legend_below(fig, y=-0.12)
-    fig.update_yaxes(tickvals=[0, 1], ticktext=["lost", "kept"], range=[-0.3, 1.3], row=2, col=1)
+    fig.update_yaxes(tickvals=[0, 1] if has_truth else [1], ticktext=["vs truth", "vs baseline"] if has_truth
+                     else ["vs baseline"], range=[-0.5, 1.5], row=2, col=1)
     fig.update_xaxes(title_text="truncation depth k (image unused from decoder layer k on; L = baseline)", row=3, col=1,
                      tickvals=x, ticktext=[_depth_label(d, r.n_layers) for d in x])
     return fig
 
 
 # ---- side by side -----------------------------------------------------------------------------------
+
+def _kl_cell(v: float, floor: float = NOISE_FLOOR) -> str:
+    return "no change" if v == v and v < floor else f"{v:.3g}"
+
+
+def _correct_cell(c) -> str:
+    return "" if c is None else ("✓" if c else "✗")
+
 
 def _split(d) -> tuple[str, str]:
     """(same part, divergent part) of one depth's text."""
@@ -92,35 +129,39 @@ def _split(d) -> tuple[str, str]:
 def side_by_side_html(result, *, mark: str = "mark") -> str:
     """An HTML table: depth, KL, answer kept, text with the divergent part in ``<mark>``."""
     r = _truncation(result)
-    rows = [f"<tr><td>baseline</td><td></td><td></td><td>{html.escape(r.baseline_text)}</td></tr>"]
+    rows = [f"<tr><td>baseline</td><td></td><td></td><td>{_correct_cell(r.baseline_correct)}</td>"
+            f"<td>{html.escape(r.baseline_text)}</td></tr>"]
     for d in r.depths:
         same, diff = _split(d)
         text = html.escape(same) + (f"<{mark}>{html.escape(diff) or '∅'}</{mark}>" if d.first_divergence is not None else "")
-        rows.append(f"<tr><td>{_depth_label(d.depth, r.n_layers)}</td><td>{d.first_token_kl:.4f}</td>"
-                    f"<td>{'yes' if d.answer_kept else 'no'}</td><td>{text}</td></tr>")
-    head = "<tr><th>depth</th><th>KL</th><th>kept</th><th>generated text (divergence marked)</th></tr>"
+        rows.append(f"<tr><td>{_depth_label(d.depth, r.n_layers)}</td><td>{_kl_cell(_akl(d))}</td>"
+                    f"<td>{'yes' if d.answer_kept else 'no'}</td><td>{_correct_cell(d.correct)}</td><td>{text}</td></tr>")
+    head = ("<tr><th>depth</th><th>answer KL</th><th>kept</th><th>correct</th>"
+            "<th>generated text (divergence marked)</th></tr>")
     return f"<table class='vlmlens-side-by-side'>{head}{''.join(rows)}</table>"
 
 
 def fig_side_by_side(result, *, title: str | None = None) -> go.Figure:
     """The side-by-side table as a figure; the text from the first divergent token is bold and coloured."""
     r = _truncation(result)
-    cells = [["baseline"], [""], [""], [html.escape(r.baseline_text)]]
+    cells = [["baseline"], [""], [""], [_correct_cell(r.baseline_correct)], [html.escape(r.baseline_text)]]
     for d in r.depths:
         same, diff = _split(d)
         text = html.escape(same)
         if d.first_divergence is not None:
             text += f"<b><span style='color:{LOST_COLOR}'>{html.escape(diff) or '∅'}</span></b>"
         cells[0].append(_depth_label(d.depth, r.n_layers))
-        cells[1].append(f"{d.first_token_kl:.4f}")
+        cells[1].append(_kl_cell(_akl(d)))
         cells[2].append("yes" if d.answer_kept else "no")
-        cells[3].append(text)
+        cells[3].append(_correct_cell(d.correct))
+        cells[4].append(text)
     # rows wrap: about 95 characters per line of the text column at the default width
     lines = sum(1 + len(t.replace("<b>", "")) // 95 for t in [r.baseline_text] + [d.text for d in r.depths])
     fig = new_figure(title=title or f"Generations by truncation depth ({r.mode})",
                      height=150 + 22 * lines + 10 * (len(r.depths) + 2))
-    fig.add_trace(go.Table(columnwidth=[60, 60, 50, 600],
-                           header=dict(values=["depth", "KL", "kept", "generated text (divergence marked)"],
+    fig.add_trace(go.Table(columnwidth=[60, 70, 50, 55, 600],
+                           header=dict(values=["depth", "answer KL", "kept", "correct",
+                                               "generated text (divergence marked)"],
                                        align="left", fill_color="#eeeeee"),
                            cells=dict(values=cells, align="left", height=28)))
     return fig

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
+from ..findings import NOISE_FLOOR
 from ._style import SEQUENTIAL_COLORSCALE, SPAN_COLORS, empty_figure, legend_below, new_figure
 
 TOKEN_COLORS = {"image": SPAN_COLORS["image"], "all": SPAN_COLORS["system"]}
@@ -16,43 +17,68 @@ def _get(obj, name):
     return obj[name] if isinstance(obj, dict) else getattr(obj, name)
 
 
-def fig_substitution_matrix(result, *, metric: str = "kl", title: str | None = None) -> go.Figure:
-    """Heatmap over (from_layer i, at_layer j): first-token KL (``metric="kl"``) or answer kept
-    (``"answer_kept"``) when layer j reads layer i's image states. Empty above the diagonal."""
+def _answer_kl(result):
+    """The answer-level KL of a result when it has one (older results: first-token KL)."""
+    try:
+        v = _get(result, "answer_kl")
+    except (KeyError, AttributeError):
+        v = None
+    return (v, "answer KL (nats)") if v is not None else (_get(result, "kl"), "first-token KL (nats)")
+
+
+def fig_substitution_matrix(result, *, metric: str = "answer_kl", floor: float = NOISE_FLOOR,
+                            title: str | None = None) -> go.Figure:
+    """Heatmap over (from_layer i, at_layer j): answer-level KL (``metric="answer_kl"``, summed
+    over the answer tokens; first-token KL for older results), first-token KL (``"kl"``) or
+    answer kept (``"answer_kept"``) when layer j reads layer i's image states. Empty above the
+    diagonal. KL cells below ``floor`` nats are numerical noise: drawn blank and written
+    "no change" (the colour scale starts at the floor)."""
     layers = list(_get(result, "layers"))
     if not layers:
         return empty_figure("no layers in this result", title=title)
-    key = {"kl": "kl", "answer_kept": "answer_kept"}.get(metric)
-    if key is None:
-        raise ValueError(f"metric must be 'kl' or 'answer_kept', got {metric!r}")
-    raw = _get(result, key)
+    if metric not in ("answer_kl", "kl", "answer_kept"):
+        raise ValueError(f"metric must be 'answer_kl', 'kl' or 'answer_kept', got {metric!r}")
+    if metric == "answer_kl":
+        raw, label = _answer_kl(result)
+    else:
+        raw, label = _get(result, metric), "first-token KL (nats)" if metric == "kl" else "answer kept"
     z = np.array([[np.nan if v is None else float(v) for v in row] for row in raw], dtype=float)
     texts = _get(result, "text")
-    hover = [[f"from layer {layers[c]} → layer {layers[r]}<br>{'' if texts[r][c] is None else texts[r][c][:60]}"
-              for c in range(len(layers))] for r in range(len(layers))]
-    label = "first-token KL (nats)" if key == "kl" else "answer kept"
-    fig = new_figure(title=title or f"Substitution matrix — {label}", height=520)
-    fig.add_trace(go.Heatmap(x=layers, y=layers, z=z, hovertext=hover, colorscale=SEQUENTIAL_COLORSCALE,
-                             reversescale=key == "answer_kept", colorbar=dict(title=label),
-                             zmin=0, zmax=1 if key == "answer_kept" else None))
+    is_kl = metric != "answer_kept"
+    quiet = np.isfinite(z) & (z < floor) if is_kl else np.zeros(z.shape, bool)
+    cell = [["" if not np.isfinite(z[r][c]) else "no change" if quiet[r][c] else
+             (f"{z[r][c]:.2g}" if is_kl else ("kept" if z[r][c] else "lost")) for c in range(len(layers))]
+            for r in range(len(layers))]
+    hover = [[f"from layer {layers[c]} → layer {layers[r]}: {cell[r][c]}<br>"
+              f"{'' if texts[r][c] is None else texts[r][c][:60]}" for c in range(len(layers))] for r in range(len(layers))]
+    shown = np.where(quiet, np.nan, z)
+    fig = new_figure(title=title or f"Substitution matrix — {label}" + (f" (below {floor:g}: no change)" if is_kl else ""),
+                     height=520)
+    fig.add_trace(go.Heatmap(x=layers, y=layers, z=shown, hovertext=hover, hoverinfo="text", text=cell,
+                             texttemplate="%{text}", colorscale=SEQUENTIAL_COLORSCALE,
+                             reversescale=not is_kl, colorbar=dict(title=label),
+                             zmin=floor if is_kl else 0, zmax=1 if not is_kl else None))
     fig.update_xaxes(title_text="image states taken from layer i (input of i)", tickvals=layers)
     fig.update_yaxes(title_text="substituted into layer j", tickvals=layers)
     return fig
 
 
-def fig_layer_skip(result, *, title: str | None = None) -> go.Figure:
-    """Top: first-token KL when each layer is skipped (image tokens / all tokens), crosses where
-    the answer changed. Bottom: adjacent-layer cosine distance of the image tokens."""
+def fig_layer_skip(result, *, floor: float = NOISE_FLOOR, title: str | None = None) -> go.Figure:
+    """Top: answer-level KL when each layer is skipped (image tokens / all tokens; first-token
+    KL for older results), crosses where the answer changed; the band below ``floor`` nats is
+    "no change". Bottom: adjacent-layer cosine distance of the image tokens."""
     layers = list(_get(result, "layers"))
     if not layers:
         return empty_figure("no layers in this result", title=title)
-    kl, kept = _get(result, "kl"), _get(result, "answer_kept")
+    (kl, label), kept = _answer_kl(result), _get(result, "answer_kept")
     fig = new_figure(2, 1, shared_xaxes=True, height=620, title=title or "Layer-skip scan (Skip-It)",
                      titles=("Output change when layer l is skipped", "How much layer l turns the image tokens"))
     for t in _get(result, "tokens"):
         color = TOKEN_COLORS.get(t, "#666666")
-        fig.add_trace(go.Scatter(x=layers, y=kl[t], mode="lines+markers", name=f"skip for {t} tokens: KL",
-                                 line=dict(color=color)), row=1, col=1)
+        fig.add_trace(go.Scatter(x=layers, y=kl[t], mode="lines+markers", name=f"skip for {t} tokens: {label}",
+                                 line=dict(color=color),
+                                 hovertext=["no change" if v is not None and v < floor else f"{v:.3g} nats"
+                                            for v in kl[t]]), row=1, col=1)
         lost = [l for l, k in zip(layers, kept[t]) if not k]
         fig.add_trace(go.Scatter(x=lost, y=[kl[t][layers.index(l)] for l in lost], mode="markers",
                                  name=f"answer changed ({t})", marker=dict(symbol="x", size=12, color=color)),
@@ -61,8 +87,10 @@ def fig_layer_skip(result, *, title: str | None = None) -> go.Figure:
     if cos is not None:
         fig.add_trace(go.Bar(x=layers, y=[np.nan if v is None else v for v in cos], name="image-token cosine distance",
                              marker_color=SPAN_COLORS["image"], opacity=0.6), row=2, col=1)
+    fig.add_hrect(y0=0, y1=floor, fillcolor="#dddddd", opacity=0.5, line_width=0, row=1, col=1,
+                  annotation_text=f"no change (< {floor:g} nats)", annotation_position="top left")
     legend_below(fig, y=-0.15)
-    fig.update_yaxes(title_text="KL (nats)", row=1, col=1)
+    fig.update_yaxes(title_text=label, row=1, col=1)
     fig.update_yaxes(title_text="1 − cos(h_l, h_l+1)", row=2, col=1)
     fig.update_xaxes(title_text="decoder layer l", tickvals=layers, row=2, col=1)
     return fig
