@@ -141,7 +141,7 @@ def test_capture_then_every_tab(client, app):
     d = plot(dyn)
     xs = [x for t in d["data"] if t.get("name") == "image" for x in arr(t["x"])]
     assert max(xs) == L                                                 # layers 0..L
-    flow, heads = client.predict(api_name="/attention")
+    flow, heads, stages_md = client.predict(api_name="/attention")
     assert plot(flow)["data"] or plot(flow)["layout"].get("annotations")
 
 
@@ -400,3 +400,56 @@ def test_substitution_skip_and_compute_tabs(client):
     assert kl and all(len(arr(t["y"])) == L for t in kl)                      # one point per skipped layer
     comp, headline = client.predict(api_name="/measure_compute")
     assert any("measured" in (t.get("name") or "") for t in plot(comp)["data"])
+
+
+def test_ground_truth_and_causal_stages_follow_the_run(runs_dir, lm):
+    """A cached run shows its own scene's truth; a capture of an example with one of its prompts
+    carries the truth into the headline; the knockout stages are measured at capture (small
+    model) and by the Attention tab's button; every headline has a status."""
+    from vlmlens.ui.callbacks import Dashboard, new_session
+
+    dash = Dashboard(model="random:llava", runs_dir=runs_dir, loader=lambda *a, **k: lm)
+    dash.holder.wait(30)
+    sess, info, _gen, _strip, headline = dash.load_run(CACHED[1], new_session())
+    truth_md = dash.sync_controls(sess, 0)[-1]
+    want = json.loads((runs_dir / CACHED[1] / "run.json").read_text())["meta"]["task"]
+    assert "This run's scene" in truth_md and f"scene seed {want['seed']}" in truth_md and want["answer"] in truth_md
+    assert {f["status"] for f in info["findings"]} <= {"causal", "measured", "proxy", "not found", "unverified"}
+    ex = next(e for e in dash.examples if e["file"].endswith("shapes_00.png"))
+    prompt, answer = ex["prompts"]["single"][0]["prompt"], ex["prompts"]["single"][0]["answer"]
+    sess, info, _gen, _strip, headline = dash.capture(EXAMPLE, prompt, 2, sess)
+    entry = dash.entry(sess)
+    assert entry.run.meta["task"]["answer"] == answer
+    assert "answer vs ground truth" in headline and repr(answer) in headline
+    assert "stages" in entry.extras and "three stages" in headline and "✔ causal" in headline
+    assert "sweep cliff" in headline and "unverified" in headline            # no sweep yet: said so
+    flow, heads, stages_md, headline2 = dash.find_stages(sess)
+    assert "Three stages (causal" in stages_md and "prefix" in stages_md
+    assert any("(knockout)" in (a.text or "") for a in flow.layout.annotations)
+    plain, *_rest, headline = dash.capture(EXAMPLE, "Describe this picture please.", 2, sess)
+    md = dash.sync_controls(plain, 0)[-1]            # the scene is known, the answer to this prompt is not
+    assert "This run's scene" in md and "Truth for its prompt" not in md
+    assert "answer vs ground truth" not in headline
+    from PIL import Image
+
+    other, *_rest = dash.capture(Image.new("RGB", (64, 64), (10, 200, 30)), prompt, 2, sess)
+    assert "No ground truth" in dash.sync_controls(other, 0)[-1]       # never a stale truth of another scene
+
+
+def test_cam_zero_by_construction_is_explained(runs_dir):
+    import numpy as np
+
+    from vlmlens.ui import views
+    from vlmlens.ui.callbacks import Dashboard, new_session
+
+    dash = Dashboard(no_model=True, runs_dir=runs_dir)
+    sess, *_ = dash.load_run(CACHED[0], new_session())
+    entry = dash.entry(sess)
+    L = entry.run.n_layers
+    cam = np.asarray(entry.run.arrays["llava_cam"])
+    assert np.all(cam[L - 1] == 0)                                           # zero by construction
+    fig = dash.heatmap_layer(sess, L - 1, 0, "LLaVA-CAM")
+    text = " ".join(a.text or "" for a in fig.layout.annotations)
+    assert "zero at the last layer by construction" in text and not [t for t in fig.data if t.type == "heatmap"]
+    assert views.cam_zero_reason(entry.run, np.ones((L, 4)), 0) is None
+    assert "after the ReLU" in views.cam_zero_reason(entry.run, np.zeros((L, 4)), 0)

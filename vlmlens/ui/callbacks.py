@@ -19,13 +19,14 @@ from ..errors import InputError
 from ..run import RunFormatError
 from . import panels, views, xviews
 from .html import note, token_strip
-from .inputs import load_examples, prompt_choices, random_scene, truth_markdown
+from .inputs import SceneBook, load_examples, prompt_choices, random_scene, truth_markdown
 from .model import ModelHolder, resolve_model_name
 from .panels import Missing
 from .store import RunsDir, RunStore
 
 log = logging.getLogger("vlmlens.ui")
 USER_ERRORS = (InputError, RunFormatError, FileNotFoundError, FileExistsError, Missing)
+AUTO_STAGES_MAX_LAYERS = 12   # captures of models this shallow get their knockout stages at once
 TABS = ("overview", "heatmaps", "dynamics", "attention", "truncation", "substitution", "compute", "runs")
 
 
@@ -67,6 +68,9 @@ class Dashboard:
         self.store = RunStore(store_capacity)
         self.runs = RunsDir(runs_dir)
         self.examples = load_examples()
+        self.scenes = SceneBook()
+        for ex in self.examples:
+            self.scenes.add_file(ex["file"], ex.get("truth"), ex.get("seed"), ex.get("prompts"))
         self.timings: dict[str, deque] = defaultdict(lambda: deque(maxlen=500))
         self.default_run, self.default_layers = None, 2
         for name in ([default_run] if default_run else []) + self.runs.preferred_order():
@@ -126,6 +130,7 @@ class Dashboard:
     @handler("pick_example")
     def pick_example(self, prompt, evt: gr.SelectData):
         ex = self.examples[int(evt.index)]
+        self.scenes.add_file(ex["file"], ex.get("truth"), ex.get("seed"), ex.get("prompts"))
         choices = prompt_choices(ex.get("prompts"))
         first = choices[0][1] if choices and not (prompt or "").strip() else gr.skip()
         return (ex["file"], gr.Dropdown(choices=choices, value=None), truth_markdown(ex.get("truth"), ex.get("seed")),
@@ -135,6 +140,7 @@ class Dashboard:
     def new_scene(self, seed=None):
         seed = None if seed in (None, "", 0) else int(seed)
         image, truth, prompts = random_scene(seed)
+        self.scenes.add_image(image, truth, truth.get("seed"), prompts)
         return image, gr.Dropdown(choices=prompt_choices(prompts), value=None), truth_markdown(truth)
 
     @handler("pick_prompt")
@@ -157,12 +163,18 @@ class Dashboard:
         with self.holder.use() as lm:
             progress(0.2, desc=f"capturing {lm.n_layers} layers")
             run = capture(lm, rgb, prompt, max_new_tokens=n)
+            task = self.scenes.task(run.meta.get("image_sha256"), prompt)
+            if task:
+                run.meta["task"] = task
             progress(0.7, desc="logit lens and LLaVA-CAM")
             from ..cached import add_analysis_arrays
 
             add_analysis_arrays(lm, run)
             entry = self.store.add(run, label=f"capture {time.strftime('%H:%M:%S')}: {prompt[:40]}")
             panels.safe(lambda: xviews.theory_compute(lm, entry))
+            if lm.n_layers <= AUTO_STAGES_MAX_LAYERS:   # 3L + 1 teacher-forced forwards: cheap on small models
+                progress(0.8, desc="knockout windows (three stages)")
+                panels.safe(lambda: xviews.run_stages(lm, entry))
         if conv:
             gr.Info(f"image note: {conv}")
         progress(0.9, desc="summarising")
@@ -231,7 +243,7 @@ class Dashboard:
     @handler("sync_controls")
     def sync_controls(self, sess, layer):
         if not self.store.has((sess or {}).get("current")):  # e.g. an empty runs folder at page load
-            return tuple(gr.skip() for _ in range(5))
+            return tuple(gr.skip() for _ in range(6))
         entry = self.entry(sess)
         run = entry.run
         L = run.n_layers
@@ -240,7 +252,7 @@ class Dashboard:
         return (gr.Slider(minimum=0, maximum=L - 1, value=layer, step=1),
                 gr.Dropdown(choices=panels.query_choices(run), value=0),
                 gr.Dropdown(choices=xviews.depth_choices(L), value=["0", str(L // 2)]),
-                gr.Dropdown(choices=mine, value=entry.id), run.image)
+                gr.Dropdown(choices=mine, value=entry.id), run.image, self.scenes.truth_markdown_for(run))
 
     # ---- tabs ---------------------------------------------------------------------------------
     def _cam_model(self, entry, kind):
@@ -303,7 +315,17 @@ class Dashboard:
 
     @handler("attention")
     def attention(self, sess):
+        """Attention tab: flow (stage bands: knockout when measured, else the cosine proxy), heads, stage table."""
         return views.attention_figures(self.entry(sess))
+
+    @handler("find_stages")
+    def find_stages(self, sess, progress=gr.Progress()):
+        """The three stages from knockout windows (single layers, prefixes, suffixes) on the current run."""
+        entry = self.entry(sess)
+        progress(0.02, desc="waiting for the model")
+        with self.holder.use() as lm:
+            xviews.run_stages(lm, entry, progress=lambda i, n, what: progress(i / max(n, 1), desc=what))
+        return (*views.attention_figures(entry), panels.headline_markdown(entry))
 
     @handler("truncation_view")
     def truncation_view(self, sess):

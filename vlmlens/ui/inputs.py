@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import random
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 from ..errors import InputError
@@ -73,3 +75,71 @@ def random_scene(seed: int | None = None):
         seed = random.randrange(*TEST_SEEDS)
     scene = make_scene(int(seed))
     return scene.image, scene.truth(), example_prompts(int(seed))
+
+
+class SceneBook:
+    """The shapes-world scenes the dashboard has shown (examples, random scenes), by the sha256
+    of their pixels, so that a capture of one of them knows its ground truth: the scene, and the
+    answer when the prompt is one of the scene's example prompts. Bounded (oldest dropped)."""
+
+    def __init__(self, capacity: int = 512) -> None:
+        self._by_sha: OrderedDict[str, dict] = OrderedDict()
+        self._cap = int(capacity)
+        self._lock = threading.Lock()
+
+    def add_image(self, image, truth: dict | None, seed, prompts: dict | None) -> str | None:
+        from ..images import image_sha256, load_image
+
+        if not truth:
+            return None
+        rgb, _ = load_image(image)
+        sha = image_sha256(rgb)
+        with self._lock:
+            self._by_sha[sha] = {"truth": truth, "seed": seed, "prompts": prompts or {}}
+            self._by_sha.move_to_end(sha)
+            while len(self._by_sha) > self._cap:
+                self._by_sha.popitem(last=False)
+        return sha
+
+    def add_file(self, path, truth: dict | None, seed, prompts: dict | None) -> str | None:
+        try:
+            return self.add_image(path, truth, seed, prompts)
+        except (OSError, InputError):
+            return None
+
+    def get(self, sha: str | None) -> dict | None:
+        with self._lock:
+            return self._by_sha.get(sha) if sha else None
+
+    def task(self, sha: str | None, prompt: str) -> dict | None:
+        """``{"family", "kind", "answer", "seed"}`` when ``prompt`` is one of the scene's prompts."""
+        scene = self.get(sha)
+        if scene is None:
+            return None
+        want = " ".join(prompt.lower().split())
+        for fam, items in scene["prompts"].items():
+            for it in items or []:
+                if " ".join(str(it.get("prompt", "")).lower().split()) == want and it.get("answer"):
+                    return {"family": fam, "kind": it.get("kind"), "answer": it["answer"], "seed": scene["seed"]}
+        return None
+
+    def truth_markdown_for(self, run) -> str:
+        """The left panel's ground truth for ``run``: its scene (known image, or the scene seed
+        stored with the run) and the answer to its prompt; a plain "none" otherwise, so a stale
+        truth of another scene never stays on screen."""
+        scene = self.get(run.meta.get("image_sha256"))
+        task = run.meta.get("task") or {}
+        truth, seed = (scene["truth"], scene["seed"]) if scene else (None, task.get("seed"))
+        if truth is None and seed is not None:
+            try:
+                from ..tiny.scenes import make_scene
+
+                truth = make_scene(int(seed)).truth()
+            except (ImportError, ValueError, TypeError):
+                truth = None
+        if truth is None:
+            return "_No ground truth for this run's image (only shapes-world scenes have one)._"
+        text = "**This run's scene.** " + truth_markdown(truth, seed)
+        if task.get("answer"):
+            text += f"  \n**Truth for its prompt:** {task['answer']}"
+        return text

@@ -110,7 +110,10 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                             embed_btn = gr.Button("Draw token map", size="sm")
                         embed = gr.Plot(label="Token map", elem_id="vl-embed")
                     with gr.Tab("Attention flow", id="attention") as t_att:
+                        stages_btn = gr.Button("Find the three stages (knockout windows)", size="sm",
+                                               elem_id="vl-stages-btn")
                         flow = gr.Plot(label="Attention share per layer", elem_id="vl-flow")
+                        stages_md = gr.Markdown(label="stages", elem_id="vl-stages")
                         heads = gr.Plot(label="Per-head share", elem_id="vl-heads")
                     with gr.Tab("Truncation", id="truncation") as t_trunc:
                         with gr.Row():
@@ -153,7 +156,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
 
         overview = [sess, info, gen_md, strip, headline]
         tab_outputs = {"heatmaps": [heat, grid, lens, plens], "dynamics": [dyn, cka, embed],
-                       "attention": [flow, heads], "truncation": [gens, sweep_fig, pert_fig],
+                       "attention": [flow, heads, stages_md], "truncation": [gens, sweep_fig, pert_fig],
                        "substitution": [sub_fig, skip_fig], "compute": [comp_fig]}
         all_tab_outputs = [c for cs in tab_outputs.values() for c in cs]
 
@@ -172,7 +175,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
             return [out[c] for c in all_tab_outputs]
 
         def after_run(ev, name):
-            ev = ev.success(dash.sync_controls, [sess, layer], [layer, query, depths, mine, run_image],
+            ev = ev.success(dash.sync_controls, [sess, layer], [layer, query, depths, mine, run_image, truth],
                             api_name=f"{name}_controls", show_progress="hidden", api_visibility=INTERNAL)
             return ev.success(render_tab, [sess, active, layer, query, kind, span], all_tab_outputs,
                               api_name=f"{name}_render", show_progress="hidden", api_visibility=INTERNAL)
@@ -206,6 +209,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
         trunc_btn.click(dash.truncate, [sess, depths, mode], [gens, sweep_fig, pert_fig, headline], api_name="truncate")
         sweep_btn.click(dash.sweep, [sess, mode], [gens, sweep_fig, pert_fig, headline], api_name="sweep")
         measure_btn.click(dash.measure_compute, sess, [comp_fig, headline], api_name="measure_compute")
+        stages_btn.click(dash.find_stages, sess, [flow, heads, stages_md, headline], api_name="find_stages")
         sub_btn.click(dash.substitution, sess, [sub_fig, skip_fig], api_name="substitution")
         skip_btn.click(dash.layer_skip, sess, [sub_fig, skip_fig], api_name="layer_skip")
 

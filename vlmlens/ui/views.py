@@ -11,6 +11,7 @@ import io
 
 import numpy as np
 
+from ..findings import NOISE_FLOOR
 from .panels import Missing, figure, log, message_figure, real
 
 HEATMAP_KINDS = ("attention", "LLaVA-CAM")
@@ -112,6 +113,22 @@ def cam_array(entry, lm=None) -> np.ndarray:
     return entry.derived.get("llava_cam", lambda: np.asarray(fn(lm, run).per_token, dtype=np.float32))
 
 
+def cam_zero_reason(run, values: np.ndarray, layer: int) -> str | None:
+    """Why a layer's LLaVA-CAM is all zero, in words (None when it is not)."""
+    row = np.asarray(values[int(layer)], dtype=np.float64)
+    if np.isfinite(row).any() and np.nanmax(np.abs(row)) > 0:
+        return None
+    tap = (run.meta.get("llava_cam") or {}).get("activation", "mlp_input")
+    L = values.shape[0]
+    if layer == L - 1:
+        return (f"LLaVA-CAM is zero at the last layer by construction: it weights the image rows' {tap} by the gradient"
+                " of the answer, and what layer " f"{L - 1} computes for image rows is never read by the answer (no later"
+                " layer attends to it). Look at layers 0–" f"{L - 2}.")
+    return (f"LLaVA-CAM is zero everywhere at layer {layer}: after the ReLU no image patch has a positive"
+            " gradient-weighted activation here (every patch's weighted sum is <= 0), so this layer's map is empty, "
+            "not missing.")
+
+
 def heatmap_layer(entry, layer: int, query: int, kind: str, lm=None):
     """The single-layer heatmap (cached per layer / query / kind); never runs the model
     unless LLaVA-CAM is asked for and the run does not hold it yet."""
@@ -124,6 +141,11 @@ def heatmap_layer(entry, layer: int, query: int, kind: str, lm=None):
         values = layer_values(entry, kind, query, lm)
     except Missing as e:
         return message_figure(str(e), kind)
+    why = cam_zero_reason(run, values, int(layer)) if kind == "LLaVA-CAM" else None
+    if why is not None:
+        fig = message_figure(why, f"LLaVA-CAM — layer {int(layer)}")
+        entry.derived.put(key, fig)
+        return fig
     try:
         cam = kind == "LLaVA-CAM"
         fig = real(FIG_HEAT, "fig_cam_layer")(run, int(layer), "cam" if cam else "attention",
@@ -189,7 +211,50 @@ def embedding_figure(entry, method: str = "pca"):
 
 
 def attention_figures(entry):
+    """(attention flow with the knockout stages when the run has them, per-head shares, the
+    stage windows as markdown)."""
+    from ..figures.attention import fig_attention_flow
+
     run = entry.run
-    flow = entry.derived.get("fig_attention_flow", lambda: figure(FIG_ATT, "fig_attention_flow", run, title="Attention flow"))
+    st = entry.extras.get("stages")
+    labels = st.get("labels") if st else None
+    flow = entry.derived.get(("fig_attention_flow", tuple(labels or ())), lambda: figure_call(
+        fig_attention_flow, run, stages=labels, title="Attention flow"))
     heads = entry.derived.get("fig_attention_heads", lambda: figure(FIG_ATT, "fig_attention_heads", run, title="Heads"))
-    return flow, heads
+    return flow, heads, stages_markdown(st)
+
+
+def figure_call(fn, *args, title: str | None = None, **kwargs):
+    """``fn(*args, **kwargs)``, or a figure saying why it could not draw this run."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # keep the dashboard alive on a run a figure cannot draw
+        log.exception("%s failed", getattr(fn, "__name__", fn))
+        return message_figure(f"{getattr(fn, '__name__', 'figure')} could not draw this run: {type(e).__name__}: "
+                              f"{str(e)[:160]}", title)
+
+
+def stages_markdown(st: dict | None) -> str:
+    """The knockout windows behind the three stages, as a table (or how to get them)."""
+    if not st:
+        return ("**Three stages (causal):** not measured for this run. Press *Find the three stages* (needs the run's "
+                "model): it knocks the image out of every single layer, every prefix and every suffix of layers and "
+                "reads what happens to the output. Until then the bands are VisiPruner's cosine rule, a *proxy*.")
+    L = st["n_layers"]
+    lines = [f"**Three stages (causal, knockout windows):** {st['statement']}", "",
+             f"<small>{st['rule']} (tau = {st['tau']} nats).</small>", "",
+             "| layers knocked out | KL over the output (nats) | Δ log p | output kept |", "|---|---|---|---|"]
+
+    def row(w, what):
+        kl = w["answer_kl"]
+        shown = "no change" if kl < NOISE_FLOOR else f"{kl:.3g}"
+        lines.append(f"| {what} | {shown} | {w['answer_logprob_delta']:+.3g} | {'yes' if w['kept'] else 'no'} |")
+    for w in st["single"]:
+        row(w, f"layer {w['first']} alone")
+    for w in st["prefix"]:
+        row(w, f"0–{w['last']} (prefix)")
+    for w in st["suffix"]:
+        row(w, f"{w['first']}–{L - 1} (suffix)")
+    if st.get("joint"):
+        row(st["joint"], "sink + discard together")
+    return "\n".join(lines)

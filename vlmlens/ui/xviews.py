@@ -60,14 +60,17 @@ def run_truncation(lm, entry, depths: list[int], mode: str, *, sweep: bool, prog
 
     check_model_matches(lm, entry)
     image, prompt, n_new = _run_args(entry)
+    from ..findings import run_truth
+
+    truth = run_truth(entry.run)
     if sweep:
         res = C.sweep(lm, image, prompt, mode=mode, max_new_tokens=n_new, progress=progress, store="none",
-                      record_attention=False, keep_runs=False)
+                      record_attention=False, keep_runs=False, truth=truth)
         entry.extras["sweep"] = res.to_json()
         entry.extras.pop("compare", None)          # the sweep's table shows every depth
     else:
         res = C.compare(lm, image, prompt, depths, mode=mode, max_new_tokens=n_new, progress=progress, store="none",
-                        record_attention=False, keep_runs=False)
+                        record_attention=False, keep_runs=False, truth=truth)
         entry.extras["compare"] = res.to_json()
     return res.to_json()
 
@@ -153,6 +156,16 @@ def run_experiment(lm, entry, key: str, progress=None) -> dict:
         res = fn(lm, image, prompt, max_new_tokens=n_new, progress=progress)
     entry.extras[key] = res.to_json() if hasattr(res, "to_json") else res
     return entry.extras[key]
+
+
+def run_stages(lm, entry, progress=None) -> dict:
+    """Knockout windows and the three stages of the entry's input; kept in extras["stages"]."""
+    from ..experiments.stages import causal_stages
+
+    check_model_matches(lm, entry)
+    image, prompt, n_new = _run_args(entry)
+    entry.extras["stages"] = causal_stages(lm, image, prompt, max_new_tokens=n_new, progress=progress).to_json()
+    return entry.extras["stages"]
 
 
 def theory_compute(lm, entry) -> None:
