@@ -245,7 +245,12 @@ def test_task_study_smoke():
 def test_sweep_figures(llava_sweep):
     L = llava_sweep.n_layers
     fig = F.fig_truncation_sweep(llava_sweep.to_json())
-    assert len(fig.data) == 3 and all(len(t.x) == L + 1 for t in fig.data)
+    names = [t.name for t in fig.data]
+    assert names == ["output KL (nats)", "first-token KL", "answer kept (vs baseline)", "Δ log p(baseline answer)"]
+    assert all(len(t.x) == L + 1 for t in fig.data)
+    assert np.allclose(fig.data[0].y, [d.output_kl for d in llava_sweep.depths])
+    assert np.allclose(fig.data[3].y, [d.answer_logprob_delta for d in llava_sweep.depths])
+    assert fig.data[3].y[-1] == 0.0 and fig.data[0].y[-1] == 0.0          # depth L is the baseline
     table = F.fig_side_by_side(llava_sweep)
     assert len(table.data[0].cells.values[0]) == L + 2  # baseline + every depth
     html = F.side_by_side_html(llava_sweep)

@@ -230,3 +230,16 @@ def test_answer_kl_sees_a_caption_change_that_first_token_kl_misses(tiny):
     assert not d.answer_kept                          # the caption's words change
     assert d.first_token_kl < F.NOISE_FLOOR           # its first word "a" does not
     assert d.answer_kl > 1.0 and d.answer_logprob_delta < -1.0 and d.answer_tokens == len(res.baseline_token_ids)
+
+
+@needs_tiny
+def test_output_kl_sees_a_trace_change_that_the_forced_final_answer_hides(tiny):
+    from vlmlens.experiments.compare import compare
+
+    res = compare(tiny, EXAMPLES / "shapes_06.png", "Is the green circle above the orange circle?", depths=[6],
+                  max_new_tokens=48, keep_runs=False, store="none", record_attention=False)
+    d = res.depth(6)
+    assert d.answer_start > 0 and d.answer_tokens < len(res.baseline_token_ids)   # the answer follows "answer:"
+    assert d.first_divergence is not None                                        # the trace changes at depth 6
+    assert d.answer_kl < 0.01            # teacher-forced on the baseline's trace, the final answer barely moves
+    assert d.output_kl > 1.0             # over the whole output the change is plain

@@ -18,7 +18,7 @@ Definitions (each finding also carries its own ``definition`` text):
 * **sweep cliff**: the shallowest depth k such that cutting the image from layer k on keeps
   the answer at k and at every deeper depth; a non-monotonic kept/lost pattern is spelled out.
 * **VTW depth** (arXiv 2405.05803's criterion): the shallowest depth whose withdrawal of the
-  image changes the answer tokens by at most ``eta`` nats of summed KL.
+  image changes the output by at most ``eta`` nats of KL summed over the generated tokens.
 * **attention cliff** (measured): the first layer from which the last prompt token's image
   share stays below 25 % of its peak (:func:`vlmlens.analysis.attention.attention_cliff`).
 * **visual stabilisation** (measured): image tokens stable from layer m when every later layer
@@ -105,11 +105,13 @@ def _depth_rows(sweep: dict):
     return ds, [d["depth"] for d in ds], [bool(d.get("answer_kept")) for d in ds]
 
 
-def _answer_kl(d: dict) -> float:
-    v = d.get("answer_kl")
-    if v is None or not np.isfinite(v):
-        return float(d.get("first_token_kl", float("nan")))
-    return float(v)
+def _output_kl(d: dict) -> float:
+    """Summed KL over the generated tokens (older results: over the answer, then the first token)."""
+    for key in ("output_kl", "answer_kl"):
+        v = d.get(key)
+        if v is not None and np.isfinite(v):
+            return float(v)
+    return float(d.get("first_token_kl", float("nan")))
 
 
 # ---- the findings ---------------------------------------------------------------------------------
@@ -165,20 +167,23 @@ def sweep_cliff_finding(sweep: dict | None) -> Finding:
 
 
 def vtw_finding(sweep: dict | None, eta: float = DEFAULT_ETA) -> Finding:
-    definition = (f"VTW's criterion: shallowest depth k whose withdrawal of the image changes the answer tokens by at "
-                  f"most {eta} nats (KL(baseline || cut) summed over the answer tokens, teacher-forced)")
+    definition = (f"VTW's criterion: shallowest depth k whose withdrawal of the image changes the output by at most "
+                  f"{eta} nats (KL(baseline || cut) summed over the generated tokens, teacher-forced)")
     if not sweep:
         return Finding("vtw", "VTW depth", "unverified", "no sweep for this run", definition)
     ds, depths, _ = _depth_rows(sweep)
     L = int(sweep["n_layers"])
-    ok = [d["depth"] for d in ds if d["depth"] < L and _answer_kl(d) <= eta]
+    ok = [d["depth"] for d in ds if d["depth"] < L and _output_kl(d) <= eta]
     if not ok:
-        worst = min((_answer_kl(d) for d in ds if d["depth"] < L), default=float("nan"))
+        worst = min((_output_kl(d) for d in ds if d["depth"] < L), default=float("nan"))
         return Finding("vtw", "VTW depth", "not found",
-                       f"no depth below {L} meets answer KL <= {eta} (smallest {worst:.3g} nats)", definition, None)
+                       f"no depth below {L} meets output KL <= {eta} (smallest {worst:.3g} nats)", definition, None)
     k = min(ok)
     d = next(x for x in ds if x["depth"] == k)
-    return Finding("vtw", "VTW depth", "causal", f"depth {k} (answer KL {_answer_kl(d):.2g} nats)", definition, k)
+    text = f"depth {k} (output KL {_output_kl(d):.2g} nats)"
+    if not d.get("answer_kept", True):
+        text += " — although the answer at that depth differs from the baseline's"
+    return Finding("vtw", "VTW depth", "causal", text, definition, k)
 
 
 def attention_cliff_finding(run, sweep_cliff: int | None) -> Finding:
@@ -216,12 +221,12 @@ def stabilisation_finding(run) -> Finding:
 
 def functional_finding(substitution: dict | None, tau: float = DEFAULT_ETA) -> Finding:
     definition = (f"smallest grid layer i such that feeding layer i's image states to any later grid layer j keeps the "
-                  f"answer (answer kept and answer KL <= {tau} nats)")
+                  f"answer (answer kept and output KL <= {tau} nats)")
     if not substitution:
         return Finding("functional", "functional stabilisation", "unverified", "no substitution matrix for this run",
                        definition)
     grid = substitution["layers"]
-    akl = substitution.get("answer_kl") or substitution["kl"]
+    akl = substitution.get("output_kl") or substitution.get("answer_kl") or substitution["kl"]
     kept = substitution["answer_kept"]
     n = len(grid)
     ok = lambda r, c: bool(kept[r][c]) and akl[r][c] is not None and akl[r][c] <= tau  # noqa: E731

@@ -20,7 +20,7 @@ from typing import Sequence
 from .engine import (DEFAULT_SEPARATOR, Progress, Session, answer_of, check_mode, compare_outputs, parse_depths,
                      truncation)
 
-CSV_COLUMNS = ("depth", "mode", "first_token_kl", "answer_kl", "answer_logprob_delta", "answer_tokens", "answer_kept",
+CSV_COLUMNS = ("depth", "mode", "first_token_kl", "output_kl", "answer_kl", "answer_logprob_delta", "answer_tokens", "answer_kept",
                "correct", "text_kept", "baseline_logprob", "own_logprob", "first_divergence", "edit_distance", "answer",
                "text")
 
@@ -47,6 +47,7 @@ class DepthSummary:
     answer_tokens: int = 0               # how many baseline tokens the answer-level metrics cover
     answer_start: int = 0                # index of the first of them among the generated tokens
     correct: bool | None = None          # the answer equals the ground truth (None: no truth known)
+    output_kl: float = float("nan")      # summed KL over every generated token (engine docstring)
 
 
 @dataclass

@@ -298,12 +298,19 @@ def answer_scores(base: Outcome, var: Outcome, start: int) -> dict:
     T = len(base.generated_ids)
     if base.step_logprobs is None or var.step_logprobs is None or T == 0 or start >= T:
         kl = kl_divergence(base.first_logprobs, var.first_logprobs)
-        return {"answer_kl": kl, "answer_logprob_delta": 0.0, "answer_tokens": 0, "answer_start": int(min(start, T))}
-    p = base.step_logprobs[start:T].double()
-    q = var.step_logprobs[start:T].double()
-    kl = float(max((p.exp() * (p - q)).sum(), 0.0))
+        out = kl if T == 0 or base.step_logprobs is None or var.step_logprobs is None else _summed_kl(base, var, 0, T)
+        return {"answer_kl": kl, "answer_logprob_delta": 0.0, "answer_tokens": 0, "answer_start": int(min(start, T)),
+                "output_kl": out}
+    kl = _summed_kl(base, var, start, T)
     delta = float(sum(var.target_logprobs[start:T]) - sum(base.target_logprobs[start:T]))
-    return {"answer_kl": kl, "answer_logprob_delta": delta, "answer_tokens": T - start, "answer_start": int(start)}
+    return {"answer_kl": kl, "answer_logprob_delta": delta, "answer_tokens": T - start, "answer_start": int(start),
+            "output_kl": kl if start == 0 else _summed_kl(base, var, 0, T)}
+
+
+def _summed_kl(base: Outcome, var: Outcome, a: int, b: int) -> float:
+    p = base.step_logprobs[a:b].double()
+    q = var.step_logprobs[a:b].double()
+    return float(max(float((p.exp() * (p - q)).sum()), 0.0))
 
 
 def teacher_forced_kept(base: Outcome, var: Outcome, start: int = 0) -> bool:

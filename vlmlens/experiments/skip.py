@@ -39,6 +39,7 @@ class SkipScanResult:
     separator: str
     seconds: float = 0.0
     answer_kl: dict | None = None   # tokens -> [per layer] summed KL over the answer tokens (engine docstring)
+    output_kl: dict | None = None   # tokens -> [per layer] summed KL over every generated token
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -80,6 +81,7 @@ def layer_skip_scan(lm, image, prompt: str, *, tokens: Sequence[str] = SKIP_TOKE
     s = Session(lm, image, prompt, max_new_tokens=max_new_tokens, reuse=reuse)
     kl = {t: [] for t in toks}
     akl = {t: [] for t in toks}
+    okl = {t: [] for t in toks}
     kept = {t: [] for t in toks}
     text = {t: [] for t in toks}
     total = len(toks) * len(ls)
@@ -88,6 +90,7 @@ def layer_skip_scan(lm, image, prompt: str, *, tokens: Sequence[str] = SKIP_TOKE
                               getattr(lm.processor, "tokenizer", None))
         kl[t].append(cmp["first_token_kl"])
         akl[t].append(cmp["answer_kl"])
+        okl[t].append(cmp["output_kl"])
         kept[t].append(cmp["answer_kept"])
         text[t].append(cmp["text"])
         if progress:
@@ -97,4 +100,4 @@ def layer_skip_scan(lm, image, prompt: str, *, tokens: Sequence[str] = SKIP_TOKE
     cos = image_cosine_distance(geo)
     note = "image tokens, prompt prefill; entry l = 1 - cos(input of layer l, output of layer l)"
     return SkipScanResult(lm.name, s.prep.prompt, L, ls, toks, kl, kept, text, [float(cos[l]) for l in ls], note,
-                          s.baseline.run.generated_text, separator, round(time.perf_counter() - t0, 3), akl)
+                          s.baseline.run.generated_text, separator, round(time.perf_counter() - t0, 3), akl, okl)

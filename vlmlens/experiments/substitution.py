@@ -33,6 +33,7 @@ class SubstitutionResult:
     separator: str
     seconds: float = 0.0
     answer_kl: list[list[float | None]] | None = None   # summed KL over the answer tokens (engine docstring)
+    output_kl: list[list[float | None]] | None = None   # summed KL over every generated token
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -87,6 +88,7 @@ def substitution_matrix(lm, image, prompt: str, *, stride: int = 1, layers: Sequ
     n = len(grid)
     kl = [[None] * n for _ in range(n)]
     akl = [[None] * n for _ in range(n)]
+    okl = [[None] * n for _ in range(n)]
     kept = [[None] * n for _ in range(n)]
     text = [[None] * n for _ in range(n)]
     total, done = n * (n + 1) // 2, 0
@@ -95,9 +97,9 @@ def substitution_matrix(lm, image, prompt: str, *, stride: int = 1, layers: Sequ
             cmp = compare_outputs(s.baseline, s.evaluate([Substitute(at_layer=j, from_layer=i)]), separator,
                                   getattr(lm.processor, "tokenizer", None))
             kl[r][c], kept[r][c], text[r][c] = cmp["first_token_kl"], cmp["answer_kept"], cmp["text"]
-            akl[r][c] = cmp["answer_kl"]
+            akl[r][c], okl[r][c] = cmp["answer_kl"], cmp["output_kl"]
             done += 1
             if progress:
                 progress(done, total, f"substitute {i} -> {j}")
     return SubstitutionResult(lm.name, s.prep.prompt, lm.n_layers, grid, kl, kept, text,
-                              s.baseline.run.generated_text, separator, round(time.perf_counter() - t0, 3), akl)
+                              s.baseline.run.generated_text, separator, round(time.perf_counter() - t0, 3), akl, okl)

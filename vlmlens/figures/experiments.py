@@ -43,16 +43,20 @@ def _depth_label(d: int, L: int) -> str:
 
 
 def _akl(d) -> float:
-    v = d.answer_kl
-    return d.first_token_kl if v is None or v != v else v
+    """Output-level KL of a depth (older results: answer-level, then first-token)."""
+    for v in (d.output_kl, d.answer_kl):
+        if v is not None and v == v:
+            return v
+    return d.first_token_kl
 
 
 def fig_truncation_sweep(result, *, cliff: int | None = None, floor: float = NOISE_FLOOR,
                          title: str | None = None) -> go.Figure:
     """Three panels over depth, one point per depth of the result (L+1 for a sweep):
 
-    1. KL(baseline ‖ truncated) summed over the answer tokens (answer-level, teacher-forced),
-       with the first-token KL dotted; the band below ``floor`` nats is "no change";
+    1. KL(baseline ‖ truncated) summed over the generated tokens (teacher-forced), the KL over
+       the final answer after a separator dashed (when the output has one), the first-token KL
+       dotted; the band below ``floor`` nats is "no change";
     2. the answer kept vs the baseline and, when the result has a ground truth, correct vs the
        truth (a depth that fixes the baseline's mistake shows as lost + correct);
     3. the change in log-prob of the baseline's answer tokens.
@@ -70,14 +74,17 @@ def fig_truncation_sweep(result, *, cliff: int | None = None, floor: float = NOI
         cliff = found.value
     x = [d.depth for d in r.depths]
     fig = new_figure(3, 1, shared_xaxes=True, height=760, titles=(
-        "Answer KL(baseline ‖ truncated), summed over the answer tokens", "Answer kept / correct",
+        "KL(baseline ‖ truncated), summed over the generated tokens", "Answer kept / correct",
         "Change in log-prob of the baseline's answer"),
         title=title or f"Truncation sweep ({r.mode}) — {r.prompt}<br><sup>{found.text}</sup>")
     hover = [f"depth {d.depth}<br>{html.escape(d.text[:80])}" for d in r.depths]
     fig.add_hrect(y0=0, y1=floor, fillcolor="#dddddd", opacity=0.5, line_width=0, row=1, col=1,
                   annotation_text=f"no change (< {floor:g})", annotation_position="top left")
-    fig.add_trace(go.Scatter(x=x, y=[_akl(d) for d in r.depths], mode="lines+markers", name="answer KL (nats)",
+    fig.add_trace(go.Scatter(x=x, y=[_akl(d) for d in r.depths], mode="lines+markers", name="output KL (nats)",
                              line=dict(color=KL_COLOR), hovertext=hover), row=1, col=1)
+    if any(d.answer_start for d in r.depths):
+        fig.add_trace(go.Scatter(x=x, y=[d.answer_kl for d in r.depths], mode="lines", name="final-answer KL",
+                                 line=dict(color=KL_COLOR, dash="dash", width=1.5), hovertext=hover), row=1, col=1)
     fig.add_trace(go.Scatter(x=x, y=[d.first_token_kl for d in r.depths], mode="lines", name="first-token KL",
                              line=dict(color=KL_COLOR, dash="dot", width=1), hovertext=hover), row=1, col=1)
     kept = [1 if d.answer_kept else 0 for d in r.depths]
@@ -136,7 +143,7 @@ def side_by_side_html(result, *, mark: str = "mark") -> str:
         text = html.escape(same) + (f"<{mark}>{html.escape(diff) or '∅'}</{mark}>" if d.first_divergence is not None else "")
         rows.append(f"<tr><td>{_depth_label(d.depth, r.n_layers)}</td><td>{_kl_cell(_akl(d))}</td>"
                     f"<td>{'yes' if d.answer_kept else 'no'}</td><td>{_correct_cell(d.correct)}</td><td>{text}</td></tr>")
-    head = ("<tr><th>depth</th><th>answer KL</th><th>kept</th><th>correct</th>"
+    head = ("<tr><th>depth</th><th>output KL</th><th>kept</th><th>correct</th>"
             "<th>generated text (divergence marked)</th></tr>")
     return f"<table class='vlmlens-side-by-side'>{head}{''.join(rows)}</table>"
 
@@ -160,7 +167,7 @@ def fig_side_by_side(result, *, title: str | None = None) -> go.Figure:
     fig = new_figure(title=title or f"Generations by truncation depth ({r.mode})",
                      height=150 + 22 * lines + 10 * (len(r.depths) + 2))
     fig.add_trace(go.Table(columnwidth=[60, 70, 50, 55, 600],
-                           header=dict(values=["depth", "answer KL", "kept", "correct",
+                           header=dict(values=["depth", "output KL", "kept", "correct",
                                                "generated text (divergence marked)"],
                                        align="left", fill_color="#eeeeee"),
                            cells=dict(values=cells, align="left", height=28)))

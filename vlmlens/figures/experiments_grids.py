@@ -18,18 +18,23 @@ def _get(obj, name):
 
 
 def _answer_kl(result):
-    """The answer-level KL of a result when it has one (older results: first-token KL)."""
-    try:
-        v = _get(result, "answer_kl")
-    except (KeyError, AttributeError):
-        v = None
-    return (v, "answer KL (nats)") if v is not None else (_get(result, "kl"), "first-token KL (nats)")
+    """The output-level KL of a result (summed over every generated token; a teacher-forced
+    final answer after a trace hides what the image did to the trace), else its answer-level
+    KL, else (older results) the first-token KL."""
+    for key, label in (("output_kl", "output KL (nats)"), ("answer_kl", "answer KL (nats)")):
+        try:
+            v = _get(result, key)
+        except (KeyError, AttributeError):
+            v = None
+        if v is not None:
+            return v, label
+    return _get(result, "kl"), "first-token KL (nats)"
 
 
 def fig_substitution_matrix(result, *, metric: str = "answer_kl", floor: float = NOISE_FLOOR,
                             title: str | None = None) -> go.Figure:
-    """Heatmap over (from_layer i, at_layer j): answer-level KL (``metric="answer_kl"``, summed
-    over the answer tokens; first-token KL for older results), first-token KL (``"kl"``) or
+    """Heatmap over (from_layer i, at_layer j): output-level KL (``metric="answer_kl"``: summed
+    over the generated tokens, see :func:`_answer_kl`), first-token KL (``"kl"``) or
     answer kept (``"answer_kept"``) when layer j reads layer i's image states. Empty above the
     diagonal. KL cells below ``floor`` nats are numerical noise: drawn blank and written
     "no change" (the colour scale starts at the floor)."""
@@ -64,8 +69,8 @@ def fig_substitution_matrix(result, *, metric: str = "answer_kl", floor: float =
 
 
 def fig_layer_skip(result, *, floor: float = NOISE_FLOOR, title: str | None = None) -> go.Figure:
-    """Top: answer-level KL when each layer is skipped (image tokens / all tokens; first-token
-    KL for older results), crosses where the answer changed; the band below ``floor`` nats is
+    """Top: output-level KL when each layer is skipped (image tokens / all tokens; see
+    :func:`_answer_kl`), crosses where the answer changed; the band below ``floor`` nats is
     "no change". Bottom: adjacent-layer cosine distance of the image tokens."""
     layers = list(_get(result, "layers"))
     if not layers:
