@@ -5,7 +5,10 @@ Public API::
     import vlmlens as vl
     lm = vl.load_model("tiny-shapes")            # or "random:llava", a hub id, a local dir
     run = vl.capture(lm, image, "What color is the circle?", max_new_tokens=8)
-    vl.save_run(run, "cached_runs/my-run"); run = vl.load_run("cached_runs/my-run")
+    vl.save_run(run, "runs/my-run"); run = vl.load_run("runs/my-run")
+
+Headlines with their status (causal / measured / proxy / not found / unverified):
+``vlmlens.findings.findings(run, sweep=..., extras=...)``.
 """
 __version__ = "0.1.0"
 

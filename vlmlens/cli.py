@@ -89,11 +89,18 @@ def _configure_capture(p):
 cmd_capture.configure = _configure_capture
 
 
-@command("show", "print the summary of a saved run")
+@command("show", "print the summary of a saved run and its headlines (each with its status)")
 def cmd_show(args) -> int:
+    from .findings import findings
     from .run import load_run
+    from .run_files import read_extras
 
-    print(load_run(args.run).summary())
+    run = load_run(args.run)
+    print(run.summary())
+    extras = read_extras(args.run)
+    print("headlines (causal: read off an intervention; measured; proxy; not found; unverified: run the experiment):")
+    for f in findings(run, sweep=extras.get("sweep"), extras=extras):
+        print(f"  {f.title} [{f.status}]: {f.text}")
     return 0
 
 

@@ -183,3 +183,39 @@ def load_run(path: str | os.PathLike) -> Run:
         raise RunFormatError(f"{p}/run.json is missing or has a malformed field ({e!r})") from None
     check_run(run)
     return run
+
+
+# ---- experiment results stored next to a run --------------------------------------------------
+
+SWEEP_FILE = "sweep.json"
+EXTRAS_FILE = "extras.json"
+
+
+def read_extras(d: Path) -> dict:
+    """Results stored next to a run: ``sweep.json`` (the truncation sweep) and ``extras.json``
+    (other experiment results). A malformed file is a RunFormatError naming it."""
+    out: dict = {}
+    for fname in (EXTRAS_FILE, SWEEP_FILE):
+        p = Path(d) / fname
+        if not p.is_file():
+            continue
+        try:
+            doc = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunFormatError(f"{p} is not valid JSON ({e})") from None
+        if not isinstance(doc, dict):
+            raise RunFormatError(f"{p} must hold a JSON object")
+        if fname == SWEEP_FILE:
+            out["sweep"] = doc
+        else:
+            out.update({k: v for k, v in doc.items() if k != "sweep"})
+    return out
+
+
+def write_extras(d: Path, extras: dict) -> None:
+    d = Path(d)
+    if extras.get("sweep") is not None:
+        (d / SWEEP_FILE).write_text(json.dumps(extras["sweep"], indent=1, allow_nan=True))
+    rest = {k: v for k, v in extras.items() if k != "sweep" and v is not None}
+    if rest:
+        (d / EXTRAS_FILE).write_text(json.dumps(rest, indent=1, allow_nan=True))

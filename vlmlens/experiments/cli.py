@@ -59,10 +59,10 @@ def _check_depth_syntax(text: str) -> None:
 def format_side_by_side(result) -> str:
     """depth | KL | answer kept | text, with the first divergent token onward in [[ ]]."""
     lines = [f"baseline ({result.n_layers} layers, mode {result.mode}): {result.baseline_text!r}", "",
-             f"{'depth':>7}  {'KL':>8}  {'kept':>4}  text"]
+             f"{'depth':>7}  {'output KL':>9}  {'kept':>4}  text"]
     for d in result.depths:
         label = f"{d.depth}" + (" (all)" if d.depth == result.n_layers else "")
-        lines.append(f"{label:>7}  {d.first_token_kl:8.4f}  {'yes' if d.answer_kept else 'no':>4}  {result.marked_text(d.depth)}")
+        lines.append(f"{label:>7}  {d.output_kl:9.4g}  {'yes' if d.answer_kept else 'no':>4}  {result.marked_text(d.depth)}")
     return "\n".join(lines)
 
 
@@ -90,6 +90,38 @@ def _configure_truncate(p):
 cmd_truncate.configure = _configure_truncate
 
 
+# ---- stages -------------------------------------------------------------------------------------
+
+@command("stages", "VisiPruner's three stages from knockout windows (single layers, prefixes, suffixes)")
+def cmd_stages(args) -> int:
+    from .stages import causal_stages
+
+    check_inputs(args)
+    if not args.tau > 0:
+        raise InputError(f"--tau must be a positive number of nats, got {args.tau}")
+    lm = load_from_args(args)
+    r = causal_stages(lm, args.image, args.prompt, max_new_tokens=args.max_new_tokens, tau=args.tau,
+                      progress=progress_bar())
+    print(f"output: {r.baseline_text!r}")
+    print(f"{'knocked out':>22}  {'KL (nats)':>10}  {'kept':>4}")
+    L = r.n_layers
+    rows = ([(f"layer {w.first}", w) for w in r.single] + [(f"0-{w.last}", w) for w in r.prefix]
+            + [(f"{w.first}-{L - 1}", w) for w in r.suffix] + ([("sink + discard", r.joint)] if r.joint else []))
+    for label, w in rows:
+        print(f"{label:>22}  {w.answer_kl:10.4g}  {'yes' if w.kept else 'no':>4}")
+    print(f"\nstages: {r.statement}")
+    return 0
+
+
+def _configure_stages(p):
+    add_model_args(p)
+    add_input_args(p)
+    p.add_argument("--tau", type=float, default=0.1, help="KL over the output (nats) within which a window keeps it")
+
+
+cmd_stages.configure = _configure_stages
+
+
 # ---- sweep --------------------------------------------------------------------------------------
 
 @command("sweep", "truncation sweep over every depth 0..L: summary (JSON + CSV), cliff layer, and the runs")
@@ -114,8 +146,12 @@ def cmd_sweep(args) -> int:
     write_csv(out / "sweep.csv", res.rows(), CSV_COLUMNS)
     (out / "sweep.json").write_text(json.dumps(doc, indent=1))
     print(format_side_by_side(res))
+    from ..findings import sweep_cliff_finding, vtw_finding
+
+    print(f"\nsweep cliff: {sweep_cliff_finding(res.to_json()).text}")
+    print(f"VTW depth: {vtw_finding(res.to_json()).text}")
     att = "" if cliff.attention_cliff is None else f"; attention cliff {cliff.attention_cliff} (agree: {cliff.agree})"
-    print(f"\ncliff layer: {cliff.cliff} (tau {cliff.tau} nats){att}")
+    print(f"cliff layer with first-token KL < {cliff.tau} nats as well: {cliff.cliff}{att}")
     print(f"saved: {out}/sweep.json, sweep.csv, runs/")
     return 0
 
