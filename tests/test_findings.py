@@ -243,3 +243,23 @@ def test_output_kl_sees_a_trace_change_that_the_forced_final_answer_hides(tiny):
     assert d.first_divergence is not None                                        # the trace changes at depth 6
     assert d.answer_kl < 0.01            # teacher-forced on the baseline's trace, the final answer barely moves
     assert d.output_kl > 1.0             # over the whole output the change is plain
+
+
+def test_noise_level_matrices_read_no_change():
+    from vlmlens.figures.experiments_grids import fig_layer_skip, fig_substitution_matrix
+
+    sub = {"layers": [0, 2, 4], "kl": [[0.0, None, None], [2e-7, 0.0, None], [1.5e-4, 0.3, 0.0]],
+           "output_kl": [[0.0, None, None], [3e-7, 0.0, None], [1.5e-4, 2.5, 0.0]],
+           "answer_kept": [[True, None, None], [True, True, None], [True, False, True]],
+           "text": [["a", None, None], ["a", "a", None], ["a", "b", "a"]]}
+    fig = fig_substitution_matrix(sub)
+    cells = fig.data[0].text
+    assert cells[1][0] == "no change" and cells[2][0] == "no change" and cells[2][1] == "2.5"
+    z = np.asarray(fig.data[0].z, dtype=float)
+    assert np.isnan(z[1][0]) and np.isnan(z[2][0]) and z[2][1] == 2.5        # noise is not coloured
+    assert "output KL" in fig.layout.title.text and "no change" in fig.layout.title.text
+    skip = {"layers": [0, 1], "tokens": ["image"], "kl": {"image": [1e-6, 0.2]}, "output_kl": {"image": [2e-6, 1.0]},
+            "answer_kept": {"image": [True, False]}, "cosine_distance": None}
+    f2 = fig_layer_skip(skip)
+    assert list(f2.data[0].hovertext) == ["no change", "1 nats"]
+    assert any("no change" in (a.text or "") for a in f2.layout.annotations)

@@ -160,8 +160,13 @@ def fig_cam_grid(run, cams=None, kind: str = "attention", *, query_index: int = 
     n = len(layers)
     nc = min(max_cols, n)
     nr = math.ceil(n / nc)
-    stages = _stages(run)
-    names = [f"L{l}" + (f" · {stages[l]}" if stages and l < len(stages) else "") for l in layers]
+    last = int(run.n_layers) - 1
+
+    def name(l, g):
+        if kind == "attention" or (np.isfinite(g).any() and np.nanmax(np.abs(g)) > 0):
+            return f"L{l}"
+        return f"L{l} · 0 by construction" if l == last else f"L{l} · all 0 (ReLU)"
+    names = [name(l, g) for l, g in zip(layers, grids)]
     fig = make_subplots(rows=nr, cols=nc, subplot_titles=names, horizontal_spacing=0.012, vertical_spacing=0.05)
     zmax = float(np.nanmax(grids)) if np.isfinite(grids).any() and np.nanmax(grids) > 0 else 1.0
     what = "attention" if kind == "attention" else "CAM"
@@ -188,14 +193,6 @@ def fig_cam_grid(run, cams=None, kind: str = "attention", *, query_index: int = 
     for a in fig.layout.annotations:
         a.font = dict(size=10)
     return fig
-
-
-def _stages(run):
-    try:
-        from ..analysis.attention import three_stages
-        return three_stages(run)
-    except KeyError:
-        return None
 
 
 def fig_logit_lens(run, *, value: str = "top1", title: str | None = None) -> go.Figure:

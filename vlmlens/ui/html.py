@@ -83,15 +83,19 @@ def first_divergence(base: list[str], other: list[str]) -> int | None:
 
 
 def generations_table(rows: list[dict]) -> str:
-    """Side-by-side generations. Each row: label, tokens (list[str]), and optional kl, kept and
-    div (index of the first generated token that differs from the baseline, the first row;
-    computed from the token strings when absent). That token is highlighted."""
+    """Side-by-side generations. Each row: label, tokens (list[str]), and optional kl (summed over
+    the output), kept, correct (vs the ground truth; the column shows only when some row has it)
+    and div (index of the first generated token that differs from the baseline, the first row;
+    computed from the token strings when absent). That token is highlighted; a KL below 0.001
+    nats reads "no change"."""
     if not rows:
         return "<p><i>No generations yet.</i></p>"
     base = rows[0]["tokens"]
+    truth = any(r.get("correct") is not None for r in rows)
     out = ['<table class="vl-gens" style="border-collapse:collapse;width:100%;">',
            "<tr><th style='text-align:left'>variant</th><th style='text-align:left'>generation</th>"
-           "<th>first change</th><th>KL (nats)</th><th>answer kept</th></tr>"]
+           "<th>first change</th><th>KL over the output (nats)</th><th>answer kept</th>"
+           + ("<th>correct (truth)</th>" if truth else "") + "</tr>"]
     for r in rows:
         toks = r["tokens"]
         div = None if r is rows[0] else (r["div"] if "div" in r else first_divergence(base, toks))
@@ -108,12 +112,16 @@ def generations_table(rows: list[dict]) -> str:
             cells.append('<span class="vl-diverge" style="outline:2px solid #D55E00;">∎ (ends early)</span>')
         kl = r.get("kl")
         kept = r.get("kept")
+        corr = r.get("correct")
+        kl_txt = "" if kl is None else ("no change" if kl < 1e-3 else f"{kl:.3g}")
+        corr_td = (f"<td style='text-align:center'>{'' if corr is None else ('✓' if corr else '✗')}</td>"
+                   if truth else "")
         out.append(
             f"<tr class='vl-gen-row' style='border-top:1px solid #ddd'><td><b>{html.escape(str(r['label']))}</b></td>"
             f"<td style='font-family:monospace;white-space:pre-wrap'>{('' if marked else ' ').join(cells) or '<i>(nothing)</i>'}</td>"
             f"<td style='text-align:center'>{'—' if div is None else f'token {div + 1}'}</td>"
-            f"<td style='text-align:center'>{'' if kl is None else f'{kl:.3g}'}</td>"
-            f"<td style='text-align:center'>{'' if kept is None else ('✓' if kept else '✗')}</td></tr>")
+            f"<td style='text-align:center'>{kl_txt}</td>"
+            f"<td style='text-align:center'>{'' if kept is None else ('✓' if kept else '✗')}</td>{corr_td}</tr>")
     out.append("</table>")
     return "".join(out)
 

@@ -127,10 +127,11 @@ STATUS_BADGE = {"causal": "✔ causal", "measured": "measured", "proxy": "proxy"
 def headline_markdown(entry) -> str:
     """The Overview's headline table: each finding with its status (causal / measured / proxy /
     not found / unverified) and its definition on hover."""
-    lines = ["| headline | status | finding |", "|---|---|---|"]
+    lines = ["| headline | finding |", "|---|---|"]
     for f in run_findings(entry):
-        title = f'<span title="{_attr(f.definition)}">**{f.title}**</span>'
-        lines.append(f"| {title} | {STATUS_BADGE.get(f.status, f.status)} | {_cell(f.text)} |")
+        title = (f'<span title="{_attr(f.definition)}"><b>{f.title}</b></span><br>'
+                 f'<small>{STATUS_BADGE.get(f.status, f.status)}</small>')
+        lines.append(f"| {title} | {_cell(f.text)} |")
     lines.append("")
     lines.append("<small>✔ causal: read off an intervention this tool ran · measured: a direct measurement, not an "
                  "intervention · proxy: a stand-in rule · hover a headline for its definition</small>")
@@ -138,11 +139,12 @@ def headline_markdown(entry) -> str:
 
 
 def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return str(text).replace("|", "&#124;").replace("\n", " ")
 
 
 def _attr(text: str) -> str:
-    return str(text).replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
+    return (str(text).replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("|", "&#124;"))
 
 
 def generation_markdown(entry) -> str:

@@ -241,8 +241,10 @@ def stages_markdown(st: dict | None) -> str:
                 "model): it knocks the image out of every single layer, every prefix and every suffix of layers and "
                 "reads what happens to the output. Until then the bands are VisiPruner's cosine rule, a *proxy*.")
     L = st["n_layers"]
+    n = len(st["single"]) + len(st["prefix"]) + len(st["suffix"]) + (1 if st.get("joint") else 0)
     lines = [f"**Three stages (causal, knockout windows):** {st['statement']}", "",
              f"<small>{st['rule']} (tau = {st['tau']} nats).</small>", "",
+             f"<details><summary>the {n} knockout windows</summary>", "",
              "| layers knocked out | KL over the output (nats) | Δ log p | output kept |", "|---|---|---|---|"]
 
     def row(w, what):
@@ -257,4 +259,5 @@ def stages_markdown(st: dict | None) -> str:
         row(w, f"{w['first']}–{L - 1} (suffix)")
     if st.get("joint"):
         row(st["joint"], "sink + discard together")
+    lines += ["", "</details>"]
     return "\n".join(lines)

@@ -77,12 +77,14 @@ def run_truncation(lm, entry, depths: list[int], mode: str, *, sweep: bool, prog
 
 def result_rows(result: dict) -> list[dict]:
     rows = [{"label": "baseline (no truncation)", "tokens": list(result.get("baseline_tokens", [])),
-             "kl": None, "kept": None}]
+             "kl": None, "kept": None, "correct": result.get("baseline_correct")}]
     L = result.get("n_layers")
     for d in result.get("depths", []):
         lab = f"depth {d['depth']}" + (" (= L, baseline depth)" if d["depth"] == L else "")
-        rows.append({"label": lab, "tokens": list(d.get("tokens", [])), "kl": d.get("first_token_kl"),
-                     "kept": d.get("answer_kept"), "div": d.get("first_divergence")})
+        kl = d.get("output_kl")
+        rows.append({"label": lab, "tokens": list(d.get("tokens", [])),
+                     "kl": d.get("first_token_kl") if kl is None or kl != kl else kl,
+                     "kept": d.get("answer_kept"), "div": d.get("first_divergence"), "correct": d.get("correct")})
     return rows
 
 
