@@ -186,3 +186,15 @@ def test_token_umap_embedding_shape_and_cache():
     assert fd.token_embedding(small, "umap", layers=[0, 5, 10], max_tokens=None) is emb
     fig = fd.fig_token_umap(small, layers=[0, 5, 10], max_tokens=None)
     assert sum(len(t.x) for t in fig.data) == len(emb)
+
+
+def test_fig_token_movement_marks_where_the_image_tokens_stop(run):
+    from vlmlens.analysis.stability import run_movement
+
+    fig = fd.fig_token_movement(run)
+    lines = [t for t in fig.data if t.mode == "lines+markers"]
+    assert [t.name for t in lines] == [f"image (n={N_IMG})", f"text (n={N_TXT})"]
+    np.testing.assert_allclose(lines[0].y, run_movement(run).quantile(0.5))
+    assert max(lines[0].y[FREEZE:]) < 1e-3 and min(lines[0].y[:FREEZE]) > 0.05   # frozen from layer FREEZE on
+    vlines = [s for s in fig.layout.shapes if s.x0 == s.x1 and s.x0 == FREEZE]
+    assert vlines and f"stable from decoder layer {FREEZE}" in fig.layout.title.text

@@ -137,7 +137,7 @@ def test_capture_then_every_tab(client, app):
     assert "layer 0" in h0["hovertemplate"] and "layer 1" in h1["hovertemplate"]
     z0, z1 = arr(h0["z"]), arr(h1["z"])
     assert z0.shape == z1.shape == (6, 6) and not np.allclose(z0, z1, equal_nan=True)   # another layer
-    dyn, cka, emb = client.predict("image", api_name="/dynamics")
+    move, dyn, cka, emb = client.predict("image", api_name="/dynamics")
     d = plot(dyn)
     xs = [x for t in d["data"] if t.get("name") == "image" for x in arr(t["x"])]
     assert max(xs) == L                                                 # layers 0..L

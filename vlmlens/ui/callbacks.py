@@ -305,8 +305,8 @@ class Dashboard:
     @handler("dynamics")
     def dynamics(self, sess, span):
         entry = self.entry(sess)
-        dyn, cka = views.dynamics_figures(entry, span or "image")
-        return dyn, cka, views.embedding_figure(entry, "pca")
+        dyn, cka, move = views.dynamics_figures(entry, span or "image")
+        return move, dyn, cka, views.embedding_figure(entry, "pca")
 
     @handler("token_map")
     def token_map(self, sess, method, progress=gr.Progress()):

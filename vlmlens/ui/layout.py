@@ -102,8 +102,10 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                         grid = gr.Plot(label="All layers", elem_id="vl-grid")
                         lens = gr.Plot(label="Logit lens", elem_id="vl-logit-lens")
                     with gr.Tab("Dynamics", id="dynamics") as t_dyn:
-                        span = gr.Radio(["image", "text", "generated"], value="image", label="CKA span")
+                        move = gr.Plot(label="How far the tokens move (decides visual stabilisation)",
+                                       elem_id="vl-movement")
                         dyn = gr.Plot(label="Geometry across layers", elem_id="vl-dynamics")
+                        span = gr.Radio(["image", "text", "generated"], value="image", label="CKA span")
                         cka = gr.Plot(label="Layer similarity (CKA)", elem_id="vl-cka")
                         with gr.Row():
                             method = gr.Radio(["pca", "umap"], value="pca", label="Token map method")
@@ -155,7 +157,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                             dl_html = gr.File(label="Figures (HTML)")
 
         overview = [sess, info, gen_md, strip, headline]
-        tab_outputs = {"heatmaps": [heat, grid, lens, plens], "dynamics": [dyn, cka, embed],
+        tab_outputs = {"heatmaps": [heat, grid, lens, plens], "dynamics": [move, dyn, cka, embed],
                        "attention": [flow, heads, stages_md], "truncation": [gens, sweep_fig, pert_fig],
                        "substitution": [sub_fig, skip_fig], "compute": [comp_fig]}
         all_tab_outputs = [c for cs in tab_outputs.values() for c in cs]

@@ -196,10 +196,13 @@ def dynamics_figures(entry, span: str = "image"):
     run = entry.run
     if "hidden_states" not in run.arrays:
         m = message_figure("This run stored no hidden states (captured with store='none').")
-        return m, m
+        return m, m, m
+    from ..figures.dynamics import fig_token_movement
+
     dyn = entry.derived.get("fig_dynamics", lambda: figure(FIG_DYN, "fig_dynamics", run, title="Dynamics"))
     cka = entry.derived.get(("fig_cka", span), lambda: figure(FIG_DYN, "fig_layer_similarity", run, span, title="CKA"))
-    return dyn, cka
+    move = entry.derived.get("fig_movement", lambda: figure_call(fig_token_movement, run, title="Token movement"))
+    return dyn, cka, move
 
 
 def embedding_figure(entry, method: str = "pca"):
