@@ -22,7 +22,7 @@ from vlmlens.figures import experiments as F
 from vlmlens.interventions import Freeze, SkipLayers, Substitute, Truncate
 from vlmlens.lens import Lens, Plan
 
-from tests._models import random_lm
+from tests._models import extend_inputs, random_lm
 
 P = "What is in the image?"
 N = 4
@@ -61,6 +61,7 @@ def test_sweep_equals_independent_captures(family, mode, image, llava_sweep):
         d, r = res.depth(k), ref.depth(k)
         assert d.token_ids == r.token_ids
         assert abs(d.baseline_logprob - r.baseline_logprob) <= 1e-5 and abs(d.first_token_kl - r.first_token_kl) <= 1e-5
+        assert abs(d.output_kl - r.output_kl) <= 1e-4 * max(1.0, r.output_kl)          # prefix reuse: same answer KL
     assert res.baseline_token_ids == ref.baseline_token_ids
 
 
@@ -97,6 +98,21 @@ def test_baseline_depth_and_metric_meaning(image, llava_sweep):
     with torch.no_grad(), Lens(lm.arch.decoder_layers(lm.model), plan):
         q = torch.log_softmax(greedy_generate(lm, inputs, 1).logits[0][0].float(), -1)
     assert abs(kl_divergence(p, q) - res.depth(0).first_token_kl) <= 1e-5
+    # output KL against an independent reference: plain forwards over prompt + baseline tokens, the
+    # depth-0 cut as a padding-style 2-D mask over the image positions (no query reads an image key)
+    full = extend_inputs(inputs, res.baseline_token_ids)
+    T = len(res.baseline_token_ids)
+    img = image_positions(lm, inputs["input_ids"])
+    cut = dict(full, attention_mask=full["attention_mask"].clone())
+    cut["attention_mask"][0, img] = 0
+    with torch.no_grad():
+        lp = torch.log_softmax(lm.model(**full).logits[0, -(T + 1):-1].double(), -1)
+        lq = torch.log_softmax(lm.model(**cut).logits[0, -(T + 1):-1].double(), -1)
+    want = float((lp.exp() * (lp - lq)).sum())
+    d0 = res.depth(0)
+    assert want > 1e-3 and abs(d0.output_kl - want) <= 1e-4 * max(1.0, want)
+    assert d0.answer_kl == pytest.approx(d0.output_kl) and d0.answer_start == 0     # no separator: the whole output
+    assert res.depth(L).output_kl == 0.0
     json.loads(json.dumps(res.to_json()))
     assert TruncationResult.from_json(res.to_json()).depths == res.depths
 

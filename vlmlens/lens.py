@@ -98,6 +98,8 @@ class LensState:
         self.qpos: torch.Tensor | None = None  # positions of the current forward's queries
         self.key_pos: dict[int, torch.Tensor] = {}  # per layer: positions held in the KV cache
         self.layer_qpos: dict[int, torch.Tensor] = {}  # per layer: positions of its current input rows
+        self.pruned: set[int] = set()         # layers whose rows (and KV cache) lost positions: the
+                                              # model's own mask no longer describes them
         self.scratch: dict[Any, Any] = {}    # free space for interventions (e.g. saved states)
         # recordings: lists of (positions [q] int64 numpy, tensor on CPU)
         self.hidden: dict[int, list] = {l: [] for l in range(plan.n_layers + 1)}
@@ -153,6 +155,9 @@ def _lens_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     layer = int(module.layer_idx)
     qpos = state.layer_qpos[layer]
     kpos = state.key_pos[layer]
+    if key.shape[2] < kpos.numel():
+        # a sliding-window cache keeps only the layer's most recent keys (in order): so do we
+        kpos = state.key_pos[layer] = kpos[kpos.numel() - key.shape[2]:]
     if kpos.numel() != key.shape[2] or qpos.numel() != query.shape[2]:
         raise RuntimeError(
             f"vlmlens lens lost track of positions at layer {layer}: {qpos.numel()} queries/{kpos.numel()} keys "
@@ -160,7 +165,8 @@ def _lens_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
 
-    # 1. allowed[q, kv] from causality (by position) and the model's own mask (padding, windows)
+    # 1. allowed[q, kv]: the model's own mask (causality, sliding windows, Gemma 3's bidirectional
+    #    image block) when it describes this layer's rows, else causality + window by position
     blocked = None
     for iv in state.plan.interventions:
         fn = getattr(iv, "key_block", None)
@@ -168,17 +174,18 @@ def _lens_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         if b is not None:
             blocked = b if blocked is None else (blocked | b)
     need_rows = state.plan.record_attention or state.plan.record_contrib
-    mask_fits = attention_mask is None or (
+    mask_fits = layer not in state.pruned and (attention_mask is None or (
         attention_mask.dim() == 4 and attention_mask.shape[-1] == kpos.numel() and attention_mask.shape[-2] == qpos.numel()
-    )
-    if not mask_fits and blocked is None:  # rows were removed: causality comes from positions
+    ))
+    if not mask_fits and blocked is None:  # rows were removed: the mask comes from positions
         blocked = torch.zeros(qpos.numel(), kpos.numel(), dtype=torch.bool, device=qpos.device)
     allowed = None
     if blocked is not None or need_rows:
-        allowed = kpos[None, :] <= qpos[:, None]
         if attention_mask is not None and mask_fits:
             m = attention_mask[0, 0]
-            allowed = allowed & (m if m.dtype == torch.bool else (m == 0))
+            allowed = m if m.dtype == torch.bool else (m == 0)
+        else:
+            allowed = positional_mask(qpos, kpos, getattr(module, "sliding_window", None))
         if blocked is not None:
             allowed = allowed & ~blocked
 
@@ -199,6 +206,17 @@ def _lens_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         with torch.no_grad():
             record_contributions(state, module, layer, query, key, value, qpos, kpos, allowed, scale)
     return out, None
+
+
+def positional_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Bool [q, kv] by absolute position: causal (``k <= q``) and, for a sliding-window layer,
+    ``k > q - window`` (transformers' convention). Used where the model's own mask no longer
+    describes the layer's rows (image rows removed). No bidirectional image block: once rows
+    are removed there are no image queries left in that layer."""
+    allowed = kpos[None, :] <= qpos[:, None]
+    if window:
+        allowed = allowed & (kpos[None, :] > qpos[:, None] - int(window))
+    return allowed
 
 
 AttentionInterface.register(ATTN_NAME, _lens_attention)
@@ -292,6 +310,7 @@ class Lens:
                 st.layer_qpos[idx] = st.qpos
             else:
                 st.layer_qpos[idx] = st.qpos[keep]
+                st.pruned.add(idx)
                 args, kwargs = _select_rows(args, kwargs, keep, int(st.qpos.numel()))
                 hidden, positional = _hidden_arg(args, kwargs)
             prev = st.key_pos.get(idx)

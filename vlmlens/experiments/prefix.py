@@ -137,6 +137,8 @@ class Prefix:
         state.n_seen = self.prep.n_prefix
         for l, pos in self.key_pos.items():
             state.key_pos[l] = pos.clone()
+            if pos.numel() < self.prep.n_prefix:   # image rows removed from this layer's cache
+                state.pruned.add(l)
         for l, chunks in self.hidden.items():
             state.hidden[l] = list(chunks)
         for l, chunks in self.share.items():

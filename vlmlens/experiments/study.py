@@ -10,7 +10,10 @@ depth's output against the ground truth with the shapes world's own scorers
 * ``token_f1``: word-level F1 against the reference text (the caption metric);
 * ``exact_match``: whole output equals the reference (reasoning: the trace is exact);
 * ``answer_kept``: the output's answer equals the model's own untruncated answer;
-* ``first_token_kl``: mean KL(baseline || truncated) of the first-token distribution (nats).
+* ``first_token_kl``: mean KL(baseline || truncated) of the first-token distribution (nats);
+* ``output_kl``: mean KL(baseline || truncated) summed over the baseline's generated tokens
+  (teacher-forced; see :mod:`vlmlens.experiments.engine`): the first token of a caption or a
+  trace ("a", "the") rarely depends on the image, the rest does.
 
 The question it answers (Ghosh et al.): single-token answers should survive early truncation,
 multi-token outputs (captions, traces) should need the image for longer.
@@ -27,7 +30,8 @@ from ..errors import InputError
 from .engine import Progress, Session, compare_outputs, check_mode, parse_depths, truncation
 
 SUITES = ("shapes",)
-CSV_COLUMNS = ("family", "depth", "n", "accuracy", "token_f1", "exact_match", "answer_kept", "first_token_kl")
+CSV_COLUMNS = ("family", "depth", "n", "accuracy", "token_f1", "exact_match", "answer_kept", "first_token_kl",
+               "output_kl")
 
 
 @dataclass
@@ -57,7 +61,7 @@ class StudyResult:
         """A family x depth table of ``metric`` (percent for rates)."""
         head = "| family | " + " | ".join(f"k={d}" for d in self.depths) + " |"
         lines = [head, "|---" * (len(self.depths) + 1) + "|"]
-        pct = metric != "first_token_kl"
+        pct = metric not in ("first_token_kl", "output_kl")
         for f, vals in self.table(metric).items():
             cells = ["–" if v is None else (f"{100 * v:.0f}%" if pct else f"{v:.3f}") for v in vals]
             lines.append(f"| {f} | " + " | ".join(cells) + " |")
@@ -107,6 +111,7 @@ def task_study(lm, *, suite: str = "shapes", n: int = 100, families: Sequence[st
         preds = {k: [] for k in ks}
         kept = {k: [] for k in ks}
         kls = {k: [] for k in ks}
+        okls = {k: [] for k in ks}
         for e in exs:
             L = lm.n_layers  # the untruncated run doubles as depth L (a no-op truncation)
             s = Session(lm, e.scene.image, e.prompt, max_new_tokens=budget[f], reuse=reuse,
@@ -117,6 +122,7 @@ def task_study(lm, *, suite: str = "shapes", n: int = 100, families: Sequence[st
                 preds[k].append(c["text"])
                 kept[k].append(c["answer_kept"])
                 kls[k].append(c["first_token_kl"])
+                okls[k].append(c["output_kl"])
                 outs[str(k)] = c["text"]
             details.append({"family": f, "seed": e.seed, "kind": e.kind, "prompt": e.prompt, "reference": e.answer,
                             "baseline": s.baseline.run.generated_text, "outputs": outs})
@@ -126,5 +132,5 @@ def task_study(lm, *, suite: str = "shapes", n: int = 100, families: Sequence[st
         for k in ks:
             m = _metrics(f, exs, preds[k])
             rows.append({"family": f, "depth": k, "n": len(exs), **m, "answer_kept": float(np.mean(kept[k])),
-                         "first_token_kl": float(np.mean(kls[k]))})
+                         "first_token_kl": float(np.mean(kls[k])), "output_kl": float(np.mean(okls[k]))})
     return StudyResult(lm.name, suite, mode, lm.n_layers, n, fams, ks, rows, round(time.perf_counter() - t0, 1), details)

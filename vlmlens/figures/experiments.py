@@ -222,6 +222,6 @@ def fig_task_necessity(study, *, metric: str = "accuracy", title: str | None = N
             fig.add_trace(go.Scatter(x=depths, y=[by[k][key] if k in by else None for k in depths], mode="lines+markers",
                                      name=f"{fam} {label}", line=dict(color=color, dash="dash")))
     fig.update_xaxes(title_text="truncation depth k (L = no truncation)", tickvals=depths)
-    if metric != "first_token_kl":
+    if metric not in ("first_token_kl", "output_kl"):
         fig.update_yaxes(title_text=metric.replace("_", " "), range=[0, 1.05], tickformat=".0%")
     return fig

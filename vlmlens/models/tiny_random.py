@@ -168,17 +168,24 @@ _MODEL_CLASSES = {
 }
 
 
-def build_random(family: str, *, seed: int = 0, attn_implementation: str | None = None):
+def build_random(family: str, *, seed: int = 0, attn_implementation: str | None = None,
+                 text_overrides: dict | None = None):
     """Build ``(model, processor)`` for ``family`` (one of ``FAMILIES``) with random float32 weights.
 
     The model is in eval mode. ``attn_implementation`` (``"sdpa"`` default, or ``"eager"``) is applied
     to the whole model; it can also be switched later with ``model.set_attn_implementation``.
+    ``text_overrides`` sets fields of the text config before the model is built (e.g. more layers
+    with ``num_hidden_layers`` + ``layer_types``, or a small ``sliding_window``).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; supported families: {', '.join(FAMILIES)}")
     spec = _spec(family)
     processor = build_processor(spec)
     config = _config(family, spec, processor)
+    for key, value in (text_overrides or {}).items():
+        if not hasattr(config.text_config, key):
+            raise ValueError(f"{type(config.text_config).__name__} has no field {key!r}")
+        setattr(config.text_config, key, value)
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
     cls = getattr(transformers, _MODEL_CLASSES[family])
