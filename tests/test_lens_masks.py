@@ -142,8 +142,11 @@ def test_truncate_drop_and_remove_match_the_reference(gemma, image, k):
                      interventions=[Truncate(k, "drop")])
     _, hs = reference(gemma, image, run.token_ids[run.spans.n_prompt:-1], [Truncate(k, "drop")])
     img = run.spans.positions("image")
-    for l in range(gemma.n_layers):       # the image rows of a drop run keep their bidirectional block
+    L = gemma.n_layers
+    for l in range(L):                    # the image rows of a drop run keep their bidirectional block
         assert np.abs(run.hidden_states[l][img] - hs[l][0, img].numpy()).max() <= 1e-4, l
+    last = gemma.arch.final_norm(gemma.model)(torch.from_numpy(run.hidden_states[L][img]))
+    assert (last - hs[L][0, img]).abs().max().item() <= 1e-4
 
 
 def test_freeze_matches_the_reference(gemma, image):
