@@ -1,5 +1,6 @@
 """The lens on masks that are not plain causal: Gemma 3's bidirectional image block and sliding
-windows, with generation past the window, against an independent reference.
+windows, and Qwen2-VL with ``use_sliding_window`` layers, with generation past the window,
+against an independent reference.
 
 The reference is the same model with eager attention, teacher-forced on the lens's tokens, each
 attention module handed a mask built here by hand (a forward pre-hook replaces its
@@ -24,31 +25,49 @@ from tests._models import extend_inputs, set_attn
 
 PROMPT = "What is in the image? Describe it in detail."
 WINDOW = 8
-LAYERS = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
 N_NEW = 6
+#: family -> (layer types, image block attends to itself bidirectionally, extra text-config fields)
+CASES = {
+    "gemma3": (["sliding_attention", "full_attention", "sliding_attention", "full_attention"], True, {}),
+    "qwen2_vl": (["full_attention", "sliding_attention", "sliding_attention"], False,
+                 {"use_sliding_window": True, "max_window_layers": 1}),
+}
 
 
-@pytest.fixture(scope="module")
-def gemma():
-    model, proc = build_random("gemma3", seed=3, text_overrides={
-        "num_hidden_layers": len(LAYERS), "layer_types": LAYERS, "sliding_window": WINDOW})
+def windowed(family: str) -> LoadedModel:
+    layer_types, bidirectional, extra = CASES[family]
+    model, proc = build_random(family, seed=3, text_overrides={
+        "num_hidden_layers": len(layer_types), "layer_types": layer_types, "sliding_window": WINDOW, **extra})
     tok = proc.tokenizer
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
     model.generation_config.suppress_tokens = [i for i in sorted(set(tok.all_special_ids)) if i not in eos]
-    return LoadedModel(model, proc, get_arch("gemma3"), "random:gemma3-window", torch.device("cpu"), torch.float32)
+    lm = LoadedModel(model, proc, get_arch(family), f"random:{family}-window", torch.device("cpu"), torch.float32)
+    lm.layer_types, lm.bidirectional = layer_types, bidirectional
+    return lm
 
 
-def hand_mask(n: int, img: np.ndarray, layer: int, ivs) -> torch.Tensor:
+@pytest.fixture(scope="module")
+def gemma():
+    return windowed("gemma3")
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return windowed("qwen2_vl")
+
+
+def hand_mask(lm, n: int, img: np.ndarray, layer: int, ivs) -> torch.Tensor:
     """Additive [1, 1, n, n] mask of decoder layer ``layer`` over positions 0..n-1."""
     q = np.arange(n)[:, None]
     k = np.arange(n)[None, :]
     is_img = np.zeros(n, bool)
     is_img[img] = True
     block = np.full(n, -1)
-    block[img] = 0                                       # one image: one bidirectional block
+    if lm.bidirectional:
+        block[img] = 0                                   # one image: one bidirectional block
     allowed = (k <= q) | ((block[:, None] == block[None, :]) & (block[:, None] >= 0))
-    if LAYERS[layer] == "sliding_attention":
+    if lm.layer_types[layer] == "sliding_attention":
         allowed &= k > q - WINDOW
     for iv in ivs:
         if isinstance(iv, Knockout) and (not iv.layers or layer in iv.layers):
@@ -72,7 +91,7 @@ def reference(lm, image, ids: list[int], ivs=(), freeze: int | None = None):
 
     def put(l):
         def hook(mod, args, kwargs):
-            return args, dict(kwargs, attention_mask=hand_mask(n, img, l, ivs))
+            return args, dict(kwargs, attention_mask=hand_mask(lm, n, img, l, ivs))
         return hook
 
     def keep_image(mod, args, kwargs, out):
@@ -160,3 +179,10 @@ def test_sweep_matches_independent_references(gemma, image):
     for d in res.depths:
         gen, _ = check_against_reference(gemma, image, [Truncate(d.depth, "drop")])
         assert d.token_ids == gen, d.depth
+
+
+@pytest.mark.parametrize("ivs", [[], [Truncate(1, "drop")], [Truncate(1, "remove")], [Truncate(0, "remove")],
+                                 [Knockout(src="all", dst="image", layers=(0,))]], ids=str)
+def test_qwen2_vl_sliding_window_layers(qwen, image, ivs):
+    assert [getattr(m.self_attn, "sliding_window", None) for m in qwen.arch.decoder_layers(qwen.model)] == [None, 8, 8]
+    check_against_reference(qwen, image, ivs)

@@ -197,9 +197,7 @@ def causal_stages(lm, image, prompt: str, *, max_new_tokens: int = 16, tau: floa
     if r["sink"] and r["discard"]:
         layers = list(range(r["sink"][0], r["sink"][1] + 1)) + list(range(r["discard"][0], r["discard"][1] + 1))
         joint = step(sorted(set(layers)), "knock out sink and discard together")
-    notes = []
-    if lm.family == "gemma3":
-        notes.append("Gemma 3: knockouts with a layer subset do not yet keep the bidirectional image block exactly")
+    notes: list[str] = []
     statement = describe_stages(r, L, joint_kept=None if joint is None else joint.kept, single=single)
     return CausalStages(lm.name, s.prep.prompt, L, float(tau), separator, STAGE_RULE, base.run.generated_text, start,
                         len(base.generated_ids) - start, single, prefix, suffix, r["labels"], r["sink"], r["fusion"],
