@@ -19,6 +19,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     p.add_argument("--no-model", action="store_true", help="serve cached runs only (teaching mode)")
+    p.add_argument("--time-limit", type=float, default=120.0,
+                   help="seconds one capture may generate before it stops with what it has (default 120)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image upload accepted (default 20 MB)")
     return p.parse_args(argv)
 
 
@@ -27,11 +30,12 @@ def main(argv=None) -> int:
     from vlmlens.ui import build_demo
 
     demo = build_demo(args.model, device=args.device, dtype=args.dtype, runs_dir=args.runs,
-                      trust_remote_code=args.trust_remote_code, no_model=args.no_model)
+                      trust_remote_code=args.trust_remote_code, no_model=args.no_model, time_limit=args.time_limit)
     holder = demo.dashboard.holder
     if holder.off_reason:
         print(f"note: {holder.off_reason}", file=sys.stderr)
-    demo.queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port, share=args.share)
+    demo.queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port, share=args.share,
+                                                   max_file_size=f"{args.max_upload_mb:g}mb")
     return 0
 
 

@@ -15,6 +15,9 @@ from .lens import Lens, Plan
 from .run import Run, TokenSpans
 
 MAX_NEW_TOKENS_LIMIT = 1024
+#: longest prompt accepted, in characters (checked before tokenising; the context check below
+#: is the real bound, this one keeps a pasted book from being tokenised at all)
+MAX_PROMPT_CHARS = 20_000
 STORE_MODES = ("all", "image_text", "none")
 HIDDEN_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -22,7 +25,26 @@ HIDDEN_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 def check_prompt(prompt) -> str:
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("prompt is empty; type a question or instruction about the image")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InputError(f"prompt is {len(prompt):,} characters; at most {MAX_PROMPT_CHARS:,} are accepted")
     return prompt.strip()
+
+
+def context_limit(lm) -> int | None:
+    """The most positions the language model takes (``max_position_embeddings``), if it says."""
+    n = getattr(lm.text_config, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_context(lm, n_prompt: int, n_image: int, max_new_tokens: int) -> None:
+    """Refuse, before any forward, a request whose prompt + generation would not fit the model."""
+    limit = context_limit(lm)
+    need = int(n_prompt) + int(max_new_tokens) + 1     # capture feeds the last generated token back once
+    if limit is not None and need > limit:
+        raise InputError(
+            f"too long for this model: the prompt is {n_prompt:,} tokens ({n_image:,} of them image tokens) and "
+            f"max_new_tokens is {max_new_tokens}, {need:,} positions in all, but {lm.name} takes at most {limit:,};"
+            " shorten the prompt or lower max_new_tokens")
 
 
 def check_max_new_tokens(n) -> int:
@@ -80,11 +102,14 @@ def _eos_ids(lm) -> set[int]:
     return set(eos if isinstance(eos, (list, tuple)) else [eos])
 
 
-def greedy_generate(lm, inputs: dict, max_new_tokens: int):
-    """Greedy ``generate`` with raw logits returned; one step more than asked (see capture)."""
+def greedy_generate(lm, inputs: dict, max_new_tokens: int, max_time: float | None = None):
+    """Greedy ``generate`` with raw logits returned; one step more than asked (see capture).
+    ``max_time``: seconds after which generation stops after the current step."""
     tok = lm.processor.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (sorted(_eos_ids(lm)) or [0])[0]
+    extra = {"max_time": float(max_time)} if max_time is not None else {}
     return lm.model.generate(
+        **extra,
         **inputs,
         max_new_tokens=max_new_tokens,
         do_sample=False,
@@ -110,6 +135,7 @@ def capture(
     record_attention: bool = True,
     record_contrib: bool = True,
     prefix=None,
+    time_limit: float | None = None,
 ) -> Run:
     """Run ``image`` + ``prompt`` through ``lm`` with the lens installed; return a Run.
 
@@ -134,6 +160,11 @@ def capture(
         prefix: a :class:`vlmlens.experiments.prefix.Prefix` made for this image, prompt,
             interventions and recording settings: generation continues from its KV cache
             instead of recomputing the prompt up to the last image token (same Run).
+        time_limit: seconds after which generation stops cleanly (the Run then holds what was
+            generated so far and ``meta["generation"]["stop_reason"] == "time limit"``).
+
+    A request whose prompt + ``max_new_tokens`` exceeds the model's context is refused before
+    any forward (InputError naming the numbers).
     """
     n_new = check_max_new_tokens(max_new_tokens)
     if store not in STORE_MODES:
@@ -152,6 +183,9 @@ def capture(
     img_pos = image_positions(lm, input_ids)
     if len(img_pos) == 0:
         raise InputError("the processed prompt contains no image tokens; this model's processor did not insert the image")
+    check_context(lm, n_prompt, len(img_pos), n_new)
+    if time_limit is not None and not (isinstance(time_limit, (int, float)) and time_limit > 0):
+        raise InputError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
     L = lm.n_layers
     tcfg = lm.text_config
     store_pos = None
@@ -174,7 +208,7 @@ def capture(
     with torch.no_grad(), Lens(lm.arch.decoder_layers(lm.model), plan, device=lm.device) as state:
         if prefix is not None:
             prefix.seed(state)
-        out = greedy_generate(lm, gen_inputs, n_new + 1)
+        out = greedy_generate(lm, gen_inputs, n_new + 1, max_time=time_limit)
     seconds = time.perf_counter() - t0
 
     # generated tokens: the first n_new, cut at the stop token (which is not kept)
@@ -188,7 +222,7 @@ def capture(
             break
     n_gen = len(gen)
     if stop == "length" and n_gen < n_new:
-        stop = "eos"
+        stop = "time limit" if time_limit is not None and seconds >= time_limit else "eos"
     n_total = n_prompt + n_gen
     logprobs = [
         float(torch.log_softmax(out.logits[i][0].float(), -1)[t]) for i, t in enumerate(gen)

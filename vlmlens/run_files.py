@@ -73,11 +73,39 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / "run.json").is_file()
 
 
-def save_run(run: Run, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
-    """Write ``run`` to directory ``path`` atomically (temp dir + rename).
+#: run.json / sweep.json / extras.json larger than this are refused unread (a 7B run's run.json
+#: is ~1 MB; its arrays live in safetensors)
+MAX_JSON_BYTES = 64 * 1024 * 1024
+
+
+def read_json(path: Path, what: str | None = None):
+    """JSON of a file, bounded: too large, too deeply nested, not UTF-8 or not JSON is a
+    RunFormatError naming the file (never a RecursionError or MemoryError)."""
+    what = what or str(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise RunFormatError(f"{what} cannot be read ({e.strerror or e})") from None
+    if size > MAX_JSON_BYTES:
+        raise RunFormatError(f"{what} is {size / 1e6:.0f} MB; JSON files of a run may be at most "
+                             f"{MAX_JSON_BYTES / 1e6:.0f} MB")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunFormatError(f"{what} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise RunFormatError(f"{what} is nested too deeply to be a vlmlens file") from None
+
+
+def save_run(run: Run, path: str | os.PathLike, *, overwrite: bool = True, extras: dict | None = None) -> Path:
+    """Write ``run`` (and ``extras``: ``sweep.json`` / ``extras.json``) to directory ``path`` in
+    one atomic step: everything is written to a temp dir beside it, then renamed into place.
 
     ``path`` must not exist, or be an existing run directory (replaced when ``overwrite``).
-    Anything else (a file, a non-run directory) is refused, and nothing is written.
+    Anything else (a file, a non-run directory) is refused, and nothing is written. Without
+    ``overwrite`` the final rename itself refuses an existing run, so of several concurrent
+    saves to one new name exactly one succeeds; the others get FileExistsError and leave
+    nothing behind.
     """
     from safetensors.numpy import save_file
 
@@ -106,19 +134,37 @@ def save_run(run: Run, path: str | os.PathLike, *, overwrite: bool = True) -> Pa
         (tmp / "run.json").write_text(json.dumps(doc, indent=1, allow_nan=True))
         save_file({k: np.ascontiguousarray(v) for k, v in run.arrays.items()}, str(tmp / "arrays.safetensors"))
         run.image.convert("RGB").save(tmp / "image.png")
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old)
+        write_extras(tmp, extras or {})
+        os.chmod(tmp, 0o755)                   # mkdtemp makes it 0700; runs are shared read-only
+        if overwrite and dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
+            os.rename(dest, old / "run")
+            try:
+                os.rename(tmp, dest)
+            except OSError:
+                os.rename(old / "run", dest)   # put the old run back
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
         else:
-            tmp.rename(dest)
+            _rename_new(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def _rename_new(tmp: Path, dest: Path) -> None:
+    """rename(tmp, dest) that never replaces a run: POSIX rename replaces only an *empty*
+    directory, so an existing run makes it fail (ENOTEMPTY / EEXIST)."""
+    import errno
+
+    try:
+        os.rename(tmp, dest)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise FileExistsError(f"run directory {dest} already exists") from None
+        raise
 
 
 def load_run(path: str | os.PathLike) -> Run:
@@ -137,10 +183,7 @@ def load_run(path: str | os.PathLike) -> Run:
     for name in RUN_FILES:
         if not (p / name).is_file():
             raise RunFormatError(f"{p} is not a complete run: missing {name}")
-    try:
-        doc = json.loads((p / "run.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunFormatError(f"{p}/run.json is not valid JSON ({e})") from None
+    doc = read_json(p / "run.json", f"{p}/run.json")
     if not isinstance(doc, dict) or doc.get("format") != "vlmlens-run":
         raise RunFormatError(f"{p}/run.json is not a vlmlens run file")
     if doc.get("format_version") != FORMAT_VERSION:
@@ -199,10 +242,7 @@ def read_extras(d: Path) -> dict:
         p = Path(d) / fname
         if not p.is_file():
             continue
-        try:
-            doc = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RunFormatError(f"{p} is not valid JSON ({e})") from None
+        doc = read_json(p)
         if not isinstance(doc, dict):
             raise RunFormatError(f"{p} must hold a JSON object")
         if fname == SWEEP_FILE:

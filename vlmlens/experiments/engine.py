@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..capture import capture, check_max_new_tokens
+from ..capture import capture, check_context, check_max_new_tokens
 from ..errors import InputError
 from ..interventions import Freeze, Truncate, validate_all
 from ..lens import Lens, Plan
@@ -186,6 +186,7 @@ class Session:
         validate_all(self.extra, lm.n_layers)
         self.record = dict(store=store, hidden_dtype=hidden_dtype, record_attention=record_attention)
         self.prep = prepare(lm, image, prompt)
+        check_context(lm, self.prep.n_prompt, len(self.prep.image_pos), self.n_new)
         self.reuse = bool(reuse) and self.prep.position_ids is not None
         self._prefix: Prefix | None = None
         self.baseline: Outcome = self.evaluate(list(baseline))

@@ -22,6 +22,7 @@ from .html import note, token_strip
 from .inputs import SceneBook, load_examples, prompt_choices, random_scene, truth_markdown
 from .model import ModelHolder, resolve_model_name
 from .panels import Missing
+from .exports import ExportDirs
 from .store import RunsDir, RunStore
 
 log = logging.getLogger("vlmlens.ui")
@@ -61,7 +62,8 @@ class Dashboard:
 
     def __init__(self, *, model: str | None = "tiny-shapes", device: str = "auto", dtype: str = "auto",
                  runs_dir=None, trust_remote_code: bool = False, no_model: bool = False,
-                 default_run: str | None = None, store_capacity: int = 64, loader=None, start_loading: bool = True):
+                 default_run: str | None = None, store_capacity: int = 64, loader=None, start_loading: bool = True,
+                 time_limit: float | None = 120.0):
         name, why = resolve_model_name(model, no_model)
         self.holder = ModelHolder(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                                   loader=loader, off_reason=why)
@@ -69,6 +71,8 @@ class Dashboard:
         self.runs = RunsDir(runs_dir)
         self.examples = load_examples()
         self.scenes = SceneBook()
+        self.export_dirs = ExportDirs()
+        self.time_limit = time_limit
         for ex in self.examples:
             self.scenes.add_file(ex["file"], ex.get("truth"), ex.get("seed"), ex.get("prompts"))
         self.timings: dict[str, deque] = defaultdict(lambda: deque(maxlen=500))
@@ -162,7 +166,10 @@ class Dashboard:
         progress(0.05, desc="waiting for the model")
         with self.holder.use() as lm:
             progress(0.2, desc=f"capturing {lm.n_layers} layers")
-            run = capture(lm, rgb, prompt, max_new_tokens=n)
+            run = capture(lm, rgb, prompt, max_new_tokens=n, time_limit=self.time_limit)
+            if run.meta.get("generation", {}).get("stop_reason") == "time limit":
+                gr.Warning(f"generation stopped at the {self.time_limit:.0f} s time limit of one request "
+                           f"({len(run.generated_tokens)} tokens)")
             task = self.scenes.task(run.meta.get("image_sha256"), prompt)
             if task:
                 run.meta["task"] = task
@@ -228,7 +235,9 @@ class Dashboard:
 
         entry = self.entry(sess)
         figs = [f for f in self._all_figures(entry) if f is not None]
-        return str(exports.run_zip(entry)), str(exports.metrics_csv(entry)), str(exports.figures_html(entry, figs))
+        d = self.export_dirs.new()
+        return (str(exports.run_zip(entry, d)), str(exports.metrics_csv(entry, d)),
+                str(exports.figures_html(entry, figs, d)))
 
     def _all_figures(self, entry):
         lm = self.lm_for(entry)

@@ -13,11 +13,41 @@ import numpy as np
 
 from ..run import save_run
 from .panels import Missing, real, safe
-from .store import write_extras
 
 
-def _tmpdir(prefix: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f"vlmlens-{prefix}-"))
+def _tmpdir(prefix: str, base: Path | None = None) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"vlmlens-{prefix}-", dir=base))
+
+
+class ExportDirs:
+    """Where downloads are written: one temp folder per download, the oldest removed once more
+    than ``keep`` exist (gradio copies a served file into its own cache, which the app clears
+    itself), and all of them on :meth:`close`. Disk use stays bounded."""
+
+    def __init__(self, keep: int = 8) -> None:
+        import threading
+        from collections import deque
+
+        self.keep = int(keep)
+        self._dirs: deque[Path] = deque()
+        self._lock = threading.Lock()
+
+    def new(self) -> Path:
+        import shutil
+
+        d = Path(tempfile.mkdtemp(prefix="vlmlens-download-"))
+        with self._lock:
+            self._dirs.append(d)
+            while len(self._dirs) > self.keep:
+                shutil.rmtree(self._dirs.popleft(), ignore_errors=True)
+        return d
+
+    def close(self) -> None:
+        import shutil
+
+        with self._lock:
+            while self._dirs:
+                shutil.rmtree(self._dirs.popleft(), ignore_errors=True)
 
 
 def safe_stem(label: str) -> str:
@@ -25,16 +55,19 @@ def safe_stem(label: str) -> str:
     return keep or "run"
 
 
-def run_zip(entry) -> Path:
-    """Zip of run.json + arrays.safetensors + image.png (+ sweep.json / extras.json)."""
-    tmp = _tmpdir("zip")
+def run_zip(entry, base: Path | None = None) -> Path:
+    """Zip of run.json + arrays.safetensors + image.png (+ sweep.json / extras.json); the
+    unzipped copy is removed, only the zip stays (in ``base``, else a new temp folder)."""
+    import shutil
+
+    tmp = _tmpdir("zip", base)
     stem = safe_stem(entry.label)
-    d = save_run(entry.run, tmp / stem)
-    write_extras(d, entry.extras)
+    d = save_run(entry.run, tmp / stem, extras=entry.extras)
     out = tmp / f"{stem}.zip"
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as z:
         for f in sorted(d.iterdir()):
             z.write(f, arcname=f"{stem}/{f.name}")
+    shutil.rmtree(d, ignore_errors=True)
     return out
 
 
@@ -72,8 +105,8 @@ def metric_rows(entry) -> list[dict]:
     return rows
 
 
-def metrics_csv(entry) -> Path:
-    out = _tmpdir("csv") / f"{safe_stem(entry.label)}-metrics.csv"
+def metrics_csv(entry, base: Path | None = None) -> Path:
+    out = _tmpdir("csv", base) / f"{safe_stem(entry.label)}-metrics.csv"
     rows = metric_rows(entry)
     with open(out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["metric", "span", "layer", "value"])
@@ -82,9 +115,9 @@ def metrics_csv(entry) -> Path:
     return out
 
 
-def figures_html(entry, figures: list) -> Path:
+def figures_html(entry, figures: list, base: Path | None = None) -> Path:
     """One HTML page holding ``figures`` (plotly.js embedded once, so it works offline)."""
-    out = _tmpdir("html") / f"{safe_stem(entry.label)}-figures.html"
+    out = _tmpdir("html", base) / f"{safe_stem(entry.label)}-figures.html"
     label = html.escape(str(entry.label))
     parts = [f"<html><head><meta charset='utf-8'><title>vlmlens — {label}</title></head><body>",
              f"<h2>vlmlens — {label}</h2><p>prompt: {html.escape(entry.run.prompt)} · generation: "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from ..capture import MAX_PROMPT_CHARS
 from .callbacks import Dashboard, new_session
 from .inputs import prompt_choices
 from .views import HEATMAP_KINDS
@@ -54,7 +55,8 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
     from .inputs import EXAMPLES_DIR
 
     gr.set_static_paths([str(EXAMPLES_DIR)])
-    with gr.Blocks(title="vlmlens") as demo:
+    # no telemetry; gradio's cache of uploads and served files is swept hourly (files > 1 h old)
+    with gr.Blocks(title="vlmlens", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         demo.dashboard = dash
         sess = gr.State(new_session())
         active = gr.State("overview")
@@ -73,7 +75,8 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                 truth = gr.Markdown("", label="ground_truth", elem_id="vl-truth")
                 prompt_pick = gr.Dropdown(choices=prompt_choices(None), value=None, label="Example prompts",
                                           elem_id="vl-prompt-pick")
-                prompt = gr.Textbox(label="Prompt", placeholder="What color is the circle?", lines=2, elem_id="vl-prompt")
+                prompt = gr.Textbox(label="Prompt", placeholder="What color is the circle?", lines=2, elem_id="vl-prompt",
+                                    max_length=MAX_PROMPT_CHARS)
                 max_new = gr.Slider(1, 256, value=12, step=1, label="Max new tokens", elem_id="vl-max-new",
                                     info="reasoning traces of real models need 100-250")
                 run_btn = gr.Button("Run", variant="primary", elem_id="vl-run")

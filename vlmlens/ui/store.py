@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from ..errors import InputError
 from ..run import Run, RunFormatError, is_run_dir, load_run, save_run
-from ..run_files import EXTRAS_FILE, SWEEP_FILE, read_extras, write_extras  # noqa: F401 (re-exported)
+from ..run_files import EXTRAS_FILE, SWEEP_FILE, read_extras, read_json, write_extras  # noqa: F401 (re-exported)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -158,13 +158,13 @@ class RunsDir:
         for name in self.preferred_order():
             d = self.path / name
             try:
-                doc = json.loads((d / "run.json").read_text())
+                doc = read_json(d / "run.json")
                 meta = doc.get("meta", {})
                 gen = str(doc.get("generated_text", ""))
                 cells = [name, str(meta.get("prompt", "")), gen if len(gen) < 60 else gen[:57] + "…",
                          str(meta.get("model", "")), str(meta.get("n_layers", "")),
                          "yes" if (d / SWEEP_FILE).is_file() else "—"]
-            except (OSError, ValueError, AttributeError):
+            except (OSError, ValueError, AttributeError, RunFormatError):
                 cells = [name, "(unreadable run.json)", "", "", "", ""]
             rows.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
         return "\n".join(rows) if len(rows) > 2 else "_No saved runs in this folder yet._"
@@ -173,8 +173,8 @@ class RunsDir:
         """Run names, those listed in ``index.json`` (make-cached-runs' order) first."""
         names = self.names()
         try:
-            listed = [r["name"] for r in json.loads((self.path / "index.json").read_text())["runs"]]
-        except (OSError, TypeError, ValueError, KeyError):
+            listed = [r["name"] for r in read_json(self.path / "index.json")["runs"]]
+        except (OSError, TypeError, ValueError, KeyError, RunFormatError):
             listed = []
         first = [n for n in listed if n in names]
         return first + [n for n in names if n not in first]
@@ -214,8 +214,9 @@ class RunsDir:
         if self.path is None:
             raise InputError("no runs folder is configured (start the app with --runs DIR)")
         dest = self.path / name
-        if dest.exists():
+        if dest.exists() or dest.is_symlink():
             raise InputError(f"a run named {name!r} already exists in {self.path}; choose another name")
-        save_run(run, dest, overwrite=False)
-        write_extras(dest, extras or {})
-        return dest
+        try:
+            return save_run(run, dest, overwrite=False, extras=extras)   # one atomic step
+        except FileExistsError:
+            raise InputError(f"a run named {name!r} already exists in {self.path}; choose another name") from None

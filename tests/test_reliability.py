@@ -1,0 +1,202 @@
+"""Reliability: bounded work per request, atomic saves under races, hostile run files, bounded
+disk use, no telemetry. Each test names the defect it guards against."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vlmlens as vl
+from vlmlens.capture import MAX_PROMPT_CHARS
+from vlmlens.errors import InputError
+from vlmlens.run import RunFormatError
+
+from tests._models import random_lm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return random_lm("llava")
+
+
+@pytest.fixture(scope="module")
+def small_run(lm, image):
+    return vl.capture(lm, image, "What is this?", max_new_tokens=2)
+
+
+# ---- bounded work per request ----------------------------------------------------------------------
+
+def test_prompt_over_the_context_is_refused_before_any_forward(lm, image):
+    words = "circle " * 1500                              # 1,500 tokens for a model with 1,024 positions
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match=r"too long for this model: the prompt is 1,5\d\d tokens .* at most 1,024"):
+        vl.capture(lm, image, words, max_new_tokens=4)
+    assert time.perf_counter() - t0 < 1.0
+    from vlmlens.experiments.compare import sweep
+
+    with pytest.raises(InputError, match="too long for this model"):   # experiments refuse it too, before prefill
+        sweep(lm, image, words, max_new_tokens=4)
+    with pytest.raises(InputError, match="at most 1,024"):           # the generation budget counts
+        vl.capture(lm, image, "What is this?", max_new_tokens=1024)
+
+
+def test_prompt_over_the_character_limit_is_refused_untokenised(lm, image):
+    with pytest.raises(InputError, match=f"at most {MAX_PROMPT_CHARS:,}"):
+        vl.capture(lm, image, "What color is the circle? " * 4000, max_new_tokens=1)
+
+
+def test_time_limit_stops_generation_cleanly(lm, image):
+    run = vl.capture(lm, image, "What is this?", max_new_tokens=200, time_limit=1e-4)
+    assert run.meta["generation"]["stop_reason"] == "time limit"
+    assert len(run.generated_tokens) < 200
+    with pytest.raises(InputError, match="time_limit"):
+        vl.capture(lm, image, "What is this?", max_new_tokens=1, time_limit=-1)
+
+
+# ---- atomic saves -------------------------------------------------------------------------------------
+
+def _race(runs_dir: Path, run, n: int) -> list:
+    from vlmlens.ui.store import RunsDir
+
+    rd = RunsDir(runs_dir)
+    out, barrier = [], threading.Barrier(n)
+
+    def one(i):
+        barrier.wait()
+        try:
+            rd.save("race", run, {"marker": {"writer": i}})
+            out.append(("ok", i))
+        except InputError as e:
+            out.append(("taken", str(e)))
+        except Exception as e:  # noqa: BLE001 -- a raw OS error is a failure of the test
+            out.append(("error", repr(e)))
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_concurrent_saves_to_one_name_have_exactly_one_winner(tmp_path, small_run):
+    for round_ in range(5):
+        d = tmp_path / f"round{round_}"
+        d.mkdir()
+        out = _race(d, small_run, 6)
+        wins = [x for x in out if x[0] == "ok"]
+        assert len(wins) == 1 and all(x[0] == "taken" and "already exists" in x[1] for x in out if x[0] != "ok"), out
+        saved = d / "race"
+        assert json.loads((saved / "extras.json").read_text())["marker"]["writer"] == wins[0][1]
+        vl.load_run(saved)
+        assert sorted(p.name for p in d.iterdir()) == ["race"]            # no temp or .old folders left
+        assert (saved.stat().st_mode & 0o777) == 0o755
+
+
+def _save_in_process(args):
+    path, i = args
+    import vlmlens as vl_
+    from vlmlens.run_files import save_run
+    from vlmlens.run import Run, TokenSpans
+    from PIL import Image
+
+    run = Run(meta={"model": "m", "family": "llava", "n_layers": 1, "writer": i}, tokens=["a", "<image>"],
+              token_ids=[1, 2], spans=TokenSpans(2, 2, (1,)), image_grid=(1, 1), generated_text="",
+              token_logprobs=[], image=Image.new("RGB", (4, 4)), arrays={})
+    try:
+        save_run(run, path, overwrite=False, extras={"marker": {"writer": i}})
+        return ("ok", i)
+    except FileExistsError:
+        return ("taken", i)
+    finally:
+        del vl_
+
+
+def test_concurrent_saves_across_processes(tmp_path):
+    dest = tmp_path / "runs" / "race"
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        out = pool.map(_save_in_process, [(str(dest), i) for i in range(8)])
+    wins = [i for s, i in out if s == "ok"]
+    assert len(wins) == 1, out
+    run = vl.load_run(dest)
+    assert run.meta["writer"] == wins[0] == json.loads((dest / "extras.json").read_text())["marker"]["writer"]
+    assert [p.name for p in dest.parent.iterdir()] == ["race"]
+
+
+# ---- hostile run files -----------------------------------------------------------------------------------
+
+def test_deeply_nested_json_is_a_clear_error_and_hides_no_other_run(tmp_path, small_run):
+    from vlmlens.ui.callbacks import Dashboard, new_session
+
+    runs = tmp_path / "runs"
+    vl.save_run(small_run, runs / "good")
+    bad = runs / "deep"
+    shutil.copytree(runs / "good", bad)
+    (bad / "run.json").write_text("[" * 100_000 + "]" * 100_000)
+    deep_extras = runs / "deep-extras"
+    shutil.copytree(runs / "good", deep_extras)
+    (deep_extras / "extras.json").write_text('{"a":' * 50_000 + "1" + "}" * 50_000)
+    with pytest.raises(RunFormatError, match="nested too deeply"):
+        vl.load_run(bad)
+    dash = Dashboard(no_model=True, runs_dir=runs)                      # the app starts
+    assert set(dash.runs.names()) == {"good", "deep", "deep-extras"}
+    assert "(unreadable run.json)" in dash.runs.table_markdown()
+    sess, info, *_ = dash.load_run("good", new_session())
+    assert info["label"] == "good"
+    for name in ("deep", "deep-extras"):
+        with pytest.raises(Exception, match="nested too deeply"):
+            dash.load_run(name, new_session())
+    p = subprocess.run([sys.executable, "-m", "vlmlens", "show", str(bad)], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.startswith("error:") and "Traceback" not in p.stderr
+
+
+def test_oversized_json_is_refused_unread(tmp_path, small_run, monkeypatch):
+    from vlmlens import run_files
+
+    d = vl.save_run(small_run, tmp_path / "big")
+    monkeypatch.setattr(run_files, "MAX_JSON_BYTES", 1000)
+    with pytest.raises(RunFormatError, match="at most"):
+        vl.load_run(d)
+
+
+# ---- bounded disk, no telemetry ---------------------------------------------------------------------------
+
+def test_downloads_leave_a_bounded_number_of_temp_folders(tmp_path, small_run):
+    from vlmlens.ui.callbacks import Dashboard, new_session
+
+    vl.save_run(small_run, tmp_path / "runs" / "one")
+    dash = Dashboard(no_model=True, runs_dir=tmp_path / "runs")
+    sess, *_ = dash.load_run("one", new_session())
+    made = []
+    for _ in range(12):
+        z, c, h = dash.downloads(sess)
+        made.append(Path(z).parents[1])
+        assert Path(z).is_file() and Path(c).is_file() and Path(h).is_file()
+        assert not [p for p in Path(z).parent.iterdir() if p.is_dir()]    # only the zip, not the unzipped copy
+    alive = [d for d in dict.fromkeys(made) if d.exists()]
+    assert len(alive) == dash.export_dirs.keep and alive == list(dict.fromkeys(made))[-dash.export_dirs.keep:]
+    dash.export_dirs.close()
+    assert not any(d.exists() for d in made)
+
+
+def test_no_telemetry_and_bounded_inputs():
+    from vlmlens.ui import build_demo
+
+    demo = build_demo(no_model=True, runs_dir=None)
+    assert demo.analytics_enabled is False
+    prompt = next(c for c in demo.blocks.values() if getattr(c, "elem_id", None) == "vl-prompt")
+    assert prompt.max_length == MAX_PROMPT_CHARS
+    import app
+
+    a = app.parse_args([])
+    assert a.time_limit == 120.0 and a.max_upload_mb == 20.0
