@@ -58,8 +58,14 @@ def check_out_path(path: str) -> None:
     from .run import is_run_dir
 
     p = Path(path)
-    if p.exists() and not is_run_dir(p):
-        raise InputError(f"--out {p} exists and is not a vlmlens run directory; choose a new path")
+    try:
+        if p.exists() and not is_run_dir(p):
+            raise InputError(f"--out {p} exists and is not a vlmlens run directory; choose a new path")
+        parent = next((a for a in p.parents if a.exists()), None)
+    except OSError as e:
+        raise InputError(f"--out {str(p)[:80]!r} cannot be used: {e.strerror or e}") from None
+    if parent is not None and not parent.is_dir():
+        raise InputError(f"--out {p}: {parent} is a file, so no run directory can be made under it")
 
 
 @command("capture", "capture one run (hidden states, attention to the image) and save it")

@@ -54,6 +54,10 @@ def _prepare(im: Image.Image) -> tuple[Image.Image, str | None]:
     return im, "; ".join(notes) if notes else None
 
 
+#: largest image file read (a photo is a few MB; the model sees it at a few hundred pixels)
+MAX_FILE_BYTES = 50 * 1024 * 1024
+
+
 def load_image(image) -> tuple[Image.Image, str | None]:
     """Accept a PIL image, a numpy array (HxW, HxWx3, HxWx4; uint8, uint16 or float in [0, 1])
     or a path; return an upright RGB PIL image and a note on any conversion made (EXIF
@@ -64,17 +68,30 @@ def load_image(image) -> tuple[Image.Image, str | None]:
     """
     if isinstance(image, (str, os.PathLike)):
         p = Path(image)
-        if not p.is_file():
+        try:
+            kind = "file" if p.is_file() else "directory" if p.is_dir() else "other" if p.exists() else None
+            size = p.stat().st_size if kind == "file" else 0
+        except OSError as e:               # e.g. a name too long for the file system
+            raise InputError(f"cannot use {str(p)[:80]!r} as an image path: {e.strerror or e}") from None
+        if kind is None:
             raise InputError(f"image file {p} does not exist")
-        if p.stat().st_size == 0:
+        if kind == "directory":
+            raise InputError(f"{p} is a directory, not an image file")
+        if kind == "other":
+            raise InputError(f"{p} is not a regular file (a device or a pipe?); give an image file")
+        if size == 0:
             raise InputError(f"image file {p} is empty (0 bytes)")
+        if size > MAX_FILE_BYTES:
+            raise InputError(f"image file {p} is {size / 1e6:.0f} MB; at most {MAX_FILE_BYTES / 1e6:.0f} MB")
         try:
             with Image.open(p) as im:
                 if im.width * im.height > MAX_PIXELS:
                     raise InputError(f"image {p} is {im.width}x{im.height}; larger than {MAX_PIXELS} pixels")
                 im.load()
                 return _prepare(im.copy())
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        except Image.DecompressionBombError:
+            raise InputError(f"image {p} is too large to decode safely (a decompression bomb?)") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise InputError(f"cannot read image {p}: not a supported image file ({e})") from None
     if isinstance(image, np.ndarray):
         return to_rgb(_array_to_pil(image))

@@ -178,7 +178,11 @@ def load_run(path: str | os.PathLike) -> Run:
     from safetensors.numpy import load_file
 
     p = Path(path)
-    if not p.is_dir():
+    try:
+        is_dir = p.is_dir()
+    except OSError as e:               # e.g. a name too long for the file system
+        raise RunFormatError(f"cannot use {str(p)[:80]!r} as a run directory: {e.strerror or e}") from None
+    if not is_dir:
         raise FileNotFoundError(f"run directory {p} does not exist")
     for name in RUN_FILES:
         if not (p / name).is_file():

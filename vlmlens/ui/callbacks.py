@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from pathlib import Path
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -159,7 +160,12 @@ class Dashboard:
 
         if image is None:
             raise InputError("no image: upload one, pick an example, or make a random scene")
-        rgb, conv = load_image(image)
+        try:
+            rgb, conv = load_image(image)
+        except InputError as e:         # name the upload, not the server's temporary copy of it
+            if isinstance(image, str):
+                raise InputError(str(e).replace(str(Path(image)), Path(image).name)) from None
+            raise
         prompt = check_prompt(prompt)
         n = check_max_new_tokens(int(max_new_tokens) if isinstance(max_new_tokens, float) and
                                  float(max_new_tokens).is_integer() else max_new_tokens)
@@ -278,13 +284,16 @@ class Dashboard:
     @staticmethod
     def _check_view(entry, layer, query, kind) -> tuple[int, int, str]:
         L = entry.run.n_layers
-        layer = int(layer or 0)
+        try:
+            layer = int(layer or 0)
+        except (TypeError, ValueError, OverflowError):
+            raise InputError(f"layer must be an integer 0..{L - 1}, got {layer!r}") from None
         if not 0 <= layer <= L - 1:
             raise InputError(f"layer {layer} is out of range: this run has decoder layers 0..{L - 1}")
         nq = len(panels.query_choices(entry.run))
         try:
             q = int(query or 0)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise InputError(f"token must be an index 0..{nq - 1}, got {query!r}") from None
         if not 0 <= q < nq:
             raise InputError(f"token {q} is out of range: 0 = last prompt token, 1..{nq - 1} = generated tokens")
@@ -319,8 +328,11 @@ class Dashboard:
 
     @handler("token_map")
     def token_map(self, sess, method, progress=gr.Progress()):
+        method = method or "pca"
+        if method not in ("pca", "umap"):
+            raise InputError(f"token map method must be 'pca' or 'umap', got {method!r}")
         progress(0.1, desc=f"{method.upper()} of the token states (the first UMAP call compiles, ~10 s)")
-        return views.embedding_figure(self.entry(sess), method or "pca")
+        return views.embedding_figure(self.entry(sess), method)
 
     @handler("attention")
     def attention(self, sess):

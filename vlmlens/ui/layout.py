@@ -40,8 +40,8 @@ class LayerSlider(gr.Slider):
             return None
         try:
             return int(round(float(payload)))
-        except (TypeError, ValueError):
-            raise gr.Error(f"layer must be a number, got {payload!r}", print_exception=False) from None
+        except (TypeError, ValueError, OverflowError):
+            raise gr.Error(f"layer must be a finite number, got {payload!r}", print_exception=False) from None
 
 
 def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype: str = "auto",

@@ -34,7 +34,10 @@ def parse_depth_selection(selected, n_layers: int) -> tuple[list[int], bool]:
         return list(range(n_layers + 1)), True
     from ..experiments.engine import parse_depths
 
-    return parse_depths([str(x).split()[0] for x in items], n_layers), False
+    words = [str(x).split() for x in items]
+    if any(not w for w in words):
+        raise InputError(f"empty depth in {items!r}; pick depths 0..{n_layers} or '{SWEEP_CHOICE}'")
+    return parse_depths([w[0] for w in words], n_layers), False
 
 
 def _run_args(entry):
