@@ -200,3 +200,74 @@ def test_no_telemetry_and_bounded_inputs():
 
     a = app.parse_args([])
     assert a.time_limit == 120.0 and a.max_upload_mb == 20.0
+
+
+# ---- fair sharing, links, concurrency -----------------------------------------------------------------------
+
+def test_one_busy_session_evicts_only_its_own_runs():
+    from vlmlens.ui.store import RunStore
+
+    store = RunStore(capacity=16, per_owner=6)
+    others = [store.add(object(), label=f"b{i}", owner="b").id for i in range(3)]
+    busy = [store.add(object(), label=f"a{i}", owner="a").id for i in range(64)]
+    assert all(store.has(i) for i in others)                          # b keeps every run
+    assert [store.has(i) for i in busy[-6:]] == [True] * 6 and not any(store.has(i) for i in busy[:-6])
+    many = [store.add(object(), label=f"o{i}", owner=f"o{i}").id for i in range(20)]   # the store fills up
+    assert len(store) == 16 and store.has(many[-1])
+    assert sum(store.has(i) for i in busy) < 6                         # the heaviest session gave way first
+
+
+def test_runs_linked_from_outside_the_folder_are_refused(tmp_path, small_run):
+    from vlmlens.ui.store import RunsDir
+
+    runs, outside = tmp_path / "runs", tmp_path / "outside"
+    vl.save_run(small_run, runs / "inside")
+    vl.save_run(small_run, outside / "secret")
+    (runs / "linked").symlink_to(outside / "secret", target_is_directory=True)
+    (runs / "alias").symlink_to(runs / "inside", target_is_directory=True)   # a link within the folder is fine
+    rd = RunsDir(runs)
+    assert rd.names() == ["alias", "inside"]
+    with pytest.raises(InputError, match="outside"):
+        rd.open("linked")
+    rd.open("alias")
+
+
+def test_ten_sessions_with_mixed_requests_see_only_their_own_runs(tmp_path, lm, image):
+    import socket
+
+    from gradio_client import Client, handle_file
+
+    from vlmlens.ui import build_demo
+
+    image.save(tmp_path / "img.png")
+    demo = build_demo("random:llava", runs_dir=tmp_path / "runs", loader=lambda *a, **k: lm)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.queue(default_concurrency_limit=4).launch(prevent_thread_lock=True, server_port=port, quiet=True)
+    demo.dashboard.holder.wait(60)
+    errors, seen = [], {}
+
+    def session(i):
+        try:
+            c = Client(f"http://127.0.0.1:{port}/", verbose=False)
+            prompt = f"What is shape number {i}?"
+            info, *_ = c.predict(handle_file(str(tmp_path / "img.png")), prompt, 2, api_name="/capture")
+            c.predict(i % lm.n_layers, 0, "attention", api_name="/heatmap_layer")
+            c.predict("image", api_name="/dynamics")
+            c.predict(api_name="/attention")
+            again, *_ = c.predict(info["run_id"], api_name="/switch_run")
+            seen[i] = (prompt, info["prompt"], again["prompt"], info["run_id"])
+        except Exception as e:  # noqa: BLE001 -- reported below
+            errors.append((i, repr(e)))
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(10)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+    finally:
+        demo.close()
+    assert not errors, errors
+    assert len(seen) == 10 and all(p == a == b for p, a, b, _ in seen.values())
+    assert len({r for *_, r in seen.values()}) == 10

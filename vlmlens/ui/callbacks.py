@@ -33,7 +33,18 @@ TABS = ("overview", "heatmaps", "dynamics", "attention", "truncation", "substitu
 
 
 def new_session() -> dict:
+    """A browser session's state (the layout's gr.State default: copied per session, so the
+    session id is added on the session's first run, see :func:`with_sid`)."""
     return {"current": None, "mine": []}
+
+
+def with_sid(sess) -> dict:
+    """``sess`` with a session id (a new one the first time): the store's fair-share owner."""
+    import uuid
+
+    sess = dict(sess or new_session())
+    sess.setdefault("sid", uuid.uuid4().hex)
+    return sess
 
 
 def handler(name: str):
@@ -111,7 +122,7 @@ class Dashboard:
         return self.store.get((sess or {}).get("current"))
 
     def _adopt(self, sess, entry) -> dict:
-        sess = dict(sess or new_session())
+        sess = with_sid(sess)
         mine = [m for m in sess.get("mine", []) if self.store.has(m[1])]
         mine.append([entry.label, entry.id])
         sess.update(current=entry.id, mine=mine[-20:])
@@ -183,7 +194,9 @@ class Dashboard:
             from ..cached import add_analysis_arrays
 
             add_analysis_arrays(lm, run)
-            entry = self.store.add(run, label=f"capture {time.strftime('%H:%M:%S')}: {prompt[:40]}")
+            sess = with_sid(sess)
+            entry = self.store.add(run, label=f"capture {time.strftime('%H:%M:%S')}: {prompt[:40]}",
+                                   owner=sess["sid"])
             panels.safe(lambda: xviews.theory_compute(lm, entry))
             if lm.n_layers <= AUTO_STAGES_MAX_LAYERS:   # 3L + 1 teacher-forced forwards: cheap on small models
                 progress(0.8, desc="knockout windows (three stages)")
@@ -206,7 +219,9 @@ class Dashboard:
         if not name:
             raise InputError("pick a run from the list first")
         run, derived, extras = self.runs.open(name)
-        entry = self.store.add(run, label=name, source=f"saved:{name}", derived=derived, extras=extras)
+        sess = with_sid(sess)
+        entry = self.store.add(run, label=name, source=f"saved:{name}", derived=derived, extras=extras,
+                               owner=sess["sid"])
         return self._overview(self._adopt(sess, entry), entry)
 
     @handler("open_default")
@@ -293,8 +308,11 @@ class Dashboard:
         nq = len(panels.query_choices(entry.run))
         try:
             q = int(query or 0)
+            exact = float(query or 0) == q
         except (TypeError, ValueError, OverflowError):
             raise InputError(f"token must be an index 0..{nq - 1}, got {query!r}") from None
+        if not exact:                   # 1.5 is not a token (no silent rounding)
+            raise InputError(f"token must be a whole index 0..{nq - 1}, got {query!r}")
         if not 0 <= q < nq:
             raise InputError(f"token {q} is out of range: 0 = last prompt token, 1..{nq - 1} = generated tokens")
         kind = kind or "attention"

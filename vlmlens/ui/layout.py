@@ -39,9 +39,13 @@ class LayerSlider(gr.Slider):
         if payload is None:
             return None
         try:
-            return int(round(float(payload)))
+            v = float(payload)
+            layer = int(v)
         except (TypeError, ValueError, OverflowError):
             raise gr.Error(f"layer must be a finite number, got {payload!r}", print_exception=False) from None
+        if v != layer:                  # 2.5 is not a layer (no silent rounding)
+            raise gr.Error(f"layer must be a whole number, got {payload!r}", print_exception=False)
+        return layer
 
 
 def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype: str = "auto",

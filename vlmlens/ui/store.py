@@ -66,6 +66,7 @@ class Entry:
     source: str                                   # "capture", "saved:<name>"
     derived: Derived = field(default_factory=Derived)
     extras: dict = field(default_factory=dict)    # this session's experiment results (JSON-able)
+    owner: str | None = None                      # the browser session that made or opened it
 
     @property
     def sweep(self) -> dict | None:
@@ -78,25 +79,51 @@ def run_bytes(run) -> int:
 
 
 class RunStore:
-    """Bounded LRU ``id -> Entry`` (at most ``capacity`` entries and about ``max_bytes`` of
-    arrays; the newest entry always stays); ``get`` of an evicted id raises InputError."""
+    """Bounded LRU ``id -> Entry``, shared fairly between sessions.
 
-    def __init__(self, capacity: int = 64, max_bytes: float = 2e9) -> None:
+    At most ``capacity`` entries and about ``max_bytes`` of arrays in all, and at most
+    ``per_owner`` entries per session (``owner``). When a session goes over its share, its own
+    least recently used entry goes; when the store is full, the least recently used entry of
+    the session holding the most goes. So one busy client evicts its own runs, never the last
+    few of everybody else. The newest entry always stays; ``get`` of an evicted id raises
+    InputError.
+    """
+
+    def __init__(self, capacity: int = 64, max_bytes: float = 2e9, per_owner: int = 12) -> None:
         self.capacity = int(capacity)
         self.max_bytes = float(max_bytes)
+        self.per_owner = int(per_owner)
         self._entries: "OrderedDict[str, Entry]" = OrderedDict()
         self._bytes: dict[str, int] = {}
         self._lock = threading.Lock()
 
+    def _victim(self, newest: Entry) -> str | None:
+        """The id to evict (None: nothing must go). Called with the lock held."""
+        mine = [e for e in self._entries.values() if e.owner == newest.owner and e is not newest]
+        if newest.owner is not None and len(mine) + 1 > self.per_owner and mine:
+            return mine[0].id
+        if len(self._entries) <= self.capacity and sum(self._bytes.values()) <= self.max_bytes:
+            return None
+        counts: dict = {}
+        for e in self._entries.values():
+            counts[e.owner] = counts.get(e.owner, 0) + 1
+        heaviest = max(counts, key=lambda o: counts[o])
+        for e in self._entries.values():        # least recently used first
+            if e.owner == heaviest and e is not newest:
+                return e.id
+        return next((i for i in self._entries if i != newest.id), None)
+
     def add(self, run: Run, *, label: str, source: str = "capture", derived: Derived | None = None,
-            extras: dict | None = None) -> Entry:
-        entry = Entry(uuid.uuid4().hex, run, label, source, derived or Derived(), dict(extras or {}))
+            extras: dict | None = None, owner: str | None = None) -> Entry:
+        entry = Entry(uuid.uuid4().hex, run, label, source, derived or Derived(), dict(extras or {}), owner)
         with self._lock:
             self._entries[entry.id] = entry
             self._bytes[entry.id] = run_bytes(run)
-            while len(self._entries) > 1 and (len(self._entries) > self.capacity
-                                              or sum(self._bytes.values()) > self.max_bytes):
-                old, _ = self._entries.popitem(last=False)
+            while len(self._entries) > 1:
+                old = self._victim(entry)
+                if old is None:
+                    break
+                self._entries.pop(old)
                 self._bytes.pop(old, None)
         return entry
 
@@ -146,10 +173,18 @@ class RunsDir:
         self._loaded: dict[str, tuple[tuple, Run, Derived, dict]] = {}
         self._lock = threading.Lock()
 
+    def _inside(self, p: Path) -> bool:
+        """A run folder must stay inside the runs folder (a symlink out of it is not a run here)."""
+        try:
+            return p.resolve().is_relative_to(self.path.resolve())
+        except OSError:
+            return False
+
     def names(self) -> list[str]:
         if self.path is None or not self.path.is_dir():
             return []
-        return sorted(p.name for p in self.path.iterdir() if not p.name.startswith(".") and is_run_dir(p))
+        return sorted(p.name for p in self.path.iterdir()
+                      if not p.name.startswith(".") and is_run_dir(p) and self._inside(p))
 
     def table_markdown(self) -> str:
         """One row per run of the folder: prompt, generation, model, layers, whether a truncation
@@ -186,6 +221,9 @@ class RunsDir:
         d = self.path / name
         if not is_run_dir(d):
             raise InputError(f"there is no run named {name!r} in {self.path}")
+        if not self._inside(d):
+            raise InputError(f"run {name!r} is a link to a folder outside {self.path}; runs are only opened from"
+                             " inside the runs folder")
         return d
 
     @staticmethod
