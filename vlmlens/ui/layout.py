@@ -11,6 +11,9 @@ from .xviews import MODES
 
 # api names of the tab renderers (where the plain tab name is taken by the tab's action button)
 INTERNAL = "undocumented"  # UI plumbing: named and callable, but not listed in the API page
+#: every event that runs the model waits in one gradio queue, one at a time: the model runs one
+#: request at a time anyway, and the queue shows each waiting user their position
+MODEL_QUEUE = {"concurrency_id": "model", "concurrency_limit": 1}
 VIEW_API = {"truncation": "truncation_view", "substitution": "substitution_view", "compute": "compute_view"}
 
 class CheckedImage(gr.Image):
@@ -197,9 +200,9 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
         prompt_pick.input(dash.pick_prompt, prompt_pick, prompt, api_name="pick_prompt", show_progress="hidden",
                           api_visibility=INTERNAL)
         after_run(run_btn.click(dash.capture, [image, prompt, max_new, sess], overview, api_name="capture",
-                                concurrency_limit=4), "capture")
+                                **MODEL_QUEUE), "capture")
         after_run(prompt.submit(dash.capture, [image, prompt, max_new, sess], overview, api_name="capture_submit",
-                                concurrency_limit=4, api_visibility=INTERNAL), "capture_submit")
+                                api_visibility=INTERNAL, **MODEL_QUEUE), "capture_submit")
         after_run(demo.load(dash.open_default, sess, overview, api_name="open_default", api_visibility=INTERNAL),
                   "open_default")
         after_run(open_btn.click(dash.load_run, [run_list, sess], overview, api_name="load_run"), "load_run")
@@ -215,12 +218,16 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                       api_visibility=INTERNAL)
         span.input(dash.dynamics, [sess, span], tab_outputs["dynamics"], api_name="dynamics_span", api_visibility=INTERNAL)
         embed_btn.click(dash.token_map, [sess, method], embed, api_name="token_map")
-        trunc_btn.click(dash.truncate, [sess, depths, mode], [gens, sweep_fig, pert_fig, headline], api_name="truncate")
-        sweep_btn.click(dash.sweep, [sess, mode], [gens, sweep_fig, pert_fig, headline], api_name="sweep")
-        measure_btn.click(dash.measure_compute, sess, [comp_fig, headline], api_name="measure_compute")
-        stages_btn.click(dash.find_stages, sess, [flow, heads, stages_md, headline], api_name="find_stages")
-        sub_btn.click(dash.substitution, sess, [sub_fig, skip_fig], api_name="substitution")
-        skip_btn.click(dash.layer_skip, sess, [sub_fig, skip_fig], api_name="layer_skip")
+        trunc_btn.click(dash.truncate, [sess, depths, mode], [gens, sweep_fig, pert_fig, headline], api_name="truncate",
+                        **MODEL_QUEUE)
+        sweep_btn.click(dash.sweep, [sess, mode], [gens, sweep_fig, pert_fig, headline], api_name="sweep",
+                        **MODEL_QUEUE)
+        measure_btn.click(dash.measure_compute, sess, [comp_fig, headline], api_name="measure_compute",
+                          **MODEL_QUEUE)
+        stages_btn.click(dash.find_stages, sess, [flow, heads, stages_md, headline], api_name="find_stages",
+                         **MODEL_QUEUE)
+        sub_btn.click(dash.substitution, sess, [sub_fig, skip_fig], api_name="substitution", **MODEL_QUEUE)
+        skip_btn.click(dash.layer_skip, sess, [sub_fig, skip_fig], api_name="layer_skip", **MODEL_QUEUE)
 
         tab_calls = {t_heat: ("heatmaps", dash.heatmaps, [sess, layer, query, kind]),
                      t_dyn: ("dynamics", dash.dynamics, [sess, span]),
