@@ -37,7 +37,9 @@ PRESETS = {
 }
 
 
-def build(preset: str, device: str, dtype: torch.dtype):
+def build(preset: str, device: str, dtype: torch.dtype, side: int = 24):
+    """A random LLaVA of ``preset``'s shape whose CLIP tower sees ``14 * side`` pixels, so the
+    language model reads ``side * side`` image tokens (24: LLaVA-1.5's 576)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from vlmlens.models.arch import get_arch
@@ -45,15 +47,16 @@ def build(preset: str, device: str, dtype: torch.dtype):
     from vlmlens.models.tiny_processors import TinyProcessorSpec, build_processor
 
     p = PRESETS[preset]
-    proc = build_processor(TinyProcessorSpec("llava", image_size=336, patch_size=14))
+    proc = build_processor(TinyProcessorSpec("llava", image_size=14 * side, patch_size=14))
     tok = proc.tokenizer
     vision = CLIPVisionConfig(
         hidden_size=p["vision_d"], intermediate_size=4 * p["vision_d"], num_hidden_layers=p["vision_layers"],
-        num_attention_heads=max(1, p["vision_d"] // 64), image_size=336, patch_size=14,
+        num_attention_heads=max(1, p["vision_d"] // 64), image_size=14 * side, patch_size=14,
     )
     text = LlamaConfig(
         hidden_size=p["d"], intermediate_size=p["ffn"], num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
-        num_key_value_heads=p["heads"], vocab_size=max(p["vocab"], len(tok)), max_position_embeddings=4096,
+        num_key_value_heads=p["heads"], vocab_size=max(p["vocab"], len(tok)),
+        max_position_embeddings=max(4096, side * side + 512),
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     cfg = LlavaConfig(
@@ -70,24 +73,24 @@ def build(preset: str, device: str, dtype: torch.dtype):
     return LoadedModel(model, proc, get_arch("llava"), f"bench:{preset}", torch.device(device), dtype)
 
 
-def image():
+def image(side: int = 24):
     rng = np.random.default_rng(0)
-    return Image.fromarray(rng.integers(0, 256, (336, 336, 3), dtype=np.uint8))
+    return Image.fromarray(rng.integers(0, 256, (14 * side, 14 * side, 3), dtype=np.uint8))
 
 
 PROMPT = "Describe the image in detail and tell me what is in the middle of the picture."
 
 
-def variant(lm, name: str, n_new: int):
+def variant(lm, name: str, n_new: int, side: int = 24):
     """Run one variant; return the bytes of arrays it keeps (for the memory target)."""
     from vlmlens.capture import greedy_generate, prepare_inputs
 
     import vlmlens as vl
 
     if name == "capture":
-        run = vl.capture(lm, image(), PROMPT, max_new_tokens=n_new)
+        run = vl.capture(lm, image(side), PROMPT, max_new_tokens=n_new)
         return sum(a.nbytes for a in run.arrays.values())
-    inputs, _, _ = prepare_inputs(lm, image(), PROMPT)
+    inputs, _, _ = prepare_inputs(lm, image(side), PROMPT)
     if name == "plain":
         with torch.no_grad():
             greedy_generate(lm, inputs, n_new)

@@ -271,3 +271,46 @@ def test_ten_sessions_with_mixed_requests_see_only_their_own_runs(tmp_path, lm, 
     assert not errors, errors
     assert len(seen) == 10 and all(p == a == b for p, a, b, _ in seen.values())
     assert len({r for *_, r in seen.values()}) == 10
+
+
+def test_a_capture_over_the_time_limit_stops_while_others_are_served(tmp_path, lm, image):
+    """One session's long generation stops at the app's time limit with a note; another
+    session's view requests are answered meanwhile (views do not wait for the model)."""
+    import socket
+
+    from gradio_client import Client, handle_file
+
+    from vlmlens.ui import build_demo
+
+    image.save(tmp_path / "img.png")
+    demo = build_demo("random:llava", runs_dir=tmp_path / "runs", loader=lambda *a, **k: lm, time_limit=1.5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.queue(default_concurrency_limit=4).launch(prevent_thread_lock=True, server_port=port, quiet=True)
+    demo.dashboard.holder.wait(60)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        other = Client(url, verbose=False)
+        other.predict(handle_file(str(tmp_path / "img.png")), "What is this?", 1, api_name="/capture")
+        done, served = {}, []
+
+        def long_capture():
+            c = Client(url, verbose=False)
+            t0 = time.perf_counter()
+            done["info"] = c.predict(handle_file(str(tmp_path / "img.png")), "What is this?", 256, api_name="/capture")[0]
+            done["seconds"] = time.perf_counter() - t0
+        t = threading.Thread(target=long_capture)
+        t.start()
+        time.sleep(0.3)
+        while t.is_alive() and len(served) < 50:
+            t0 = time.perf_counter()
+            other.predict(0, 0, "attention", api_name="/heatmap_layer")
+            served.append(time.perf_counter() - t0)
+        t.join(120)
+    finally:
+        demo.close()
+    run = demo.dashboard.store.get(done["info"]["run_id"]).run
+    assert run.meta["generation"]["stop_reason"] == "time limit" and len(run.generated_tokens) < 256
+    assert done["seconds"] < 30
+    assert served and max(served) < 5.0                                  # the other session kept being served
