@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from ..run import save_run
-from .panels import Missing, real, safe
+from ..analysis.attention import attention_share
+from ..figures.dynamics import run_dynamics
+from .panels import Missing, safe
 
 
 def _tmpdir(prefix: str, base: Path | None = None) -> Path:
@@ -80,7 +82,7 @@ def metric_rows(entry) -> list[dict]:
         v = float(value) if value is not None else math.nan
         rows.append({"metric": metric, "span": span, "layer": int(layer), "value": v})
 
-    share = safe(lambda: real("vlmlens.analysis.attention", "attention_share")(run, query="last").image)
+    share = safe(lambda: attention_share(run, query="last").image)
     if share is not None:
         for l, v in enumerate(np.asarray(share)):
             add("attention_share_image", "last", l, v)
@@ -93,7 +95,7 @@ def metric_rows(entry) -> list[dict]:
     except Exception:
         pass
     if "hidden_states" in run.arrays:
-        df = safe(lambda: real("vlmlens.figures.dynamics", "run_dynamics")(run))
+        df = safe(lambda: run_dynamics(run))
         if df is not None:
             for r in df.itertuples(index=False):
                 add(r.metric, r.span, r.layer, r.value)

@@ -1,19 +1,19 @@
 """What each tab shows, computed from an Entry (a Run + its results); no gradio here.
 
 Every figure comes from the topic modules (``vlmlens.figures.*``, ``vlmlens.analysis.*``),
-looked up by name at call time. When a function is not in this build, or fails on this
-run, the panel gets a figure saying so instead of an exception; the failure is logged.
-Results that depend on the run alone are cached in ``entry.derived``, so moving a slider
-re-draws one figure from stored arrays and never touches the model.
+imported directly. When a figure fails on this run, the panel gets a figure saying so
+instead of an exception; the failure is logged. Results that depend on the run alone are
+cached in ``entry.derived``, so moving a slider re-draws one figure from stored arrays and
+never touches the model.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 
 import numpy as np
 
-from ..analysis.attention import attention_cliff
+from ..analysis.attention import attention_cliff, stage_bands, three_stages
+from ..figures._style import empty_figure
 from ..findings import findings, sweep_cliff_finding
 from .html import note, show_token
 
@@ -21,41 +21,24 @@ log = logging.getLogger("vlmlens.ui")
 
 
 class Missing(Exception):
-    """A topic function is not in this build."""
-
-
-def real(module: str, name: str):
-    """``module.name`` or raise Missing (module not there yet, or no such function)."""
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as e:
-        raise Missing(f"{module}.{name} is not available in this build ({e.name or e})") from None
-    fn = getattr(mod, name, None)
-    if fn is None:
-        raise Missing(f"{module}.{name} is not available in this build")
-    return fn
+    """What a panel needs is not in this run (e.g. no attention maps recorded, no model for
+    LLaVA-CAM): the panel says so in a message figure."""
 
 
 def message_figure(text: str, title: str | None = None):
+    return empty_figure(text, title=title, height=260)
+
+
+def figure(fn, *args, title: str | None = None, **kwargs):
+    """``fn(*args, **kwargs)``: the figure, or a message figure saying why it could not draw
+    this run (the failure is logged; the dashboard keeps serving)."""
     try:
-        return real("vlmlens.figures._style", "empty_figure")(text, title=title, height=260)
-    except Missing:
-        import plotly.graph_objects as go
-
-        fig = go.Figure()
-        fig.add_annotation(text=text, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False)
-        fig.update_layout(title=title, height=260, xaxis_visible=False, yaxis_visible=False)
-        return fig
-
-
-def figure(module: str, name: str, *args, title: str | None = None, **kwargs):
-    """Call ``module.name(*args, **kwargs)``; a message figure if it is missing or fails."""
-    try:
-        return real(module, name)(*args, **kwargs)
+        return fn(*args, **kwargs)
     except Missing as e:
-        return message_figure(f"Not available in this build: {name}", title or str(e))
+        return message_figure(str(e), title)
     except Exception as e:  # a bug or an unsupported run: say so, keep the dashboard alive
-        log.exception("%s.%s failed", module, name)
+        log.exception("%s failed", getattr(fn, "__name__", fn))
+        name = getattr(fn, "__name__", "figure")
         return message_figure(f"{name} could not draw this run: {type(e).__name__}: {str(e)[:160]}", title)
 
 
@@ -93,8 +76,9 @@ def _cliff(entry):
 
 def _stages(entry):
     def compute():
-        labels = real("vlmlens.analysis.attention", "three_stages")(entry.run)
-        return real("vlmlens.analysis.attention", "stage_bands")(labels)
+        if "attn_out" not in entry.run.arrays:
+            return None
+        return stage_bands(three_stages(entry.run))
     return entry.derived.get("stage_bands", lambda: safe(compute))
 
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 
+from ..analysis.compute import compute_tradeoff
+from ..experiments.skip import SkipScanResult, layer_skip_scan
+from ..experiments.substitution import SubstitutionResult, substitution_matrix
+from ..figures.experiments import (fig_compute_tradeoff, fig_layer_skip, fig_reasoning_perturbation,
+                                   fig_substitution_matrix, fig_truncation_sweep)
 from .html import generations_table, note
-from .panels import Missing, figure, message_figure, real
-
-FIG_EXP = "vlmlens.figures.experiments"
+from .panels import figure, message_figure
 SWEEP_CHOICE = "all (sweep)"
 MODES = ("drop", "remove", "freeze")
 
@@ -108,7 +111,8 @@ def truncation_views(entry) -> tuple[str, object, object]:
     else:
         gens = note("No truncation results yet: pick depths and a mode, then Compare (needs the model).")
     if sweep:
-        fig = entry.derived.get(("fig_sweep", content_key(sweep)), lambda: _figure_of(sweep, "fig_truncation_sweep", "Truncation sweep"))
+        fig = entry.derived.get(("fig_sweep", content_key(sweep)),
+                                lambda: _figure_of(sweep, fig_truncation_sweep, "Truncation sweep"))
     else:
         fig = message_figure("No sweep for this run yet: choose 'all (sweep)' and Compare.", "Truncation sweep")
     return gens, fig, perturbation_figure(entry, sweep or comp)
@@ -127,31 +131,29 @@ def perturbation_figure(entry, result: dict | None):
         return message_figure("The baseline answer has no reasoning trace (no 'answer:' in it); "
                               "try a reasoning prompt.", title)
     return entry.derived.get(("fig_pert", content_key(result)),
-                             lambda: _figure_of(result, "fig_reasoning_perturbation", title))
+                             lambda: _figure_of(result, fig_reasoning_perturbation, title))
 
 
-def _figure_of(result: dict, name: str, title: str):
+def _figure_of(result: dict, fig, title: str):
     try:
         obj = _result_obj(result)
     except Exception as e:
         return message_figure(f"stored result is not readable: {e}", title)
-    return figure(FIG_EXP, name, obj, title=title)
+    return figure(fig, obj, title=title)
 
 
-#: extras key -> (module, function, result class or None for a plain dict, figure, button title)
+#: extras key -> (experiment, result class or None for a plain dict, figure, button title)
 EXPERIMENTS = {
-    "substitution": ("vlmlens.experiments.substitution", "substitution_matrix", "SubstitutionResult",
-                     "fig_substitution_matrix", "Substitution matrix"),
-    "layer_skip": ("vlmlens.experiments.skip", "layer_skip_scan", "SkipScanResult", "fig_layer_skip", "Layer-skip scan"),
-    "compute": ("vlmlens.analysis.compute", "compute_tradeoff", None, "fig_compute_tradeoff", "Measure compute"),
+    "substitution": (substitution_matrix, SubstitutionResult, fig_substitution_matrix, "Substitution matrix"),
+    "layer_skip": (layer_skip_scan, SkipScanResult, fig_layer_skip, "Layer-skip scan"),
+    "compute": (compute_tradeoff, None, fig_compute_tradeoff, "Measure compute"),
 }
 
 
 def run_experiment(lm, entry, key: str, progress=None) -> dict:
     """Run the experiment ``key`` on the entry's image + prompt; keep its JSON in extras[key]."""
-    module, fn_name, *_ = EXPERIMENTS[key]
+    fn = EXPERIMENTS[key][0]
     check_model_matches(lm, entry)
-    fn = real(module, fn_name)
     image, prompt, n_new = _run_args(entry)
     if key == "compute":
         if progress:
@@ -176,17 +178,16 @@ def run_stages(lm, entry, progress=None) -> dict:
 def theory_compute(lm, entry) -> None:
     """FLOP / KV-cache savings per depth without timing (cheap), unless already stored."""
     if "compute" not in entry.extras:
-        entry.extras["compute"] = real("vlmlens.analysis.compute", "compute_tradeoff")(
-            lm, entry.run.image, entry.run.prompt, measure=False)
+        entry.extras["compute"] = compute_tradeoff(lm, entry.run.image, entry.run.prompt, measure=False)
 
 
 def experiment_figure(entry, key: str):
-    module, _fn, cls_name, fig_name, title = EXPERIMENTS[key]
+    _fn, cls, fig, title = EXPERIMENTS[key]
     res = entry.extras.get(key)
     if res is None:
         return message_figure(f"No {title.lower()} for this run yet: press '{title}' (needs the run's model).", title)
     try:
-        obj = real(module, cls_name)(**res) if cls_name else res
+        obj = cls(**res) if cls is not None else res
     except Exception as e:
         return message_figure(f"stored {title.lower()} is not readable ({e})", title)
-    return entry.derived.get((fig_name, content_key(res)), lambda: figure(FIG_EXP, fig_name, obj, title=title))
+    return entry.derived.get((fig.__name__, content_key(res)), lambda: figure(fig, obj, title=title))
