@@ -60,31 +60,23 @@ def load_specs(examples_dir: Path = EXAMPLES) -> list[dict]:
 
 def add_analysis_arrays(lm, run) -> list[str]:
     """Store the model-dependent analyses in the run, so that figures (and the app without a
-    model) need only the Run: LLaVA-CAM and the logit / patch lens, where this build has them.
-    Returns the names added; a failing analysis is skipped (and named in ``run.meta``)."""
-    import importlib
+    model) need only the Run: LLaVA-CAM and the logit / patch lens. Returns the names added;
+    an analysis that fails on this run is skipped and named in ``run.meta["analysis_failed"]``
+    (e.g. a family whose CAM backward is unsupported), so the capture itself still succeeds."""
+    from .analysis.cam import attach_cam
+    from .analysis.logit_lens import attach_logit_lens
 
     added, failed = [], {}
-    try:
-        cam = importlib.import_module("vlmlens.analysis.cam")
-    except ImportError:
-        cam = None
-    if cam is not None and hasattr(cam, "attach_cam") and "llava_cam" not in run.arrays:
+    jobs = [("llava_cam", attach_cam, "llava_cam" not in run.arrays),
+            ("logit_lens", attach_logit_lens, "hidden_states" in run.arrays and "logit_lens_ids" not in run.arrays)]
+    for name, attach, wanted in jobs:
+        if not wanted:
+            continue
         try:
-            cam.attach_cam(lm, run)
-            added.append("llava_cam")
-        except Exception as e:  # noqa: BLE001 -- optional analysis
-            failed["llava_cam"] = f"{type(e).__name__}: {e}"
-    try:
-        ll = importlib.import_module("vlmlens.analysis.logit_lens")
-    except ImportError:
-        ll = None
-    if ll is not None and "hidden_states" in run.arrays and "logit_lens_ids" not in run.arrays:
-        try:
-            ll.attach_logit_lens(lm, run)
-            added.append("logit_lens")
-        except Exception as e:  # noqa: BLE001
-            failed["logit_lens"] = f"{type(e).__name__}: {e}"
+            attach(lm, run)
+            added.append(name)
+        except Exception as e:  # noqa: BLE001 -- reported in the run's meta, the run stays usable
+            failed[name] = f"{type(e).__name__}: {e}"
     if failed:
         run.meta["analysis_failed"] = failed
     return added

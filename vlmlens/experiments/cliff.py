@@ -62,12 +62,10 @@ def cliff_from(depths, kept, kl, n_layers: int, tau: float = DEFAULT_TAU) -> tup
 
 
 def _attention_side(run) -> tuple[int | None, str]:
+    from ..analysis.attention import attention_cliff
+
     if run is None:
         return None, "no baseline run kept (keep_runs=False)"
-    try:
-        from ..analysis.attention import attention_cliff
-    except ImportError:
-        return None, "vlmlens.analysis.attention.attention_cliff is not available"
     try:
         value = attention_cliff(run)
     except Exception as e:  # noqa: BLE001 -- optional analysis: report, do not fail the sweep

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..analysis.geometry import cosine_distance
 from ..capture import capture
 from ..errors import InputError
 from ..interventions import SkipLayers
@@ -48,20 +49,10 @@ class SkipScanResult:
         return d
 
 
-def _cosine_distance_fn():
-    """The geometry engineer's adjacent-layer cosine distance (one definition for the project)."""
-    try:
-        from ..analysis.geometry import cosine_distance
-        return cosine_distance
-    except ImportError:
-        from ..analysis.geometry_metrics import cosine_distance
-        return cosine_distance
-
-
 def image_cosine_distance(run) -> np.ndarray:
     """[L] adjacent-layer cosine distance of the image tokens of ``run`` (needs hidden states)."""
     H = run.span_states("image")
-    return np.asarray(_cosine_distance_fn()(H), dtype=np.float64)
+    return np.asarray(cosine_distance(H), dtype=np.float64)
 
 
 def layer_skip_scan(lm, image, prompt: str, *, tokens: Sequence[str] = SKIP_TOKENS, layers: Sequence[int] | None = None,

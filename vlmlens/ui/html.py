@@ -3,13 +3,7 @@ from __future__ import annotations
 
 import html
 
-SPAN_COLORS = {"system": "#999999", "image": "#0072B2", "text": "#D55E00", "generated": "#009E73", "other": "#CC79A7"}
-try:  # one palette for figures and strips, when the figures package provides it
-    from ..figures._style import SPAN_COLORS as _FIG_COLORS
-
-    SPAN_COLORS.update(_FIG_COLORS)
-except ImportError:  # pragma: no cover
-    pass
+from ..figures._style import SPAN_COLORS  # one palette for figures and token strips
 
 _SPACE_MARKS = {"▁": " ", "Ġ": " ", "Ċ": "⏎", "<0x0A>": "⏎", "\n": "⏎"}
 
