@@ -35,3 +35,16 @@ def test_bfloat16_capture_runs(image):
     run = vl.capture(lm, image, "What is in the image?", max_new_tokens=2)
     assert run.meta["model_dtype"] == "bfloat16"
     assert np.isfinite(run.hidden_states).all() and np.nanmax(run.attention_to_image) <= 1.0 + 1e-3
+
+
+def test_unknown_hub_id_offline_fails_fast_and_clearly(monkeypatch):
+    import time
+
+    import vlmlens as vl
+    from vlmlens.models.loading import UnsupportedModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(UnsupportedModel, match="offline .* not in the local cache"):
+        vl.load_model("someone/not-a-model", device="cpu")
+    assert time.perf_counter() - t0 < 3.0

@@ -251,6 +251,10 @@ def test_teaching_mode(teaching):
     demo, url = teaching
     c = Client(url, verbose=False)
     assert demo.dashboard.holder.state == "off"
+    by_id = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+    for eid in ("vl-run", "vl-scene", "vl-compare", "vl-sweep-btn", "vl-stages-btn"):
+        assert by_id[eid].interactive is False, eid            # nothing that needs a model is clickable
+    assert "vl-teaching-note" in by_id
     assert "teaching mode" in app_error(c, handle_file(EXAMPLE), "What?", 2, api_name="/capture")
     t0 = time.perf_counter()
     info, gen_md, strip, headline = c.predict(api_name="/open_default")
@@ -411,7 +415,11 @@ def test_ground_truth_and_causal_stages_follow_the_run(runs_dir, lm):
     dash = Dashboard(model="random:llava", runs_dir=runs_dir, loader=lambda *a, **k: lm)
     dash.holder.wait(30)
     sess, info, _gen, _strip, headline = dash.load_run(CACHED[1], new_session())
-    truth_md = dash.sync_controls(sess, 0)[-1]
+    controls = dash.sync_controls(sess, 0)
+    truth_md = controls[5]
+    image_in, prompt_in, n_in = controls[6:]                 # the input panel shows the opened run
+    assert prompt_in == dash.entry(sess).run.prompt and image_in is dash.entry(sess).run.image
+    assert n_in == dash.entry(sess).run.meta["generation"]["max_new_tokens"]
     want = json.loads((runs_dir / CACHED[1] / "run.json").read_text())["meta"]["task"]
     assert "This run's scene" in truth_md and f"scene seed {want['seed']}" in truth_md and want["answer"] in truth_md
     assert {f["status"] for f in info["findings"]} <= {"causal", "measured", "proxy", "not found", "unverified"}
@@ -427,13 +435,13 @@ def test_ground_truth_and_causal_stages_follow_the_run(runs_dir, lm):
     assert "Three stages (causal" in stages_md and "prefix" in stages_md
     assert any("(knockout)" in (a.text or "") for a in flow.layout.annotations)
     plain, *_rest, headline = dash.capture(EXAMPLE, "Describe this picture please.", 2, sess)
-    md = dash.sync_controls(plain, 0)[-1]            # the scene is known, the answer to this prompt is not
+    md = dash.sync_controls(plain, 0)[5]            # the scene is known, the answer to this prompt is not
     assert "This run's scene" in md and "Truth for its prompt" not in md
     assert "answer vs ground truth" not in headline
     from PIL import Image
 
     other, *_rest = dash.capture(Image.new("RGB", (64, 64), (10, 200, 30)), prompt, 2, sess)
-    assert "No ground truth" in dash.sync_controls(other, 0)[-1]       # never a stale truth of another scene
+    assert "No ground truth" in dash.sync_controls(other, 0)[5]       # never a stale truth of another scene
 
 
 def test_cam_zero_by_construction_is_explained(runs_dir):

@@ -124,17 +124,33 @@ def load_model(
     return _from_pretrained(str(path), name, dev, dt, trust_remote_code)
 
 
+def hub_offline() -> bool:
+    """Whether the user told the HF libraries to stay offline (then nothing is fetched)."""
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 def _from_pretrained(path: str, name: str, dev: torch.device, dt: torch.dtype, trust_remote_code: bool) -> LoadedModel:
     from transformers import AutoConfig, AutoProcessor
 
     local = os.path.isdir(path)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local)
+    offline = hub_offline()
+    try:   # a local directory or the local cache first: no network, no retries
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise UnsupportedModel(
-            f"cannot load model {name!r}: not a built-in name ('tiny-shapes', 'random:<family>'), not a model directory,"
-            f" and not reachable as a hub id ({str(e).splitlines()[0]})"
-        ) from None
+        if local or offline:
+            why = "offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set) and not in the local cache" if offline \
+                else str(e).splitlines()[0]
+            raise UnsupportedModel(
+                f"cannot load model {name!r}: not a built-in name ('tiny-shapes', 'random:<family>'), not a model "
+                f"directory, and not a cached hub id ({why})") from None
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e2:
+            raise UnsupportedModel(
+                f"cannot load model {name!r}: not a built-in name ('tiny-shapes', 'random:<family>'), not a model "
+                f"directory, and not reachable as a hub id ({str(e2).splitlines()[0]})"
+            ) from None
     family = getattr(config, "model_type", None)
     if family not in ARCHES:
         raise UnsupportedModel(f"model family {family!r} of {name!r} is not supported; supported: {', '.join(supported_families())}")

@@ -273,16 +273,20 @@ class Dashboard:
     @handler("sync_controls")
     def sync_controls(self, sess, layer):
         if not self.store.has((sess or {}).get("current")):  # e.g. an empty runs folder at page load
-            return tuple(gr.skip() for _ in range(6))
+            return tuple(gr.skip() for _ in range(9))
         entry = self.entry(sess)
         run = entry.run
         L = run.n_layers
         layer = int(min(max(int(layer or 0), 0), L - 1))  # keep the layer when it exists in the new run
         mine = [(m[0], m[1]) for m in sess.get("mine", []) if self.store.has(m[1])]
+        gen = run.meta.get("generation") or {}
+        n_new = int(min(max(int(gen.get("max_new_tokens") or 12), 1), 256))
+        # the input panel shows the run's own image, prompt and token budget: Run re-runs it as it is
         return (gr.Slider(minimum=0, maximum=L - 1, value=layer, step=1),
                 gr.Dropdown(choices=panels.query_choices(run), value=0),
                 gr.Dropdown(choices=xviews.depth_choices(L), value=["0", str(L // 2)]),
-                gr.Dropdown(choices=mine, value=entry.id), run.image, self.scenes.truth_markdown_for(run))
+                gr.Dropdown(choices=mine, value=entry.id), run.image, self.scenes.truth_markdown_for(run),
+                run.image, run.prompt, n_new)
 
     # ---- tabs ---------------------------------------------------------------------------------
     def _cam_model(self, entry, kind):

@@ -62,6 +62,8 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
     from .inputs import EXAMPLES_DIR
 
     gr.set_static_paths([str(EXAMPLES_DIR)])
+    teaching = dash.holder.state == "off"     # no model: every button that runs one is disabled
+    live = {"interactive": not teaching}
     # no telemetry; gradio's cache of uploads and served files is swept hourly (files > 1 h old)
     with gr.Blocks(title="vlmlens", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         demo.dashboard = dash
@@ -78,15 +80,18 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                                      label="Examples (click one)", columns=5, height=150, allow_preview=False,
                                      elem_id="vl-gallery")
                 with gr.Row():
-                    scene_btn = gr.Button("New random scene", size="sm", elem_id="vl-scene")
+                    scene_btn = gr.Button("New random scene", size="sm", elem_id="vl-scene", **live)
                 truth = gr.Markdown("", label="ground_truth", elem_id="vl-truth")
                 prompt_pick = gr.Dropdown(choices=prompt_choices(None), value=None, label="Example prompts",
                                           elem_id="vl-prompt-pick")
-                prompt = gr.Textbox(label="Prompt", placeholder="What color is the circle?", lines=2, elem_id="vl-prompt",
-                                    max_length=MAX_PROMPT_CHARS)
+                prompt = gr.Textbox(label="Prompt (Enter runs)", placeholder="What color is the circle?", lines=1,
+                                    max_lines=4, elem_id="vl-prompt", max_length=MAX_PROMPT_CHARS)
                 max_new = gr.Slider(1, 256, value=12, step=1, label="Max new tokens", elem_id="vl-max-new",
                                     info="reasoning traces of real models need 100-250")
-                run_btn = gr.Button("Run", variant="primary", elem_id="vl-run")
+                run_btn = gr.Button("Run", variant="primary", elem_id="vl-run", interactive=not teaching)
+                if teaching:
+                    gr.Markdown(f"_Teaching mode: {dash.holder.off_reason or 'no model loaded'}. Open a saved run in "
+                                "the Runs tab; running the model is off._", elem_id="vl-teaching-note")
             with gr.Column(scale=3):
                 with gr.Tabs(elem_id="vl-tabs"):
                     with gr.Tab("Overview", id="overview") as t_over:
@@ -123,7 +128,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                         embed = gr.Plot(label="Token map", elem_id="vl-embed")
                     with gr.Tab("Attention flow", id="attention") as t_att:
                         stages_btn = gr.Button("Find the three stages (knockout windows)", size="sm",
-                                               elem_id="vl-stages-btn")
+                                               elem_id="vl-stages-btn", **live)
                         flow = gr.Plot(label="Attention share per layer", elem_id="vl-flow")
                         stages_md = gr.Markdown(label="stages", elem_id="vl-stages")
                         heads = gr.Plot(label="Per-head share", elem_id="vl-heads")
@@ -132,19 +137,19 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                             depths = gr.Dropdown(choices=[], multiselect=True, label="Depths (image cut from layer k on)",
                                                  elem_id="vl-depths", allow_custom_value=True)
                             mode = gr.Radio(list(MODES), value="drop", label="Mode", elem_id="vl-mode")
-                            trunc_btn = gr.Button("Compare", variant="primary", elem_id="vl-compare")
-                            sweep_btn = gr.Button("Full sweep (every depth)", elem_id="vl-sweep-btn")
+                            trunc_btn = gr.Button("Compare", variant="primary", elem_id="vl-compare", **live)
+                            sweep_btn = gr.Button("Full sweep (every depth)", elem_id="vl-sweep-btn", **live)
                         gens = gr.HTML(label="generations", elem_id="vl-gens")
                         sweep_fig = gr.Plot(label="Truncation sweep", elem_id="vl-sweep")
                         pert_fig = gr.Plot(label="Reasoning-trace perturbation", elem_id="vl-perturb")
                     with gr.Tab("Substitution / skipping", id="substitution") as t_sub:
                         with gr.Row():
-                            sub_btn = gr.Button("Substitution matrix", size="sm")
-                            skip_btn = gr.Button("Layer-skip scan", size="sm")
+                            sub_btn = gr.Button("Substitution matrix", size="sm", **live)
+                            skip_btn = gr.Button("Layer-skip scan", size="sm", **live)
                         sub_fig = gr.Plot(label="Substitution matrix", elem_id="vl-subst")
                         skip_fig = gr.Plot(label="Layer-skip scan", elem_id="vl-skip")
                     with gr.Tab("Compute", id="compute") as t_comp:
-                        measure_btn = gr.Button("Measure compute (times each depth with the model)", size="sm")
+                        measure_btn = gr.Button("Measure compute (times each depth with the model)", size="sm", **live)
                         comp_fig = gr.Plot(label="FLOPs / KV cache / latency per depth", elem_id="vl-compute")
                     with gr.Tab("Runs", id="runs") as t_runs:
                         with gr.Row():
@@ -187,7 +192,8 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
             return [out[c] for c in all_tab_outputs]
 
         def after_run(ev, name):
-            ev = ev.success(dash.sync_controls, [sess, layer], [layer, query, depths, mine, run_image, truth],
+            ev = ev.success(dash.sync_controls, [sess, layer],
+                            [layer, query, depths, mine, run_image, truth, image, prompt, max_new],
                             api_name=f"{name}_controls", show_progress="hidden", api_visibility=INTERNAL)
             return ev.success(render_tab, [sess, active, layer, query, kind, span], all_tab_outputs,
                               api_name=f"{name}_render", show_progress="hidden", api_visibility=INTERNAL)
