@@ -162,3 +162,17 @@ def test_capture_through_the_library_maps_image_tokens_to_the_8x8_grid():
         i, j = np.unravel_index(np.nanargmax(grid), grid.shape)
         cx, cy, r = (j + 0.5) * 8, (i + 0.5) * 8, _RADIUS[obj.size] + 4
         assert abs(cx - obj.x) <= r and abs(cy - obj.y) <= r, (seed, (i, j), (obj.x, obj.y))
+
+
+def test_unknown_words_are_named_in_the_run_and_the_overview():
+    import vlmlens as vl
+    from vlmlens.ui.panels import generation_markdown
+    from vlmlens.ui.store import RunStore
+
+    lm = vl.load_model("tiny-shapes", device="cpu", dtype="float32")
+    image = Path(__file__).resolve().parents[1] / "assets" / "examples" / "shapes_03.png"
+    run = vl.capture(lm, image, "How many objects are there? Think step by step.", max_new_tokens=2)
+    assert run.meta["unknown_words"] == ["Think", "step", "by", "step."]
+    md = generation_markdown(RunStore().add(run, label="x"))
+    assert "does not know «Think», «step», «by», «step.»" in md
+    assert "unknown_words" not in vl.capture(lm, image, "How many objects are there?", max_new_tokens=2).meta

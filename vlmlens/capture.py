@@ -30,6 +30,24 @@ def check_prompt(prompt) -> str:
     return prompt.strip()
 
 
+def unknown_words(lm, prompt: str) -> list[str]:
+    """Words of ``prompt`` the tokenizer can only read as its unknown token (in order, once
+    each). A small vocabulary (tiny-shapes knows 76 words) turns them into ``<unk>``, and the
+    model then answers a different question than the one asked."""
+    tok = lm.processor.tokenizer
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is None:
+        return []
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    if unk not in ids:
+        return []
+    out = []
+    for word in prompt.split():
+        if unk in tok(word, add_special_tokens=False)["input_ids"] and word not in out:
+            out.append(word)
+    return out
+
+
 def context_limit(lm) -> int | None:
     """The most positions the language model takes (``max_position_embeddings``), if it says."""
     n = getattr(lm.text_config, "max_position_embeddings", None)
@@ -184,6 +202,7 @@ def capture(
     if len(img_pos) == 0:
         raise InputError("the processed prompt contains no image tokens; this model's processor did not insert the image")
     check_context(lm, n_prompt, len(img_pos), n_new)
+    unknown = unknown_words(lm, check_prompt(prompt))
     if time_limit is not None and not (isinstance(time_limit, (int, float)) and time_limit > 0):
         raise InputError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
     L = lm.n_layers
@@ -257,6 +276,8 @@ def capture(
         "grid_exact": bool(grid.exact),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if unknown:
+        meta["unknown_words"] = unknown
     return Run(
         meta=meta,
         tokens=tok.convert_ids_to_tokens(ids),

@@ -203,6 +203,8 @@ class Dashboard:
                 panels.safe(lambda: xviews.run_stages(lm, entry))
         if conv:
             gr.Info(f"image note: {conv}")
+        if run.meta.get("unknown_words"):
+            gr.Warning(f"{lm.name} does not know: {', '.join(run.meta['unknown_words'])} (read as its unknown token)")
         progress(0.9, desc="summarising")
         return self._overview(self._adopt(sess, entry), entry)
 

@@ -138,6 +138,11 @@ def generation_markdown(entry) -> str:
     text = run.generated_text or "(nothing generated)"
     ivs = m.get("interventions") or []
     extra = f"  \n*interventions:* `{ivs}`" if ivs else ""
+    if m.get("unknown_words"):
+        words = ", ".join(f"«{w}»" for w in m["unknown_words"])
+        extra += (f"  \n⚠ **The model does not know {words}**: it read them as its unknown token, so it answered a "
+                  "different question than the one typed; the headlines describe that question. Try the example "
+                  "prompts.")
     return (f"**Prompt:** {run.prompt}  \n**Generation:** `{text}`  \n"
             f"<small>{entry.label} · model `{m.get('model')}` · {run.n_layers} layers · "
             f"{run.spans.n_total - run.spans.n_prompt} new tokens ({stop}) · "
