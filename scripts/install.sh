@@ -18,3 +18,5 @@ $PY -m pip install -q --disable-pip-version-check -r requirements.txt
 if [ "${1:-}" = "--dev" ]; then
   $PY -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 fi
+# the package itself, editable: `import vlmlens` works from any folder (its dependencies are above)
+$PY -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
