@@ -177,7 +177,7 @@ def test_runs_tab_open_save_download(client, runs_dir):
     assert set(CACHED) <= set(names) and "broken-run" in names
     assert names[:2] == CACHED                                               # index.json order first
     row = next(l for l in table.splitlines() if l.startswith(f"| {CACHED[1]} "))
-    assert row.rstrip(" |").endswith("yes")                                  # its sweep is listed
+    assert "| yes |" in row and f"(?run={CACHED[1]})" in row                # its sweep and its link are listed
     info, *_ = client.predict(CACHED[1], api_name="/load_run")
     assert info["source"] == f"saved:{CACHED[1]}" and info["has_sweep"]
     saved = json.loads((runs_dir / CACHED[1] / "run.json").read_text())
@@ -461,3 +461,23 @@ def test_cam_zero_by_construction_is_explained(runs_dir):
     assert "zero at the last layer by construction" in text and not [t for t in fig.data if t.type == "heatmap"]
     assert views.cam_zero_reason(entry.run, np.ones((L, 4)), 0) is None
     assert "after the ReLU" in views.cam_zero_reason(entry.run, np.zeros((L, 4)), 0)
+
+
+def test_save_with_spaces_and_shareable_link(runs_dir, tmp_path):
+    import shutil
+    from types import SimpleNamespace
+
+    from vlmlens.ui.callbacks import Dashboard, new_session
+
+    runs = tmp_path / "runs"
+    shutil.copytree(runs_dir / CACHED[0], runs / CACHED[0])
+    dash = Dashboard(no_model=True, runs_dir=runs)
+    sess, *_ = dash.load_run(CACHED[0], new_session())
+    msg, dropdown, table = dash.save_run("  my first run ", sess)
+    assert (runs / "my-first-run").is_dir() and "spaces became dashes" in msg and "?run=my-first-run" in msg
+    assert "[?run=my-first-run](?run=my-first-run)" in table
+    page = SimpleNamespace(query_params={"run": "my-first-run"})      # the page opened as .../?run=my-first-run
+    sess2, info, *_ = dash.open_default(new_session(), page)
+    assert info["label"] == "my-first-run"
+    with pytest.raises(Exception, match="no run named"):
+        dash.open_default(new_session(), SimpleNamespace(query_params={"run": "nope"}))

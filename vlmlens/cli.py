@@ -137,6 +137,10 @@ def _load_plugins() -> None:
 
 
 def main(argv=None) -> int:
+    import warnings
+
+    # transformers' deprecation notices about its own internals are not the user's business here
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

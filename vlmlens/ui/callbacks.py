@@ -227,10 +227,14 @@ class Dashboard:
         return self._overview(self._adopt(sess, entry), entry)
 
     @handler("open_default")
-    def open_default(self, sess):
-        """On page load: the default saved run, so the dashboard shows something at once."""
+    def open_default(self, sess, request: gr.Request = None):
+        """On page load: the run named in the page's ``?run=NAME`` (a shareable link to a saved
+        run), else the default saved run, so the dashboard shows something at once."""
         if (sess or {}).get("current") and self.store.has(sess["current"]):
             return self._overview(sess, self.entry(sess))
+        wanted = (dict(request.query_params).get("run") if request is not None else None) or None
+        if wanted:
+            return self.load_run(wanted, sess)
         if not self.default_run:
             empty = note("No run yet: pick an example image and a prompt, then Run.")
             return sess or new_session(), {}, "", empty, ""
@@ -246,11 +250,15 @@ class Dashboard:
 
     @handler("save_run")
     def save_run(self, name, sess):
+        """Save the current run under ``name`` (spaces become dashes, and the message says so)."""
         entry = self.entry(sess)
-        dest = self.runs.save(name, entry.run, entry.extras)
+        typed = (name or "").strip()
+        clean = "-".join(typed.split())
+        dest = self.runs.save(clean, entry.run, entry.extras)
         names = self.runs.preferred_order()
-        return (f"Saved as `{dest.name}` in `{self.runs.path}`.", gr.Dropdown(choices=names, value=dest.name),
-                self.runs.table_markdown())
+        changed = f" (spaces became dashes: `{typed}` → `{dest.name}`)" if clean != typed else ""
+        return (f"Saved as `{dest.name}` in `{self.runs.path}`{changed}. Link: `?run={dest.name}`",
+                gr.Dropdown(choices=names, value=dest.name), self.runs.table_markdown())
 
     @handler("downloads")
     def downloads(self, sess):

@@ -245,6 +245,8 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
             tab.select(lambda n=name: n, None, active, api_name=f"select_{name}", show_progress="hidden", queue=False,
                        api_visibility=INTERNAL)
             tab.select(fn, ins, tab_outputs[name], api_name=VIEW_API.get(name, name))
+        t_runs.select(dash.list_runs, None, [run_list, names_json, runs_table], api_name="runs_refresh",
+                      show_progress="hidden", api_visibility=INTERNAL)     # the list is never stale
         for tab, name in ((t_over, "overview"), (t_runs, "runs")):
             tab.select(lambda n=name: n, None, active, api_name=f"select_{name}", show_progress="hidden", queue=False,
                        api_visibility=INTERNAL)

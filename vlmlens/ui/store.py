@@ -189,7 +189,7 @@ class RunsDir:
     def table_markdown(self) -> str:
         """One row per run of the folder: prompt, generation, model, layers, whether a truncation
         sweep is stored (read from run.json / sweep.json only; arrays are not loaded)."""
-        rows = ["| run | prompt | generation | model | layers | sweep |", "|---|---|---|---|---|---|"]
+        rows = ["| run | prompt | generation | model | layers | sweep | link |", "|---|---|---|---|---|---|---|"]
         for name in self.preferred_order():
             d = self.path / name
             try:
@@ -198,9 +198,9 @@ class RunsDir:
                 gen = str(doc.get("generated_text", ""))
                 cells = [name, str(meta.get("prompt", "")), gen if len(gen) < 60 else gen[:57] + "…",
                          str(meta.get("model", "")), str(meta.get("n_layers", "")),
-                         "yes" if (d / SWEEP_FILE).is_file() else "—"]
+                         "yes" if (d / SWEEP_FILE).is_file() else "—", f"[?run={name}](?run={name})"]
             except (OSError, ValueError, AttributeError, RunFormatError):
-                cells = [name, "(unreadable run.json)", "", "", "", ""]
+                cells = [name, "(unreadable run.json)", "", "", "", "", ""]
             rows.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
         return "\n".join(rows) if len(rows) > 2 else "_No saved runs in this folder yet._"
 
