@@ -230,6 +230,12 @@ def test_dashboard_end_to_end(served, page):
     timings["open a cached run (click → overview)"] = time.perf_counter() - t0
     assert page.locator(f"#vl-generation :text('{json_prompt(dash, other)}')").count() >= 1
     shot(page, "runs-open")
+
+    # 7. a shareable link: ?run=NAME opens that saved run in a fresh page, inputs included
+    page.goto(url.rstrip("/") + f"/?run={other}")
+    page.wait_for_selector(f"#vl-generation :text('{other}')", timeout=30_000)
+    page.wait_for_function("(p) => document.querySelector('#vl-prompt textarea').value === p",
+                           arg=json_prompt(dash, other), timeout=30_000)
     assert not page.errors, page.errors
 
     report(timings, dash)
