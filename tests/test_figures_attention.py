@@ -83,6 +83,10 @@ def test_cam_layer_and_grid(runs):
     grid = fig_cam_grid(run, "attention", query_index=1)        # the dashboard's positional call
     assert len(grid.data) == L and all(isinstance(t, go.Heatmap) for t in grid.data)
     assert np.allclose(np.asarray(grid.data[1].z, float), attention_map(run, layer=1, query_index=1))
+    for t in grid.data:                                         # per-layer scales by default: 0..that layer's max
+        assert t.zmin == 0 and t.zmax == pytest.approx(float(np.nanmax(np.asarray(t.z, float))))
+    shared = fig_cam_grid(run, "attention", query_index=1, per_layer=False)
+    assert all(t.coloraxis == "coloraxis" for t in shared.data) and shared.layout.coloraxis.cmax > 0
     c = llava_cam(lm, bare, layers=[1])
     one = fig_cam_grid(bare, cams=c, kind="cam")
     assert len(one.data) == 1 and one.layout.annotations[0].text.startswith("L1")

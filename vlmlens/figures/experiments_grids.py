@@ -59,12 +59,13 @@ def fig_substitution_matrix(result, *, metric: str = "answer_kl", floor: float =
     shown = np.where(quiet, np.nan, z)
     fig = new_figure(title=title or f"Substitution matrix — {label}" + (f" (below {floor:g}: no change)" if is_kl else ""),
                      height=520)
-    fig.add_trace(go.Heatmap(x=layers, y=layers, z=shown, hovertext=hover, hoverinfo="text", text=cell,
+    cats = [str(l) for l in layers]       # categorical axes: equal cells however the grid is spaced
+    fig.add_trace(go.Heatmap(x=cats, y=cats, z=shown, hovertext=hover, hoverinfo="text", text=cell,
                              texttemplate="%{text}", colorscale=SEQUENTIAL_COLORSCALE,
                              reversescale=not is_kl, colorbar=dict(title=label),
                              zmin=floor if is_kl else 0, zmax=1 if not is_kl else None))
-    fig.update_xaxes(title_text="image states taken from layer i (input of i)", tickvals=layers)
-    fig.update_yaxes(title_text="substituted into layer j", tickvals=layers)
+    fig.update_xaxes(title_text="image states taken from layer i (input of i)", type="category")
+    fig.update_yaxes(title_text="substituted into layer j", type="category")
     return fig
 
 

@@ -144,10 +144,12 @@ def _shown_height(image) -> int:
 
 
 def fig_cam_grid(run, cams=None, kind: str = "attention", *, query_index: int = 0, overlay: bool = False,
-                 max_cols: int = 8, title: str | None = None) -> go.Figure:
+                 max_cols: int = 8, per_layer: bool = True, title: str | None = None) -> go.Figure:
     """Small multiples: the map of every layer, one subplot each (one trace per layer).
 
-    Heatmap subplots on one shared colour scale (0..max over layers) by default; with
+    ``per_layer=True`` (default): each subplot on its own scale 0..its max, written in its title
+    (one layer with 20x the attention of the others would otherwise leave them black);
+    ``per_layer=False``: one shared scale 0..max over layers with a colour bar. With
     ``overlay=True`` each subplot is the picture with that layer's map blended on it
     (:func:`vlmlens.analysis.cam.overlay`, scaled per layer). ``fig_cam_grid(run, "cam")``
     is accepted too (a string in place of ``cams`` is the kind).
@@ -163,8 +165,9 @@ def fig_cam_grid(run, cams=None, kind: str = "attention", *, query_index: int = 
     last = int(run.n_layers) - 1
 
     def name(l, g):
-        if kind == "attention" or (np.isfinite(g).any() and np.nanmax(np.abs(g)) > 0):
-            return f"L{l}"
+        top = float(np.nanmax(g)) if np.isfinite(g).any() else 0.0
+        if kind == "attention" or top > 0:
+            return f"L{l} · max {top:.3g}" if per_layer and not overlay else f"L{l}"
         return f"L{l} · 0 by construction" if l == last else f"L{l} · all 0 (ReLU)"
     names = [name(l, g) for l, g in zip(layers, grids)]
     fig = make_subplots(rows=nr, cols=nc, subplot_titles=names, horizontal_spacing=0.012, vertical_spacing=0.05)
@@ -177,8 +180,10 @@ def fig_cam_grid(run, cams=None, kind: str = "attention", *, query_index: int = 
             im = _overlay(run.image, g, alpha=0.6, box=_box(run))
             fig.add_trace(go.Image(source=image_uri(im), name=f"layer {l}", hoverinfo="skip"), row=r, col=c)
         else:
+            scale = (dict(colorscale=HEAT_SCALE, zmin=0, zmax=float(np.nanmax(g)) if np.isfinite(g).any()
+                          and np.nanmax(g) > 0 else 1.0, showscale=False) if per_layer else dict(coloraxis="coloraxis"))
             fig.add_trace(go.Heatmap(
-                z=g, coloraxis="coloraxis", customdata=cd, name=f"layer {l}",
+                z=g, customdata=cd, name=f"layer {l}", **scale,
                 hovertemplate=(f"layer {l}<br>row %{{y}}, col %{{x}} · image token %{{customdata[0]}} "
                                f"(pos %{{customdata[1]}})<br>{what} %{{z:.4f}}<extra></extra>")), row=r, col=c)
     fig.update_xaxes(visible=False)
@@ -187,9 +192,13 @@ def fig_cam_grid(run, cams=None, kind: str = "attention", *, query_index: int = 
         fig.update_yaxes(scaleanchor="x")  # square cells
     who = f", query {_query_text(run, query_index)}" if kind == "attention" else ""
     t = title or (f"Attention to the image across layers{who}" if kind == "attention" else "LLaVA-CAM across layers")
+    if per_layer and not overlay:
+        t += "<br><sup>each layer on its own scale, 0 .. the max in its title</sup>"
     apply_style(fig, title=t, height=int(150 * nr + 110))
-    fig.update_layout(coloraxis=dict(colorscale=HEAT_SCALE, cmin=0, cmax=zmax, colorbar=dict(title=what, thickness=12)),
-                      margin=dict(l=10, r=10, t=90, b=10))
+    fig.update_layout(margin=dict(l=10, r=10, t=90, b=10))
+    if not per_layer and not overlay:
+        fig.update_layout(coloraxis=dict(colorscale=HEAT_SCALE, cmin=0, cmax=zmax,
+                                         colorbar=dict(title=what, thickness=12)))
     for a in fig.layout.annotations:
         a.font = dict(size=10)
     return fig
