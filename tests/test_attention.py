@@ -108,13 +108,13 @@ def test_truncation_zeroes_image_contribution_and_marks_discard(image):
     image's contribution there is exactly zero (cos = 1) and the layer is 'discard'."""
     lm = random_lm("llava")
     base = vl.capture(lm, image, PROMPT, max_new_tokens=1)
-    cut = vl.capture(lm, image, PROMPT, max_new_tokens=1, interventions=[vl.Truncate(after_layer=1)])
+    cut = vl.capture(lm, image, PROMPT, max_new_tokens=1, interventions=[vl.Truncate(from_layer=1)])
     assert np.array_equal(cut.arrays["image_contrib"][1], np.zeros_like(cut.arrays["image_contrib"][1]))
     assert np.all(cut.arrays["image_contrib_norm"][1] == 0)
     d = stage_details(base)
     assert d.cos[0] < 0.995 and d.labels[0] == "fusion"   # random model: the image dominates layer 0
     assert three_stages(cut) == ["fusion", "discard"]
-    assert three_stages(vl.capture(lm, image, PROMPT, max_new_tokens=1, interventions=[vl.Truncate(after_layer=0)])) == [
+    assert three_stages(vl.capture(lm, image, PROMPT, max_new_tokens=1, interventions=[vl.Truncate(from_layer=0)])) == [
         "discard", "discard"]
     none = vl.capture(lm, image, PROMPT, max_new_tokens=1, record_contrib=False)
     assert "attn_out" not in none.arrays

@@ -174,14 +174,14 @@ def test_cam_reapplies_the_runs_interventions(image):
     L, k = lm.n_layers, 1
     assert L >= 2
     res = {"activation": "residual"}  # untruncated, every layer's residual peaks at 1
-    drop = vl.capture(lm, image, PROMPT, max_new_tokens=3, interventions=[vl.Truncate(after_layer=k, mode="drop")])
-    remove = vl.capture(lm, image, PROMPT, max_new_tokens=3, interventions=[vl.Truncate(after_layer=k, mode="remove")])
+    drop = vl.capture(lm, image, PROMPT, max_new_tokens=3, interventions=[vl.Truncate(from_layer=k, mode="drop")])
+    remove = vl.capture(lm, image, PROMPT, max_new_tokens=3, interventions=[vl.Truncate(from_layer=k, mode="remove")])
     assert drop.token_ids == remove.token_ids
     cd, cr = llava_cam(lm, drop, **res), llava_cam(lm, remove, **res)
     peak = cd.maps.reshape(L, -1).max(1)
     assert np.allclose(peak[:k], 1.0) and np.all(peak[k:] == 0.0), peak
     assert np.abs(cd.per_token - cr.per_token).max() <= 1e-5
-    assert cr.meta["interventions"] == [{"kind": "Truncate", "after_layer": k, "mode": "drop"}]
+    assert cr.meta["interventions"] == [{"kind": "Truncate", "from_layer": k, "mode": "drop"}]
     blocked = vl.capture(lm, image, PROMPT, max_new_tokens=2,
                          interventions=[vl.Knockout(src="all", dst="image", layers=list(range(L)))])
     assert np.all(llava_cam(lm, blocked, **res).per_token == 0.0)

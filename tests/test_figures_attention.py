@@ -21,7 +21,7 @@ PROMPT = "What is in the image?"
 def runs(image):
     lm = random_lm("llava")
     run = vl.capture(lm, image, PROMPT, max_new_tokens=4)
-    cut = vl.capture(lm, image, PROMPT, max_new_tokens=4, interventions=[vl.Truncate(after_layer=1)])
+    cut = vl.capture(lm, image, PROMPT, max_new_tokens=4, interventions=[vl.Truncate(from_layer=1)])
     bare = vl.capture(lm, image, PROMPT, max_new_tokens=4, record_contrib=False)
     attach_cam(lm, run)
     attach_logit_lens(lm, run, k=3)

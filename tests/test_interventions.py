@@ -166,3 +166,20 @@ def test_bad_interventions_are_clear_errors(image, ivs, msg):
     assert lm.n_layers == 2 or msg.startswith("unknown") or "0\\.\\.2" not in msg
     with pytest.raises(InputError, match=msg.replace("2", str(lm.n_layers)) if "0\\." in msg else msg):
         cap(lm, image, ivs)
+
+
+def test_from_layer_is_the_name_and_after_layer_still_works():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        old = Truncate(after_layer=3, mode="remove")
+        assert any(issubclass(x.category, DeprecationWarning) and "from_layer" in str(x.message) for x in w)
+    assert old == Truncate(3, "remove") == Truncate(from_layer=3, mode="remove") and old.after_layer == 3
+    assert old.to_json() == {"kind": "Truncate", "from_layer": 3, "mode": "remove"}
+    assert from_json({"kind": "Truncate", "after_layer": 2, "mode": "drop"}) == Truncate(2)   # runs saved before
+    assert from_json({"kind": "Freeze", "after_layer": 1}) == Freeze(1) and Freeze(from_layer=1).after_layer == 1
+    with pytest.raises(InputError, match="from_layer only"):
+        Truncate(2, after_layer=2)
+    with pytest.raises(InputError, match="needs from_layer"):
+        Freeze()

@@ -72,7 +72,7 @@ def hand_mask(lm, n: int, img: np.ndarray, layer: int, ivs) -> torch.Tensor:
     for iv in ivs:
         if isinstance(iv, Knockout) and (not iv.layers or layer in iv.layers):
             allowed &= ~((~is_img)[:, None] & is_img[None, :])
-        if isinstance(iv, Truncate) and layer >= iv.after_layer:
+        if isinstance(iv, Truncate) and layer >= iv.from_layer:
             allowed &= ~((~is_img)[:, None] & is_img[None, :])
     mask = torch.zeros(1, 1, n, n)
     mask[0, 0][~torch.from_numpy(allowed)] = torch.finfo(torch.float32).min

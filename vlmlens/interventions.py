@@ -1,8 +1,10 @@
 """Interventions: small frozen dataclasses the lens applies (no second hooking mechanism).
 
-Layer numbering: decoder layers are 0..L-1. ``Truncate(after_layer=k)`` acts on decoder
+Layer numbering: decoder layers are 0..L-1. ``Truncate(from_layer=k)`` acts on decoder
 layers k..L-1, so k=0 means the language model never reads the image and k=L is the
-baseline. In a Run, ``hidden_states[k]`` is the input of decoder layer k.
+baseline. In a Run, ``hidden_states[k]`` is the input of decoder layer k. (``after_layer=``
+is the old name of ``from_layer``: still accepted, with a DeprecationWarning, and in stored
+runs' JSON.)
 
 Each class implements some of the lens hooks (see :class:`vlmlens.lens.Intervention`):
 ``key_block`` (attention key masks), ``edit_input`` / ``edit_output`` (residual-stream
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
+
+import warnings
 
 import torch
 
@@ -31,13 +35,26 @@ class _Base:
     def to_json(self) -> dict:
         return {"kind": type(self).__name__, **asdict(self)}
 
+
+def _from_layer(cls: str, from_layer, after_layer):
+    """``from_layer``, or the deprecated ``after_layer`` (the same number under its old name)."""
+    if after_layer is not None:
+        if from_layer is not None:
+            raise InputError(f"{cls}: give from_layer only (after_layer is its old name)")
+        warnings.warn(f"{cls}(after_layer=k) is now {cls}(from_layer=k): the same layer k, a clearer name",
+                      DeprecationWarning, stacklevel=3)
+        return after_layer
+    if from_layer is None:
+        raise InputError(f"{cls} needs from_layer (the first decoder layer it acts on)")
+    return from_layer
+
     def validate(self, n_layers: int) -> None:  # overridden
         pass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Truncate(_Base):
-    """From decoder layer ``after_layer`` on, no query reads the image-token keys.
+    """From decoder layer ``from_layer`` on, no query reads the image-token keys.
 
     ``mode="drop"``: a key mask inside attention (image rows are still computed, but
     nothing reads them). ``mode="remove"``: the image tokens also leave the hidden states
@@ -46,37 +63,54 @@ class Truncate(_Base):
     image positions keep their last computed state in ``hidden_states``.
     """
 
-    after_layer: int
+    from_layer: int
     mode: str = "drop"
 
+    def __init__(self, from_layer: int | None = None, mode: str = "drop", *, after_layer: int | None = None):
+        object.__setattr__(self, "from_layer", _from_layer("Truncate", from_layer, after_layer))
+        object.__setattr__(self, "mode", mode)
+
+    @property
+    def after_layer(self) -> int:
+        """Old name of :attr:`from_layer`."""
+        return self.from_layer
+
     def validate(self, n_layers: int) -> None:
-        _check_layer("Truncate.after_layer", self.after_layer, 0, n_layers)
+        _check_layer("Truncate.from_layer", self.from_layer, 0, n_layers)
         if self.mode not in TRUNCATE_MODES:
             raise InputError(f"unknown truncation mode {self.mode!r}; expected one of {TRUNCATE_MODES} (or use Freeze)")
 
     def key_block(self, layer, qpos, kpos, state):
-        if layer < self.after_layer or self.mode == "remove":
+        if layer < self.from_layer or self.mode == "remove":
             return None
         return (~state.is_image(qpos))[:, None] & state.is_image(kpos)[None, :]
 
     def removed_positions(self, layer, state):
-        if self.mode != "remove" or layer < self.after_layer:
+        if self.mode != "remove" or layer < self.from_layer:
             return None
         return state.image_pos
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Freeze(_Base):
-    """Image-token states stop changing after ``after_layer``: decoder layers k..L-1 pass
-    the image rows through, and later layers attend to that frozen state."""
+    """Image-token states stop changing from decoder layer ``from_layer`` on: decoder layers
+    k..L-1 pass the image rows through, and later layers attend to that frozen state."""
 
-    after_layer: int
+    from_layer: int
+
+    def __init__(self, from_layer: int | None = None, *, after_layer: int | None = None):
+        object.__setattr__(self, "from_layer", _from_layer("Freeze", from_layer, after_layer))
+
+    @property
+    def after_layer(self) -> int:
+        """Old name of :attr:`from_layer`."""
+        return self.from_layer
 
     def validate(self, n_layers: int) -> None:
-        _check_layer("Freeze.after_layer", self.after_layer, 0, n_layers)
+        _check_layer("Freeze.from_layer", self.from_layer, 0, n_layers)
 
     def edit_output(self, layer, h_in, h_out, state):
-        return _pass_through(layer, h_in, h_out, state, layer >= self.after_layer, "image")
+        return _pass_through(layer, h_in, h_out, state, layer >= self.from_layer, "image")
 
 
 @dataclass(frozen=True)
@@ -206,6 +240,8 @@ def from_json(d: dict):
     kind = d.pop("kind", None)
     if kind not in KINDS:
         raise InputError(f"unknown intervention kind {kind!r}; expected one of {sorted(KINDS)}")
+    if kind in ("Truncate", "Freeze") and "after_layer" in d and "from_layer" not in d:
+        d["from_layer"] = d.pop("after_layer")        # runs saved before the rename
     try:
         return KINDS[kind](**d)
     except TypeError as e:
@@ -226,13 +262,13 @@ def validate_all(interventions: Sequence, n_layers: int) -> None:
         raise InputError("conflicting interventions: more than one Freeze")
     removes = [t for t in truncs if t.mode == "remove"]
     if removes:
-        k = removes[0].after_layer
+        k = removes[0].from_layer
         for iv in interventions:
             touches = (isinstance(iv, Substitute) and iv.at_layer >= k and iv.at_layer != iv.from_layer) or (
                 isinstance(iv, SkipLayers) and iv.tokens == "image" and any(l >= k for l in iv.layers)
             )
             if touches:
                 raise InputError(
-                    f"conflicting interventions: Truncate(after_layer={k}, mode='remove') takes the image tokens out of"
+                    f"conflicting interventions: Truncate(from_layer={k}, mode='remove') takes the image tokens out of"
                     f" layers >= {k}, so {iv!r} cannot act on them there"
                 )

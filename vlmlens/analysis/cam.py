@@ -133,7 +133,7 @@ def _cam_interventions(run, interventions):
     out = []
     for iv in interventions:
         if isinstance(iv, Truncate) and iv.mode == "remove":
-            iv = Truncate(after_layer=iv.after_layer, mode="drop")
+            iv = Truncate(from_layer=iv.from_layer, mode="drop")
         out.append(iv)
     return out
 

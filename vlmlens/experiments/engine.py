@@ -203,8 +203,8 @@ class Session:
         if not ivs:
             return self._prefix
         if len(ivs) == 1 and isinstance(ivs[0], Truncate):
-            return self._prefix.truncated(ivs[0].after_layer, ivs[0].mode)
-        if len(ivs) == 1 and isinstance(ivs[0], Freeze) and ivs[0].after_layer >= self.n_layers:
+            return self._prefix.truncated(ivs[0].from_layer, ivs[0].mode)
+        if len(ivs) == 1 and isinstance(ivs[0], Freeze) and ivs[0].from_layer >= self.n_layers:
             return replace(self._prefix, interventions=self._prefix.interventions + [ivs[0].to_json()])  # a no-op
         return prefill(self.lm, self.prep, self.extra + ivs, **self.record)
 
