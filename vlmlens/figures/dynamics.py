@@ -154,7 +154,8 @@ def fig_dynamics(run, other=None, *, spans=DEFAULT_SPANS, eps: float = 0.05, k: 
         _add_run_traces(fig, odf, suffix=f" ({other_label})", dash=OTHER_DASH, mark_stab=False, first=True)
     for i, (_m, _t, ylabel) in enumerate(PANELS):
         row, col = divmod(i, 2)
-        fig.update_xaxes(title_text="layer", row=row + 1, col=col + 1, rangemode="tozero")
+        fig.update_xaxes(title_text="h<sub>ℓ</sub>: input of decoder layer ℓ (0 = embeddings)", row=row + 1, col=col + 1,
+                         rangemode="tozero")
         fig.update_yaxes(title_text=ylabel, row=row + 1, col=col + 1)
     fig.update_layout(margin=dict(t=120, b=90))
     legend_below(fig, y=-0.09)
@@ -271,8 +272,8 @@ def fig_layer_similarity(run, span: str = "image") -> go.Figure:
         colorbar=dict(title="CKA"), name=span,
         hovertemplate="layer %{y} vs layer %{x}<br>CKA %{z:.3f}<extra></extra>",
     ))
-    fig.update_xaxes(title_text="layer", constrain="domain")
-    fig.update_yaxes(title_text="layer", scaleanchor="x", autorange="reversed")
+    fig.update_xaxes(title_text="h<sub>ℓ</sub> (0 = embeddings)", constrain="domain")
+    fig.update_yaxes(title_text="h<sub>ℓ</sub> (0 = embeddings)", scaleanchor="x", autorange="reversed")
     return fig
 
 

@@ -229,7 +229,7 @@ def fig_logit_lens(run, *, value: str = "top1", title: str | None = None) -> go.
     apply_style(fig, title=title or "Logit lens: what each layer would say next", height=max(360, min(900, 22 * L1 + 160)))
     fig.update_xaxes(title="position (input token; the lens predicts the next one)", tickvals=list(range(P)), ticktext=xlab,
                      tickangle=-45)
-    fig.update_yaxes(title="layer (0 = embeddings)")
+    fig.update_yaxes(title="h<sub>ℓ</sub>: input of decoder layer ℓ (0 = embeddings, L = last output)")
     return fig
 
 
@@ -256,7 +256,7 @@ def fig_patch_lens(run, layer: int | None = None, *, title: str | None = None) -
         steps = [dict(method="update", label=str(l), args=[{"visible": [j == i for j in range(len(layers))]},
                                                            {"title.text": f"Patch lens — layer {l}"}])
                  for i, l in enumerate(layers)]
-        fig.update_layout(sliders=[dict(active=len(layers) - 1, steps=steps, currentvalue=dict(prefix="layer "),
+        fig.update_layout(sliders=[dict(active=len(layers) - 1, steps=steps, currentvalue=dict(prefix="h_ℓ, ℓ = "),
                                         pad=dict(t=30))])
     apply_style(fig, title=title or f"Patch lens — layer {layers[-1]}", height=520)
     fig.update_yaxes(autorange="reversed", scaleanchor="x", title="patch row")

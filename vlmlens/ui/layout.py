@@ -106,8 +106,8 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                             info = gr.JSON(label="run_info", show_label=False, elem_id="vl-info")
                     with gr.Tab("Heatmaps", id="heatmaps") as t_heat:
                         with gr.Row():
-                            layer = LayerSlider(0, max(1, dash.default_layers - 1), value=0, step=1, label="Layer",
-                                                elem_id="vl-layer")
+                            layer = LayerSlider(0, max(1, dash.default_layers - 1), value=0, step=1,
+                                                label="Decoder layer ℓ (attention read at ℓ)", elem_id="vl-layer")
                             query = gr.Dropdown(choices=[("last prompt token", 0)], value=0, label="Token (attention map)",
                                                 elem_id="vl-query", allow_custom_value=True)
                             kind = gr.Radio(list(HEATMAP_KINDS), value="attention", label="Map", elem_id="vl-kind")
