@@ -183,3 +183,17 @@ def test_from_layer_is_the_name_and_after_layer_still_works():
         Truncate(2, after_layer=2)
     with pytest.raises(InputError, match="needs from_layer"):
         Freeze()
+
+
+def test_one_layer_check_everywhere(image):
+    from vlmlens.analysis.cam import llava_cam
+    from vlmlens.experiments.skip import layer_skip_scan
+    from vlmlens.experiments.substitution import substitution_layers
+
+    lm = random_lm("llava")
+    run = cap(lm, image, n=1)
+    L = lm.n_layers
+    for call in (lambda: llava_cam(lm, run, layers=[L]), lambda: layer_skip_scan(lm, image, PROMPT, layers=[-1]),
+                 lambda: substitution_layers(L, layers=[1.5]), lambda: Truncate(True).validate(L)):
+        with pytest.raises(InputError, match=r"must be an integer in 0\.\.\d+ for this model"):
+            call()

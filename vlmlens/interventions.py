@@ -19,16 +19,11 @@ import warnings
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, check_layer
 
 TRUNCATE_MODES = ("drop", "remove")
 SRC_SPANS = ("text", "generated", "last", "all")
 DST_SPANS = ("image", "system", "text")
-
-
-def _check_layer(name: str, value, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise InputError(f"{name} must be an integer in {lo}..{hi} for this model, got {value!r}")
 
 
 class _Base:
@@ -76,7 +71,7 @@ class Truncate(_Base):
         return self.from_layer
 
     def validate(self, n_layers: int) -> None:
-        _check_layer("Truncate.from_layer", self.from_layer, 0, n_layers)
+        check_layer("Truncate.from_layer", self.from_layer, 0, n_layers)
         if self.mode not in TRUNCATE_MODES:
             raise InputError(f"unknown truncation mode {self.mode!r}; expected one of {TRUNCATE_MODES} (or use Freeze)")
 
@@ -107,7 +102,7 @@ class Freeze(_Base):
         return self.from_layer
 
     def validate(self, n_layers: int) -> None:
-        _check_layer("Freeze.from_layer", self.from_layer, 0, n_layers)
+        check_layer("Freeze.from_layer", self.from_layer, 0, n_layers)
 
     def edit_output(self, layer, h_in, h_out, state):
         return _pass_through(layer, h_in, h_out, state, layer >= self.from_layer, "image")
@@ -123,8 +118,8 @@ class Substitute(_Base):
     from_layer: int
 
     def validate(self, n_layers: int) -> None:
-        _check_layer("Substitute.at_layer", self.at_layer, 0, n_layers - 1)
-        _check_layer("Substitute.from_layer", self.from_layer, 0, n_layers - 1)
+        check_layer("Substitute.at_layer", self.at_layer, 0, n_layers - 1)
+        check_layer("Substitute.from_layer", self.from_layer, 0, n_layers - 1)
         if self.from_layer > self.at_layer:
             raise InputError(
                 f"Substitute needs from_layer <= at_layer (states come from an earlier layer); got from_layer="
@@ -158,7 +153,7 @@ class SkipLayers(_Base):
 
     def validate(self, n_layers: int) -> None:
         for l in self.layers:
-            _check_layer("SkipLayers layer", l, 0, n_layers - 1)
+            check_layer("SkipLayers layer", l, 0, n_layers - 1)
         if self.tokens not in ("image", "all"):
             raise InputError(f"SkipLayers.tokens must be 'image' or 'all', got {self.tokens!r}")
 
@@ -190,7 +185,7 @@ class Knockout(_Base):
         if self.dst not in DST_SPANS:
             raise InputError(f"Knockout.dst must be one of {DST_SPANS}, got {self.dst!r}")
         for l in self.layers:
-            _check_layer("Knockout layer", l, 0, n_layers - 1)
+            check_layer("Knockout layer", l, 0, n_layers - 1)
 
     def _span_mask(self, name, pos, state):
         img = state.is_image(pos)

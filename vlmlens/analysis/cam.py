@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import check_layer
+
 ACTIVATIONS = ("mlp_input", "residual")
 
 
@@ -170,9 +172,8 @@ def llava_cam(lm, run, *, layers=None, target_tokens=None, activation: str = "ml
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     L = lm.n_layers
-    layers = list(range(L)) if layers is None else sorted({int(l) for l in layers})
-    if any(not 0 <= l < L for l in layers):
-        raise ValueError(f"layers must lie in 0..{L - 1}")
+    layers = list(range(L)) if layers is None else sorted({check_layer("LLaVA-CAM layer", l, 0, L - 1)
+                                                              for l in layers})
     ivs = _cam_interventions(run, interventions)
     validate_all(ivs, L)
     inputs, _, _ = prepare_inputs(lm, run.image, run.prompt)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..analysis.geometry import cosine_distance
 from ..capture import capture
-from ..errors import InputError
+from ..errors import InputError, check_layer
 from ..interventions import SkipLayers
 from .engine import DEFAULT_SEPARATOR, Progress, Session, compare_outputs
 
@@ -64,10 +64,7 @@ def layer_skip_scan(lm, image, prompt: str, *, tokens: Sequence[str] = SKIP_TOKE
     for t in toks:
         if t not in SKIP_TOKENS:
             raise InputError(f"tokens must be among {SKIP_TOKENS}, got {t!r}")
-    ls = list(range(L)) if layers is None else [int(l) for l in layers]
-    for l in ls:
-        if not 0 <= l <= L - 1:
-            raise InputError(f"skip layers must be integers in 0..{L - 1} for this model, got {l}")
+    ls = list(range(L)) if layers is None else [check_layer("skip layer", l, 0, L - 1) for l in layers]
     t0 = time.perf_counter()
     s = Session(lm, image, prompt, max_new_tokens=max_new_tokens, reuse=reuse)
     kl = {t: [] for t in toks}

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-from ..errors import InputError
+from ..errors import InputError, check_layer
 from ..interventions import Substitute
 from .engine import DEFAULT_SEPARATOR, Progress, Session, compare_outputs
 
@@ -45,9 +45,7 @@ def substitution_layers(n_layers: int, stride: int = 1, layers: Sequence[int] | 
     if layers is not None:
         out = []
         for l in layers:
-            if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l <= L - 1:
-                raise InputError(f"substitution layers must be integers in 0..{L - 1} for this model, got {l!r}")
-            out.append(int(l))
+            out.append(check_layer("substitution layer", l, 0, L - 1))
         if not out:
             raise InputError(f"no substitution layers given; use integers in 0..{L - 1}")
         return sorted(set(out))
@@ -60,8 +58,7 @@ def check_pair(at_layer: int, from_layer: int, n_layers: int) -> None:
     """A substitution pair must read from an earlier layer: 0 <= from_layer < at_layer <= L-1."""
     L = int(n_layers)
     for name, v in (("at_layer", at_layer), ("from_layer", from_layer)):
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= L - 1:
-            raise InputError(f"{name} must be an integer in 0..{L - 1} for this model, got {v!r}")
+        check_layer(name, v, 0, L - 1)
     if from_layer >= at_layer:
         raise InputError(f"from_layer must be smaller than at_layer (0 <= from_layer < at_layer <= {L - 1});"
                          f" got from_layer={from_layer}, at_layer={at_layer}")
