@@ -417,7 +417,7 @@ def test_ground_truth_and_causal_stages_follow_the_run(runs_dir, lm):
     sess, info, _gen, _strip, headline = dash.load_run(CACHED[1], new_session())
     controls = dash.sync_controls(sess, 0)
     truth_md = controls[5]
-    image_in, prompt_in, n_in = controls[6:]                 # the input panel shows the opened run
+    image_in, prompt_in, n_in = controls[6:9]                # the input panel shows the opened run
     assert prompt_in == dash.entry(sess).run.prompt and image_in is dash.entry(sess).run.image
     assert n_in == dash.entry(sess).run.meta["generation"]["max_new_tokens"]
     want = json.loads((runs_dir / CACHED[1] / "run.json").read_text())["meta"]["task"]
@@ -481,3 +481,22 @@ def test_save_with_spaces_and_shareable_link(runs_dir, tmp_path):
     assert info["label"] == "my-first-run"
     with pytest.raises(Exception, match="no run named"):
         dash.open_default(new_session(), SimpleNamespace(query_params={"run": "nope"}))
+
+
+def test_compare_two_runs(runs_dir, lm):
+    from vlmlens.ui.callbacks import Dashboard, new_session
+
+    dash = Dashboard(model="random:llava", runs_dir=runs_dir, loader=lambda *a, **k: lm)
+    dash.holder.wait(30)
+    sess, info, *_ = dash.load_run(CACHED[0], new_session())
+    md, flow, dyn = dash.compare_runs(sess, CACHED[1])                  # a saved run by name
+    other_prompt = json.loads((runs_dir / CACHED[1] / "run.json").read_text())["meta"]["prompt"]
+    assert dash.entry(sess).run.prompt in md and other_prompt in md and "sweep cliff" in md
+    assert any(t.name.endswith("(other)") for t in flow.data) and any(t.name.endswith(f"({CACHED[1]})") for t in dyn.data)
+    sess2, *_ = dash.capture(EXAMPLE, "What color is the circle?", 2, sess)
+    md2, *_ = dash.compare_runs(sess2, info["run_id"])                 # one of this session's runs by id
+    assert "What color is the circle?" in md2
+    with pytest.raises(Exception, match="pick the other run"):
+        dash.compare_runs(sess2, "")
+    picks = dash.sync_controls(sess2, 0)[9]
+    assert any(v == info["run_id"] for _, v in picks.choices) and any(v == CACHED[1] for _, v in picks.choices)

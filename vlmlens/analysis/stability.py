@@ -120,7 +120,7 @@ def stabilisation(run, span: str = "image", *, tol: float = DEFAULT_TOL, quantil
     pct = f"{quantile:.0%} of the {m.n_tokens} {span} tokens"
     if layer is None:
         last = q[-1]
-        worst = int(np.nanargmax(q)) if np.isfinite(q).any() else None
+        worst = int(np.nanargmax(med)) if np.isfinite(med).any() else None
         text = (f"not stabilised: decoder layer {L - 1} still moves {pct} by up to {last:.0%} of their norm "
                 f"(tolerance {tol:.0%}; largest median step {np.nanmax(med):.0%} at layer {worst})")
         drift = None

@@ -260,6 +260,24 @@ class Dashboard:
         return (f"Saved as `{dest.name}` in `{self.runs.path}`{changed}. Link: `?run={dest.name}`",
                 gr.Dropdown(choices=names, value=dest.name), self.runs.table_markdown())
 
+    @handler("compare_runs")
+    def compare_runs(self, sess, other):
+        """The current run next to another (one of this session's runs by id, or a saved run by
+        name): prompts, answers and headlines side by side; attention flow and geometry overlaid
+        (the other run dashed)."""
+        entry = self.entry(sess)
+        if not other:
+            raise InputError("pick the other run first (a saved run, or one of this session's)")
+        mine = {m[1] for m in (sess or {}).get("mine", [])}
+        if other in mine and self.store.has(other):
+            o_entry = self.store.get(other)
+            o_run, o_label, o_sweep, o_extras = o_entry.run, o_entry.label, o_entry.sweep, o_entry.extras
+        else:
+            o_run, _derived, o_extras = self.runs.open(other)
+            o_label, o_sweep = other, o_extras.get("sweep")
+        return (panels.comparison_markdown(entry, o_run, o_label, o_sweep, o_extras),
+                views.compare_attention(entry.run, o_run, o_label), views.compare_dynamics(entry.run, o_run, o_label))
+
     @handler("downloads")
     def downloads(self, sess):
         from . import exports
@@ -283,7 +301,7 @@ class Dashboard:
     @handler("sync_controls")
     def sync_controls(self, sess, layer):
         if not self.store.has((sess or {}).get("current")):  # e.g. an empty runs folder at page load
-            return tuple(gr.skip() for _ in range(9))
+            return tuple(gr.skip() for _ in range(10))
         entry = self.entry(sess)
         run = entry.run
         L = run.n_layers
@@ -296,7 +314,9 @@ class Dashboard:
                 gr.Dropdown(choices=panels.query_choices(run), value=0),
                 gr.Dropdown(choices=xviews.depth_choices(L), value=["0", str(L // 2)]),
                 gr.Dropdown(choices=mine, value=entry.id), run.image, self.scenes.truth_markdown_for(run),
-                run.image, run.prompt, n_new)
+                run.image, run.prompt, n_new,
+                gr.Dropdown(choices=[(f"this session: {m[0]}", m[1]) for m in mine if m[1] != entry.id]
+                            + [(n, n) for n in self.runs.preferred_order()], value=None))
 
     # ---- tabs ---------------------------------------------------------------------------------
     def _cam_model(self, entry, kind):

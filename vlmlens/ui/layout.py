@@ -170,6 +170,15 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                             dl_zip = gr.File(label="Run (zip)")
                             dl_csv = gr.File(label="Metrics (CSV)")
                             dl_html = gr.File(label="Figures (HTML)")
+                        gr.Markdown("#### Compare the current run with another")
+                        with gr.Row():
+                            other_pick = gr.Dropdown(choices=dash.runs.preferred_order(), value=None,
+                                                     label="Other run (saved, or one of this session's)",
+                                                     elem_id="vl-other", allow_custom_value=True)
+                            compare_runs_btn = gr.Button("Compare", elem_id="vl-compare-runs")
+                        compare_md = gr.Markdown(label="comparison", elem_id="vl-compare-md")
+                        compare_flow = gr.Plot(label="Attention to the image, both runs", elem_id="vl-compare-flow")
+                        compare_dyn = gr.Plot(label="Geometry across layers, both runs", elem_id="vl-compare-dyn")
 
         overview = [sess, info, gen_md, strip, headline]
         tab_outputs = {"heatmaps": [heat, grid, lens, plens], "dynamics": [move, dyn, cka, embed],
@@ -193,7 +202,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
 
         def after_run(ev, name):
             ev = ev.success(dash.sync_controls, [sess, layer],
-                            [layer, query, depths, mine, run_image, truth, image, prompt, max_new],
+                            [layer, query, depths, mine, run_image, truth, image, prompt, max_new, other_pick],
                             api_name=f"{name}_controls", show_progress="hidden", api_visibility=INTERNAL)
             return ev.success(render_tab, [sess, active, layer, query, kind, span], all_tab_outputs,
                               api_name=f"{name}_render", show_progress="hidden", api_visibility=INTERNAL)
@@ -216,6 +225,8 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
         refresh_btn.click(dash.list_runs, None, [run_list, names_json, runs_table], api_name="list_runs")
         save_btn.click(dash.save_run, [save_name, sess], [save_msg, run_list, runs_table], api_name="save_run")
         dl_btn.click(dash.downloads, sess, [dl_zip, dl_csv, dl_html], api_name="downloads")
+        compare_runs_btn.click(dash.compare_runs, [sess, other_pick], [compare_md, compare_flow, compare_dyn],
+                               api_name="compare_runs")
 
         layer.change(dash.heatmap_layer, [sess, layer, query, kind], heat, api_name="heatmap_layer",
                      show_progress="hidden", trigger_mode="always_last")

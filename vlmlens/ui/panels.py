@@ -131,6 +131,26 @@ def _attr(text: str) -> str:
             .replace("|", "&#124;"))
 
 
+def comparison_markdown(entry, other_run, other_label: str, other_sweep=None, other_extras=None) -> str:
+    """Two runs side by side: prompt, answer, model, and every headline with its status."""
+    a = {f.key: f for f in run_findings(entry)}
+    b = {f.key: f for f in findings(other_run, sweep=other_sweep, extras=other_extras or {})}
+    r = entry.run
+    lines = [f"| | **{_cell(entry.label)}** (current) | **{_cell(other_label)}** |", "|---|---|---|",
+             f"| prompt | {_cell(r.prompt)} | {_cell(other_run.prompt)} |",
+             f"| generation | `{_cell(r.generated_text)}` | `{_cell(other_run.generated_text)}` |",
+             f"| model | {_cell(r.meta.get('model'))} ({r.n_layers} layers) | "
+             f"{_cell(other_run.meta.get('model'))} ({other_run.n_layers} layers) |",
+             f"| interventions | {_cell(r.meta.get('interventions') or 'none')} | "
+             f"{_cell(other_run.meta.get('interventions') or 'none')} |"]
+    for key in list(a) + [k for k in b if k not in a]:
+        fa, fb = a.get(key), b.get(key)
+        title = (fa or fb).title
+        cell = lambda f: "—" if f is None else f"<small>{STATUS_BADGE.get(f.status, f.status)}</small> {_cell(f.text)}"  # noqa: E731
+        lines.append(f"| **{title}** | {cell(fa)} | {cell(fb)} |")
+    return "\n".join(lines)
+
+
 def generation_markdown(entry) -> str:
     run = entry.run
     m = run.meta

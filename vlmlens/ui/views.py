@@ -174,3 +174,19 @@ def stages_markdown(st: dict | None) -> str:
         row(st["joint"], "sink + discard together")
     lines += ["", "</details>"]
     return "\n".join(lines)
+
+
+# ---- two runs ------------------------------------------------------------------------------------
+
+def compare_attention(run, other, other_label: str):
+    """Attention flow of ``run`` with ``other`` dashed (needs both to have recorded attention)."""
+    if "attention_to_image" not in run.arrays or "attention_to_image" not in other.arrays:
+        return message_figure("Both runs need recorded attention to the image.", "Attention flow")
+    return figure(fig_attention_flow, run, other, title=f"Attention to the image — current vs {other_label} (dashed)")
+
+
+def compare_dynamics(run, other, other_label: str):
+    """Geometry curves of ``run`` with ``other`` dashed (needs both to have hidden states)."""
+    if "hidden_states" not in run.arrays or "hidden_states" not in other.arrays:
+        return message_figure("Both runs need stored hidden states.", "Dynamics")
+    return figure(fig_dynamics, run, other, other_label=other_label, title="Dynamics")
