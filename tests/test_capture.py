@@ -73,6 +73,8 @@ def test_capture_matches_plain_model(family, image):
         mp = run.map_positions
         maps = a[:, mp][:, :, img].mean(0)
         assert np.abs(run.attention_maps[l] - maps).max() <= 1e-5
+        heads = a[:, run.spans.n_prompt - 1][:, img]          # every head's map of the last prompt token
+        assert np.abs(run.attention_head_maps[l] - heads).max() <= 1e-5
     assert np.nanmin(run.attention_to_image) >= 0 and np.nanmax(run.attention_to_image) <= 1 + 1e-6
 
 

@@ -113,3 +113,17 @@ def test_logit_and_patch_lens_figures(runs):
         fig_logit_lens(bare)
     with pytest.raises(KeyError):
         fig_patch_lens(bare)
+
+
+def test_head_maps_are_each_heads_own_map(runs):
+    from vlmlens.figures.heatmaps import fig_head_maps
+
+    lm, run, _cut, _bare = runs
+    H = lm.text_config.num_attention_heads
+    fig = fig_head_maps(run, 1)
+    assert len(fig.data) == H
+    for h, t in enumerate(fig.data):
+        assert np.allclose(np.asarray(t.z, float), run.to_grid(run.attention_head_maps[1, h]), equal_nan=True)
+    assert np.allclose(run.attention_head_maps.mean(1), run.attention_maps[:, 0], atol=1e-6)   # their mean is the map
+    with pytest.raises(ValueError, match="layer must be in"):
+        fig_head_maps(run, 99)

@@ -141,7 +141,12 @@ def test_capture_then_every_tab(client, app):
     d = plot(dyn)
     xs = [x for t in d["data"] if t.get("name") == "image" for x in arr(t["x"])]
     assert max(xs) == L                                                 # layers 0..L
-    flow, heads, stages_md = client.predict(api_name="/attention")
+    flow, heads, stages_md, head_layer, head_maps = client.predict(api_name="/attention")
+    hm = [t for t in plot(head_maps)["data"] if t["type"] == "heatmap"]
+    assert len(hm) == 4 and "head 0" in hm[0]["hovertemplate"]               # random:llava has 4 heads
+    one = [t for t in plot(client.predict(0, api_name="/head_maps"))["data"] if t["type"] == "heatmap"]
+    assert "layer 0 · head 0" in one[0]["hovertemplate"]
+    assert "out of range" in app_error(client, 9, api_name="/head_maps")
     assert plot(flow)["data"] or plot(flow)["layout"].get("annotations")
 
 

@@ -331,6 +331,10 @@ def _arrays_from_state(state, L: int, n_total: int, n_prompt: int, n_img: int, n
         arrays["attention_to_image"] = share
         arrays["attention_maps"] = maps
         arrays["map_positions"] = np.arange(n_prompt - 1, n_total, dtype=np.int64)
+        heads = np.zeros((L, n_heads, n_img), dtype=np.float32)    # layers that saw no image keys stay 0
+        for l, m in state.head_maps.items():
+            heads[l] = m.numpy()
+        arrays["attention_head_maps"] = heads
     if state.plan.record_contrib and state.contrib:
         d = next(iter(state.contrib.values()))[0].numel()
         vec = np.full((2, L, d), np.nan, dtype=np.float32)

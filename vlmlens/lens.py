@@ -105,6 +105,7 @@ class LensState:
         self.hidden: dict[int, list] = {l: [] for l in range(plan.n_layers + 1)}
         self.share: dict[int, list] = {l: [] for l in range(plan.n_layers)}
         self.maps: dict[int, list] = {l: [] for l in range(plan.n_layers)}
+        self.head_maps: dict[int, torch.Tensor] = {}  # layer -> [H, n_image] of the last prompt token
         self.contrib: dict[int, tuple] = {}  # layer -> (o [d], sum_j c_j [d], |c_j| [n_image])
 
     # -- helpers -----------------------------------------------------------------------

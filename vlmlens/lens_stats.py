@@ -1,7 +1,8 @@
 """What the lens records inside the attention function (called with the layer's q, k, v).
 
 * ``record_attention``: for non-image query rows, the attention mass on image keys per head
-  and the head-averaged map over image keys (rows at or after ``plan.map_from``).
+  and the head-averaged map over image keys (rows at or after ``plan.map_from``), and every
+  head's own map for the last prompt token (``map_from``): [layer, head, n_image] is small.
 * ``record_contributions``: at the last prompt token, the attention block's output and the
   image keys' part of it (VisiPruner-style contributions; see analysis/attention.py).
 
@@ -34,6 +35,9 @@ def record_attention(state, module, layer, query, key, qpos, kpos, allowed, scal
         if bool(mrows.any()):
             maps.append(p[:, mrows].mean(0))         # [R', n_img]
             map_pos.append(qpos[r][mrows])
+        at = torch.nonzero(qpos[r] == state.plan.map_from).flatten()
+        if at.numel() and layer not in state.head_maps:
+            state.head_maps[layer] = p[:, int(at[0])].cpu()   # [H, n_img]: each head's map, last prompt token
     share = torch.cat(shares, dim=1)
     # full per-forward row set: image queries NaN, queries before the image 0
     full = torch.zeros(query.shape[1], qpos.numel(), device=share.device)

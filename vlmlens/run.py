@@ -177,6 +177,11 @@ class Run:
         return self.arrays["attention_maps"]
 
     @property
+    def attention_head_maps(self) -> np.ndarray:
+        """[layer, head, n_image]: each head's attention over the image keys, last prompt token."""
+        return self.arrays["attention_head_maps"]
+
+    @property
     def map_positions(self) -> np.ndarray:
         return self.arrays["map_positions"]
 

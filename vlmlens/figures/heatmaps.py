@@ -204,6 +204,43 @@ def fig_cam_grid(run, cams=None, kind: str = "attention", *, query_index: int = 
     return fig
 
 
+def fig_head_maps(run, layer: int, *, max_cols: int = 8, title: str | None = None) -> go.Figure:
+    """Each head's attention over the image at one decoder layer, for the last prompt token
+    (``run.attention_head_maps``): one subplot per head on its own scale (its image share and
+    max in the title). The head-averaged map hides heads that look at different places."""
+    from plotly.subplots import make_subplots
+
+    if "attention_head_maps" not in run.arrays:
+        raise KeyError("this run holds no per-head maps (captured before they were recorded); capture it again")
+    hm = np.asarray(run.attention_head_maps, dtype=np.float64)
+    L, H = hm.shape[:2]
+    if not 0 <= int(layer) < L:
+        raise ValueError(f"layer must be in 0..{L - 1}, got {layer}")
+    maps = hm[int(layer)]
+    nc = min(max_cols, H)
+    nr = math.ceil(H / nc)
+    names = [f"head {h} · share {maps[h].sum():.2f}" for h in range(H)]
+    fig = make_subplots(rows=nr, cols=nc, subplot_titles=names, horizontal_spacing=0.012, vertical_spacing=0.06)
+    cd = _customdata(run)
+    for h in range(H):
+        g = run.to_grid(maps[h])
+        top = float(np.nanmax(g)) if np.isfinite(g).any() and np.nanmax(g) > 0 else 1.0
+        fig.add_trace(go.Heatmap(
+            z=g, customdata=cd, name=f"head {h}", colorscale=HEAT_SCALE, zmin=0, zmax=top, showscale=False,
+            hovertemplate=(f"layer {int(layer)} · head {h}<br>row %{{y}}, col %{{x}} · image token %{{customdata[0]}}"
+                           "<br>attention %{z:.4f}<extra></extra>")), row=h // nc + 1, col=h % nc + 1)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x")
+    t = title or (f"Each head's attention to the image — decoder layer {int(layer)}, last prompt token "
+                  f"{_query_text(run, 0)}<br><sup>each head on its own scale; share = its attention mass on "
+                  "the image</sup>")
+    apply_style(fig, title=t, height=int(170 * nr + 110))
+    fig.update_layout(margin=dict(l=10, r=10, t=90, b=10))
+    for a in fig.layout.annotations:
+        a.font = dict(size=10)
+    return fig
+
+
 def fig_logit_lens(run, *, value: str = "top1", title: str | None = None) -> go.Figure:
     """Layer (0 = embeddings .. L) x position heatmap of the logit lens stored by
     ``attach_logit_lens``: colour = top-1 probability (``value="target"``: probability of the

@@ -388,8 +388,25 @@ class Dashboard:
 
     @handler("attention")
     def attention(self, sess):
-        """Attention tab: flow (stage bands: knockout when measured, else the cosine proxy), heads, stage table."""
-        return views.attention_figures(self.entry(sess))
+        """Attention tab: flow (stage bands: knockout when measured, else the cosine proxy), heads, stage table,
+        and each head's map at the last decoder layer (the layer picker follows the run)."""
+        entry = self.entry(sess)
+        L = entry.run.n_layers
+        return (*views.attention_figures(entry), gr.Dropdown(choices=list(range(L)), value=L - 1),
+                views.head_maps_figure(entry, L - 1))
+
+    @handler("head_maps")
+    def head_maps(self, sess, layer):
+        """Each head's attention map over the image at one decoder layer (last prompt token)."""
+        entry = self.entry(sess)
+        L = entry.run.n_layers
+        try:
+            layer = int(layer)
+        except (TypeError, ValueError, OverflowError):
+            raise InputError(f"layer must be an integer 0..{L - 1}, got {layer!r}") from None
+        if not 0 <= layer <= L - 1:
+            raise InputError(f"layer {layer} is out of range: this run has decoder layers 0..{L - 1}")
+        return views.head_maps_figure(entry, layer)
 
     @handler("find_stages")
     def find_stages(self, sess, progress=gr.Progress()):

@@ -132,6 +132,9 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                         flow = gr.Plot(label="Attention share per layer", elem_id="vl-flow")
                         stages_md = gr.Markdown(label="stages", elem_id="vl-stages")
                         heads = gr.Plot(label="Per-head share", elem_id="vl-heads")
+                        head_layer = gr.Dropdown(choices=[], label="Each head's map at decoder layer ℓ",
+                                                 elem_id="vl-head-layer", allow_custom_value=True)
+                        head_fig = gr.Plot(label="Per-head maps (last prompt token)", elem_id="vl-head-maps")
                     with gr.Tab("Truncation", id="truncation") as t_trunc:
                         with gr.Row():
                             depths = gr.Dropdown(choices=[], multiselect=True, label="Depths (image cut from layer k on)",
@@ -182,7 +185,8 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
 
         overview = [sess, info, gen_md, strip, headline]
         tab_outputs = {"heatmaps": [heat, grid, lens, plens], "dynamics": [move, dyn, cka, embed],
-                       "attention": [flow, heads, stages_md], "truncation": [gens, sweep_fig, pert_fig],
+                       "attention": [flow, heads, stages_md, head_layer, head_fig],
+                       "truncation": [gens, sweep_fig, pert_fig],
                        "substitution": [sub_fig, skip_fig], "compute": [comp_fig]}
         all_tab_outputs = [c for cs in tab_outputs.values() for c in cs]
 
@@ -235,6 +239,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                       api_visibility=INTERNAL)
         span.input(dash.dynamics, [sess, span], tab_outputs["dynamics"], api_name="dynamics_span", api_visibility=INTERNAL)
         embed_btn.click(dash.token_map, [sess, method], embed, api_name="token_map")
+        head_layer.input(dash.head_maps, [sess, head_layer], head_fig, api_name="head_maps")
         trunc_btn.click(dash.truncate, [sess, depths, mode], [gens, sweep_fig, pert_fig, headline], api_name="truncate",
                         **MODEL_QUEUE)
         sweep_btn.click(dash.sweep, [sess, mode], [gens, sweep_fig, pert_fig, headline], api_name="sweep",

@@ -11,7 +11,7 @@ import numpy as np
 from ..analysis.cam import llava_cam
 from ..figures.attention import fig_attention_flow, fig_attention_heads
 from ..figures.dynamics import fig_dynamics, fig_layer_similarity, fig_token_movement, fig_token_umap
-from ..figures.heatmaps import fig_cam_grid, fig_cam_layer, fig_logit_lens, fig_patch_lens
+from ..figures.heatmaps import fig_cam_grid, fig_cam_layer, fig_head_maps, fig_logit_lens, fig_patch_lens
 from ..findings import NOISE_FLOOR
 from .panels import Missing, figure, message_figure
 
@@ -145,6 +145,14 @@ def attention_figures(entry):
         fig_attention_flow, run, stages=labels, title="Attention flow"))
     heads = entry.derived.get("fig_attention_heads", lambda: figure(fig_attention_heads, run, title="Heads"))
     return flow, heads, stages_markdown(st)
+
+
+def head_maps_figure(entry, layer: int):
+    """Each head's map over the image at decoder ``layer`` (last prompt token), cached per layer."""
+    run = entry.run
+    if "attention_head_maps" not in run.arrays:
+        return message_figure("This run holds no per-head maps (captured before they were recorded).", "Heads")
+    return entry.derived.get(("fig_head_maps", int(layer)), lambda: figure(fig_head_maps, run, int(layer), title="Heads"))
 
 
 def stages_markdown(st: dict | None) -> str:
