@@ -505,3 +505,18 @@ def test_compare_two_runs(runs_dir, lm):
         dash.compare_runs(sess2, "")
     picks = dash.sync_controls(sess2, 0)[9]
     assert any(v == info["run_id"] for _, v in picks.choices) and any(v == CACHED[1] for _, v in picks.choices)
+
+
+def test_large_uploads_are_scaled_down_before_the_model_sees_them(lm, runs_dir):
+    from PIL import Image
+
+    from vlmlens.ui.callbacks import Dashboard, new_session
+
+    dash = Dashboard(model="random:llava", runs_dir=runs_dir, loader=lambda *a, **k: lm, max_image_side=640)
+    dash.holder.wait(30)
+    big = Image.new("RGB", (3000, 2000), (200, 40, 40))
+    sess, *_ = dash.capture(big, "What is this?", 1, new_session())
+    run = dash.entry(sess).run
+    assert run.image.size == (640, 427) and "scaled down from 3000x2000 to 640x427" in run.meta["image_note"]
+    small, *_ = dash.capture(Image.new("RGB", (64, 64)), "What is this?", 1, sess)
+    assert dash.entry(small).run.image.size == (64, 64) and not dash.entry(small).run.meta.get("image_note")

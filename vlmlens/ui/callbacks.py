@@ -38,6 +38,21 @@ def new_session() -> dict:
     return {"current": None, "mine": []}
 
 
+def bounded_image(rgb, max_side: int):
+    """(image, note): an upload larger than ``max_side`` pixels on its long side is scaled down
+    (Lanczos) *before* the model sees it, so the run stores — and LLaVA-CAM re-runs on — exactly
+    the model's input; a 4000x3000 photo otherwise costs ~7x the capture time and a 5 MB
+    image.png for what the processors shrink to a few hundred pixels anyway. The note says so."""
+    from PIL import Image
+
+    w, h = rgb.size
+    if max(w, h) <= max_side:
+        return rgb, None
+    s = max_side / max(w, h)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return rgb.resize(size, Image.LANCZOS), f"scaled down from {w}x{h} to {size[0]}x{size[1]} before the model saw it"
+
+
 def with_sid(sess) -> dict:
     """``sess`` with a session id (a new one the first time): the store's fair-share owner."""
     import uuid
@@ -75,7 +90,7 @@ class Dashboard:
     def __init__(self, *, model: str | None = "tiny-shapes", device: str = "auto", dtype: str = "auto",
                  runs_dir=None, trust_remote_code: bool = False, no_model: bool = False,
                  default_run: str | None = None, store_capacity: int = 64, loader=None, start_loading: bool = True,
-                 time_limit: float | None = 120.0):
+                 time_limit: float | None = 120.0, max_image_side: int = 1344):
         name, why = resolve_model_name(model, no_model)
         self.holder = ModelHolder(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                                   loader=loader, off_reason=why)
@@ -85,6 +100,7 @@ class Dashboard:
         self.scenes = SceneBook()
         self.export_dirs = ExportDirs()
         self.time_limit = time_limit
+        self.max_image_side = int(max_image_side)
         for ex in self.examples:
             self.scenes.add_file(ex["file"], ex.get("truth"), ex.get("seed"), ex.get("prompts"))
         self.timings: dict[str, deque] = defaultdict(lambda: deque(maxlen=500))
@@ -177,6 +193,7 @@ class Dashboard:
             if isinstance(image, str):
                 raise InputError(str(e).replace(str(Path(image)), Path(image).name)) from None
             raise
+        rgb, shrunk = bounded_image(rgb, self.max_image_side)
         prompt = check_prompt(prompt)
         n = check_max_new_tokens(int(max_new_tokens) if isinstance(max_new_tokens, float) and
                                  float(max_new_tokens).is_integer() else max_new_tokens)
@@ -184,6 +201,9 @@ class Dashboard:
         with self.holder.use() as lm:
             progress(0.2, desc=f"capturing {lm.n_layers} layers")
             run = capture(lm, rgb, prompt, max_new_tokens=n, time_limit=self.time_limit)
+            notes = [x for x in (conv, shrunk) if x]
+            if notes:
+                run.meta["image_note"] = "; ".join(notes)
             if run.meta.get("generation", {}).get("stop_reason") == "time limit":
                 gr.Warning(f"generation stopped at the {self.time_limit:.0f} s time limit of one request "
                            f"({len(run.generated_tokens)} tokens)")
@@ -201,8 +221,8 @@ class Dashboard:
             if lm.n_layers <= AUTO_STAGES_MAX_LAYERS:   # 3L + 1 teacher-forced forwards: cheap on small models
                 progress(0.8, desc="knockout windows (three stages)")
                 panels.safe(lambda: xviews.run_stages(lm, entry))
-        if conv:
-            gr.Info(f"image note: {conv}")
+        if conv or shrunk:
+            gr.Info(f"image note: {'; '.join(x for x in (conv, shrunk) if x)}")
         if run.meta.get("unknown_words"):
             gr.Warning(f"{lm.name} does not know: {', '.join(run.meta['unknown_words'])} (read as its unknown token)")
         progress(0.9, desc="summarising")
