@@ -176,3 +176,22 @@ def test_unknown_words_are_named_in_the_run_and_the_overview():
     md = generation_markdown(RunStore().add(run, label="x"))
     assert "does not know «Think», «step», «by», «step.»" in md
     assert "unknown_words" not in vl.capture(lm, image, "How many objects are there?", max_new_tokens=2).meta
+
+
+def test_the_dashboard_warns_when_tiny_shapes_sees_a_picture_from_elsewhere(tmp_path):
+    import vlmlens as vl
+    from PIL import Image
+
+    from vlmlens.ui.callbacks import Dashboard, new_session
+    from vlmlens.ui.panels import generation_markdown
+
+    lm = vl.load_model("tiny-shapes", device="cpu", dtype="float32")
+    dash = Dashboard(model="tiny-shapes", runs_dir=tmp_path, loader=lambda *a, **k: lm)
+    dash.holder.wait(60)
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8))
+    sess, *_ = dash.capture(photo, "How many objects are there?", 2, new_session())
+    entry = dash.entry(sess)
+    assert "border" in entry.run.meta["out_of_world"] and "unlike the shapes world" in generation_markdown(entry)
+    example = Path(__file__).resolve().parents[1] / "assets" / "examples" / "shapes_00.png"
+    sess, *_ = dash.capture(str(example), "How many objects are there?", 2, sess)
+    assert "out_of_world" not in dash.entry(sess).run.meta

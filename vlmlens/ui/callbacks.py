@@ -204,6 +204,12 @@ class Dashboard:
             notes = [x for x in (conv, shrunk) if x]
             if notes:
                 run.meta["image_note"] = "; ".join(notes)
+            if lm.name == "tiny-shapes":
+                from ..tiny.world_check import shapes_world_check
+
+                why = shapes_world_check(rgb)
+                if why:
+                    run.meta["out_of_world"] = why
             if run.meta.get("generation", {}).get("stop_reason") == "time limit":
                 gr.Warning(f"generation stopped at the {self.time_limit:.0f} s time limit of one request "
                            f"({len(run.generated_tokens)} tokens)")
@@ -223,6 +229,9 @@ class Dashboard:
                 panels.safe(lambda: xviews.run_stages(lm, entry))
         if conv or shrunk:
             gr.Info(f"image note: {'; '.join(x for x in (conv, shrunk) if x)}")
+        if run.meta.get("out_of_world"):
+            gr.Warning(f"this image does not look like the shapes world tiny-shapes was trained on: "
+                       f"{run.meta['out_of_world']}")
         if run.meta.get("unknown_words"):
             gr.Warning(f"{lm.name} does not know: {', '.join(run.meta['unknown_words'])} (read as its unknown token)")
         progress(0.9, desc="summarising")

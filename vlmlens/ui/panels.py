@@ -158,6 +158,10 @@ def generation_markdown(entry) -> str:
     text = run.generated_text or "(nothing generated)"
     ivs = m.get("interventions") or []
     extra = f"  \n*interventions:* `{ivs}`" if ivs else ""
+    if m.get("out_of_world"):
+        extra += (f"  \n⚠ **This image is unlike the shapes world this model was trained on** ({m['out_of_world']}): "
+                  "its answers and the headlines describe a model reading a picture it has never seen. Try an "
+                  "example or a random scene.")
     if m.get("unknown_words"):
         words = ", ".join(f"«{w}»" for w in m["unknown_words"])
         extra += (f"  \n⚠ **The model does not know {words}**: it read them as its unknown token, so it answered a "
