@@ -70,7 +70,7 @@ def served(tmp_path_factory):
     demo = build_demo(lm.name, runs_dir=runs, loader=lambda *a, **k: release.wait(300) and lm)
     demo.release_model = release
     port = _port()
-    demo.queue().launch(prevent_thread_lock=True, server_port=port, quiet=True)
+    demo.queue().launch(prevent_thread_lock=True, server_port=port, quiet=True, css=demo.vl_css)
     yield demo, f"http://127.0.0.1:{port}/"
     release.set()
     demo.close()

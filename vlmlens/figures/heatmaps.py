@@ -263,10 +263,11 @@ def fig_logit_lens(run, *, value: str = "top1", title: str | None = None) -> go.
         colorbar=dict(title="top-1 p" if value == "top1" else "p(final)"),
         hovertemplate=("layer %{y} · after token %{x}<br><b>top tokens</b><br>%{customdata[0]}"
                        "<br>final prediction %{customdata[1]}: p=%{customdata[2]}<extra></extra>")))
-    apply_style(fig, title=title or "Logit lens: what each layer would say next", height=max(360, min(900, 22 * L1 + 160)))
+    apply_style(fig, title=title or "Logit lens: what each layer would say next", height=max(360, min(900, 22 * L1 + 160)),
+                width=max(700, 46 * P + 220) if P > 16 else None)   # long outputs: wider, the plot scrolls
     fig.update_xaxes(title="position (input token; the lens predicts the next one)", tickvals=list(range(P)), ticktext=xlab,
                      tickangle=-45)
-    fig.update_yaxes(title="h<sub>ℓ</sub>: input of decoder layer ℓ (0 = embeddings, L = last output)")
+    fig.update_yaxes(title="h<sub>ℓ</sub> (0 = embeddings)")
     return fig
 
 
@@ -296,6 +297,8 @@ def fig_patch_lens(run, layer: int | None = None, *, title: str | None = None) -
         fig.update_layout(sliders=[dict(active=len(layers) - 1, steps=steps, currentvalue=dict(prefix="h_ℓ, ℓ = "),
                                         pad=dict(t=30))])
     apply_style(fig, title=title or f"Patch lens — layer {layers[-1]}", height=520)
-    fig.update_yaxes(autorange="reversed", scaleanchor="x", title="patch row")
-    fig.update_xaxes(title="patch column")
+    rows, cols = run.image_grid
+    # fixed ranges: the grid fills the plot whatever the width (autorange drifted to -2..10 when narrow)
+    fig.update_yaxes(range=[rows - 0.5, -0.5], scaleanchor="x", constrain="domain", title="patch row")
+    fig.update_xaxes(range=[-0.5, cols - 0.5], constrain="domain", title="patch column")
     return fig

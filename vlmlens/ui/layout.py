@@ -11,6 +11,9 @@ from .xviews import MODES
 
 # api names of the tab renderers (where the plain tab name is taken by the tab's action button)
 INTERNAL = "undocumented"  # UI plumbing: named and callable, but not listed in the API page
+#: a long output's logit lens is drawn wider than the page: its panel scrolls sideways
+CSS = "#vl-logit-lens { overflow-x: auto !important; }"
+
 #: every event that runs the model waits in one gradio queue, one at a time: the model runs one
 #: request at a time anyway, and the queue shows each waiting user their position
 MODEL_QUEUE = {"concurrency_id": "model", "concurrency_limit": 1}
@@ -67,6 +70,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
     # no telemetry; gradio's cache of uploads and served files is swept hourly (files > 1 h old)
     with gr.Blocks(title="vlmlens", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         demo.dashboard = dash
+        demo.vl_css = CSS          # gradio 6 takes css at launch(): app.py passes it
         sess = gr.State(new_session())
         active = gr.State("overview")
         gr.Markdown("## vlmlens — look inside a vision-language model's layers")
