@@ -51,7 +51,9 @@ def _model_and_runs(tmp_path_factory):
     if TINY_SHAPES_DIR.is_dir() and len(names) >= 2:
         import vlmlens as vl
 
-        return vl.load_model("tiny-shapes", device="cpu", dtype="float32"), shipped
+        runs = tmp_path_factory.mktemp("browser-runs") / "cached_runs"   # a copy: the test saves a run
+        shutil.copytree(shipped, runs)
+        return vl.load_model("tiny-shapes", device="cpu", dtype="float32"), runs
     from tests._models import random_lm
     from vlmlens.cached import make_cached_runs
 
@@ -236,6 +238,25 @@ def test_dashboard_end_to_end(served, page):
     page.wait_for_selector(f"#vl-generation :text('{other}')", timeout=30_000)
     page.wait_for_function("(p) => document.querySelector('#vl-prompt textarea').value === p",
                            arg=json_prompt(dash, other), timeout=30_000)
+
+    # 8. each head's map (Attention tab), then compare with the default run and save with a spaced name
+    open_tab(page, "Attention flow")
+    page.wait_for_function("() => { const el = document.querySelector('#vl-head-maps .js-plotly-plot');"
+                           " return el && el.data && el.data.filter(t => t.type === 'heatmap').length ===" 
+                           f" {dash.holder.lm.text_config.num_attention_heads}; }}", timeout=60_000)
+    open_tab(page, "Runs")
+    box = page.locator("#vl-other input")
+    box.click()
+    box.fill(dash.default_run)
+    page.keyboard.press("Enter")
+    page.click("#vl-compare-runs")
+    page.wait_for_function("(p) => document.querySelector('#vl-compare-md').innerText.includes(p)",
+                           arg=json_prompt(dash, dash.default_run), timeout=60_000)
+    page.wait_for_selector("#vl-compare-flow .js-plotly-plot", timeout=60_000)
+    page.fill("#vl-save-name textarea, #vl-save-name input", "browser copy")
+    page.click("#vl-save")
+    page.wait_for_function("() => document.body.innerText.includes('spaces became dashes')", timeout=30_000)
+    assert (dash.runs.path / "browser-copy").is_dir()
     assert not page.errors, page.errors
 
     report(timings, dash)
