@@ -281,3 +281,24 @@ def report(timings: dict, dash) -> None:
     from benchmarks._report import write_section
 
     write_section("ui-browser", "Dashboard in a browser (tests/test_browser.py)", body)
+
+
+def test_teaching_mode_in_the_browser(tmp_path, page):
+    """``--no-model``: every button that needs a model is disabled, with a note; runs still open."""
+    from vlmlens.ui import build_demo
+
+    runs = tmp_path / "cached_runs"
+    shutil.copytree(ROOT / "cached_runs", runs)
+    demo = build_demo(no_model=True, runs_dir=runs)
+    port = _port()
+    demo.queue().launch(prevent_thread_lock=True, server_port=port, quiet=True, css=demo.vl_css)
+    try:
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_selector("#vl-generation :text('Generation')", timeout=60_000)
+        for eid in ("vl-run", "vl-scene"):
+            assert page.locator(f"#{eid}").is_disabled(), eid
+        assert "Teaching mode" in page.locator("#vl-teaching-note").inner_text()
+        open_tab(page, "Truncation")
+        assert page.locator("#vl-compare").is_disabled() and page.locator("#vl-sweep-btn").is_disabled()
+    finally:
+        demo.close()
