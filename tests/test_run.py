@@ -160,3 +160,26 @@ def test_load_missing_dir(tmp_path):
     with pytest.raises(FileNotFoundError):
         vl.load_run(tmp_path / "nope")
     shutil.rmtree(tmp_path)
+
+
+def test_one_span_vocabulary_for_numpy_and_torch():
+    import torch
+
+    from vlmlens.analysis.attention import QUERY_SPANS
+    from vlmlens.interventions import Knockout
+    from vlmlens.run import SPAN_VOCABULARY, TokenSpans, span_mask
+
+    img = (2, 3, 4, 6, 7)                                   # two image blocks with a separator at 5
+    spans = TokenSpans(n_prompt=11, n_total=14, image_positions=img)
+    pos_np = np.arange(14)
+    pos_t = torch.arange(14)
+    is_img = np.isin(pos_np, img)
+    for name in SPAN_VOCABULARY:
+        a = span_mask(name, pos_np, is_image=is_img, first_image=2, last_image=7, n_prompt=11)
+        b = span_mask(name, pos_t, is_image=torch.from_numpy(is_img), first_image=2, last_image=7, n_prompt=11)
+        assert np.array_equal(a, b.numpy()), name
+        assert np.array_equal(spans.positions(name), pos_np[a]), name
+    assert spans.positions("system").tolist() == [0, 1] and spans.positions("text").tolist() == [8, 9, 10]
+    assert spans.positions("reads_image").tolist() == [5, 8, 9, 10, 11, 12, 13]      # the separator can see the image
+    assert 5 not in spans.positions("text")                                         # ... but is not prompt text
+    assert set(Knockout.SPANS.values()) <= set(SPAN_VOCABULARY) and set(QUERY_SPANS.values()) <= set(SPAN_VOCABULARY)

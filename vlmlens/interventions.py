@@ -20,6 +20,7 @@ import warnings
 import torch
 
 from .errors import InputError, check_layer
+from .run import span_mask
 
 TRUNCATE_MODES = ("drop", "remove")
 SRC_SPANS = ("text", "generated", "last", "all")
@@ -168,7 +169,8 @@ class SkipLayers(_Base):
 class Knockout(_Base):
     """In the listed decoder layers (all when empty), queries of span ``src`` cannot attend
     to keys of span ``dst``. src: "text" (prompt text after the image), "generated",
-    "last" (the last prompt token), "all" (every non-image query)."""
+    "last" (the last prompt token), "all" (every non-image query: the vocabulary's
+    ``non_image``); spans as defined once in :func:`vlmlens.run.span_mask`."""
 
     src: str = "last"
     dst: str = "image"
@@ -187,22 +189,16 @@ class Knockout(_Base):
         for l in self.layers:
             check_layer("Knockout layer", l, 0, n_layers - 1)
 
+    #: the Knockout names of spans in the project's vocabulary (vlmlens.run.SPAN_VOCABULARY)
+    SPANS = {"image": "image", "system": "system", "text": "text", "generated": "generated", "last": "last",
+             "all": "non_image"}
+
     def _span_mask(self, name, pos, state):
-        img = state.is_image(pos)
-        first = state.image_pos[0] if state.image_pos.numel() else 0
-        last = state.image_pos[-1] if state.image_pos.numel() else -1
-        n_prompt = state.plan.n_prompt
-        if name == "image":
-            return img
-        if name == "system":
-            return pos < first
-        if name == "text":
-            return (pos > last) & (pos < n_prompt)
-        if name == "generated":
-            return pos >= n_prompt
-        if name == "last":
-            return pos == n_prompt - 1
-        return ~img  # "all"
+        img_pos = state.image_pos
+        first = int(img_pos[0]) if img_pos.numel() else 0
+        last = int(img_pos[-1]) if img_pos.numel() else -1
+        return span_mask(self.SPANS[name], pos, is_image=state.is_image(pos), first_image=first, last_image=last,
+                         n_prompt=state.plan.n_prompt)
 
     def key_block(self, layer, qpos, kpos, state):
         if self.layers and layer not in self.layers:

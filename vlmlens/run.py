@@ -20,6 +20,44 @@ from PIL import Image
 FORMAT_VERSION = 1
 RUN_FILES = ("run.json", "arrays.safetensors", "image.png")
 SPAN_NAMES = ("system", "image", "text", "generated")
+#: every span name of the project, one definition (``span_mask``) for numpy and torch positions
+SPAN_VOCABULARY = {
+    "system": "before the first image token",
+    "image": "the image tokens",
+    "text": "after the last image token, to the end of the prompt",
+    "generated": "the generated tokens",
+    "last": "the last prompt token (it predicts the first answer token)",
+    "prompt": "every prompt position",
+    "all": "every position",
+    "non_image": "every position that is not an image token",
+    "reads_image": "every non-image position after the first image token (the queries that can see the image)",
+}
+
+
+def span_mask(name: str, pos, *, is_image, first_image: int, last_image: int, n_prompt: int):
+    """Boolean mask of the positions ``pos`` (numpy array or torch tensor) in span ``name``
+    (see :data:`SPAN_VOCABULARY`); ``is_image`` is the image mask of ``pos``. Without image
+    tokens pass ``first_image = last_image + 1 = 0``. Tokens between two image blocks (tile
+    separators) belong to no span but ``prompt`` / ``all`` / ``non_image`` / ``reads_image``."""
+    if name == "image":
+        return is_image
+    if name == "system":
+        return pos < first_image
+    if name == "text":
+        return (pos > last_image) & (pos < n_prompt)
+    if name == "generated":
+        return pos >= n_prompt
+    if name == "last":
+        return pos == n_prompt - 1
+    if name == "prompt":
+        return pos < n_prompt
+    if name == "all":
+        return pos >= 0
+    if name == "non_image":
+        return ~is_image
+    if name == "reads_image":
+        return ~is_image & (pos > first_image)
+    raise KeyError(f"unknown span {name!r}; expected one of {tuple(SPAN_VOCABULARY)}")
 
 
 class RunFormatError(ValueError):
@@ -83,17 +121,15 @@ class TokenSpans:
         return len(self.image_positions)
 
     def positions(self, name: str) -> np.ndarray:
-        """Integer positions of span ``name`` (one of system, image, text, generated, prompt, all)."""
+        """Integer positions of span ``name`` (any name of :data:`SPAN_VOCABULARY`)."""
         if name == "image":
             return np.asarray(self.image_positions, dtype=np.int64)
-        if name == "prompt":
-            return np.arange(self.n_prompt)
-        if name == "all":
-            return np.arange(self.n_total)
-        if name not in SPAN_NAMES:
-            raise KeyError(f"unknown span {name!r}; expected one of {SPAN_NAMES + ('prompt', 'all')}")
-        s = getattr(self, name)
-        return np.arange(s.start, s.stop)
+        pos = np.arange(self.n_total)
+        img = np.zeros(self.n_total, dtype=bool)
+        img[np.asarray(self.image_positions, dtype=np.int64)] = True
+        first = self.image_positions[0] if self.image_positions else 0
+        last = self.image_positions[-1] if self.image_positions else -1
+        return pos[span_mask(name, pos, is_image=img, first_image=first, last_image=last, n_prompt=self.n_prompt)]
 
     def label_of(self, pos: int) -> str:
         """The span name of one position ('other' for separators between image blocks)."""

@@ -30,24 +30,21 @@ STAGES = ("sink", "fusion", "discard")
 
 # ---- shares --------------------------------------------------------------------------------
 
+#: query sets of the attention functions, in the span vocabulary (vlmlens.run.SPAN_VOCABULARY)
+QUERY_SPANS = {"last": "last", "text": "text", "generated": "generated", "all": "reads_image"}
+
+
 def query_positions(run, query: str = "last") -> np.ndarray:
     """Positions of the queries named by ``query``.
 
     ``last``: the last prompt token; ``text``: the text after the image (to the end of the
     prompt); ``generated``: the generated tokens (may be empty); ``all``: every non-image
-    position after the first image token (the queries that can see the image).
+    position after the first image token (the queries that can see the image; the span
+    vocabulary's ``reads_image``). One definition: :func:`vlmlens.run.span_mask`.
     """
-    s = run.spans
-    if query == "last":
-        return np.array([s.n_prompt - 1], dtype=np.int64)
-    if query in ("text", "generated"):
-        return s.positions(query)
-    if query == "all":
-        img = s.positions("image")
-        first = img[0] if len(img) else s.n_total
-        pos = np.arange(first + 1, s.n_total)
-        return pos[~np.isin(pos, img)]
-    raise ValueError(f"unknown query set {query!r}; expected one of {QUERIES}")
+    if query not in QUERY_SPANS:
+        raise ValueError(f"unknown query set {query!r}; expected one of {QUERIES}")
+    return run.spans.positions(QUERY_SPANS[query])
 
 
 @dataclass
