@@ -191,7 +191,9 @@ def test_token_umap_embedding_shape_and_cache():
 def test_fig_token_movement_marks_where_the_image_tokens_stop(run):
     from vlmlens.analysis.stability import run_movement
 
-    fig = fd.fig_token_movement(run)
+    from vlmlens.figures.movement import fig_token_movement
+
+    fig = fig_token_movement(run)
     lines = [t for t in fig.data if t.mode == "lines+markers"]
     assert [t.name for t in lines] == [f"image (n={N_IMG})", f"text (n={N_TXT})"]
     np.testing.assert_allclose(lines[0].y, run_movement(run).quantile(0.5))

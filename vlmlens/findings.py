@@ -307,10 +307,3 @@ def findings(run, *, sweep: dict | None = None, extras: dict | None = None, trut
         out.append(proxy)
     out.append(compute_finding(sweep, extras.get("compute")))
     return out
-
-
-def below_floor(values, floor: float = NOISE_FLOOR):
-    """Boolean mask of KL values that are numerical noise ("no change")."""
-    a = np.asarray([[np.nan if v is None else v for v in row] for row in values] if values and isinstance(values[0], list)
-                   else [np.nan if v is None else v for v in values], dtype=np.float64)
-    return np.isfinite(a) & (a < floor)

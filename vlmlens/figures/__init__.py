@@ -10,6 +10,7 @@ _WHERE = {
     "fig_dynamics": "dynamics",
     "fig_layer_similarity": "dynamics",
     "fig_token_umap": "dynamics",
+    "fig_token_movement": "movement",
     # attention flow, heatmaps, logit lens
     "fig_attention_flow": "attention",
     "fig_attention_heads": "attention",

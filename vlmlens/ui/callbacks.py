@@ -7,12 +7,11 @@ anything unexpected is logged and shown as an error too, and the server keeps se
 """
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from pathlib import Path
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import gradio as gr
 
@@ -21,13 +20,13 @@ from ..run import RunFormatError
 from . import panels, views, xviews
 from .html import note, token_strip
 from .inputs import SceneBook, load_examples, prompt_choices, random_scene, truth_markdown
-from .model import ModelHolder, resolve_model_name
-from .panels import Missing
 from .exports import ExportDirs
+from .handler import handler
+from .model import ModelHolder, resolve_model_name
 from .store import RunsDir, RunStore
+from .tab_handlers import TabHandlers
 
 log = logging.getLogger("vlmlens.ui")
-USER_ERRORS = (InputError, RunFormatError, FileNotFoundError, FileExistsError, Missing)
 AUTO_STAGES_MAX_LAYERS = 12   # captures of models this shallow get their knockout stages at once
 TABS = ("overview", "heatmaps", "dynamics", "attention", "truncation", "substitution", "compute", "runs")
 
@@ -62,30 +61,9 @@ def with_sid(sess) -> dict:
     return sess
 
 
-def handler(name: str):
-    """Turn user errors into gr.Error, log the rest, and time the call (server-side)."""
-    def deco(fn):
-        @functools.wraps(fn)
-        def wrapper(self, *args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(self, *args, **kwargs)
-            except gr.Error:
-                raise
-            except USER_ERRORS as e:
-                msg = str(e) if not isinstance(e, KeyError) else str(e.args[0])
-                raise gr.Error(msg, print_exception=False) from None
-            except Exception as e:
-                log.exception("handler %s failed", name)
-                raise gr.Error(f"{name} failed: {type(e).__name__}: {e}") from None
-            finally:
-                self.timings[name].append(time.perf_counter() - t0)
-        return wrapper
-    return deco
-
-
-class Dashboard:
-    """State shared by every session: the model holder, the run store, the runs folder."""
+class Dashboard(TabHandlers):
+    """State shared by every session: the model holder, the run store, the runs folder.
+    The input panel, runs and overview handlers are here; the tabs' in :class:`TabHandlers`."""
 
     def __init__(self, *, model: str | None = "tiny-shapes", device: str = "auto", dtype: str = "auto",
                  runs_dir=None, trust_remote_code: bool = False, no_model: bool = False,
@@ -346,163 +324,3 @@ class Dashboard:
                 run.image, run.prompt, n_new,
                 gr.Dropdown(choices=[(f"this session: {m[0]}", m[1]) for m in mine if m[1] != entry.id]
                             + [(n, n) for n in self.runs.preferred_order()], value=None))
-
-    # ---- tabs ---------------------------------------------------------------------------------
-    def _cam_model(self, entry, kind):
-        """For LLaVA-CAM of a run that does not hold it: compute it once, under the model lock,
-        into the entry's cache. Returns None (views then read the stored / cached CAM)."""
-        if kind != "LLaVA-CAM" or "llava_cam" in entry.run.arrays or entry.derived.peek("llava_cam") is not None:
-            return None
-        lm = self.lm_for(entry)
-        if lm is not None:
-            with self.holder.use() as lm:
-                panels.safe(lambda: views.cam_array(entry, lm))
-        return None
-
-    @staticmethod
-    def _check_view(entry, layer, query, kind) -> tuple[int, int, str]:
-        L = entry.run.n_layers
-        try:
-            layer = int(layer or 0)
-        except (TypeError, ValueError, OverflowError):
-            raise InputError(f"layer must be an integer 0..{L - 1}, got {layer!r}") from None
-        if not 0 <= layer <= L - 1:
-            raise InputError(f"layer {layer} is out of range: this run has decoder layers 0..{L - 1}")
-        nq = len(panels.query_choices(entry.run))
-        try:
-            q = int(query or 0)
-            exact = float(query or 0) == q
-        except (TypeError, ValueError, OverflowError):
-            raise InputError(f"token must be an index 0..{nq - 1}, got {query!r}") from None
-        if not exact:                   # 1.5 is not a token (no silent rounding)
-            raise InputError(f"token must be a whole index 0..{nq - 1}, got {query!r}")
-        if not 0 <= q < nq:
-            raise InputError(f"token {q} is out of range: 0 = last prompt token, 1..{nq - 1} = generated tokens")
-        kind = kind or "attention"
-        if kind not in views.HEATMAP_KINDS:
-            raise InputError(f"map must be one of {', '.join(views.HEATMAP_KINDS)}, got {kind!r}")
-        return layer, q, kind
-
-    @handler("heatmaps")
-    def heatmaps(self, sess, layer, query, kind):
-        """Heatmaps tab: single-layer map, small multiples, logit lens, patch lens."""
-        entry = self.entry(sess)
-        layer, q, kind = self._check_view(entry, layer, query, kind)
-        self._cam_model(entry, kind)
-        single = views.heatmap_layer(entry, layer, q, kind)
-        self._prefetch.submit(panels.safe, lambda: self._prefetch_layers(entry, q, kind))
-        grid = views.heatmap_grid(entry, q, kind)
-        ll, pl = views.logit_lens_figures(entry)
-        return single, grid, ll, pl
-
-    @handler("heatmap_layer")
-    def heatmap_layer(self, sess, layer, query, kind):
-        """One layer's heatmap, drawn from stored arrays (never runs the model)."""
-        entry = self.entry(sess)
-        return views.heatmap_layer(entry, *self._check_view(entry, layer, query, kind))
-
-    @handler("dynamics")
-    def dynamics(self, sess, span):
-        entry = self.entry(sess)
-        dyn, cka, move = views.dynamics_figures(entry, span or "image")
-        return move, dyn, cka, views.embedding_figure(entry, "pca")
-
-    @handler("token_map")
-    def token_map(self, sess, method, progress=gr.Progress()):
-        method = method or "pca"
-        if method not in ("pca", "umap"):
-            raise InputError(f"token map method must be 'pca' or 'umap', got {method!r}")
-        progress(0.1, desc=f"{method.upper()} of the token states (the first UMAP call compiles, ~10 s)")
-        return views.embedding_figure(self.entry(sess), method)
-
-    @handler("attention")
-    def attention(self, sess):
-        """Attention tab: flow (stage bands: knockout when measured, else the cosine proxy), heads, stage table,
-        and each head's map at the last decoder layer (the layer picker follows the run)."""
-        entry = self.entry(sess)
-        L = entry.run.n_layers
-        return (*views.attention_figures(entry), gr.Dropdown(choices=list(range(L)), value=L - 1),
-                views.head_maps_figure(entry, L - 1))
-
-    @handler("head_maps")
-    def head_maps(self, sess, layer):
-        """Each head's attention map over the image at one decoder layer (last prompt token)."""
-        entry = self.entry(sess)
-        L = entry.run.n_layers
-        try:
-            layer = int(layer)
-        except (TypeError, ValueError, OverflowError):
-            raise InputError(f"layer must be an integer 0..{L - 1}, got {layer!r}") from None
-        if not 0 <= layer <= L - 1:
-            raise InputError(f"layer {layer} is out of range: this run has decoder layers 0..{L - 1}")
-        return views.head_maps_figure(entry, layer)
-
-    @handler("find_stages")
-    def find_stages(self, sess, progress=gr.Progress()):
-        """The three stages from knockout windows (single layers, prefixes, suffixes) on the current run."""
-        entry = self.entry(sess)
-        progress(0.02, desc="waiting for the model")
-        with self.holder.use() as lm:
-            xviews.run_stages(lm, entry, progress=lambda i, n, what: progress(i / max(n, 1), desc=what))
-        return (*views.attention_figures(entry), panels.headline_markdown(entry))
-
-    @handler("truncation_view")
-    def truncation_view(self, sess):
-        return xviews.truncation_views(self.entry(sess))
-
-    @handler("truncate")
-    def truncate(self, sess, depths, mode, progress=gr.Progress()):
-        """Truncation comparison at the chosen depths (or the full sweep) on the current run."""
-        entry = self.entry(sess)
-        ks, is_sweep = xviews.parse_depth_selection(depths, entry.run.n_layers)
-        mode = mode or "drop"
-        if mode not in xviews.MODES:
-            raise InputError(f"unknown mode {mode!r}; expected one of {', '.join(xviews.MODES)}")
-        progress(0.02, desc="waiting for the model")
-
-        def step(i, n, what):
-            progress((i + 1) / (n + 1), desc=f"{what} ({i}/{n})")
-        with self.holder.use() as lm:
-            xviews.run_truncation(lm, entry, ks, mode, sweep=is_sweep, progress=step)
-        gens, fig, pfig = xviews.truncation_views(entry)
-        return gens, fig, pfig, panels.headline_markdown(entry)
-
-    @handler("sweep")
-    def sweep(self, sess, mode, progress=gr.Progress()):
-        """The truncation sweep over every depth 0..L (API shortcut for truncate(all))."""
-        return self.truncate(sess, [xviews.SWEEP_CHOICE], mode, progress=progress)
-
-    @handler("substitution_view")
-    def substitution_view(self, sess):
-        entry = self.entry(sess)
-        return xviews.experiment_figure(entry, "substitution"), xviews.experiment_figure(entry, "layer_skip")
-
-    def _experiment(self, sess, key, progress):
-        entry = self.entry(sess)
-        progress(0.02, desc="waiting for the model")
-        with self.holder.use() as lm:
-            xviews.run_experiment(lm, entry, key, progress=lambda i, n, what: progress(i / max(n, 1), desc=what))
-        return self.substitution_view(sess)
-
-    @handler("substitution")
-    def substitution(self, sess, progress=gr.Progress()):
-        """Substitution matrix (layer j reads layer i's image states) on the current run."""
-        return self._experiment(sess, "substitution", progress)
-
-    @handler("layer_skip")
-    def layer_skip(self, sess, progress=gr.Progress()):
-        """Layer-skip scan (skip one layer for image / all tokens) on the current run."""
-        return self._experiment(sess, "layer_skip", progress)
-
-    @handler("compute_view")
-    def compute_view(self, sess):
-        return xviews.experiment_figure(self.entry(sess), "compute")
-
-    @handler("measure_compute")
-    def measure_compute(self, sess, progress=gr.Progress()):
-        """FLOPs / KV bytes per depth with measured prefill and decode latency (needs the model)."""
-        entry = self.entry(sess)
-        progress(0.02, desc="waiting for the model")
-        with self.holder.use() as lm:
-            xviews.run_experiment(lm, entry, "compute", progress=lambda i, n, what: progress(0.5, desc=what))
-        return xviews.experiment_figure(entry, "compute"), panels.headline_markdown(entry)

@@ -92,16 +92,17 @@ def run_findings(entry) -> list:
     """The run's headlines (:func:`vlmlens.findings.findings`) from the run, its sweep and extras;
     cached per run until the sweep or an extra changes."""
     ex = entry.extras
-    key = ("findings", content_key_of(entry.sweep), content_key_of(ex.get("stages")),
-           content_key_of(ex.get("substitution")), content_key_of(ex.get("compute")))
+    key = ("findings", content_key(entry.sweep), content_key(ex.get("stages")),
+           content_key(ex.get("substitution")), content_key(ex.get("compute")))
     return entry.derived.get(key, lambda: findings(entry.run, sweep=entry.sweep, extras=ex))
 
 
-def content_key_of(obj) -> str:
+def content_key(result) -> str:
+    """Cache key of a stored result (its content, so equal results share a figure; "" for None)."""
     import hashlib
     import json
 
-    return "" if obj is None else hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    return "" if result is None else hashlib.sha1(json.dumps(result, sort_keys=True, default=str).encode()).hexdigest()
 
 
 STATUS_BADGE = {"causal": "✔ causal", "measured": "measured", "proxy": "proxy", "not found": "not found",

@@ -3,23 +3,15 @@ run's image and prompt with the loaded model, keep the results (JSON) with the e
 draw them (no gradio here)."""
 from __future__ import annotations
 
-import hashlib
-import json
-
 from ..analysis.compute import compute_tradeoff
 from ..experiments.skip import SkipScanResult, layer_skip_scan
 from ..experiments.substitution import SubstitutionResult, substitution_matrix
 from ..figures.experiments import (fig_compute_tradeoff, fig_layer_skip, fig_reasoning_perturbation,
                                    fig_substitution_matrix, fig_truncation_sweep)
 from .html import generations_table, note
-from .panels import figure, message_figure
+from .panels import content_key, figure, message_figure
 SWEEP_CHOICE = "all (sweep)"
 MODES = ("drop", "remove", "freeze")
-
-
-def content_key(result: dict) -> str:
-    """Cache key of a stored result (its content, so equal results share a figure)."""
-    return hashlib.sha1(json.dumps(result, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def depth_choices(n_layers: int) -> list[str]:
