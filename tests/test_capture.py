@@ -6,7 +6,7 @@ import torch
 
 import vlmlens as vl
 from vlmlens.capture import prepare_inputs
-from vlmlens.lens import ATTN_NAME, Lens, Plan
+from vlmlens.lens import ATTN_NAME, Lens, Plan, Recording
 from vlmlens.models.tiny_random import FAMILIES
 
 from tests._models import extend_inputs, random_lm, set_attn
@@ -37,7 +37,7 @@ def test_capture_matches_plain_model(family, image):
     # logits of a plain forward vs the same forward through the lens
     with torch.no_grad():
         plain = lm.model(**inputs).logits
-        plan = Plan(image_positions=run.spans.positions("image"), n_layers=lm.n_layers, n_prompt=n_prompt)
+        plan = Plan.build(run.spans.positions("image"), lm.n_layers, n_prompt, Recording())
         with Lens(lm.arch.decoder_layers(lm.model), plan):
             lensed = lm.model(**inputs).logits
     assert torch.equal(plain, lensed) or (plain - lensed).abs().max().item() <= 1e-5
@@ -98,7 +98,7 @@ def test_image_spans_and_grid(family, image):
 
 
 class _Boom:
-    def edit_output(self, layer, h_in, h_out, state):
+    def edit_resid_post(self, layer, h_in, h_out, ctx):
         if layer == 1:
             raise RuntimeError("boom inside the forward")
         return None

@@ -93,8 +93,8 @@ def test_baseline_depth_and_metric_meaning(image, llava_sweep):
     inputs, _, _ = prepare_inputs(lm, image, P)
     with torch.no_grad():
         p = torch.log_softmax(lm.model(**inputs).logits[0, -1].float(), -1)
-    plan = Plan(image_positions=image_positions(lm, inputs["input_ids"]), n_layers=L, record_hidden=False,
-                record_attention=False, interventions=[Truncate(0)], n_prompt=inputs["input_ids"].shape[1])
+    plan = Plan.build(image_positions(lm, inputs["input_ids"]), L, inputs["input_ids"].shape[1],
+                      interventions=[Truncate(0)])
     with torch.no_grad(), Lens(lm.arch.decoder_layers(lm.model), plan):
         q = torch.log_softmax(greedy_generate(lm, inputs, 1).logits[0][0].float(), -1)
     assert abs(kl_divergence(p, q) - res.depth(0).first_token_kl) <= 1e-5

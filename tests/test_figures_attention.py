@@ -125,5 +125,5 @@ def test_head_maps_are_each_heads_own_map(runs):
     for h, t in enumerate(fig.data):
         assert np.allclose(np.asarray(t.z, float), run.to_grid(run.attention_head_maps[1, h]), equal_nan=True)
     assert np.allclose(run.attention_head_maps.mean(1), run.attention_maps[:, 0], atol=1e-6)   # their mean is the map
-    with pytest.raises(ValueError, match="layer must be in"):
+    with pytest.raises(ValueError, match=r"layer must be an integer in 0\.\.1"):
         fig_head_maps(run, 99)

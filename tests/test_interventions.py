@@ -25,8 +25,7 @@ def step_logits(lm, image, ivs, n=3):
     inputs, _, _ = prepare_inputs(lm, image, PROMPT)
     ids = inputs["input_ids"]
     pos = image_positions(lm, ids)
-    plan = Plan(image_positions=pos, n_layers=lm.n_layers, record_attention=False, record_hidden=False,
-                interventions=list(ivs), n_prompt=ids.shape[1])
+    plan = Plan.build(pos, lm.n_layers, ids.shape[1], interventions=ivs)
     with torch.no_grad(), Lens(lm.arch.decoder_layers(lm.model), plan):
         out = greedy_generate(lm, inputs, n)
     return out.sequences[0].tolist(), torch.stack([l[0] for l in out.logits])

@@ -118,8 +118,7 @@ def reference(lm, image, ids: list[int], ivs=(), freeze: int | None = None):
 def lens_steps(lm, image, ivs, n=N_NEW):
     inputs, _, _ = prepare_inputs(lm, image, PROMPT)
     ids = inputs["input_ids"]
-    plan = Plan(image_positions=image_positions(lm, ids), n_layers=lm.n_layers, record_attention=False,
-                record_hidden=False, interventions=list(ivs), n_prompt=ids.shape[1])
+    plan = Plan.build(image_positions(lm, ids), lm.n_layers, ids.shape[1], interventions=ivs)
     with torch.no_grad(), Lens(lm.arch.decoder_layers(lm.model), plan):
         out = greedy_generate(lm, inputs, n)
     return out.sequences[0, ids.shape[1]:].tolist(), torch.stack([l[0] for l in out.logits]), ids.shape[1]

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
@@ -11,15 +12,13 @@ from . import __version__
 from .errors import InputError
 from .images import image_sha256, load_image
 from .interventions import validate_all
-from .lens import Lens, Plan
+from .lens import Lens, LensStart, Plan, Recording
 from .run import Run, TokenSpans
 
 MAX_NEW_TOKENS_LIMIT = 1024
 #: longest prompt accepted, in characters (checked before tokenising; the context check below
 #: is the real bound, this one keeps a pasted book from being tokenised at all)
 MAX_PROMPT_CHARS = 20_000
-STORE_MODES = ("all", "image_text", "none")
-HIDDEN_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 def check_prompt(prompt) -> str:
@@ -93,6 +92,85 @@ def image_positions(lm, input_ids: torch.Tensor) -> np.ndarray:
     return torch.nonzero(torch.isin(input_ids[0], ids)).flatten().cpu().numpy()
 
 
+@dataclass
+class Prepared:
+    """One (image, prompt) pair, validated and processed once (:func:`prepare`).
+
+    ``position_ids`` are the ids ``generate`` builds for the whole prompt (2-D for LLaVA,
+    [4, 1, n] text + M-RoPE rows for Qwen2-VL) where prefix reuse is supported, else None;
+    continuations slice and extend them.
+    """
+
+    model_name: str
+    prompt: str
+    inputs: dict
+    rgb: object
+    note: str | None
+    image_sha: str
+    n_prompt: int
+    image_pos: np.ndarray
+    position_ids: torch.Tensor | None
+
+    @property
+    def n_prefix(self) -> int:
+        return int(self.image_pos[-1]) + 1
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.inputs["input_ids"]
+
+
+def prepare(lm, image, prompt: str, *, position_ids: bool = False) -> Prepared:
+    """Validate and process ``image`` + ``prompt`` once (raises InputError on bad input);
+    ``position_ids``: also build the whole prompt's position ids (for continuations)."""
+    inputs, rgb, note = prepare_inputs(lm, image, prompt)
+    ids = inputs["input_ids"]
+    pos = image_positions(lm, ids)
+    if len(pos) == 0:
+        raise InputError("the processed prompt contains no image tokens; this model's processor did not insert the image")
+    pids = None
+    if position_ids and int(pos[-1]) + 1 < ids.shape[1]:
+        with torch.no_grad():
+            pids = lm.model._prepare_position_ids_for_generation(ids, dict(inputs))
+    return Prepared(lm.name, check_prompt(prompt), inputs, rgb, note, image_sha256(rgb), int(ids.shape[1]), pos, pids)
+
+
+class Continuation(Protocol):
+    """What ``capture(..., prefix=p)`` reads of a prefix (experiments.prefix.Prefix is one):
+    the prepared input it was made for, the interventions (as JSON) and recording it was made
+    under, where the lens resumes, and the inputs that continue from its cache."""
+
+    prep: Prepared
+    interventions: list
+    recording: Recording
+    start: LensStart
+
+    def continuation_inputs(self) -> dict: ...
+
+
+def interventions_json(interventions) -> list:
+    return [iv.to_json() if hasattr(iv, "to_json") else repr(iv) for iv in interventions]
+
+
+def check_continuation(prefix: Continuation, lm, prompt: str, rgb, interventions, recording: Recording) -> None:
+    """Raise ValueError unless ``prefix`` was made for exactly this capture."""
+    p = prefix.prep
+    problems = []
+    if lm.name != p.model_name:
+        problems.append(f"model {lm.name!r} != {p.model_name!r}")
+    if prompt.strip() != p.prompt:
+        problems.append("different prompt")
+    if image_sha256(rgb) != p.image_sha:
+        problems.append("different image")
+    want = interventions_json(interventions)
+    if want != prefix.interventions:
+        problems.append(f"interventions {want} != {prefix.interventions}")
+    if recording != prefix.recording:
+        problems.append(f"recording settings {recording} != {prefix.recording}")
+    if problems:
+        raise ValueError("prefix does not match this capture: " + "; ".join(problems))
+
+
 def center_crop_box(lm, image) -> list[float] | None:
     """(top, left, bottom, right) fractions of ``image`` that a LLaVA-style processor keeps
     (resize the shortest edge, then centre-crop); None when the whole image is used."""
@@ -152,7 +230,7 @@ def capture(
     hidden_dtype: str = "float16",
     record_attention: bool = True,
     record_contrib: bool = True,
-    prefix=None,
+    prefix: Continuation | None = None,
     time_limit: float | None = None,
 ) -> Run:
     """Run ``image`` + ``prompt`` through ``lm`` with the lens installed; return a Run.
@@ -185,17 +263,14 @@ def capture(
     any forward (InputError naming the numbers).
     """
     n_new = check_max_new_tokens(max_new_tokens)
-    if store not in STORE_MODES:
-        raise InputError(f"store must be one of {STORE_MODES}, got {store!r}")
-    if hidden_dtype not in HIDDEN_DTYPES:
-        raise InputError(f"hidden_dtype must be one of {tuple(HIDDEN_DTYPES)}, got {hidden_dtype!r}")
+    recording = Recording(store, hidden_dtype, record_attention, record_contrib)
     interventions = list(interventions)
     validate_all(interventions, lm.n_layers)
     if prefix is None:
         inputs, rgb, note = prepare_inputs(lm, image, prompt)
     else:
         inputs, rgb, note = prefix.prep.inputs, prefix.prep.rgb, prefix.prep.note
-        prefix.check(lm, check_prompt(prompt), load_image(image)[0], interventions, store, hidden_dtype, record_attention)
+        check_continuation(prefix, lm, check_prompt(prompt), load_image(image)[0], interventions, recording)
     input_ids = inputs["input_ids"]
     n_prompt = int(input_ids.shape[1])
     img_pos = image_positions(lm, input_ids)
@@ -207,26 +282,11 @@ def capture(
         raise InputError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
     L = lm.n_layers
     tcfg = lm.text_config
-    store_pos = None
-    if store == "image_text":
-        store_pos = np.concatenate([img_pos, np.arange(img_pos[-1] + 1, n_prompt + n_new + 1)])
-    plan = Plan(
-        image_positions=img_pos,
-        n_layers=L,
-        record_hidden=store != "none",
-        store_positions=store_pos,
-        hidden_dtype=HIDDEN_DTYPES[hidden_dtype],
-        record_attention=record_attention,
-        map_from=n_prompt - 1,
-        interventions=interventions,
-        n_prompt=n_prompt,
-        record_contrib=record_contrib,
-    )
+    plan = Plan.build(img_pos, L, n_prompt, recording, interventions, n_new=n_new)
     t0 = time.perf_counter()
     gen_inputs = inputs if prefix is None else prefix.continuation_inputs()
-    with torch.no_grad(), Lens(lm.arch.decoder_layers(lm.model), plan, device=lm.device) as state:
-        if prefix is not None:
-            prefix.seed(state)
+    start = None if prefix is None else prefix.start
+    with torch.no_grad(), Lens(lm.arch.decoder_layers(lm.model), plan, device=lm.device, start=start) as lens:
         out = greedy_generate(lm, gen_inputs, n_new + 1, max_time=time_limit)
     seconds = time.perf_counter() - t0
 
@@ -248,7 +308,7 @@ def capture(
     ]
     ids = seq[:n_total]
     tok = lm.processor.tokenizer
-    arrays = _arrays_from_state(state, L, n_total, n_prompt, len(img_pos), int(tcfg.num_attention_heads))
+    arrays = lens.recorder.arrays(n_total, int(tcfg.num_attention_heads))
     spans = TokenSpans(n_prompt, n_total, tuple(int(p) for p in img_pos))
     grid = lm.arch.grid_info(inputs, len(img_pos), processor=lm.processor, image=rgb)
     arrays["image_grid_index"] = grid.index_map().astype(np.int64)
@@ -260,7 +320,7 @@ def capture(
         "image_size": list(rgb.size),
         "image_note": note,
         "generation": {"max_new_tokens": n_new, "strategy": "greedy", "stop_reason": stop},
-        "interventions": [iv.to_json() if hasattr(iv, "to_json") else repr(iv) for iv in interventions],
+        "interventions": interventions_json(interventions),
         "vlmlens_version": __version__,
         "n_layers": L,
         "n_heads": int(tcfg.num_attention_heads),
@@ -289,57 +349,3 @@ def capture(
         image=rgb,
         arrays=arrays,
     )
-
-
-def _arrays_from_state(state, L: int, n_total: int, n_prompt: int, n_img: int, n_heads: int) -> dict:
-    arrays: dict[str, np.ndarray] = {}
-    if state.plan.record_hidden:
-        per_layer = []
-        positions = None
-        for l in range(L + 1):
-            chunks = state.hidden[l]
-            pos = np.concatenate([p for p, _ in chunks])
-            h = torch.cat([t for _, t in chunks], 0)
-            keep = pos < n_total
-            pos, h = pos[keep], h[torch.as_tensor(keep)]
-            order = np.argsort(pos, kind="stable")
-            pos, h = pos[order], h[torch.as_tensor(order)]
-            if positions is None:
-                positions = pos
-            elif not np.array_equal(pos, positions):
-                # rows removed from the sequence (Truncate mode="remove") keep their last state
-                full = per_layer[-1].clone()
-                idx = np.searchsorted(positions, pos)
-                if not np.array_equal(positions[np.minimum(idx, len(positions) - 1)], pos):
-                    raise RuntimeError(f"layer {l} recorded positions that layer 0 did not")
-                full[torch.as_tensor(idx)] = h
-                h = full
-            per_layer.append(h)
-        arrays["hidden_states"] = torch.stack(per_layer).numpy()
-        arrays["hidden_positions"] = positions.astype(np.int64)
-    if state.plan.record_attention:
-        share = np.full((L, n_heads, n_total), np.nan, dtype=np.float32)
-        n_maps = n_total - n_prompt + 1
-        maps = np.zeros((L, n_maps, n_img), dtype=np.float32)
-        for l in range(L):
-            for pos, s in state.share[l]:
-                keep = pos < n_total
-                share[l][:, pos[keep]] = s.numpy()[:, keep]
-            for pos, m in state.maps[l]:
-                keep = pos < n_total
-                maps[l, pos[keep] - (n_prompt - 1)] = m.numpy()[keep]
-        arrays["attention_to_image"] = share
-        arrays["attention_maps"] = maps
-        arrays["map_positions"] = np.arange(n_prompt - 1, n_total, dtype=np.int64)
-        heads = np.zeros((L, n_heads, n_img), dtype=np.float32)    # layers that saw no image keys stay 0
-        for l, m in state.head_maps.items():
-            heads[l] = m.numpy()
-        arrays["attention_head_maps"] = heads
-    if state.plan.record_contrib and state.contrib:
-        d = next(iter(state.contrib.values()))[0].numel()
-        vec = np.full((2, L, d), np.nan, dtype=np.float32)
-        norm = np.full((L, n_img), np.nan, dtype=np.float32)
-        for l, (o, c, n) in state.contrib.items():
-            vec[0, l], vec[1, l], norm[l] = o.numpy(), c.numpy(), n.numpy()
-        arrays["attn_out"], arrays["image_contrib"], arrays["image_contrib_norm"] = vec[0], vec[1], norm
-    return arrays

@@ -7,8 +7,17 @@ is the old name of ``from_layer``: still accepted, with a DeprecationWarning, an
 runs' JSON.)
 
 Each class implements some of the lens hooks (see :class:`vlmlens.lens.Intervention`):
-``key_block`` (attention key masks), ``edit_input`` / ``edit_output`` (residual-stream
-rewrites), ``removed_positions`` (tokens leaving the sequence and the KV cache).
+``key_block`` (attention key masks), ``edit_resid_pre`` / ``edit_resid_post`` (rewrites of a
+decoder layer's input / output), ``removed_positions`` (tokens leaving the sequence and the KV
+cache). Each also says what it means beyond one forward, so that code which combines
+interventions asks them instead of testing their class:
+
+* ``prefix_effect(n_layers)`` -- what it does to the prompt's prefix (every position up to the
+  last image token), which sweeps compute once and share (experiments/prefix.py);
+* ``gradient_safe()`` -- the same intervention in a form a backward pass can go through
+  (LLaVA-CAM): row removal becomes the equivalent key mask;
+* ``conflicts(others, n_layers)`` -- why it cannot run together with ``others`` (or None);
+* ``image_row_edits(n_layers)`` -- the layers whose image-token rows it rewrites.
 """
 from __future__ import annotations
 
@@ -17,19 +26,57 @@ from typing import Sequence
 
 import warnings
 
-import torch
 
 from .errors import InputError, check_layer
-from .run import span_mask
 
 TRUNCATE_MODES = ("drop", "remove")
 SRC_SPANS = ("text", "generated", "last", "all")
 DST_SPANS = ("image", "system", "text")
 
 
+@dataclass(frozen=True)
+class PrefixEffect:
+    """What an intervention does to a prompt's prefix (every position up to the last image token).
+
+    kind: "unchanged" (the baseline's prefix holds), "cut_image" (the baseline's prefix with the
+    image positions taken out of layers >= ``from_layer``), "recompute" (run the prefix under the
+    intervention), "independent" (the intervention needs the whole prompt, e.g. a ranking read at
+    the last prompt token: no prefix can be shared).
+    """
+
+    kind: str
+    from_layer: int | None = None
+
+
+UNCHANGED = PrefixEffect("unchanged")
+RECOMPUTE = PrefixEffect("recompute")
+INDEPENDENT = PrefixEffect("independent")
+
+
 class _Base:
+    #: at most one intervention of each exclusive group per run (None: no limit)
+    exclusive: str | None = None
+    exclusive_hint: str = ""
+
     def to_json(self) -> dict:
         return {"kind": type(self).__name__, **asdict(self)}
+
+    def validate(self, n_layers: int) -> None:  # overridden
+        pass
+
+    def prefix_effect(self, n_layers: int) -> PrefixEffect:
+        return RECOMPUTE
+
+    def gradient_safe(self):
+        return self
+
+    def image_row_edits(self, n_layers: int) -> set:
+        return set()
+
+    def conflicts(self, others: Sequence, n_layers: int) -> str | None:
+        if self.exclusive and any(getattr(o, "exclusive", None) == self.exclusive for o in others):
+            return f"conflicting interventions: more than one {self.exclusive}{self.exclusive_hint}"
+        return None
 
 
 def _from_layer(cls: str, from_layer, after_layer):
@@ -43,9 +90,6 @@ def _from_layer(cls: str, from_layer, after_layer):
     if from_layer is None:
         raise InputError(f"{cls} needs from_layer (the first decoder layer it acts on)")
     return from_layer
-
-    def validate(self, n_layers: int) -> None:  # overridden
-        pass
 
 
 @dataclass(frozen=True, init=False)
@@ -61,6 +105,8 @@ class Truncate(_Base):
 
     from_layer: int
     mode: str = "drop"
+    exclusive = "Truncate"
+    exclusive_hint = "; give one truncation depth per run"
 
     def __init__(self, from_layer: int | None = None, mode: str = "drop", *, after_layer: int | None = None):
         object.__setattr__(self, "from_layer", _from_layer("Truncate", from_layer, after_layer))
@@ -76,15 +122,37 @@ class Truncate(_Base):
         if self.mode not in TRUNCATE_MODES:
             raise InputError(f"unknown truncation mode {self.mode!r}; expected one of {TRUNCATE_MODES} (or use Freeze)")
 
-    def key_block(self, layer, qpos, kpos, state):
+    def key_block(self, layer, qpos, kpos, ctx):
         if layer < self.from_layer or self.mode == "remove":
             return None
-        return (~state.is_image(qpos))[:, None] & state.is_image(kpos)[None, :]
+        return (~ctx.is_image(qpos))[:, None] & ctx.is_image(kpos)[None, :]
 
-    def removed_positions(self, layer, state):
+    def removed_positions(self, layer, ctx):
         if self.mode != "remove" or layer < self.from_layer:
             return None
-        return state.image_pos
+        return ctx.image_pos
+
+    def prefix_effect(self, n_layers):
+        # only non-image queries lose the image keys: every prefix row keeps its computation
+        if self.mode == "remove" and self.from_layer < n_layers:
+            return PrefixEffect("cut_image", self.from_layer)
+        return UNCHANGED
+
+    def gradient_safe(self):
+        # the same outputs (tested); the image rows stay in place for a backward pass to reach
+        return Truncate(self.from_layer, "drop") if self.mode == "remove" else self
+
+    def conflicts(self, others, n_layers):
+        msg = super().conflicts(others, n_layers)
+        if msg or self.mode != "remove":
+            return msg
+        k = self.from_layer
+        for iv in others:
+            edits = getattr(iv, "image_row_edits", None)
+            if edits is not None and any(l >= k for l in edits(n_layers)):
+                return (f"conflicting interventions: Truncate(from_layer={k}, mode='remove') takes the image tokens out"
+                        f" of layers >= {k}, so {iv!r} cannot act on them there")
+        return None
 
 
 @dataclass(frozen=True, init=False)
@@ -93,6 +161,7 @@ class Freeze(_Base):
     k..L-1 pass the image rows through, and later layers attend to that frozen state."""
 
     from_layer: int
+    exclusive = "Freeze"
 
     def __init__(self, from_layer: int | None = None, *, after_layer: int | None = None):
         object.__setattr__(self, "from_layer", _from_layer("Freeze", from_layer, after_layer))
@@ -105,8 +174,11 @@ class Freeze(_Base):
     def validate(self, n_layers: int) -> None:
         check_layer("Freeze.from_layer", self.from_layer, 0, n_layers)
 
-    def edit_output(self, layer, h_in, h_out, state):
-        return _pass_through(layer, h_in, h_out, state, layer >= self.from_layer, "image")
+    def edit_resid_post(self, layer, h_in, h_out, ctx):
+        return _pass_through(layer, h_in, h_out, ctx, layer >= self.from_layer, "image")
+
+    def prefix_effect(self, n_layers):
+        return UNCHANGED if self.from_layer >= n_layers else RECOMPUTE
 
 
 @dataclass(frozen=True)
@@ -127,18 +199,24 @@ class Substitute(_Base):
                 f"{self.from_layer}, at_layer={self.at_layer}"
             )
 
-    def edit_input(self, layer, hidden, state):
-        rows = state.is_image(state.layer_qpos[layer])
+    def edit_resid_pre(self, layer, hidden, ctx):
+        rows = ctx.is_image(ctx.rows(layer))
         if not bool(rows.any()):
             return None
         key = ("substitute", self.from_layer)
         if layer == self.from_layer:
-            state.scratch[key] = hidden[:, rows].detach().clone()
+            ctx.scratch[key] = hidden[:, rows].detach().clone()
         if layer == self.at_layer and self.at_layer != self.from_layer:
             new = hidden.clone()
-            new[:, rows] = state.scratch[key].to(hidden.dtype)
+            new[:, rows] = ctx.scratch[key].to(hidden.dtype)
             return new
         return None
+
+    def prefix_effect(self, n_layers):
+        return UNCHANGED if self.at_layer == self.from_layer else RECOMPUTE
+
+    def image_row_edits(self, n_layers):
+        return set() if self.at_layer == self.from_layer else {self.at_layer}
 
 
 @dataclass(frozen=True)
@@ -158,8 +236,14 @@ class SkipLayers(_Base):
         if self.tokens not in ("image", "all"):
             raise InputError(f"SkipLayers.tokens must be 'image' or 'all', got {self.tokens!r}")
 
-    def edit_output(self, layer, h_in, h_out, state):
-        return _pass_through(layer, h_in, h_out, state, layer in self.layers, self.tokens)
+    def edit_resid_post(self, layer, h_in, h_out, ctx):
+        return _pass_through(layer, h_in, h_out, ctx, layer in self.layers, self.tokens)
+
+    def prefix_effect(self, n_layers):
+        return UNCHANGED if not self.layers else RECOMPUTE
+
+    def image_row_edits(self, n_layers):
+        return set(self.layers) if self.tokens == "image" else set()
 
     def to_json(self) -> dict:
         return {"kind": "SkipLayers", "layers": list(self.layers), "tokens": self.tokens}
@@ -193,28 +277,25 @@ class Knockout(_Base):
     SPANS = {"image": "image", "system": "system", "text": "text", "generated": "generated", "last": "last",
              "all": "non_image"}
 
-    def _span_mask(self, name, pos, state):
-        img_pos = state.image_pos
-        first = int(img_pos[0]) if img_pos.numel() else 0
-        last = int(img_pos[-1]) if img_pos.numel() else -1
-        return span_mask(self.SPANS[name], pos, is_image=state.is_image(pos), first_image=first, last_image=last,
-                         n_prompt=state.plan.n_prompt)
-
-    def key_block(self, layer, qpos, kpos, state):
+    def key_block(self, layer, qpos, kpos, ctx):
         if self.layers and layer not in self.layers:
             return None
-        return self._span_mask(self.src, qpos, state)[:, None] & self._span_mask(self.dst, kpos, state)[None, :]
+        return ctx.span(self.SPANS[self.src], qpos)[:, None] & ctx.span(self.SPANS[self.dst], kpos)[None, :]
+
+    def prefix_effect(self, n_layers):
+        # queries after the image never sit in the prefix; "all" includes the system tokens
+        return UNCHANGED if self.src in ("text", "generated", "last") else RECOMPUTE
 
     def to_json(self) -> dict:
         return {"kind": "Knockout", "src": self.src, "dst": self.dst, "layers": list(self.layers)}
 
 
-def _pass_through(layer, h_in, h_out, state, active: bool, tokens: str):
+def _pass_through(layer, h_in, h_out, ctx, active: bool, tokens: str):
     if not active:
         return None
     if tokens == "all":
         return h_in
-    rows = state.is_image(state.layer_qpos[layer])
+    rows = ctx.is_image(ctx.rows(layer))
     if not bool(rows.any()):
         return None
     out = h_out.clone()
@@ -240,26 +321,27 @@ def from_json(d: dict):
 
 
 def validate_all(interventions: Sequence, n_layers: int) -> None:
-    """Validate each intervention and reject combinations that contradict each other."""
-    for iv in interventions:  # user-written interventions may skip validate/to_json
+    """Validate each intervention and reject combinations that contradict each other (each
+    intervention's own ``conflicts`` says why; user-written ones may have neither method)."""
+    interventions = list(interventions)
+    for iv in interventions:
         check = getattr(iv, "validate", None)
         if check is not None:
             check(n_layers)
-    truncs = [iv for iv in interventions if isinstance(iv, Truncate)]
-    freezes = [iv for iv in interventions if isinstance(iv, Freeze)]
-    if len(truncs) > 1:
-        raise InputError("conflicting interventions: more than one Truncate; give one truncation depth per run")
-    if len(freezes) > 1:
-        raise InputError("conflicting interventions: more than one Freeze")
-    removes = [t for t in truncs if t.mode == "remove"]
-    if removes:
-        k = removes[0].from_layer
-        for iv in interventions:
-            touches = (isinstance(iv, Substitute) and iv.at_layer >= k and iv.at_layer != iv.from_layer) or (
-                isinstance(iv, SkipLayers) and iv.tokens == "image" and any(l >= k for l in iv.layers)
-            )
-            if touches:
-                raise InputError(
-                    f"conflicting interventions: Truncate(from_layer={k}, mode='remove') takes the image tokens out of"
-                    f" layers >= {k}, so {iv!r} cannot act on them there"
-                )
+    for i, iv in enumerate(interventions):
+        conflicts = getattr(iv, "conflicts", None)
+        msg = conflicts(interventions[:i] + interventions[i + 1:], n_layers) if conflicts is not None else None
+        if msg:
+            raise InputError(msg)
+
+
+def prefix_effect(iv, n_layers: int) -> PrefixEffect:
+    """``iv.prefix_effect(n_layers)``; an intervention without the method is recomputed."""
+    fn = getattr(iv, "prefix_effect", None)
+    return fn(n_layers) if fn is not None else RECOMPUTE
+
+
+def gradient_safe(iv):
+    """``iv.gradient_safe()``; an intervention without the method is used as it is."""
+    fn = getattr(iv, "gradient_safe", None)
+    return fn() if fn is not None else iv

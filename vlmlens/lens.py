@@ -5,20 +5,30 @@ in ``finally``, also when the forward raises):
 
 1. An attention function registered with transformers' ``AttentionInterface`` under the
    name ``"vlmlens"``. It computes the layer's output with SDPA (so the model keeps its
-   fast path) and, for the query rows we record (non-image queries), computes
-   ``softmax(q·Kᵀ·scale + mask)`` against all keys to get the attention mass on image keys
-   per head and the head-averaged map over image keys. It never materialises
-   ``[layer, head, n, n]``. Interventions add per-layer key masks here.
-2. Forward hooks on the decoder layers: layer inputs/outputs are recorded (the residual
-   stream) and interventions may rewrite them.
+   fast path); interventions add per-layer key blocks here, and the :class:`Recorder`
+   recomputes ``softmax(q·Kᵀ·scale + mask)`` for the query rows it records. It never
+   materialises ``[layer, head, n, n]``.
+2. Forward hooks on the decoder layers (and, when an intervention reads them, pre-hooks on
+   their MLPs): layer inputs/outputs are recorded (the residual stream) and interventions
+   may rewrite them.
 
-Position bookkeeping: every forward of the decoder processes ``q`` new positions; the lens
-numbers them ``n_seen .. n_seen+q-1`` (absolute positions in prompt + generated sequence)
-and keeps, per layer, the positions of the keys held in the KV cache.
+A lens session is three objects, each with one job:
+
+* :class:`Positions` -- which absolute positions each forward and each layer holds (every
+  forward processes ``q`` new positions, numbered ``n_seen .. n_seen+q-1``; per layer, the
+  positions of the keys held in the KV cache). Written only by the lens's hooks.
+* :class:`vlmlens.recorder.Recorder` -- what is recorded, and the Run's arrays built from it.
+* :class:`LensContext` -- the narrow, read-only view interventions get (image positions,
+  the rows a layer holds, the span vocabulary) plus one scratch dict of their own.
+
+What a session records is a frozen :class:`Recording`; :meth:`Plan.build` is the one place a
+:class:`Plan` (recording + interventions + prompt facts) is made. A session can resume after
+a prefix forward (:class:`LensStart`, see ``experiments/prefix.py``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,105 +37,187 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .lens_stats import record_attention, record_contributions
+from .errors import InputError
+from .recorder import Recorder
+from .run import span_mask
 
 ATTN_NAME = "vlmlens"
 _STATE_ATTR = "_vlmlens_state"
+STORE_MODES = ("all", "image_text", "none")
+HIDDEN_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 class Intervention(Protocol):
-    """What the lens asks of an intervention (all methods optional; see interventions.py)."""
+    """What the lens asks of an intervention (every method optional; see interventions.py).
 
-    def key_block(self, layer: int, qpos: torch.Tensor, kpos: torch.Tensor, state: "LensState") -> torch.Tensor | None:
+    ``ctx`` is the session's :class:`LensContext`. Methods that rewrite return None for
+    "unchanged". The residual-site names follow the stream: ``resid_pre`` is a decoder
+    layer's input, ``resid_post`` its output.
+    """
+
+    def key_block(self, layer: int, qpos: torch.Tensor, kpos: torch.Tensor, ctx: "LensContext") -> torch.Tensor | None:
         """Bool [q, kv]: True where query ``qpos[i]`` must not attend to key ``kpos[j]``."""
 
-    def edit_input(self, layer: int, hidden: torch.Tensor, state: "LensState") -> torch.Tensor | None:
-        """Rewrite the input [1, q, d] of decoder layer ``layer`` (None: unchanged)."""
+    def edit_resid_pre(self, layer: int, hidden: torch.Tensor, ctx: "LensContext") -> torch.Tensor | None:
+        """Rewrite the input [1, q, d] of decoder layer ``layer``."""
 
-    def edit_output(self, layer: int, h_in: torch.Tensor, h_out: torch.Tensor, state: "LensState") -> torch.Tensor | None:
-        """Rewrite the output [1, q, d] of decoder layer ``layer`` (None: unchanged)."""
+    def edit_resid_post(self, layer: int, h_in: torch.Tensor, h_out: torch.Tensor, ctx: "LensContext") -> torch.Tensor | None:
+        """Rewrite the output [1, q, d] of decoder layer ``layer`` (``h_in``: its input)."""
 
-    def removed_positions(self, layer: int, state: "LensState") -> torch.Tensor | None:
+    def removed_positions(self, layer: int, ctx: "LensContext") -> torch.Tensor | None:
         """Positions taken out of the sequence (hidden rows and KV cache) from ``layer`` on.
 
         Must grow monotonically with ``layer``: a removed position never comes back.
         """
 
+    def read_mlp_input(self, layer: int, x: torch.Tensor, ctx: "LensContext") -> None:
+        """See the input [1, q, d] of layer ``layer``'s MLP (after its norm); read only."""
 
-@dataclass
+
+#: names of the Intervention methods, with the old names still accepted (DeprecationWarning)
+_RENAMED = {"edit_resid_pre": "edit_input", "edit_resid_post": "edit_output"}
+
+
+def _method(iv, name: str):
+    fn = getattr(iv, name, None)
+    old = _RENAMED.get(name)
+    if fn is None and old is not None and getattr(iv, old, None) is not None:
+        warnings.warn(f"{type(iv).__name__}.{old} is now called {name} (the residual site it edits)",
+                      DeprecationWarning, stacklevel=4)
+        fn = getattr(iv, old)
+    return fn
+
+
+# ---- what to record, and the plan of a session -------------------------------------------------
+
+@dataclass(frozen=True)
+class Recording:
+    """What a lens session records (the same settings as :func:`vlmlens.capture`'s keywords).
+
+    store: "all" hidden states, "image_text" (no system tokens) or "none"; hidden_dtype:
+    "float16" or "float32"; attention: image share and maps; contrib: the image tokens'
+    contribution to each layer's attention output at the last prompt token.
+    """
+
+    store: str = "all"
+    hidden_dtype: str = "float16"
+    attention: bool = True
+    contrib: bool = False
+
+    def __post_init__(self):
+        if self.store not in STORE_MODES:
+            raise InputError(f"store must be one of {STORE_MODES}, got {self.store!r}")
+        if self.hidden_dtype not in HIDDEN_DTYPES:
+            raise InputError(f"hidden_dtype must be one of {tuple(HIDDEN_DTYPES)}, got {self.hidden_dtype!r}")
+        object.__setattr__(self, "attention", bool(self.attention))
+        object.__setattr__(self, "contrib", bool(self.contrib))
+
+    def capture_kwargs(self) -> dict:
+        """The keywords of :func:`vlmlens.capture` that ask for this recording."""
+        return {"store": self.store, "hidden_dtype": self.hidden_dtype, "record_attention": self.attention,
+                "record_contrib": self.contrib}
+
+
+#: record nothing (teacher-forced scoring, timing, gradients)
+NOTHING = Recording(store="none", attention=False, contrib=False)
+
+
+@dataclass(frozen=True, eq=False)
 class Plan:
-    """What one forward/generate should record, and which interventions apply.
+    """What one lens session records and which interventions apply. Make it with :meth:`build`.
 
-    Args:
-        image_positions: sorted positions of the image tokens in the prompt.
-        n_layers: number of decoder layers L.
-        record_hidden: record the residual stream (layer 0 = embeddings, then every layer output).
-        store_positions: positions whose hidden states are kept (None = all).
-        hidden_dtype: dtype of stored hidden states (float16 by default; float32 for exactness).
-        record_attention: record attention mass on image keys and the maps over image keys.
-        map_from: first position whose head-averaged image map is kept (the last prompt token).
-        interventions: objects following the :class:`Intervention` protocol.
-        n_prompt: number of prompt positions (generated tokens start here).
-        record_contrib: record attention output + image keys' part of it at query ``map_from``.
+    image_positions: sorted positions of the image tokens; n_layers: decoder layers L;
+    n_prompt: prompt positions (generated tokens start there; the last prompt token,
+    ``n_prompt - 1``, is where maps and contributions are read); store_positions: positions
+    whose hidden states are kept (None: all).
     """
 
     image_positions: np.ndarray
     n_layers: int
-    record_hidden: bool = True
+    n_prompt: int
+    recording: Recording = NOTHING
+    interventions: tuple = ()
     store_positions: np.ndarray | None = None
-    hidden_dtype: torch.dtype = torch.float16
-    record_attention: bool = True
-    map_from: int = 0
-    interventions: list = field(default_factory=list)
-    n_prompt: int = 0
-    record_contrib: bool = False
+
+    @classmethod
+    def build(cls, image_positions, n_layers: int, n_prompt: int, recording: Recording = NOTHING,
+              interventions=(), n_new: int = 0) -> "Plan":
+        """The plan of a session over a prompt of ``n_prompt`` positions (+ ``n_new`` generated)."""
+        img = np.asarray(image_positions, dtype=np.int64)
+        store = None
+        if recording.store == "image_text" and img.size:
+            store = np.concatenate([img, np.arange(img[-1] + 1, int(n_prompt) + int(n_new) + 1)])
+        return cls(img, int(n_layers), int(n_prompt), recording, tuple(interventions), store)
+
+    @property
+    def map_from(self) -> int:
+        return self.n_prompt - 1
+
+    @property
+    def record_hidden(self) -> bool:
+        return self.recording.store != "none"
+
+    @property
+    def hidden_dtype(self) -> torch.dtype:
+        return HIDDEN_DTYPES[self.recording.hidden_dtype]
+
+    @property
+    def record_attention(self) -> bool:
+        return self.recording.attention
+
+    @property
+    def record_contrib(self) -> bool:
+        return self.recording.contrib
 
 
-class LensState:
-    """Mutable state of one lens session: positions, recordings, intervention scratch space."""
+# ---- positions ---------------------------------------------------------------------------------
 
-    def __init__(self, plan: Plan, device: torch.device):
-        self.plan = plan
-        self.device = device
-        self.image_pos = torch.as_tensor(np.asarray(plan.image_positions, dtype=np.int64), device=device)
+@dataclass(frozen=True)
+class LensStart:
+    """Where a session resumes after a prefix forward: positions seen, each layer's cache
+    positions, layers that lost rows, and the recordings of the prefix rows."""
+
+    n_seen: int
+    key_pos: dict
+    pruned: frozenset
+    hidden: dict
+    share: dict
+
+    def without(self, positions: np.ndarray, from_layer: int) -> "LensStart":
+        """The start after ``positions`` left layers >= ``from_layer`` (their rows and cache)."""
+        gone = torch.as_tensor(np.asarray(positions, dtype=np.int64))
+        key_pos, hidden, pruned = dict(self.key_pos), dict(self.hidden), set(self.pruned)
+        for l in [l for l in self.key_pos if l >= from_layer]:
+            key_pos[l] = self.key_pos[l][~torch.isin(self.key_pos[l], gone.to(self.key_pos[l].device))]
+            pruned.add(l)
+            # hidden index l+1 is the output of decoder layer l: removed rows are not recorded there
+            hidden[l + 1] = [(p[~np.isin(p, positions)], h[torch.as_tensor(~np.isin(p, positions))])
+                             for p, h in self.hidden.get(l + 1, [])]
+        return LensStart(self.n_seen, key_pos, frozenset(pruned), hidden, dict(self.share))
+
+
+class Positions:
+    """Absolute positions of one lens session (batch size 1).
+
+    ``qpos``: positions of the current forward's rows; ``layer_qpos[l]``: those layer ``l``
+    holds (fewer when rows were removed); ``key_pos[l]``: positions of the keys in layer
+    ``l``'s cache; ``pruned``: layers that lost rows, where the model's own mask no longer
+    describes the rows and the lens builds the mask from positions.
+    """
+
+    def __init__(self, image_positions: np.ndarray, device: torch.device):
+        self.image_pos = torch.as_tensor(np.asarray(image_positions, dtype=np.int64), device=device)
         # position -> is an image token, as a lookup table (called for every layer's keys and
         # queries at every step; a gather is much cheaper than torch.isin's sort)
         n = int(self.image_pos.max()) + 1 if self.image_pos.numel() else 0
         self._image_lut = torch.zeros(n + 1, dtype=torch.bool, device=device)
         if n:
             self._image_lut[self.image_pos] = True
-        self.n_seen = 0                      # positions processed by completed forwards
-        self.qpos: torch.Tensor | None = None  # positions of the current forward's queries
-        self.key_pos: dict[int, torch.Tensor] = {}  # per layer: positions held in the KV cache
-        self.layer_qpos: dict[int, torch.Tensor] = {}  # per layer: positions of its current input rows
-        self.pruned: set[int] = set()         # layers whose rows (and KV cache) lost positions: the
-                                              # model's own mask no longer describes them
-        self.scratch: dict[Any, Any] = {}    # free space for interventions (e.g. saved states)
-        # recordings: lists of (positions [q] int64 numpy, tensor on CPU)
-        self.hidden: dict[int, list] = {l: [] for l in range(plan.n_layers + 1)}
-        self.share: dict[int, list] = {l: [] for l in range(plan.n_layers)}
-        self.maps: dict[int, list] = {l: [] for l in range(plan.n_layers)}
-        self.head_maps: dict[int, torch.Tensor] = {}  # layer -> [H, n_image] of the last prompt token
-        self.contrib: dict[int, tuple] = {}  # layer -> (o [d], sum_j c_j [d], |c_j| [n_image])
-
-    # -- helpers -----------------------------------------------------------------------
-    def keep_rows(self, layer: int) -> torch.Tensor | None:
-        """Bool mask over this forward's rows that stay in the sequence at ``layer`` (None: all)."""
-        removed = None
-        for iv in self.plan.interventions:
-            fn = getattr(iv, "removed_positions", None)
-            r = fn(layer, self) if fn is not None else None
-            if r is not None and r.numel():
-                removed = r if removed is None else torch.cat([removed, r])
-        if removed is None:
-            return None
-        keep = ~torch.isin(self.qpos, removed.to(self.qpos.device))
-        return None if bool(keep.all()) else keep
-
-    def _replace_hidden(self, layer: int, hidden: torch.Tensor, pos: torch.Tensor) -> None:
-        if self.plan.record_hidden and self.hidden[layer]:
-            self.hidden[layer].pop()
-            self._store_hidden(layer, hidden, pos)
+        self.n_seen = 0
+        self.qpos: torch.Tensor | None = None
+        self.key_pos: dict[int, torch.Tensor] = {}
+        self.layer_qpos: dict[int, torch.Tensor] = {}
+        self.pruned: set[int] = set()
 
     def is_image(self, pos: torch.Tensor) -> torch.Tensor:
         if self.image_pos.numel() == 0:
@@ -133,55 +225,97 @@ class LensState:
         # the table's last entry is False: every position past the image maps there
         return self._image_lut[pos.clamp(0, self._image_lut.numel() - 1)]
 
-    def _store_hidden(self, layer: int, hidden: torch.Tensor, pos: torch.Tensor) -> None:
-        if not self.plan.record_hidden:
-            return
-        keep = pos
-        rows = slice(None)
-        if self.plan.store_positions is not None:
-            sel = torch.isin(pos, torch.as_tensor(self.plan.store_positions, device=pos.device))
-            if not bool(sel.any()):
-                return
-            rows, keep = sel, pos[sel]
-        h = hidden[0, rows].detach().to("cpu", self.plan.hidden_dtype)
-        self.hidden[layer].append((keep.cpu().numpy(), h))
+    def begin_forward(self, q: int, device) -> torch.Tensor:
+        self.qpos = torch.arange(self.n_seen, self.n_seen + q, device=device)
+        return self.qpos
+
+    def enter_layer(self, layer: int, keep: torch.Tensor | None) -> torch.Tensor:
+        """Layer ``layer`` takes this forward's rows (``keep``: the ones that stay); its cache
+        gains their positions. Returns the positions of the layer's rows."""
+        rows = self.qpos if keep is None else self.qpos[keep]
+        if keep is not None:
+            self.pruned.add(layer)
+        self.layer_qpos[layer] = rows
+        prev = self.key_pos.get(layer)
+        self.key_pos[layer] = rows if prev is None else torch.cat([prev, rows])
+        return rows
+
+    def keys(self, layer: int, n_keys: int, n_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query positions, key positions) of ``layer`` for attention over ``n_keys`` keys."""
+        qpos, kpos = self.layer_qpos[layer], self.key_pos[layer]
+        if n_keys < kpos.numel():
+            # a sliding-window cache keeps only the layer's most recent keys (in order): so do we
+            kpos = self.key_pos[layer] = kpos[kpos.numel() - n_keys:]
+        if kpos.numel() != n_keys or qpos.numel() != n_queries:
+            raise RuntimeError(
+                f"vlmlens lens lost track of positions at layer {layer}: {qpos.numel()} queries/{kpos.numel()} keys "
+                f"recorded vs {n_queries}/{n_keys} in the model (batch size must be 1)")
+        return qpos, kpos
+
+    def end_forward(self) -> None:
+        self.n_seen += int(self.qpos.numel())
+
+    def resume(self, start: LensStart) -> None:
+        self.n_seen = int(start.n_seen)
+        self.key_pos = {l: p.clone() for l, p in start.key_pos.items()}
+        self.pruned = set(start.pruned)
+
+
+class LensContext:
+    """What an intervention may read during a session (plus ``scratch``, its own space)."""
+
+    def __init__(self, positions: Positions, plan: Plan):
+        self._positions = positions
+        self.n_prompt = plan.n_prompt
+        self.n_layers = plan.n_layers
+        self.scratch: dict[Any, Any] = {}
+
+    @property
+    def image_pos(self) -> torch.Tensor:
+        return self._positions.image_pos
+
+    def is_image(self, pos: torch.Tensor) -> torch.Tensor:
+        return self._positions.is_image(pos)
+
+    def rows(self, layer: int) -> torch.Tensor:
+        """Positions of the rows decoder layer ``layer`` holds in the current forward."""
+        return self._positions.layer_qpos[layer]
+
+    def span(self, name: str, pos: torch.Tensor) -> torch.Tensor:
+        """Bool mask of ``pos`` in span ``name`` of the project's vocabulary (vlmlens.run.span_mask)."""
+        img = self.image_pos
+        first = int(img[0]) if img.numel() else 0
+        last = int(img[-1]) if img.numel() else -1
+        return span_mask(name, pos, is_image=self.is_image(pos), first_image=first, last_image=last,
+                         n_prompt=self.n_prompt)
 
 
 # ---- the attention function -------------------------------------------------------------------
 
 def _lens_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    state: LensState | None = getattr(module, _STATE_ATTR, None)
-    if state is None:  # model left on "vlmlens" outside a lens: behave exactly like SDPA
+    lens: Lens | None = getattr(module, _STATE_ATTR, None)
+    if lens is None:  # model left on "vlmlens" outside a lens: behave exactly like SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     layer = int(module.layer_idx)
-    qpos = state.layer_qpos[layer]
-    kpos = state.key_pos[layer]
-    if key.shape[2] < kpos.numel():
-        # a sliding-window cache keeps only the layer's most recent keys (in order): so do we
-        kpos = state.key_pos[layer] = kpos[kpos.numel() - key.shape[2]:]
-    if kpos.numel() != key.shape[2] or qpos.numel() != query.shape[2]:
-        raise RuntimeError(
-            f"vlmlens lens lost track of positions at layer {layer}: {qpos.numel()} queries/{kpos.numel()} keys "
-            f"recorded vs {query.shape[2]}/{key.shape[2]} in the model (batch size must be 1)"
-        )
+    pos = lens.positions
+    qpos, kpos = pos.keys(layer, key.shape[2], query.shape[2])
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
 
     # 1. allowed[q, kv]: the model's own mask (causality, sliding windows, Gemma 3's bidirectional
     #    image block) when it describes this layer's rows, else causality + window by position
     blocked = None
-    for iv in state.plan.interventions:
-        fn = getattr(iv, "key_block", None)
-        b = fn(layer, qpos, kpos, state) if fn is not None else None
+    for fn in lens.key_blocks:
+        b = fn(layer, qpos, kpos, lens.context)
         if b is not None:
             blocked = b if blocked is None else (blocked | b)
-    need_rows = state.plan.record_attention or state.plan.record_contrib
-    mask_fits = layer not in state.pruned and (attention_mask is None or (
+    rec = lens.recorder
+    mask_fits = layer not in pos.pruned and (attention_mask is None or (
         attention_mask.dim() == 4 and attention_mask.shape[-1] == kpos.numel() and attention_mask.shape[-2] == qpos.numel()
     ))
     if not mask_fits and blocked is None:  # rows were removed: the mask comes from positions
         blocked = torch.zeros(qpos.numel(), kpos.numel(), dtype=torch.bool, device=qpos.device)
     allowed = None
-    if blocked is not None or need_rows:
+    if blocked is not None or rec.reads_attention:
         if attention_mask is not None and mask_fits:
             m = attention_mask[0, 0]
             allowed = m if m.dtype == torch.bool else (m == 0)
@@ -199,13 +333,10 @@ def _lens_attention(module, query, key, value, attention_mask, dropout=0.0, scal
             module, query, key, value, allowed[None, None], dropout=dropout, scaling=scaling, is_causal=False, **kw
         )
 
-    # 3. statistics for non-image query rows against image keys
-    if state.plan.record_attention and state.image_pos.numel():
+    # 3. what the recorder reads from this layer's attention
+    if rec.reads_attention:
         with torch.no_grad():
-            record_attention(state, module, layer, query, key, qpos, kpos, allowed, scale)
-    if state.plan.record_contrib and state.image_pos.numel():
-        with torch.no_grad():
-            record_contributions(state, module, layer, query, key, value, qpos, kpos, allowed, scale)
+            rec.attention(module, layer, query, key, value, qpos, kpos, allowed, scale)
     return out, None
 
 
@@ -255,20 +386,22 @@ def _select_rows(args, kwargs, keep: torch.Tensor, q: int):
             kwargs[name] = _slice_rows(kwargs[name], keep, axis)
     if isinstance(kwargs.get("attention_mask"), torch.Tensor):
         kwargs["attention_mask"] = None  # rebuilt from positions inside the attention function
-    if positional:
-        args = (hidden, *args[1:])
-    else:
-        kwargs["hidden_states"] = hidden
-    return args, kwargs
+    return _with_hidden(args, kwargs, hidden, positional)
 
-
-# ---- the context manager ----------------------------------------------------------------------
 
 def _hidden_arg(args, kwargs):
     if args:
         return args[0], True
     return kwargs["hidden_states"], False
 
+
+def _with_hidden(args, kwargs, hidden, positional):
+    if positional:
+        return (hidden, *args[1:]), kwargs
+    return args, dict(kwargs, hidden_states=hidden)
+
+
+# ---- the context manager ----------------------------------------------------------------------
 
 def _attention_modules(layers) -> list[torch.nn.Module]:
     mods = []
@@ -282,78 +415,108 @@ def _attention_modules(layers) -> list[torch.nn.Module]:
     return mods
 
 
-class Lens:
-    """Install the lens on a model for the duration of a ``with`` block.
+def _mlp_module(layer) -> torch.nn.Module:
+    for name in ("mlp", "feed_forward"):
+        m = getattr(layer, name, None)
+        if isinstance(m, torch.nn.Module):
+            return m
+    raise RuntimeError(f"decoder layer {type(layer).__name__} has no MLP module (looked for .mlp, .feed_forward)")
 
-    ``layers`` are the decoder layers (``model.get_decoder().layers``). On exit, every hook
-    is removed and every config's ``_attn_implementation`` is restored, also on exceptions.
+
+class Lens:
+    """Install the lens on a model for the duration of a ``with`` block (returns itself).
+
+    ``layers`` are the decoder layers (``model.get_decoder().layers``); ``start`` resumes
+    after a prefix forward. On exit, every hook is removed and every config's
+    ``_attn_implementation`` is restored, also on exceptions. After the block,
+    ``lens.recorder`` holds the recordings and ``lens.start()`` the resume point.
     """
 
-    def __init__(self, layers, plan: Plan, device: torch.device | str = "cpu"):
+    def __init__(self, layers, plan: Plan, device: torch.device | str = "cpu", start: LensStart | None = None):
         self.layers = list(layers)
         self.plan = plan
-        self.state = LensState(plan, torch.device(device))
+        device = torch.device(device)
+        self.positions = Positions(plan.image_positions, device)
+        self.recorder = Recorder(plan, self.positions)
+        self.context = LensContext(self.positions, plan)
+        if start is not None:
+            self.positions.resume(start)
+            self.recorder.resume(start)
+        ivs = plan.interventions
+        # each intervention method looked up once per session (None: the intervention lacks it)
+        self.key_blocks = [f for f in (_method(iv, "key_block") for iv in ivs) if f is not None]
+        self._removers = [f for f in (_method(iv, "removed_positions") for iv in ivs) if f is not None]
+        self._pre_edits = [f for f in (_method(iv, "edit_resid_pre") for iv in ivs) if f is not None]
+        self._post_edits = [f for f in (_method(iv, "edit_resid_post") for iv in ivs) if f is not None]
+        self._mlp_reads = [f for f in (_method(iv, "read_mlp_input") for iv in ivs) if f is not None]
         self._handles: list = []
         self._configs: list = []
         self._attn_mods: list = []
 
+    def start(self) -> LensStart:
+        """The point a later session resumes from (after this session's forwards)."""
+        p, r = self.positions, self.recorder
+        return LensStart(p.n_seen, dict(p.key_pos), frozenset(p.pruned), dict(r.hidden), dict(r.share))
+
     # hooks ---------------------------------------------------------------------------------
+    def _keep_rows(self, layer: int) -> torch.Tensor | None:
+        """Bool mask over this forward's rows that stay in the sequence at ``layer`` (None: all)."""
+        removed = [r for r in (fn(layer, self.context) for fn in self._removers) if r is not None and r.numel()]
+        if not removed:
+            return None
+        qpos = self.positions.qpos
+        keep = ~torch.isin(qpos, torch.cat(removed).to(qpos.device))
+        return None if bool(keep.all()) else keep
+
     def _pre(self, idx):
         def hook(module, args, kwargs):
-            st = self.state
+            pos, ctx = self.positions, self.context
             hidden, positional = _hidden_arg(args, kwargs)
             if idx == 0:
-                q = hidden.shape[1]
-                st.qpos = torch.arange(st.n_seen, st.n_seen + q, device=hidden.device)
-                st._store_hidden(0, hidden, st.qpos)  # the embeddings, before any row removal
-            keep = st.keep_rows(idx)
-            if keep is None:
-                st.layer_qpos[idx] = st.qpos
-            else:
-                st.layer_qpos[idx] = st.qpos[keep]
-                st.pruned.add(idx)
-                args, kwargs = _select_rows(args, kwargs, keep, int(st.qpos.numel()))
+                self.recorder.store_hidden(0, hidden, pos.begin_forward(hidden.shape[1], hidden.device))
+            keep = self._keep_rows(idx)
+            if keep is not None:
+                args, kwargs = _select_rows(args, kwargs, keep, int(pos.qpos.numel()))
                 hidden, positional = _hidden_arg(args, kwargs)
-            prev = st.key_pos.get(idx)
-            st.key_pos[idx] = st.layer_qpos[idx] if prev is None else torch.cat([prev, st.layer_qpos[idx]])
+            rows = pos.enter_layer(idx, keep)
             new = hidden
-            for iv in st.plan.interventions:
-                fn = getattr(iv, "edit_input", None)
-                r = fn(idx, new, st) if fn is not None else None
+            for fn in self._pre_edits:
+                r = fn(idx, new, ctx)
                 if r is not None:
                     new = r
             if new is not hidden and idx > 0:
-                st._replace_hidden(idx, new, st.layer_qpos[idx])  # record what layer idx really reads
+                self.recorder.replace_hidden(idx, new, rows)  # record what layer idx really reads
             if new is hidden and keep is None:
                 return None
-            if positional:
-                return (new, *args[1:]), kwargs
-            kwargs = dict(kwargs, hidden_states=new)
-            return args, kwargs
+            return _with_hidden(args, kwargs, new, positional)
         return hook
 
     def _post(self, idx):
         def hook(module, args, kwargs, output):
-            st = self.state
             h_in, _ = _hidden_arg(args, kwargs)
             is_tuple = isinstance(output, tuple)
             h_out = output[0] if is_tuple else output
             new = h_out
-            for iv in st.plan.interventions:
-                fn = getattr(iv, "edit_output", None)
-                r = fn(idx, h_in, new, st) if fn is not None else None
+            for fn in self._post_edits:
+                r = fn(idx, h_in, new, self.context)
                 if r is not None:
                     new = r
-            st._store_hidden(idx + 1, new, st.layer_qpos[idx])
+            self.recorder.store_hidden(idx + 1, new, self.positions.layer_qpos[idx])
             if idx == len(self.layers) - 1:
-                st.n_seen += int(st.qpos.numel())
+                self.positions.end_forward()
             if new is h_out:
                 return None
             return (new, *output[1:]) if is_tuple else new
         return hook
 
+    def _mlp_pre(self, idx):
+        def hook(module, args):
+            for fn in self._mlp_reads:
+                fn(idx, args[0], self.context)
+        return hook
+
     # context ------------------------------------------------------------------------------
-    def __enter__(self) -> LensState:
+    def __enter__(self) -> "Lens":
         self._attn_mods = _attention_modules(self.layers)
         if len(self._attn_mods) != len(self.layers):
             raise RuntimeError(f"found {len(self._attn_mods)} attention modules in {len(self.layers)} decoder layers")
@@ -366,14 +529,16 @@ class Lens:
                     seen.add(id(m.config))
                     self._configs.append((m.config, m.config._attn_implementation))
                     m.config._attn_implementation = ATTN_NAME
-                setattr(m, _STATE_ATTR, self.state)
+                setattr(m, _STATE_ATTR, self)
             for i, layer in enumerate(self.layers):
                 self._handles.append(layer.register_forward_pre_hook(self._pre(i), with_kwargs=True))
                 self._handles.append(layer.register_forward_hook(self._post(i), with_kwargs=True))
+                if self._mlp_reads:
+                    self._handles.append(_mlp_module(layer).register_forward_pre_hook(self._mlp_pre(i)))
         except BaseException:
             self._restore()
             raise
-        return self.state
+        return self
 
     def _restore(self) -> None:
         for h in self._handles:

@@ -161,7 +161,7 @@ def stage_details(run, *, fusion_cos: float = 0.995, discard_cos: float = 0.999,
 
     With ``o`` the attention block's output at the last prompt token (the o_proj output) and
     ``c_j = W_O concat_h(a_hj v_hj)`` image token j's part of it (see
-    :func:`vlmlens.lens_stats.record_contributions`), let ``cos_l = cos(o - sum_j c_j, o)`` at layer l.
+    :class:`vlmlens.recorder.Recorder`), let ``cos_l = cos(o - sum_j c_j, o)`` at layer l.
 
     * a layer is a *fusion* layer when removing every image contribution turns its output by
       more than the threshold: ``cos_l < fusion_cos``;

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import check_layer
+from ..errors import InputError, check_layer
 
 ACTIVATIONS = ("mlp_input", "residual")
 
@@ -68,13 +68,15 @@ def _targets(lm, run, target_tokens) -> list[int]:
     else:
         ids = [int(t) for t in target_tokens]
     if not ids:
-        raise ValueError("no answer tokens to explain: the run generated nothing; pass target_tokens")
+        raise InputError("no answer tokens to explain: the run generated nothing; pass target_tokens")
     return ids
 
 
 class _Taps:
-    """Lens intervention (``edit_input``) + MLP pre-hooks: keep image rows of the chosen
-    activations and, when their gradient arrives in the backward, turn it into the CAM."""
+    """An intervention of the lens that only reads: it makes the embeddings the backward's one
+    leaf, keeps the image rows of the chosen activations (``edit_resid_pre`` for the residual,
+    ``read_mlp_input`` for the MLP input) and, when their gradient arrives in the backward,
+    turns it into the CAM."""
 
     def __init__(self, rows: torch.Tensor, layers: list[int], activation: str):
         self.rows, self.layers, self.activation = rows, set(layers), activation
@@ -90,7 +92,7 @@ class _Taps:
             self.cam[layer] = torch.relu(a.float() @ alpha).cpu()
         x.register_hook(on_grad)
 
-    def edit_input(self, layer, hidden, state):
+    def edit_resid_pre(self, layer, hidden, ctx):
         new = None
         if layer == 0:
             new = hidden = self.leaf = hidden.detach().requires_grad_(True)
@@ -98,10 +100,9 @@ class _Taps:
             self.tap(layer, hidden)
         return new
 
-    def mlp_hook(self, layer: int):
-        def hook(module, args):
-            self.tap(layer, args[0])
-        return hook
+    def read_mlp_input(self, layer, x, ctx):
+        if self.activation == "mlp_input" and layer in self.layers:
+            self.tap(layer, x)
 
 
 class _frozen_params:
@@ -121,23 +122,18 @@ class _frozen_params:
 
 def _cam_interventions(run, interventions):
     """The interventions the CAM's forward applies: ``interventions`` if given, else the run's own
-    (rebuilt from its meta). ``Truncate(k, "remove")`` becomes ``Truncate(k, "drop")``: the same
-    outputs (tested), but the image rows stay in place for the taps (their CAM is then 0 from k on,
-    as nothing downstream reads them)."""
-    from ..interventions import Truncate, from_json
+    (rebuilt from its meta), each in its ``gradient_safe`` form: ``Truncate(k, "remove")`` becomes
+    ``Truncate(k, "drop")``, the same outputs (tested), but the image rows stay in place for the
+    taps (their CAM is then 0 from k on, as nothing downstream reads them)."""
+    from ..interventions import from_json, gradient_safe
 
     if interventions is None:
         stored = run.meta.get("interventions") or []
         if any(not isinstance(d, dict) for d in stored):
-            raise ValueError("the run was captured with a custom intervention that cannot be rebuilt from its "
+            raise InputError("the run was captured with a custom intervention that cannot be rebuilt from its "
                              "meta; pass interventions=[...] to llava_cam")
         interventions = [from_json(d) for d in stored]
-    out = []
-    for iv in interventions:
-        if isinstance(iv, Truncate) and iv.mode == "remove":
-            iv = Truncate(from_layer=iv.from_layer, mode="drop")
-        out.append(iv)
-    return out
+    return [gradient_safe(iv) for iv in interventions]
 
 
 def llava_cam(lm, run, *, layers=None, target_tokens=None, activation: str = "mlp_input",
@@ -170,7 +166,7 @@ def llava_cam(lm, run, *, layers=None, target_tokens=None, activation: str = "ml
     from ..lens import Lens, Plan
 
     if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        raise InputError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     L = lm.n_layers
     layers = list(range(L)) if layers is None else sorted({check_layer("LLaVA-CAM layer", l, 0, L - 1)
                                                               for l in layers})
@@ -179,25 +175,18 @@ def llava_cam(lm, run, *, layers=None, target_tokens=None, activation: str = "ml
     inputs, _, _ = prepare_inputs(lm, run.image, run.prompt)
     n_prompt = run.spans.n_prompt
     if inputs["input_ids"][0].tolist() != list(run.token_ids[:n_prompt]):
-        raise ValueError("the run's prompt tokens differ from what this model builds for its image + prompt")
+        raise InputError("the run's prompt tokens differ from what this model builds for its image + prompt")
     targets = _targets(lm, run, target_tokens)
     full = _extend_inputs(inputs, targets)
     img = run.spans.positions("image")
     taps = _Taps(torch.as_tensor(img, device=lm.device), layers, activation)
-    dec = lm.arch.decoder_layers(lm.model)
-    plan = Plan(image_positions=img, n_layers=L, record_hidden=False, record_attention=False,
-                interventions=[taps, *ivs], n_prompt=n_prompt)
-    handles = [dec[l].mlp.register_forward_pre_hook(taps.mlp_hook(l)) for l in layers] if activation == "mlp_input" else []
+    plan = Plan.build(img, L, n_prompt, interventions=[taps, *ivs])
     T = len(targets)
     kw = {"logits_to_keep": T + 1} if lm.model._supports_logits_to_keep() else {}
-    try:
-        with _frozen_params(lm.model), torch.enable_grad(), Lens(dec, plan, device=lm.device):
-            logits = lm.model(**full, use_cache=False, **kw).logits[0, -(T + 1):-1].float()   # [T, vocab]
-            y = logits.gather(1, torch.tensor(targets, device=logits.device)[:, None]).sum()
-            torch.autograd.grad(y, [taps.leaf])
-    finally:
-        for h in handles:
-            h.remove()
+    with _frozen_params(lm.model), torch.enable_grad(), Lens(lm.arch.decoder_layers(lm.model), plan, device=lm.device):
+        logits = lm.model(**full, use_cache=False, **kw).logits[0, -(T + 1):-1].float()   # [T, vocab]
+        y = logits.gather(1, torch.tensor(targets, device=logits.device)[:, None]).sum()
+        torch.autograd.grad(y, [taps.leaf])
     per_token = torch.stack([taps.cam[l] for l in layers]).numpy().astype(np.float32)   # [n, n_image]
     top = per_token.max(axis=1, keepdims=True)
     per_token = np.where(top > 0, per_token / np.where(top > 0, top, 1), 0.0).astype(np.float32)

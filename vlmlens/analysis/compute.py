@@ -85,12 +85,9 @@ def layer_flops(shape: LayerShape, n_query: int, n_pairs: int) -> dict:
 
 
 def _check_depth(shape: LayerShape, depth) -> int:
-    k = shape.n_layers if depth is None else depth
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= shape.n_layers:
-        from ..errors import InputError
+    from ..errors import check_layer
 
-        raise InputError(f"depth must be an integer in 0..{shape.n_layers}, got {depth!r}")
-    return int(k)
+    return check_layer("depth", shape.n_layers if depth is None else depth, 0, shape.n_layers)
 
 
 def prefill_flops(shape: LayerShape, n_image: int, n_text: int, n_system: int = 0, depth: int | None = None) -> np.ndarray:
@@ -174,9 +171,7 @@ def _timed_generate(lm, inputs, img_pos, n_new: int, ivs) -> float:
     from ..capture import greedy_generate
     from ..lens import Lens, Plan
 
-    n = int(inputs["input_ids"].shape[1])
-    plan = Plan(image_positions=img_pos, n_layers=lm.n_layers, record_hidden=False, record_attention=False,
-                interventions=list(ivs), n_prompt=n, map_from=n - 1)
+    plan = Plan.build(img_pos, lm.n_layers, int(inputs["input_ids"].shape[1]), interventions=ivs)
     if lm.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..errors import InputError
-from .engine import DEFAULT_SEPARATOR, normalize, normalized_edit_distance, split_answer
+from .engine import normalize, normalized_edit_distance, split_answer
 
 DEFAULT_TAU = 0.1
 CLIFF_RULE = ("smallest depth k such that every measured depth k' >= k keeps the baseline answer "

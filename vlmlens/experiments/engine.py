@@ -28,16 +28,15 @@ Comparison of a variant with the baseline (:func:`compare_outputs`):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from ..capture import capture, check_context, check_max_new_tokens
 from ..errors import InputError
-from ..interventions import Freeze, Truncate, validate_all
-from ..lens import Lens, Plan
+from ..interventions import Freeze, Truncate, prefix_effect, validate_all
+from ..lens import NOTHING, Lens, Plan, Recording
 from ..run import Run
 from .prefix import Prefix, accepts_logits_to_keep, prefill, prepare
 
@@ -184,10 +183,12 @@ class Session:
         self.n_new = check_max_new_tokens(max_new_tokens)
         self.extra = list(interventions)
         validate_all(self.extra, lm.n_layers)
-        self.record = dict(store=store, hidden_dtype=hidden_dtype, record_attention=record_attention)
+        # what each variant's Run records (contributions as in capture's default)
+        self.recording = Recording(store, hidden_dtype, record_attention, contrib=True)
         self.prep = prepare(lm, image, prompt)
         check_context(lm, self.prep.n_prompt, len(self.prep.image_pos), self.n_new)
-        self.reuse = bool(reuse) and self.prep.position_ids is not None
+        self.reuse = bool(reuse) and self.prep.position_ids is not None and not any(
+            prefix_effect(iv, lm.n_layers).kind == "independent" for iv in self.extra)
         self._prefix: Prefix | None = None
         self.baseline: Outcome = self.evaluate(list(baseline))
 
@@ -196,17 +197,19 @@ class Session:
         return self.lm.n_layers
 
     def _prefix_for(self, ivs: list) -> Prefix | None:
+        """The prefix a variant continues from, as its interventions' ``prefix_effect`` say:
+        the shared one (perhaps with the image cut from some layer on), a recomputed one, or
+        none (an intervention that needs the whole prompt: an independent capture)."""
         if not self.reuse:
             return None
+        effects = [prefix_effect(iv, self.n_layers) for iv in ivs]
+        if any(e.kind == "independent" for e in effects):
+            return None
+        if any(e.kind == "recompute" for e in effects):
+            return prefill(self.lm, self.prep, self.extra + ivs, self.recording)
         if self._prefix is None:
-            self._prefix = prefill(self.lm, self.prep, self.extra, **self.record)
-        if not ivs:
-            return self._prefix
-        if len(ivs) == 1 and isinstance(ivs[0], Truncate):
-            return self._prefix.truncated(ivs[0].from_layer, ivs[0].mode)
-        if len(ivs) == 1 and isinstance(ivs[0], Freeze) and ivs[0].from_layer >= self.n_layers:
-            return replace(self._prefix, interventions=self._prefix.interventions + [ivs[0].to_json()])  # a no-op
-        return prefill(self.lm, self.prep, self.extra + ivs, **self.record)
+            self._prefix = prefill(self.lm, self.prep, self.extra, self.recording)
+        return self._prefix.derived(ivs, effects) if ivs else self._prefix
 
     def evaluate(self, interventions: Sequence) -> Outcome:
         """Capture the variant ``interventions`` and score the baseline's tokens under it."""
@@ -215,7 +218,7 @@ class Session:
         validate_all(all_ivs, self.n_layers)
         prefix = self._prefix_for(ivs)
         run = capture(self.lm, self.prep.rgb, self.prep.prompt, max_new_tokens=self.n_new, interventions=all_ivs,
-                      prefix=prefix, **self.record)
+                      prefix=prefix, **self.recording.capture_kwargs())
         base = getattr(self, "baseline", None)
         target = base.generated_ids if base is not None else run.token_ids[run.spans.n_prompt:]
         steps, lps = self._score(all_ivs, target, prefix)
@@ -239,12 +242,10 @@ class Session:
             inputs = prefix.continuation_inputs(target, for_generate=False)
         else:
             inputs = _extend(prep.inputs, target, n_prompt)
-        plan = Plan(image_positions=prep.image_pos, n_layers=lm.n_layers, record_hidden=False,
-                    record_attention=False, map_from=n_prompt - 1, interventions=ivs, n_prompt=n_prompt)
+        plan = Plan.build(prep.image_pos, lm.n_layers, n_prompt, NOTHING, ivs)
         kwargs = {"logits_to_keep": T + 1} if accepts_logits_to_keep(lm) else {}
-        with torch.no_grad(), Lens(lm.arch.decoder_layers(lm.model), plan, device=lm.device) as state:
-            if prefix is not None:
-                prefix.seed(state)
+        start = None if prefix is None else prefix.start
+        with torch.no_grad(), Lens(lm.arch.decoder_layers(lm.model), plan, device=lm.device, start=start):
             out = lm.model(**inputs, use_cache=prefix is not None, return_dict=True, **kwargs)
         logits = out.logits[0, -(T + 1):].float()
         logp = torch.log_softmax(logits, -1).cpu()

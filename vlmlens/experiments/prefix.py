@@ -9,60 +9,35 @@ baseline computation. Hence
 * ``mode="drop"``: the KV cache of the prefix is the baseline's, at every layer;
 * ``mode="remove"``: the same cache with the image positions cut out of layers ``>= k``
   (exactly what ``Truncate(k, "remove")`` leaves there);
-* anything else (Freeze, Substitute, SkipLayers, Knockout): the prefix is recomputed once
-  under those interventions, and the generation and the teacher-forced scoring of one variant
-  both continue from it.
+* anything else: the prefix is recomputed once under those interventions, and the generation
+  and the teacher-forced scoring of one variant both continue from it.
+
+Which case applies is each intervention's own ``prefix_effect`` (unchanged / cut_image /
+recompute / independent; see interventions.py): a Knockout whose queries all follow the image
+leaves the prefix unchanged too, and an intervention that needs the whole prompt (a ranking
+read at the last prompt token) runs as an independent capture.
 
 A variant then costs one forward over the few text tokens plus decoding, instead of a whole
 prefill over hundreds of image tokens. The continuation goes through the same lens and the
 same ``generate`` as :func:`vlmlens.capture` (``capture(..., prefix=p)``); recordings made
-during the prefix forward are seeded into the lens state, so the Run comes out the same as an
-independent capture (tested to 1e-5 on tokens, log-probs and hidden states).
+during the prefix forward are where the continuation's lens session resumes
+(:class:`vlmlens.lens.LensStart`), so the Run comes out the same as an independent capture (tested to 1e-5 on tokens, log-probs and hidden states).
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import torch
 
-from ..capture import HIDDEN_DTYPES, STORE_MODES, image_positions, prepare_inputs
-from ..errors import InputError
-from ..images import image_sha256
-from ..interventions import Truncate, validate_all
-from ..lens import Lens, Plan
+from ..capture import Prepared, interventions_json
+from ..capture import prepare as _prepare
+from ..interventions import PrefixEffect, validate_all
+from ..lens import NOTHING, Lens, LensStart, Plan, Recording
 
 # families whose prompt layout, position ids and cache were checked for continuation (tests);
 # gemma3 (bidirectional image block) and idefics3 (image tiles) run independent captures
 REUSE_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl")
-
-
-@dataclass
-class Prepared:
-    """One (image, prompt) pair, validated and processed once.
-
-    ``position_ids`` are the ids ``generate`` builds for the whole prompt (2-D for LLaVA,
-    [4, 1, n] text + M-RoPE rows for Qwen2-VL); continuations slice and extend them.
-    """
-
-    model_name: str
-    prompt: str
-    inputs: dict
-    rgb: object
-    note: str | None
-    image_sha: str
-    n_prompt: int
-    image_pos: np.ndarray
-    position_ids: torch.Tensor | None
-
-    @property
-    def n_prefix(self) -> int:
-        return int(self.image_pos[-1]) + 1
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return self.inputs["input_ids"]
 
 
 def reuse_supported(lm) -> bool:
@@ -71,20 +46,9 @@ def reuse_supported(lm) -> bool:
 
 
 def prepare(lm, image, prompt: str) -> Prepared:
-    """Validate and process ``image`` + ``prompt`` once (raises InputError on bad input)."""
-    from ..capture import check_prompt
-
-    inputs, rgb, note = prepare_inputs(lm, image, prompt)
-    ids = inputs["input_ids"]
-    pos = image_positions(lm, ids)
-    if len(pos) == 0:
-        raise InputError("the processed prompt contains no image tokens; this model's processor did not insert the image")
-    position_ids = None
-    if reuse_supported(lm) and int(pos[-1]) + 1 < ids.shape[1]:
-        with torch.no_grad():
-            position_ids = lm.model._prepare_position_ids_for_generation(ids, dict(inputs))
-    return Prepared(lm.name, check_prompt(prompt), inputs, rgb, note, image_sha256(rgb), int(ids.shape[1]), pos,
-                    position_ids)
+    """Validate and process ``image`` + ``prompt`` once, with the position ids a continuation
+    needs where the family supports prefix reuse (raises InputError on bad input)."""
+    return _prepare(lm, image, prompt, position_ids=reuse_supported(lm))
 
 
 def accepts_logits_to_keep(lm) -> bool:
@@ -102,47 +66,17 @@ def _per_token(v, n: int) -> bool:
 class Prefix:
     """The prefix of one prompt, computed once under some interventions.
 
-    Holds the KV cache, the cache positions per layer, and the lens recordings of the prefix
-    rows (hidden states, attention statistics) made with the recording settings in ``record``.
+    Holds the KV cache and where a lens session resumes after it (:class:`vlmlens.lens.LensStart`:
+    cache positions per layer, recordings of the prefix rows), with the interventions (as JSON)
+    and the :class:`vlmlens.lens.Recording` it was made under. ``capture(..., prefix=p)``
+    continues from it (it is a :class:`vlmlens.capture.Continuation`).
     """
 
     prep: Prepared
     cache: object
-    key_pos: dict
-    hidden: dict
-    share: dict
-    interventions: list = field(default_factory=list)  # to_json of the interventions it was made under
-    record: tuple = ("all", "float16", True)          # (store, hidden_dtype, record_attention)
-
-    # -- use in a lens session -------------------------------------------------------------------
-    def check(self, lm, prompt: str, rgb, interventions, store: str, hidden_dtype: str, record_attention: bool) -> None:
-        """Raise ValueError unless this prefix was made for exactly this capture."""
-        want = [iv.to_json() if hasattr(iv, "to_json") else repr(iv) for iv in interventions]
-        problems = []
-        if lm.name != self.prep.model_name:
-            problems.append(f"model {lm.name!r} != {self.prep.model_name!r}")
-        if prompt.strip() != self.prep.prompt:
-            problems.append("different prompt")
-        if image_sha256(rgb) != self.prep.image_sha:
-            problems.append("different image")
-        if want != self.interventions:
-            problems.append(f"interventions {want} != {self.interventions}")
-        if (store, hidden_dtype, bool(record_attention)) != self.record:
-            problems.append(f"recording settings {(store, hidden_dtype, record_attention)} != {self.record}")
-        if problems:
-            raise ValueError("prefix does not match this capture: " + "; ".join(problems))
-
-    def seed(self, state) -> None:
-        """Put the prefix into a fresh LensState: positions seen, cache positions, recordings."""
-        state.n_seen = self.prep.n_prefix
-        for l, pos in self.key_pos.items():
-            state.key_pos[l] = pos.clone()
-            if pos.numel() < self.prep.n_prefix:   # image rows removed from this layer's cache
-                state.pruned.add(l)
-        for l, chunks in self.hidden.items():
-            state.hidden[l] = list(chunks)
-        for l, chunks in self.share.items():
-            state.share[l] = list(chunks)
+    start: LensStart
+    interventions: list = field(default_factory=list)
+    recording: Recording = NOTHING
 
     def continuation_inputs(self, extra_ids: list[int] | None = None, *, for_generate: bool = True) -> dict:
         """Inputs that continue from the prefix: the text after the image (+ ``extra_ids``),
@@ -164,26 +98,26 @@ class Prefix:
                 "past_key_values": _private_copy(self.cache)}
 
     # -- derived prefixes ---------------------------------------------------------------------------
-    def truncated(self, k: int, mode: str) -> "Prefix":
-        """The prefix of ``Truncate(k, mode)`` on top of this prefix's interventions (no compute)."""
-        if mode not in ("drop", "remove"):
-            raise ValueError(f"only drop/remove truncations can be derived, not {mode!r}")
-        ivs = self.interventions + [Truncate(k, mode).to_json()]
-        if mode == "drop":
+    def derived(self, interventions, effects: list[PrefixEffect]) -> "Prefix":
+        """This prefix with ``interventions`` added, when their effects on a prefix are all
+        "unchanged" or "cut_image" (no compute: the image positions leave the cache of layers
+        >= the shallowest cut). Anything else needs :func:`prefill`."""
+        if any(e.kind not in ("unchanged", "cut_image") for e in effects):
+            raise ValueError(f"a prefix cannot be derived for effects {effects}; prefill it")
+        ivs = self.interventions + interventions_json(interventions)
+        cuts = [e.from_layer for e in effects if e.kind == "cut_image"]
+        if not cuts:
             return replace(self, interventions=ivs)
+        k = min(cuts)
         img = torch.as_tensor(self.prep.image_pos)
         cache = copy.deepcopy(self.cache)
-        key_pos, hidden = dict(self.key_pos), dict(self.hidden)
         for l in range(k, len(cache.layers)):
-            keep = ~torch.isin(self.key_pos[l], img.to(self.key_pos[l].device))
-            idx = torch.nonzero(keep).flatten()
+            keys = self.start.key_pos[l]
+            idx = torch.nonzero(~torch.isin(keys, img.to(keys.device))).flatten()
             layer = cache.layers[l]
             layer.keys = layer.keys.index_select(-2, idx.to(layer.keys.device))
             layer.values = layer.values.index_select(-2, idx.to(layer.values.device))
-            key_pos[l] = self.key_pos[l][keep]
-            # hidden index l+1 is the output of decoder layer l: removed rows are not recorded there
-            hidden[l + 1] = [_drop_rows(pos, h, self.prep.image_pos) for pos, h in self.hidden.get(l + 1, [])]
-        return replace(self, cache=cache, key_pos=key_pos, hidden=hidden, interventions=ivs)
+        return replace(self, cache=cache, start=self.start.without(self.prep.image_pos, k), interventions=ivs)
 
 
 def _private_copy(cache):
@@ -199,34 +133,19 @@ def _private_copy(cache):
     return copy.deepcopy(cache)
 
 
-def _drop_rows(pos: np.ndarray, h: torch.Tensor, removed: np.ndarray):
-    keep = ~np.isin(pos, removed)
-    return pos[keep], h[torch.as_tensor(keep)]
-
-
-def prefill(lm, prep: Prepared, interventions=(), *, store: str = "all", hidden_dtype: str = "float16",
-            record_attention: bool = True) -> Prefix:
+def prefill(lm, prep: Prepared, interventions=(), recording: Recording = NOTHING) -> Prefix:
     """Run the prefix (everything up to the last image token) once under ``interventions``."""
     if prep.position_ids is None:
         raise ValueError(f"prefix reuse is not available for family {lm.family!r}")
-    if store not in STORE_MODES or hidden_dtype not in HIDDEN_DTYPES:
-        raise InputError(f"store must be one of {STORE_MODES} and hidden_dtype one of {tuple(HIDDEN_DTYPES)}")
     interventions = list(interventions)
     validate_all(interventions, lm.n_layers)
     n, m = prep.n_prompt, prep.n_prefix
-    plan = Plan(
-        image_positions=prep.image_pos, n_layers=lm.n_layers, record_hidden=store != "none",
-        store_positions=prep.image_pos if store == "image_text" else None,
-        hidden_dtype=HIDDEN_DTYPES[hidden_dtype], record_attention=record_attention, map_from=n - 1,
-        interventions=interventions, n_prompt=n,
-    )
+    # the prefix's rows are a subset of the whole prompt's: the same plan, with nothing generated
+    plan = Plan.build(prep.image_pos, lm.n_layers, n, recording, interventions)
     inputs = {k: (v[:, :m] if _per_token(v, n) else v) for k, v in prep.inputs.items()}
     inputs["position_ids"] = prep.position_ids[..., :m]
     kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(lm) else {}
-    with torch.no_grad(), Lens(lm.arch.decoder_layers(lm.model), plan, device=lm.device) as state:
+    with torch.no_grad(), Lens(lm.arch.decoder_layers(lm.model), plan, device=lm.device) as lens:
         out = lm.model(**inputs, use_cache=True, return_dict=True, **kwargs)
-    return Prefix(
-        prep=prep, cache=out.past_key_values, key_pos=dict(state.key_pos), hidden=dict(state.hidden),
-        share=dict(state.share), interventions=[iv.to_json() if hasattr(iv, "to_json") else repr(iv) for iv in interventions],
-        record=(store, hidden_dtype, bool(record_attention)),
-    )
+    return Prefix(prep=prep, cache=out.past_key_values, start=lens.start(),
+                  interventions=interventions_json(interventions), recording=recording)

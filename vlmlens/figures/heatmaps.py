@@ -214,9 +214,9 @@ def fig_head_maps(run, layer: int, *, max_cols: int = 8, title: str | None = Non
         raise KeyError("this run holds no per-head maps (captured before they were recorded); capture it again")
     hm = np.asarray(run.attention_head_maps, dtype=np.float64)
     L, H = hm.shape[:2]
-    if not 0 <= int(layer) < L:
-        raise ValueError(f"layer must be in 0..{L - 1}, got {layer}")
-    maps = hm[int(layer)]
+    from ..errors import check_layer
+
+    maps = hm[check_layer("layer", layer, 0, L - 1)]
     nc = min(max_cols, H)
     nr = math.ceil(H / nc)
     names = [f"head {h} · share {maps[h].sum():.2f}" for h in range(H)]

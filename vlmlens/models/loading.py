@@ -131,7 +131,7 @@ def hub_offline() -> bool:
 
 
 def _from_pretrained(path: str, name: str, dev: torch.device, dt: torch.dtype, trust_remote_code: bool) -> LoadedModel:
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     local = os.path.isdir(path)
     offline = hub_offline()

@@ -1,0 +1,195 @@
+"""What a lens session records, and the Run's arrays assembled from it.
+
+The lens calls the recorder at three places: a decoder layer's input/output (``store_hidden``,
+``replace_hidden``: the residual stream) and inside the attention function (``attention``):
+
+* attention statistics: for non-image query rows, the attention mass on image keys per head
+  and the head-averaged map over image keys (rows at or after the last prompt token), and
+  every head's own map for the last prompt token: [layer, head, n_image] is small;
+* contributions: at the last prompt token, the attention block's output and the image keys'
+  part of it (VisiPruner-style; see analysis/attention.py).
+
+Both recompute ``softmax(q·Kᵀ·scale + mask)`` only for the rows they need, in float32,
+chunked. :meth:`Recorder.arrays` turns the recordings into the arrays a Run stores.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers.integrations.sdpa_attention import repeat_kv
+
+
+class Recorder:
+    """The recordings of one lens session: lists of (positions [q] int64 numpy, CPU tensor) per layer."""
+
+    def __init__(self, plan, positions):
+        self.plan = plan
+        self._pos = positions      # read only: image positions and the is-image lookup
+        self.hidden: dict[int, list] = {l: [] for l in range(plan.n_layers + 1)}
+        self.share: dict[int, list] = {l: [] for l in range(plan.n_layers)}
+        self.maps: dict[int, list] = {l: [] for l in range(plan.n_layers)}
+        self.head_maps: dict[int, torch.Tensor] = {}  # layer -> [H, n_image] of the last prompt token
+        self.contrib: dict[int, tuple] = {}  # layer -> (o [d], sum_j c_j [d], |c_j| [n_image])
+        has_image = bool(positions.image_pos.numel())
+        self.reads_attention = has_image and (plan.record_attention or plan.record_contrib)
+
+    def resume(self, start) -> None:
+        for l, chunks in start.hidden.items():
+            self.hidden[l] = list(chunks)
+        for l, chunks in start.share.items():
+            self.share[l] = list(chunks)
+
+    # -- the residual stream -------------------------------------------------------------------
+    def store_hidden(self, layer: int, hidden: torch.Tensor, pos: torch.Tensor) -> None:
+        if not self.plan.record_hidden:
+            return
+        keep = pos
+        rows = slice(None)
+        if self.plan.store_positions is not None:
+            sel = torch.isin(pos, torch.as_tensor(self.plan.store_positions, device=pos.device))
+            if not bool(sel.any()):
+                return
+            rows, keep = sel, pos[sel]
+        h = hidden[0, rows].detach().to("cpu", self.plan.hidden_dtype)
+        self.hidden[layer].append((keep.cpu().numpy(), h))
+
+    def replace_hidden(self, layer: int, hidden: torch.Tensor, pos: torch.Tensor) -> None:
+        """Layer ``layer``'s input was rewritten: record what it really reads."""
+        if self.plan.record_hidden and self.hidden[layer]:
+            self.hidden[layer].pop()
+            self.store_hidden(layer, hidden, pos)
+
+    # -- inside the attention function ------------------------------------------------------------
+    def attention(self, module, layer, query, key, value, qpos, kpos, allowed, scale) -> None:
+        if self.plan.record_attention:
+            self._attention_stats(layer, query, key, qpos, kpos, allowed, scale)
+        if self.plan.record_contrib:
+            self._contributions(module, layer, query, key, value, qpos, kpos, allowed, scale)
+
+    def _attention_stats(self, layer, query, key, qpos, kpos, allowed, scale, chunk=256):
+        is_image, first = self._pos.is_image, self._pos.image_pos[0]
+        rows = torch.nonzero(~is_image(qpos) & (qpos > first), as_tuple=False).flatten()
+        img_keys = torch.nonzero(is_image(kpos), as_tuple=False).flatten()
+        # full per-forward row set: image queries NaN, queries before the image (and, when the
+        # image keys left the cache, every query) 0
+        full = torch.zeros(query.shape[1], qpos.numel(), device=query.device)
+        full[:, is_image(qpos)] = float("nan")
+        if rows.numel() == 0 or img_keys.numel() == 0:
+            self.share[layer].append((qpos.cpu().numpy(), full.cpu()))
+            return
+        n_rep = query.shape[1] // key.shape[1]
+        k = repeat_kv(key, n_rep)[0].float()          # [H, kv, d]
+        shares, maps, map_pos = [], [], []
+        map_from = self.plan.map_from
+        for start in range(0, rows.numel(), chunk):
+            r = rows[start:start + chunk]
+            q = query[0, :, r, :].float()              # [H, R, d]
+            s = torch.matmul(q, k.transpose(-1, -2)) * scale
+            s = s.masked_fill(~allowed[r][None], float("-inf"))
+            p = torch.softmax(s, dim=-1)[:, :, img_keys]   # [H, R, n_img]
+            shares.append(p.sum(-1))                    # [H, R]
+            mrows = qpos[r] >= map_from
+            if bool(mrows.any()):
+                maps.append(p[:, mrows].mean(0))         # [R', n_img]
+                map_pos.append(qpos[r][mrows])
+            at = torch.nonzero(qpos[r] == map_from).flatten()
+            if at.numel() and layer not in self.head_maps:
+                self.head_maps[layer] = p[:, int(at[0])].cpu()   # [H, n_img]: each head's map, last prompt token
+        full[:, rows] = torch.cat(shares, dim=1)
+        self.share[layer].append((qpos.cpu().numpy(), full.cpu()))
+        if maps:
+            self.maps[layer].append((torch.cat(map_pos).cpu().numpy(), torch.cat(maps, 0).cpu()))
+
+    def _contributions(self, module, layer, query, key, value, qpos, kpos, allowed, scale) -> None:
+        """For the query at the last prompt token: the attention row ``a[h, j] = softmax_j(q_h .
+        k_hj * scale)`` (same masks as the layer) and, with ``W_O`` the layer's ``o_proj``:
+
+        * ``o = W_O concat_h(sum_j a[h, j] v[h, j]) + b_O`` -- the attention block's output
+          (the o_proj output, before the residual add and before any post-attention norm),
+        * ``c_j = W_O concat_h(a[h, j] v[h, j])`` for every image key j (no bias),
+
+        stored as ``contrib[layer] = (o [d], sum_j c_j [d], |c_j| [n_image])`` on the CPU
+        (float32; NaN norms for image tokens no longer in the cache). Cost per layer: one query
+        row against all keys plus an ``[n_image, H*d_head] x [H*d_head, d_model]`` product. A
+        module without ``o_proj`` is recorded in head space (W_O = identity).
+        """
+        rows = torch.nonzero(qpos == self.plan.map_from).flatten()
+        if rows.numel() == 0 or layer in self.contrib:
+            return
+        r = int(rows[0])
+        n_rep = query.shape[1] // key.shape[1]
+        k = repeat_kv(key, n_rep)[0].float()                      # [H, kv, dh]
+        v = repeat_kv(value, n_rep)[0].float()
+        s = torch.einsum("hd,hkd->hk", query[0, :, r].float(), k) * scale
+        s = s.masked_fill(~allowed[r][None], float("-inf"))
+        a = torch.softmax(s, dim=-1)                              # [H, kv]
+        heads = torch.einsum("hk,hkd->hd", a, v).reshape(-1)      # [H*dh], head-major like the model
+        img = torch.nonzero(self._pos.is_image(kpos)).flatten()
+        per_tok = (a[:, img, None] * v[:, img]).permute(1, 0, 2).reshape(img.numel(), heads.numel())
+        proj = getattr(module, "o_proj", None)
+        if proj is not None:
+            w = proj.weight.float()
+            o = heads @ w.T + (proj.bias.float() if proj.bias is not None else 0.0)
+            c = per_tok @ w.T                                     # [n_img_keys, d_model]
+        else:
+            o, c = heads, per_tok
+        image_pos = self._pos.image_pos
+        norms = torch.full((image_pos.numel(),), float("nan"), device=c.device)
+        norms[torch.searchsorted(image_pos, kpos[img])] = c.norm(dim=-1)
+        self.contrib[layer] = (o.cpu(), c.sum(0).cpu(), norms.cpu())
+
+    # -- the Run's arrays -----------------------------------------------------------------------------
+    def arrays(self, n_total: int, n_heads: int) -> dict:
+        """The recordings as the Run's arrays (see ARCHITECTURE.md), over ``n_total`` positions."""
+        L, n_prompt, n_img = self.plan.n_layers, self.plan.n_prompt, len(self.plan.image_positions)
+        arrays: dict[str, np.ndarray] = {}
+        if self.plan.record_hidden:
+            arrays.update(self._hidden_arrays(n_total))
+        if self.plan.record_attention:
+            share = np.full((L, n_heads, n_total), np.nan, dtype=np.float32)
+            maps = np.zeros((L, n_total - n_prompt + 1, n_img), dtype=np.float32)
+            for l in range(L):
+                for pos, s in self.share[l]:
+                    keep = pos < n_total
+                    share[l][:, pos[keep]] = s.numpy()[:, keep]
+                for pos, m in self.maps[l]:
+                    keep = pos < n_total
+                    maps[l, pos[keep] - (n_prompt - 1)] = m.numpy()[keep]
+            arrays["attention_to_image"] = share
+            arrays["attention_maps"] = maps
+            arrays["map_positions"] = np.arange(n_prompt - 1, n_total, dtype=np.int64)
+            heads = np.zeros((L, n_heads, n_img), dtype=np.float32)    # layers that saw no image keys stay 0
+            for l, m in self.head_maps.items():
+                heads[l] = m.numpy()
+            arrays["attention_head_maps"] = heads
+        if self.plan.record_contrib and self.contrib:
+            d = next(iter(self.contrib.values()))[0].numel()
+            vec = np.full((2, L, d), np.nan, dtype=np.float32)
+            norm = np.full((L, n_img), np.nan, dtype=np.float32)
+            for l, (o, c, n) in self.contrib.items():
+                vec[0, l], vec[1, l], norm[l] = o.numpy(), c.numpy(), n.numpy()
+            arrays["attn_out"], arrays["image_contrib"], arrays["image_contrib_norm"] = vec[0], vec[1], norm
+        return arrays
+
+    def _hidden_arrays(self, n_total: int) -> dict:
+        per_layer, positions = [], None
+        for l in range(self.plan.n_layers + 1):
+            chunks = self.hidden[l]
+            pos = np.concatenate([p for p, _ in chunks])
+            h = torch.cat([t for _, t in chunks], 0)
+            keep = pos < n_total
+            pos, h = pos[keep], h[torch.as_tensor(keep)]
+            order = np.argsort(pos, kind="stable")
+            pos, h = pos[order], h[torch.as_tensor(order)]
+            if positions is None:
+                positions = pos
+            elif not np.array_equal(pos, positions):
+                # rows removed from the sequence (Truncate mode="remove") keep their last state
+                full = per_layer[-1].clone()
+                idx = np.searchsorted(positions, pos)
+                if not np.array_equal(positions[np.minimum(idx, len(positions) - 1)], pos):
+                    raise RuntimeError(f"layer {l} recorded positions that layer 0 did not")
+                full[torch.as_tensor(idx)] = h
+                h = full
+            per_layer.append(h)
+        return {"hidden_states": torch.stack(per_layer).numpy(), "hidden_positions": positions.astype(np.int64)}
