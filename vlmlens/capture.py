@@ -309,6 +309,10 @@ def capture(
     ids = seq[:n_total]
     tok = lm.processor.tokenizer
     arrays = lens.recorder.arrays(n_total, int(tcfg.num_attention_heads))
+    for iv in interventions:      # what an intervention decided during the run (e.g. tokens a pruner kept)
+        report = getattr(iv, "record_arrays", None)
+        if report is not None:
+            arrays.update(report(lens.context, L))
     spans = TokenSpans(n_prompt, n_total, tuple(int(p) for p in img_pos))
     grid = lm.arch.grid_info(inputs, len(img_pos), processor=lm.processor, image=rgb)
     arrays["image_grid_index"] = grid.index_map().astype(np.int64)

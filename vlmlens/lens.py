@@ -27,8 +27,9 @@ a prefix forward (:class:`LensStart`, see ``experiments/prefix.py``).
 """
 from __future__ import annotations
 
+import copy
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -72,6 +73,13 @@ class Intervention(Protocol):
 
     def read_mlp_input(self, layer: int, x: torch.Tensor, ctx: "LensContext") -> None:
         """See the input [1, q, d] of layer ``layer``'s MLP (after its norm); read only."""
+
+    def observe_attention(self, layer: int, view: "AttentionView", ctx: "LensContext") -> None:
+        """See layer ``layer``'s attention before any key block applies (read only; e.g. a
+        token ranking that a key block or a removal of the same or a later layer uses)."""
+
+    def record_arrays(self, ctx: "LensContext", n_layers: int) -> dict:
+        """Arrays for the Run after the session (what the intervention decided, e.g. kept tokens)."""
 
 
 #: names of the Intervention methods, with the old names still accepted (DeprecationWarning)
@@ -175,13 +183,15 @@ class Plan:
 @dataclass(frozen=True)
 class LensStart:
     """Where a session resumes after a prefix forward: positions seen, each layer's cache
-    positions, layers that lost rows, and the recordings of the prefix rows."""
+    positions, layers that lost rows, the recordings of the prefix rows, and what the
+    interventions decided there (their scratch space, e.g. a pruner's ranking)."""
 
     n_seen: int
     key_pos: dict
     pruned: frozenset
     hidden: dict
     share: dict
+    scratch: dict = field(default_factory=dict)
 
     def without(self, positions: np.ndarray, from_layer: int) -> "LensStart":
         """The start after ``positions`` left layers >= ``from_layer`` (their rows and cache)."""
@@ -193,7 +203,7 @@ class LensStart:
             # hidden index l+1 is the output of decoder layer l: removed rows are not recorded there
             hidden[l + 1] = [(p[~np.isin(p, positions)], h[torch.as_tensor(~np.isin(p, positions))])
                              for p, h in self.hidden.get(l + 1, [])]
-        return LensStart(self.n_seen, key_pos, frozenset(pruned), hidden, dict(self.share))
+        return LensStart(self.n_seen, key_pos, frozenset(pruned), hidden, dict(self.share), self.scratch)
 
 
 class Positions:
@@ -218,6 +228,7 @@ class Positions:
         self.key_pos: dict[int, torch.Tensor] = {}
         self.layer_qpos: dict[int, torch.Tensor] = {}
         self.pruned: set[int] = set()
+        self.pruned_now: dict[int, torch.Tensor] = {}   # this forward: layer -> bool over qpos of rows it holds
 
     def is_image(self, pos: torch.Tensor) -> torch.Tensor:
         if self.image_pos.numel() == 0:
@@ -227,6 +238,7 @@ class Positions:
 
     def begin_forward(self, q: int, device) -> torch.Tensor:
         self.qpos = torch.arange(self.n_seen, self.n_seen + q, device=device)
+        self.pruned_now = {}
         return self.qpos
 
     def enter_layer(self, layer: int, keep: torch.Tensor | None) -> torch.Tensor:
@@ -235,6 +247,9 @@ class Positions:
         rows = self.qpos if keep is None else self.qpos[keep]
         if keep is not None:
             self.pruned.add(layer)
+            self.pruned_now[layer] = keep
+        else:
+            self.pruned_now.pop(layer, None)
         self.layer_qpos[layer] = rows
         prev = self.key_pos.get(layer)
         self.key_pos[layer] = rows if prev is None else torch.cat([prev, rows])
@@ -292,6 +307,30 @@ class LensContext:
 
 # ---- the attention function -------------------------------------------------------------------
 
+class AttentionView:
+    """One layer's attention as its observers see it: the query/key positions and the
+    probabilities under the model's own mask (no intervention's key block), computed on
+    request for the rows asked for, in float32."""
+
+    def __init__(self, query, key, qpos, kpos, allowed, scale):
+        self.qpos, self.kpos = qpos, kpos
+        self._query, self._key, self._allowed, self._scale = query, key, allowed, scale
+
+    def probs(self, rows: torch.Tensor, exclude_keys: torch.Tensor | None = None) -> torch.Tensor:
+        """[H, R, kv] softmax over the keys the model's mask allows (minus ``exclude_keys``
+        [kv] bool) for the query rows ``rows`` [R] (indices into ``qpos``)."""
+        from transformers.integrations.sdpa_attention import repeat_kv
+
+        n_rep = self._query.shape[1] // self._key.shape[1]
+        k = repeat_kv(self._key, n_rep)[0].float()
+        q = self._query[0][:, rows].float()
+        allowed = self._allowed[rows]
+        if exclude_keys is not None:
+            allowed = allowed & ~exclude_keys[None, :]
+        s = torch.matmul(q, k.transpose(-1, -2)) * self._scale
+        return torch.softmax(s.masked_fill(~allowed[None], float("-inf")), dim=-1)
+
+
 def _lens_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     lens: Lens | None = getattr(module, _STATE_ATTR, None)
     if lens is None:  # model left on "vlmlens" outside a lens: behave exactly like SDPA
@@ -302,25 +341,35 @@ def _lens_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
 
     # 1. allowed[q, kv]: the model's own mask (causality, sliding windows, Gemma 3's bidirectional
-    #    image block) when it describes this layer's rows, else causality + window by position
+    #    image block) when it describes this layer's rows, else causality + window by position;
+    #    observers see it before any key block, then the interventions' blocks are taken out
+    rec = lens.recorder
+    mask_fits = layer not in pos.pruned and (attention_mask is None or (
+        attention_mask.dim() == 4 and attention_mask.shape[-1] == kpos.numel() and attention_mask.shape[-2] == qpos.numel()
+    ))
+
+    def model_mask():
+        if attention_mask is not None and mask_fits:
+            m = attention_mask[0, 0]
+            return m if m.dtype == torch.bool else (m == 0)
+        return positional_mask(qpos, kpos, getattr(module, "sliding_window", None))
+
+    allowed = None
+    if lens.observers:
+        allowed = model_mask()
+        view = AttentionView(query, key, qpos, kpos, allowed, scale)
+        for fn in lens.observers:
+            fn(layer, view, lens.context)
     blocked = None
     for fn in lens.key_blocks:
         b = fn(layer, qpos, kpos, lens.context)
         if b is not None:
             blocked = b if blocked is None else (blocked | b)
-    rec = lens.recorder
-    mask_fits = layer not in pos.pruned and (attention_mask is None or (
-        attention_mask.dim() == 4 and attention_mask.shape[-1] == kpos.numel() and attention_mask.shape[-2] == qpos.numel()
-    ))
     if not mask_fits and blocked is None:  # rows were removed: the mask comes from positions
         blocked = torch.zeros(qpos.numel(), kpos.numel(), dtype=torch.bool, device=qpos.device)
-    allowed = None
     if blocked is not None or rec.reads_attention:
-        if attention_mask is not None and mask_fits:
-            m = attention_mask[0, 0]
-            allowed = m if m.dtype == torch.bool else (m == 0)
-        else:
-            allowed = positional_mask(qpos, kpos, getattr(module, "sliding_window", None))
+        if allowed is None:
+            allowed = model_mask()
         if blocked is not None:
             allowed = allowed & ~blocked
 
@@ -375,11 +424,15 @@ def _rows_of(x, axis: int) -> int | None:
     return t.shape[axis] if isinstance(t, torch.Tensor) and t.dim() else None
 
 
-def _select_rows(args, kwargs, keep: torch.Tensor, q: int):
-    """Apply a row selection to a decoder layer's inputs (hidden states, rotary tables, positions)."""
+def _select_rows(args, kwargs, keep: torch.Tensor, q: int, held: torch.Tensor | None):
+    """Apply a row selection to a decoder layer's inputs (hidden states, rotary tables, positions).
+
+    ``keep`` is over the forward's ``q`` rows; ``held`` says which of them the hidden states
+    still hold (bool over the q rows; None: all), since an earlier layer may have removed some."""
     hidden, positional = _hidden_arg(args, kwargs)
-    if hidden.shape[1] == q:  # earlier layers already removed them otherwise
-        hidden = hidden[:, keep]
+    rows = keep if held is None else keep[held]
+    if not bool(rows.all()):
+        hidden = hidden[:, rows]
     kwargs = dict(kwargs)
     for name, axis in _ROW_KWARGS.items():
         if kwargs.get(name) is not None and _rows_of(kwargs[name], axis) == q:
@@ -442,6 +495,7 @@ class Lens:
         if start is not None:
             self.positions.resume(start)
             self.recorder.resume(start)
+            self.context.scratch = copy.deepcopy(start.scratch)
         ivs = plan.interventions
         # each intervention method looked up once per session (None: the intervention lacks it)
         self.key_blocks = [f for f in (_method(iv, "key_block") for iv in ivs) if f is not None]
@@ -449,6 +503,7 @@ class Lens:
         self._pre_edits = [f for f in (_method(iv, "edit_resid_pre") for iv in ivs) if f is not None]
         self._post_edits = [f for f in (_method(iv, "edit_resid_post") for iv in ivs) if f is not None]
         self._mlp_reads = [f for f in (_method(iv, "read_mlp_input") for iv in ivs) if f is not None]
+        self.observers = [f for f in (_method(iv, "observe_attention") for iv in ivs) if f is not None]
         self._handles: list = []
         self._configs: list = []
         self._attn_mods: list = []
@@ -456,7 +511,8 @@ class Lens:
     def start(self) -> LensStart:
         """The point a later session resumes from (after this session's forwards)."""
         p, r = self.positions, self.recorder
-        return LensStart(p.n_seen, dict(p.key_pos), frozenset(p.pruned), dict(r.hidden), dict(r.share))
+        return LensStart(p.n_seen, dict(p.key_pos), frozenset(p.pruned), dict(r.hidden), dict(r.share),
+                         copy.deepcopy(self.context.scratch))
 
     # hooks ---------------------------------------------------------------------------------
     def _keep_rows(self, layer: int) -> torch.Tensor | None:
@@ -476,7 +532,8 @@ class Lens:
                 self.recorder.store_hidden(0, hidden, pos.begin_forward(hidden.shape[1], hidden.device))
             keep = self._keep_rows(idx)
             if keep is not None:
-                args, kwargs = _select_rows(args, kwargs, keep, int(pos.qpos.numel()))
+                held = None if idx == 0 or idx - 1 not in pos.pruned_now else pos.pruned_now[idx - 1]
+                args, kwargs = _select_rows(args, kwargs, keep, int(pos.qpos.numel()), held)
                 hidden, positional = _hidden_arg(args, kwargs)
             rows = pos.enter_layer(idx, keep)
             new = hidden

@@ -81,13 +81,18 @@ class Recorder:
         k = repeat_kv(key, n_rep)[0].float()          # [H, kv, d]
         shares, maps, map_pos = [], [], []
         map_from = self.plan.map_from
+        n_img = self._pos.image_pos.numel()
+        # image index of each image key held (fewer than n_image when a pruner removed some)
+        cols = None if img_keys.numel() == n_img else torch.searchsorted(self._pos.image_pos, kpos[img_keys])
         for start in range(0, rows.numel(), chunk):
             r = rows[start:start + chunk]
             q = query[0, :, r, :].float()              # [H, R, d]
             s = torch.matmul(q, k.transpose(-1, -2)) * scale
             s = s.masked_fill(~allowed[r][None], float("-inf"))
-            p = torch.softmax(s, dim=-1)[:, :, img_keys]   # [H, R, n_img]
+            p = torch.softmax(s, dim=-1)[:, :, img_keys]   # [H, R, image keys held]
             shares.append(p.sum(-1))                    # [H, R]
+            if cols is not None:                        # removed image tokens get no attention
+                p = torch.zeros(*p.shape[:2], n_img, dtype=p.dtype, device=p.device).index_copy_(2, cols, p)
             mrows = qpos[r] >= map_from
             if bool(mrows.any()):
                 maps.append(p[:, mrows].mean(0))         # [R', n_img]

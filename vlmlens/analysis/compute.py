@@ -90,56 +90,74 @@ def _check_depth(shape: LayerShape, depth) -> int:
     return check_layer("depth", shape.n_layers if depth is None else depth, 0, shape.n_layers)
 
 
-def prefill_flops(shape: LayerShape, n_image: int, n_text: int, n_system: int = 0, depth: int | None = None) -> np.ndarray:
-    """[L] prefill FLOPs per decoder layer; image rows removed from layers >= ``depth`` (None: baseline)."""
+def depth_schedule(shape: LayerShape, n_image: int, depth: int | None = None) -> list[int]:
+    """Image tokens each decoder layer processes when they leave from layer ``depth`` on (None: never)."""
     k = _check_depth(shape, depth)
-    full, kept = n_system + n_image + n_text, n_system + n_text
+    return [n_image if l < k else 0 for l in range(shape.n_layers)]
+
+
+def _schedule(shape: LayerShape, n_image: int, depth, image_per_layer) -> list[int]:
+    if image_per_layer is None:
+        return depth_schedule(shape, n_image, depth)
+    sched = [int(m) for m in image_per_layer]
+    if len(sched) != shape.n_layers or any(not 0 <= m <= n_image for m in sched):
+        from ..errors import InputError
+
+        raise InputError(f"image_per_layer must give 0..{n_image} image tokens for each of the {shape.n_layers} layers")
+    return sched
+
+
+def prefill_flops(shape: LayerShape, n_image: int, n_text: int, n_system: int = 0, depth: int | None = None, *,
+                  image_per_layer=None) -> np.ndarray:
+    """[L] prefill FLOPs per decoder layer; image rows removed from layers >= ``depth`` (None: baseline),
+    or ``image_per_layer[l]`` image rows in layer l (a pruning schedule; kept tokens keep their order)."""
+    sched = _schedule(shape, n_image, depth, image_per_layer)
     out = np.empty(shape.n_layers, dtype=np.float64)
-    for l in range(shape.n_layers):
-        n = full if l < k else kept
+    for l, m in enumerate(sched):
+        n = n_system + m + n_text
         out[l] = layer_flops(shape, n, causal_pairs(n))["total"]
     return out
 
 
 def decode_flops(shape: LayerShape, n_image: int, n_text: int, n_system: int = 0, n_steps: int = 16,
-                 depth: int | None = None) -> np.ndarray:
+                 depth: int | None = None, *, image_per_layer=None) -> np.ndarray:
     """[L] FLOPs of ``n_steps`` decode forwards (one new token each) per decoder layer."""
-    k = _check_depth(shape, depth)
-    full, kept = n_system + n_image + n_text, n_system + n_text
+    sched = _schedule(shape, n_image, depth, image_per_layer)
     out = np.zeros(shape.n_layers, dtype=np.float64)
-    for l in range(shape.n_layers):
-        ctx = full if l < k else kept
+    for l, m in enumerate(sched):
+        ctx = n_system + m + n_text
         pairs = sum(ctx + i + 1 for i in range(n_steps))  # step i attends to the prompt, i earlier steps, itself
         out[l] = layer_flops(shape, n_steps, pairs)["total"]
     return out
 
 
 def kv_cache_bytes(shape: LayerShape, n_image: int, n_text: int, n_system: int = 0, n_generated: int = 0,
-                   depth: int | None = None) -> np.ndarray:
+                   depth: int | None = None, *, image_per_layer=None) -> np.ndarray:
     """[L] KV-cache bytes per decoder layer after ``n_generated`` tokens (K and V, all kv heads)."""
-    k = _check_depth(shape, depth)
-    full, kept = n_system + n_image + n_text + n_generated, n_system + n_text + n_generated
+    sched = _schedule(shape, n_image, depth, image_per_layer)
     per_token = 2 * shape.n_kv_heads * shape.head_dim * shape.bytes_per_value
-    return np.array([per_token * (full if l < k else kept) for l in range(shape.n_layers)], dtype=np.float64)
+    return np.array([per_token * (n_system + m + n_text + n_generated) for m in sched], dtype=np.float64)
 
 
-def truncation_savings(shape: LayerShape, n_image: int, n_text: int, n_system: int = 0, n_steps: int = 16,
-                       depths=None) -> dict:
-    """Per depth: total decoder FLOPs (prefill, decode, both) and KV bytes, and the fraction saved
-    relative to the baseline (depth L). Plain lists, JSON-ready."""
-    ks = list(range(shape.n_layers + 1)) if depths is None else [_check_depth(shape, d) for d in depths]
+def schedule_savings(shape: LayerShape, n_image: int, n_text: int, n_system: int = 0, n_steps: int = 16,
+                     schedules: dict | None = None) -> dict:
+    """Per named schedule (``{name: image tokens per layer}``): total decoder FLOPs (prefill,
+    decode, both) and KV bytes, and the fraction saved relative to no pruning. JSON-ready."""
     base = {
         "prefill": prefill_flops(shape, n_image, n_text, n_system).sum(),
         "decode": decode_flops(shape, n_image, n_text, n_system, n_steps).sum(),
         "kv": kv_cache_bytes(shape, n_image, n_text, n_system, n_steps).sum(),
     }
-    out = {"depths": ks, "shape": shape.to_json(), "tokens": {"system": n_system, "image": n_image, "text": n_text},
-           "n_steps": n_steps, "prefill_flops": [], "decode_flops": [], "total_flops": [], "kv_bytes": [],
-           "prefill_saving": [], "decode_saving": [], "total_saving": [], "kv_saving": []}
-    for k in ks:
-        p = prefill_flops(shape, n_image, n_text, n_system, k).sum()
-        d = decode_flops(shape, n_image, n_text, n_system, n_steps, k).sum()
-        kv = kv_cache_bytes(shape, n_image, n_text, n_system, n_steps, k).sum()
+    names = list((schedules or {}).keys())
+    out = {"names": names, "shape": shape.to_json(), "tokens": {"system": n_system, "image": n_image, "text": n_text},
+           "n_steps": n_steps, "image_per_layer": [], "prefill_flops": [], "decode_flops": [], "total_flops": [],
+           "kv_bytes": [], "prefill_saving": [], "decode_saving": [], "total_saving": [], "kv_saving": []}
+    for name in names:
+        sched = _schedule(shape, n_image, None, schedules[name])
+        p = prefill_flops(shape, n_image, n_text, n_system, image_per_layer=sched).sum()
+        d = decode_flops(shape, n_image, n_text, n_system, n_steps, image_per_layer=sched).sum()
+        kv = kv_cache_bytes(shape, n_image, n_text, n_system, n_steps, image_per_layer=sched).sum()
+        out["image_per_layer"].append(sched)
         out["prefill_flops"].append(float(p))
         out["decode_flops"].append(float(d))
         out["total_flops"].append(float(p + d))
@@ -149,6 +167,17 @@ def truncation_savings(shape: LayerShape, n_image: int, n_text: int, n_system: i
         out["total_saving"].append(float(1 - (p + d) / (base["prefill"] + base["decode"])))
         out["kv_saving"].append(float(1 - kv / base["kv"]))
     return out
+
+
+def truncation_savings(shape: LayerShape, n_image: int, n_text: int, n_system: int = 0, n_steps: int = 16,
+                       depths=None) -> dict:
+    """Per depth: total decoder FLOPs (prefill, decode, both) and KV bytes, and the fraction saved
+    relative to the baseline (depth L). Plain lists, JSON-ready."""
+    ks = list(range(shape.n_layers + 1)) if depths is None else [_check_depth(shape, d) for d in depths]
+    sched = {k: depth_schedule(shape, n_image, k) for k in ks}
+    out = schedule_savings(shape, n_image, n_text, n_system, n_steps, sched)
+    del out["names"], out["image_per_layer"]
+    return {"depths": ks, **out}
 
 
 # ---- measurement ------------------------------------------------------------------------------------

@@ -21,62 +21,16 @@ interventions asks them instead of testing their class:
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import dataclass, field
 from typing import Sequence
 
-import warnings
-
-
-from .errors import InputError, check_layer
+from ..errors import InputError, check_layer
+from .base import RECOMPUTE, UNCHANGED, PrefixEffect, _Base, removal_conflict
 
 TRUNCATE_MODES = ("drop", "remove")
 SRC_SPANS = ("text", "generated", "last", "all")
 DST_SPANS = ("image", "system", "text")
-
-
-@dataclass(frozen=True)
-class PrefixEffect:
-    """What an intervention does to a prompt's prefix (every position up to the last image token).
-
-    kind: "unchanged" (the baseline's prefix holds), "cut_image" (the baseline's prefix with the
-    image positions taken out of layers >= ``from_layer``), "recompute" (run the prefix under the
-    intervention), "independent" (the intervention needs the whole prompt, e.g. a ranking read at
-    the last prompt token: no prefix can be shared).
-    """
-
-    kind: str
-    from_layer: int | None = None
-
-
-UNCHANGED = PrefixEffect("unchanged")
-RECOMPUTE = PrefixEffect("recompute")
-INDEPENDENT = PrefixEffect("independent")
-
-
-class _Base:
-    #: at most one intervention of each exclusive group per run (None: no limit)
-    exclusive: str | None = None
-    exclusive_hint: str = ""
-
-    def to_json(self) -> dict:
-        return {"kind": type(self).__name__, **asdict(self)}
-
-    def validate(self, n_layers: int) -> None:  # overridden
-        pass
-
-    def prefix_effect(self, n_layers: int) -> PrefixEffect:
-        return RECOMPUTE
-
-    def gradient_safe(self):
-        return self
-
-    def image_row_edits(self, n_layers: int) -> set:
-        return set()
-
-    def conflicts(self, others: Sequence, n_layers: int) -> str | None:
-        if self.exclusive and any(getattr(o, "exclusive", None) == self.exclusive for o in others):
-            return f"conflicting interventions: more than one {self.exclusive}{self.exclusive_hint}"
-        return None
 
 
 def _from_layer(cls: str, from_layer, after_layer):
@@ -146,13 +100,8 @@ class Truncate(_Base):
         msg = super().conflicts(others, n_layers)
         if msg or self.mode != "remove":
             return msg
-        k = self.from_layer
-        for iv in others:
-            edits = getattr(iv, "image_row_edits", None)
-            if edits is not None and any(l >= k for l in edits(n_layers)):
-                return (f"conflicting interventions: Truncate(from_layer={k}, mode='remove') takes the image tokens out"
-                        f" of layers >= {k}, so {iv!r} cannot act on them there")
-        return None
+        return removal_conflict(f"Truncate(from_layer={self.from_layer}, mode='remove')", self.from_layer, others,
+                                n_layers)
 
 
 @dataclass(frozen=True, init=False)
@@ -301,47 +250,3 @@ def _pass_through(layer, h_in, h_out, ctx, active: bool, tokens: str):
     out = h_out.clone()
     out[:, rows] = h_in[:, rows]
     return out
-
-
-KINDS = {c.__name__: c for c in (Truncate, Freeze, Substitute, SkipLayers, Knockout)}
-
-
-def from_json(d: dict):
-    """Rebuild an intervention from its ``to_json`` dict (as stored in a Run's meta)."""
-    d = dict(d)
-    kind = d.pop("kind", None)
-    if kind not in KINDS:
-        raise InputError(f"unknown intervention kind {kind!r}; expected one of {sorted(KINDS)}")
-    if kind in ("Truncate", "Freeze") and "after_layer" in d and "from_layer" not in d:
-        d["from_layer"] = d.pop("after_layer")        # runs saved before the rename
-    try:
-        return KINDS[kind](**d)
-    except TypeError as e:
-        raise InputError(f"bad fields for {kind}: {e}") from None
-
-
-def validate_all(interventions: Sequence, n_layers: int) -> None:
-    """Validate each intervention and reject combinations that contradict each other (each
-    intervention's own ``conflicts`` says why; user-written ones may have neither method)."""
-    interventions = list(interventions)
-    for iv in interventions:
-        check = getattr(iv, "validate", None)
-        if check is not None:
-            check(n_layers)
-    for i, iv in enumerate(interventions):
-        conflicts = getattr(iv, "conflicts", None)
-        msg = conflicts(interventions[:i] + interventions[i + 1:], n_layers) if conflicts is not None else None
-        if msg:
-            raise InputError(msg)
-
-
-def prefix_effect(iv, n_layers: int) -> PrefixEffect:
-    """``iv.prefix_effect(n_layers)``; an intervention without the method is recomputed."""
-    fn = getattr(iv, "prefix_effect", None)
-    return fn(n_layers) if fn is not None else RECOMPUTE
-
-
-def gradient_safe(iv):
-    """``iv.gradient_safe()``; an intervention without the method is used as it is."""
-    fn = getattr(iv, "gradient_safe", None)
-    return fn() if fn is not None else iv

@@ -1,0 +1,337 @@
+"""Token pruning compared: methods x budgets on one input or over the shapes suite.
+
+Every method is a list of interventions (``vlmlens.interventions.pruning``) evaluated in one
+:class:`~vlmlens.experiments.engine.Session`, so all of them run under the same lens against
+the same baseline. Per method:
+
+* what it did to the output: ``answer_kept``, ``output_kl`` (summed over the baseline's
+  generated tokens, teacher-forced), and ``correct`` against a ground truth when one is given;
+* which image tokens it kept per layer (``image_kept`` [L, n_image], drawn over the image) and
+  how many image rows each layer processed (``image_rows`` [L]: the compute schedule);
+* the decoder FLOPs and KV bytes that schedule saves (:func:`vlmlens.analysis.compute.
+  schedule_savings`; masks save nothing, only removed rows do).
+
+:func:`find_vtw_layer` calibrates VTW's K (the first layer whose withdrawal keeps the mean
+KL <= eta on calibration examples); :func:`pruning_study` runs methods over the shapes suite's
+test split per task family; :func:`adaptive_vs_fixed` compares an adaptive-depth method with
+the fixed depths at the same average compute.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from ..analysis.compute import LayerShape, schedule_savings
+from ..errors import InputError
+from ..interventions import VTW, AdaptiveVTW, FastV, PyramidDrop, StagePruner, validate_all
+from .engine import DEFAULT_SEPARATOR, Progress, Session, answer_of, answer_scores, compare_outputs
+
+#: VTW's threshold for a 7B model (20 calibration samples); small models may need a looser one
+VTW_ETA = 0.003
+STUDY_COLUMNS = ("family", "method", "n", "accuracy", "token_f1", "answer_kept", "output_kl", "total_saving",
+                 "prefill_saving", "decode_saving", "kv_saving", "image_rows", "mean_depth")
+
+
+def image_rows(run, n_layers: int) -> list[int]:
+    """Image rows each decoder layer processed in ``run`` (a pruner's schedule, else all of them
+    -- also for masks, which compute every row)."""
+    if "image_rows" in run.arrays:
+        return [int(x) for x in run.arrays["image_rows"]]
+    return [run.spans.n_image] * n_layers
+
+
+def default_methods(n_layers: int, keep: Sequence[float] = (0.5, 0.25), layer: int | None = None) -> dict:
+    """A comparison grid: FastV and its random / L2 baselines at each keep ratio (pruning from
+    ``layer``, default 2 -- FastV's K -- or 1 for shallow models), PyramidDrop over quarters of the
+    depth, VTW at every quarter and adaptive VTW. Names are what tables and figures show."""
+    L = int(n_layers)
+    K = layer if layer is not None else (2 if L >= 6 else 1)
+    out: dict[str, list] = {}
+    for r in keep:
+        pct = f"{100 * r:g}%"
+        out[f"FastV K={K} R={pct}"] = [FastV(K, r)]
+        out[f"random K={K} R={pct}"] = [FastV(K, r, score="random")]
+        out[f"L2 K={K} R={pct}"] = [FastV(K, r, score="l2")]
+    stages = sorted({max(1, L // 4), max(1, L // 2), max(1, (3 * L) // 4)})
+    ratios = [0.5, 0.25, 0.125][:len(stages)]
+    out[f"PyramidDrop {'/'.join(map(str, stages))}"] = [PyramidDrop(stages, ratios)]
+    for k in sorted({0, L // 4, L // 2, (3 * L) // 4}):
+        out[f"VTW k={k}"] = [VTW(k)]
+    out["adaptive VTW share<0.1"] = [AdaptiveVTW(0.1, min_layer=1 if L > 2 else 0)]
+    return out
+
+
+@dataclass
+class MethodResult:
+    name: str
+    interventions: list
+    text: str
+    answer: str
+    answer_kept: bool
+    output_kl: float
+    correct: bool | None
+    image_rows: list[int]
+    image_kept: list            # [L][n_image] 0/1
+    savings: dict               # total / prefill / decode / kv saving (fractions)
+    depth: int | None           # first layer with no image row (None: the image stays)
+
+
+@dataclass
+class PruningComparison:
+    model: str
+    prompt: str
+    baseline_text: str
+    n_layers: int
+    n_image: int
+    truth: str | None
+    methods: list[MethodResult]
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def method(self, name: str) -> MethodResult:
+        for m in self.methods:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def markdown(self) -> str:
+        lines = ["| method | output | answer kept | output KL | decoder FLOPs saved | KV saved |", "|---|---|---|---|---|---|"]
+        for m in self.methods:
+            ok = "yes" if m.answer_kept else "**no**"
+            if m.correct is not None:
+                ok += " (correct)" if m.correct else " (wrong)"
+            lines.append(f"| {m.name} | {m.text[:60]} | {ok} | {m.output_kl:.3f} | {100 * m.savings['total_saving']:.1f}% |"
+                         f" {100 * m.savings['kv_saving']:.1f}% |")
+        return "\n".join(lines)
+
+
+def _counts(s: Session) -> tuple[int, int, int]:
+    img = s.prep.image_pos
+    n_sys = int(img[0])
+    return n_sys, len(img), s.prep.n_prompt - n_sys - len(img)
+
+
+def _result(s: Session, shape: LayerShape, name: str, ivs: list, separator: str, truth: str | None,
+            tokenizer) -> MethodResult:
+    out = s.baseline if not ivs else s.evaluate(ivs)
+    c = compare_outputs(s.baseline, out, separator, tokenizer)
+    L = s.n_layers
+    rows = image_rows(out.run, L)
+    n_sys, n_img, n_text = _counts(s)
+    sav = schedule_savings(shape, n_img, n_text, n_sys, max(1, len(s.baseline.generated_ids)), {name: rows})
+    kept = out.run.arrays.get("image_kept")
+    kept = np.ones((L, n_img), np.uint8) if kept is None else np.asarray(kept)
+    depth = next((l for l in range(L) if rows[l] == 0), None)
+    return MethodResult(name, [iv.to_json() for iv in ivs], c["text"], c["answer"], bool(c["answer_kept"]),
+                        float(c["output_kl"]), None if truth is None else c["answer"] == answer_of(truth, separator),
+                        rows, kept.tolist(), {k: float(sav[k][0]) for k in ("total_saving", "prefill_saving",
+                                                                             "decode_saving", "kv_saving")}, depth)
+
+
+def _check_methods(methods: dict, n_layers: int) -> dict:
+    if not isinstance(methods, dict) or not methods:
+        raise InputError("give at least one method: {name: [interventions]}")
+    for name, ivs in methods.items():
+        validate_all(list(ivs), n_layers)
+    return methods
+
+
+def compare_pruning(lm, image, prompt: str, methods: dict | None = None, *, max_new_tokens: int = 16,
+                    truth: str | None = None, separator: str = DEFAULT_SEPARATOR,
+                    progress: Progress | None = None) -> PruningComparison:
+    """Every method on one input, next to the untouched baseline (:func:`default_methods` if none)."""
+    t0 = time.perf_counter()
+    methods = _check_methods(default_methods(lm.n_layers) if methods is None else methods, lm.n_layers)
+    s = Session(lm, image, prompt, max_new_tokens=max_new_tokens)
+    shape = LayerShape.from_model(lm)
+    tok = lm.processor.tokenizer
+    res = [_result(s, shape, "baseline", [], separator, truth, tok)]
+    for i, (name, ivs) in enumerate(methods.items()):
+        res.append(_result(s, shape, name, list(ivs), separator, truth, tok))
+        if progress:
+            progress(i + 1, len(methods), name)
+    return PruningComparison(lm.name, s.prep.prompt, s.baseline.run.generated_text, lm.n_layers, len(s.prep.image_pos),
+                             truth, res, round(time.perf_counter() - t0, 3))
+
+
+# ---- VTW's calibration ------------------------------------------------------------------------------
+
+@dataclass
+class VTWCalibration:
+    layer: int | None            # VTW's rule: the first K with mean KL <= eta (None: none)
+    stable_layer: int | None     # the first K from which every deeper K' also stays <= eta
+    eta: float
+    depths: list[int]
+    mean_kl: list[float]         # per depth, mean over examples of the summed answer KL (nats)
+    per_example: list[list[float]]
+    rule: str = ("VTW: K = the first layer whose withdrawal of every visual token keeps the mean KL(baseline || "
+                 "withdrawn) of the answer <= eta on the calibration examples")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def find_vtw_layer(lm, examples: Sequence, eta: float = VTW_ETA, *, max_new_tokens: int = 16,
+                   separator: str = DEFAULT_SEPARATOR, progress: Progress | None = None) -> VTWCalibration:
+    """VTW's K for ``lm`` from calibration ``examples`` ((image, prompt) pairs): teacher-forced
+    answer KL of ``VTW(k)`` for every k, averaged over the examples."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta > 0:
+        raise InputError(f"eta must be a positive number of nats, got {eta!r}")
+    examples = list(examples)
+    if not examples:
+        raise InputError("find_vtw_layer needs at least one calibration example (image, prompt)")
+    L = lm.n_layers
+    tok = lm.processor.tokenizer
+    per = []
+    for i, (image, prompt) in enumerate(examples):
+        s = Session(lm, image, prompt, max_new_tokens=max_new_tokens, reuse=False)
+        base = s.baseline
+        from .engine import answer_start
+
+        start = answer_start(base.generated_ids, base.run.generated_text, separator, tok)
+        row = [answer_scores(base, s.score([VTW(k)]), start)["answer_kl"] for k in range(L)] + [0.0]
+        per.append(row)
+        if progress:
+            progress(i + 1, len(examples), "calibrating VTW")
+    mean = np.mean(np.asarray(per), axis=0)
+    ok = [bool(m <= eta) for m in mean]
+    first = next((k for k in range(L) if ok[k]), None)
+    stable = next((k for k in range(L) if all(ok[k:])), None)
+    return VTWCalibration(first, stable, float(eta), list(range(L + 1)), [float(m) for m in mean],
+                          [[float(x) for x in r] for r in per])
+
+
+def calibrated_stages(lm, examples: Sequence, *, max_new_tokens: int = 16, treatments: dict | None = None,
+                      top: float = 0.1) -> tuple[StagePruner, list[str]]:
+    """A StagePruner from the causal three stages of calibration examples: per layer the most
+    common label (ties: the later stage), treated as VisiPruner reads them by default."""
+    from .stages import causal_stages
+
+    labels = [causal_stages(lm, image, prompt, max_new_tokens=max_new_tokens).labels for image, prompt in examples]
+    if not labels:
+        raise InputError("calibrated_stages needs at least one calibration example (image, prompt)")
+    order = {"sink": 0, "fusion": 1, "discard": 2}
+    vote = []
+    for l in range(lm.n_layers):
+        c = Counter(x[l] for x in labels)
+        vote.append(max(c, key=lambda k: (c[k], order.get(k, 0))))
+    # a removed token never comes back: once a discard layer is voted, deeper layers discard too
+    if "discard" in vote:
+        d = vote.index("discard")
+        vote = vote[:d] + ["discard"] * (lm.n_layers - d)
+    return StagePruner.from_stages(vote, treatments, top), vote
+
+
+# ---- over a dataset --------------------------------------------------------------------------------
+
+@dataclass
+class PruningStudy:
+    model: str
+    suite: str
+    n_layers: int
+    n_per_family: int
+    families: list[str]
+    methods: list[str]
+    rows: list[dict]                  # one per (family, method), columns STUDY_COLUMNS
+    seconds: float = 0.0
+    per_example: list[dict] = field(default_factory=list)   # family, seed, method, correct, depth
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def row(self, family: str, method: str) -> dict:
+        for r in self.rows:
+            if r["family"] == family and r["method"] == method:
+                return r
+        raise KeyError((family, method))
+
+    def csv(self) -> str:
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(STUDY_COLUMNS))
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({k: ("" if r[k] is None else r[k]) for k in STUDY_COLUMNS})
+        return buf.getvalue()
+
+    def markdown(self, family: str) -> str:
+        lines = ["| method | accuracy | answer kept | decoder FLOPs saved | KV saved | mean depth |", "|---|---|---|---|---|---|"]
+        for r in self.rows:
+            if r["family"] == family:
+                d = "–" if r["mean_depth"] is None else f"{r['mean_depth']:.1f}"
+                lines.append(f"| {r['method']} | {100 * r['accuracy']:.0f}% | {100 * r['answer_kept']:.0f}% |"
+                             f" {100 * r['total_saving']:.1f}% | {100 * r['kv_saving']:.1f}% | {d} |")
+        return "\n".join(lines)
+
+
+def pruning_study(lm, methods: dict | None = None, *, n: int = 20, families: Sequence[str] | None = None,
+                  offset: int = 0, suite: str = "shapes", progress: Progress | None = None) -> PruningStudy:
+    """Methods x the shapes suite's test split: accuracy against ground truth and compute saved,
+    per task family (the "baseline" row is the untouched model)."""
+    from ..tiny.eval import MAX_NEW_TOKENS
+    from ..tiny.tasks import FAMILIES
+    from .study import _metrics, suite_examples
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InputError(f"n must be a positive integer (examples per family), got {n!r}")
+    methods = _check_methods(default_methods(lm.n_layers) if methods is None else methods, lm.n_layers)
+    fams = list(FAMILIES if families is None else families)
+    names = ["baseline", *methods]
+    shape = LayerShape.from_model(lm)
+    tok = lm.processor.tokenizer
+    t0 = time.perf_counter()
+    rows, per = [], []
+    total, done = n * len(fams), 0
+    for f in fams:
+        exs = suite_examples(suite, f, n, offset)
+        got = {m: [] for m in names}
+        for e in exs:
+            s = Session(lm, e.scene.image, e.prompt, max_new_tokens=MAX_NEW_TOKENS[f])
+            for m in names:
+                r = _result(s, shape, m, [] if m == "baseline" else list(methods[m]), DEFAULT_SEPARATOR, e.answer, tok)
+                got[m].append(r)
+                per.append({"family": f, "seed": e.seed, "method": m, "correct": r.correct, "depth": r.depth,
+                            "total_saving": r.savings["total_saving"]})
+            done += 1
+            if progress:
+                progress(done, total, f"{f} seed {e.seed}")
+        for m in names:
+            rs = got[m]
+            met = _metrics(f, exs, [r.text for r in rs])
+            depths = [r.depth if r.depth is not None else lm.n_layers for r in rs]
+            rows.append({"family": f, "method": m, "n": len(rs), "accuracy": met["accuracy"], "token_f1": met["token_f1"],
+                         "answer_kept": float(np.mean([r.answer_kept for r in rs])),
+                         "output_kl": float(np.mean([r.output_kl for r in rs])),
+                         **{k: float(np.mean([r.savings[k] for r in rs])) for k in
+                            ("total_saving", "prefill_saving", "decode_saving", "kv_saving")},
+                         "image_rows": float(np.mean([np.mean(r.image_rows) for r in rs])),
+                         "mean_depth": float(np.mean(depths))})
+    return PruningStudy(lm.name, suite, lm.n_layers, n, fams, names, rows, round(time.perf_counter() - t0, 1), per)
+
+
+def adaptive_vs_fixed(study: PruningStudy, adaptive: str, fixed_prefix: str = "VTW k=") -> dict:
+    """Per family: the adaptive method's accuracy and saving next to the fixed depths' curve at
+    the same average saving (linear between the two fixed depths that bracket it; the baseline
+    counts as the fixed depth L), and the best fixed depth that saves at least as much."""
+    out = {}
+    for f in study.families:
+        a = study.row(f, adaptive)
+        fixed = [study.row(f, m) for m in study.methods if m.startswith(fixed_prefix)] + [study.row(f, "baseline")]
+        pts = sorted((r["total_saving"], r["accuracy"], r["method"]) for r in fixed)
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        at = float(np.interp(a["total_saving"], xs, ys)) if xs else None
+        cheaper = [p for p in pts if p[0] >= a["total_saving"] - 1e-12]
+        best = max(cheaper, key=lambda p: (p[1], -p[0])) if cheaper else None
+        out[f] = {"adaptive_accuracy": a["accuracy"], "adaptive_saving": a["total_saving"],
+                  "adaptive_mean_depth": a["mean_depth"], "fixed_accuracy_at_same_saving": at,
+                  "best_fixed_at_least_as_cheap": None if best is None else {"method": best[2], "saving": best[0],
+                                                                              "accuracy": best[1]}}
+    return out
