@@ -67,12 +67,10 @@ def reference(lm, image, gen: list[int], stages, score: str = "last"):
     n = full["input_ids"].shape[1]
     layers = lm.arch.decoder_layers(lm.model)
     kept_by_stage: list[np.ndarray] = []          # indices into img
-    state = {"alive": np.arange(len(img))}
 
     def gone_mask(l):
         """Additive mask of layer l: causal, and no surviving query reads a pruned image key."""
-        pruned = np.ones(n, bool)
-        pruned[:] = False
+        pruned = np.zeros(n, bool)
         alive = np.arange(len(img))
         for (sl, _), kept in zip(stages, kept_by_stage):
             if sl <= l:
@@ -244,3 +242,142 @@ def test_stage_pruner_from_causal_labels():
     assert FastV(2, 0.5).image_per_layer(576, 4) == [576, 576, 288, 288]
     assert PyramidDrop([1, 2], [0.5, 0.25]).image_per_layer(8, 3) == [8, 4, 2]
     validate_all([FastV(2, 0.5), Knockout("last", "image", [0]), Freeze(4)], 5)      # compatible
+
+
+# ---- comparisons, calibration, studies, the command line ------------------------------------------
+
+def test_compare_pruning_on_one_input(image):
+    from vlmlens.analysis.compute import LayerShape
+    from vlmlens.experiments.pruning import compare_pruning
+
+    lm = random_lm("llava")
+    methods = {"fastv": [FastV(1, 0.5)], "vtw0": [VTW(0)], "mask": [FastV(1, 0.5, mode="mask")]}
+    res = compare_pruning(lm, image, PROMPT, methods, max_new_tokens=3)
+    base, fast, vtw0, mask = (res.method(n) for n in ("baseline", "fastv", "vtw0", "mask"))
+    n = res.n_image
+    assert base.output_kl == 0 and base.answer_kept and base.savings["total_saving"] == 0
+    assert fast.image_rows == [n, n_kept(0.5, n)] and np.asarray(fast.image_kept).sum(1).tolist() == fast.image_rows
+    assert mask.image_rows == [n, n] and mask.savings["total_saving"] == 0          # a mask computes every row
+    assert mask.text == fast.text and abs(mask.output_kl - fast.output_kl) <= 1e-4
+    assert vtw0.depth == 0 and vtw0.image_rows == [0, 0]
+    # the saving is the FLOP count of the schedule (an independent count: the depth-0 truncation)
+    from vlmlens.analysis.compute import truncation_savings
+
+    s0 = vl.capture(lm, image, PROMPT, max_new_tokens=3)
+    img = s0.spans.positions("image")
+    n_sys, n_text = int(img[0]), s0.spans.n_prompt - int(img[0]) - n
+    t = truncation_savings(LayerShape.from_model(lm), n, n_text, n_sys, len(s0.generated_tokens), [0])
+    assert abs(vtw0.savings["total_saving"] - t["total_saving"][0]) <= 1e-12
+    assert "| fastv |" in res.markdown()
+
+
+def test_find_vtw_layer_rule(image):
+    from vlmlens.experiments.engine import Session, answer_scores
+    from vlmlens.experiments.pruning import find_vtw_layer
+
+    lm = random_lm("llava")
+    ex = [(image, PROMPT), (image.rotate(90, expand=True), "Describe the image.")]
+    cal = find_vtw_layer(lm, ex, eta=1e9, max_new_tokens=3)
+    assert cal.layer == 0 and cal.stable_layer == 0 and cal.mean_kl[-1] == 0
+    strict = find_vtw_layer(lm, ex, eta=1e-12, max_new_tokens=3)
+    assert strict.layer is None and strict.per_example == cal.per_example
+    # the KL of depth 0 for the first example, computed here: Truncate(0, remove), teacher-forced
+    s = Session(lm, image, PROMPT, max_new_tokens=3, reuse=False)
+    kl = answer_scores(s.baseline, s.score([Truncate(0, "remove")]), 0)["answer_kl"]
+    assert abs(cal.per_example[0][0] - kl) <= 1e-9 and kl > 0
+    mid = (cal.mean_kl[0] + cal.mean_kl[1]) / 2
+    pick = find_vtw_layer(lm, ex, eta=mid, max_new_tokens=3)
+    assert pick.layer == (1 if cal.mean_kl[1] <= mid else None)
+    with pytest.raises(InputError, match="eta must be a positive"):
+        find_vtw_layer(lm, ex, eta=0)
+
+
+def test_adaptive_depth_follows_the_attention_share(deep, image):
+    """The depth AdaptiveVTW picks is the layer after the first whose last-token image share
+    (head-averaged, computed here from an eager forward) falls below the threshold."""
+    from vlmlens.interventions import AdaptiveVTW
+
+    inputs, _, _ = prepare_inputs(deep, image, PROMPT)
+    img = image_positions(deep, inputs["input_ids"])
+    set_attn(deep.model, "eager")
+    try:
+        with torch.no_grad():
+            att = deep.model(**inputs, output_attentions=True).attentions
+    finally:
+        set_attn(deep.model, "sdpa")
+    share = [float(a[0, :, -1, img].sum(-1).mean()) for a in att]
+    for thr in sorted(share)[1:4]:
+        first = next(l for l in range(deep.n_layers) if share[l] < thr)
+        run = vl.capture(deep, image, PROMPT, max_new_tokens=2, interventions=[AdaptiveVTW(thr)])
+        rows = run.arrays["image_rows"].tolist()
+        assert rows == [len(img)] * (first + 1) + [0] * (deep.n_layers - first - 1), thr
+        ref = vl.capture(deep, image, PROMPT, max_new_tokens=2, interventions=[Truncate(first + 1, "remove")])
+        assert run.token_ids == ref.token_ids
+
+
+def test_adaptive_vs_fixed_on_a_made_up_study():
+    from vlmlens.experiments.pruning import PruningStudy, adaptive_vs_fixed
+
+    def row(m, acc, sav, depth=None):
+        return {"family": "single", "method": m, "accuracy": acc, "total_saving": sav, "mean_depth": depth}
+
+    st = PruningStudy("m", "shapes", 8, 10, ["single"], ["baseline", "VTW k=0", "VTW k=4", "adaptive"],
+                      [row("baseline", 1.0, 0.0), row("VTW k=0", 0.0, 0.8), row("VTW k=4", 0.9, 0.4),
+                       row("adaptive", 0.95, 0.6, 2.5)])
+    r = adaptive_vs_fixed(st, "adaptive")["single"]
+    assert abs(r["fixed_accuracy_at_same_saving"] - 0.45) <= 1e-12          # halfway from (0.4, 0.9) to (0.8, 0)
+    assert r["best_fixed_at_least_as_cheap"] == {"method": "VTW k=0", "saving": 0.8, "accuracy": 0.0}
+
+
+def test_parse_methods_and_bad_specs():
+    from vlmlens.experiments.pruning import parse_methods
+
+    m = parse_methods("fastv:2:0.5,random:2:0.5,pdrop:1/2/3:0.5/0.25/0.125,vtw:3,adaptive:0.3", 4)
+    assert m["fastv:2:0.5"] == [FastV(2, 0.5)] and m["random:2:0.5"] == [FastV(2, 0.5, score="random")]
+    assert m["pdrop:1/2/3:0.5/0.25/0.125"] == [PyramidDrop([1, 2, 3], [0.5, 0.25, 0.125])] and m["vtw:3"] == [VTW(3)]
+    for bad, msg in [("fastv:2", "needs 2 value"), ("fastv:x:0.5", "whole number"), ("prune:2:0.5", "unknown method"),
+                     ("fastv:2:1.5", r"keep ratio must be in \(0, 1\]"), ("vtw:9", r"0\.\.4"), ("", "no methods")]:
+        with pytest.raises(InputError, match=msg):
+            parse_methods(bad, 4)
+
+
+def test_cli_prune(image, tmp_path, capsys):
+    from vlmlens.cli import main
+
+    path = tmp_path / "img.png"
+    image.save(path)
+    assert main(["prune", "--model", "random:llava", "--image", str(path), "--prompt", PROMPT, "--max-new-tokens", "2",
+                 "--methods", "fastv:1:0.5,vtw:1"]) == 0
+    out = capsys.readouterr().out
+    assert "| fastv:1:0.5 |" in out and "| vtw:1 |" in out
+    assert main(["prune", "--model", "random:llava", "--image", str(path), "--methods", "fastv:1:2"]) == 2
+    assert "give both --image and --prompt" in capsys.readouterr().err
+    assert main(["prune", "--model", "random:llava", "--image", str(path), "--prompt", PROMPT,
+                 "--methods", "fastv:1:2"]) == 2
+    assert "keep ratio must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_pruning_study_and_figures(tmp_path):
+    from vlmlens.experiments.pruning import pruning_study
+    from vlmlens.figures import fig_kept_tokens, fig_pruning_pareto
+
+    lm = vl.load_model("tiny-shapes")
+    st = pruning_study(lm, {"FastV K=2 R=50%": [FastV(2, 0.5)], "VTW k=0": [VTW(0)], "VTW k=4": [VTW(4)]}, n=3,
+                       families=["single"])
+    assert st.methods == ["baseline", "FastV K=2 R=50%", "VTW k=0", "VTW k=4"]
+    b, v0 = st.row("single", "baseline"), st.row("single", "VTW k=0")
+    assert b["answer_kept"] == 1 and b["total_saving"] == 0 and b["mean_depth"] == lm.n_layers
+    assert v0["mean_depth"] == 0 and v0["total_saving"] > st.row("single", "VTW k=4")["total_saving"] > 0
+    assert st.csv().splitlines()[0].startswith("family,method,n,accuracy")
+    fig = fig_pruning_pareto(st)
+    assert {t.name for t in fig.data} >= {"baseline", "FastV", "VTW (fixed depth)"}
+    from vlmlens.tiny.tasks import split_examples
+
+    scene = split_examples("single", 1)[0].scene.image
+    run = vl.capture(lm, scene, "how many shapes are there?", max_new_tokens=2,
+                     interventions=[PyramidDrop([2, 4], [0.5, 0.25])])
+    kf = fig_kept_tokens(run)
+    assert [a.text for a in kf.layout.annotations] == ["layer 0: 64/64 kept", "layer 2: 32/64 kept", "layer 4: 16/64 kept"]
+    assert np.nansum(kf.data[1].z) == 32
+    plain = vl.capture(lm, scene, "how many shapes are there?", max_new_tokens=1)
+    assert "not pruned" in fig_kept_tokens(plain).layout.annotations[0].text

@@ -61,7 +61,8 @@ def default_methods(n_layers: int, keep: Sequence[float] = (0.5, 0.25), layer: i
     out[f"PyramidDrop {'/'.join(map(str, stages))}"] = [PyramidDrop(stages, ratios)]
     for k in sorted({0, L // 4, L // 2, (3 * L) // 4}):
         out[f"VTW k={k}"] = [VTW(k)]
-    out["adaptive VTW share<0.1"] = [AdaptiveVTW(0.1, min_layer=1 if L > 2 else 0)]
+    for share in (0.2, 0.4):
+        out[f"adaptive VTW share<{share:g}"] = [AdaptiveVTW(share, min_layer=1 if L > 2 else 0)]
     return out
 
 
@@ -334,4 +335,49 @@ def adaptive_vs_fixed(study: PruningStudy, adaptive: str, fixed_prefix: str = "V
                   "adaptive_mean_depth": a["mean_depth"], "fixed_accuracy_at_same_saving": at,
                   "best_fixed_at_least_as_cheap": None if best is None else {"method": best[2], "saving": best[0],
                                                                               "accuracy": best[1]}}
+    return out
+
+
+# ---- methods written on a command line ---------------------------------------------------------------
+
+METHOD_SYNTAX = ("comma-separated: fastv:K:R, random:K:R, l2:K:R, pdrop:L1/L2/..:R1/R2/.., vtw:K, adaptive:SHARE "
+                 "(K a decoder layer, R a keep ratio in (0, 1]), or 'default'")
+
+
+def _num(text: str, what: str, kind=float):
+    try:
+        return kind(text)
+    except ValueError:
+        raise InputError(f"{what} must be a {'number' if kind is float else 'whole number'}, got {text!r}") from None
+
+
+def parse_methods(text: str, n_layers: int) -> dict:
+    """Methods from their written form (``METHOD_SYNTAX``), validated against the model."""
+    if not text or not text.strip():
+        raise InputError(f"no methods given; {METHOD_SYNTAX}")
+    if text.strip() == "default":
+        return default_methods(n_layers)
+    out = {}
+    for spec in (s.strip() for s in text.split(",")):
+        parts = spec.split(":")
+        kind = parts[0].lower()
+        arity = {"fastv": 3, "random": 3, "l2": 3, "pdrop": 3, "vtw": 2, "adaptive": 2}
+        if kind not in arity:
+            raise InputError(f"unknown method {spec!r}; {METHOD_SYNTAX}")
+        if len(parts) != arity[kind]:
+            raise InputError(f"method {spec!r} needs {arity[kind] - 1} value(s) after {kind}:; {METHOD_SYNTAX}")
+        if kind in ("fastv", "random", "l2"):
+            k, r = _num(parts[1], f"{spec}: the layer", int), _num(parts[2], f"{spec}: the keep ratio")
+            score = {"fastv": "last", "random": "random", "l2": "l2"}[kind]
+            ivs = [FastV(k, r, score=score)]
+        elif kind == "pdrop":
+            ls = [_num(x, f"{spec}: a layer", int) for x in parts[1].split("/")]
+            rs = [_num(x, f"{spec}: a keep ratio") for x in parts[2].split("/")]
+            ivs = [PyramidDrop(ls, rs)]
+        elif kind == "vtw":
+            ivs = [VTW(_num(parts[1], f"{spec}: the layer", int))]
+        else:
+            ivs = [AdaptiveVTW(_num(parts[1], f"{spec}: the attention share"), min_layer=1 if n_layers > 2 else 0)]
+        validate_all(ivs, n_layers)
+        out[spec] = ivs
     return out

@@ -26,6 +26,9 @@ _WHERE = {
     "fig_task_necessity": "experiments",
     "fig_compute_tradeoff": "experiments",
     "fig_reasoning_perturbation": "experiments",
+    # token pruning
+    "fig_pruning_pareto": "pruning",
+    "fig_kept_tokens": "pruning",
 }
 
 __all__ = sorted(_WHERE)
