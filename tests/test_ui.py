@@ -398,7 +398,9 @@ def test_shipped_cached_runs_are_valid():
 def test_substitution_skip_and_compute_tabs(client):
     info, *_ = client.predict(handle_file(EXAMPLE), "What color is the circle?", 2, api_name="/capture")
     L = info["n_layers"]
-    comp = plot(client.predict(api_name="/compute_view"))                     # theory, stored at capture
+    comp, prune_md, pick, prune_fig = client.predict(api_name="/compute_view")  # theory, stored at capture
+    comp = plot(comp)
+    assert "No pruning comparison" in prune_md and "Compare pruning methods first" in str(prune_fig)
     xs = {tuple(arr(t["x"]).tolist()) for t in comp["data"] if "x" in t}
     assert tuple(range(L + 1)) in xs
     sub, skip = client.predict(api_name="/substitution")
@@ -409,6 +411,16 @@ def test_substitution_skip_and_compute_tabs(client):
     assert kl and all(len(arr(t["y"])) == L for t in kl)                      # one point per skipped layer
     comp, headline = client.predict(api_name="/measure_compute")
     assert any("measured" in (t.get("name") or "") for t in plot(comp)["data"])
+    # token pruning on the current input: a table per method and the kept tokens on the image grid
+    md, pick, fig = client.predict("fastv:1:0.5,vtw:0", api_name="/prune_compare")
+    assert "| fastv:1:0.5 |" in md and "| vtw:0 |" in md
+    assert pick["value"] == "fastv:1:0.5" and [c[0] for c in pick["choices"]] == ["fastv:1:0.5", "vtw:0"]
+    z = [t for t in plot(fig)["data"] if t["type"] == "heatmap"]
+    assert len(z) == 2                                          # layer 0 (all kept) and layer 1 (half)
+    fig = client.predict("vtw:0", api_name="/prune_view")
+    assert "layer 0: 0/" in str(plot(fig)["layout"]["annotations"])
+    assert "unknown method" in app_error(client, "shrink:1", api_name="/prune_compare")
+    assert "no method 'fastv:9:0.5'" in app_error(client, "fastv:9:0.5", api_name="/prune_view")
 
 
 def test_ground_truth_and_causal_stages_follow_the_run(runs_dir, lm):

@@ -220,30 +220,41 @@ def measure_latency(lm, image, prompt: str, depths, *, n_steps: int = 8, repeats
     n_steps + 1)`` minus that. No recording (hidden states, attention) is done.
     ``keep_samples`` adds every repeat's seconds under ``"samples"`` ({prefill, total}: [depth][repeat]).
     """
-    from ..capture import image_positions, prepare_inputs
     from ..interventions import Truncate
+
+    L = lm.n_layers
+    ks = [int(k) for k in depths]
+    out = measure_methods_latency(lm, image, prompt, {k: ([] if k == L else [Truncate(k, "remove")]) for k in ks},
+                                  n_steps=n_steps, repeats=repeats, keep_samples=keep_samples)
+    out["depths"] = out.pop("methods")
+    return out
+
+
+def measure_methods_latency(lm, image, prompt: str, methods: dict, *, n_steps: int = 8, repeats: int = 3,
+                            keep_samples: bool = False) -> dict:
+    """:func:`measure_latency` for any interventions: ``methods`` maps a key to a list of
+    interventions (``[]``: the baseline through the same lens); interleaved across methods."""
+    from ..capture import image_positions, prepare_inputs
 
     inputs, _, _ = prepare_inputs(lm, image, prompt)
     pos = image_positions(lm, inputs["input_ids"])
-    L = lm.n_layers
-    ks = [int(k) for k in depths]
-    ivs = {k: ([] if k == L else [Truncate(k, "remove")]) for k in ks}
-    pre = {k: [] for k in ks}
-    tot = {k: [] for k in ks}
-    for k in ks:  # warm-up
-        _timed_generate(lm, inputs, pos, 2, ivs[k])
+    keys = list(methods)
+    pre = {k: [] for k in keys}
+    tot = {k: [] for k in keys}
+    for k in keys:  # warm-up
+        _timed_generate(lm, inputs, pos, 2, methods[k])
     for _ in range(repeats):
-        for k in ks:
-            pre[k].append(_timed_generate(lm, inputs, pos, 1, ivs[k]))
-            tot[k].append(_timed_generate(lm, inputs, pos, n_steps + 1, ivs[k]))
-    out = {"depths": ks, "n_steps": n_steps, "repeats": repeats, "prefill_s": [], "decode_s": [], "total_s": []}
-    for k in ks:
+        for k in keys:
+            pre[k].append(_timed_generate(lm, inputs, pos, 1, methods[k]))
+            tot[k].append(_timed_generate(lm, inputs, pos, n_steps + 1, methods[k]))
+    out = {"methods": keys, "n_steps": n_steps, "repeats": repeats, "prefill_s": [], "decode_s": [], "total_s": []}
+    for k in keys:
         p, t = statistics.median(pre[k]), statistics.median(tot[k])
         out["prefill_s"].append(p)
         out["decode_s"].append(max(t - p, 0.0))
         out["total_s"].append(t)
     if keep_samples:
-        out["samples"] = {"prefill": [pre[k] for k in ks], "total": [tot[k] for k in ks]}
+        out["samples"] = {"prefill": [pre[k] for k in keys], "total": [tot[k] for k in keys]}
     return out
 
 

@@ -56,15 +56,19 @@ def fig_pruning_pareto(study, metric: str = "accuracy"):
     return fig
 
 
-def fig_kept_tokens(run, layers=None, max_cols: int = 4):
-    """Which image tokens each decoder layer of a pruned run still reads (1 = kept), on the image
-    grid; ``layers`` default: every layer where the kept set changes, plus the first."""
+def fig_kept_tokens(run, layers=None, max_cols: int = 4, *, kept=None, name: str | None = None):
+    """Which image tokens each decoder layer still reads (1 = kept), on the run's image grid:
+    the run's own ``image_kept`` (a pruned run), or ``kept`` [L, n_image] given for it (e.g. a
+    method of a pruning comparison made on the run's input, named ``name``). ``layers``
+    default: the first layer and every layer where the kept set changes."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    if "image_kept" not in run.arrays:
+    if kept is None and "image_kept" not in run.arrays:
         return empty_figure("this run was not pruned (no token pruner among its interventions)")
-    kept = np.asarray(run.arrays["image_kept"], dtype=np.float64)
+    kept = np.asarray(run.arrays["image_kept"] if kept is None else kept, dtype=np.float64)
+    if kept.ndim != 2 or kept.shape[1] != run.spans.n_image:
+        return empty_figure(f"kept-token mask of shape {kept.shape} does not fit this run's {run.spans.n_image} image tokens")
     L = kept.shape[0]
     if layers is None:
         layers = [0] + [l for l in range(1, L) if not np.array_equal(kept[l], kept[l - 1])]
@@ -80,7 +84,8 @@ def fig_kept_tokens(run, layers=None, max_cols: int = 4):
                       row=i // nc + 1, col=i % nc + 1)
     fig.update_yaxes(autorange="reversed", showticklabels=False)
     fig.update_xaxes(showticklabels=False)
-    names = ", ".join(d.get("kind", "?") if isinstance(d, dict) else str(d) for d in run.meta.get("interventions", []))
-    fig.update_layout(title=f"image tokens kept ({names}); yellow = still read", height=260 * nr + 60,
+    if name is None:
+        name = ", ".join(d.get("kind", "?") if isinstance(d, dict) else str(d) for d in run.meta.get("interventions", []))
+    fig.update_layout(title=f"image tokens kept ({name}); yellow = still read", height=260 * nr + 60,
                       margin=dict(t=80, l=20, r=20, b=20))
     return fig

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gradio as gr
 
 from ..capture import MAX_PROMPT_CHARS
+from ..experiments.pruning import METHOD_SYNTAX
 from .callbacks import Dashboard, new_session
 from .inputs import prompt_choices
 from .views import HEATMAP_KINDS
@@ -158,6 +159,16 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                     with gr.Tab("Compute", id="compute") as t_comp:
                         measure_btn = gr.Button("Measure compute (times each depth with the model)", size="sm", **live)
                         comp_fig = gr.Plot(label="FLOPs / KV cache / latency per depth", elem_id="vl-compute")
+                        gr.Markdown("#### Token pruning: which image tokens can go, where, at what cost")
+                        with gr.Row():
+                            prune_methods = gr.Textbox(value="default", label="Methods", info=METHOD_SYNTAX, scale=4,
+                                                       elem_id="vl-prune-methods")
+                            prune_btn = gr.Button("Compare pruning methods", variant="primary", scale=1,
+                                                  elem_id="vl-prune-btn", **live)
+                        prune_md = gr.Markdown(label="pruning", elem_id="vl-prune-md")
+                        prune_pick = gr.Dropdown(choices=[], label="Show the tokens kept by", elem_id="vl-prune-pick",
+                                                 allow_custom_value=True)
+                        prune_fig = gr.Plot(label="Image tokens kept per layer", elem_id="vl-prune-fig")
                     with gr.Tab("Runs", id="runs") as t_runs:
                         with gr.Row():
                             run_list = gr.Dropdown(choices=dash.runs.preferred_order(), value=dash.default_run,
@@ -191,7 +202,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
         tab_outputs = {"heatmaps": [heat, grid, lens, plens], "dynamics": [move, dyn, cka, embed],
                        "attention": [flow, heads, stages_md, head_layer, head_fig],
                        "truncation": [gens, sweep_fig, pert_fig],
-                       "substitution": [sub_fig, skip_fig], "compute": [comp_fig]}
+                       "substitution": [sub_fig, skip_fig], "compute": [comp_fig, prune_md, prune_pick, prune_fig]}
         all_tab_outputs = [c for cs in tab_outputs.values() for c in cs]
 
         def render_tab(sess_v, tab, layer_v, query_v, kind_v, span_v):
@@ -203,7 +214,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                      "dynamics": lambda: dash.dynamics(sess_v, span_v), "attention": lambda: dash.attention(sess_v),
                      "truncation": lambda: dash.truncation_view(sess_v),
                      "substitution": lambda: dash.substitution_view(sess_v),
-                     "compute": lambda: (dash.compute_view(sess_v),)}
+                     "compute": lambda: dash.compute_view(sess_v)}
             if tab in calls:
                 out.update(zip(tab_outputs[tab], calls[tab]()))
             return [out[c] for c in all_tab_outputs]
@@ -250,6 +261,9 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                         **MODEL_QUEUE)
         measure_btn.click(dash.measure_compute, sess, [comp_fig, headline], api_name="measure_compute",
                           **MODEL_QUEUE)
+        prune_btn.click(dash.prune_compare, [sess, prune_methods], [prune_md, prune_pick, prune_fig],
+                        api_name="prune_compare", **MODEL_QUEUE)
+        prune_pick.input(dash.prune_view, [sess, prune_pick], prune_fig, api_name="prune_view")
         stages_btn.click(dash.find_stages, sess, [flow, heads, stages_md, headline], api_name="find_stages",
                          **MODEL_QUEUE)
         sub_btn.click(dash.substitution, sess, [sub_fig, skip_fig], api_name="substitution", **MODEL_QUEUE)

@@ -156,7 +156,38 @@ class TabHandlers:
 
     @handler("compute_view")
     def compute_view(self, sess):
-        return xviews.experiment_figure(self.entry(sess), "compute")
+        """Compute tab: FLOPs / KV / latency per depth, and the token-pruning comparison."""
+        entry = self.entry(sess)
+        return (xviews.experiment_figure(entry, "compute"), *self._pruning_outputs(entry, None))
+
+    @staticmethod
+    def _pruning_outputs(entry, method):
+        names = xviews.pruning_methods(entry)
+        pick = method if method in names else (names[0] if names else None)
+        return (xviews.pruning_markdown(entry), gr.update(choices=names, value=pick),
+                xviews.pruning_figure(entry, pick))
+
+    @handler("prune_compare")
+    def prune_compare(self, sess, methods, progress=gr.Progress()):
+        """Token-pruning methods (FastV, PyramidDrop, VTW, baselines, adaptive) on the current run's input."""
+        entry = self.entry(sess)
+        from ..experiments.pruning import parse_methods
+
+        parse_methods(methods or "default", entry.run.n_layers)          # bad specs fail before the queue
+        progress(0.02, desc="waiting for the model")
+        with self.holder.use() as lm:
+            xviews.run_pruning(lm, entry, methods or "default",
+                               progress=lambda i, n, what: progress(i / max(n, 1), desc=what))
+        return self._pruning_outputs(entry, None)
+
+    @handler("prune_view")
+    def prune_view(self, sess, method):
+        """Which image tokens one method of the stored comparison keeps, per layer."""
+        entry = self.entry(sess)
+        names = xviews.pruning_methods(entry)
+        if method and method not in names:
+            raise InputError(f"no method {method!r} in this run's pruning comparison; pick one of {names}")
+        return xviews.pruning_figure(entry, method)
 
     @handler("measure_compute")
     def measure_compute(self, sess, progress=gr.Progress()):

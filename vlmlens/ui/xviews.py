@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..analysis.compute import compute_tradeoff
 from ..experiments.skip import SkipScanResult, layer_skip_scan
 from ..experiments.substitution import SubstitutionResult, substitution_matrix
+from ..figures.pruning import fig_kept_tokens
 from ..figures.experiments import (fig_compute_tradeoff, fig_layer_skip, fig_reasoning_perturbation,
                                    fig_substitution_matrix, fig_truncation_sweep)
 from .html import generations_table, note
@@ -183,3 +184,51 @@ def experiment_figure(entry, key: str):
     except Exception as e:
         return message_figure(f"stored {title.lower()} is not readable ({e})", title)
     return entry.derived.get((fig.__name__, content_key(res)), lambda: figure(fig, obj, title=title))
+
+
+# ---- token pruning (Compute tab) ---------------------------------------------------------------------
+
+def run_pruning(lm, entry, methods_text: str, progress=None) -> dict:
+    """Pruning methods compared on the entry's image + prompt; kept in extras["pruning"]."""
+    from ..experiments.pruning import compare_pruning, parse_methods
+    from ..findings import run_truth
+
+    check_model_matches(lm, entry)
+    methods = parse_methods(methods_text or "default", lm.n_layers)
+    image, prompt, n_new = _run_args(entry)
+    res = compare_pruning(lm, image, prompt, methods, max_new_tokens=n_new, truth=run_truth(entry.run),
+                          progress=progress)
+    entry.extras["pruning"] = res.to_json()
+    return entry.extras["pruning"]
+
+
+def pruning_methods(entry) -> list[str]:
+    return [m["name"] for m in (entry.extras.get("pruning") or {}).get("methods", []) if m["name"] != "baseline"]
+
+
+def pruning_markdown(entry) -> str:
+    res = entry.extras.get("pruning")
+    if not res:
+        return ("No pruning comparison for this run yet: write the methods (or keep `default`) and press "
+                "**Compare pruning methods** (needs the run's model).")
+    from ..experiments.pruning import MethodResult, PruningComparison
+
+    obj = PruningComparison(**{**res, "methods": [MethodResult(**m) for m in res["methods"]]})
+    head = (f"**Token pruning** on this input · baseline `{obj.baseline_text}` · {obj.n_image} image tokens · "
+            f"{obj.seconds:.1f} s. FLOPs and KV saved are counted from what each method computes (a method that "
+            "loses the answer saves nothing worth having; masks save nothing).")
+    return head + "\n\n" + obj.markdown()
+
+
+def pruning_figure(entry, method: str | None):
+    title = "Image tokens kept per layer"
+    res = entry.extras.get("pruning")
+    if not res:
+        return message_figure("Compare pruning methods first; then pick one to see which image tokens it keeps.", title)
+    by_name = {m["name"]: m for m in res["methods"] if m["name"] != "baseline"}
+    if not by_name:
+        return message_figure("The comparison holds no pruning method.", title)
+    name = method if method in by_name else next(iter(by_name))
+    m = by_name[name]
+    return entry.derived.get(("fig_kept", content_key(m)),
+                             lambda: figure(fig_kept_tokens, entry.run, kept=m["image_kept"], name=name, title=title))
