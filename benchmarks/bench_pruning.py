@@ -84,9 +84,10 @@ def main():
         f" + text {c['text']}, {a.steps} decode steps, {a.device} {a.dtype}, torch {torch.__version__},"
         f" {torch.get_num_threads()} threads; {a.repeats} interleaved repeats, min.",
         "",
-        "| method (remove) | image rows per layer | theory: prefill+decode | measured: prefill+decode |"
-        " measured / theory | measured: prefill | KV bytes saved | latency prefill+decode (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method (remove) | image rows per layer | theory: prefill | measured: prefill | measured / theory (prefill) |"
+        " theory: prefill+decode | measured: prefill+decode | measured / theory | KV bytes saved |"
+        " prefill (s) | decode per step (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ok = True
     for i, name in enumerate(names):
@@ -100,13 +101,24 @@ def main():
         rows = sched[name]
         rows_txt = f"{rows[0]}" if len(set(rows)) == 1 else " → ".join(
             f"{r} from {l}" for l, r in enumerate(rows) if l == 0 or rows[l - 1] != r)
-        lines.append(f"| {name} | {rows_txt} | {th:.1%} | {meas:.1%} | {'–' if th <= 0 else f'{ratio:.2f}'} | {mpre:.1%} |"
-                     f" {theory['kv_saving'][i]:.1%} | {min(m['samples']['total'][i]):.2f} |")
+        tpre = theory["prefill_saving"][i]
+        pre_s = min(m["samples"]["prefill"][i])
+        dec_ms = 1000 * max(min(m["samples"]["total"][i]) - pre_s, 0.0) / a.steps
+        if name == "FastV K=2 R=50%":
+            fastv_pre = (tpre, mpre)
+        lines.append(f"| {name} | {rows_txt} | {tpre:.1%} | {mpre:.1%} | {'–' if tpre <= 0 else f'{mpre / tpre:.2f}'} |"
+                     f" {th:.1%} | {meas:.1%} | {'–' if th <= 0 else f'{ratio:.2f}'} | {theory['kv_saving'][i]:.1%} |"
+                     f" {pre_s:.2f} | {dec_ms:.0f} |")
     share = min(r / t for r, t in zip(rank, prefill))
     lines += [
         "",
-        f"- FastV K=2 R=50 %: measured saving {fastv[1]:.1%} vs theory {fastv[0]:.1%} = **{fastv[2]:.2f}x** (target >= 0.8:"
-        f" **{'met' if ok else 'NOT met'}**)",
+        f"- FastV K=2 R=50 %: measured prefill+decode saving {fastv[1]:.1%} vs theory {fastv[0]:.1%} = **{fastv[2]:.2f}x**"
+        f" (target >= 0.8: **{'met' if ok else 'NOT met'}**); prefill alone {fastv_pre[1]:.1%} vs {fastv_pre[0]:.1%} ="
+        f" **{fastv_pre[1] / fastv_pre[0]:.2f}x**",
+        "- why the two differ: the FLOP count makes a decode step ~1/600 of a 600-token prefill, but on this CPU a step"
+        " costs what reading every weight costs (memory-bound, see the last column), whatever the number of keys;"
+        " pruning shortens the KV cache, which is a small part of that. The theory is right about FLOPs and the prefill;"
+        " it over-promises end-to-end latency wherever decoding is weight-bound.",
         f"- ranking cost (time inside FastV's observe_attention / prefill time, min over {a.repeats}): **{share:.2%}**"
         f" of the prefill (target <= 5 %: **{'met' if share <= 0.05 else 'NOT met'}**); no eager attention, no"
         " [head, n, n] matrix: one query row against the keys of one layer",
