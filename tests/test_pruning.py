@@ -336,9 +336,14 @@ def test_parse_methods_and_bad_specs():
     assert m["fastv:2:0.5"] == [FastV(2, 0.5)] and m["random:2:0.5"] == [FastV(2, 0.5, score="random")]
     assert m["pdrop:1/2/3:0.5/0.25/0.125"] == [PyramidDrop([1, 2, 3], [0.5, 0.25, 0.125])] and m["vtw:3"] == [VTW(3)]
     for bad, msg in [("fastv:2", "needs 2 value"), ("fastv:x:0.5", "whole number"), ("prune:2:0.5", "unknown method"),
-                     ("fastv:2:1.5", r"keep ratio must be in \(0, 1\]"), ("vtw:9", r"0\.\.4"), ("", "no methods")]:
+                     ("fastv:2:1.5", r"keep ratio must be in \(0, 1\]"), ("vtw:9", r"0\.\.4"), ("", "no methods"),
+                     ("stages:0.1", "needs this input's causal stages")]:
         with pytest.raises(InputError, match=msg):
             parse_methods(bad, 4)
+    sp = parse_methods("stages:0.2", 4, ["sink", "fusion", "discard", "discard"])["stages:0.2"]
+    assert sp == [StagePruner([(0, 0, "none"), (1, 1, "top"), (2, 3, "drop")], 0.2)]
+    with pytest.raises(InputError, match="3 stage labels for a model with 4 layers"):
+        parse_methods("stages:0.2", 4, ["sink", "fusion", "discard"])
 
 
 def test_cli_prune(image, tmp_path, capsys):

@@ -420,6 +420,8 @@ def test_substitution_skip_and_compute_tabs(client):
     fig = client.predict("vtw:0", api_name="/prune_view")
     assert "layer 0: 0/" in str(plot(fig)["layout"]["annotations"])
     assert "unknown method" in app_error(client, "shrink:1", api_name="/prune_compare")
+    md, pick, fig = client.predict("stages:0.5", api_name="/prune_compare")   # this run's causal stages (at capture)
+    assert "| stages:0.5 |" in md
     assert "no method 'fastv:9:0.5'" in app_error(client, "fastv:9:0.5", api_name="/prune_view")
 
 

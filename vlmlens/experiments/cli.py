@@ -247,8 +247,11 @@ def cmd_prune(args) -> int:
             from ..interventions import VTW
 
             methods[f"VTW calibrated k={vtw.layer}"] = [VTW(vtw.layer)]
-        stages, labels = calibrated_stages(lm, cal[:3 * min(args.calibrate, 3)], max_new_tokens=8)
-        print(f"causal stages (majority of calibration examples): {labels} -> {list(stages.stages)}")
+        per = min(args.calibrate, 3)       # knockout windows cost 3L+1 forwards each: a few per family
+        stages, labels = calibrated_stages(lm, [c for i in range(3) for c in cal[i * args.calibrate:][:per]],
+                                           max_new_tokens=8)
+        print(f"causal stages (majority of {3 * per} calibration examples, {per} per family): {labels} ->"
+              f" {list(stages.stages)}")
         methods["StagePruner (calibrated)"] = [stages]
     if one:
         res = compare_pruning(lm, args.image, args.prompt, methods, max_new_tokens=args.max_new_tokens, truth=args.truth,
@@ -261,6 +264,14 @@ def cmd_prune(args) -> int:
         print(f"{res.model}: {res.n_per_family} examples per family, {res.seconds:.0f} s\n")
         for f in res.families:
             print(f"{f}:\n{res.markdown(f)}\n")
+        from .pruning import adaptive_vs_fixed
+
+        for m in (m for m in res.methods if m.startswith("adaptive") and any(x.startswith("VTW k=") for x in res.methods)):
+            for f, r in adaptive_vs_fixed(res, m).items():
+                at = r["fixed_accuracy_at_same_saving"]
+                print(f"{m} on {f}: accuracy {100 * r['adaptive_accuracy']:.0f}% at {100 * r['adaptive_saving']:.1f}% saved"
+                      f" (mean depth {r['adaptive_mean_depth']:.1f}); fixed VTW depths at the same saving:"
+                      f" {'–' if at is None else f'{100 * at:.0f}%'}")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "pruning.json").write_text(json.dumps(res.to_json(), indent=1))

@@ -340,8 +340,9 @@ def adaptive_vs_fixed(study: PruningStudy, adaptive: str, fixed_prefix: str = "V
 
 # ---- methods written on a command line ---------------------------------------------------------------
 
-METHOD_SYNTAX = ("comma-separated: fastv:K:R, random:K:R, l2:K:R, pdrop:L1/L2/..:R1/R2/.., vtw:K, adaptive:SHARE "
-                 "(K a decoder layer, R a keep ratio in (0, 1]), or 'default'")
+METHOD_SYNTAX = ("comma-separated: fastv:K:R, random:K:R, l2:K:R, pdrop:L1/L2/..:R1/R2/.., vtw:K, adaptive:SHARE, "
+                 "stages:R (K a decoder layer, R a keep ratio in (0, 1]; stages: VisiPruner's treatments of the causal "
+                 "stages, top R in fusion), or 'default'")
 
 
 def _num(text: str, what: str, kind=float):
@@ -351,8 +352,9 @@ def _num(text: str, what: str, kind=float):
         raise InputError(f"{what} must be a {'number' if kind is float else 'whole number'}, got {text!r}") from None
 
 
-def parse_methods(text: str, n_layers: int) -> dict:
-    """Methods from their written form (``METHOD_SYNTAX``), validated against the model."""
+def parse_methods(text: str, n_layers: int, stage_labels: Sequence[str] | None = None) -> dict:
+    """Methods from their written form (``METHOD_SYNTAX``), validated against the model;
+    ``stages:R`` needs the per-layer causal stage labels (``CausalStages.labels``)."""
     if not text or not text.strip():
         raise InputError(f"no methods given; {METHOD_SYNTAX}")
     if text.strip() == "default":
@@ -361,7 +363,7 @@ def parse_methods(text: str, n_layers: int) -> dict:
     for spec in (s.strip() for s in text.split(",")):
         parts = spec.split(":")
         kind = parts[0].lower()
-        arity = {"fastv": 3, "random": 3, "l2": 3, "pdrop": 3, "vtw": 2, "adaptive": 2}
+        arity = {"fastv": 3, "random": 3, "l2": 3, "pdrop": 3, "vtw": 2, "adaptive": 2, "stages": 2}
         if kind not in arity:
             raise InputError(f"unknown method {spec!r}; {METHOD_SYNTAX}")
         if len(parts) != arity[kind]:
@@ -376,6 +378,13 @@ def parse_methods(text: str, n_layers: int) -> dict:
             ivs = [PyramidDrop(ls, rs)]
         elif kind == "vtw":
             ivs = [VTW(_num(parts[1], f"{spec}: the layer", int))]
+        elif kind == "stages":
+            if not stage_labels:
+                raise InputError(f"{spec} needs this input's causal stages: find them first (dashboard: Attention tab, "
+                                 "'Find the three stages'; command line: --calibrate)")
+            if len(stage_labels) != n_layers:
+                raise InputError(f"{spec}: {len(stage_labels)} stage labels for a model with {n_layers} layers")
+            ivs = [StagePruner.from_stages(list(stage_labels), top=_num(parts[1], f"{spec}: the keep ratio"))]
         else:
             ivs = [AdaptiveVTW(_num(parts[1], f"{spec}: the attention share"), min_layer=1 if n_layers > 2 else 0)]
         validate_all(ivs, n_layers)

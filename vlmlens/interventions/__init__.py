@@ -1,7 +1,8 @@
 """Interventions: small frozen dataclasses the lens applies (no second hooking mechanism).
 
 * :mod:`.core` -- Truncate, Freeze, Substitute, SkipLayers, Knockout;
-* :mod:`.pruning` -- token pruning: TokenPruner, FastV, PyramidDrop, VTW, StagePruner;
+* :mod:`.pruning` -- token pruning: TokenPruner, FastV, PyramidDrop, VTW; :mod:`.policies` --
+  StagePruner (a treatment per causal stage) and AdaptiveVTW (a depth per input);
 * :mod:`.base` -- what they share: the meaning methods (``prefix_effect``, ``gradient_safe``,
   ``conflicts``, ``image_row_edits``) and the functions that ask them.
 
@@ -13,8 +14,10 @@ from ..errors import InputError
 from .base import (INDEPENDENT, RECOMPUTE, UNCHANGED, PrefixEffect, gradient_safe, prefix_effect, removal_conflict,
                    validate_all)
 from .core import DST_SPANS, SRC_SPANS, TRUNCATE_MODES, Freeze, Knockout, SkipLayers, Substitute, Truncate
-from .pruning import (PRUNE_MODES, PRUNE_SCORES, PRUNERS, STAGE_TREATMENTS, VISIPRUNER_TREATMENTS, VTW, AdaptiveVTW,
-                      FastV, PyramidDrop, StagePruner, TokenPruner, n_kept)
+from .policies import STAGE_TREATMENTS, VISIPRUNER_TREATMENTS, AdaptiveVTW, StagePruner
+from .pruning import PRUNE_MODES, PRUNE_SCORES, VTW, FastV, PyramidDrop, TokenPruner, n_kept
+
+PRUNERS = (TokenPruner, FastV, PyramidDrop, VTW, StagePruner, AdaptiveVTW)
 
 KINDS = {c.__name__: c for c in (Truncate, Freeze, Substitute, SkipLayers, Knockout, *PRUNERS)}
 

@@ -173,7 +173,7 @@ class TabHandlers:
         entry = self.entry(sess)
         from ..experiments.pruning import parse_methods
 
-        parse_methods(methods or "default", entry.run.n_layers)          # bad specs fail before the queue
+        parse_methods(methods or "default", entry.run.n_layers, xviews.stage_labels(entry))   # fail before the queue
         progress(0.02, desc="waiting for the model")
         with self.holder.use() as lm:
             xviews.run_pruning(lm, entry, methods or "default",

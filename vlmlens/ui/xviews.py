@@ -194,12 +194,17 @@ def run_pruning(lm, entry, methods_text: str, progress=None) -> dict:
     from ..findings import run_truth
 
     check_model_matches(lm, entry)
-    methods = parse_methods(methods_text or "default", lm.n_layers)
+    methods = parse_methods(methods_text or "default", lm.n_layers, stage_labels(entry))
     image, prompt, n_new = _run_args(entry)
     res = compare_pruning(lm, image, prompt, methods, max_new_tokens=n_new, truth=run_truth(entry.run),
                           progress=progress)
     entry.extras["pruning"] = res.to_json()
     return entry.extras["pruning"]
+
+
+def stage_labels(entry) -> list[str] | None:
+    """The run's causal stage labels per layer, when the three stages were found for it."""
+    return (entry.extras.get("stages") or {}).get("labels") or None
 
 
 def pruning_methods(entry) -> list[str]:

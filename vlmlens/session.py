@@ -1,0 +1,226 @@
+"""The state of one lens session, split by job: what to record (:class:`Recording`) and the
+:class:`Plan` built from it; which positions each forward and layer holds (:class:`Positions`,
+written only by the lens's hooks); the read-only view interventions get (:class:`LensContext`);
+and where a session resumes after a prefix (:class:`LensStart`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .run import span_mask
+
+STORE_MODES = ("all", "image_text", "none")
+HIDDEN_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+# ---- what to record, and the plan of a session -------------------------------------------------
+
+@dataclass(frozen=True)
+class Recording:
+    """What a lens session records (the same settings as :func:`vlmlens.capture`'s keywords).
+
+    store: "all" hidden states, "image_text" (no system tokens) or "none"; hidden_dtype:
+    "float16" or "float32"; attention: image share and maps; contrib: the image tokens'
+    contribution to each layer's attention output at the last prompt token.
+    """
+
+    store: str = "all"
+    hidden_dtype: str = "float16"
+    attention: bool = True
+    contrib: bool = False
+
+    def __post_init__(self):
+        if self.store not in STORE_MODES:
+            raise InputError(f"store must be one of {STORE_MODES}, got {self.store!r}")
+        if self.hidden_dtype not in HIDDEN_DTYPES:
+            raise InputError(f"hidden_dtype must be one of {tuple(HIDDEN_DTYPES)}, got {self.hidden_dtype!r}")
+        object.__setattr__(self, "attention", bool(self.attention))
+        object.__setattr__(self, "contrib", bool(self.contrib))
+
+    def capture_kwargs(self) -> dict:
+        """The keywords of :func:`vlmlens.capture` that ask for this recording."""
+        return {"store": self.store, "hidden_dtype": self.hidden_dtype, "record_attention": self.attention,
+                "record_contrib": self.contrib}
+
+
+#: record nothing (teacher-forced scoring, timing, gradients)
+NOTHING = Recording(store="none", attention=False, contrib=False)
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """What one lens session records and which interventions apply. Make it with :meth:`build`.
+
+    image_positions: sorted positions of the image tokens; n_layers: decoder layers L;
+    n_prompt: prompt positions (generated tokens start there; the last prompt token,
+    ``n_prompt - 1``, is where maps and contributions are read); store_positions: positions
+    whose hidden states are kept (None: all).
+    """
+
+    image_positions: np.ndarray
+    n_layers: int
+    n_prompt: int
+    recording: Recording = NOTHING
+    interventions: tuple = ()
+    store_positions: np.ndarray | None = None
+
+    @classmethod
+    def build(cls, image_positions, n_layers: int, n_prompt: int, recording: Recording = NOTHING,
+              interventions=(), n_new: int = 0) -> "Plan":
+        """The plan of a session over a prompt of ``n_prompt`` positions (+ ``n_new`` generated)."""
+        img = np.asarray(image_positions, dtype=np.int64)
+        store = None
+        if recording.store == "image_text" and img.size:
+            store = np.concatenate([img, np.arange(img[-1] + 1, int(n_prompt) + int(n_new) + 1)])
+        return cls(img, int(n_layers), int(n_prompt), recording, tuple(interventions), store)
+
+    @property
+    def map_from(self) -> int:
+        return self.n_prompt - 1
+
+    @property
+    def record_hidden(self) -> bool:
+        return self.recording.store != "none"
+
+    @property
+    def hidden_dtype(self) -> torch.dtype:
+        return HIDDEN_DTYPES[self.recording.hidden_dtype]
+
+    @property
+    def record_attention(self) -> bool:
+        return self.recording.attention
+
+    @property
+    def record_contrib(self) -> bool:
+        return self.recording.contrib
+
+
+# ---- positions ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LensStart:
+    """Where a session resumes after a prefix forward: positions seen, each layer's cache
+    positions, layers that lost rows, the recordings of the prefix rows, and what the
+    interventions decided there (their scratch space, e.g. a pruner's ranking)."""
+
+    n_seen: int
+    key_pos: dict
+    pruned: frozenset
+    hidden: dict
+    share: dict
+    scratch: dict = field(default_factory=dict)
+
+    def without(self, positions: np.ndarray, from_layer: int) -> "LensStart":
+        """The start after ``positions`` left layers >= ``from_layer`` (their rows and cache)."""
+        gone = torch.as_tensor(np.asarray(positions, dtype=np.int64))
+        key_pos, hidden, pruned = dict(self.key_pos), dict(self.hidden), set(self.pruned)
+        for l in [l for l in self.key_pos if l >= from_layer]:
+            key_pos[l] = self.key_pos[l][~torch.isin(self.key_pos[l], gone.to(self.key_pos[l].device))]
+            pruned.add(l)
+            # hidden index l+1 is the output of decoder layer l: removed rows are not recorded there
+            hidden[l + 1] = [(p[~np.isin(p, positions)], h[torch.as_tensor(~np.isin(p, positions))])
+                             for p, h in self.hidden.get(l + 1, [])]
+        return LensStart(self.n_seen, key_pos, frozenset(pruned), hidden, dict(self.share), self.scratch)
+
+
+class Positions:
+    """Absolute positions of one lens session (batch size 1).
+
+    ``qpos``: positions of the current forward's rows; ``layer_qpos[l]``: those layer ``l``
+    holds (fewer when rows were removed); ``key_pos[l]``: positions of the keys in layer
+    ``l``'s cache; ``pruned``: layers that lost rows, where the model's own mask no longer
+    describes the rows and the lens builds the mask from positions.
+    """
+
+    def __init__(self, image_positions: np.ndarray, device: torch.device):
+        self.image_pos = torch.as_tensor(np.asarray(image_positions, dtype=np.int64), device=device)
+        # position -> is an image token, as a lookup table (called for every layer's keys and
+        # queries at every step; a gather is much cheaper than torch.isin's sort)
+        n = int(self.image_pos.max()) + 1 if self.image_pos.numel() else 0
+        self._image_lut = torch.zeros(n + 1, dtype=torch.bool, device=device)
+        if n:
+            self._image_lut[self.image_pos] = True
+        self.n_seen = 0
+        self.qpos: torch.Tensor | None = None
+        self.key_pos: dict[int, torch.Tensor] = {}
+        self.layer_qpos: dict[int, torch.Tensor] = {}
+        self.pruned: set[int] = set()
+        self.pruned_now: dict[int, torch.Tensor] = {}   # this forward: layer -> bool over qpos of rows it holds
+
+    def is_image(self, pos: torch.Tensor) -> torch.Tensor:
+        if self.image_pos.numel() == 0:
+            return torch.zeros_like(pos, dtype=torch.bool)
+        # the table's last entry is False: every position past the image maps there
+        return self._image_lut[pos.clamp(0, self._image_lut.numel() - 1)]
+
+    def begin_forward(self, q: int, device) -> torch.Tensor:
+        self.qpos = torch.arange(self.n_seen, self.n_seen + q, device=device)
+        self.pruned_now = {}
+        return self.qpos
+
+    def enter_layer(self, layer: int, keep: torch.Tensor | None) -> torch.Tensor:
+        """Layer ``layer`` takes this forward's rows (``keep``: the ones that stay); its cache
+        gains their positions. Returns the positions of the layer's rows."""
+        rows = self.qpos if keep is None else self.qpos[keep]
+        if keep is not None:
+            self.pruned.add(layer)
+            self.pruned_now[layer] = keep
+        else:
+            self.pruned_now.pop(layer, None)
+        self.layer_qpos[layer] = rows
+        prev = self.key_pos.get(layer)
+        self.key_pos[layer] = rows if prev is None else torch.cat([prev, rows])
+        return rows
+
+    def keys(self, layer: int, n_keys: int, n_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query positions, key positions) of ``layer`` for attention over ``n_keys`` keys."""
+        qpos, kpos = self.layer_qpos[layer], self.key_pos[layer]
+        if n_keys < kpos.numel():
+            # a sliding-window cache keeps only the layer's most recent keys (in order): so do we
+            kpos = self.key_pos[layer] = kpos[kpos.numel() - n_keys:]
+        if kpos.numel() != n_keys or qpos.numel() != n_queries:
+            raise RuntimeError(
+                f"vlmlens lens lost track of positions at layer {layer}: {qpos.numel()} queries/{kpos.numel()} keys "
+                f"recorded vs {n_queries}/{n_keys} in the model (batch size must be 1)")
+        return qpos, kpos
+
+    def end_forward(self) -> None:
+        self.n_seen += int(self.qpos.numel())
+
+    def resume(self, start: LensStart) -> None:
+        self.n_seen = int(start.n_seen)
+        self.key_pos = {l: p.clone() for l, p in start.key_pos.items()}
+        self.pruned = set(start.pruned)
+
+
+class LensContext:
+    """What an intervention may read during a session (plus ``scratch``, its own space)."""
+
+    def __init__(self, positions: Positions, plan: Plan):
+        self._positions = positions
+        self.n_prompt = plan.n_prompt
+        self.n_layers = plan.n_layers
+        self.scratch: dict[Any, Any] = {}
+
+    @property
+    def image_pos(self) -> torch.Tensor:
+        return self._positions.image_pos
+
+    def is_image(self, pos: torch.Tensor) -> torch.Tensor:
+        return self._positions.is_image(pos)
+
+    def rows(self, layer: int) -> torch.Tensor:
+        """Positions of the rows decoder layer ``layer`` holds in the current forward."""
+        return self._positions.layer_qpos[layer]
+
+    def span(self, name: str, pos: torch.Tensor) -> torch.Tensor:
+        """Bool mask of ``pos`` in span ``name`` of the project's vocabulary (vlmlens.run.span_mask)."""
+        img = self.image_pos
+        first = int(img[0]) if img.numel() else 0
+        last = int(img[-1]) if img.numel() else -1
+        return span_mask(name, pos, is_image=self.is_image(pos), first_image=first, last_image=last,
+                         n_prompt=self.n_prompt)
