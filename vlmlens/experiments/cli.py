@@ -170,10 +170,12 @@ cmd_sweep.configure = _configure_sweep
 
 # ---- study --------------------------------------------------------------------------------------
 
-@command("study", "task-dependent necessity: accuracy vs truncation depth per task family (shapes world)")
+@command("study", "accuracy vs truncation depth: on your dataset (--data; torchrun for several processes) or the shapes suite")
 def cmd_study(args) -> int:
     from .study import CSV_COLUMNS, SUITES, task_study
 
+    if args.data:
+        return _dataset_study(args)
     check_mode(args.mode)
     if args.suite not in SUITES:
         raise InputError(f"unknown suite {args.suite!r}; expected one of {', '.join(SUITES)}")
@@ -200,14 +202,73 @@ def cmd_study(args) -> int:
     return 0
 
 
+def _distributed():
+    """(rank, world, local_rank, barrier) under torchrun (torch.distributed initialised here), else single process."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0, None
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), dist.barrier
+
+
+def _dataset_study(args) -> int:
+    from ..data import load_dataset
+    from .dataset_study import DATA_TASKS, dataset_study
+
+    check_mode(args.mode)
+    if args.task is not None and args.task not in DATA_TASKS:
+        raise InputError(f"unknown task {args.task!r}; expected one of {', '.join(DATA_TASKS)}")
+    if not args.out:
+        raise InputError("--data needs --out (the study directory: results are written there as they finish)")
+    if args.depths:
+        _check_depth_syntax(args.depths)
+    rank, world, local, barrier = _distributed()
+    data = load_dataset(args.data, task=args.task, on_bad_row=args.on_bad_row)
+    if rank == 0:
+        print(data.summary(), file=sys.stderr)
+        for b in data.skipped[:20]:
+            print(f"  skipped row {b['row']}: {b['reason']}", file=sys.stderr)
+    if world > 1 and args.device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            args.device = f"cuda:{local}"      # one replica per GPU
+    lm = load_from_args(args)
+    res = dataset_study(lm, data, args.out, task=args.task, depths=args.depths, mode=args.mode,
+                        max_new_tokens=args.max_new_tokens, separator=args.separator, resume=args.resume, rank=rank,
+                        world=world, barrier=barrier, progress=progress_bar() if rank == 0 else None)
+    if res is not None:
+        print(f"{res.config['model']}: {res.n_items} items, {len(res.skipped)} rows skipped, {world} process(es),"
+              f" {res.seconds:.0f} s\n")
+        print(f"score (task metric):\n{res.markdown('score')}\n\nanswer kept:\n{res.markdown('answer_kept')}\n")
+        if res.caption_tokenizer:
+            print(f"caption tokenizer: {res.caption_tokenizer}")
+        print(f"saved: {args.out}/study.json, study.csv, results.jsonl")
+    return 0
+
+
 def _configure_study(p):
     add_model_args(p)
+    p.add_argument("--data", default=None, help="your dataset: a .jsonl/.csv/.parquet manifest, an image folder with "
+                   "metadata.jsonl, or a folder saved with datasets' save_to_disk")
+    p.add_argument("--task", default=None, help="vqa, mc, caption or cot, for rows that name no task (--data)")
+    p.add_argument("--on-bad-row", default="skip", help="skip (report and leave out) or fail (--data)")
+    p.add_argument("--resume", action="store_true", help="continue the study in --out: only what is missing runs")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per item (--data)")
+    p.add_argument("--separator", default="answer:", help="what precedes the final answer of a trace (--data)")
     p.add_argument("--suite", default="shapes", help="task suite with ground truth (shapes)")
     p.add_argument("--n", type=int, default=100, help="examples per task family")
     p.add_argument("--families", default=None, help="comma-separated subset of single,caption,reasoning")
     p.add_argument("--depths", default=None, help="comma-separated depths (default: every depth 0..L)")
     p.add_argument("--mode", default="drop", help=f"one of {', '.join(MODES)}")
-    p.add_argument("--out", default=None, help="directory for study.csv, study.json, fig_task_necessity.html")
+    p.add_argument("--out", default=None, help="directory for study.csv, study.json (+ fig_task_necessity.html,"
+                   " or results.jsonl with --data)")
 
 
 cmd_study.configure = _configure_study

@@ -1,0 +1,258 @@
+"""Studies on the user's own data: truncation depth x a dataset, resumable, sharded with torchrun.
+
+For every item of a :class:`vlmlens.data.Dataset` and every depth, the image is cut from that
+depth on (``mode``: drop / remove / freeze, as in the sweep) and the output is scored with the
+item's task metric (:mod:`vlmlens.metrics`), next to whether the untruncated answer is kept and
+the KL summed over the untruncated output (teacher-forced). The untruncated run is the depth-L
+row.
+
+Files in ``out`` (a study directory):
+
+* ``config.json`` -- what the study is (model, dataset + its sha256, task, depths, mode, tokens):
+  ``resume`` refuses a directory made with other arguments and names what differs;
+* ``results.rank{R}.jsonl`` -- one line per finished item, appended and flushed as it finishes (a
+  crash loses at most the item in flight; a torn last line is dropped on resume);
+* ``results.jsonl``, ``study.json``, ``study.csv`` -- the merge (rank 0, after every rank is done):
+  items in dataset order, and per task x depth the mean score with a bootstrap 95 % interval
+  (1000 resamples, fixed seed), answer kept, output KL; captions add corpus CIDEr-D / BLEU-4.
+
+Sharding: with ``world > 1`` (``torchrun``), the items not yet done are dealt out rank-strided
+(``remaining[rank::world]``), each rank runs its own model replica, and rank 0 merges. The merge
+is the same, item for item, whatever the number of ranks (tested with 2 CPU processes, gloo).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..data import Dataset
+from ..errors import InputError
+from ..metrics import TASKS, caption_scores, item_score
+from .engine import DEFAULT_SEPARATOR, Progress, Session, check_mode, compare_outputs, parse_depths, truncation
+
+DATA_TASKS = tuple(t for t in TASKS if t != "shapes")
+CONFIG = "config.json"
+CSV_COLUMNS = ("task", "depth", "n", "score", "ci_low", "ci_high", "answer_kept", "output_kl", "cider_d", "bleu_4")
+N_BOOTSTRAP = 1000
+
+
+def study_config(lm, dataset: Dataset, *, task: str | None, depths: list[int], mode: str, max_new_tokens: int,
+                 separator: str) -> dict:
+    return {"kind": "vlmlens dataset study", "model": lm.name, "n_layers": lm.n_layers, "data": dataset.source,
+            "data_sha256": dataset.fingerprint, "n_items": len(dataset), "task": task, "depths": depths, "mode": mode,
+            "max_new_tokens": max_new_tokens, "separator": separator}
+
+
+def check_out(out: Path, config: dict, resume: bool) -> None:
+    """Refuse an ``out`` this study cannot use (read only: every rank checks the same state)."""
+    cfg = out / CONFIG
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; choose a directory")
+    if resume:
+        if not cfg.is_file():
+            raise InputError(f"--resume: {out} holds no study ({CONFIG} missing); run without --resume first")
+        try:
+            old = json.loads(cfg.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(f"--resume: {cfg} is not readable ({e})") from None
+        diff = [k for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k)]
+        if diff:
+            shown = "; ".join(f"{k}: {old.get(k)!r} there, {config.get(k)!r} now" for k in diff)
+            raise InputError(f"--resume: {out} was made with other arguments ({shown}); use a new --out")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"--out {out} is not empty; add --resume to continue the study there, or choose a new path")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _read_lines(path: Path) -> list[dict]:
+    out = []
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError:
+            continue                      # a line torn by a crash: that item runs again
+        if isinstance(d, dict) and "id" in d:
+            out.append(d)
+    return out
+
+
+def done_items(out: Path) -> dict[str, dict]:
+    """Every finished item in the rank files (first record of an id wins)."""
+    got: dict[str, dict] = {}
+    for f in sorted(out.glob("results.rank*.jsonl")):
+        for d in _read_lines(f):
+            got.setdefault(str(d["id"]), d)
+    return got
+
+
+def _clean_rank_file(path: Path) -> None:
+    """Drop a torn last line so that appending starts on a fresh line."""
+    if path.is_file():
+        lines = _read_lines(path)
+        _atomic_write(path, "".join(json.dumps(d) + "\n" for d in lines))
+
+
+def item_task(item, task: str | None) -> str:
+    t = item.task or task
+    if t not in DATA_TASKS:
+        raise InputError(f"row {item.row}: unknown task {t!r}; expected one of {', '.join(DATA_TASKS)} (set --task)")
+    return t
+
+
+def run_items(lm, items, *, task, depths, mode, max_new_tokens, separator, rank_file: Path, progress=None) -> None:
+    """Run and append every item of this rank (one line each, flushed as it finishes)."""
+    L = lm.n_layers
+    with open(rank_file, "a", encoding="utf-8") as f:
+        for n, item in enumerate(items, 1):
+            t = item_task(item, task)
+            s = Session(lm, item.image, item.prompt, max_new_tokens=max_new_tokens, baseline=[truncation(L, mode)])
+            per = {}
+            for k in depths:
+                var = s.baseline if k == L else s.evaluate([truncation(k, mode)])
+                c = compare_outputs(s.baseline, var, separator, lm.processor.tokenizer)
+                per[str(k)] = {"text": c["text"], "answer_kept": bool(c["answer_kept"]), "output_kl": float(c["output_kl"]),
+                               "score": item_score(t, c["text"], item.answers, item.choices, separator)
+                               if item.answers else None}
+            rec = {"id": item.id, "row": item.row, "task": t, "prompt": item.prompt, "answers": list(item.answers),
+                   "baseline": s.baseline.run.generated_text, "depths": per}
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            if progress:
+                progress(n, len(items), f"item {item.id}")
+
+
+def _bootstrap(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(N_BOOTSTRAP, len(values)))
+    means = values[idx].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+@dataclass
+class DatasetStudy:
+    config: dict
+    rows: list[dict]                  # one per (task, depth): CSV_COLUMNS
+    n_items: int
+    skipped: list[dict]
+    caption_tokenizer: str | None
+    seconds: float = 0.0
+    vlmlens_version: str = __version__
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+        return buf.getvalue()
+
+    def markdown(self, metric: str = "score") -> str:
+        depths = self.config["depths"]
+        lines = ["| task | " + " | ".join(f"k={d}" for d in depths) + " |", "|---" * (len(depths) + 1) + "|"]
+        for t in sorted({r["task"] for r in self.rows}):
+            cells = []
+            for d in depths:
+                r = next(x for x in self.rows if x["task"] == t and x["depth"] == d)
+                v = r.get(metric)
+                cells.append("–" if v is None or v != v else (f"{100 * v:.0f}%" if metric in ("score", "answer_kept")
+                                                              else f"{v:.3f}"))
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+
+def merge(out: Path, dataset: Dataset, config: dict, seconds: float = 0.0) -> DatasetStudy:
+    """The study from the rank files: results.jsonl in dataset order, study.json, study.csv."""
+    got = done_items(out)
+    order = [it.id for it in dataset.items if it.id in got]
+    records = [got[i] for i in order]
+    _atomic_write(out / "results.jsonl", "".join(json.dumps(d) + "\n" for d in records))
+    rows, tok = [], None
+    for t in sorted({r["task"] for r in records}):
+        recs = [r for r in records if r["task"] == t]
+        for d in config["depths"]:
+            cells = [r["depths"][str(d)] for r in recs]
+            row = {"task": t, "depth": d, "n": len(recs),
+                   "answer_kept": float(np.mean([c["answer_kept"] for c in cells])),
+                   "output_kl": float(np.mean([c["output_kl"] for c in cells])), "score": None, "ci_low": None,
+                   "ci_high": None, "cider_d": None, "bleu_4": None}
+            if t == "caption":
+                scored = [r for r in recs if r["answers"]]
+                if scored:
+                    cs = caption_scores({r["id"]: r["depths"][str(d)]["text"] for r in scored},
+                                        {r["id"]: r["answers"] for r in scored})
+                    tok = cs["tokenizer"]
+                    per = np.array([cs["per_item"][r["id"]] for r in scored])
+                    row.update(score=cs["cider_d"], cider_d=cs["cider_d"], bleu_4=cs["bleu_4"])
+                    row["ci_low"], row["ci_high"] = _bootstrap(per)
+            else:
+                vals = np.array([c["score"] for c in cells if c["score"] is not None], dtype=np.float64)
+                if len(vals):
+                    row["score"] = float(vals.mean())
+                    row["ci_low"], row["ci_high"] = _bootstrap(vals)
+            rows.append(row)
+    res = DatasetStudy(config, rows, len(records), dataset.skipped, tok, round(seconds, 1))
+    _atomic_write(out / "study.json", json.dumps(res.to_json(), indent=1))
+    _atomic_write(out / "study.csv", res.csv())
+    return res
+
+
+def dataset_study(lm, dataset: Dataset, out, *, task: str | None = None, depths=None, mode: str = "drop",
+                  max_new_tokens: int = 16, separator: str = DEFAULT_SEPARATOR, resume: bool = False,
+                  rank: int = 0, world: int = 1, barrier=None, progress: Progress | None = None) -> DatasetStudy | None:
+    """Run (or continue) the study in ``out``; rank 0 returns the merged result, others None.
+
+    ``barrier`` (torch.distributed.barrier under torchrun) is called where every rank must
+    have arrived: after the directory is ready, and before the merge.
+    """
+    check_mode(mode)
+    if task is not None and task not in DATA_TASKS:
+        raise InputError(f"unknown task {task!r}; expected one of {', '.join(DATA_TASKS)}")
+    for it in dataset.items:
+        item_task(it, task)
+    ks = parse_depths(range(lm.n_layers + 1) if depths is None else depths, lm.n_layers)
+    if lm.n_layers not in ks:
+        ks.append(lm.n_layers)           # the untruncated row is always there
+    out = Path(out)
+    config = study_config(lm, dataset, task=task, depths=ks, mode=mode, max_new_tokens=max_new_tokens,
+                          separator=separator)
+    wait = barrier or (lambda: None)
+    check_out(out, config, resume)       # every rank, before anyone writes: all refuse alike
+    wait()
+    if rank == 0 and not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out / CONFIG, json.dumps(config, indent=1))
+    wait()
+    t0 = time.perf_counter()
+    rank_file = out / f"results.rank{rank}.jsonl"
+    _clean_rank_file(rank_file)
+    done = done_items(out)
+    wait()                               # every rank has read what is done before anyone appends
+    remaining = [it for it in dataset.items if it.id not in done]
+    run_items(lm, remaining[rank::world], task=task, depths=ks, mode=mode, max_new_tokens=max_new_tokens,
+              separator=separator, rank_file=rank_file, progress=progress)
+    wait()
+    if rank != 0:
+        return None
+    return merge(out, dataset, config, time.perf_counter() - t0)
