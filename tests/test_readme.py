@@ -67,3 +67,27 @@ def test_command_line_block_runs(tmp_path):
             assert "| fastv:2:0.5 | four | yes (correct)" in p.stdout, p.stdout
         ran += 1
     assert ran == 6
+
+
+def test_study_block_runs(tmp_path):
+    """The README's study commands: a study of the shipped dataset, its resume, and torchrun with
+    2 processes giving the same rows."""
+    block = next(b for b in blocks("bash") if "--data assets/datasets/shapes-mini" in b)
+    cwd = _scratch(tmp_path)
+    env = dict(_env(), OMP_NUM_THREADS="1")
+    lines = [l.split("  #")[0].strip() for l in block.strip().splitlines() if l.strip()]
+    assert len(lines) == 3
+    for cmd in lines:
+        argv = shlex.split(cmd)
+        if argv[0] == "torchrun":
+            argv = [sys.executable, "-m", "torch.distributed.run", "--master-port", "29533", *argv[1:]]
+        else:
+            assert argv[:3] == ["python", "-m", "vlmlens"], cmd
+            argv = [sys.executable, *argv[1:]]
+        p = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0, (cmd, p.stderr[-3000:])
+        if "--resume" in cmd:
+            assert "200 items" in p.stdout
+    one = (cwd / "studies" / "shapes-mini" / "results.jsonl").read_text()
+    assert len(one.splitlines()) == 200
+    assert (cwd / "studies" / "shapes-mini-2p" / "results.jsonl").read_text() == one
