@@ -289,7 +289,8 @@ def test_teaching_mode_in_the_browser(tmp_path, page):
 
     runs = tmp_path / "cached_runs"
     shutil.copytree(ROOT / "cached_runs", runs)
-    demo = build_demo(no_model=True, runs_dir=runs)
+    studies = _small_study(tmp_path)
+    demo = build_demo(no_model=True, runs_dir=runs, studies=studies)
     port = _port()
     demo.queue().launch(prevent_thread_lock=True, server_port=port, quiet=True, css=demo.vl_css)
     try:
@@ -300,5 +301,33 @@ def test_teaching_mode_in_the_browser(tmp_path, page):
         assert "Teaching mode" in page.locator("#vl-teaching-note").inner_text()
         open_tab(page, "Truncation")
         assert page.locator("#vl-compare").is_disabled() and page.locator("#vl-sweep-btn").is_disabled()
+        # a finished dataset study opens without a model: its table, its figure, a row's outputs per depth
+        open_tab(page, "Study")
+        page.click("#vl-study-open")
+        page.wait_for_selector("#vl-study-md :text('| vqa |'), #vl-study-md table", timeout=60_000)
+        assert "vqa" in page.locator("#vl-study-md").inner_text()
+        page.wait_for_selector("#vl-study-fig .js-plotly-plot", timeout=60_000)
+        page.wait_for_selector("#vl-study-row-html table", timeout=60_000)
+        assert "Is there" in page.locator("#vl-study-row-html").inner_text() or \
+            page.locator("#vl-study-row-html td").count() >= 10
     finally:
         demo.close()
+
+
+def _small_study(tmp_path):
+    """A 2-row study of the shipped example dataset, made here with tiny-shapes."""
+    import json
+
+    import vlmlens as vl
+    from vlmlens.data import load_dataset
+    from vlmlens.experiments.dataset_study import dataset_study
+
+    src = ROOT / "assets" / "datasets" / "shapes-mini"
+    rows = [json.loads(x) for x in (src / "manifest.jsonl").read_text().splitlines()][:2]
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    for r in rows:
+        shutil.copy(src / r["image"], tmp_path / "data" / r["image"])
+    (tmp_path / "data" / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset_study(vl.load_model("tiny-shapes"), load_dataset(tmp_path / "data" / "m.jsonl"), tmp_path / "studies" / "mini",
+                  depths=[0, 4], max_new_tokens=4)
+    return tmp_path / "studies"

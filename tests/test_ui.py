@@ -534,3 +534,39 @@ def test_large_uploads_are_scaled_down_before_the_model_sees_them(lm, runs_dir):
     assert run.image.size == (640, 427) and "scaled down from 3000x2000 to 640x427" in run.meta["image_note"]
     small, *_ = dash.capture(Image.new("RGB", (64, 64)), "What is this?", 1, sess)
     assert dash.entry(small).run.image.size == (64, 64) and not dash.entry(small).run.meta.get("image_note")
+
+
+def test_study_tab_opens_a_study_without_a_model(tmp_path, lm):
+    """The Study tab reads a finished dataset study: table with intervals, figure, any row's outputs;
+    it opens only studies under --study, never a typed path."""
+    import json as _json
+
+    from vlmlens.data import load_dataset
+    from vlmlens.experiments.dataset_study import dataset_study
+    from vlmlens.ui.callbacks import Dashboard
+
+    root = Path(__file__).resolve().parents[1] / "assets" / "datasets" / "shapes-mini"
+    rows = [_json.loads(x) for x in (root / "manifest.jsonl").read_text().splitlines()][:3]
+    import shutil
+
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    for r in rows:
+        shutil.copy(root / r["image"], tmp_path / "data" / r["image"])    # (a link out of the folder is refused)
+    (tmp_path / "data" / "m.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    res = dataset_study(lm, load_dataset(tmp_path / "data" / "m.jsonl"), tmp_path / "studies" / "s1", depths=[0],
+                        max_new_tokens=2)
+    dash = Dashboard(no_model=True, runs_dir=tmp_path / "runs", studies=tmp_path / "studies")
+    assert dash.study_names() == ["s1"]
+    md, fig, row_pick, row_html = dash.study_open("s1")
+    assert "| vqa | 0 | 3 |" in md and "| vqa | 2 | 3 |" in md and "random:llava" in md
+    assert {t.name.split(" (")[0] for t in fig.data if t.name} >= {"vqa"}
+    assert row_pick["choices"] == [r["id"] for r in rows] or [c[0] for c in row_pick["choices"]] == [r["id"] for r in rows]
+    assert rows[0]["question"] in row_html and "<td>0</td>" in row_html and "<td>2</td>" in row_html
+    assert rows[1]["question"] in dash.study_item("s1", rows[1]["id"])
+    for bad, msg in [(lambda: dash.study_open("../etc"), "unknown study"), (lambda: dash.study_item("s1", "nope"),
+                                                                             "no row 'nope'")]:
+        with pytest.raises(Exception, match=msg):
+            bad()
+    with pytest.raises(Exception, match="start the app with --study"):
+        Dashboard(no_model=True, runs_dir=tmp_path / "runs").study_open("s1")
+    assert res.n_items == 3

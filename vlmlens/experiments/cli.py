@@ -249,7 +249,13 @@ def _dataset_study(args) -> int:
         print(f"score (task metric):\n{res.markdown('score')}\n\nanswer kept:\n{res.markdown('answer_kept')}\n")
         if res.caption_tokenizer:
             print(f"caption tokenizer: {res.caption_tokenizer}")
-        print(f"saved: {args.out}/study.json, study.csv, results.jsonl")
+        from ..figures.study import fig_dataset_study
+
+        fig = fig_dataset_study(res)
+        tmp = Path(args.out) / ".fig_study.html.tmp"
+        fig.write_html(tmp, include_plotlyjs="cdn")
+        tmp.replace(Path(args.out) / "fig_study.html")
+        print(f"saved: {args.out}/study.json, study.csv, results.jsonl, fig_study.html")
     return 0
 
 

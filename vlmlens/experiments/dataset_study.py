@@ -176,9 +176,10 @@ class DatasetStudy:
             for d in depths:
                 r = next(x for x in self.rows if x["task"] == t and x["depth"] == d)
                 v = r.get(metric)
-                cells.append("–" if v is None or v != v else (f"{100 * v:.0f}%" if metric in ("score", "answer_kept")
-                                                              else f"{v:.3f}"))
-            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+                pct = metric == "answer_kept" or (metric == "score" and t != "caption")   # captions: CIDEr-D
+                cells.append("–" if v is None or v != v else (f"{100 * v:.0f}%" if pct else f"{v:.3f}"))
+            lines.append(f"| {t}{' (CIDEr-D)' if t == 'caption' and metric == 'score' else ''} | " + " | ".join(cells)
+                         + " |")
         return "\n".join(lines)
 
 
@@ -256,3 +257,37 @@ def dataset_study(lm, dataset: Dataset, out, *, task: str | None = None, depths=
     if rank != 0:
         return None
     return merge(out, dataset, config, time.perf_counter() - t0)
+
+
+# ---- reading a finished study (no model) ---------------------------------------------------------
+
+def is_study_dir(path) -> bool:
+    p = Path(path)
+    return (p / "study.json").is_file() and (p / CONFIG).is_file()
+
+
+def list_studies(root) -> list[Path]:
+    """``root`` itself when it is a study directory, else the study directories right under it."""
+    r = Path(root)
+    if is_study_dir(r):
+        return [r]
+    if not r.is_dir():
+        return []
+    return sorted(p for p in r.iterdir() if p.is_dir() and not p.is_symlink() and is_study_dir(p))
+
+
+def load_study(path) -> tuple[DatasetStudy, list[dict]]:
+    """A study directory's merged result and its per-row records (bounded reads; InputError when
+    the directory is not a readable study)."""
+    from ..run import RunFormatError
+    from ..run_files import read_json
+
+    p = Path(path)
+    if not is_study_dir(p):
+        raise InputError(f"{p} is not a study directory (study.json and {CONFIG} expected)")
+    try:
+        d = read_json(p / "study.json", f"{p.name}/study.json")
+        res = DatasetStudy(**d)
+    except (RunFormatError, TypeError) as e:
+        raise InputError(f"{p.name}/study.json is not a vlmlens study ({e})") from None
+    return res, _read_lines(p / "results.jsonl")

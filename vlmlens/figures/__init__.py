@@ -26,6 +26,8 @@ _WHERE = {
     "fig_task_necessity": "experiments",
     "fig_compute_tradeoff": "experiments",
     "fig_reasoning_perturbation": "experiments",
+    # studies on a dataset
+    "fig_dataset_study": "study",
     # token pruning
     "fig_pruning_pareto": "pruning",
     "fig_kept_tokens": "pruning",

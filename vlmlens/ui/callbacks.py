@@ -24,11 +24,12 @@ from .exports import ExportDirs
 from .handler import handler
 from .model import ModelHolder, resolve_model_name
 from .store import RunsDir, RunStore
+from .study_tab import StudyTab
 from .tab_handlers import TabHandlers
 
 log = logging.getLogger("vlmlens.ui")
 AUTO_STAGES_MAX_LAYERS = 12   # captures of models this shallow get their knockout stages at once
-TABS = ("overview", "heatmaps", "dynamics", "attention", "truncation", "substitution", "compute", "runs")
+TABS = ("overview", "heatmaps", "dynamics", "attention", "truncation", "substitution", "compute", "study", "runs")
 
 
 def new_session() -> dict:
@@ -61,19 +62,20 @@ def with_sid(sess) -> dict:
     return sess
 
 
-class Dashboard(TabHandlers):
+class Dashboard(TabHandlers, StudyTab):
     """State shared by every session: the model holder, the run store, the runs folder.
     The input panel, runs and overview handlers are here; the tabs' in :class:`TabHandlers`."""
 
     def __init__(self, *, model: str | None = "tiny-shapes", device: str = "auto", dtype: str = "auto",
                  runs_dir=None, trust_remote_code: bool = False, no_model: bool = False,
                  default_run: str | None = None, store_capacity: int = 64, loader=None, start_loading: bool = True,
-                 time_limit: float | None = 120.0, max_image_side: int = 1344):
+                 time_limit: float | None = 120.0, max_image_side: int = 1344, studies=None):
         name, why = resolve_model_name(model, no_model)
         self.holder = ModelHolder(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                                   loader=loader, off_reason=why)
         self.store = RunStore(store_capacity)
         self.runs = RunsDir(runs_dir)
+        self.studies_root = Path(studies) if studies else None    # the Study tab opens studies under it only
         self.examples = load_examples()
         self.scenes = SceneBook()
         self.export_dirs = ExportDirs()

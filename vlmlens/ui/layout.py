@@ -169,6 +169,16 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                         prune_pick = gr.Dropdown(choices=[], label="Show the tokens kept by", elem_id="vl-prune-pick",
                                                  allow_custom_value=True)
                         prune_fig = gr.Plot(label="Image tokens kept per layer", elem_id="vl-prune-fig")
+                    with gr.Tab("Study", id="study") as t_study:
+                        with gr.Row():
+                            study_pick = gr.Dropdown(choices=dash.study_names(), value=(dash.study_names() or [None])[0],
+                                                     label="Study", info="directories under --study", scale=3,
+                                                     elem_id="vl-study-pick", allow_custom_value=True)
+                            study_btn = gr.Button("Open", scale=1, elem_id="vl-study-open")
+                        study_md = gr.Markdown(label="study", elem_id="vl-study-md")
+                        study_fig = gr.Plot(label="Score vs depth", elem_id="vl-study-fig")
+                        study_row = gr.Dropdown(choices=[], label="Row", elem_id="vl-study-row", allow_custom_value=True)
+                        study_html = gr.HTML(label="row outputs", elem_id="vl-study-row-html")
                     with gr.Tab("Runs", id="runs") as t_runs:
                         with gr.Row():
                             run_list = gr.Dropdown(choices=dash.runs.preferred_order(), value=dash.default_run,
@@ -261,6 +271,10 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                         **MODEL_QUEUE)
         measure_btn.click(dash.measure_compute, sess, [comp_fig, headline], api_name="measure_compute",
                           **MODEL_QUEUE)
+        study_btn.click(dash.study_open, study_pick, [study_md, study_fig, study_row, study_html], api_name="study_open")
+        study_row.input(dash.study_item, [study_pick, study_row], study_html, api_name="study_item")
+        t_study.select(dash.study_list, None, study_pick, api_name="study_list", show_progress="hidden",
+                       api_visibility=INTERNAL)
         prune_btn.click(dash.prune_compare, [sess, prune_methods], [prune_md, prune_pick, prune_fig],
                         api_name="prune_compare", **MODEL_QUEUE)
         prune_pick.input(dash.prune_view, [sess, prune_pick], prune_fig, api_name="prune_view")
@@ -281,7 +295,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
             tab.select(fn, ins, tab_outputs[name], api_name=VIEW_API.get(name, name))
         t_runs.select(dash.list_runs, None, [run_list, names_json, runs_table], api_name="runs_refresh",
                       show_progress="hidden", api_visibility=INTERNAL)     # the list is never stale
-        for tab, name in ((t_over, "overview"), (t_runs, "runs")):
+        for tab, name in ((t_over, "overview"), (t_runs, "runs"), (t_study, "study")):
             tab.select(lambda n=name: n, None, active, api_name=f"select_{name}", show_progress="hidden", queue=False,
                        api_visibility=INTERNAL)
     return demo
