@@ -37,3 +37,13 @@ def extend_inputs(inputs: dict, new_ids: list[int]) -> dict:
 
 def set_attn(model, impl: str) -> None:
     model.set_attn_implementation(impl)
+
+
+def eager_attentions(lm, inputs: dict):
+    """Attention weights of every layer from an eager forward (the model is put back on SDPA)."""
+    set_attn(lm.model, "eager")
+    try:
+        with torch.no_grad():
+            return lm.model(**inputs, output_attentions=True).attentions
+    finally:
+        set_attn(lm.model, "sdpa")

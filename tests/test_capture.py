@@ -9,7 +9,7 @@ from vlmlens.capture import prepare_inputs
 from vlmlens.lens import ATTN_NAME, Lens, Plan, Recording
 from vlmlens.models.tiny_random import FAMILIES
 
-from tests._models import extend_inputs, random_lm, set_attn
+from tests._models import eager_attentions, extend_inputs, random_lm
 
 PROMPT = "What is in the image?"
 
@@ -57,12 +57,7 @@ def test_capture_matches_plain_model(family, image):
     assert (last - ref[L][0]).abs().max().item() <= 1e-5
 
     # attention statistics vs eager attention weights
-    set_attn(lm.model, "eager")
-    try:
-        with torch.no_grad():
-            att = lm.model(**full, output_attentions=True).attentions
-    finally:
-        set_attn(lm.model, "sdpa")
+    att = eager_attentions(lm, full)
     img = run.spans.positions("image")
     nonimg = np.setdiff1d(np.arange(run.spans.n_total), img)
     for l in range(L):

@@ -21,7 +21,7 @@ from vlmlens.models.arch import get_arch
 from vlmlens.models.loading import LoadedModel
 from vlmlens.models.tiny_random import build_random
 
-from tests._models import extend_inputs, random_lm, set_attn
+from tests._models import eager_attentions, extend_inputs, random_lm, set_attn
 
 PROMPT = "What is in the image? Describe it."
 N_NEW = 4
@@ -299,12 +299,7 @@ def test_adaptive_depth_follows_the_attention_share(deep, image):
 
     inputs, _, _ = prepare_inputs(deep, image, PROMPT)
     img = image_positions(deep, inputs["input_ids"])
-    set_attn(deep.model, "eager")
-    try:
-        with torch.no_grad():
-            att = deep.model(**inputs, output_attentions=True).attentions
-    finally:
-        set_attn(deep.model, "sdpa")
+    att = eager_attentions(deep, inputs)
     share = [float(a[0, :, -1, img].sum(-1).mean()) for a in att]
     for thr in sorted(share)[1:4]:
         first = next(l for l in range(deep.n_layers) if share[l] < thr)
