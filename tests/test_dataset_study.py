@@ -148,3 +148,18 @@ def test_cli_bad_input(tmp_path, capsys):
     assert main([*base, "--task", "vqa", "--out", str(tmp_path / "ok")]) == 0
     out = capsys.readouterr().out
     assert "| vqa |" in out and (tmp_path / "ok" / "study.json").is_file()
+
+
+def test_the_real_photo_example_runs_every_task(tmp_path):
+    """The shipped photos (VQA with ten answers, multiple choice, captions) through a study of a
+    random LLaVA: every task gets its metric (the numbers mean nothing for random weights)."""
+    from tests._models import random_lm
+
+    ds = load_dataset(ROOT / "assets" / "datasets" / "photos" / "manifest.jsonl")
+    assert len(ds) == 12 and not ds.skipped and all(len(it.answers) == 10 for it in ds.items if it.task == "vqa")
+    res = dataset_study(random_lm("llava"), ds, tmp_path / "s", depths=[0], max_new_tokens=3)
+    by = {(r["task"], r["depth"]): r for r in res.rows}
+    assert set(by) == {(t, d) for t in ("vqa", "mc", "caption") for d in (0, 2)}
+    assert by[("caption", 2)]["cider_d"] is not None and by[("caption", 2)]["bleu_4"] is not None
+    recs = [json.loads(x) for x in (tmp_path / "s" / "results.jsonl").read_text().splitlines()]
+    assert all(r["depths"]["2"]["score"] in (0.0, 1.0) for r in recs if r["task"] == "mc")

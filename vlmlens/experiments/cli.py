@@ -12,16 +12,25 @@ from .cliff import DEFAULT_TAU
 from .engine import MODES, check_mode
 
 
-def progress_bar(stream=None, width: int = 30):
-    """A plain-text progress callback ``(done, total, label)`` writing one updating line to stderr."""
+def progress_bar(stream=None):
+    """A progress callback ``(done, total, label)`` drawing a tqdm bar (with ETA) on stderr; a new
+    bar starts whenever ``total`` changes (e.g. calibration, then the study)."""
+    from tqdm import tqdm
+
     out = stream or sys.stderr
+    state = {"bar": None, "total": None}
 
     def show(done: int, total: int, label: str) -> None:
-        n = int(width * done / max(total, 1))
-        out.write(f"\r[{'#' * n}{'.' * (width - n)}] {done}/{total} {label[:40]:<40}")
+        if state["bar"] is None or state["total"] != total:
+            if state["bar"] is not None:
+                state["bar"].close()
+            state["bar"], state["total"] = tqdm(total=total, file=out, dynamic_ncols=True, leave=True), total
+        bar = state["bar"]
+        bar.set_postfix_str(label[:40], refresh=False)
+        bar.update(done - bar.n)
         if done >= total:
-            out.write("\n")
-        out.flush()
+            bar.close()
+            state["bar"] = None
     return show
 
 
