@@ -67,7 +67,7 @@ def test_scores_equal_independent_comparisons(tiny, tmp_path):
     assert vqa8["score"] == pytest.approx(want) and vqa8["ci_low"] <= vqa8["score"] <= vqa8["ci_high"]
     cap = next(r for r in res.rows if r["task"] == "caption" and r["depth"] == 8)
     assert cap["cider_d"] is not None and res.caption_tokenizer
-    assert (tmp_path / "out" / "study.csv").read_text().startswith("task,depth,n,score")
+    assert (tmp_path / "out" / "study.csv").read_text().startswith("task,depth,method,n,score")
 
 
 class _Crash(Exception):
@@ -163,3 +163,29 @@ def test_the_real_photo_example_runs_every_task(tmp_path):
     assert by[("caption", 2)]["cider_d"] is not None and by[("caption", 2)]["bleu_4"] is not None
     recs = [json.loads(x) for x in (tmp_path / "s" / "results.jsonl").read_text().splitlines()]
     assert all(r["depths"]["2"]["score"] in (0.0, 1.0) for r in recs if r["task"] == "mc")
+
+
+def test_a_pruning_study_over_a_dataset(tiny, tmp_path, capsys):
+    """--methods makes the study compare token-pruning methods (with the compute each saves)
+    instead of depths; each cell equals a capture under that method."""
+    from vlmlens.interventions import FastV
+
+    data = small_manifest(tmp_path, (3, 0, 1))
+    ds = load_dataset(data)
+    res = dataset_study(tiny, ds, tmp_path / "p", methods="fastv:2:0.5,vtw:4", max_new_tokens=48)
+    assert res.config["methods"] == ["fastv:2:0.5", "vtw:4"]
+    by = {(r["task"], r["method"]): r for r in res.rows}
+    assert set(by) == {(t, m) for t in ("vqa", "cot") for m in ("baseline", "fastv:2:0.5", "vtw:4")}
+    assert by[("vqa", "baseline")]["total_saving"] == 0 and by[("vqa", "fastv:2:0.5")]["total_saving"] > 0.2
+    assert by[("vqa", "vtw:4")]["total_saving"] > by[("vqa", "fastv:2:0.5")]["total_saving"] * 0.5
+    rec = json.loads((tmp_path / "p" / "results.jsonl").read_text().splitlines()[0])
+    run = vl.capture(tiny, ds.items[0].image, ds.items[0].prompt, max_new_tokens=48, interventions=[FastV(2, 0.5)])
+    assert rec["methods"]["fastv:2:0.5"]["text"] == run.generated_text
+    assert rec["methods"]["fastv:2:0.5"]["image_rows"] == run.arrays["image_rows"].tolist()
+    assert "| fastv:2:0.5 |" in res.markdown() and "decoder FLOPs saved" in res.markdown()
+    from vlmlens.figures import fig_dataset_study
+
+    assert {t.name for t in fig_dataset_study(res).data} >= {"FastV", "VTW (fixed depth)", "baseline"}
+    assert main(["study", "--data", str(data), "--methods", "fastv:2:0.5", "--depths", "0,4", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "not both" in capsys.readouterr().err

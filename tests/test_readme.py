@@ -63,10 +63,12 @@ def test_command_line_block_runs(tmp_path):
             assert "headlines" in p.stdout and "[causal]" in p.stdout
         if argv[3] == "stages":
             assert "sink layers 0–6 · fusion layer 7" in p.stdout, p.stdout
+        if argv[3] == "encoder":
+            assert "| 0 | lost ✗ | lost ✗ | kept ✓ |" in p.stdout, p.stdout
         if argv[3] == "prune":
             assert "| fastv:2:0.5 | four | yes (correct)" in p.stdout, p.stdout
         ran += 1
-    assert ran == 6
+    assert ran == 7
 
 
 def test_study_block_runs(tmp_path):

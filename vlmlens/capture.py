@@ -286,7 +286,7 @@ def capture(
     t0 = time.perf_counter()
     gen_inputs = inputs if prefix is None else prefix.continuation_inputs()
     start = None if prefix is None else prefix.start
-    with torch.no_grad(), Lens(lm.arch.decoder_layers(lm.model), plan, device=lm.device, start=start) as lens:
+    with torch.no_grad(), Lens.for_model(lm, plan, start=start) as lens:
         out = greedy_generate(lm, gen_inputs, n_new + 1, max_time=time_limit)
     seconds = time.perf_counter() - t0
 

@@ -74,6 +74,9 @@ class Intervention(Protocol):
         """See layer ``layer``'s attention before any key block applies (read only; e.g. a
         token ranking that a key block or a removal of the same or a later layer uses)."""
 
+    def edit_vision_output(self, layer: int, h_in: torch.Tensor, h_out: torch.Tensor, ctx: "LensContext") -> torch.Tensor | None:
+        """Rewrite the output of vision-tower layer ``layer`` (the image encoder, before the projector)."""
+
     def record_arrays(self, ctx: "LensContext", n_layers: int) -> dict:
         """Arrays for the Run after the session (what the intervention decided, e.g. kept tokens)."""
 
@@ -271,8 +274,17 @@ class Lens:
     ``lens.recorder`` holds the recordings and ``lens.start()`` the resume point.
     """
 
-    def __init__(self, layers, plan: Plan, device: torch.device | str = "cpu", start: LensStart | None = None):
+    @classmethod
+    def for_model(cls, lm, plan: Plan, start: LensStart | None = None) -> "Lens":
+        """The lens on a LoadedModel: its decoder layers, and its vision-tower layers for the
+        interventions that edit them."""
+        return cls(lm.arch.decoder_layers(lm.model), plan, device=lm.device, start=start,
+                   vision_layers=lm.arch.vision_layers(lm.model))
+
+    def __init__(self, layers, plan: Plan, device: torch.device | str = "cpu", start: LensStart | None = None,
+                 vision_layers=None):
         self.layers = list(layers)
+        self.vision_layers = list(vision_layers) if vision_layers is not None else []
         self.plan = plan
         device = torch.device(device)
         self.positions = Positions(plan.image_positions, device)
@@ -290,6 +302,11 @@ class Lens:
         self._post_edits = [f for f in (_method(iv, "edit_resid_post") for iv in ivs) if f is not None]
         self._mlp_reads = [f for f in (_method(iv, "read_mlp_input") for iv in ivs) if f is not None]
         self.observers = [f for f in (_method(iv, "observe_attention") for iv in ivs) if f is not None]
+        self._vision_edits = [f for f in (_method(iv, "edit_vision_output") for iv in ivs) if f is not None]
+        if self._vision_edits and not self.vision_layers:
+            raise RuntimeError("an intervention edits the vision tower, but the lens was given no vision layers "
+                               "(use Lens.for_model)")
+        self.context.n_vision_layers = len(self.vision_layers)
         self._handles: list = []
         self._configs: list = []
         self._attn_mods: list = []
@@ -352,6 +369,21 @@ class Lens:
             return (new, *output[1:]) if is_tuple else new
         return hook
 
+    def _vision_post(self, idx):
+        def hook(module, args, kwargs, output):
+            h_in, _ = _hidden_arg(args, kwargs)
+            is_tuple = isinstance(output, tuple)
+            h_out = output[0] if is_tuple else output
+            new = h_out
+            for fn in self._vision_edits:
+                r = fn(idx, h_in, new, self.context)
+                if r is not None:
+                    new = r
+            if new is h_out:
+                return None
+            return (new, *output[1:]) if is_tuple else new
+        return hook
+
     def _mlp_pre(self, idx):
         def hook(module, args):
             for fn in self._mlp_reads:
@@ -378,6 +410,12 @@ class Lens:
                 self._handles.append(layer.register_forward_hook(self._post(i), with_kwargs=True))
                 if self._mlp_reads:
                     self._handles.append(_mlp_module(layer).register_forward_pre_hook(self._mlp_pre(i)))
+            if self._vision_edits:
+                for i, layer in enumerate(self.vision_layers):
+                    # prepend: before transformers' own output-capturing hooks, so that the hidden
+                    # states it hands the projector (LLaVA's vision_feature_layer) are the edited ones
+                    self._handles.append(layer.register_forward_hook(self._vision_post(i), with_kwargs=True,
+                                                                     prepend=True))
         except BaseException:
             self._restore()
             raise

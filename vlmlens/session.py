@@ -204,6 +204,7 @@ class LensContext:
         self._positions = positions
         self.n_prompt = plan.n_prompt
         self.n_layers = plan.n_layers
+        self.n_vision_layers = 0                  # set by the lens: layers of the vision tower it hooks
         self.scratch: dict[Any, Any] = {}
 
     @property

@@ -183,7 +183,7 @@ def llava_cam(lm, run, *, layers=None, target_tokens=None, activation: str = "ml
     plan = Plan.build(img, L, n_prompt, interventions=[taps, *ivs])
     T = len(targets)
     kw = {"logits_to_keep": T + 1} if lm.model._supports_logits_to_keep() else {}
-    with _frozen_params(lm.model), torch.enable_grad(), Lens(lm.arch.decoder_layers(lm.model), plan, device=lm.device):
+    with _frozen_params(lm.model), torch.enable_grad(), Lens.for_model(lm, plan):
         logits = lm.model(**full, use_cache=False, **kw).logits[0, -(T + 1):-1].float()   # [T, vocab]
         y = logits.gather(1, torch.tensor(targets, device=logits.device)[:, None]).sum()
         torch.autograd.grad(y, [taps.leaf])

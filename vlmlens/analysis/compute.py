@@ -204,7 +204,7 @@ def _timed_generate(lm, inputs, img_pos, n_new: int, ivs) -> float:
     if lm.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with torch.no_grad(), Lens(lm.arch.decoder_layers(lm.model), plan, device=lm.device):
+    with torch.no_grad(), Lens.for_model(lm, plan):
         greedy_generate(lm, inputs, n_new)
     if lm.device.type == "cuda":
         torch.cuda.synchronize()

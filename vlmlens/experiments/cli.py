@@ -237,6 +237,8 @@ def _dataset_study(args) -> int:
         raise InputError("--data needs --out (the study directory: results are written there as they finish)")
     if args.depths:
         _check_depth_syntax(args.depths)
+    if args.methods is not None and args.depths:
+        raise InputError("give --depths (a truncation study) or --methods (a pruning study), not both")
     rank, world, local, barrier = _distributed()
     data = load_dataset(args.data, task=args.task, on_bad_row=args.on_bad_row)
     if rank == 0:
@@ -251,7 +253,8 @@ def _dataset_study(args) -> int:
     lm = load_from_args(args)
     res = dataset_study(lm, data, args.out, task=args.task, depths=args.depths, mode=args.mode,
                         max_new_tokens=args.max_new_tokens, separator=args.separator, resume=args.resume, rank=rank,
-                        world=world, barrier=barrier, progress=progress_bar() if rank == 0 else None)
+                        world=world, barrier=barrier, progress=progress_bar() if rank == 0 else None,
+                        methods=args.methods)
     if res is not None:
         print(f"{res.config['model']}: {res.n_items} items, {len(res.skipped)} rows skipped, {world} process(es),"
               f" {res.seconds:.0f} s\n")
@@ -277,6 +280,8 @@ def _configure_study(p):
     p.add_argument("--resume", action="store_true", help="continue the study in --out: only what is missing runs")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per item (--data)")
     p.add_argument("--separator", default="answer:", help="what precedes the final answer of a trace (--data)")
+    p.add_argument("--methods", default=None, help="token pruning instead of depths (--data): as for prune --methods,"
+                   " e.g. fastv:2:0.5,random:2:0.5,vtw:4 or 'default'")
     p.add_argument("--suite", default="shapes", help="task suite with ground truth (shapes)")
     p.add_argument("--n", type=int, default=100, help="examples per task family")
     p.add_argument("--families", default=None, help="comma-separated subset of single,caption,reasoning")
@@ -378,3 +383,39 @@ def _configure_prune(p):
 
 
 cmd_prune.configure = _configure_prune
+
+
+# ---- encoder x decoder depth ------------------------------------------------------------------------
+
+@command("encoder", "encoder depth x decoder depth: which (vision layers run, decoder cut) keep the answer")
+def cmd_encoder(args) -> int:
+    from .encoder import encoder_decoder_grid
+
+    check_inputs(args)
+    check_mode(args.mode)
+    out = _check_out_dir(args.out, "encoder_grid.json") if args.out else None
+    lm = load_from_args(args)
+    res = encoder_decoder_grid(lm, args.image, args.prompt, mode=args.mode, max_new_tokens=args.max_new_tokens,
+                               truth=args.truth, progress=progress_bar())
+    print(f"{res.model}: baseline {res.baseline_text!r}; vision features read after {res.feature_depth} tower layers,"
+          f" {res.n_layers} decoder layers, mode {res.mode}\n")
+    print(res.markdown())
+    if out is not None:
+        from ..figures.encoder import fig_encoder_grid
+
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "encoder_grid.json").write_text(json.dumps(res.to_json(), indent=1))
+        fig_encoder_grid(res).write_html(out / "fig_encoder_grid.html", include_plotlyjs="cdn")
+        print(f"saved: {out}/encoder_grid.json, fig_encoder_grid.html")
+    return 0
+
+
+def _configure_encoder(p):
+    add_model_args(p)
+    add_input_args(p)
+    p.add_argument("--truth", default=None, help="the correct answer (optional)")
+    p.add_argument("--mode", default="remove", help=f"decoder-side cut: one of {', '.join(MODES)}")
+    p.add_argument("--out", default=None, help="directory for encoder_grid.json and fig_encoder_grid.html")
+
+
+cmd_encoder.configure = _configure_encoder

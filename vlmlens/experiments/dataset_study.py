@@ -40,15 +40,31 @@ from .engine import DEFAULT_SEPARATOR, Progress, Session, check_mode, compare_ou
 
 DATA_TASKS = tuple(t for t in TASKS if t != "shapes")
 CONFIG = "config.json"
-CSV_COLUMNS = ("task", "depth", "n", "score", "ci_low", "ci_high", "answer_kept", "output_kl", "cider_d", "bleu_4")
+CSV_COLUMNS = ("task", "depth", "method", "n", "score", "ci_low", "ci_high", "answer_kept", "output_kl", "cider_d",
+               "bleu_4", "total_saving", "kv_saving")
 N_BOOTSTRAP = 1000
 
 
 def study_config(lm, dataset: Dataset, *, task: str | None, depths: list[int], mode: str, max_new_tokens: int,
-                 separator: str) -> dict:
-    return {"kind": "vlmlens dataset study", "model": lm.name, "n_layers": lm.n_layers, "data": dataset.source,
-            "data_sha256": dataset.fingerprint, "n_items": len(dataset), "task": task, "depths": depths, "mode": mode,
-            "max_new_tokens": max_new_tokens, "separator": separator}
+                 separator: str, methods: list[str] | None = None) -> dict:
+    cfg = {"kind": "vlmlens dataset study", "model": lm.name, "n_layers": lm.n_layers, "data": dataset.source,
+           "data_sha256": dataset.fingerprint, "n_items": len(dataset), "task": task, "depths": depths, "mode": mode,
+           "max_new_tokens": max_new_tokens, "separator": separator}
+    if methods:
+        cfg["methods"] = list(methods)
+    return cfg
+
+
+def variants(config: dict) -> list[tuple[str, dict]]:
+    """(key of a row's cell, the row's identifying fields) of each variant a study compares:
+    its depths, or -- a pruning study -- the untouched baseline and each method."""
+    if config.get("methods"):
+        return [(m, {"method": m, "depth": None}) for m in ["baseline", *config["methods"]]]
+    return [(str(d), {"depth": d, "method": None}) for d in config["depths"]]
+
+
+def _cells(rec: dict) -> dict:
+    return rec["methods"] if "methods" in rec else rec["depths"]
 
 
 def check_out(out: Path, config: dict, resume: bool) -> None:
@@ -115,22 +131,37 @@ def item_task(item, task: str | None) -> str:
     return t
 
 
-def run_items(lm, items, *, task, depths, mode, max_new_tokens, separator, rank_file: Path, progress=None) -> None:
-    """Run and append every item of this rank (one line each, flushed as it finishes)."""
+def run_items(lm, items, *, task, depths, mode, max_new_tokens, separator, rank_file: Path, progress=None,
+              methods: dict | None = None) -> None:
+    """Run and append every item of this rank (one line each, flushed as it finishes). With
+    ``methods`` ({name: interventions}) each item runs the baseline and every method instead of
+    the depths, and each cell adds the compute the method's schedule saves."""
+    from ..analysis.compute import LayerShape
+    from .pruning import _result
+
     L = lm.n_layers
+    shape = LayerShape.from_model(lm) if methods else None
     with open(rank_file, "a", encoding="utf-8") as f:
         for n, item in enumerate(items, 1):
             t = item_task(item, task)
             s = Session(lm, item.image, item.prompt, max_new_tokens=max_new_tokens, baseline=[truncation(L, mode)])
             per = {}
-            for k in depths:
-                var = s.baseline if k == L else s.evaluate([truncation(k, mode)])
-                c = compare_outputs(s.baseline, var, separator, lm.processor.tokenizer)
-                per[str(k)] = {"text": c["text"], "answer_kept": bool(c["answer_kept"]), "output_kl": float(c["output_kl"]),
-                               "score": item_score(t, c["text"], item.answers, item.choices, separator)
-                               if item.answers else None}
+
+            def cell(text, kept, kl):
+                return {"text": text, "answer_kept": bool(kept), "output_kl": float(kl),
+                        "score": item_score(t, text, item.answers, item.choices, separator) if item.answers else None}
+            if methods:
+                for name, ivs in {"baseline": [], **methods}.items():
+                    r = _result(s, shape, name, list(ivs), separator, None, lm.processor.tokenizer)
+                    per[name] = {**cell(r.text, r.answer_kept, r.output_kl), "image_rows": r.image_rows,
+                                 "total_saving": r.savings["total_saving"], "kv_saving": r.savings["kv_saving"]}
+            else:
+                for k in depths:
+                    var = s.baseline if k == L else s.evaluate([truncation(k, mode)])
+                    c = compare_outputs(s.baseline, var, separator, lm.processor.tokenizer)
+                    per[str(k)] = cell(c["text"], c["answer_kept"], c["output_kl"])
             rec = {"id": item.id, "row": item.row, "task": t, "prompt": item.prompt, "answers": list(item.answers),
-                   "baseline": s.baseline.run.generated_text, "depths": per}
+                   "baseline": s.baseline.run.generated_text, ("methods" if methods else "depths"): per}
             f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -169,6 +200,8 @@ class DatasetStudy:
         return buf.getvalue()
 
     def markdown(self, metric: str = "score") -> str:
+        if self.config.get("methods"):
+            return self._methods_markdown(metric)
         depths = self.config["depths"]
         lines = ["| task | " + " | ".join(f"k={d}" for d in depths) + " |", "|---" * (len(depths) + 1) + "|"]
         for t in sorted({r["task"] for r in self.rows}):
@@ -183,6 +216,36 @@ class DatasetStudy:
         return "\n".join(lines)
 
 
+    def _methods_markdown(self, metric: str) -> str:
+        tasks = sorted({r["task"] for r in self.rows})
+        lines = ["| method | " + " | ".join(f"{t}{' (CIDEr-D)' if t == 'caption' and metric == 'score' else ''}"
+                                          for t in tasks) + " | decoder FLOPs saved |",
+                 "|---" * (len(tasks) + 2) + "|"]
+        for m in ["baseline", *self.config["methods"]]:
+            rs = {r["task"]: r for r in self.rows if r["method"] == m}
+            cells = []
+            for t in tasks:
+                v = rs[t].get(metric)
+                pct = metric == "answer_kept" or (metric == "score" and t != "caption")
+                cells.append("–" if v is None or v != v else (f"{100 * v:.0f}%" if pct else f"{v:.3f}"))
+            sav = np.mean([r.get("total_saving", 0.0) for r in rs.values()])
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {100 * sav:.1f}% |")
+        return "\n".join(lines)
+
+    def as_pruning_study(self):
+        """The method rows in the form of :class:`vlmlens.experiments.pruning.PruningStudy` (for its
+        Pareto figure; captions, scored with CIDEr-D, are left out of that figure's % axis)."""
+        from .pruning import PruningStudy
+
+        rows = [{"family": r["task"], "method": r["method"], "accuracy": r["score"] or 0.0,
+                 "answer_kept": r["answer_kept"], "total_saving": r.get("total_saving", 0.0),
+                 "kv_saving": r.get("kv_saving", 0.0), "mean_depth": float("nan")}
+                for r in self.rows if r["method"] and r["task"] != "caption"]
+        tasks = sorted({r["family"] for r in rows})
+        return PruningStudy(self.config["model"], self.config["data"], self.config["n_layers"], self.n_items, tasks,
+                            ["baseline", *self.config["methods"]], rows)
+
+
 def merge(out: Path, dataset: Dataset, config: dict, seconds: float = 0.0) -> DatasetStudy:
     """The study from the rank files: results.jsonl in dataset order, study.json, study.csv."""
     got = done_items(out)
@@ -192,16 +255,19 @@ def merge(out: Path, dataset: Dataset, config: dict, seconds: float = 0.0) -> Da
     rows, tok = [], None
     for t in sorted({r["task"] for r in records}):
         recs = [r for r in records if r["task"] == t]
-        for d in config["depths"]:
-            cells = [r["depths"][str(d)] for r in recs]
-            row = {"task": t, "depth": d, "n": len(recs),
+        for key, ident in variants(config):
+            cells = [_cells(r)[key] for r in recs]
+            row = {"task": t, **ident, "n": len(recs),
                    "answer_kept": float(np.mean([c["answer_kept"] for c in cells])),
                    "output_kl": float(np.mean([c["output_kl"] for c in cells])), "score": None, "ci_low": None,
                    "ci_high": None, "cider_d": None, "bleu_4": None}
+            if "total_saving" in cells[0]:
+                row["total_saving"] = float(np.mean([c["total_saving"] for c in cells]))
+                row["kv_saving"] = float(np.mean([c["kv_saving"] for c in cells]))
             if t == "caption":
                 scored = [r for r in recs if r["answers"]]
                 if scored:
-                    cs = caption_scores({r["id"]: r["depths"][str(d)]["text"] for r in scored},
+                    cs = caption_scores({r["id"]: _cells(r)[key]["text"] for r in scored},
                                         {r["id"]: r["answers"] for r in scored})
                     tok = cs["tokenizer"]
                     per = np.array([cs["per_item"][r["id"]] for r in scored])
@@ -221,8 +287,13 @@ def merge(out: Path, dataset: Dataset, config: dict, seconds: float = 0.0) -> Da
 
 def dataset_study(lm, dataset: Dataset, out, *, task: str | None = None, depths=None, mode: str = "drop",
                   max_new_tokens: int = 16, separator: str = DEFAULT_SEPARATOR, resume: bool = False,
-                  rank: int = 0, world: int = 1, barrier=None, progress: Progress | None = None) -> DatasetStudy | None:
+                  rank: int = 0, world: int = 1, barrier=None, progress: Progress | None = None,
+                  methods: str | None = None) -> DatasetStudy | None:
     """Run (or continue) the study in ``out``; rank 0 returns the merged result, others None.
+
+    ``methods`` (token pruning, written as for ``python -m vlmlens prune --methods``) makes it a
+    pruning study: the baseline and each method per row, with the decoder FLOPs and KV bytes each
+    saves, instead of the depths.
 
     ``barrier`` (torch.distributed.barrier under torchrun) is called where every rank must
     have arrived: after the directory is ready, and before the merge.
@@ -236,8 +307,13 @@ def dataset_study(lm, dataset: Dataset, out, *, task: str | None = None, depths=
     if lm.n_layers not in ks:
         ks.append(lm.n_layers)           # the untruncated row is always there
     out = Path(out)
+    parsed = None
+    if methods:
+        from .pruning import parse_methods
+
+        parsed = parse_methods(methods, lm.n_layers)
     config = study_config(lm, dataset, task=task, depths=ks, mode=mode, max_new_tokens=max_new_tokens,
-                          separator=separator)
+                          separator=separator, methods=list(parsed) if parsed else None)
     wait = barrier or (lambda: None)
     check_out(out, config, resume)       # every rank, before anyone writes: all refuse alike
     wait()
@@ -252,7 +328,7 @@ def dataset_study(lm, dataset: Dataset, out, *, task: str | None = None, depths=
     wait()                               # every rank has read what is done before anyone appends
     remaining = [it for it in dataset.items if it.id not in done]
     run_items(lm, remaining[rank::world], task=task, depths=ks, mode=mode, max_new_tokens=max_new_tokens,
-              separator=separator, rank_file=rank_file, progress=progress)
+              separator=separator, rank_file=rank_file, progress=progress, methods=parsed)
     wait()
     if rank != 0:
         return None

@@ -245,7 +245,7 @@ class Session:
         plan = Plan.build(prep.image_pos, lm.n_layers, n_prompt, NOTHING, ivs)
         kwargs = {"logits_to_keep": T + 1} if accepts_logits_to_keep(lm) else {}
         start = None if prefix is None else prefix.start
-        with torch.no_grad(), Lens(lm.arch.decoder_layers(lm.model), plan, device=lm.device, start=start):
+        with torch.no_grad(), Lens.for_model(lm, plan, start=start):
             out = lm.model(**inputs, use_cache=prefix is not None, return_dict=True, **kwargs)
         logits = out.logits[0, -(T + 1):].float()
         logp = torch.log_softmax(logits, -1).cpu()

@@ -145,7 +145,7 @@ def prefill(lm, prep: Prepared, interventions=(), recording: Recording = NOTHING
     inputs = {k: (v[:, :m] if _per_token(v, n) else v) for k, v in prep.inputs.items()}
     inputs["position_ids"] = prep.position_ids[..., :m]
     kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(lm) else {}
-    with torch.no_grad(), Lens(lm.arch.decoder_layers(lm.model), plan, device=lm.device) as lens:
+    with torch.no_grad(), Lens.for_model(lm, plan) as lens:
         out = lm.model(**inputs, use_cache=True, return_dict=True, **kwargs)
     return Prefix(prep=prep, cache=out.past_key_values, start=lens.start(),
                   interventions=interventions_json(interventions), recording=recording)

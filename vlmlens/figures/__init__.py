@@ -26,6 +26,8 @@ _WHERE = {
     "fig_task_necessity": "experiments",
     "fig_compute_tradeoff": "experiments",
     "fig_reasoning_perturbation": "experiments",
+    # encoder x decoder depth
+    "fig_encoder_grid": "encoder",
     # studies on a dataset
     "fig_dataset_study": "study",
     # token pruning

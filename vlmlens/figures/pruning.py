@@ -15,8 +15,14 @@ _FAMILIES = {"baseline": ("baseline", "black", "star"), "FastV": ("FastV", "#1f7
              "adaptive": ("adaptive VTW", "#9467bd", "triangle-down"), "StagePruner": ("StagePruner", "#ff7f0e", "pentagon")}
 
 
+#: the written method forms (``prune --methods``) by their kind
+_SPEC_KINDS = {"fastv": "FastV", "random": "random", "l2": "L2", "pdrop": "PyramidDrop", "vtw": "VTW",
+               "adaptive": "adaptive", "stages": "StagePruner"}
+
+
 def _family(name: str) -> tuple[str, str, str]:
     first = name.split()[0] if name.split() else name
+    first = _SPEC_KINDS.get(first.split(":")[0].lower(), first) if ":" in first else first
     return _FAMILIES.get(first, ("other", "#17becf", "cross"))
 
 

@@ -15,6 +15,10 @@ def fig_dataset_study(study):
     tasks = sorted({r["task"] for r in study.rows})
     if not tasks:
         return empty_figure("this study holds no rows")
+    if study.config.get("methods"):             # a pruning study: score against compute saved
+        from .pruning import fig_pruning_pareto
+
+        return fig_pruning_pareto(study.as_pruning_study())
     cap = "caption" in tasks
     fig = make_subplots(specs=[[{"secondary_y": cap}]])
     for i, t in enumerate(tasks):

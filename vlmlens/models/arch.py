@@ -90,6 +90,23 @@ class Arch:
             "projector": _attr_path(model, self.projector_path),
         }
 
+    def vision_layers(self, model) -> torch.nn.ModuleList | None:
+        """The vision tower's stack of encoder layers (its longest ModuleList; None if it has none)."""
+        tower = self.vision_modules(model)["vision_tower"]
+        lists = [m for m in tower.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+        return max(lists, key=len) if lists else None
+
+    def vision_feature_depth(self, model) -> int:
+        """After how many vision-tower layers the language model's image features are read: the
+        configured ``vision_feature_layer`` (LLaVA-style, an index into the tower's hidden states,
+        negative from the end), else every layer."""
+        layers = self.vision_layers(model)
+        n = len(layers) if layers is not None else 0
+        vfl = getattr(model.config, "vision_feature_layer", None)
+        if isinstance(vfl, int):
+            return vfl if vfl >= 0 else n + 1 + vfl
+        return n
+
     # ----------------------------------------------------------------------------------------- inputs
     def image_token_id(self, model, processor=None) -> int:
         """Id of the placeholder token that the model replaces with image features (one per image

@@ -44,7 +44,8 @@ class StudyTab:
         lines = [f"**{html.escape(str(cfg['model']))}** on `{html.escape(str(cfg['data']))}` · {study.n_items} rows"
                  f" ({len(study.skipped)} skipped) · depths {cfg['depths']} · mode {cfg['mode']}"
                  + (f" · caption tokenizer: {study.caption_tokenizer}" if study.caption_tokenizer else ""),
-                 "", "| task | depth | n | score [95 % CI] | answer kept | output KL |", "|---|---|---|---|---|---|"]
+                 "", "| task | depth / method | n | score [95 % CI] | answer kept | output KL | FLOPs saved |",
+                 "|---|---|---|---|---|---|---|"]
         for r in study.rows:
             if r["score"] is None:
                 sc = "–"
@@ -53,8 +54,10 @@ class StudyTab:
             else:
                 sc = f"{100 * r['score']:.1f}%" + ("" if r["ci_low"] is None or r["ci_low"] != r["ci_low"]
                                                    else f" [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]")
-            lines.append(f"| {r['task']} | {r['depth']} | {r['n']} | {sc} | {100 * r['answer_kept']:.0f}% |"
-                         f" {r['output_kl']:.3f} |")
+            what = r["depth"] if r.get("method") is None else html.escape(str(r["method"]))
+            sav = "–" if r.get("total_saving") is None else f"{100 * r['total_saving']:.1f}%"
+            lines.append(f"| {r['task']} | {what} | {r['n']} | {sc} | {100 * r['answer_kept']:.0f}% |"
+                         f" {r['output_kl']:.3f} | {sav} |")
         ids = [str(r["id"]) for r in records]
         first = ids[0] if ids else None
         return ("\n".join(lines), figure(fig_dataset_study, study, title="Study"),
@@ -75,14 +78,17 @@ class StudyTab:
             return note("This study has no rows yet.")
         e = html.escape
         cells = []
-        for k, v in sorted(rec["depths"].items(), key=lambda kv: int(kv[0])):
+        cells_of = rec.get("methods") or rec["depths"]
+        items = cells_of.items() if "methods" in rec else sorted(cells_of.items(), key=lambda kv: int(kv[0]))
+        for k, v in items:
             score = "–" if v["score"] is None else f"{v['score']:.2f}"
             kept = "yes" if v["answer_kept"] else "<b>no</b>"
             cells.append(f"<tr><td>{e(k)}</td><td>{e(v['text'])}</td><td>{score}</td><td>{kept}</td>"
                          f"<td>{v['output_kl']:.3f}</td></tr>")
         rows = "".join(cells)
         return (f"<p><b>{e(str(rec['id']))}</b> ({e(rec['task'])}) · {e(rec['prompt'])} · reference:"
-                f" <code>{e(' | '.join(rec['answers']))}</code></p><table class='vl-gens'><tr><th>depth</th><th>output</th>"
+                f" <code>{e(' | '.join(rec['answers']))}</code></p><table class='vl-gens'><tr>"
+                f"<th>{'method' if 'methods' in rec else 'depth'}</th><th>output</th>"
                 f"<th>score</th><th>answer kept</th><th>output KL</th></tr>{rows}</table>")
 
 

@@ -1,0 +1,87 @@
+"""Encoder depth x decoder depth: run the vision tower up to layer m and cut the image from
+decoder layer k on, for every (m, k), and say which pairs keep the answer.
+
+Each cell is ``[EncoderDepth(m), truncation(k, mode)]`` evaluated in one Session against the
+untouched baseline (m = the tower's feature depth F, k = L): the output, whether the answer is
+kept, the KL summed over the baseline's output (teacher-forced), and -- with a ground truth --
+whether it is correct. Row m = F is the decoder-only sweep; column k = L the encoder-only one.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+from ..errors import InputError
+from ..interventions import EncoderDepth
+from .engine import DEFAULT_SEPARATOR, Progress, Session, answer_of, check_mode, compare_outputs, parse_depths, truncation
+
+
+@dataclass
+class EncoderGrid:
+    model: str
+    prompt: str
+    mode: str
+    encoder_depths: list[int]        # m: vision-tower layers run
+    decoder_depths: list[int]        # k: the image cut from decoder layer k on
+    feature_depth: int               # F: where the model reads its features (m = F: the baseline tower)
+    n_layers: int
+    baseline_text: str
+    truth: str | None
+    text: list[list[str]]            # [m][k]
+    kept: list[list[bool]]
+    output_kl: list[list[float]]
+    correct: list[list[bool]] | None
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def markdown(self) -> str:
+        head = "| m \\ k | " + " | ".join(str(k) for k in self.decoder_depths) + " |"
+        lines = [head, "|---" * (len(self.decoder_depths) + 1) + "|"]
+        for i, m in enumerate(self.encoder_depths):
+            cells = []
+            for j in range(len(self.decoder_depths)):
+                c = "kept" if self.kept[i][j] else "lost"
+                if self.correct is not None:
+                    c += " ✓" if self.correct[i][j] else " ✗"
+                cells.append(c)
+            lines.append(f"| {m}{' (F)' if m == self.feature_depth else ''} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+
+def encoder_decoder_grid(lm, image, prompt: str, *, encoder_depths=None, decoder_depths=None, mode: str = "remove",
+                         max_new_tokens: int = 16, truth: str | None = None, separator: str = DEFAULT_SEPARATOR,
+                         progress: Progress | None = None) -> EncoderGrid:
+    """Every (m, k) pair (default: every m = 0..F and every k = 0..L)."""
+    check_mode(mode)
+    t0 = time.perf_counter()
+    L = lm.n_layers
+    F = lm.arch.vision_feature_depth(lm.model)
+    ms = sorted(set(range(F + 1) if encoder_depths is None else encoder_depths))
+    if any(isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= F for m in ms):
+        raise InputError(f"encoder depths must be integers in 0..{F} (the tower's features are read after {F} layers)"
+                         f", got {list(encoder_depths)}")
+    ks = parse_depths(range(L + 1) if decoder_depths is None else decoder_depths, L)
+    s = Session(lm, image, prompt, max_new_tokens=max_new_tokens)
+    tok = lm.processor.tokenizer
+    text, kept, kl, corr = [], [], [], []
+    total, done = len(ms) * len(ks), 0
+    for m in ms:
+        row_t, row_k, row_kl, row_c = [], [], [], []
+        for k in ks:
+            ivs = ([] if m == F else [EncoderDepth(m)]) + ([] if k == L else [truncation(k, mode)])
+            c = compare_outputs(s.baseline, s.baseline if not ivs else s.evaluate(ivs), separator, tok)
+            row_t.append(c["text"])
+            row_k.append(bool(c["answer_kept"]))
+            row_kl.append(float(c["output_kl"]))
+            row_c.append(c["answer"] == answer_of(truth, separator) if truth is not None else None)
+            done += 1
+            if progress:
+                progress(done, total, f"encoder {m}, decoder {k}")
+        text.append(row_t)
+        kept.append(row_k)
+        kl.append(row_kl)
+        corr.append(row_c)
+    return EncoderGrid(lm.name, s.prep.prompt, mode, ms, ks, F, L, s.baseline.run.generated_text, truth, text, kept, kl,
+                       corr if truth is not None else None, round(time.perf_counter() - t0, 3))
