@@ -107,3 +107,38 @@ def test_encoder_decoder_grid_rows_and_columns_are_the_single_sweeps(image):
     assert np.asarray(fig.data[0].z).shape == (F + 1, L + 1)
     with pytest.raises(InputError, match=r"encoder depths must be integers in 0\.\.2"):
         encoder_decoder_grid(lm, image, PROMPT, encoder_depths=[3])
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_vision_states_recorded_and_drawn_on_one_axis(family, image):
+    """record_vision keeps the tower's own states; they equal the tower's hidden states computed
+    here, and the one-axis figure draws tower then decoder curves."""
+    from vlmlens.figures import fig_encoder_decoder_dynamics
+
+    lm = random_lm(family)
+    run = vl.capture(lm, image, PROMPT, max_new_tokens=2, hidden_dtype="float32", record_vision=True)
+    vs = run.arrays["vision_hidden_states"]
+    layers = lm.arch.vision_layers(lm.model)
+    assert vs.shape[0] == len(layers) + 1
+    seen = []
+    hooks = [layers[0].register_forward_pre_hook(lambda m, a, kw: seen.append(a[0] if a else kw["hidden_states"]),
+                                                 with_kwargs=True)]
+    hooks += [l.register_forward_hook(lambda m, a, kw, o: seen.append(o[0] if isinstance(o, tuple) else o),
+                                      with_kwargs=True) for l in layers]
+    inputs, _, _ = prepare_inputs(lm, image, PROMPT)
+    try:
+        with torch.no_grad():
+            lm.model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    ref = torch.stack([s.reshape(-1, s.shape[-1]) for s in seen[:len(layers) + 1]]).numpy()
+    assert vs.shape == ref.shape and np.abs(vs - ref).max() <= 1e-5
+    fig = fig_encoder_decoder_dynamics(run)
+    names = {t.name for t in fig.data}
+    assert names == {"vision tower (patches)", "decoder (image tokens)"}
+    enc = next(t for t in fig.data if t.name.startswith("vision"))
+    assert list(enc.x) == list(range(len(layers) + 1))                   # entropy panel: every tower state
+    plain = vl.capture(lm, image, PROMPT, max_new_tokens=2)
+    assert "vision_hidden_states" not in plain.arrays and "record_vision=True" in \
+        fig_encoder_decoder_dynamics(plain).layout.annotations[0].text

@@ -137,10 +137,12 @@ def test_capture_then_every_tab(client, app):
     assert "layer 0" in h0["hovertemplate"] and "layer 1" in h1["hovertemplate"]
     z0, z1 = arr(h0["z"]), arr(h1["z"])
     assert z0.shape == z1.shape == (6, 6) and not np.allclose(z0, z1, equal_nan=True)   # another layer
-    move, dyn, cka, emb = client.predict("image", api_name="/dynamics")
+    move, dyn, cka, emb, enc_dec = client.predict("image", api_name="/dynamics")
     d = plot(dyn)
     xs = [x for t in d["data"] if t.get("name") == "image" for x in arr(t["x"])]
     assert max(xs) == L                                                 # layers 0..L
+    ed = plot(enc_dec)                                                  # tower layers, then decoder layers
+    assert {t.get("name") for t in ed["data"]} == {"vision tower (patches)", "decoder (image tokens)"}
     flow, heads, stages_md, head_layer, head_maps = client.predict(api_name="/attention")
     hm = [t for t in plot(head_maps)["data"] if t["type"] == "heatmap"]
     assert len(hm) == 4 and "head 0" in hm[0]["hovertemplate"]               # random:llava has 4 heads

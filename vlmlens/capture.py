@@ -230,6 +230,7 @@ def capture(
     hidden_dtype: str = "float16",
     record_attention: bool = True,
     record_contrib: bool = True,
+    record_vision: bool = False,
     prefix: Continuation | None = None,
     time_limit: float | None = None,
 ) -> Run:
@@ -253,6 +254,9 @@ def capture(
         record_contrib: at the last prompt token, record each layer's attention output and the
             image tokens' contribution to it (``attn_out``, ``image_contrib`` [layer, d_model],
             ``image_contrib_norm`` [layer, n_image]; see vlmlens.analysis.attention).
+        record_vision: also record the vision tower's own states of the image patches, per tower
+            layer (``vision_hidden_states`` [tower layers + 1, patches, d_vision]; 0 = the tower's
+            patch embeddings as its first layer reads them).
         prefix: a :class:`vlmlens.experiments.prefix.Prefix` made for this image, prompt,
             interventions and recording settings: generation continues from its KV cache
             instead of recomputing the prompt up to the last image token (same Run).
@@ -263,7 +267,7 @@ def capture(
     any forward (InputError naming the numbers).
     """
     n_new = check_max_new_tokens(max_new_tokens)
-    recording = Recording(store, hidden_dtype, record_attention, record_contrib)
+    recording = Recording(store, hidden_dtype, record_attention, record_contrib, record_vision)
     interventions = list(interventions)
     validate_all(interventions, lm.n_layers)
     if prefix is None:

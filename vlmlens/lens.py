@@ -303,9 +303,10 @@ class Lens:
         self._mlp_reads = [f for f in (_method(iv, "read_mlp_input") for iv in ivs) if f is not None]
         self.observers = [f for f in (_method(iv, "observe_attention") for iv in ivs) if f is not None]
         self._vision_edits = [f for f in (_method(iv, "edit_vision_output") for iv in ivs) if f is not None]
-        if self._vision_edits and not self.vision_layers:
-            raise RuntimeError("an intervention edits the vision tower, but the lens was given no vision layers "
-                               "(use Lens.for_model)")
+        self._vision_hooks = bool(self._vision_edits) or plan.recording.vision
+        if self._vision_hooks and not self.vision_layers:
+            raise RuntimeError("an intervention edits (or the plan records) the vision tower, but the lens was given "
+                               "no vision layers (use Lens.for_model)")
         self.context.n_vision_layers = len(self.vision_layers)
         self._handles: list = []
         self._configs: list = []
@@ -379,6 +380,10 @@ class Lens:
                 r = fn(idx, h_in, new, self.context)
                 if r is not None:
                     new = r
+            if self.plan.recording.vision:
+                if idx == 0:
+                    self.recorder.store_vision(0, h_in)
+                self.recorder.store_vision(idx + 1, new)
             if new is h_out:
                 return None
             return (new, *output[1:]) if is_tuple else new
@@ -410,7 +415,7 @@ class Lens:
                 self._handles.append(layer.register_forward_hook(self._post(i), with_kwargs=True))
                 if self._mlp_reads:
                     self._handles.append(_mlp_module(layer).register_forward_pre_hook(self._mlp_pre(i)))
-            if self._vision_edits:
+            if self._vision_hooks:
                 for i, layer in enumerate(self.vision_layers):
                     # prepend: before transformers' own output-capturing hooks, so that the hidden
                     # states it hands the projector (LLaVA's vision_feature_layer) are the edited ones

@@ -30,6 +30,7 @@ class Recorder:
         self.maps: dict[int, list] = {l: [] for l in range(plan.n_layers)}
         self.head_maps: dict[int, torch.Tensor] = {}  # layer -> [H, n_image] of the last prompt token
         self.contrib: dict[int, tuple] = {}  # layer -> (o [d], sum_j c_j [d], |c_j| [n_image])
+        self.vision: dict[int, torch.Tensor] = {}   # vision layer index (0 = its input) -> [patches, d_vision]
         has_image = bool(positions.image_pos.numel())
         self.reads_attention = has_image and (plan.record_attention or plan.record_contrib)
 
@@ -58,6 +59,14 @@ class Recorder:
         if self.plan.record_hidden and self.hidden[layer]:
             self.hidden[layer].pop()
             self.store_hidden(layer, hidden, pos)
+
+    # -- the vision tower ----------------------------------------------------------------------------
+    def store_vision(self, index: int, hidden: torch.Tensor) -> None:
+        """State ``index`` of the vision tower (0: the input of its first layer), the first time the
+        tower runs in this session; every patch row (batch dims flattened: tiles, merged grids)."""
+        if index not in self.vision:
+            h = hidden.detach()
+            self.vision[index] = h.reshape(-1, h.shape[-1]).to("cpu", self.plan.hidden_dtype)
 
     # -- inside the attention function ------------------------------------------------------------
     def attention(self, module, layer, query, key, value, qpos, kpos, allowed, scale) -> None:
@@ -167,6 +176,10 @@ class Recorder:
             for l, m in self.head_maps.items():
                 heads[l] = m.numpy()
             arrays["attention_head_maps"] = heads
+        if self.plan.recording.vision and self.vision:
+            n = max(self.vision) + 1
+            if sorted(self.vision) == list(range(n)):
+                arrays["vision_hidden_states"] = torch.stack([self.vision[i] for i in range(n)]).numpy()
         if self.plan.record_contrib and self.contrib:
             d = next(iter(self.contrib.values()))[0].numel()
             vec = np.full((2, L, d), np.nan, dtype=np.float32)

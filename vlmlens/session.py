@@ -32,6 +32,7 @@ class Recording:
     hidden_dtype: str = "float16"
     attention: bool = True
     contrib: bool = False
+    vision: bool = False              # the vision tower's own per-layer states of the image patches
 
     def __post_init__(self):
         if self.store not in STORE_MODES:
@@ -40,11 +41,12 @@ class Recording:
             raise InputError(f"hidden_dtype must be one of {tuple(HIDDEN_DTYPES)}, got {self.hidden_dtype!r}")
         object.__setattr__(self, "attention", bool(self.attention))
         object.__setattr__(self, "contrib", bool(self.contrib))
+        object.__setattr__(self, "vision", bool(self.vision))
 
     def capture_kwargs(self) -> dict:
         """The keywords of :func:`vlmlens.capture` that ask for this recording."""
         return {"store": self.store, "hidden_dtype": self.hidden_dtype, "record_attention": self.attention,
-                "record_contrib": self.contrib}
+                "record_contrib": self.contrib, "record_vision": self.vision}
 
 
 #: record nothing (teacher-forced scoring, timing, gradients)

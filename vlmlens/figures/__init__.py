@@ -28,6 +28,7 @@ _WHERE = {
     "fig_reasoning_perturbation": "experiments",
     # encoder x decoder depth
     "fig_encoder_grid": "encoder",
+    "fig_encoder_decoder_dynamics": "encoder",
     # studies on a dataset
     "fig_dataset_study": "study",
     # token pruning

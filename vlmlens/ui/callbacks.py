@@ -180,7 +180,7 @@ class Dashboard(TabHandlers, StudyTab):
         progress(0.05, desc="waiting for the model")
         with self.holder.use() as lm:
             progress(0.2, desc=f"capturing {lm.n_layers} layers")
-            run = capture(lm, rgb, prompt, max_new_tokens=n, time_limit=self.time_limit)
+            run = capture(lm, rgb, prompt, max_new_tokens=n, time_limit=self.time_limit, record_vision=True)
             notes = [x for x in (conv, shrunk) if x]
             if notes:
                 run.meta["image_note"] = "; ".join(notes)

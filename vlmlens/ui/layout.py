@@ -131,6 +131,8 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                             method = gr.Radio(["pca", "umap"], value="pca", label="Token map method")
                             embed_btn = gr.Button("Draw token map", size="sm")
                         embed = gr.Plot(label="Token map", elem_id="vl-embed")
+                        enc_dec = gr.Plot(label="The image across the vision tower's and the decoder's layers",
+                                          elem_id="vl-enc-dec")
                     with gr.Tab("Attention flow", id="attention") as t_att:
                         stages_btn = gr.Button("Find the three stages (knockout windows)", size="sm",
                                                elem_id="vl-stages-btn", **live)
@@ -209,7 +211,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                         compare_dyn = gr.Plot(label="Geometry across layers, both runs", elem_id="vl-compare-dyn")
 
         overview = [sess, info, gen_md, strip, headline]
-        tab_outputs = {"heatmaps": [heat, grid, lens, plens], "dynamics": [move, dyn, cka, embed],
+        tab_outputs = {"heatmaps": [heat, grid, lens, plens], "dynamics": [move, dyn, cka, embed, enc_dec],
                        "attention": [flow, heads, stages_md, head_layer, head_fig],
                        "truncation": [gens, sweep_fig, pert_fig],
                        "substitution": [sub_fig, skip_fig], "compute": [comp_fig, prune_md, prune_pick, prune_fig]}

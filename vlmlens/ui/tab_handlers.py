@@ -72,7 +72,7 @@ class TabHandlers:
     def dynamics(self, sess, span):
         entry = self.entry(sess)
         dyn, cka, move = views.dynamics_figures(entry, span or "image")
-        return move, dyn, cka, views.embedding_figure(entry, "pca")
+        return move, dyn, cka, views.embedding_figure(entry, "pca"), views.encoder_decoder_figure(entry)
 
     @handler("token_map")
     def token_map(self, sess, method, progress=gr.Progress()):

@@ -128,6 +128,18 @@ def dynamics_figures(entry, span: str = "image"):
     return dyn, cka, move
 
 
+def encoder_decoder_figure(entry):
+    """The image's geometry across the vision tower's layers and then the decoder's (one axis)."""
+    from ..figures.encoder import fig_encoder_decoder_dynamics
+
+    run = entry.run
+    if "vision_hidden_states" not in run.arrays or "hidden_states" not in run.arrays:
+        return message_figure("This run holds no vision-tower states (runs captured in the dashboard do; saved runs "
+                              "made before, or with capture(record_vision=False), do not).", "Encoder and decoder")
+    return entry.derived.get("fig_enc_dec", lambda: figure(fig_encoder_decoder_dynamics, run,
+                                                           title="Encoder and decoder"))
+
+
 def embedding_figure(entry, method: str = "pca"):
     run = entry.run
     if "hidden_states" not in run.arrays:
