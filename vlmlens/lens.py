@@ -352,41 +352,36 @@ class Lens:
             return _with_hidden(args, kwargs, new, positional)
         return hook
 
+    def _edited_output(self, edits, idx, args, kwargs, output):
+        """(layer input, the output's hidden states after ``edits``, the output rebuilt or None)."""
+        h_in, _ = _hidden_arg(args, kwargs)
+        is_tuple = isinstance(output, tuple)
+        h_out = output[0] if is_tuple else output
+        new = h_out
+        for fn in edits:
+            r = fn(idx, h_in, new, self.context)
+            if r is not None:
+                new = r
+        rebuilt = None if new is h_out else ((new, *output[1:]) if is_tuple else new)
+        return h_in, new, rebuilt
+
     def _post(self, idx):
         def hook(module, args, kwargs, output):
-            h_in, _ = _hidden_arg(args, kwargs)
-            is_tuple = isinstance(output, tuple)
-            h_out = output[0] if is_tuple else output
-            new = h_out
-            for fn in self._post_edits:
-                r = fn(idx, h_in, new, self.context)
-                if r is not None:
-                    new = r
+            _, new, rebuilt = self._edited_output(self._post_edits, idx, args, kwargs, output)
             self.recorder.store_hidden(idx + 1, new, self.positions.layer_qpos[idx])
             if idx == len(self.layers) - 1:
                 self.positions.end_forward()
-            if new is h_out:
-                return None
-            return (new, *output[1:]) if is_tuple else new
+            return rebuilt
         return hook
 
     def _vision_post(self, idx):
         def hook(module, args, kwargs, output):
-            h_in, _ = _hidden_arg(args, kwargs)
-            is_tuple = isinstance(output, tuple)
-            h_out = output[0] if is_tuple else output
-            new = h_out
-            for fn in self._vision_edits:
-                r = fn(idx, h_in, new, self.context)
-                if r is not None:
-                    new = r
+            h_in, new, rebuilt = self._edited_output(self._vision_edits, idx, args, kwargs, output)
             if self.plan.recording.vision:
                 if idx == 0:
                     self.recorder.store_vision(0, h_in)
                 self.recorder.store_vision(idx + 1, new)
-            if new is h_out:
-                return None
-            return (new, *output[1:]) if is_tuple else new
+            return rebuilt
         return hook
 
     def _mlp_pre(self, idx):
