@@ -170,13 +170,17 @@ def test_slider_redraws_from_the_run_without_the_model(client, app):
 
 def test_truncation_compare_and_sweep(client):
     client.predict(handle_file(EXAMPLE), "What color is the circle?", 3, api_name="/capture")
-    gens, sweep_fig, pert, headline = client.predict(["0", "2"], "drop", api_name="/truncate")
+    gens, sweep_fig, pert, enc, headline = client.predict(["0", "2"], "drop", api_name="/truncate")
     assert gens.count("class='vl-gen-row'") == 3                         # baseline + two depths
     assert "depth 0" in gens and "depth 2" in gens
-    gens, sweep_fig, pert, headline = client.predict("remove", api_name="/sweep")
+    gens, sweep_fig, pert, enc, headline = client.predict("remove", api_name="/sweep")
     assert gens.count("class='vl-gen-row'") == 1 + 3                     # baseline + depths 0..L
     assert "sweep cliff" in headline and "no sweep for this run" not in headline
     assert "depth 2 (= L" in gens
+    assert "Encoder x decoder grid" in str(plot(enc)["layout"])            # not run yet: says which button
+    grid = plot(client.predict(api_name="/encoder_grid"))                   # every (tower depth, decoder depth)
+    z = [t for t in grid["data"] if t["type"] == "heatmap"][0]
+    assert arr(z["z"]).shape == (2, 3)                                       # random:llava: m 0..1, k 0..2
 
 
 def test_runs_tab_open_save_download(client, runs_dir):
@@ -189,7 +193,7 @@ def test_runs_tab_open_save_download(client, runs_dir):
     assert info["source"] == f"saved:{CACHED[1]}" and info["has_sweep"]
     saved = json.loads((runs_dir / CACHED[1] / "run.json").read_text())
     assert info["generated_text"] == saved["generated_text"]
-    gens, sweep_fig, _pert = client.predict(api_name="/truncation_view")
+    gens, sweep_fig, _pert, _enc = client.predict(api_name="/truncation_view")
     assert "Sweep" in gens and gens.count("class='vl-gen-row'") == 1 + info["n_layers"] + 1
     client.predict(handle_file(EXAMPLE), "Is there a red circle?", 2, api_name="/capture")
     name = f"saved-{int(time.time() * 1000)}"

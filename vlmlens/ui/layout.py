@@ -152,6 +152,9 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                         gens = gr.HTML(label="generations", elem_id="vl-gens")
                         sweep_fig = gr.Plot(label="Truncation sweep", elem_id="vl-sweep")
                         pert_fig = gr.Plot(label="Reasoning-trace perturbation", elem_id="vl-perturb")
+                        enc_btn = gr.Button("Encoder x decoder grid (vision layers run x decoder cut)", size="sm",
+                                            elem_id="vl-enc-grid-btn", **live)
+                        enc_fig = gr.Plot(label="Encoder x decoder depth", elem_id="vl-enc-grid")
                     with gr.Tab("Substitution / skipping", id="substitution") as t_sub:
                         with gr.Row():
                             sub_btn = gr.Button("Substitution matrix", size="sm", **live)
@@ -213,7 +216,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
         overview = [sess, info, gen_md, strip, headline]
         tab_outputs = {"heatmaps": [heat, grid, lens, plens], "dynamics": [move, dyn, cka, embed, enc_dec],
                        "attention": [flow, heads, stages_md, head_layer, head_fig],
-                       "truncation": [gens, sweep_fig, pert_fig],
+                       "truncation": [gens, sweep_fig, pert_fig, enc_fig],
                        "substitution": [sub_fig, skip_fig], "compute": [comp_fig, prune_md, prune_pick, prune_fig]}
         all_tab_outputs = [c for cs in tab_outputs.values() for c in cs]
 
@@ -267,10 +270,11 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
         span.input(dash.dynamics, [sess, span], tab_outputs["dynamics"], api_name="dynamics_span", api_visibility=INTERNAL)
         embed_btn.click(dash.token_map, [sess, method], embed, api_name="token_map")
         head_layer.input(dash.head_maps, [sess, head_layer], head_fig, api_name="head_maps")
-        trunc_btn.click(dash.truncate, [sess, depths, mode], [gens, sweep_fig, pert_fig, headline], api_name="truncate",
+        trunc_btn.click(dash.truncate, [sess, depths, mode], [gens, sweep_fig, pert_fig, enc_fig, headline],
+                        api_name="truncate", **MODEL_QUEUE)
+        sweep_btn.click(dash.sweep, [sess, mode], [gens, sweep_fig, pert_fig, enc_fig, headline], api_name="sweep",
                         **MODEL_QUEUE)
-        sweep_btn.click(dash.sweep, [sess, mode], [gens, sweep_fig, pert_fig, headline], api_name="sweep",
-                        **MODEL_QUEUE)
+        enc_btn.click(dash.encoder_grid, sess, enc_fig, api_name="encoder_grid", **MODEL_QUEUE)
         measure_btn.click(dash.measure_compute, sess, [comp_fig, headline], api_name="measure_compute",
                           **MODEL_QUEUE)
         study_btn.click(dash.study_open, study_pick, [study_md, study_fig, study_row, study_html], api_name="study_open")

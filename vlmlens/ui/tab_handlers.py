@@ -108,7 +108,18 @@ class TabHandlers:
 
     @handler("truncation_view")
     def truncation_view(self, sess):
-        return xviews.truncation_views(self.entry(sess))
+        entry = self.entry(sess)
+        return (*xviews.truncation_views(entry), xviews.experiment_figure(entry, "encoder_grid"))
+
+    @handler("encoder_grid")
+    def encoder_grid(self, sess, progress=gr.Progress()):
+        """Every (vision-tower depth m, decoder depth k) on the current run's input: answer kept or lost."""
+        entry = self.entry(sess)
+        progress(0.02, desc="waiting for the model")
+        with self.holder.use() as lm:
+            xviews.run_experiment(lm, entry, "encoder_grid",
+                                  progress=lambda i, n, what: progress(i / max(n, 1), desc=what))
+        return xviews.experiment_figure(entry, "encoder_grid")
 
     @handler("truncate")
     def truncate(self, sess, depths, mode, progress=gr.Progress()):
@@ -125,7 +136,7 @@ class TabHandlers:
         with self.holder.use() as lm:
             xviews.run_truncation(lm, entry, ks, mode, sweep=is_sweep, progress=step)
         gens, fig, pfig = xviews.truncation_views(entry)
-        return gens, fig, pfig, panels.headline_markdown(entry)
+        return gens, fig, pfig, xviews.experiment_figure(entry, "encoder_grid"), panels.headline_markdown(entry)
 
     @handler("sweep")
     def sweep(self, sess, mode, progress=gr.Progress()):

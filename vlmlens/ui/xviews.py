@@ -6,6 +6,8 @@ from __future__ import annotations
 from ..analysis.compute import compute_tradeoff
 from ..experiments.skip import SkipScanResult, layer_skip_scan
 from ..experiments.substitution import SubstitutionResult, substitution_matrix
+from ..experiments.encoder import EncoderGrid, encoder_decoder_grid
+from ..figures.encoder import fig_encoder_grid
 from ..figures.pruning import fig_kept_tokens
 from ..figures.experiments import (fig_compute_tradeoff, fig_layer_skip, fig_reasoning_perturbation,
                                    fig_substitution_matrix, fig_truncation_sweep)
@@ -140,6 +142,7 @@ EXPERIMENTS = {
     "substitution": (substitution_matrix, SubstitutionResult, fig_substitution_matrix, "Substitution matrix"),
     "layer_skip": (layer_skip_scan, SkipScanResult, fig_layer_skip, "Layer-skip scan"),
     "compute": (compute_tradeoff, None, fig_compute_tradeoff, "Measure compute"),
+    "encoder_grid": (encoder_decoder_grid, EncoderGrid, fig_encoder_grid, "Encoder x decoder grid"),
 }
 
 
