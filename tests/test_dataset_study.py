@@ -17,6 +17,7 @@ from vlmlens.data import load_dataset
 from vlmlens.errors import InputError
 from vlmlens.experiments.compare import compare
 from vlmlens.experiments.dataset_study import dataset_study, merge
+from vlmlens.interventions import Truncate
 from vlmlens.metrics import vqa_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def test_scores_equal_independent_comparisons(tiny, tmp_path):
     assert vqa8["score"] == pytest.approx(want) and vqa8["ci_low"] <= vqa8["score"] <= vqa8["ci_high"]
     cap = next(r for r in res.rows if r["task"] == "caption" and r["depth"] == 8)
     assert cap["cider_d"] is not None and res.caption_tokenizer
-    assert (tmp_path / "out" / "study.csv").read_text().startswith("task,depth,method,n,score")
+    assert (tmp_path / "out" / "study.csv").read_text().startswith("task,encoder_depth,depth,method,n,score")
 
 
 class _Crash(Exception):
@@ -189,3 +190,26 @@ def test_a_pruning_study_over_a_dataset(tiny, tmp_path, capsys):
     assert main(["study", "--data", str(data), "--methods", "fastv:2:0.5", "--depths", "0,4", "--out",
                  str(tmp_path / "x")]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_an_encoder_by_decoder_grid_over_a_dataset(tiny, tmp_path):
+    """--encoder-depths with --depths: every (m, k) per row; each cell equals a capture under
+    EncoderDepth(m) + Truncate(k); the m = F row is the decoder-only study."""
+    from vlmlens.interventions import EncoderDepth
+
+    ds = load_dataset(small_manifest(tmp_path, (2, 0, 0)))
+    res = dataset_study(tiny, ds, tmp_path / "g", depths=[2, 8], encoder_depths="1,4", mode="remove", max_new_tokens=4)
+    assert res.config["encoder_depths"] == [1, 4] and res.config["feature_depth"] == 4
+    keys = {(r["encoder_depth"], r["depth"]) for r in res.rows}
+    assert keys == {(1, 2), (1, 8), (4, 2), (4, 8)}
+    rec = json.loads((tmp_path / "g" / "results.jsonl").read_text().splitlines()[0])
+    run = vl.capture(tiny, ds.items[0].image, ds.items[0].prompt, max_new_tokens=4,
+                     interventions=[EncoderDepth(1), Truncate(2, "remove")])
+    assert rec["grid"]["1,2"]["text"] == run.generated_text
+    plain = dataset_study(tiny, ds, tmp_path / "d", depths=[2, 8], mode="remove", max_new_tokens=4)
+    for r in plain.rows:
+        g = next(x for x in res.rows if x["encoder_depth"] == 4 and x["depth"] == r["depth"])
+        assert g["score"] == r["score"] and g["answer_kept"] == r["answer_kept"]
+    assert "| 1 |" in res.markdown() and "m \\ k" in res.markdown()
+    with pytest.raises(InputError, match=r"encoder depths must be integers in 0\.\.4"):
+        dataset_study(tiny, ds, tmp_path / "bad", encoder_depths="9", max_new_tokens=2)

@@ -254,7 +254,7 @@ def _dataset_study(args) -> int:
     res = dataset_study(lm, data, args.out, task=args.task, depths=args.depths, mode=args.mode,
                         max_new_tokens=args.max_new_tokens, separator=args.separator, resume=args.resume, rank=rank,
                         world=world, barrier=barrier, progress=progress_bar() if rank == 0 else None,
-                        methods=args.methods)
+                        methods=args.methods, encoder_depths=args.encoder_depths)
     if res is not None:
         print(f"{res.config['model']}: {res.n_items} items, {len(res.skipped)} rows skipped, {world} process(es),"
               f" {res.seconds:.0f} s\n")
@@ -280,6 +280,8 @@ def _configure_study(p):
     p.add_argument("--resume", action="store_true", help="continue the study in --out: only what is missing runs")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per item (--data)")
     p.add_argument("--separator", default="answer:", help="what precedes the final answer of a trace (--data)")
+    p.add_argument("--encoder-depths", default=None, help="vision-tower layers to run, e.g. 0,2,4 (--data): an"
+                   " encoder x decoder grid with --depths")
     p.add_argument("--methods", default=None, help="token pruning instead of depths (--data): as for prune --methods,"
                    " e.g. fastv:2:0.5,random:2:0.5,vtw:4 or 'default'")
     p.add_argument("--suite", default="shapes", help="task suite with ground truth (shapes)")

@@ -40,18 +40,21 @@ from .engine import DEFAULT_SEPARATOR, Progress, Session, check_mode, compare_ou
 
 DATA_TASKS = tuple(t for t in TASKS if t != "shapes")
 CONFIG = "config.json"
-CSV_COLUMNS = ("task", "depth", "method", "n", "score", "ci_low", "ci_high", "answer_kept", "output_kl", "cider_d",
+CSV_COLUMNS = ("task", "encoder_depth", "depth", "method", "n", "score", "ci_low", "ci_high", "answer_kept", "output_kl", "cider_d",
                "bleu_4", "total_saving", "kv_saving")
 N_BOOTSTRAP = 1000
 
 
 def study_config(lm, dataset: Dataset, *, task: str | None, depths: list[int], mode: str, max_new_tokens: int,
-                 separator: str, methods: list[str] | None = None) -> dict:
+                 separator: str, methods: list[str] | None = None, encoder_depths: list[int] | None = None) -> dict:
     cfg = {"kind": "vlmlens dataset study", "model": lm.name, "n_layers": lm.n_layers, "data": dataset.source,
            "data_sha256": dataset.fingerprint, "n_items": len(dataset), "task": task, "depths": depths, "mode": mode,
            "max_new_tokens": max_new_tokens, "separator": separator}
     if methods:
         cfg["methods"] = list(methods)
+    if encoder_depths:
+        cfg["encoder_depths"] = list(encoder_depths)
+        cfg["feature_depth"] = lm.arch.vision_feature_depth(lm.model)
     return cfg
 
 
@@ -60,11 +63,17 @@ def variants(config: dict) -> list[tuple[str, dict]]:
     its depths, or -- a pruning study -- the untouched baseline and each method."""
     if config.get("methods"):
         return [(m, {"method": m, "depth": None}) for m in ["baseline", *config["methods"]]]
+    if config.get("encoder_depths"):
+        return [(f"{m},{d}", {"encoder_depth": m, "depth": d, "method": None})
+                for m in config["encoder_depths"] for d in config["depths"]]
     return [(str(d), {"depth": d, "method": None}) for d in config["depths"]]
 
 
 def _cells(rec: dict) -> dict:
-    return rec["methods"] if "methods" in rec else rec["depths"]
+    for key in ("methods", "grid"):
+        if key in rec:
+            return rec[key]
+    return rec["depths"]
 
 
 def check_out(out: Path, config: dict, resume: bool) -> None:
@@ -132,7 +141,7 @@ def item_task(item, task: str | None) -> str:
 
 
 def run_items(lm, items, *, task, depths, mode, max_new_tokens, separator, rank_file: Path, progress=None,
-              methods: dict | None = None) -> None:
+              methods: dict | None = None, encoder_depths: list[int] | None = None) -> None:
     """Run and append every item of this rank (one line each, flushed as it finishes). With
     ``methods`` ({name: interventions}) each item runs the baseline and every method instead of
     the depths, and each cell adds the compute the method's schedule saves."""
@@ -156,12 +165,18 @@ def run_items(lm, items, *, task, depths, mode, max_new_tokens, separator, rank_
                     per[name] = {**cell(r.text, r.answer_kept, r.output_kl), "image_rows": r.image_rows,
                                  "total_saving": r.savings["total_saving"], "kv_saving": r.savings["kv_saving"]}
             else:
-                for k in depths:
-                    var = s.baseline if k == L else s.evaluate([truncation(k, mode)])
-                    c = compare_outputs(s.baseline, var, separator, lm.processor.tokenizer)
-                    per[str(k)] = cell(c["text"], c["answer_kept"], c["output_kl"])
+                from ..interventions import EncoderDepth
+
+                F = lm.arch.vision_feature_depth(lm.model)
+                for m in (encoder_depths or [F]):
+                    for k in depths:
+                        ivs = ([EncoderDepth(m)] if m < F else []) + ([truncation(k, mode)] if k < L else [])
+                        var = s.evaluate(ivs) if ivs else s.baseline
+                        c = compare_outputs(s.baseline, var, separator, lm.processor.tokenizer)
+                        per[f"{m},{k}" if encoder_depths else str(k)] = cell(c["text"], c["answer_kept"], c["output_kl"])
+            kind = "methods" if methods else ("grid" if encoder_depths else "depths")
             rec = {"id": item.id, "row": item.row, "task": t, "prompt": item.prompt, "answers": list(item.answers),
-                   "baseline": s.baseline.run.generated_text, ("methods" if methods else "depths"): per}
+                   "baseline": s.baseline.run.generated_text, kind: per}
             f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -202,6 +217,8 @@ class DatasetStudy:
     def markdown(self, metric: str = "score") -> str:
         if self.config.get("methods"):
             return self._methods_markdown(metric)
+        if self.config.get("encoder_depths"):
+            return self._grid_markdown(metric)
         depths = self.config["depths"]
         lines = ["| task | " + " | ".join(f"k={d}" for d in depths) + " |", "|---" * (len(depths) + 1) + "|"]
         for t in sorted({r["task"] for r in self.rows}):
@@ -215,6 +232,22 @@ class DatasetStudy:
                          + " |")
         return "\n".join(lines)
 
+
+    def _grid_markdown(self, metric: str) -> str:
+        """Per task, encoder depth m (rows) x decoder depth k (columns)."""
+        depths, out = self.config["depths"], []
+        for t in sorted({r["task"] for r in self.rows}):
+            out += [f"{t}:", "| m \\ k | " + " | ".join(str(d) for d in depths) + " |", "|---" * (len(depths) + 1) + "|"]
+            for m in self.config["encoder_depths"]:
+                cells = []
+                for d in depths:
+                    r = next(x for x in self.rows if x["task"] == t and x["depth"] == d and x.get("encoder_depth") == m)
+                    v = r.get(metric)
+                    pct = metric == "answer_kept" or (metric == "score" and t != "caption")
+                    cells.append("–" if v is None or v != v else (f"{100 * v:.0f}%" if pct else f"{v:.3f}"))
+                out.append(f"| {m} | " + " | ".join(cells) + " |")
+            out.append("")
+        return "\n".join(out).rstrip()
 
     def _methods_markdown(self, metric: str) -> str:
         tasks = sorted({r["task"] for r in self.rows})
@@ -288,12 +321,13 @@ def merge(out: Path, dataset: Dataset, config: dict, seconds: float = 0.0) -> Da
 def dataset_study(lm, dataset: Dataset, out, *, task: str | None = None, depths=None, mode: str = "drop",
                   max_new_tokens: int = 16, separator: str = DEFAULT_SEPARATOR, resume: bool = False,
                   rank: int = 0, world: int = 1, barrier=None, progress: Progress | None = None,
-                  methods: str | None = None) -> DatasetStudy | None:
+                  methods: str | None = None, encoder_depths=None) -> DatasetStudy | None:
     """Run (or continue) the study in ``out``; rank 0 returns the merged result, others None.
 
     ``methods`` (token pruning, written as for ``python -m vlmlens prune --methods``) makes it a
     pruning study: the baseline and each method per row, with the decoder FLOPs and KV bytes each
-    saves, instead of the depths.
+    saves, instead of the depths. ``encoder_depths`` (vision-tower layers run, 0..F) makes it a
+    grid: every (encoder depth m, decoder depth k) per row.
 
     ``barrier`` (torch.distributed.barrier under torchrun) is called where every rank must
     have arrived: after the directory is ready, and before the merge.
@@ -312,8 +346,21 @@ def dataset_study(lm, dataset: Dataset, out, *, task: str | None = None, depths=
         from .pruning import parse_methods
 
         parsed = parse_methods(methods, lm.n_layers)
+    ems = None
+    if encoder_depths is not None:
+        if parsed:
+            raise InputError("give encoder depths (an encoder x decoder grid) or methods (a pruning study), not both")
+        F = lm.arch.vision_feature_depth(lm.model)
+        items = encoder_depths.split(",") if isinstance(encoder_depths, str) else list(encoder_depths)
+        try:
+            ems = sorted({int(str(x).strip()) for x in items})
+        except ValueError:
+            raise InputError(f"encoder depths must be integers in 0..{F}, got {encoder_depths!r}") from None
+        if not ems or any(not 0 <= m <= F for m in ems):
+            raise InputError(f"encoder depths must be integers in 0..{F} (this tower's features are read after {F}"
+                             f" layers), got {encoder_depths!r}")
     config = study_config(lm, dataset, task=task, depths=ks, mode=mode, max_new_tokens=max_new_tokens,
-                          separator=separator, methods=list(parsed) if parsed else None)
+                          separator=separator, methods=list(parsed) if parsed else None, encoder_depths=ems)
     wait = barrier or (lambda: None)
     check_out(out, config, resume)       # every rank, before anyone writes: all refuse alike
     wait()
@@ -328,7 +375,7 @@ def dataset_study(lm, dataset: Dataset, out, *, task: str | None = None, depths=
     wait()                               # every rank has read what is done before anyone appends
     remaining = [it for it in dataset.items if it.id not in done]
     run_items(lm, remaining[rank::world], task=task, depths=ks, mode=mode, max_new_tokens=max_new_tokens,
-              separator=separator, rank_file=rank_file, progress=progress, methods=parsed)
+              separator=separator, rank_file=rank_file, progress=progress, methods=parsed, encoder_depths=ems)
     wait()
     if rank != 0:
         return None

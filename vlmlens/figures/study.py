@@ -21,8 +21,10 @@ def fig_dataset_study(study):
         return fig_pruning_pareto(study.as_pruning_study())
     cap = "caption" in tasks
     fig = make_subplots(specs=[[{"secondary_y": cap}]])
-    for i, t in enumerate(tasks):
-        rows = sorted((r for r in study.rows if r["task"] == t), key=lambda r: r["depth"])
+    ems = study.config.get("encoder_depths") or [None]
+    groups = [(t, m) for t in tasks for m in ems]
+    for i, (t, m) in enumerate(groups):
+        rows = sorted((r for r in study.rows if r["task"] == t and r.get("encoder_depth") == m), key=lambda r: r["depth"])
         c = _COLORS[i % len(_COLORS)]
         x = [r["depth"] for r in rows]
         scale = 1.0 if t == "caption" else 100.0
@@ -31,12 +33,15 @@ def fig_dataset_study(study):
         hi = [None if r["ci_high"] is None else scale * r["ci_high"] for r in rows]
         sec = {"secondary_y": t == "caption"} if cap else {}
         name = f"{t} ({'CIDEr-D' if t == 'caption' else 'score %'}, n={rows[0]['n']})"
+        if m is not None:
+            name = f"{t}, encoder {m} ({'CIDEr-D' if t == 'caption' else 'score %'})"
         if all(v is not None for v in lo + hi):
             fig.add_trace(go.Scatter(x=x + x[::-1], y=hi + lo[::-1], fill="toself", fillcolor=c, opacity=0.15,
                                      line=dict(width=0), hoverinfo="skip", showlegend=False), **sec)
         fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", line=dict(color=c), name=name,
                                  hovertemplate="depth %{x}: %{y:.1f}<extra>" + t + "</extra>"), **sec)
-        fig.add_trace(go.Scatter(x=x, y=[100 * r["answer_kept"] for r in rows], mode="lines", name=f"{t}: answer kept %",
+        fig.add_trace(go.Scatter(x=x, y=[100 * r["answer_kept"] for r in rows], mode="lines",
+                                 name=f"{t}{'' if m is None else f', encoder {m}'}: answer kept %",
                                  line=dict(color=c, dash="dot"), hovertemplate="depth %{x}: %{y:.0f}% kept<extra></extra>"),
                       **({"secondary_y": False} if cap else {}))
     fig.update_xaxes(title_text="depth k (image cut from decoder layer k on; k = L: untouched)", dtick=1)

@@ -55,6 +55,8 @@ class StudyTab:
                 sc = f"{100 * r['score']:.1f}%" + ("" if r["ci_low"] is None or r["ci_low"] != r["ci_low"]
                                                    else f" [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]")
             what = r["depth"] if r.get("method") is None else html.escape(str(r["method"]))
+            if r.get("encoder_depth") is not None:
+                what = f"encoder {r['encoder_depth']}, decoder {r['depth']}"
             sav = "–" if r.get("total_saving") is None else f"{100 * r['total_saving']:.1f}%"
             lines.append(f"| {r['task']} | {what} | {r['n']} | {sc} | {100 * r['answer_kept']:.0f}% |"
                          f" {r['output_kl']:.3f} | {sav} |")
@@ -78,8 +80,8 @@ class StudyTab:
             return note("This study has no rows yet.")
         e = html.escape
         cells = []
-        cells_of = rec.get("methods") or rec["depths"]
-        items = cells_of.items() if "methods" in rec else sorted(cells_of.items(), key=lambda kv: int(kv[0]))
+        cells_of = rec.get("methods") or rec.get("grid") or rec["depths"]
+        items = sorted(cells_of.items(), key=lambda kv: int(kv[0])) if "depths" in rec else cells_of.items()
         for k, v in items:
             score = "–" if v["score"] is None else f"{v['score']:.2f}"
             kept = "yes" if v["answer_kept"] else "<b>no</b>"
@@ -88,7 +90,8 @@ class StudyTab:
         rows = "".join(cells)
         return (f"<p><b>{e(str(rec['id']))}</b> ({e(rec['task'])}) · {e(rec['prompt'])} · reference:"
                 f" <code>{e(' | '.join(rec['answers']))}</code></p><table class='vl-gens'><tr>"
-                f"<th>{'method' if 'methods' in rec else 'depth'}</th><th>output</th>"
+                f"<th>{'method' if 'methods' in rec else ('encoder, decoder depth' if 'grid' in rec else 'depth')}</th>"
+                f"<th>output</th>"
                 f"<th>score</th><th>answer kept</th><th>output KL</th></tr>{rows}</table>")
 
 
