@@ -128,7 +128,7 @@ def _load_plugins() -> None:
     """Commands defined next to the code they drive (experiments register theirs on import)."""
     import importlib
 
-    for mod in ("vlmlens.experiments.cli", "vlmlens.cached"):
+    for mod in ("vlmlens.experiments.cli", "vlmlens.experiments.cli_pruning", "vlmlens.cached"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -37,9 +37,9 @@ from ..data import Dataset
 from ..errors import InputError
 from ..metrics import TASKS, caption_scores, item_score
 from .engine import DEFAULT_SEPARATOR, Progress, Session, check_mode, compare_outputs, parse_depths, truncation
+from .study_files import CONFIG, _atomic_write, _clean_rank_file, check_out, done_items
 
 DATA_TASKS = tuple(t for t in TASKS if t != "shapes")
-CONFIG = "config.json"
 CSV_COLUMNS = ("task", "encoder_depth", "depth", "method", "n", "score", "ci_low", "ci_high", "answer_kept", "output_kl", "cider_d",
                "bleu_4", "total_saving", "kv_saving")
 N_BOOTSTRAP = 1000
@@ -76,63 +76,6 @@ def _cells(rec: dict) -> dict:
     return rec["depths"]
 
 
-def check_out(out: Path, config: dict, resume: bool) -> None:
-    """Refuse an ``out`` this study cannot use (read only: every rank checks the same state)."""
-    cfg = out / CONFIG
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; choose a directory")
-    if resume:
-        if not cfg.is_file():
-            raise InputError(f"--resume: {out} holds no study ({CONFIG} missing); run without --resume first")
-        try:
-            old = json.loads(cfg.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise InputError(f"--resume: {cfg} is not readable ({e})") from None
-        diff = [k for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k)]
-        if diff:
-            shown = "; ".join(f"{k}: {old.get(k)!r} there, {config.get(k)!r} now" for k in diff)
-            raise InputError(f"--resume: {out} was made with other arguments ({shown}); use a new --out")
-        return
-    if out.exists() and any(out.iterdir()):
-        raise InputError(f"--out {out} is not empty; add --resume to continue the study there, or choose a new path")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _read_lines(path: Path) -> list[dict]:
-    out = []
-    if not path.is_file():
-        return out
-    for line in path.read_text().splitlines():
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError:
-            continue                      # a line torn by a crash: that item runs again
-        if isinstance(d, dict) and "id" in d:
-            out.append(d)
-    return out
-
-
-def done_items(out: Path) -> dict[str, dict]:
-    """Every finished item in the rank files (first record of an id wins)."""
-    got: dict[str, dict] = {}
-    for f in sorted(out.glob("results.rank*.jsonl")):
-        for d in _read_lines(f):
-            got.setdefault(str(d["id"]), d)
-    return got
-
-
-def _clean_rank_file(path: Path) -> None:
-    """Drop a torn last line so that appending starts on a fresh line."""
-    if path.is_file():
-        lines = _read_lines(path)
-        _atomic_write(path, "".join(json.dumps(d) + "\n" for d in lines))
-
-
 def item_task(item, task: str | None) -> str:
     t = item.task or task
     if t not in DATA_TASKS:
@@ -146,7 +89,7 @@ def run_items(lm, items, *, task, depths, mode, max_new_tokens, separator, rank_
     ``methods`` ({name: interventions}) each item runs the baseline and every method instead of
     the depths, and each cell adds the compute the method's schedule saves."""
     from ..analysis.compute import LayerShape
-    from .pruning import _result
+    from .pruning import method_result
 
     L = lm.n_layers
     shape = LayerShape.from_model(lm) if methods else None
@@ -161,7 +104,7 @@ def run_items(lm, items, *, task, depths, mode, max_new_tokens, separator, rank_
                         "score": item_score(t, text, item.answers, item.choices, separator) if item.answers else None}
             if methods:
                 for name, ivs in {"baseline": [], **methods}.items():
-                    r = _result(s, shape, name, list(ivs), separator, None, lm.processor.tokenizer)
+                    r = method_result(s, shape, name, list(ivs), separator, None, lm.processor.tokenizer)
                     per[name] = {**cell(r.text, r.answer_kept, r.output_kl), "image_rows": r.image_rows,
                                  "total_saving": r.savings["total_saving"], "kv_saving": r.savings["kv_saving"]}
             else:
@@ -380,37 +323,3 @@ def dataset_study(lm, dataset: Dataset, out, *, task: str | None = None, depths=
     if rank != 0:
         return None
     return merge(out, dataset, config, time.perf_counter() - t0)
-
-
-# ---- reading a finished study (no model) ---------------------------------------------------------
-
-def is_study_dir(path) -> bool:
-    p = Path(path)
-    return (p / "study.json").is_file() and (p / CONFIG).is_file()
-
-
-def list_studies(root) -> list[Path]:
-    """``root`` itself when it is a study directory, else the study directories right under it."""
-    r = Path(root)
-    if is_study_dir(r):
-        return [r]
-    if not r.is_dir():
-        return []
-    return sorted(p for p in r.iterdir() if p.is_dir() and not p.is_symlink() and is_study_dir(p))
-
-
-def load_study(path) -> tuple[DatasetStudy, list[dict]]:
-    """A study directory's merged result and its per-row records (bounded reads; InputError when
-    the directory is not a readable study)."""
-    from ..run import RunFormatError
-    from ..run_files import read_json
-
-    p = Path(path)
-    if not is_study_dir(p):
-        raise InputError(f"{p} is not a study directory (study.json and {CONFIG} expected)")
-    try:
-        d = read_json(p / "study.json", f"{p.name}/study.json")
-        res = DatasetStudy(**d)
-    except (RunFormatError, TypeError) as e:
-        raise InputError(f"{p.name}/study.json is not a vlmlens study ({e})") from None
-    return res, _read_lines(p / "results.jsonl")

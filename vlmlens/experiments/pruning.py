@@ -118,7 +118,7 @@ def _counts(s: Session) -> tuple[int, int, int]:
     return n_sys, len(img), s.prep.n_prompt - n_sys - len(img)
 
 
-def _result(s: Session, shape: LayerShape, name: str, ivs: list, separator: str, truth: str | None,
+def method_result(s: Session, shape: LayerShape, name: str, ivs: list, separator: str, truth: str | None,
             tokenizer) -> MethodResult:
     out = s.baseline if not ivs else s.evaluate(ivs)
     c = compare_outputs(s.baseline, out, separator, tokenizer)
@@ -152,9 +152,9 @@ def compare_pruning(lm, image, prompt: str, methods: dict | None = None, *, max_
     s = Session(lm, image, prompt, max_new_tokens=max_new_tokens)
     shape = LayerShape.from_model(lm)
     tok = lm.processor.tokenizer
-    res = [_result(s, shape, "baseline", [], separator, truth, tok)]
+    res = [method_result(s, shape, "baseline", [], separator, truth, tok)]
     for i, (name, ivs) in enumerate(methods.items()):
-        res.append(_result(s, shape, name, list(ivs), separator, truth, tok))
+        res.append(method_result(s, shape, name, list(ivs), separator, truth, tok))
         if progress:
             progress(i + 1, len(methods), name)
     return PruningComparison(lm.name, s.prep.prompt, s.baseline.run.generated_text, lm.n_layers, len(s.prep.image_pos),
@@ -297,7 +297,7 @@ def pruning_study(lm, methods: dict | None = None, *, n: int = 20, families: Seq
         for e in exs:
             s = Session(lm, e.scene.image, e.prompt, max_new_tokens=MAX_NEW_TOKENS[f])
             for m in names:
-                r = _result(s, shape, m, [] if m == "baseline" else list(methods[m]), DEFAULT_SEPARATOR, e.answer, tok)
+                r = method_result(s, shape, m, [] if m == "baseline" else list(methods[m]), DEFAULT_SEPARATOR, e.answer, tok)
                 got[m].append(r)
                 per.append({"family": f, "seed": e.seed, "method": m, "correct": r.correct, "depth": r.depth,
                             "total_saving": r.savings["total_saving"]})

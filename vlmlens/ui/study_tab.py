@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..errors import InputError
-from ..experiments.dataset_study import list_studies, load_study
+from ..experiments.study_files import list_studies, load_study
 from ..figures.study import fig_dataset_study
 from .handler import handler
 from .html import note

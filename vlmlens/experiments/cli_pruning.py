@@ -1,0 +1,136 @@
+"""Commands of token pruning and of encoder depth: ``prune``, ``encoder`` (registered on import by vlmlens.cli)."""
+from __future__ import annotations
+
+import json
+
+from ..cli import add_input_args, add_model_args, check_inputs, command, load_from_args
+from ..errors import InputError
+from .cli import _check_out_dir, progress_bar, write_csv
+from .engine import MODES, check_mode
+
+
+# ---- prune --------------------------------------------------------------------------------------
+
+@command("prune", "token pruning compared (FastV, PyramidDrop, VTW, baselines, stages): one image, or the shapes suite")
+def cmd_prune(args) -> int:
+    from .pruning import METHOD_SYNTAX, STUDY_COLUMNS, calibrated_stages, compare_pruning, find_vtw_layer, \
+        parse_methods, pruning_study
+
+    one = bool(args.image or args.prompt)
+    if one and not (args.image and args.prompt):
+        raise InputError("give both --image and --prompt (one input), or neither (--suite shapes)")
+    if one:
+        check_inputs(args)
+    if args.n < 1:
+        raise InputError(f"--n must be a positive number of examples per family, got {args.n}")
+    if args.calibrate < 0:
+        raise InputError(f"--calibrate must be 0 (off) or a number of calibration examples, got {args.calibrate}")
+    if not args.methods.strip():
+        raise InputError(f"--methods is empty; {METHOD_SYNTAX}")
+    out = _check_out_dir(args.out, "pruning.json") if args.out else None
+    lm = load_from_args(args)
+    methods = parse_methods(args.methods, lm.n_layers)
+    if args.calibrate:
+        from ..tiny.tasks import make_example, split_seeds
+
+        # calibration on the validation split of the shapes world: never the test examples scored below
+        cal = [(e.scene.image, e.prompt) for f in ("single", "caption", "reasoning")
+               for e in (make_example(s, f) for s in split_seeds("val", args.calibrate))]
+        vtw = find_vtw_layer(lm, cal, args.eta, max_new_tokens=8, progress=progress_bar())
+        print(f"VTW calibration on {len(cal)} examples, eta {args.eta}: K = {vtw.layer} (stable from {vtw.stable_layer});"
+              f" mean KL per depth {[round(x, 4) for x in vtw.mean_kl]}")
+        if vtw.layer is not None:
+            from ..interventions import VTW
+
+            methods[f"VTW calibrated k={vtw.layer}"] = [VTW(vtw.layer)]
+        per = min(args.calibrate, 3)       # knockout windows cost 3L+1 forwards each: a few per family
+        stages, labels = calibrated_stages(lm, [c for i in range(3) for c in cal[i * args.calibrate:][:per]],
+                                           max_new_tokens=8)
+        print(f"causal stages (majority of {3 * per} calibration examples, {per} per family): {labels} ->"
+              f" {list(stages.stages)}")
+        methods["StagePruner (calibrated)"] = [stages]
+    if one:
+        res = compare_pruning(lm, args.image, args.prompt, methods, max_new_tokens=args.max_new_tokens, truth=args.truth,
+                              progress=progress_bar())
+        print(f"{res.model}: baseline {res.baseline_text!r}; {res.n_image} image tokens, {res.n_layers} layers\n")
+        print(res.markdown())
+    else:
+        families = [f.strip() for f in args.families.split(",")] if args.families else None
+        res = pruning_study(lm, methods, n=args.n, families=families, progress=progress_bar())
+        print(f"{res.model}: {res.n_per_family} examples per family, {res.seconds:.0f} s\n")
+        for f in res.families:
+            print(f"{f}:\n{res.markdown(f)}\n")
+        from .pruning import adaptive_vs_fixed
+
+        for m in (m for m in res.methods if m.startswith("adaptive") and any(x.startswith("VTW k=") for x in res.methods)):
+            for f, r in adaptive_vs_fixed(res, m).items():
+                at = r["fixed_accuracy_at_same_saving"]
+                print(f"{m} on {f}: accuracy {100 * r['adaptive_accuracy']:.0f}% at {100 * r['adaptive_saving']:.1f}% saved"
+                      f" (mean depth {r['adaptive_mean_depth']:.1f}); fixed VTW depths at the same saving:"
+                      f" {'–' if at is None else f'{100 * at:.0f}%'}")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "pruning.json").write_text(json.dumps(res.to_json(), indent=1))
+        if not one:
+            from ..figures.pruning import fig_pruning_pareto
+
+            write_csv(out / "pruning.csv", res.rows, STUDY_COLUMNS)
+            fig_pruning_pareto(res).write_html(out / "fig_pruning_pareto.html", include_plotlyjs="cdn")
+        print(f"saved: {out}/pruning.json" + ("" if one else ", pruning.csv, fig_pruning_pareto.html"))
+    return 0
+
+
+def _configure_prune(p):
+    from .pruning import METHOD_SYNTAX, VTW_ETA
+
+    add_model_args(p)
+    p.add_argument("--image", default=None, help="one image (with --prompt); without both: the shapes suite")
+    p.add_argument("--prompt", default=None, help="question or instruction about the image")
+    p.add_argument("--truth", default=None, help="the correct answer of the one input (optional)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--methods", default="default", help=METHOD_SYNTAX)
+    p.add_argument("--calibrate", type=int, default=0,
+                   help="calibrate VTW's K and the causal stages on this many shapes train examples per family")
+    p.add_argument("--eta", type=float, default=VTW_ETA, help="VTW's KL threshold (nats) for --calibrate")
+    p.add_argument("--n", type=int, default=20, help="examples per task family (suite)")
+    p.add_argument("--families", default=None, help="comma-separated subset of single,caption,reasoning")
+    p.add_argument("--out", default=None, help="directory for pruning.json (+ pruning.csv, fig_pruning_pareto.html)")
+
+
+cmd_prune.configure = _configure_prune
+
+
+# ---- encoder x decoder depth ------------------------------------------------------------------------
+
+@command("encoder", "encoder depth x decoder depth: which (vision layers run, decoder cut) keep the answer")
+def cmd_encoder(args) -> int:
+    from .encoder import encoder_decoder_grid
+
+    check_inputs(args)
+    check_mode(args.mode)
+    out = _check_out_dir(args.out, "encoder_grid.json") if args.out else None
+    lm = load_from_args(args)
+    res = encoder_decoder_grid(lm, args.image, args.prompt, mode=args.mode, max_new_tokens=args.max_new_tokens,
+                               truth=args.truth, progress=progress_bar())
+    print(f"{res.model}: baseline {res.baseline_text!r}; vision features read after {res.feature_depth} tower layers,"
+          f" {res.n_layers} decoder layers, mode {res.mode}\n")
+    print(res.markdown())
+    if out is not None:
+        from ..figures.encoder import fig_encoder_grid
+
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "encoder_grid.json").write_text(json.dumps(res.to_json(), indent=1))
+        fig_encoder_grid(res).write_html(out / "fig_encoder_grid.html", include_plotlyjs="cdn")
+        print(f"saved: {out}/encoder_grid.json, fig_encoder_grid.html")
+    return 0
+
+
+def _configure_encoder(p):
+    add_model_args(p)
+    add_input_args(p)
+    p.add_argument("--truth", default=None, help="the correct answer (optional)")
+    p.add_argument("--mode", default="remove", help=f"decoder-side cut: one of {', '.join(MODES)}")
+    p.add_argument("--out", default=None, help="directory for encoder_grid.json and fig_encoder_grid.html")
+
+
+cmd_encoder.configure = _configure_encoder
