@@ -119,7 +119,8 @@ def _counts(s: Session) -> tuple[int, int, int]:
 
 
 def method_result(s: Session, shape: LayerShape, name: str, ivs: list, separator: str, truth: str | None,
-            tokenizer) -> MethodResult:
+                  tokenizer) -> MethodResult:
+    """One method on the session's input: its output against the baseline and the compute it saves."""
     out = s.baseline if not ivs else s.evaluate(ivs)
     c = compare_outputs(s.baseline, out, separator, tokenizer)
     L = s.n_layers
