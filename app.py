@@ -18,6 +18,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--runs", default="cached_runs", help="folder of saved runs (opened in the Runs tab)")
     p.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    p.add_argument("--adapter", default=None, help="LoRA adapters to merge into the model (a folder from"
+                   " `python -m vlmlens recover`)")
     p.add_argument("--no-model", action="store_true", help="serve cached runs only (teaching mode)")
     p.add_argument("--time-limit", type=float, default=120.0,
                    help="seconds one capture may generate before it stops with what it has (default 120)")
@@ -35,7 +37,7 @@ def main(argv=None) -> int:
 
     demo = build_demo(args.model, device=args.device, dtype=args.dtype, runs_dir=args.runs,
                       trust_remote_code=args.trust_remote_code, no_model=args.no_model, time_limit=args.time_limit,
-                      max_image_side=args.max_image_side, studies=args.study)
+                      max_image_side=args.max_image_side, studies=args.study, adapter=args.adapter)
     holder = demo.dashboard.holder
     if holder.off_reason:
         print(f"note: {holder.off_reason}", file=sys.stderr)

@@ -68,7 +68,7 @@ def main():
         f"- merged rows vs the single process: outputs and scores identical **{'yes' if texts else 'NO'}**, largest output-KL"
         f" difference {kl:.1e} nats (1 vs 2 threads per process change float summation order; with equal thread counts"
         " the files are byte-identical, tested)",
-        "- rows run one at a time (batch size 1); batched execution is not built yet",
+        "- rows run one at a time here (batch size 1); `--batch-size`: the next section",
     ]
     text = "\n".join(lines)
     print(text)

@@ -27,6 +27,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    p.add_argument("--adapter", default=None, help="LoRA adapters to merge (a folder from `recover`, peft's format)")
 
 
 def add_input_args(p: argparse.ArgumentParser) -> None:
@@ -38,7 +39,8 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
 def load_from_args(args):
     from .models.loading import load_model
 
-    return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                      adapter=getattr(args, "adapter", None))
 
 
 def check_inputs(args) -> None:
@@ -128,7 +130,8 @@ def _load_plugins() -> None:
     """Commands defined next to the code they drive (experiments register theirs on import)."""
     import importlib
 
-    for mod in ("vlmlens.experiments.cli", "vlmlens.experiments.cli_pruning", "vlmlens.cached"):
+    for mod in ("vlmlens.experiments.cli", "vlmlens.experiments.cli_pruning", "vlmlens.experiments.cli_recovery",
+                "vlmlens.cached"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -7,7 +7,7 @@ in ``finally``, also when the forward raises):
    name ``"vlmlens"``. It computes the layer's output with SDPA (so the model keeps its
    fast path); interventions add per-layer key blocks here, and the :class:`Recorder`
    recomputes ``softmax(q·Kᵀ·scale + mask)`` for the query rows it records. It never
-   materialises ``[layer, head, n, n]``.
+   materialises ``[layer, head, n, n]`` (``lens_attention.py``).
 2. Forward hooks on the decoder layers (and, when an intervention reads them, pre-hooks on
    their MLPs): layer inputs/outputs are recorded (the residual stream) and interventions
    may rewrite them.
@@ -24,6 +24,11 @@ A lens session is three objects, each with one job (defined in ``session.py``):
 What a session records is a frozen :class:`Recording`; :meth:`Plan.build` is the one place a
 :class:`Plan` (recording + interventions + prompt facts) is made. A session can resume after
 a prefix forward (:class:`LensStart`, see ``experiments/prefix.py``).
+
+A session may hold a padded batch (``batch=``: one :class:`BatchRow` per example, see
+``experiments/batch.py``): each example gets its own :class:`LensContext` over its own
+positions (:class:`RowPositions`), and every intervention is asked about each example as in a
+batch of one. A batched session records nothing and takes no rows out (it says so).
 """
 from __future__ import annotations
 
@@ -32,17 +37,15 @@ import warnings
 from typing import Protocol
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .lens_attention import ATTN_NAME, STATE_ATTR, AttentionView, _union, positional_mask  # noqa: F401
 from .recorder import Recorder
 from .rows import _hidden_arg, _select_rows, _with_hidden
-from .session import (HIDDEN_DTYPES, NOTHING, STORE_MODES, LensContext, LensStart, Plan, Positions,  # noqa: F401
-                      Recording)
+from .session import (HIDDEN_DTYPES, NOTHING, STORE_MODES, BatchRow, LensContext, LensStart, Plan,  # noqa: F401
+                      Positions, Recording, RowPositions)
 
-ATTN_NAME = "vlmlens"
-_STATE_ATTR = "_vlmlens_state"
+_STATE_ATTR = STATE_ATTR
+_ROW_SCRATCH = "_vlmlens_batch_rows"     # in a batched session's LensStart.scratch: each example's scratch
 
 
 class Intervention(Protocol):
@@ -95,105 +98,6 @@ def _method(iv, name: str):
         fn = getattr(iv, old)
     return fn
 
-# ---- the attention function -------------------------------------------------------------------
-
-class AttentionView:
-    """One layer's attention as its observers see it: the query/key positions and the
-    probabilities under the model's own mask (no intervention's key block), computed on
-    request for the rows asked for, in float32."""
-
-    def __init__(self, query, key, qpos, kpos, allowed, scale):
-        self.qpos, self.kpos = qpos, kpos
-        self._query, self._key, self._allowed, self._scale = query, key, allowed, scale
-
-    def probs(self, rows: torch.Tensor, exclude_keys: torch.Tensor | None = None) -> torch.Tensor:
-        """[H, R, kv] softmax over the keys the model's mask allows (minus ``exclude_keys``
-        [kv] bool) for the query rows ``rows`` [R] (indices into ``qpos``)."""
-        from transformers.integrations.sdpa_attention import repeat_kv
-
-        n_rep = self._query.shape[1] // self._key.shape[1]
-        k = repeat_kv(self._key, n_rep)[0].float()
-        q = self._query[0][:, rows].float()
-        allowed = self._allowed[rows]
-        if exclude_keys is not None:
-            allowed = allowed & ~exclude_keys[None, :]
-        s = torch.matmul(q, k.transpose(-1, -2)) * self._scale
-        return torch.softmax(s.masked_fill(~allowed[None], float("-inf")), dim=-1)
-
-
-def _lens_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    lens: Lens | None = getattr(module, _STATE_ATTR, None)
-    if lens is None:  # model left on "vlmlens" outside a lens: behave exactly like SDPA
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    layer = int(module.layer_idx)
-    pos = lens.positions
-    qpos, kpos = pos.keys(layer, key.shape[2], query.shape[2])
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-
-    # 1. allowed[q, kv]: the model's own mask (causality, sliding windows, Gemma 3's bidirectional
-    #    image block) when it describes this layer's rows, else causality + window by position;
-    #    observers see it before any key block, then the interventions' blocks are taken out
-    rec = lens.recorder
-    mask_fits = layer not in pos.pruned and (attention_mask is None or (
-        attention_mask.dim() == 4 and attention_mask.shape[-1] == kpos.numel() and attention_mask.shape[-2] == qpos.numel()
-    ))
-
-    def model_mask():
-        if attention_mask is not None and mask_fits:
-            m = attention_mask[0, 0]
-            return m if m.dtype == torch.bool else (m == 0)
-        return positional_mask(qpos, kpos, getattr(module, "sliding_window", None))
-
-    allowed = None
-    if lens.observers:
-        allowed = model_mask()
-        view = AttentionView(query, key, qpos, kpos, allowed, scale)
-        for fn in lens.observers:
-            fn(layer, view, lens.context)
-    blocked = None
-    for fn in lens.key_blocks:
-        b = fn(layer, qpos, kpos, lens.context)
-        if b is not None:
-            blocked = b if blocked is None else (blocked | b)
-    if not mask_fits and blocked is None:  # rows were removed: the mask comes from positions
-        blocked = torch.zeros(qpos.numel(), kpos.numel(), dtype=torch.bool, device=qpos.device)
-    if blocked is not None or rec.reads_attention:
-        if allowed is None:
-            allowed = model_mask()
-        if blocked is not None:
-            allowed = allowed & ~blocked
-
-    # 2. the layer's output: SDPA, exactly as transformers calls it when nothing is blocked
-    if blocked is None:
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    else:
-        kw = {k: v for k, v in kwargs.items() if k != "is_causal"}
-        out, _ = sdpa_attention_forward(
-            module, query, key, value, allowed[None, None], dropout=dropout, scaling=scaling, is_causal=False, **kw
-        )
-
-    # 3. what the recorder reads from this layer's attention
-    if rec.reads_attention:
-        with torch.no_grad():
-            rec.attention(module, layer, query, key, value, qpos, kpos, allowed, scale)
-    return out, None
-
-
-def positional_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None = None) -> torch.Tensor:
-    """Bool [q, kv] by absolute position: causal (``k <= q``) and, for a sliding-window layer,
-    ``k > q - window`` (transformers' convention). Used where the model's own mask no longer
-    describes the layer's rows (image rows removed). No bidirectional image block: once rows
-    are removed there are no image queries left in that layer."""
-    allowed = kpos[None, :] <= qpos[:, None]
-    if window:
-        allowed = allowed & (kpos[None, :] > qpos[:, None] - int(window))
-    return allowed
-
-
-AttentionInterface.register(ATTN_NAME, _lens_attention)
-AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
-
-
 # ---- the context manager ----------------------------------------------------------------------
 
 def _attention_modules(layers) -> list[torch.nn.Module]:
@@ -226,14 +130,14 @@ class Lens:
     """
 
     @classmethod
-    def for_model(cls, lm, plan: Plan, start: LensStart | None = None) -> "Lens":
+    def for_model(cls, lm, plan: Plan, start: LensStart | None = None, batch=None) -> "Lens":
         """The lens on a LoadedModel: its decoder layers, and its vision-tower layers for the
         interventions that edit them."""
         return cls(lm.arch.decoder_layers(lm.model), plan, device=lm.device, start=start,
-                   vision_layers=lm.arch.vision_layers(lm.model))
+                   vision_layers=lm.arch.vision_layers(lm.model), batch=batch)
 
     def __init__(self, layers, plan: Plan, device: torch.device | str = "cpu", start: LensStart | None = None,
-                 vision_layers=None):
+                 vision_layers=None, batch=None):
         self.layers = list(layers)
         self.vision_layers = list(vision_layers) if vision_layers is not None else []
         self.plan = plan
@@ -259,29 +163,90 @@ class Lens:
             raise RuntimeError("an intervention edits (or the plan records) the vision tower, but the lens was given "
                                "no vision layers (use Lens.for_model)")
         self.context.n_vision_layers = len(self.vision_layers)
+        # a left-padded batch (``batch``: one BatchRow per example): every intervention sees each
+        # example through its own context, numbered as in a batch of one
+        self.batch = list(batch) if batch is not None else None
+        self._row_contexts = []
+        if self.batch is not None:
+            self._check_batch()
+            for row in self.batch:
+                ctx = LensContext(RowPositions(self.positions, row, device), plan, n_prompt=row.n_prompt)
+                ctx.n_vision_layers = len(self.vision_layers)
+                self._row_contexts.append(ctx)
+            rows_scratch = self.context.scratch.pop(_ROW_SCRATCH, None)
+            if rows_scratch is not None:
+                if len(rows_scratch) != len(self._row_contexts):
+                    raise RuntimeError("a batched lens session resumed with a different batch size")
+                for ctx, sc in zip(self._row_contexts, rows_scratch):
+                    ctx.scratch = sc
         self._handles: list = []
         self._configs: list = []
         self._attn_mods: list = []
 
+    def _check_batch(self) -> None:
+        why = []
+        r = self.plan.recording
+        if r.store != "none" or r.attention or r.contrib or r.vision:
+            why.append("it records nothing (a batched run only scores outputs)")
+        if self.observers or self._mlp_reads:
+            why.append("no intervention reads attention or MLP inputs")
+        if why:
+            raise RuntimeError("a batched lens session needs: " + "; ".join(why))
+
+    def key_block(self, layer: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor | None:
+        """The interventions' key blocks of ``layer``: bool [q, kv] (a batch: [B, q, kv]) or None."""
+        if not self.key_blocks:
+            return None
+        if self.batch is None:
+            return _union(self.key_blocks, layer, qpos, kpos, self.context)
+        out = None
+        for b, ctx in enumerate(self._row_contexts):
+            rp = ctx._positions
+            blk = _union(self.key_blocks, layer, rp.of_columns(qpos), rp.of_columns(kpos), ctx)
+            if blk is not None:
+                if out is None:
+                    out = torch.zeros(len(self.batch), qpos.numel(), kpos.numel(), dtype=torch.bool, device=qpos.device)
+                out[b] = blk
+        return out
+
+    def _per_row(self, call, *tensors):
+        """``call(*tensors, ctx)`` (rewrites [1, q, d] or None), per example in a batch; the
+        rewritten batch, or None when nothing changed."""
+        if self.batch is None:
+            return call(*tensors, self.context)
+        parts, changed = [], False
+        for b, ctx in enumerate(self._row_contexts):
+            r = call(*(t[b:b + 1] for t in tensors), ctx)
+            changed = changed or r is not None
+            parts.append(tensors[-1][b:b + 1] if r is None else r)
+        return torch.cat(parts) if changed else None
+
     def start(self) -> LensStart:
         """The point a later session resumes from (after this session's forwards)."""
         p, r = self.positions, self.recorder
+        scratch = self.context.scratch
+        if self.batch is not None:        # each example's own scratch space travels with it
+            scratch = {**scratch, _ROW_SCRATCH: [c.scratch for c in self._row_contexts]}
         return LensStart(p.n_seen, dict(p.key_pos), frozenset(p.pruned), dict(r.hidden), dict(r.share),
-                         copy.deepcopy(self.context.scratch))
+                         copy.deepcopy(scratch))
 
     # hooks ---------------------------------------------------------------------------------
     def _keep_rows(self, layer: int) -> torch.Tensor | None:
         """Bool mask over this forward's rows that stay in the sequence at ``layer`` (None: all)."""
-        removed = [r for r in (fn(layer, self.context) for fn in self._removers) if r is not None and r.numel()]
+        removed = [r for r in (fn(layer, c) for fn in self._removers for c in (self._row_contexts or [self.context]))
+                   if r is not None and r.numel()]
         if not removed:
             return None
+        if self.batch is not None:
+            raise RuntimeError("an intervention removes rows, which a batched lens session cannot do (examples would "
+                               "hold different numbers of rows); run it one example at a time")
         qpos = self.positions.qpos
         keep = ~torch.isin(qpos, torch.cat(removed).to(qpos.device))
         return None if bool(keep.all()) else keep
 
     def _pre(self, idx):
         def hook(module, args, kwargs):
-            pos, ctx = self.positions, self.context
+            pos = self.positions
             hidden, positional = _hidden_arg(args, kwargs)
             if idx == 0:
                 self.recorder.store_hidden(0, hidden, pos.begin_forward(hidden.shape[1], hidden.device))
@@ -293,7 +258,7 @@ class Lens:
             rows = pos.enter_layer(idx, keep)
             new = hidden
             for fn in self._pre_edits:
-                r = fn(idx, new, ctx)
+                r = self._per_row(lambda h, c: fn(idx, h, c), new)
                 if r is not None:
                     new = r
             if new is not hidden and idx > 0:
@@ -303,14 +268,15 @@ class Lens:
             return _with_hidden(args, kwargs, new, positional)
         return hook
 
-    def _edited_output(self, edits, idx, args, kwargs, output):
+    def _edited_output(self, edits, idx, args, kwargs, output, vision: bool = False):
         """(layer input, the output's hidden states after ``edits``, the output rebuilt or None)."""
         h_in, _ = _hidden_arg(args, kwargs)
         is_tuple = isinstance(output, tuple)
         h_out = output[0] if is_tuple else output
         new = h_out
         for fn in edits:
-            r = fn(idx, h_in, new, self.context)
+            r = (fn(idx, h_in, new, self.context) if vision
+                 else self._per_row(lambda a, b, c: fn(idx, a, b, c), h_in, new))
             if r is not None:
                 new = r
         rebuilt = None if new is h_out else ((new, *output[1:]) if is_tuple else new)
@@ -327,7 +293,7 @@ class Lens:
 
     def _vision_post(self, idx):
         def hook(module, args, kwargs, output):
-            h_in, new, rebuilt = self._edited_output(self._vision_edits, idx, args, kwargs, output)
+            h_in, new, rebuilt = self._edited_output(self._vision_edits, idx, args, kwargs, output, vision=True)
             if self.plan.recording.vision:
                 if idx == 0:
                     self.recorder.store_vision(0, h_in)

@@ -129,8 +129,64 @@ class LensStart:
         return LensStart(self.n_seen, key_pos, frozenset(pruned), hidden, dict(self.share), self.scratch)
 
 
+class ImageTable:
+    """Which positions are image tokens, as a lookup table (asked for every layer's keys and
+    queries at every step; a gather is much cheaper than torch.isin's sort). Negative
+    positions (a batch's left padding) are never image tokens."""
+
+    def __init__(self, image_positions: np.ndarray, device: torch.device):
+        self.image_pos = torch.as_tensor(np.asarray(image_positions, dtype=np.int64), device=device)
+        n = int(self.image_pos.max()) + 1 if self.image_pos.numel() else 0
+        self._lut = torch.zeros(n + 1, dtype=torch.bool, device=device)
+        if n:
+            self._lut[self.image_pos] = True
+
+    def is_image(self, pos: torch.Tensor) -> torch.Tensor:
+        if self.image_pos.numel() == 0:
+            return torch.zeros_like(pos, dtype=torch.bool)
+        # the table's last entry is False: every position past the image maps there
+        hit = self._lut[pos.clamp(0, self._lut.numel() - 1)]
+        return hit & (pos >= 0) if int(self.image_pos[0]) == 0 else hit
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    """One example of a padded batch: ``positions[c]`` is the position (as a batch of one
+    numbers it) of the example's token in column ``c`` of the prompt, -1 on padding; columns
+    after the prompt (generated tokens) continue its numbering. Also its own image positions
+    and prompt length."""
+
+    positions: np.ndarray
+    image_positions: np.ndarray
+    n_prompt: int
+
+
+class RowPositions:
+    """One example's view of a batch's positions: the batch's columns mapped to the example's
+    own positions. What interventions see of it is exactly what a batch of one shows them
+    (padding columns are position -1: never an image token, never read)."""
+
+    def __init__(self, shared: "Positions", row: BatchRow, device: torch.device):
+        self._shared = shared
+        self._table = ImageTable(row.image_positions, device)
+        self.image_pos = self._table.image_pos
+        self._lut = torch.as_tensor(np.asarray(row.positions, dtype=np.int64), device=device)
+        self._shift = int(self._lut.numel()) - int(row.n_prompt)
+
+    def of_columns(self, cols: torch.Tensor) -> torch.Tensor:
+        P = self._lut.numel()
+        return torch.where(cols < P, self._lut[cols.clamp(max=P - 1)], cols - self._shift)
+
+    def is_image(self, pos: torch.Tensor) -> torch.Tensor:
+        return self._table.is_image(pos)
+
+    def rows(self, layer: int) -> torch.Tensor:
+        return self.of_columns(self._shared.layer_qpos[layer])
+
+
 class Positions:
-    """Absolute positions of one lens session (batch size 1).
+    """Absolute positions of one lens session (in a batch: columns, shared by its examples;
+    each example's own view is a :class:`RowPositions`).
 
     ``qpos``: positions of the current forward's rows; ``layer_qpos[l]``: those layer ``l``
     holds (fewer when rows were removed); ``key_pos[l]``: positions of the keys in layer
@@ -139,13 +195,8 @@ class Positions:
     """
 
     def __init__(self, image_positions: np.ndarray, device: torch.device):
-        self.image_pos = torch.as_tensor(np.asarray(image_positions, dtype=np.int64), device=device)
-        # position -> is an image token, as a lookup table (called for every layer's keys and
-        # queries at every step; a gather is much cheaper than torch.isin's sort)
-        n = int(self.image_pos.max()) + 1 if self.image_pos.numel() else 0
-        self._image_lut = torch.zeros(n + 1, dtype=torch.bool, device=device)
-        if n:
-            self._image_lut[self.image_pos] = True
+        self._table = ImageTable(image_positions, device)
+        self.image_pos = self._table.image_pos
         self.n_seen = 0
         self.qpos: torch.Tensor | None = None
         self.key_pos: dict[int, torch.Tensor] = {}
@@ -154,10 +205,11 @@ class Positions:
         self.pruned_now: dict[int, torch.Tensor] = {}   # this forward: layer -> bool over qpos of rows it holds
 
     def is_image(self, pos: torch.Tensor) -> torch.Tensor:
-        if self.image_pos.numel() == 0:
-            return torch.zeros_like(pos, dtype=torch.bool)
-        # the table's last entry is False: every position past the image maps there
-        return self._image_lut[pos.clamp(0, self._image_lut.numel() - 1)]
+        return self._table.is_image(pos)
+
+    def rows(self, layer: int) -> torch.Tensor:
+        """Positions of the rows decoder layer ``layer`` holds in the current forward."""
+        return self.layer_qpos[layer]
 
     def begin_forward(self, q: int, device) -> torch.Tensor:
         self.qpos = torch.arange(self.n_seen, self.n_seen + q, device=device)
@@ -187,7 +239,7 @@ class Positions:
         if kpos.numel() != n_keys or qpos.numel() != n_queries:
             raise RuntimeError(
                 f"vlmlens lens lost track of positions at layer {layer}: {qpos.numel()} queries/{kpos.numel()} keys "
-                f"recorded vs {n_queries}/{n_keys} in the model (batch size must be 1)")
+                f"recorded vs {n_queries}/{n_keys} in the model (a batch needs the lens's batch layout)")
         return qpos, kpos
 
     def end_forward(self) -> None:
@@ -202,9 +254,9 @@ class Positions:
 class LensContext:
     """What an intervention may read during a session (plus ``scratch``, its own space)."""
 
-    def __init__(self, positions: Positions, plan: Plan):
+    def __init__(self, positions: "Positions | RowPositions", plan: Plan, n_prompt: int | None = None):
         self._positions = positions
-        self.n_prompt = plan.n_prompt
+        self.n_prompt = plan.n_prompt if n_prompt is None else int(n_prompt)
         self.n_layers = plan.n_layers
         self.n_vision_layers = 0                  # set by the lens: layers of the vision tower it hooks
         self.scratch: dict[Any, Any] = {}
@@ -218,7 +270,7 @@ class LensContext:
 
     def rows(self, layer: int) -> torch.Tensor:
         """Positions of the rows decoder layer ``layer`` holds in the current forward."""
-        return self._positions.layer_qpos[layer]
+        return self._positions.rows(layer)
 
     def span(self, name: str, pos: torch.Tensor) -> torch.Tensor:
         """Bool mask of ``pos`` in span ``name`` of the project's vocabulary (vlmlens.run.span_mask)."""

@@ -255,10 +255,14 @@ def _dataset_study(args) -> int:
     res = dataset_study(lm, data, args.out, task=args.task, depths=args.depths, mode=args.mode,
                         max_new_tokens=args.max_new_tokens, separator=args.separator, resume=args.resume, rank=rank,
                         world=world, barrier=barrier, progress=progress_bar() if rank == 0 else None,
-                        methods=args.methods, encoder_depths=args.encoder_depths)
+                        methods=args.methods, encoder_depths=args.encoder_depths, batch_size=args.batch_size)
     if res is not None:
+        ex = res.execution or {}
         print(f"{res.config['model']}: {res.n_items} items, {len(res.skipped)} rows skipped, {world} process(es),"
-              f" {res.seconds:.0f} s\n")
+              f" batch size {args.batch_size}, {res.seconds:.0f} s")
+        for why in ex.get("reasons", []):
+            print(f"  {why}")
+        print()
         print(f"score (task metric):\n{res.markdown('score')}\n\nanswer kept:\n{res.markdown('answer_kept')}\n")
         if res.caption_tokenizer:
             print(f"caption tokenizer: {res.caption_tokenizer}")
@@ -280,6 +284,8 @@ def _configure_study(p):
     p.add_argument("--on-bad-row", default="skip", help="skip (report and leave out) or fail (--data)")
     p.add_argument("--resume", action="store_true", help="continue the study in --out: only what is missing runs")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per item (--data)")
+    p.add_argument("--batch-size", type=int, default=1, help="items per forward (--data); the same results as 1,"
+                   " faster; what cannot batch runs one at a time and the study says why")
     p.add_argument("--separator", default="answer:", help="what precedes the final answer of a trace (--data)")
     p.add_argument("--encoder-depths", default=None, help="vision-tower layers to run, e.g. 0,2,4 (--data): an"
                    " encoder x decoder grid with --depths")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,11 +34,11 @@ import numpy as np
 from .. import __version__
 from ..data import Dataset
 from ..errors import InputError
-from ..metrics import TASKS, caption_scores, item_score
-from .engine import DEFAULT_SEPARATOR, Progress, Session, check_mode, compare_outputs, parse_depths, truncation
+from ..metrics import caption_scores
+from .engine import DEFAULT_SEPARATOR, Progress, check_mode, parse_depths
 from .study_files import CONFIG, _atomic_write, _clean_rank_file, check_out, done_items
+from .study_runner import DATA_TASKS, item_task, run_items  # noqa: F401  (DATA_TASKS: the CLI's)
 
-DATA_TASKS = tuple(t for t in TASKS if t != "shapes")
 CSV_COLUMNS = ("task", "encoder_depth", "depth", "method", "n", "score", "ci_low", "ci_high", "answer_kept", "output_kl", "cider_d",
                "bleu_4", "total_saving", "kv_saving")
 N_BOOTSTRAP = 1000
@@ -76,57 +75,6 @@ def _cells(rec: dict) -> dict:
     return rec["depths"]
 
 
-def item_task(item, task: str | None) -> str:
-    t = item.task or task
-    if t not in DATA_TASKS:
-        raise InputError(f"row {item.row}: unknown task {t!r}; expected one of {', '.join(DATA_TASKS)} (set --task)")
-    return t
-
-
-def run_items(lm, items, *, task, depths, mode, max_new_tokens, separator, rank_file: Path, progress=None,
-              methods: dict | None = None, encoder_depths: list[int] | None = None) -> None:
-    """Run and append every item of this rank (one line each, flushed as it finishes). With
-    ``methods`` ({name: interventions}) each item runs the baseline and every method instead of
-    the depths, and each cell adds the compute the method's schedule saves."""
-    from ..analysis.compute import LayerShape
-    from .pruning import method_result
-
-    L = lm.n_layers
-    shape = LayerShape.from_model(lm) if methods else None
-    with open(rank_file, "a", encoding="utf-8") as f:
-        for n, item in enumerate(items, 1):
-            t = item_task(item, task)
-            s = Session(lm, item.image, item.prompt, max_new_tokens=max_new_tokens, baseline=[truncation(L, mode)])
-            per = {}
-
-            def cell(text, kept, kl):
-                return {"text": text, "answer_kept": bool(kept), "output_kl": float(kl),
-                        "score": item_score(t, text, item.answers, item.choices, separator) if item.answers else None}
-            if methods:
-                for name, ivs in {"baseline": [], **methods}.items():
-                    r = method_result(s, shape, name, list(ivs), separator, None, lm.processor.tokenizer)
-                    per[name] = {**cell(r.text, r.answer_kept, r.output_kl), "image_rows": r.image_rows,
-                                 "total_saving": r.savings["total_saving"], "kv_saving": r.savings["kv_saving"]}
-            else:
-                from ..interventions import EncoderDepth
-
-                F = lm.arch.vision_feature_depth(lm.model)
-                for m in (encoder_depths or [F]):
-                    for k in depths:
-                        ivs = ([EncoderDepth(m)] if m < F else []) + ([truncation(k, mode)] if k < L else [])
-                        var = s.evaluate(ivs) if ivs else s.baseline
-                        c = compare_outputs(s.baseline, var, separator, lm.processor.tokenizer)
-                        per[f"{m},{k}" if encoder_depths else str(k)] = cell(c["text"], c["answer_kept"], c["output_kl"])
-            kind = "methods" if methods else ("grid" if encoder_depths else "depths")
-            rec = {"id": item.id, "row": item.row, "task": t, "prompt": item.prompt, "answers": list(item.answers),
-                   "baseline": s.baseline.run.generated_text, kind: per}
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            if progress:
-                progress(n, len(items), f"item {item.id}")
-
-
 def _bootstrap(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
     if len(values) < 2:
         return float("nan"), float("nan")
@@ -145,6 +93,7 @@ class DatasetStudy:
     caption_tokenizer: str | None
     seconds: float = 0.0
     vlmlens_version: str = __version__
+    execution: dict | None = None     # this run's batching (rank 0): batch size, items batched / not, why
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -222,7 +171,7 @@ class DatasetStudy:
                             ["baseline", *self.config["methods"]], rows)
 
 
-def merge(out: Path, dataset: Dataset, config: dict, seconds: float = 0.0) -> DatasetStudy:
+def merge(out: Path, dataset: Dataset, config: dict, seconds: float = 0.0, execution: dict | None = None) -> DatasetStudy:
     """The study from the rank files: results.jsonl in dataset order, study.json, study.csv."""
     got = done_items(out)
     order = [it.id for it in dataset.items if it.id in got]
@@ -255,7 +204,7 @@ def merge(out: Path, dataset: Dataset, config: dict, seconds: float = 0.0) -> Da
                     row["score"] = float(vals.mean())
                     row["ci_low"], row["ci_high"] = _bootstrap(vals)
             rows.append(row)
-    res = DatasetStudy(config, rows, len(records), dataset.skipped, tok, round(seconds, 1))
+    res = DatasetStudy(config, rows, len(records), dataset.skipped, tok, round(seconds, 1), execution=execution)
     _atomic_write(out / "study.json", json.dumps(res.to_json(), indent=1))
     _atomic_write(out / "study.csv", res.csv())
     return res
@@ -264,18 +213,22 @@ def merge(out: Path, dataset: Dataset, config: dict, seconds: float = 0.0) -> Da
 def dataset_study(lm, dataset: Dataset, out, *, task: str | None = None, depths=None, mode: str = "drop",
                   max_new_tokens: int = 16, separator: str = DEFAULT_SEPARATOR, resume: bool = False,
                   rank: int = 0, world: int = 1, barrier=None, progress: Progress | None = None,
-                  methods: str | None = None, encoder_depths=None) -> DatasetStudy | None:
+                  methods: str | None = None, encoder_depths=None, batch_size: int = 1) -> DatasetStudy | None:
     """Run (or continue) the study in ``out``; rank 0 returns the merged result, others None.
 
     ``methods`` (token pruning, written as for ``python -m vlmlens prune --methods``) makes it a
     pruning study: the baseline and each method per row, with the decoder FLOPs and KV bytes each
     saves, instead of the depths. ``encoder_depths`` (vision-tower layers run, 0..F) makes it a
-    grid: every (encoder depth m, decoder depth k) per row.
+    grid: every (encoder depth m, decoder depth k) per row. ``batch_size`` items run per forward
+    (the same result as one at a time; what cannot batch runs one at a time, and the result's
+    ``execution`` says why).
 
     ``barrier`` (torch.distributed.barrier under torchrun) is called where every rank must
     have arrived: after the directory is ready, and before the merge.
     """
     check_mode(mode)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch size must be an integer >= 1, got {batch_size!r}")
     if task is not None and task not in DATA_TASKS:
         raise InputError(f"unknown task {task!r}; expected one of {', '.join(DATA_TASKS)}")
     for it in dataset.items:
@@ -317,9 +270,10 @@ def dataset_study(lm, dataset: Dataset, out, *, task: str | None = None, depths=
     done = done_items(out)
     wait()                               # every rank has read what is done before anyone appends
     remaining = [it for it in dataset.items if it.id not in done]
-    run_items(lm, remaining[rank::world], task=task, depths=ks, mode=mode, max_new_tokens=max_new_tokens,
-              separator=separator, rank_file=rank_file, progress=progress, methods=parsed, encoder_depths=ems)
+    ex = run_items(lm, remaining[rank::world], task=task, depths=ks, mode=mode, max_new_tokens=max_new_tokens,
+                   separator=separator, rank_file=rank_file, progress=progress, methods=parsed, encoder_depths=ems,
+                   batch_size=batch_size)
     wait()
     if rank != 0:
         return None
-    return merge(out, dataset, config, time.perf_counter() - t0)
+    return merge(out, dataset, config, time.perf_counter() - t0, asdict(ex))

@@ -12,8 +12,8 @@
 from __future__ import annotations
 
 from ..errors import InputError
-from .base import (INDEPENDENT, RECOMPUTE, UNCHANGED, PrefixEffect, gradient_safe, prefix_effect, removal_conflict,
-                   validate_all)
+from .base import (INDEPENDENT, RECOMPUTE, UNCHANGED, PrefixEffect, batch_conflict, gradient_safe, prefix_effect,
+                   removal_conflict, validate_all)
 from .encoder import EncoderDepth
 from .core import DST_SPANS, SRC_SPANS, TRUNCATE_MODES, Freeze, Knockout, SkipLayers, Substitute, Truncate
 from .policies import STAGE_TREATMENTS, VISIPRUNER_TREATMENTS, AdaptiveVTW, StagePruner
@@ -38,7 +38,7 @@ def from_json(d: dict):
         raise InputError(f"bad fields for {kind}: {e}") from None
 
 
-__all__ = ["EncoderDepth", "AdaptiveVTW", "PRUNERS", "DST_SPANS", "INDEPENDENT", "KINDS", "PRUNE_MODES", "PRUNE_SCORES", "RECOMPUTE", "SRC_SPANS",
+__all__ = ["batch_conflict", "EncoderDepth", "AdaptiveVTW", "PRUNERS", "DST_SPANS", "INDEPENDENT", "KINDS", "PRUNE_MODES", "PRUNE_SCORES", "RECOMPUTE", "SRC_SPANS",
            "STAGE_TREATMENTS", "TRUNCATE_MODES", "UNCHANGED", "VISIPRUNER_TREATMENTS", "VTW", "FastV", "Freeze",
            "Knockout", "PrefixEffect", "PyramidDrop", "SkipLayers", "StagePruner", "Substitute", "TokenPruner",
            "Truncate", "from_json", "gradient_safe", "n_kept", "prefix_effect", "removal_conflict", "validate_all"]

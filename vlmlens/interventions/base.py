@@ -47,6 +47,11 @@ class _Base:
     def image_row_edits(self, n_layers: int) -> set:
         return set()
 
+    def batch_conflict(self) -> str | None:
+        """Why this intervention cannot run in a left-padded batch (None: it can). Reading
+        attention or MLP inputs, or taking rows out of the sequence, is per example."""
+        return _batch_conflict(self)
+
     def conflicts(self, others: Sequence, n_layers: int) -> str | None:
         if self.exclusive and any(getattr(o, "exclusive", None) == self.exclusive for o in others):
             return f"conflicting interventions: more than one {self.exclusive}{self.exclusive_hint}"
@@ -60,6 +65,28 @@ def removal_conflict(who: str, k: int, others: Sequence, n_layers: int) -> str |
         if edits is not None and any(l >= k for l in edits(n_layers)):
             return (f"conflicting interventions: {who} takes the image tokens out of layers >= {k}, so {iv!r} cannot"
                     " act on them there")
+    return None
+
+
+_PER_EXAMPLE = (("observe_attention", "reads attention to rank tokens"), ("read_mlp_input", "reads MLP inputs"),
+                ("removed_positions", "takes rows out of the sequence"))
+
+
+def _batch_conflict(iv) -> str | None:
+    for name, why in _PER_EXAMPLE:
+        if getattr(iv, name, None) is not None:
+            return f"{iv!r} {why}, which is per example"
+    return None
+
+
+def batch_conflict(interventions: Sequence) -> str | None:
+    """Why ``interventions`` cannot run batched (the first reason), or None. Interventions that
+    do not say (user-written ones) are judged by the lens hooks they implement."""
+    for iv in interventions:
+        ask = getattr(iv, "batch_conflict", None)
+        why = ask() if ask is not None else _batch_conflict(iv)
+        if why:
+            return why
     return None
 
 

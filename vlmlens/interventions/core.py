@@ -96,6 +96,12 @@ class Truncate(_Base):
         # the same outputs (tested); the image rows stay in place for a backward pass to reach
         return Truncate(self.from_layer, "drop") if self.mode == "remove" else self
 
+    def batch_conflict(self):
+        if self.mode == "remove":
+            return (f"{self!r} takes the image rows out of the sequence, which is per example (mode 'drop' gives the "
+                    "same tokens and batches)")
+        return None
+
     def conflicts(self, others, n_layers):
         msg = super().conflicts(others, n_layers)
         if msg or self.mode != "remove":

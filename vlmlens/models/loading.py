@@ -88,6 +88,7 @@ def load_model(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     trust_remote_code: bool = False,
+    adapter: str | os.PathLike | None = None,
 ) -> LoadedModel:
     """Load a VLM and its processor.
 
@@ -99,11 +100,23 @@ def load_model(
             With several GPUs and ``"auto"``, weights are spread with ``device_map="auto"``.
         dtype: ``"auto"`` (bf16/fp16 on GPU, fp32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.
         trust_remote_code: passed to transformers; off unless the user asks for it.
+        adapter: a folder of LoRA adapters in peft's format (``adapter_config.json`` +
+            ``adapter_model.safetensors``, e.g. from ``python -m vlmlens recover``), merged
+            into the weights after loading; the name becomes ``"<name>+<folder>"``.
 
     Raises:
         UnsupportedModel: the family is not supported (the message lists the supported ones)
             or the name is neither built in, a directory, nor a loadable hub id.
     """
+    if adapter is not None:
+        from ..experiments.recovery import check_adapter_dir
+
+        check_adapter_dir(adapter)         # before spending time on the model
+        lm = load_model(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        from ..experiments.recovery import load_adapter
+
+        model = load_adapter(lm.model, adapter).eval()
+        return LoadedModel(model, lm.processor, lm.arch, f"{lm.name}+{Path(adapter).name}", lm.device, lm.dtype)
     if not isinstance(name, str) or not name.strip():
         raise UnsupportedModel("model name is empty; try 'tiny-shapes', 'random:llava' or a hub id")
     dev = resolve_device(device)

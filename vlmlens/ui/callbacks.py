@@ -69,10 +69,10 @@ class Dashboard(TabHandlers, StudyTab):
     def __init__(self, *, model: str | None = "tiny-shapes", device: str = "auto", dtype: str = "auto",
                  runs_dir=None, trust_remote_code: bool = False, no_model: bool = False,
                  default_run: str | None = None, store_capacity: int = 64, loader=None, start_loading: bool = True,
-                 time_limit: float | None = 120.0, max_image_side: int = 1344, studies=None):
+                 time_limit: float | None = 120.0, max_image_side: int = 1344, studies=None, adapter=None):
         name, why = resolve_model_name(model, no_model)
         self.holder = ModelHolder(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                                  loader=loader, off_reason=why)
+                                  loader=loader, off_reason=why, adapter=adapter)
         self.store = RunStore(store_capacity)
         self.runs = RunsDir(runs_dir)
         self.studies_root = Path(studies) if studies else None    # the Study tab opens studies under it only

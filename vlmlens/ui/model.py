@@ -18,8 +18,10 @@ class ModelHolder:
     """
 
     def __init__(self, name: str | None, *, device: str = "auto", dtype: str = "auto",
-                 trust_remote_code: bool = False, loader=None, off_reason: str | None = None) -> None:
+                 trust_remote_code: bool = False, loader=None, off_reason: str | None = None,
+                 adapter=None) -> None:
         self.name = name
+        self.adapter = adapter             # LoRA adapters merged after loading (load_model's adapter=)
         self.device, self.dtype, self.trust_remote_code = device, dtype, trust_remote_code
         self._loader = loader
         self._lm = None
@@ -45,7 +47,9 @@ class ModelHolder:
             loader = self._loader
             if loader is None:
                 from ..models.loading import load_model as loader
-            self._lm = loader(self.name, device=self.device, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+            extra = {"adapter": self.adapter} if self.adapter is not None else {}
+            self._lm = loader(self.name, device=self.device, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
+                              **extra)
         except InputError as e:
             self._error = str(e)
         except Exception as e:  # a broken checkpoint, out of memory, ...: keep serving cached runs

@@ -1,0 +1,153 @@
+"""Running a dataset study's items: one line per finished item, appended and fsync'd.
+
+Two paths give the same lines (texts identical, KL within float noise; tested):
+
+* one item at a time -- a :class:`Session` per item, variants continued from its shared prefix;
+* batched (``batch_size`` > 1) -- a :class:`BatchSession` per ``batch_size`` items, every
+  variant one batched generate + one batched teacher-forced forward; the lines of a batch are
+  written when it finishes (a crash loses at most the batch in flight).
+
+Variants that cannot batch (token-pruning methods, ``mode="remove"``) run one item at a time,
+and a batch whose inputs cannot be stacked falls back item by item; :class:`Execution` says
+what ran how, and why.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InputError
+from ..interventions import EncoderDepth, batch_conflict
+from ..metrics import TASKS, item_score
+from .batch import BatchError, BatchSession, output_kl
+from .engine import Session, answer_of, compare_outputs, truncation
+
+DATA_TASKS = tuple(t for t in TASKS if t != "shapes")
+
+
+def item_task(item, task: str | None) -> str:
+    t = item.task or task
+    if t not in DATA_TASKS:
+        raise InputError(f"row {item.row}: unknown task {t!r}; expected one of {', '.join(DATA_TASKS)} (set --task)")
+    return t
+
+
+@dataclass
+class Execution:
+    """How a rank ran its items: batch size asked, items run batched / one at a time, and why not batched."""
+
+    batch_size: int = 1
+    batched_items: int = 0
+    single_items: int = 0
+    reasons: list = field(default_factory=list)
+
+    def note(self, why: str) -> None:
+        if why not in self.reasons:
+            self.reasons.append(why)
+
+
+def depth_variants(lm, depths, mode, encoder_depths) -> list[tuple[str, list]]:
+    """(cell key, interventions) of a depth study or an encoder x decoder grid; [] = the baseline."""
+    L, F = lm.n_layers, lm.arch.vision_feature_depth(lm.model)
+    out = []
+    for m in (encoder_depths or [F]):
+        for k in depths:
+            ivs = ([EncoderDepth(m)] if m < F else []) + ([truncation(k, mode)] if k < L else [])
+            out.append((f"{m},{k}" if encoder_depths else str(k), ivs))
+    return out
+
+
+def _cell(t, item, text, kept, kl, separator) -> dict:
+    return {"text": text, "answer_kept": bool(kept), "output_kl": float(kl),
+            "score": item_score(t, text, item.answers, item.choices, separator) if item.answers else None}
+
+
+def _record(item, t, baseline_text, kind, per) -> dict:
+    return {"id": item.id, "row": item.row, "task": t, "prompt": item.prompt, "answers": list(item.answers),
+            "baseline": baseline_text, kind: per}
+
+
+def _single(lm, item, t, *, variants, mode, max_new_tokens, separator, methods, shape) -> tuple[dict, str]:
+    from .pruning import method_result
+
+    s = Session(lm, item.image, item.prompt, max_new_tokens=max_new_tokens, baseline=[truncation(lm.n_layers, mode)])
+    per = {}
+    if methods:
+        for name, ivs in {"baseline": [], **methods}.items():
+            r = method_result(s, shape, name, list(ivs), separator, None, lm.processor.tokenizer)
+            per[name] = {**_cell(t, item, r.text, r.answer_kept, r.output_kl, separator), "image_rows": r.image_rows,
+                         "total_saving": r.savings["total_saving"], "kv_saving": r.savings["kv_saving"]}
+    else:
+        for key, ivs in variants:
+            var = s.evaluate(ivs) if ivs else s.baseline
+            c = compare_outputs(s.baseline, var, separator, lm.processor.tokenizer)
+            per[key] = _cell(t, item, c["text"], c["answer_kept"], c["output_kl"], separator)
+    return per, s.baseline.run.generated_text
+
+
+def _batched(lm, items, tasks, *, variants, mode, max_new_tokens, separator) -> list[tuple[dict, str]]:
+    bs = BatchSession(lm, [(it.image, it.prompt) for it in items], max_new_tokens=max_new_tokens,
+                      baseline=[truncation(lm.n_layers, mode)])
+    base = bs.baseline
+    pers = [{} for _ in items]
+    for key, ivs in variants:
+        var = bs.evaluate(ivs) if ivs else base
+        for b, (item, t) in enumerate(zip(items, tasks)):
+            kept = answer_of(var.texts[b], separator) == answer_of(base.texts[b], separator)
+            kl = output_kl(base.step_logprobs[b], var.step_logprobs[b], len(base.generated_ids[b]))
+            pers[b][key] = _cell(t, item, var.texts[b], kept, kl, separator)
+    return list(zip(pers, base.texts))
+
+
+def run_items(lm, items, *, task, depths, mode, max_new_tokens, separator, rank_file: Path, progress=None,
+              methods: dict | None = None, encoder_depths: list[int] | None = None,
+              batch_size: int = 1) -> Execution:
+    """Run and append every item of this rank. With ``methods`` ({name: interventions}) each
+    item runs the baseline and every method instead of the depths, and each cell adds the
+    compute the method's schedule saves."""
+    from ..analysis.compute import LayerShape
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    ex = Execution(batch_size)
+    shape = LayerShape.from_model(lm) if methods else None
+    variants = [] if methods else depth_variants(lm, depths, mode, encoder_depths)
+    kind = "methods" if methods else ("grid" if encoder_depths else "depths")
+    B = batch_size
+    if B > 1:
+        why = ("token-pruning methods rank tokens per example" if methods
+               else batch_conflict([iv for _, ivs in variants for iv in ivs]))
+        if why:
+            ex.note(f"one item at a time: {why}")
+            B = 1
+    if B > 1:
+        # items of one task together: a batch decodes until its longest output ends, so short
+        # answers should not wait for captions (the merge puts items back in dataset order)
+        items = sorted(items, key=lambda it: DATA_TASKS.index(item_task(it, task)))
+    with open(rank_file, "a", encoding="utf-8") as f:
+        done = 0
+        for start in range(0, len(items), B):
+            chunk = items[start:start + B]
+            tasks = [item_task(it, task) for it in chunk]
+            results = None
+            if B > 1:
+                try:
+                    results = _batched(lm, chunk, tasks, variants=variants, mode=mode, max_new_tokens=max_new_tokens,
+                                       separator=separator)
+                    ex.batched_items += len(chunk)
+                except BatchError as e:
+                    ex.note(f"a batch ran one item at a time: {e}")
+            if results is None:
+                results = [_single(lm, it, t, variants=variants, mode=mode, max_new_tokens=max_new_tokens,
+                                   separator=separator, methods=methods, shape=shape) for it, t in zip(chunk, tasks)]
+                ex.single_items += len(chunk)
+            for item, t, (per, base_text) in zip(chunk, tasks, results):
+                f.write(json.dumps(_record(item, t, base_text, kind, per)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            done += len(chunk)
+            if progress:
+                progress(done, len(items), f"item {chunk[-1].id}")
+    return ex
