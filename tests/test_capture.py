@@ -25,14 +25,20 @@ def _plain_generate(lm, inputs, n):
 
 
 def test_capture_matches_plain_model(family, image):
-    lm = random_lm(family)
+    run = assert_capture_exact(random_lm(family), image)
+    assert run.spans.n_total - run.spans.n_prompt == 4          # special tokens suppressed: no early stop
+
+
+def assert_capture_exact(lm, image, tol: float = 1e-5):
+    """Capture == plain forwards (tokens, logits, hidden states) and eager attention weights
+    (image share, maps, per-head maps), on any loaded model (also smol-shapes)."""
     run = vl.capture(lm, image, PROMPT, max_new_tokens=4, hidden_dtype="float32")
     inputs, _, _ = prepare_inputs(lm, image, PROMPT)
     n_prompt = inputs["input_ids"].shape[1]
     gen = run.token_ids[n_prompt:]
     with torch.no_grad():
         plain_gen = _plain_generate(lm, inputs, 4)
-    assert gen == plain_gen[: len(gen)] and len(gen) == 4  # special tokens suppressed: no early stop
+    assert gen == plain_gen[: len(gen)] and len(gen) >= 1
 
     # logits of a plain forward vs the same forward through the lens
     with torch.no_grad():
@@ -40,7 +46,7 @@ def test_capture_matches_plain_model(family, image):
         plan = Plan.build(run.spans.positions("image"), lm.n_layers, n_prompt, Recording())
         with Lens(lm.arch.decoder_layers(lm.model), plan):
             lensed = lm.model(**inputs).logits
-    assert torch.equal(plain, lensed) or (plain - lensed).abs().max().item() <= 1e-5
+    assert torch.equal(plain, lensed) or (plain - lensed).abs().max().item() <= tol
 
     # hidden states: teacher-forced forward over prompt + generated tokens
     full = extend_inputs(inputs, gen)
@@ -50,11 +56,11 @@ def test_capture_matches_plain_model(family, image):
     L = lm.n_layers
     assert hs.shape == (L + 1, run.spans.n_total, lm.text_config.hidden_size)
     for l in range(L):
-        assert np.abs(hs[l] - ref[l][0].numpy()).max() <= 1e-5, f"layer {l}"
+        assert np.abs(hs[l] - ref[l][0].numpy()).max() <= tol * max(1.0, float(np.abs(hs[l]).max())), f"layer {l}"
     norm = lm.arch.final_norm(lm.model)
     with torch.no_grad():
         last = norm(torch.from_numpy(hs[L]))
-    assert (last - ref[L][0]).abs().max().item() <= 1e-5
+    assert (last - ref[L][0]).abs().max().item() <= tol * max(1.0, float(last.abs().max()))
 
     # attention statistics vs eager attention weights
     att = eager_attentions(lm, full)
@@ -63,14 +69,17 @@ def test_capture_matches_plain_model(family, image):
     for l in range(L):
         a = att[l][0].numpy()  # [H, q, k]
         share = a[:, :, img].sum(-1)
-        assert np.abs(run.attention_to_image[l][:, nonimg] - share[:, nonimg]).max() <= 1e-5
+        assert np.abs(run.attention_to_image[l][:, nonimg] - share[:, nonimg]).max() <= tol
         assert np.isnan(run.attention_to_image[l][:, img]).all()
         mp = run.map_positions
         maps = a[:, mp][:, :, img].mean(0)
-        assert np.abs(run.attention_maps[l] - maps).max() <= 1e-5
+        assert np.abs(run.attention_maps[l] - maps).max() <= tol
         heads = a[:, run.spans.n_prompt - 1][:, img]          # every head's map of the last prompt token
-        assert np.abs(run.attention_head_maps[l] - heads).max() <= 1e-5
+        assert np.abs(run.attention_head_maps[l] - heads).max() <= tol
+        first = a[:, run.spans.n_prompt - 1, 0]                # and its attention on the first token (the sink)
+        assert np.abs(run.attention_first_token[l] - first).max() <= tol
     assert np.nanmin(run.attention_to_image) >= 0 and np.nanmax(run.attention_to_image) <= 1 + 1e-6
+    return run
 
 
 def test_image_spans_and_grid(family, image):

@@ -35,6 +35,9 @@ def test_attention_flow_and_heads(runs):
     fig = fig_attention_flow(run, cut)
     assert isinstance(fig, go.Figure) and set(run.arrays) == keys
     lines = [t for t in fig.data if t.yaxis in (None, "y")]
+    sink = [t for t in fig.data if t.name == "first token (the sink), last prompt token"]
+    assert len(sink) == 1 and np.allclose(sink[0].y, np.nanmean(run.attention_first_token, axis=1))
+    lines = [t for t in lines if t not in sink]
     assert [t.name for t in lines] == ["last prompt token", "text tokens", "generated tokens",
                                        "last prompt token (other)", "text tokens (other)", "generated tokens (other)"]
     assert all(len(t.x) == L for t in lines)
@@ -54,7 +57,7 @@ def test_attention_flow_and_heads(runs):
     assert [(r.x0, r.x1) for r in rects] == [(-0.5, L - 1.5), (L - 1.5, L - 0.5)]
     assert {"sink (knockout)", "fusion (knockout)"} <= {a.text for a in causal.layout.annotations}
     plain = fig_attention_flow(bare)   # no value contributions: no bands, no contribution line
-    assert len(plain.data) == 3 and not [s for s in plain.layout.shapes if s.type == "rect"]
+    assert len(plain.data) == 4 and not [s for s in plain.layout.shapes if s.type == "rect"]   # 3 query spans + the sink
     heads = fig_attention_heads(run)
     assert len(heads.data) == 1 and np.asarray(heads.data[0].z).shape == (L, lm.text_config.num_attention_heads)
     assert np.allclose(heads.data[0].z, attention_share(run, per_head=True).image)

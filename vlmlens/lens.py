@@ -133,8 +133,12 @@ class Lens:
     def for_model(cls, lm, plan: Plan, start: LensStart | None = None, batch=None) -> "Lens":
         """The lens on a LoadedModel: its decoder layers, and its vision-tower layers for the
         interventions that edit them."""
-        return cls(lm.arch.decoder_layers(lm.model), plan, device=lm.device, start=start,
+        lens = cls(lm.arch.decoder_layers(lm.model), plan, device=lm.device, start=start,
                    vision_layers=lm.arch.vision_layers(lm.model), batch=batch)
+        depth = lm.arch.vision_feature_depth(lm.model) if lens.vision_layers else None
+        for ctx in [lens.context, *lens._row_contexts]:
+            ctx.vision_feature_depth = depth
+        return lens
 
     def __init__(self, layers, plan: Plan, device: torch.device | str = "cpu", start: LensStart | None = None,
                  vision_layers=None, batch=None):

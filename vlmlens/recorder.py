@@ -29,6 +29,7 @@ class Recorder:
         self.share: dict[int, list] = {l: [] for l in range(plan.n_layers)}
         self.maps: dict[int, list] = {l: [] for l in range(plan.n_layers)}
         self.head_maps: dict[int, torch.Tensor] = {}  # layer -> [H, n_image] of the last prompt token
+        self.first_share: dict[int, torch.Tensor] = {}  # layer -> [H]: the last prompt token's attention on position 0
         self.contrib: dict[int, tuple] = {}  # layer -> (o [d], sum_j c_j [d], |c_j| [n_image])
         self.vision: dict[int, torch.Tensor] = {}   # vision layer index (0 = its input) -> [patches, d_vision]
         has_image = bool(positions.image_pos.numel())
@@ -98,7 +99,8 @@ class Recorder:
             q = query[0, :, r, :].float()              # [H, R, d]
             s = torch.matmul(q, k.transpose(-1, -2)) * scale
             s = s.masked_fill(~allowed[r][None], float("-inf"))
-            p = torch.softmax(s, dim=-1)[:, :, img_keys]   # [H, R, image keys held]
+            probs = torch.softmax(s, dim=-1)
+            p = probs[:, :, img_keys]                   # [H, R, image keys held]
             shares.append(p.sum(-1))                    # [H, R]
             if cols is not None:                        # removed image tokens get no attention
                 p = torch.zeros(*p.shape[:2], n_img, dtype=p.dtype, device=p.device).index_copy_(2, cols, p)
@@ -109,6 +111,8 @@ class Recorder:
             at = torch.nonzero(qpos[r] == map_from).flatten()
             if at.numel() and layer not in self.head_maps:
                 self.head_maps[layer] = p[:, int(at[0])].cpu()   # [H, n_img]: each head's map, last prompt token
+                # the first token's share: the attention sink of most pretrained LMs
+                self.first_share[layer] = probs[:, int(at[0]), kpos == 0].sum(-1).cpu()
         full[:, rows] = torch.cat(shares, dim=1)
         self.share[layer].append((qpos.cpu().numpy(), full.cpu()))
         if maps:
@@ -176,9 +180,17 @@ class Recorder:
             for l, m in self.head_maps.items():
                 heads[l] = m.numpy()
             arrays["attention_head_maps"] = heads
+            if self.first_share:
+                first = np.full((L, n_heads), np.nan, dtype=np.float32)
+                for l, v in self.first_share.items():
+                    first[l] = v.numpy()
+                arrays["attention_first_token"] = first
         if self.plan.recording.vision and self.vision:
             n = max(self.vision) + 1
-            if sorted(self.vision) == list(range(n)):
+            shapes = {tuple(v.shape) for v in self.vision.values()}
+            # one [layers + 1, patches, d] array: a tower whose layers change grid and width (a
+            # convolutional one, e.g. EfficientNet) has no such array, and none is recorded
+            if sorted(self.vision) == list(range(n)) and len(shapes) == 1:
                 arrays["vision_hidden_states"] = torch.stack([self.vision[i] for i in range(n)]).numpy()
         if self.plan.record_contrib and self.contrib:
             d = next(iter(self.contrib.values()))[0].numel()

@@ -218,6 +218,12 @@ class Run:
         return self.arrays["attention_head_maps"]
 
     @property
+    def attention_first_token(self) -> np.ndarray | None:
+        """[layer, head]: the last prompt token's attention on position 0 (the first token, where
+        pretrained LMs park attention: the "sink"); None in runs recorded before it existed."""
+        return self.arrays.get("attention_first_token")
+
+    @property
     def map_positions(self) -> np.ndarray:
         return self.arrays["map_positions"]
 

@@ -52,6 +52,7 @@ def check_run(run: Run) -> None:
     # analysis arrays (lens contributions, LLaVA-CAM, logit lens): None = any size
     P, n = len(a.get("logit_lens_positions", [])), s.n_image
     for k, want in {"attn_out": (L, None), "image_contrib": (L, None), "image_contrib_norm": (L, n), "llava_cam": (L, n), "image_kept": (L, n), "image_rows": (L,),
+                    "attention_first_token": (L, None),
                     "logit_lens_ids": (L + 1, P, None), "logit_lens_probs": (L + 1, P, None), "logit_lens_target_probs": (L + 1, P),
                     "patch_lens_ids": (L + 1, n), "patch_lens_probs": (L + 1, n)}.items():
         if k in a and (a[k].ndim != len(want) or any(w is not None and w != g for w, g in zip(want, a[k].shape))):

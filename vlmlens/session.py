@@ -259,6 +259,7 @@ class LensContext:
         self.n_prompt = plan.n_prompt if n_prompt is None else int(n_prompt)
         self.n_layers = plan.n_layers
         self.n_vision_layers = 0                  # set by the lens: layers of the vision tower it hooks
+        self.vision_feature_depth: int | None = None   # set by Lens.for_model: tower layers the features are read after
         self.scratch: dict[Any, Any] = {}
 
     @property

@@ -1,5 +1,6 @@
-"""The ``recover`` command: LoRA adapters trained with the image cut at each depth, then
-evaluated against the untruncated and the truncated model (registered on import by vlmlens.cli)."""
+"""The ``recover`` command (LoRA adapters trained with the image cut at each depth, then
+evaluated against the untruncated and the truncated model) and ``build-model`` (a built-in
+model assembled from installed parts); registered on import by vlmlens.cli."""
 from __future__ import annotations
 
 import sys
@@ -54,3 +55,21 @@ def _configure_recover(p):
 
 
 cmd_recover.configure = _configure_recover
+
+
+@command("build-model", "assemble a built-in model from installed parts: smol-shapes (SmolLM2 + EfficientNet-Lite0)")
+def cmd_build_model(args) -> int:
+    if args.name != "smol-shapes":
+        raise InputError(f"unknown model to build {args.name!r}; buildable: smol-shapes")
+    from ..real.build import BUILD_DIR, build
+
+    build(args.out or BUILD_DIR, log=lambda s: print(s, file=sys.stderr))
+    return 0
+
+
+def _configure_build(p):
+    p.add_argument("name", help="smol-shapes")
+    p.add_argument("--out", default=None, help="where to write it (default: assets/smol-shapes/model, git-ignored)")
+
+
+cmd_build_model.configure = _configure_build

@@ -22,8 +22,6 @@ is the same, item for item, whatever the number of ranks (tested with 2 CPU proc
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -36,7 +34,7 @@ from ..data import Dataset
 from ..errors import InputError
 from ..metrics import caption_scores
 from .engine import DEFAULT_SEPARATOR, Progress, check_mode, parse_depths
-from .study_files import CONFIG, _atomic_write, _clean_rank_file, check_out, done_items
+from .study_files import CONFIG, _atomic_write, _clean_rank_file, check_out, done_items, rows_csv
 from .study_runner import DATA_TASKS, item_task, run_items  # noqa: F401  (DATA_TASKS: the CLI's)
 
 CSV_COLUMNS = ("task", "encoder_depth", "depth", "method", "n", "score", "ci_low", "ci_high", "answer_kept", "output_kl", "cider_d",
@@ -99,12 +97,7 @@ class DatasetStudy:
         return asdict(self)
 
     def csv(self) -> str:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
-        w.writeheader()
-        for r in self.rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
-        return buf.getvalue()
+        return rows_csv(self.rows, CSV_COLUMNS)
 
     def markdown(self, metric: str = "score") -> str:
         if self.config.get("methods"):

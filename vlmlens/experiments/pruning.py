@@ -254,15 +254,9 @@ class PruningStudy:
         raise KeyError((family, method))
 
     def csv(self) -> str:
-        import csv
-        import io
+        from .study_files import rows_csv
 
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(STUDY_COLUMNS))
-        w.writeheader()
-        for r in self.rows:
-            w.writerow({k: ("" if r[k] is None else r[k]) for k in STUDY_COLUMNS})
-        return buf.getvalue()
+        return rows_csv(self.rows, STUDY_COLUMNS)
 
     def markdown(self, family: str) -> str:
         lines = ["| method | accuracy | answer kept | decoder FLOPs saved | KV saved | mean depth |", "|---|---|---|---|---|---|"]
@@ -342,8 +336,9 @@ def adaptive_vs_fixed(study: PruningStudy, adaptive: str, fixed_prefix: str = "V
 # ---- methods written on a command line ---------------------------------------------------------------
 
 METHOD_SYNTAX = ("comma-separated: fastv:K:R, random:K:R, l2:K:R, pdrop:L1/L2/..:R1/R2/.., vtw:K, adaptive:SHARE, "
-                 "stages:R (K a decoder layer, R a keep ratio in (0, 1]; stages: VisiPruner's treatments of the causal "
-                 "stages, top R in fusion), or 'default'")
+                 "stages:R, patch:R:SCORE (K a decoder layer, R a keep ratio in (0, 1]; stages: VisiPruner's treatments "
+                 "of the causal stages, top R in fusion; patch: only R of the patches reach the language model, SCORE "
+                 "grid, random or l2), or 'default'")
 
 
 def _num(text: str, what: str, kind=float):
@@ -364,7 +359,7 @@ def parse_methods(text: str, n_layers: int, stage_labels: Sequence[str] | None =
     for spec in (s.strip() for s in text.split(",")):
         parts = spec.split(":")
         kind = parts[0].lower()
-        arity = {"fastv": 3, "random": 3, "l2": 3, "pdrop": 3, "vtw": 2, "adaptive": 2, "stages": 2}
+        arity = {"fastv": 3, "random": 3, "l2": 3, "pdrop": 3, "vtw": 2, "adaptive": 2, "stages": 2, "patch": 3}
         if kind not in arity:
             raise InputError(f"unknown method {spec!r}; {METHOD_SYNTAX}")
         if len(parts) != arity[kind]:
@@ -379,6 +374,10 @@ def parse_methods(text: str, n_layers: int, stage_labels: Sequence[str] | None =
             ivs = [PyramidDrop(ls, rs)]
         elif kind == "vtw":
             ivs = [VTW(_num(parts[1], f"{spec}: the layer", int))]
+        elif kind == "patch":
+            from ..interventions import PatchPrune
+
+            ivs = [PatchPrune(_num(parts[1], f"{spec}: the keep ratio"), parts[2].strip().lower())]
         elif kind == "stages":
             if not stage_labels:
                 raise InputError(f"{spec} needs this input's causal stages: find them first (dashboard: Attention tab, "

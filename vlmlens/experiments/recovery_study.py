@@ -14,8 +14,6 @@ Files in ``out``: ``k{K}/`` the adapter of depth K (peft's format, with its trai
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -24,6 +22,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import InputError
 from .recovery import RecoveryConfig, dataset_items, shapes_items, train_recovery
+from .study_files import rows_csv
 
 CSV_COLUMNS = ("family", "depth", "n", "baseline", "truncated", "adapted", "recovered", "adapted_full",
                "val_loss_before", "val_loss_after", "train_seconds")
@@ -44,17 +43,12 @@ class RecoveryStudy:
         return asdict(self)
 
     def csv(self) -> str:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
-        w.writeheader()
-        for r in self.rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
-        return buf.getvalue()
+        return rows_csv(self.rows, CSV_COLUMNS)
 
     def markdown(self) -> str:
         def pct(v):
             return "–" if v is None else f"{100 * v:.0f}%"
-        lines = [f"| family | k | untruncated | truncated at k | truncated + LoRA | gap recovered | LoRA, untruncated |",
+        lines = ["| family | k | untruncated | truncated at k | truncated + LoRA | gap recovered | LoRA, untruncated |",
                  "|---|---|---|---|---|---|---|"]
         for r in self.rows:
             lines.append(f"| {r['family']} | {r['depth']} | {pct(r['baseline'])} | {pct(r['truncated'])} |"

@@ -3,6 +3,8 @@ directory, atomic writes, per-rank result lines that survive a crash, and readin
 study back without a model (the Study tab)."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -100,3 +102,13 @@ def load_study(path):
     except (RunFormatError, TypeError) as e:
         raise InputError(f"{p.name}/study.json is not a vlmlens study ({e})") from None
     return res, _read_lines(p / "results.jsonl")
+
+
+def rows_csv(rows, columns) -> str:
+    """Rows (dicts) as CSV text with ``columns`` in order (None and missing fields: empty)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    return buf.getvalue()

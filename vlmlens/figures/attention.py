@@ -50,7 +50,9 @@ def fig_attention_flow(run, other=None, *, normalize_per_key: bool = False, titl
     else VisiPruner's cosine rule on the run's value contributions, annotated "proxy". The
     image part of the last token's attention output (``|sum_j c_j| / |o|``, what the proxy
     reads) is a dotted grey line. Vertical line: the attention cliff (first layer from which
-    the last token's share stays below 25 % of its peak), with that threshold dotted.
+    the last token's share stays below 25 % of its peak), with that threshold dotted. Dashed
+    grey: the last prompt token's attention on the first token (the attention sink of
+    pretrained LMs), when the run recorded it.
     """
     fig = go.Figure()
     L = int(run.n_layers)
@@ -69,6 +71,13 @@ def fig_attention_flow(run, other=None, *, normalize_per_key: bool = False, titl
                 customdata=np.full(len(s.image), len(s.positions)),
                 hovertemplate=(f"<b>{label}</b>" + (f" · {_run_name(r)}" if suffix else "")
                                + "<br>layer %{x}<br>image share %{y:.3f} (mean of %{customdata} queries)<extra></extra>")))
+    first = getattr(run, "attention_first_token", None)
+    if first is not None and not normalize_per_key and np.isfinite(first).any():
+        sink = np.nanmean(first, axis=1)
+        fig.add_trace(go.Scatter(
+            x=layers, y=sink, mode="lines", name="first token (the sink), last prompt token",
+            line=dict(color="#999999", dash="dash", width=1.5),
+            hovertemplate="layer %{x}<br>last prompt token's attention on the first token %{y:.3f}<extra></extra>"))
     proxy = _stage_labels(run)
     labels, how = (list(stages), "knockout") if stages is not None else (proxy, "proxy")
     if labels is not None:

@@ -5,10 +5,17 @@ features the projector receives are the tower's state after m layers (in place o
 configured feature layer). ``m`` = the depth the model reads its features at (LLaVA's
 ``vision_feature_layer``, else every layer) is the baseline; deeper ``m`` changes nothing either.
 It composes with every decoder-side intervention (the tower runs once, before the decoder).
+
+``PatchPrune(keep, score)``: only a subset of the image's patches reaches the language model
+(see its docstring).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import numpy as np
+import torch
 
 from ..errors import InputError
 from .base import RECOMPUTE, _Base
@@ -32,4 +39,133 @@ class EncoderDepth(_Base):
     def edit_vision_output(self, layer, h_in, h_out, ctx):
         if layer == 0 and self.layers > ctx.n_vision_layers:
             raise InputError(f"EncoderDepth({self.layers}): this vision tower has {ctx.n_vision_layers} layers")
-        return h_in if layer >= self.layers else None
+        if layer < self.layers:
+            return None
+        if h_in.shape != h_out.shape:
+            raise InputError(f"EncoderDepth({self.layers}): vision-tower layer {layer} changes the shape of its input "
+                             f"({tuple(h_in.shape)} -> {tuple(h_out.shape)}), so it cannot be skipped (a convolutional"
+                             " tower such as EfficientNet)")
+        return h_in
+
+
+PATCH_SCORES = ("grid", "random", "l2")
+
+
+@dataclass(frozen=True)
+class PatchPrune(_Base):
+    """Only ``keep`` of the image's patches reach the language model: the others never enter
+    its sequence (removed before decoder layer 0, positions of the rest unchanged), so it is as
+    if the projector had been given the kept patches only.
+
+    ``score``: ``"grid"`` -- an evenly spaced subset in the tokens' raster order (a coarser
+    image); ``"random"`` -- a uniformly random subset (``seed``); ``"l2"`` -- the patches whose
+    vision-tower features (at the layer the model reads them, before the projector) have the
+    largest L2 norm. With a per-patch projector (LLaVA-1.5, tiny-shapes: one image token per
+    patch) this is pruning before the projector exactly; where the projector merges patches
+    (Qwen2-VL's 2x2 merger, pixel shuffle, pooling) "grid"/"random" keep or drop whole merged
+    tokens and "l2" is refused. ``mode="mask"``: the pruned tokens stay but nothing reads them
+    (the same outputs; the form a backward pass can go through). ``keep=1`` is the baseline.
+    """
+
+    keep: float
+    score: str = "grid"
+    mode: str = "remove"
+    seed: int = 0
+    exclusive = "PatchPrune"
+
+    def validate(self, n_layers: int) -> None:
+        k = self.keep
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
+            raise InputError(f"PatchPrune.keep must be a fraction in (0, 1], got {k!r}")
+        if self.score not in PATCH_SCORES:
+            raise InputError(f"PatchPrune.score must be one of {PATCH_SCORES}, got {self.score!r}")
+        if self.mode not in ("remove", "mask"):
+            raise InputError(f"PatchPrune.mode must be 'remove' or 'mask', got {self.mode!r}")
+
+    def conflicts(self, others, n_layers):
+        msg = super().conflicts(others, n_layers)
+        if msg:
+            return msg
+        for iv in others:
+            if getattr(iv, "exclusive", None) == "token pruner":
+                return (f"conflicting interventions: PatchPrune and {type(iv).__name__} both choose image tokens;"
+                        " use one")
+        from .base import removal_conflict
+
+        return removal_conflict("PatchPrune", 0, others, n_layers) if self.mode == "remove" else None
+
+    def prefix_effect(self, n_layers):
+        return RECOMPUTE
+
+    def gradient_safe(self):
+        from dataclasses import replace
+
+        return replace(self, mode="mask")
+
+    # -- the decision ----------------------------------------------------------------------------
+    def _state(self, ctx) -> dict:
+        return ctx.scratch.setdefault(("patch prune", self), {})
+
+    def edit_vision_output(self, layer, h_in, h_out, ctx):
+        if self.score != "l2":
+            return None
+        F = ctx.vision_feature_depth
+        if F is None or not ((F == 0 and layer == 0) or layer == F - 1):
+            return None
+        feats = (h_in if F == 0 else h_out).detach().float()
+        feats = feats.reshape(-1, feats.shape[-2], feats.shape[-1])       # [images / tiles, patches, d]
+        n = int(ctx.image_pos.numel())
+        if feats.shape[0] * (feats.shape[1] - 1) == n:
+            feats = feats[:, 1:]                                            # a CLS token the projector skips
+        elif feats.shape[0] * feats.shape[1] != n:
+            raise InputError(f"PatchPrune(score='l2') needs one image token per vision patch (a per-patch projector,"
+                             f" as LLaVA-1.5's); this model gives {n} image tokens for {feats.shape[0] * feats.shape[1]}"
+                             " patches: use score='grid' or 'random'")
+        self._state(ctx)["l2"] = feats.reshape(n, -1).norm(dim=-1)
+        return None
+
+    def kept(self, ctx) -> torch.Tensor:
+        """The image positions kept (decided once per session)."""
+        st = self._state(ctx)
+        if "kept" not in st:
+            img = ctx.image_pos
+            n = int(img.numel())
+            m = min(n, max(1, int(math.floor(self.keep * n + 0.5))))
+            if m == n:
+                idx = torch.arange(n)
+            elif self.score == "grid":
+                idx = torch.as_tensor(np.unique(np.floor((np.arange(m) + 0.5) * n / m).astype(np.int64)))
+            elif self.score == "random":
+                idx = torch.randperm(n, generator=torch.Generator().manual_seed(int(self.seed)))[:m]
+            else:
+                if "l2" not in st:
+                    raise RuntimeError("PatchPrune(score='l2') found no vision features: the vision tower did not run"
+                                       " through the lens (use Lens.for_model)")
+                idx = torch.sort(-st["l2"].double(), stable=True).indices[:m]
+            st["kept"] = torch.sort(img[idx.to(img.device)]).values
+        return st["kept"]
+
+    def _pruned(self, ctx) -> torch.Tensor | None:
+        kept = self.kept(ctx)
+        if kept.numel() == ctx.image_pos.numel():
+            return None
+        return ctx.image_pos[~torch.isin(ctx.image_pos, kept)]
+
+    def removed_positions(self, layer, ctx):
+        return self._pruned(ctx) if self.mode == "remove" else None
+
+    def key_block(self, layer, qpos, kpos, ctx):
+        if self.mode != "mask":
+            return None
+        gone = self._pruned(ctx)
+        if gone is None:
+            return None
+        return (~torch.isin(qpos, gone))[:, None] & torch.isin(kpos, gone)[None, :]
+
+    def record_arrays(self, ctx, n_layers: int) -> dict:
+        """``image_kept`` [L, n_image]: the same kept patches at every layer; ``image_rows`` [L]."""
+        n = int(ctx.image_pos.numel())
+        row = torch.isin(ctx.image_pos, self.kept(ctx)).cpu().numpy().astype(np.uint8)
+        out = np.repeat(row[None], n_layers, axis=0)
+        rows = out.sum(1) if self.mode == "remove" else np.full(n_layers, n)
+        return {"image_kept": out, "image_rows": rows.astype(np.int64)}

@@ -13,7 +13,8 @@ from .arch import ARCHES, Arch, get_arch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_SHAPES_DIR = REPO_ROOT / "assets" / "tiny-shapes-vlm"
-BUILTIN = {"tiny-shapes": TINY_SHAPES_DIR}
+SMOL_SHAPES_DIR = REPO_ROOT / "assets" / "smol-shapes" / "model"     # git-ignored: python -m vlmlens build-model
+BUILTIN = {"tiny-shapes": TINY_SHAPES_DIR, "smol-shapes": SMOL_SHAPES_DIR}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -133,7 +134,9 @@ def load_model(
 
     path = BUILTIN.get(name, name)
     if name in BUILTIN and not Path(path).is_dir():
-        raise UnsupportedModel(f"built-in model {name!r} is missing at {path}; reinstall or retrain it (python -m vlmlens.tiny train)")
+        how = ("build it: python -m vlmlens build-model smol-shapes (after bash scripts/install.sh --smol)"
+               if name == "smol-shapes" else "reinstall or retrain it (python -m vlmlens.tiny train)")
+        raise UnsupportedModel(f"built-in model {name!r} is missing at {path}; {how}")
     return _from_pretrained(str(path), name, dev, dt, trust_remote_code)
 
 
@@ -145,6 +148,8 @@ def hub_offline() -> bool:
 
 def _from_pretrained(path: str, name: str, dev: torch.device, dt: torch.dtype, trust_remote_code: bool) -> LoadedModel:
     from transformers import AutoConfig
+
+    from ..real import efficientnet  # noqa: F401  (registers vlmlens's own vision tower with the Auto classes)
 
     local = os.path.isdir(path)
     offline = hub_offline()
