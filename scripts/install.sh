@@ -38,7 +38,9 @@ if [ "$SMOL" = 1 ]; then
   if [ ! -f /usr/share/doc/opencv-doc/examples/data/dnn/classification_classes_ILSVRC2012.txt ] \
      && command -v apt-get >/dev/null 2>&1; then   # ImageNet class names (photo labels of the training set)
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    ($SUDO apt-get install -y -qq opencv-doc >/dev/null 2>&1) || echo "warning: opencv-doc not installed" >&2
+    ($SUDO apt-get install -y -qq opencv-doc >/dev/null 2>&1 || ($SUDO apt-get update -qq \
+      && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq opencv-doc >/dev/null 2>&1)) \
+      || echo "warning: opencv-doc not installed (only training smol-shapes needs its ImageNet class names)" >&2
   fi
   [ -d assets/smol-shapes/model ] || $PY -m vlmlens build-model smol-shapes
 fi

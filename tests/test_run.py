@@ -149,11 +149,17 @@ def test_no_pickle_anywhere_in_package():
     import pathlib
 
     src = pathlib.Path(vl.__file__).parent
+    # the one exception: smol-shapes' build reads the EfficientNet state dict that an installed
+    # package ships (never a user's file), tensors only
+    allowed = {src / "real" / "build.py"}
     offenders = [
         str(p) for p in src.rglob("*.py")
-        if "import pickle" in p.read_text() or "torch.load(" in p.read_text()
+        if "import pickle" in p.read_text() or ("torch.load(" in p.read_text() and p not in allowed)
     ]
     assert offenders == []
+    for p in allowed:
+        lines = [l for l in p.read_text().splitlines() if "torch.load(" in l]
+        assert lines and all("weights_only=True" in l for l in lines), lines
 
 
 def test_load_missing_dir(tmp_path):
