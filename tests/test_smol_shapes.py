@@ -127,3 +127,19 @@ def test_it_reads_the_image_above_the_blank_control(smol):
             out = vl.capture(smol, img, e.prompt, max_new_tokens=40, store="none", record_attention=False)
             f1[what].append(token_f1(out.generated_text, e.answer))
     assert np.mean(f1["image"]) > np.mean(f1["blank"]) + 0.2, f1
+
+
+def test_the_projector_training_runs(smol, tmp_path):
+    """Two steps of the training script from a fresh projector, into a scratch folder: the loss
+    is finite, the projector file and its log are written, the shipped files are untouched."""
+    from safetensors.torch import load_file
+
+    from vlmlens.real.build import PROJECTOR
+    from vlmlens.real.train import train
+
+    before = PROJECTOR.read_bytes()
+    meta = train(steps=2, batch=2, n_shapes=6, n_photos=2, out=tmp_path / "projector.safetensors", log=lambda s: None)
+    assert meta["steps"] == 2 and not meta["resumed"] and np.isfinite(meta["curve"][0][1])
+    w = load_file(str(tmp_path / "projector.safetensors"))
+    assert {k.split(".")[0] for k in w} == {"linear_1", "linear_2"}
+    assert (tmp_path / "train_log.json").is_file() and PROJECTOR.read_bytes() == before

@@ -8,7 +8,7 @@ encoder's own ImageNet head ("a photo of a tiger cat"): the classifier distilled
 
 The encoder's features are computed once per item before training (the tower is frozen), so a
 step costs one LM forward + backward. ``python -m vlmlens.real.train --steps N`` writes
-``assets/smol-shapes/projector.safetensors`` and its training log next to it.
+``assets/smol-shapes/projector.safetensors`` (or ``out``) and ``train_log.json`` next to it.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .build import ASSETS, IMAGE_TOKEN, PROJECTOR, assemble
+from .build import IMAGE_TOKEN, PROJECTOR, assemble
 
 PHOTO_PROMPT = "What is in this photo?"
 
@@ -145,10 +145,16 @@ def step_loss(model, feats, seqs, image_id: int, pad_id: int) -> torch.Tensor:
 
 
 def train(steps: int = 300, batch: int = 8, lr: float = 1e-3, n_shapes: int = 3000, n_photos: int = 300,
-          seed: int = 0, out: Path = PROJECTOR, log=print, time_budget: float | None = None) -> dict:
+          seed: int = 0, out: Path = PROJECTOR, log=print, time_budget: float | None = None,
+          resume: bool = False) -> dict:
+    """Train the projector (``resume``: from the shipped one; else from a fresh initialisation)."""
     torch.manual_seed(seed)
-    model, proc, _ = assemble(log)
+    model, proc, found = assemble(log)
     model = model.float().eval()
+    if found["projector"] and not resume:
+        for m in model.model.multi_modal_projector.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.reset_parameters()
     for p in model.parameters():
         p.requires_grad_(False)
     proj = model.model.multi_modal_projector
@@ -186,9 +192,9 @@ def train(steps: int = 300, batch: int = 8, lr: float = 1e-3, n_shapes: int = 30
     tmp = out.with_name(out.name + ".tmp")
     save_file({k: v.detach().to(torch.bfloat16).contiguous() for k, v in proj.state_dict().items()}, str(tmp))
     tmp.replace(out)
-    meta = {"steps": done, "batch": batch, "lr": lr, "items": len(items), "seconds": round(time.perf_counter() - t1),
+    meta = {"steps": done, "resumed": bool(resume and found["projector"]), "batch": batch, "lr": lr, "items": len(items), "seconds": round(time.perf_counter() - t1),
             "curve": curve, "where": "CPU, 2 cores" if not torch.cuda.is_available() else "GPU"}
-    (ASSETS / "train_log.json").write_text(json.dumps(meta, indent=1))
+    out.with_name("train_log.json").write_text(json.dumps(meta, indent=1))
     return meta
 
 
@@ -200,9 +206,10 @@ def main(argv=None) -> int:
     ap.add_argument("--n-shapes", type=int, default=3000)
     ap.add_argument("--n-photos", type=int, default=300)
     ap.add_argument("--minutes", type=float, default=None, help="stop after this much training time")
+    ap.add_argument("--resume", action="store_true", help="continue from the shipped projector (default: start fresh)")
     a = ap.parse_args(argv)
     meta = train(a.steps, a.batch, a.lr, a.n_shapes, a.n_photos,
-                 time_budget=None if a.minutes is None else 60 * a.minutes)
+                 time_budget=None if a.minutes is None else 60 * a.minutes, resume=a.resume)
     print(json.dumps({k: v for k, v in meta.items() if k != "curve"}))
     return 0
 
