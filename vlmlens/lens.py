@@ -135,7 +135,8 @@ class Lens:
         interventions that edit them."""
         lens = cls(lm.arch.decoder_layers(lm.model), plan, device=lm.device, start=start,
                    vision_layers=lm.arch.vision_layers(lm.model), batch=batch)
-        depth = lm.arch.vision_feature_depth(lm.model) if lens.vision_layers else None
+        # only interventions that edit the tower read it (a second scan of the tower otherwise)
+        depth = lm.arch.vision_feature_depth(lm.model) if lens._vision_hooks else None
         for ctx in [lens.context, *lens._row_contexts]:
             ctx.vision_feature_depth = depth
         return lens

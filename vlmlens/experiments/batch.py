@@ -29,10 +29,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..capture import Prepared, _eos_ids, check_context, check_max_new_tokens, greedy_generate
+from ..capture import Prepared, _eos_ids, check_context, check_max_new_tokens, greedy_generate, prepare
 from ..interventions import batch_conflict, prefix_effect, validate_all
 from ..lens import NOTHING, BatchRow, Lens, LensStart, Plan
-from .prefix import _private_copy, accepts_logits_to_keep, prepare, reuse_supported
+from .prefix import _private_copy, accepts_logits_to_keep, reuse_supported
 
 
 class BatchError(ValueError):
@@ -160,6 +160,7 @@ class BatchSession:
                  reuse: bool = True):
         self.lm = lm
         self.n_new = check_max_new_tokens(max_new_tokens)
+        # per-item position ids are not needed: the batch's come from its mask (one call below)
         self.preps = [prepare(lm, image, prompt) for image, prompt in items]
         for p in self.preps:
             check_context(lm, p.n_prompt, len(p.image_pos), self.n_new)

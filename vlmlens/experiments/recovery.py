@@ -37,7 +37,8 @@ from ..errors import InputError
 from ..interventions import Truncate
 from ..lens import NOTHING, Lens, Plan
 from .batch import _position_ids, collate, extend_batch
-from .prefix import accepts_logits_to_keep, prepare
+from ..capture import prepare
+from .prefix import accepts_logits_to_keep
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
