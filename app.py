@@ -24,8 +24,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=120.0,
                    help="seconds one capture may generate before it stops with what it has (default 120)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image upload accepted (default 20 MB)")
-    p.add_argument("--study", default=None,
-                   help="a study directory (python -m vlmlens study --out DIR), or a folder of them: the Study tab")
+    p.add_argument("--study", default="studies",
+                   help="a study directory (python -m vlmlens study --out DIR), or a folder of them: the Study tab"
+                        " opens them, and writes the studies it runs there (default: studies/)")
+    p.add_argument("--datasets", default=None, help="a folder of datasets the Study tab may run (default: the shipped"
+                   " ones in assets/datasets)")
+    p.add_argument("--study-time-limit", type=float, default=600.0,
+                   help="seconds a study run from the Study tab may take before it stops (its rows are kept)")
     p.add_argument("--max-image-side", type=int, default=1344,
                    help="uploads larger than this (pixels, long side) are scaled down before the model sees them")
     return p.parse_args(argv)
@@ -37,7 +42,8 @@ def main(argv=None) -> int:
 
     demo = build_demo(args.model, device=args.device, dtype=args.dtype, runs_dir=args.runs,
                       trust_remote_code=args.trust_remote_code, no_model=args.no_model, time_limit=args.time_limit,
-                      max_image_side=args.max_image_side, studies=args.study, adapter=args.adapter)
+                      max_image_side=args.max_image_side, studies=args.study, adapter=args.adapter,
+                      datasets=args.datasets, study_time_limit=args.study_time_limit)
     holder = demo.dashboard.holder
     if holder.off_reason:
         print(f"note: {holder.off_reason}", file=sys.stderr)

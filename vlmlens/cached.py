@@ -1,10 +1,12 @@
 """``python -m vlmlens make-cached-runs``: (re)build the runs shipped in ``cached_runs/``.
 
 Each run is one example scene of ``assets/examples`` with one of its prompts (one-word
-answers, captions and reasoning traces), captured with every hidden state (float16), saved
-with :func:`vlmlens.save_run`, plus its truncation sweep in ``<run>/sweep.json``
-(``TruncationResult.to_json()``). ``cached_runs/index.json`` lists them with the ground
-truth. Regenerate them whenever the run format changes; the dashboard opens them without
+answers, captions and reasoning traces) -- or, for smol-shapes, also a real photo -- captured
+with every hidden state (float16), saved with :func:`vlmlens.save_run`, plus its truncation
+sweep in ``<run>/sweep.json`` (``TruncationResult.to_json()``). Each built-in model has its own
+list of runs (``SPECS_BY_MODEL``; any other model gets tiny-shapes' list); one folder holds the
+runs of several models and ``cached_runs/index.json`` lists them all, each with its model and
+ground truth. Regenerate them whenever the run format changes; the dashboard opens them without
 a model (``python app.py --no-model``).
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO_ROOT / "assets" / "examples"
-MAX_NEW = {"single": 4, "caption": 40, "reasoning": 48}
+MAX_NEW = {"single": 4, "caption": 40, "reasoning": 48, "photo": 16}
 
 #: (run name, example file, task family, question kind or None for the family's first prompt)
 SPECS = (
@@ -35,16 +37,62 @@ SPECS = (
     # wrongly, which is worth seeing layer by layer
     ("reasoning-above-mistake", "shapes_06.png", "reasoning", "above"),
 )
+#: smol-shapes (real LM and tower): three shapes tasks and two real photos, "photo:NAME" (one it
+#: was trained on, one held out); a photo's truth is the encoder's own ImageNet top-1 class, the
+#: target it was trained to say (a proxy for "what is in the photo")
+SMOL_SPECS = (
+    ("smol-single-color", "shapes_00.png", "single", "color"),
+    ("smol-caption-two-objects", "shapes_01.png", "caption", None),
+    ("smol-reasoning-more", "shapes_02.png", "reasoning", "more"),
+    ("smol-photo-coffee", "photo:coffee", "photo", None),
+    ("smol-photo-baboon-held-out", "photo:baboon.jpg", "photo", None),
+)
+SPECS_BY_MODEL = {"tiny-shapes": SPECS, "smol-shapes": SMOL_SPECS}
 
 
-def load_specs(examples_dir: Path = EXAMPLES) -> list[dict]:
-    """Resolve SPECS against ``prompts.json``: image path, prompt, ground-truth answer."""
+def specs_for(model: str) -> tuple:
+    return SPECS_BY_MODEL.get(model, SPECS)
+
+
+def all_run_names() -> set[str]:
+    return {s[0] for specs in SPECS_BY_MODEL.values() for s in specs}
+
+
+def photo(name: str):
+    """A real photo by name (training or held-out list of smol-shapes), or InputError."""
+    from .real.train import photo_sources
+
+    for n, img in photo_sources(False) + photo_sources(True):
+        if n == name:
+            return img
+    raise InputError(f"photo {name!r} is not available here (scikit-image's data, or Debian's opencv-doc for the"
+                     " held-out ones: bash scripts/install.sh --smol)")
+
+
+def photo_spec(name: str, source: str, lm=None) -> dict:
+    from .real.train import PHOTO_PROMPT, classify, imagenet_names
+
+    img, names = photo(source), imagenet_names()
+    truth = None
+    if lm is not None and names is not None:
+        truth = f"a photo of a {names[int(classify(lm.model, lm.processor, [img])[0])]}"
+    return {"name": name, "image": img, "image_name": source, "family": "photo", "kind": "naming",
+            "prompt": PHOTO_PROMPT, "answer": truth, "seed": None, "truth": "the encoder's ImageNet top-1",
+            "max_new_tokens": MAX_NEW["photo"]}
+
+
+def load_specs(examples_dir: Path = EXAMPLES, specs=SPECS, lm=None) -> list[dict]:
+    """Resolve ``specs`` against ``prompts.json``: image path, prompt, ground-truth answer (a
+    photo's truth needs ``lm``'s tower)."""
     doc_path = Path(examples_dir) / "prompts.json"
     if not doc_path.is_file():
         raise InputError(f"{doc_path} is missing; write the examples with `python -m vlmlens.tiny examples --out {examples_dir}`")
     by_file = {e["file"]: e for e in json.loads(doc_path.read_text())["examples"]}
     out = []
-    for name, fname, family, kind in SPECS:
+    for name, fname, family, kind in specs:
+        if fname.startswith("photo:"):
+            out.append(photo_spec(name, fname.split(":", 1)[1], lm))
+            continue
         ex = by_file.get(fname)
         if ex is None:
             raise InputError(f"example {fname} is not listed in {doc_path}")
@@ -52,7 +100,8 @@ def load_specs(examples_dir: Path = EXAMPLES) -> list[dict]:
         pick = next((p for p in items if kind is None or p["kind"] == kind), items[0] if items else None)
         if pick is None:
             raise InputError(f"example {fname} has no {family} prompt")
-        out.append({"name": name, "image": str(Path(examples_dir) / fname), "family": family, "kind": pick["kind"],
+        out.append({"name": name, "image": str(Path(examples_dir) / fname), "image_name": fname, "family": family,
+                    "kind": pick["kind"],
                     "prompt": pick["prompt"], "answer": pick["answer"], "seed": ex.get("seed"),
                     "truth": ex.get("truth"), "max_new_tokens": MAX_NEW[family]})
     return out
@@ -111,7 +160,8 @@ def make_cached_runs(lm, out_dir: str | Path, *, sweep: bool = True, extras: boo
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     index = []
-    for spec in load_specs():
+    specs = specs_for(lm.name)
+    for spec in load_specs(specs=specs, lm=lm):
         if only and spec["name"] not in only:
             continue
         t0 = time.perf_counter()
@@ -134,42 +184,49 @@ def make_cached_runs(lm, out_dir: str | Path, *, sweep: bool = True, extras: boo
             f"{size / 1e6:.2f} MB  {time.perf_counter() - t0:.1f} s{'  +' + ','.join(added) if added else ''}")
         index.append({"name": spec["name"], "prompt": spec["prompt"], "family": spec["family"], "kind": spec["kind"],
                       "truth": spec["answer"], "generated": run.generated_text, "model": lm.name,
-                      "image": Path(spec["image"]).name, "bytes": size})
+                      "image": spec["image_name"], "bytes": size,
+                      **({"truth_is": spec["truth"]} if spec["family"] == "photo" else {})})
+    mine = {s[0] for s in specs}
     if not only:
-        known = {s[0] for s in SPECS}
+        known = all_run_names() | mine
         for p in out.iterdir():  # runs of an older spec list
             if p.is_dir() and (p / "run.json").is_file() and p.name not in known:
                 shutil.rmtree(p)
-    if only and (out / "index.json").is_file():  # keep the entries of the runs not rebuilt
+    if (out / "index.json").is_file():  # keep the entries of the runs not rebuilt (other models' too)
         old = json.loads((out / "index.json").read_text()).get("runs", [])
         names = {r["name"] for r in index}
-        index = [r for r in old if r["name"] not in names] + index
-        order = [s[0] for s in SPECS]
-        index.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
-    (out / "index.json").write_text(json.dumps({"model": lm.name, "runs": index}, indent=1))
-    (out / "README.md").write_text(readme(lm.name, index))
+        keep = [r for r in old if r["name"] not in names and (only or r["name"] not in mine)
+                and (out / r["name"] / "run.json").is_file()]
+        index = keep + index
+    order = [s[0] for m in SPECS_BY_MODEL.values() for s in m]
+    index.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+    (out / "index.json").write_text(json.dumps({"models": sorted({r["model"] for r in index}), "runs": index}, indent=1))
+    (out / "README.md").write_text(readme(index))
     return index
 
 
-def readme(model: str, index: list[dict]) -> str:
+def readme(index: list[dict]) -> str:
     """cached_runs/README.md: what the runs are and how to rebuild them."""
     def cell(x) -> str:
         return str(x).replace("|", "\\|").replace("\n", " ")
 
+    models = sorted({r["model"] for r in index})
     lines = [
         "# Cached runs", "",
-        f"Example runs of `{model}` on the scenes of `assets/examples/`, opened by the dashboard without a model",
+        f"Example runs of {', '.join(f'`{m}`' for m in models)} on the scenes of `assets/examples/` (and, for",
+        "smol-shapes, real photos: a photo's ground truth is the encoder's own ImageNet top-1 class, the answer it was",
+        "trained to give -- a proxy), opened by the dashboard without a model",
         "(`python app.py --no-model`). Each folder is a run (`run.json`, `arrays.safetensors`, `image.png`; hidden",
         "states float16, LLaVA-CAM and logit lens included) plus `sweep.json` (the truncation sweep, mode drop, with",
         "answer-level KL and correct / wrong against the truth per depth) and `extras.json` (the knockout windows behind",
         "the three stages, substitution matrix, layer-skip scan, FLOP / KV-cache savings per depth).", "",
-        "Rebuild them (e.g. after a run-format change) with:", "",
-        "```bash", f"python -m vlmlens make-cached-runs --model {model}", "```", "",
-        "| run | task | prompt | ground truth | generated | size |", "|---|---|---|---|---|---|",
+        "Rebuild them (e.g. after a run-format change), one model at a time, with:", "",
+        "```bash", *(f"python -m vlmlens make-cached-runs --model {m}" for m in models), "```", "",
+        "| run | model | task | prompt | ground truth | generated | size |", "|---|---|---|---|---|---|---|",
     ]
     for r in index:
-        lines.append(f"| {r['name']} | {r['family']} / {r['kind']} | {cell(r['prompt'])} | {cell(r['truth'])} | "
-                     f"{cell(r['generated'])} | {r['bytes'] / 1e3:.0f} kB |")
+        lines.append(f"| {r['name']} | {r['model']} | {r['family']} / {r['kind']} | {cell(r['prompt'])} | "
+                     f"{cell(r['truth'])} | {cell(r['generated'])} | {r['bytes'] / 1e3:.0f} kB |")
     total = sum(r["bytes"] for r in index)
     lines += ["", f"Total: {len(index)} runs, {total / 1e6:.2f} MB.", ""]
     return "\n".join(lines)

@@ -112,8 +112,9 @@ def make_processor(tok):
                           num_additional_image_tokens=0, chat_template=template, image_token=IMAGE_TOKEN)
 
 
-def assemble(log=print):
-    """(LlavaForConditionalGeneration, LlavaProcessor): the two networks and the projector."""
+def assemble(log=print, trained: bool = True):
+    """(LlavaForConditionalGeneration, LlavaProcessor, what was found): the two networks and
+    (``trained``) the shipped projector and LM adapters."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     from .efficientnet import EfficientNetLiteConfig
@@ -135,23 +136,26 @@ def assemble(log=print):
         model.resize_token_embeddings(vocab, mean_resizing=False)
     model.generation_config.eos_token_id = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.pad_token_id = proc.tokenizer.pad_token_id
-    trained = load_trained_parts(model, log)
-    return model, proc, trained
+    found = load_trained_parts(model, log) if trained else {"projector": False, "lm_lora": False}
+    return model, proc, found
+
+
+def load_projector(model, path) -> None:
+    from safetensors.torch import load_file
+
+    model.model.multi_modal_projector.load_state_dict(load_file(str(path)), strict=True)
 
 
 def load_trained_parts(model, log=print) -> dict:
     """The shipped projector (and LM adapters) into ``model``; what was found."""
-    from safetensors.torch import load_file
-
     found = {"projector": False, "lm_lora": False}
     if PROJECTOR.is_file():
-        model.model.multi_modal_projector.load_state_dict(load_file(str(PROJECTOR)), strict=True)
+        load_projector(model, PROJECTOR)
         found["projector"] = True
     if (LM_ADAPTER / "adapter_model.safetensors").is_file():
-        from peft import PeftModel
+        from ..experiments.recovery import load_adapter
 
-        lm = PeftModel.from_pretrained(model.model.language_model, str(LM_ADAPTER)).merge_and_unload()
-        model.model.language_model = lm
+        model.model.language_model = load_adapter(model.model.language_model, LM_ADAPTER)
         found["lm_lora"] = True
     if not found["projector"]:
         log("note: no trained projector in assets/smol-shapes (python -m vlmlens.real.train): the projector is random")

@@ -24,7 +24,7 @@ from .exports import ExportDirs
 from .handler import handler
 from .model import ModelHolder, resolve_model_name
 from .store import RunsDir, RunStore
-from .study_tab import StudyTab
+from .study_tab import DATASETS_DIR, StudyTab
 from .tab_handlers import TabHandlers
 
 log = logging.getLogger("vlmlens.ui")
@@ -69,13 +69,16 @@ class Dashboard(TabHandlers, StudyTab):
     def __init__(self, *, model: str | None = "tiny-shapes", device: str = "auto", dtype: str = "auto",
                  runs_dir=None, trust_remote_code: bool = False, no_model: bool = False,
                  default_run: str | None = None, store_capacity: int = 64, loader=None, start_loading: bool = True,
-                 time_limit: float | None = 120.0, max_image_side: int = 1344, studies=None, adapter=None):
+                 time_limit: float | None = 120.0, max_image_side: int = 1344, studies=None, adapter=None,
+                 datasets=None, study_time_limit: float | None = 600.0):
         name, why = resolve_model_name(model, no_model)
         self.holder = ModelHolder(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                                   loader=loader, off_reason=why, adapter=adapter)
         self.store = RunStore(store_capacity)
         self.runs = RunsDir(runs_dir)
-        self.studies_root = Path(studies) if studies else None    # the Study tab opens studies under it only
+        self.studies_root = Path(studies) if studies else None    # the Study tab opens / writes studies under it only
+        self.datasets_root = Path(datasets) if datasets else DATASETS_DIR   # and runs datasets from here only
+        self.study_time_limit = study_time_limit
         self.examples = load_examples()
         self.scenes = SceneBook()
         self.export_dirs = ExportDirs()

@@ -184,6 +184,18 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                         study_fig = gr.Plot(label="Score vs depth", elem_id="vl-study-fig")
                         study_row = gr.Dropdown(choices=[], label="Row", elem_id="vl-study-row", allow_custom_value=True)
                         study_html = gr.HTML(label="row outputs", elem_id="vl-study-row-html")
+                        with gr.Accordion("Run a study on the loaded model", open=False):
+                            with gr.Row():
+                                sdata = gr.Dropdown(choices=dash.dataset_names(), value=(dash.dataset_names() or [None])[0],
+                                                    label="Dataset", info="folders under --datasets", elem_id="vl-srun-data")
+                                srows = gr.Slider(1, 200, value=40, step=1, label="Rows (the first N)", elem_id="vl-srun-rows")
+                                sdepths = gr.Textbox(label="Depths k", placeholder="all; or e.g. 0,2,4,8",
+                                                     elem_id="vl-srun-depths")
+                            with gr.Row():
+                                sbatch = gr.Slider(1, 32, value=8, step=1, label="Batch size", elem_id="vl-srun-batch")
+                                snew = gr.Slider(1, 64, value=48, step=1, label="Max new tokens", elem_id="vl-srun-new")
+                                sname = gr.Textbox(label="Study name", value="my-study", elem_id="vl-srun-name")
+                                srun = gr.Button("Run study", variant="primary", elem_id="vl-srun-btn", **live)
                     with gr.Tab("Runs", id="runs") as t_runs:
                         with gr.Row():
                             run_list = gr.Dropdown(choices=dash.runs.preferred_order(), value=dash.default_run,
@@ -279,6 +291,8 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                           **MODEL_QUEUE)
         study_btn.click(dash.study_open, study_pick, [study_md, study_fig, study_row, study_html], api_name="study_open")
         study_row.input(dash.study_item, [study_pick, study_row], study_html, api_name="study_item")
+        srun.click(dash.study_run, [sdata, srows, sdepths, sbatch, snew, sname],
+                   [study_pick, study_md, study_fig, study_row, study_html], api_name="study_run", **MODEL_QUEUE)
         t_study.select(dash.study_list, None, study_pick, api_name="study_list", show_progress="hidden",
                        api_visibility=INTERNAL)
         prune_btn.click(dash.prune_compare, [sess, prune_methods], [prune_md, prune_pick, prune_fig],

@@ -1,19 +1,36 @@
 """The Study tab: open a finished dataset study (no model needed) -- its table, its figure,
-and any row's outputs at every depth. Only studies under the folder the app was started with
-(``--study``) can be opened; the tab never reads a path typed in the browser."""
+and any row's outputs at every depth -- or run a small one on the loaded model. Only studies
+under the folder the app was started with (``--study``, default ``studies/``) are opened or
+written, and only datasets under ``--datasets`` (default: the shipped ones) are read; the tab
+never reads a path typed in the browser.
+
+A study run from the tab is bounded: at most ``MAX_STUDY_ROWS`` rows, and it stops cleanly at
+the dashboard's study time limit. Rows are written as they finish (the study engine's files),
+so running it again under the same name continues it."""
 from __future__ import annotations
 
 import html
+import time
 from pathlib import Path
 
 import gradio as gr
 
 from ..errors import InputError
-from ..experiments.study_files import list_studies, load_study
+from ..experiments.study_files import CONFIG, is_study_dir, list_studies, load_study
 from ..figures.study import fig_dataset_study
+from ..models.loading import REPO_ROOT
 from .handler import handler
 from .html import note
 from .panels import figure, message_figure
+from .store import check_run_name
+
+MAX_STUDY_ROWS = 200
+DATASETS_DIR = REPO_ROOT / "assets" / "datasets"
+DATASET_FILES = ("manifest.jsonl", "metadata.jsonl", "manifest.csv", "dataset_info.json")
+
+
+class StudyStopped(InputError):
+    """The study reached the time limit of one request (its finished rows are kept)."""
 
 
 class StudyTab:
@@ -35,6 +52,51 @@ class StudyTab:
     def study_list(self):
         names = self.study_names()
         return gr.update(choices=names, value=names[0] if names else None)
+
+    def dataset_names(self) -> list[str]:
+        """Datasets the tab may run: the folders right under ``--datasets`` that hold a manifest."""
+        root = getattr(self, "datasets_root", None)
+        if root is None or not Path(root).is_dir():
+            return []
+        return sorted(p.name for p in Path(root).iterdir()
+                      if p.is_dir() and not p.is_symlink() and any((p / f).is_file() for f in DATASET_FILES))
+
+    @handler("study_run")
+    def study_run(self, dataset, rows, depths, batch_size, max_new_tokens, name, progress=gr.Progress()):
+        """Run a truncation study of the loaded model on the first ``rows`` rows of a dataset into
+        ``--study``/``name`` (continued when that study exists with the same settings); returns
+        the opened study, like Open."""
+        from ..data import load_dataset
+        from ..experiments.dataset_study import dataset_study
+
+        if dataset not in self.dataset_names():
+            raise InputError(f"unknown dataset {dataset!r}; pick one of {self.dataset_names()}")
+        name = check_run_name(name)
+        rows, batch_size, max_new_tokens = (_whole(rows, "rows", 1, MAX_STUDY_ROWS), _whole(batch_size, "batch size", 1, 32),
+                                            _whole(max_new_tokens, "max new tokens", 1, 64))
+        root = getattr(self, "studies_root", None)
+        if root is None:
+            raise InputError("no folder to write studies to: start the app with --study DIR")
+        if is_study_dir(root):
+            raise InputError(f"--study {root} is itself one study; start the app with a folder of studies to run new ones")
+        data = load_dataset(Path(self.datasets_root) / dataset)
+        data.items = data.items[:rows]
+        out = Path(root) / name
+        limit = self.study_time_limit
+        t0 = time.monotonic()
+
+        def tick(done, total, what):
+            progress(done / max(total, 1), desc=f"{done}/{total} rows ({what})")
+            if limit is not None and time.monotonic() - t0 > limit and done < total:
+                raise StudyStopped(f"the study stopped at the {limit:.0f} s time limit of one request after {done} of"
+                                   f" {total} rows; the rows done are kept: Run again with the name {name!r} to continue")
+
+        progress(0.0, desc="waiting for the model")
+        with self.holder.use() as lm:
+            dataset_study(lm, data, out, depths=(depths or "").strip() or None, max_new_tokens=max_new_tokens,
+                          resume=(out / CONFIG).is_file(), progress=tick, batch_size=batch_size)
+        names = self.study_names()
+        return (gr.update(choices=names, value=name), *self.study_open(name))
 
     @handler("study_open")
     def study_open(self, name):
@@ -93,6 +155,16 @@ class StudyTab:
                 f"<th>{'method' if 'methods' in rec else ('encoder, decoder depth' if 'grid' in rec else 'depth')}</th>"
                 f"<th>output</th>"
                 f"<th>score</th><th>answer kept</th><th>output KL</th></tr>{rows}</table>")
+
+
+def _whole(v, what: str, lo: int, hi: int) -> int:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be a whole number from {lo} to {hi}, got {v!r}") from None
+    if not f.is_integer() or not lo <= f <= hi:
+        raise InputError(f"{what} must be a whole number from {lo} to {hi}, got {v!r}")
+    return int(f)
 
 
 def study_message_figure():
