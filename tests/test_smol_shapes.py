@@ -36,17 +36,23 @@ def test_it_is_the_real_parts_in_an_ordinary_llava(smol):
     assert smol.text_config.hidden_size == 576 and smol.text_config.num_key_value_heads == 3     # GQA
     n = sum(p.numel() for p in smol.model.model.language_model.parameters())
     assert 130e6 < n < 140e6
+    from vlmlens.real.build import LM_ADAPTER, PROJECTOR
+    from vlmlens.real.train import TEXT_PROMPTS
+
     build = json.loads((smol_dir() / "vlmlens_build.json").read_text())
     assert build["sources"] == ["SmolLM2-135M-Instruct.Q4_1.gguf", "efficientnet-lite0-57934424.pth"]
-    # the language model is SmolLM2 itself: its chat answer to a plain question, through the VLM's LM
+    assert build["trained"] == {"projector": PROJECTOR.is_file(), "lm_lora": (LM_ADAPTER / "adapter_model.safetensors").is_file()}
+    # the language model is SmolLM2 (with its adapters merged): its chat answers plain questions,
+    # one of them never in the training rows
     tok = smol.processor.tokenizer
-    text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                   add_generation_prompt=True, tokenize=False)
-    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        out = smol.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                                  do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+    for q, a in (("What is the capital of France?", "Paris"), ("What is the capital of Italy?", "Rome")):
+        assert a != "Rome" or q not in TEXT_PROMPTS
+        text = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out = smol.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                      do_sample=False)
+        assert a in tok.decode(out[0, ids.shape[1]:]), (q, tok.decode(out[0, ids.shape[1]:]))
 
 
 def smol_dir():
@@ -130,16 +136,27 @@ def test_it_reads_the_image_above_the_blank_control(smol):
 
 
 def test_the_projector_training_runs(smol, tmp_path):
-    """Two steps of the training script from a fresh projector, into a scratch folder: the loss
-    is finite, the projector file and its log are written, the shipped files are untouched."""
+    """Two steps of the training script (fresh projector + LoRA adapters, text-only rows too) into
+    a scratch folder: the loss is finite, the projector, the adapters (peft's format, bf16) and the
+    log are written, the shipped files are untouched; the adapters load back into the LM."""
     from safetensors.torch import load_file
 
-    from vlmlens.real.build import PROJECTOR
+    from vlmlens.experiments.recovery import load_adapter
+    from vlmlens.real.build import LM_ADAPTER, PROJECTOR
     from vlmlens.real.train import train
 
-    before = PROJECTOR.read_bytes()
-    meta = train(steps=2, batch=2, n_shapes=6, n_photos=2, out=tmp_path / "projector.safetensors", log=lambda s: None)
-    assert meta["steps"] == 2 and not meta["resumed"] and np.isfinite(meta["curve"][0][1])
+    shipped = [PROJECTOR] + sorted(LM_ADAPTER.glob("*"))
+    before = [p.read_bytes() for p in shipped]
+    meta = train(steps=2, batch=3, n_shapes=6, n_photos=2, n_text=2, lora=4, out=tmp_path / "projector.safetensors",
+                 log=lambda s: None)
+    assert meta["steps"] == 2 and not meta["resumed"] and np.isfinite(meta["curve"][0][1]) and meta["lora_rank"] == 4
     w = load_file(str(tmp_path / "projector.safetensors"))
     assert {k.split(".")[0] for k in w} == {"linear_1", "linear_2"}
-    assert (tmp_path / "train_log.json").is_file() and PROJECTOR.read_bytes() == before
+    a = load_file(str(tmp_path / "lm_lora" / "adapter_model.safetensors"))
+    assert a and all(v.dtype == torch.bfloat16 for v in a.values()) and any("lora_B" in k for k in a)
+    assert json.loads((tmp_path / "lm_lora" / "adapter_config.json").read_text())["r"] == 4
+    assert (tmp_path / "train_log.json").is_file() and [p.read_bytes() for p in shipped] == before
+    import copy
+
+    merged = load_adapter(copy.deepcopy(smol.model.model.language_model), tmp_path / "lm_lora")
+    assert type(merged).__name__ == "LlamaModel"

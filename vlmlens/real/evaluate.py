@@ -35,8 +35,13 @@ def shapes_scores(lm, n: int, blank: bool = False) -> dict:
                           record_attention=False)
             preds.append(run.generated_text)
         m = _metrics(fam, exs, preds)
-        out[fam] = {**m, "n": n, "examples": [{"prompt": e.prompt, "reference": e.answer, "output": p}
-                                              for e, p in list(zip(exs, preds))[:5]]}
+        kinds = {}
+        for k in sorted({e.kind for e in exs}):
+            sub = [(e, p) for e, p in zip(exs, preds) if e.kind == k]
+            kinds[k] = {"n": len(sub), "accuracy": _metrics(fam, [e for e, _ in sub], [p for _, p in sub])["accuracy"]}
+        out[fam] = {**m, "n": n, "per_kind": kinds,
+                    "examples": [{"prompt": e.prompt, "reference": e.answer, "output": p}
+                                 for e, p in list(zip(exs, preds))[:5]]}
     return out
 
 

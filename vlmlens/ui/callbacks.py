@@ -88,7 +88,7 @@ class Dashboard(TabHandlers, StudyTab):
             self.scenes.add_file(ex["file"], ex.get("truth"), ex.get("seed"), ex.get("prompts"))
         self.timings: dict[str, deque] = defaultdict(lambda: deque(maxlen=500))
         self.default_run, self.default_layers = None, 2
-        for name in ([default_run] if default_run else []) + self.runs.preferred_order():
+        for name in ([default_run] if default_run else []) + self.runs.preferred_order(model=self.holder.name):
             try:  # warm the shared copy so the first page opens it at once
                 self.default_layers = self.runs.open(name)[0].n_layers
                 self.default_run = name

@@ -203,14 +203,16 @@ class RunsDir:
             rows.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
         return "\n".join(rows) if len(rows) > 2 else "_No saved runs in this folder yet._"
 
-    def preferred_order(self) -> list[str]:
-        """Run names, those listed in ``index.json`` (make-cached-runs' order) first."""
+    def preferred_order(self, model: str | None = None) -> list[str]:
+        """Run names, those listed in ``index.json`` (make-cached-runs' order) first, and of
+        those the runs made with ``model`` (the loaded one) before the others."""
         names = self.names()
         try:
-            listed = [r["name"] for r in read_json(self.path / "index.json")["runs"]]
-        except (OSError, TypeError, ValueError, KeyError, RunFormatError):
+            listed = [(r["name"], r.get("model")) for r in read_json(self.path / "index.json")["runs"]]
+        except (OSError, TypeError, ValueError, KeyError, AttributeError, RunFormatError):
             listed = []
-        first = [n for n in listed if n in names]
+        listed.sort(key=lambda nm: model is None or nm[1] != model)          # stable: index order kept
+        first = [n for n, _ in listed if n in names]
         return first + [n for n in names if n not in first]
 
     def _dir(self, name: str) -> Path:
