@@ -331,3 +331,34 @@ def _small_study(tmp_path):
     dataset_study(vl.load_model("tiny-shapes"), load_dataset(tmp_path / "data" / "m.jsonl"), tmp_path / "studies" / "mini",
                   depths=[0, 4], max_new_tokens=4)
     return tmp_path / "studies"
+
+
+def test_run_a_study_from_the_study_tab(tmp_path, page):
+    """Study tab, "Run a study on the loaded model": 3 rows of the shipped dataset at depth 0 run
+    on tiny-shapes in the page, and the finished study opens (its table and figure)."""
+    import vlmlens as vl
+    from vlmlens.ui import build_demo
+
+    lm = vl.load_model("tiny-shapes", device="cpu", dtype="float32")
+    demo = build_demo(lm.name, runs_dir=tmp_path / "runs", studies=tmp_path / "studies", loader=lambda *a, **k: lm)
+    port = _port()
+    demo.queue().launch(prevent_thread_lock=True, server_port=port, quiet=True, css=demo.vl_css)
+    try:
+        demo.dashboard.holder.wait(120)
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_selector("#vl-model-status", timeout=60_000)
+        open_tab(page, "Study")
+        page.get_by_text("Run a study on the loaded model").click()
+        page.locator("#vl-srun-rows input[type=number]").fill("3")
+        page.locator("#vl-srun-rows input[type=number]").press("Enter")
+        page.locator("#vl-srun-depths textarea, #vl-srun-depths input").first.fill("0")
+        page.locator("#vl-srun-name textarea, #vl-srun-name input").first.fill("from-the-page")
+        page.click("#vl-srun-btn")
+        page.wait_for_selector("#vl-study-md :text('| vqa | 0 | 3 |'), #vl-study-md td:text-is('3')", timeout=120_000)
+        md = page.locator("#vl-study-md").inner_text()
+        assert "tiny-shapes" in md and "3 rows" in md, md
+        page.wait_for_selector("#vl-study-fig .js-plotly-plot", timeout=60_000)
+        assert (tmp_path / "studies" / "from-the-page" / "study.json").is_file()
+        assert not page.errors, page.errors
+    finally:
+        demo.close()

@@ -138,7 +138,7 @@ def text_items(model, proc, prompts=TEXT_PROMPTS, max_new_tokens: int = 48) -> l
     for q in prompts:
         text = proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": q}]}],
                                         add_generation_prompt=True)
-        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
         gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False)[0, ids.shape[1]:].tolist()
         ended = end in gen
@@ -148,8 +148,8 @@ def text_items(model, proc, prompts=TEXT_PROMPTS, max_new_tokens: int = 48) -> l
 
 @torch.no_grad()
 def classify(model, proc, images) -> np.ndarray:
-    pv = proc.image_processor(images=images, return_tensors="pt")["pixel_values"]
-    return model.model.vision_tower.classify(pv).argmax(-1).numpy()
+    pv = proc.image_processor(images=images, return_tensors="pt")["pixel_values"].to(model.device)
+    return model.model.vision_tower.classify(pv).argmax(-1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -157,7 +157,7 @@ def features(model, proc, images, batch: int = 32) -> torch.Tensor:
     """[N, 49, 1280] tower features (the projector's input) of ``images``."""
     out = []
     for i in range(0, len(images), batch):
-        pv = proc.image_processor(images=images[i:i + batch], return_tensors="pt")["pixel_values"]
+        pv = proc.image_processor(images=images[i:i + batch], return_tensors="pt")["pixel_values"].to(model.device)
         out.append(model.model.vision_tower(pv).last_hidden_state)
     return torch.cat(out)
 
@@ -183,6 +183,7 @@ def step_loss(model, feats, seqs, image_id: int, pad_id: int) -> torch.Tensor:
         ids[b, :len(s)] = torch.as_tensor(s)
         mask[b, :len(s)] = 1
         tgt[b, a - 1:len(s) - 1] = torch.as_tensor(s[a:])
+    ids, mask, tgt = ids.to(feats.device), mask.to(feats.device), tgt.to(feats.device)
     emb = model.model.language_model.embed_tokens(ids)
     slots = ids == image_id
     has = slots.any(1)                                                   # text-only rows have none
@@ -245,7 +246,8 @@ def train(steps: int = 300, batch: int = 8, lr: float = 1e-3, n_shapes: int = 30
     torch.manual_seed(seed)
     out = Path(out)
     model, proc, _ = assemble(log, trained=False)
-    model = model.float().eval()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.float().eval().to(dev)
     resumed = bool(resume and PROJECTOR.is_file())
     if resumed:
         load_projector(model, PROJECTOR)
@@ -274,7 +276,7 @@ def train(steps: int = 300, batch: int = 8, lr: float = 1e-3, n_shapes: int = 30
     image_id = proc.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     base_lr = [g["lr"] for g in groups]
-    bf16 = (not torch.cuda.is_available()) if bf16 is None else bf16
+    bf16 = True if bf16 is None else bf16            # CPU: measured 2x faster than float32; GPU: bf16 is native
     rng = np.random.default_rng(seed)
     curve, t1, last_save, done = [], time.perf_counter(), time.perf_counter(), 0
     meta = {}
@@ -286,7 +288,7 @@ def train(steps: int = 300, batch: int = 8, lr: float = 1e-3, n_shapes: int = 30
         for g, b in zip(opt.param_groups, base_lr):
             g["lr"] = b * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(prog, 1.0)))
         pick = rng.choice(len(items), size=min(batch, len(items)), replace=False)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             loss = step_loss(model, feats[pick], [seqs[i] for i in pick], image_id, proc.tokenizer.pad_token_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()
