@@ -349,14 +349,15 @@ def test_run_a_study_from_the_study_tab(tmp_path, page):
         page.wait_for_selector("#vl-model-status", timeout=60_000)
         open_tab(page, "Study")
         page.get_by_text("Run a study on the loaded model").click()
-        page.locator("#vl-srun-rows input[type=number]").fill("3")
-        page.locator("#vl-srun-rows input[type=number]").press("Enter")
+        rows = page.locator("#vl-srun-rows input[type=number]")
+        rows.fill("3")
+        rows.press("Tab")                                            # the slider takes the typed value on blur
         page.locator("#vl-srun-depths textarea, #vl-srun-depths input").first.fill("0")
         page.locator("#vl-srun-name textarea, #vl-srun-name input").first.fill("from-the-page")
         page.click("#vl-srun-btn")
         page.wait_for_selector("#vl-study-md :text('| vqa | 0 | 3 |'), #vl-study-md td:text-is('3')", timeout=120_000)
         md = page.locator("#vl-study-md").inner_text()
-        assert "tiny-shapes" in md and "3 rows" in md, md
+        assert "tiny-shapes" in md and "shapes-mini" in md and "3 rows" in md, md
         page.wait_for_selector("#vl-study-fig .js-plotly-plot", timeout=60_000)
         assert (tmp_path / "studies" / "from-the-page" / "study.json").is_file()
         assert not page.errors, page.errors

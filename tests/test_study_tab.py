@@ -132,4 +132,4 @@ def test_the_shipped_datasets_are_offered():
     from vlmlens.ui.callbacks import Dashboard
 
     d = Dashboard(no_model=True, start_loading=False)
-    assert "shapes-mini" in d.dataset_names()
+    assert {"shapes-mini", "photos"} <= set(d.dataset_names()) and d.default_dataset() == "shapes-mini"

@@ -186,7 +186,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                         study_html = gr.HTML(label="row outputs", elem_id="vl-study-row-html")
                         with gr.Accordion("Run a study on the loaded model", open=False):
                             with gr.Row():
-                                sdata = gr.Dropdown(choices=dash.dataset_names(), value=(dash.dataset_names() or [None])[0],
+                                sdata = gr.Dropdown(choices=dash.dataset_names(), value=dash.default_dataset(),
                                                     label="Dataset", info="folders under --datasets", elem_id="vl-srun-data")
                                 srows = gr.Slider(1, 200, value=40, step=1, label="Rows (the first N)", elem_id="vl-srun-rows")
                                 sdepths = gr.Textbox(label="Depths k", placeholder="all; or e.g. 0,2,4,8",

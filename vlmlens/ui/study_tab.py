@@ -61,6 +61,11 @@ class StudyTab:
         return sorted(p.name for p in Path(root).iterdir()
                       if p.is_dir() and not p.is_symlink() and any((p / f).is_file() for f in DATASET_FILES))
 
+    def default_dataset(self) -> str | None:
+        """The shapes world's example dataset when it is there (what the built-in models know), else the first."""
+        names = self.dataset_names()
+        return "shapes-mini" if "shapes-mini" in names else (names[0] if names else None)
+
     @handler("study_run")
     def study_run(self, dataset, rows, depths, batch_size, max_new_tokens, name, progress=gr.Progress()):
         """Run a truncation study of the loaded model on the first ``rows`` rows of a dataset into
