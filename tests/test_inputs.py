@@ -122,6 +122,17 @@ def test_cli_capture_and_show(tmp_path, image):
     assert s.returncode == 0 and run.generated_text in s.stdout
 
 
+def test_cli_prints_no_deprecation_notices(tmp_path, image):
+    """A truncation (prefix reuse passes the cache to generate) prints its table, not transformers'
+    FutureWarnings about renamed arguments."""
+    img = tmp_path / "x.png"
+    image.save(img)
+    r = _cli("truncate", "--model", "random:llava", "--device", "cpu", "--image", str(img), "--prompt", "What is this?",
+             "--depths", "1", "--max-new-tokens", "3")
+    assert r.returncode == 0, r.stderr
+    assert "output KL" in r.stdout and "FutureWarning" not in r.stderr, r.stderr[-2000:]
+
+
 def test_cli_one_registry_for_every_command():
     """Plugin modules register into vlmlens.cli; ``python -m vlmlens`` must see the same set
     (it once ran the registry as a second ``__main__`` module object)."""
