@@ -60,11 +60,11 @@ def all_run_names() -> set[str]:
 
 def photo(name: str):
     """A real photo by name (training or held-out list of smol-shapes), or InputError."""
-    from .real.train import photo_sources
+    from .real.train import HELD_OUT_PHOTOS, TRAIN_PHOTOS, TRAIN_PHOTOS_OPENCV, load_photo
 
-    for n, img in photo_sources(False) + photo_sources(True):
-        if n == name:
-            return img
+    img = load_photo(name) if name in TRAIN_PHOTOS + TRAIN_PHOTOS_OPENCV + HELD_OUT_PHOTOS else None
+    if img is not None:
+        return img
     raise InputError(f"photo {name!r} is not available here (scikit-image's data, or Debian's opencv-doc for the"
                      " held-out ones: bash scripts/install.sh --smol)")
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..experiments.recovery import LORA_TARGETS
 from .build import IMAGE_TOKEN, PROJECTOR, assemble
 
 PHOTO_PROMPT = "What is in this photo?"
@@ -50,7 +51,6 @@ TRAIN_PHOTOS_OPENCV = ("aero1.jpg", "building.jpg", "home.jpg", "squirrel_cls.jp
                        "smarties.png", "rubberwhale1.png", "HappyFish.jpg", "chicky_512.png", "blox.jpg",
                        "graf1.png", "leuvenA.jpg", "aloeL.jpg", "basketball1.png", "box_in_scene.png",
                        "Blender_Suzanne1.jpg", "licenseplate_motion.jpg")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: text-only prompts whose answers (the LM's own, before training) keep its plain chat
 TEXT_PROMPTS = (
     "What is the capital of France?", "What is the capital of Japan?", "How many days are in a week?",
@@ -69,30 +69,27 @@ TEXT_PROMPTS = (
 HELD_OUT_PHOTOS = ("baboon.jpg", "fruits.jpg", "butterfly.jpg", "apple.jpg", "orange.jpg", "messi5.jpg")
 
 
-def photo_sources(held_out: bool = False) -> list:
-    """Real photos: (name, PIL image). ``held_out``: the ones never trained on."""
+def load_photo(name: str):
+    """One real photo as an RGB PIL image: a scikit-image data name (``TRAIN_PHOTOS``) or a file
+    of Debian's opencv-doc examples; None when it is not on this machine."""
     from PIL import Image
 
-    out = []
-    if held_out:
-        for name in HELD_OUT_PHOTOS:
-            if (OPENCV_DATA / name).is_file():
-                out.append((name, Image.open(OPENCV_DATA / name).convert("RGB")))
-        return out
-    from skimage import data
+    if name in TRAIN_PHOTOS:
+        from skimage import data
 
-    for name in TRAIN_PHOTOS:
         try:
             img = getattr(data, name)()
         except Exception:             # some skimage images need a download: offline they are absent
-            continue
-        if isinstance(img, tuple):
-            img = img[0]
-        out.append((name, Image.fromarray(np.asarray(img)).convert("RGB")))
-    for name in TRAIN_PHOTOS_OPENCV:
-        if (OPENCV_DATA / name).is_file():
-            out.append((name, Image.open(OPENCV_DATA / name).convert("RGB")))
-    return out
+            return None
+        return Image.fromarray(np.asarray(img[0] if isinstance(img, tuple) else img)).convert("RGB")
+    f = OPENCV_DATA / name
+    return Image.open(f).convert("RGB") if f.is_file() else None
+
+
+def photo_sources(held_out: bool = False) -> list:
+    """Real photos: (name, PIL image). ``held_out``: the ones never trained on."""
+    names = HELD_OUT_PHOTOS if held_out else TRAIN_PHOTOS + TRAIN_PHOTOS_OPENCV
+    return [(n, img) for n in names if (img := load_photo(n)) is not None]
 
 
 def augment(img, rng):
