@@ -334,13 +334,24 @@ def _small_study(tmp_path):
 
 
 def test_run_a_study_from_the_study_tab(tmp_path, page):
-    """Study tab, "Run a study on the loaded model": 3 rows of the shipped dataset at depth 0 run
-    on tiny-shapes in the page, and the finished study opens (its table and figure)."""
+    """Study tab, "Run a study on the loaded model": a 3-row dataset (a copy of shapes-mini's first
+    rows, the only dataset offered) at depth 0 runs on tiny-shapes in the page, and the finished
+    study opens (its table and figure)."""
+    import json
+
     import vlmlens as vl
     from vlmlens.ui import build_demo
 
+    src = ROOT / "assets" / "datasets" / "shapes-mini"
+    rows = [json.loads(x) for x in (src / "manifest.jsonl").read_text().splitlines()][:3]
+    data = tmp_path / "datasets" / "mini3"
+    (data / "images").mkdir(parents=True)
+    for r in rows:
+        shutil.copy(src / r["image"], data / r["image"])
+    (data / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     lm = vl.load_model("tiny-shapes", device="cpu", dtype="float32")
-    demo = build_demo(lm.name, runs_dir=tmp_path / "runs", studies=tmp_path / "studies", loader=lambda *a, **k: lm)
+    demo = build_demo(lm.name, runs_dir=tmp_path / "runs", studies=tmp_path / "studies",
+                      datasets=tmp_path / "datasets", loader=lambda *a, **k: lm)
     port = _port()
     demo.queue().launch(prevent_thread_lock=True, server_port=port, quiet=True, css=demo.vl_css)
     try:
@@ -349,15 +360,12 @@ def test_run_a_study_from_the_study_tab(tmp_path, page):
         page.wait_for_selector("#vl-model-status", timeout=60_000)
         open_tab(page, "Study")
         page.get_by_text("Run a study on the loaded model").click()
-        rows = page.locator("#vl-srun-rows input[type=number]")
-        rows.fill("3")
-        rows.press("Tab")                                            # the slider takes the typed value on blur
         page.locator("#vl-srun-depths textarea, #vl-srun-depths input").first.fill("0")
         page.locator("#vl-srun-name textarea, #vl-srun-name input").first.fill("from-the-page")
         page.click("#vl-srun-btn")
-        page.wait_for_selector("#vl-study-md :text('| vqa | 0 | 3 |'), #vl-study-md td:text-is('3')", timeout=120_000)
+        page.wait_for_selector("#vl-study-md :text('3 rows')", timeout=120_000)
         md = page.locator("#vl-study-md").inner_text()
-        assert "tiny-shapes" in md and "shapes-mini" in md and "3 rows" in md, md
+        assert "tiny-shapes" in md and "mini3" in md and "depths [0, 8]" in md, md
         page.wait_for_selector("#vl-study-fig .js-plotly-plot", timeout=60_000)
         assert (tmp_path / "studies" / "from-the-page" / "study.json").is_file()
         assert not page.errors, page.errors
