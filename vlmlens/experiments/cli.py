@@ -255,7 +255,8 @@ def _dataset_study(args) -> int:
     res = dataset_study(lm, data, args.out, task=args.task, depths=args.depths, mode=args.mode,
                         max_new_tokens=args.max_new_tokens, separator=args.separator, resume=args.resume, rank=rank,
                         world=world, barrier=barrier, progress=progress_bar() if rank == 0 else None,
-                        methods=args.methods, encoder_depths=args.encoder_depths, batch_size=args.batch_size)
+                        methods=args.methods, encoder_depths=args.encoder_depths, batch_size=args.batch_size,
+                        vqa_normalization=args.vqa_normalization, caption_tokenizer=args.caption_tokenizer)
     if res is not None:
         ex = res.execution or {}
         print(f"{res.config['model']}: {res.n_items} items, {len(res.skipped)} rows skipped, {world} process(es),"
@@ -287,6 +288,13 @@ def _configure_study(p):
     p.add_argument("--batch-size", type=int, default=1, help="items per forward (--data); the same results as 1,"
                    " faster; what cannot batch runs one at a time and the study says why")
     p.add_argument("--separator", default="answer:", help="what precedes the final answer of a trace (--data)")
+    p.add_argument("--vqa-normalization", default="official", choices=("official", "always"),
+                   help="vqa/cot scoring (--data): official = exactly the VQA evaluation script, its skip of"
+                   " normalisation when all references are one string included (comparable with published"
+                   " numbers); always = normalise in every case (a cleaner variant, recorded in config.json)")
+    p.add_argument("--caption-tokenizer", default="auto", choices=("auto", "ptb", "simple"),
+                   help="caption scoring (--data): auto/ptb = the PTB tokenizer as the COCO evaluation (needs Java;"
+                   " refused up front without it); simple = lower case, punctuation dropped (not comparable)")
     p.add_argument("--encoder-depths", default=None, help="vision-tower layers to run, e.g. 0,2,4 (--data): an"
                    " encoder x decoder grid with --depths")
     p.add_argument("--methods", default=None, help="token pruning instead of depths (--data): as for prune --methods,"

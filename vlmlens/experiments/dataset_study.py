@@ -32,7 +32,8 @@ import numpy as np
 from .. import __version__
 from ..data import Dataset
 from ..errors import InputError
-from ..metrics import caption_scores
+from ..metrics import VQA_NORMALIZATIONS, caption_scores
+from ..metrics import caption_tokenizer as resolve_caption_tokenizer
 from .engine import DEFAULT_SEPARATOR, Progress, check_mode, parse_depths
 from .study_files import CONFIG, _atomic_write, _clean_rank_file, check_out, done_items, rows_csv
 from .study_runner import DATA_TASKS, item_task, run_items  # noqa: F401  (DATA_TASKS: the CLI's)
@@ -43,10 +44,13 @@ N_BOOTSTRAP = 1000
 
 
 def study_config(lm, dataset: Dataset, *, task: str | None, depths: list[int], mode: str, max_new_tokens: int,
-                 separator: str, methods: list[str] | None = None, encoder_depths: list[int] | None = None) -> dict:
+                 separator: str, methods: list[str] | None = None, encoder_depths: list[int] | None = None,
+                 vqa_normalization: str = "official", caption_tokenizer: str | None = None) -> dict:
     cfg = {"kind": "vlmlens dataset study", "model": lm.name, "n_layers": lm.n_layers, "data": dataset.source,
            "data_sha256": dataset.fingerprint, "n_items": len(dataset), "task": task, "depths": depths, "mode": mode,
-           "max_new_tokens": max_new_tokens, "separator": separator}
+           "max_new_tokens": max_new_tokens, "separator": separator, "vqa_normalization": vqa_normalization}
+    if caption_tokenizer:
+        cfg["caption_tokenizer"] = caption_tokenizer
     if methods:
         cfg["methods"] = list(methods)
     if encoder_depths:
@@ -186,7 +190,8 @@ def merge(out: Path, dataset: Dataset, config: dict, seconds: float = 0.0, execu
                 scored = [r for r in recs if r["answers"]]
                 if scored:
                     cs = caption_scores({r["id"]: _cells(r)[key]["text"] for r in scored},
-                                        {r["id"]: r["answers"] for r in scored})
+                                        {r["id"]: r["answers"] for r in scored},
+                                        tokenizer=config.get("caption_tokenizer", "auto"))
                     tok = cs["tokenizer"]
                     per = np.array([cs["per_item"][r["id"]] for r in scored])
                     row.update(score=cs["cider_d"], cider_d=cs["cider_d"], bleu_4=cs["bleu_4"])
@@ -206,7 +211,8 @@ def merge(out: Path, dataset: Dataset, config: dict, seconds: float = 0.0, execu
 def dataset_study(lm, dataset: Dataset, out, *, task: str | None = None, depths=None, mode: str = "drop",
                   max_new_tokens: int = 16, separator: str = DEFAULT_SEPARATOR, resume: bool = False,
                   rank: int = 0, world: int = 1, barrier=None, progress: Progress | None = None,
-                  methods: str | None = None, encoder_depths=None, batch_size: int = 1) -> DatasetStudy | None:
+                  methods: str | None = None, encoder_depths=None, batch_size: int = 1,
+                  vqa_normalization: str = "official", caption_tokenizer: str = "auto") -> DatasetStudy | None:
     """Run (or continue) the study in ``out``; rank 0 returns the merged result, others None.
 
     ``methods`` (token pruning, written as for ``python -m vlmlens prune --methods``) makes it a
@@ -220,12 +226,16 @@ def dataset_study(lm, dataset: Dataset, out, *, task: str | None = None, depths=
     have arrived: after the directory is ready, and before the merge.
     """
     check_mode(mode)
+    if vqa_normalization not in VQA_NORMALIZATIONS:
+        raise InputError(f"unknown VQA normalization {vqa_normalization!r}; expected one of"
+                         f" {', '.join(VQA_NORMALIZATIONS)} (official: as the VQA evaluation scores)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch size must be an integer >= 1, got {batch_size!r}")
     if task is not None and task not in DATA_TASKS:
         raise InputError(f"unknown task {task!r}; expected one of {', '.join(DATA_TASKS)}")
-    for it in dataset.items:
-        item_task(it, task)
+    tasks = {item_task(it, task) for it in dataset.items}
+    # captions are scored at the merge: a missing Java runtime is refused now, not after the run
+    cap_tok = resolve_caption_tokenizer(caption_tokenizer) if "caption" in tasks else None
     ks = parse_depths(range(lm.n_layers + 1) if depths is None else depths, lm.n_layers)
     if lm.n_layers not in ks:
         ks.append(lm.n_layers)           # the untruncated row is always there
@@ -249,7 +259,8 @@ def dataset_study(lm, dataset: Dataset, out, *, task: str | None = None, depths=
             raise InputError(f"encoder depths must be integers in 0..{F} (this tower's features are read after {F}"
                              f" layers), got {encoder_depths!r}")
     config = study_config(lm, dataset, task=task, depths=ks, mode=mode, max_new_tokens=max_new_tokens,
-                          separator=separator, methods=list(parsed) if parsed else None, encoder_depths=ems)
+                          separator=separator, methods=list(parsed) if parsed else None, encoder_depths=ems,
+                          vqa_normalization=vqa_normalization, caption_tokenizer=cap_tok)
     wait = barrier or (lambda: None)
     check_out(out, config, resume)       # every rank, before anyone writes: all refuse alike
     wait()
@@ -265,7 +276,7 @@ def dataset_study(lm, dataset: Dataset, out, *, task: str | None = None, depths=
     remaining = [it for it in dataset.items if it.id not in done]
     ex = run_items(lm, remaining[rank::world], task=task, depths=ks, mode=mode, max_new_tokens=max_new_tokens,
                    separator=separator, rank_file=rank_file, progress=progress, methods=parsed, encoder_depths=ems,
-                   batch_size=batch_size)
+                   batch_size=batch_size, vqa_normalization=vqa_normalization)
     wait()
     if rank != 0:
         return None

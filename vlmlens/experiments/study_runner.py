@@ -59,9 +59,9 @@ def depth_variants(lm, depths, mode, encoder_depths) -> list[tuple[str, list]]:
     return out
 
 
-def _cell(t, item, text, kept, kl, separator) -> dict:
-    return {"text": text, "answer_kept": bool(kept), "output_kl": float(kl),
-            "score": item_score(t, text, item.answers, item.choices, separator) if item.answers else None}
+def _cell(t, item, text, kept, kl, separator, vqa_normalization) -> dict:
+    score = item_score(t, text, item.answers, item.choices, separator, vqa_normalization) if item.answers else None
+    return {"text": text, "answer_kept": bool(kept), "output_kl": float(kl), "score": score}
 
 
 def _record(item, t, baseline_text, kind, per) -> dict:
@@ -69,7 +69,8 @@ def _record(item, t, baseline_text, kind, per) -> dict:
             "baseline": baseline_text, kind: per}
 
 
-def _single(lm, item, t, *, variants, mode, max_new_tokens, separator, methods, shape) -> tuple[dict, str]:
+def _single(lm, item, t, *, variants, mode, max_new_tokens, separator, methods, shape,
+            vqa_normalization) -> tuple[dict, str]:
     from .pruning import method_result
 
     s = Session(lm, item.image, item.prompt, max_new_tokens=max_new_tokens, baseline=[truncation(lm.n_layers, mode)])
@@ -77,17 +78,19 @@ def _single(lm, item, t, *, variants, mode, max_new_tokens, separator, methods, 
     if methods:
         for name, ivs in {"baseline": [], **methods}.items():
             r = method_result(s, shape, name, list(ivs), separator, None, lm.processor.tokenizer)
-            per[name] = {**_cell(t, item, r.text, r.answer_kept, r.output_kl, separator), "image_rows": r.image_rows,
+            per[name] = {**_cell(t, item, r.text, r.answer_kept, r.output_kl, separator, vqa_normalization),
+                         "image_rows": r.image_rows,
                          "total_saving": r.savings["total_saving"], "kv_saving": r.savings["kv_saving"]}
     else:
         for key, ivs in variants:
             var = s.evaluate(ivs) if ivs else s.baseline
             c = compare_outputs(s.baseline, var, separator, lm.processor.tokenizer)
-            per[key] = _cell(t, item, c["text"], c["answer_kept"], c["output_kl"], separator)
+            per[key] = _cell(t, item, c["text"], c["answer_kept"], c["output_kl"], separator, vqa_normalization)
     return per, s.baseline.run.generated_text
 
 
-def _batched(lm, items, tasks, *, variants, mode, max_new_tokens, separator) -> list[tuple[dict, str]]:
+def _batched(lm, items, tasks, *, variants, mode, max_new_tokens, separator,
+             vqa_normalization) -> list[tuple[dict, str]]:
     bs = BatchSession(lm, [(it.image, it.prompt) for it in items], max_new_tokens=max_new_tokens,
                       baseline=[truncation(lm.n_layers, mode)])
     base = bs.baseline
@@ -97,13 +100,13 @@ def _batched(lm, items, tasks, *, variants, mode, max_new_tokens, separator) -> 
         for b, (item, t) in enumerate(zip(items, tasks)):
             kept = answer_of(var.texts[b], separator) == answer_of(base.texts[b], separator)
             kl = output_kl(base.step_logprobs[b], var.step_logprobs[b], len(base.generated_ids[b]))
-            pers[b][key] = _cell(t, item, var.texts[b], kept, kl, separator)
+            pers[b][key] = _cell(t, item, var.texts[b], kept, kl, separator, vqa_normalization)
     return list(zip(pers, base.texts))
 
 
 def run_items(lm, items, *, task, depths, mode, max_new_tokens, separator, rank_file: Path, progress=None,
               methods: dict | None = None, encoder_depths: list[int] | None = None,
-              batch_size: int = 1) -> Execution:
+              batch_size: int = 1, vqa_normalization: str = "official") -> Execution:
     """Run and append every item of this rank. With ``methods`` ({name: interventions}) each
     item runs the baseline and every method instead of the depths, and each cell adds the
     compute the method's schedule saves."""
@@ -135,13 +138,14 @@ def run_items(lm, items, *, task, depths, mode, max_new_tokens, separator, rank_
             if B > 1:
                 try:
                     results = _batched(lm, chunk, tasks, variants=variants, mode=mode, max_new_tokens=max_new_tokens,
-                                       separator=separator)
+                                       separator=separator, vqa_normalization=vqa_normalization)
                     ex.batched_items += len(chunk)
                 except BatchError as e:
                     ex.note(f"a batch ran one item at a time: {e}")
             if results is None:
                 results = [_single(lm, it, t, variants=variants, mode=mode, max_new_tokens=max_new_tokens,
-                                   separator=separator, methods=methods, shape=shape) for it, t in zip(chunk, tasks)]
+                                   separator=separator, methods=methods, shape=shape,
+                                   vqa_normalization=vqa_normalization) for it, t in zip(chunk, tasks)]
                 ex.single_items += len(chunk)
             for item, t, (per, base_text) in zip(chunk, tasks, results):
                 f.write(json.dumps(_record(item, t, base_text, kind, per)) + "\n")
