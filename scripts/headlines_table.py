@@ -11,7 +11,6 @@ five relative depths (embeddings, 1/4, 1/2, 3/4, last layer).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import numpy as np
 from vlmlens.analysis.geometry import dynamics
 from vlmlens.findings import findings
 from vlmlens.run import is_run_dir, load_run
+from vlmlens.run_files import read_extras
 
 KEYS = ("truth", "sweep_cliff", "vtw", "attention_cliff", "stabilisation", "functional", "stages")
 CURVES = ("entropy_normalized", "id_twonn", "cosine_distance")
@@ -43,9 +43,8 @@ def main() -> int:
     rows, curves = [], {}
     for d in sorted(p for p in root.iterdir() if is_run_dir(p)):
         run = load_run(d)
-        sweep = json.loads((d / "sweep.json").read_text()) if (d / "sweep.json").is_file() else None
-        extras = json.loads((d / "extras.json").read_text()) if (d / "extras.json").is_file() else {}
-        fs = {f.key: f for f in findings(run, sweep=sweep, extras=extras)}
+        extras = read_extras(d)                   # the sweeps (one per mode) and the other results
+        fs = {f.key: f for f in findings(run, extras=extras)}
         model = run.meta["model"]
         rows.append(f"| {d.name} | {model} | {run.n_layers} | " + " | ".join(cell(fs.get(k)) for k in KEYS) + " |")
         df = dynamics(run, spans=("image", "text"))

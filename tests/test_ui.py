@@ -188,7 +188,7 @@ def test_runs_tab_open_save_download(client, runs_dir):
     assert set(CACHED) <= set(names) and "broken-run" in names
     assert names[:2] == CACHED                                               # index.json order first
     row = next(l for l in table.splitlines() if l.startswith(f"| {CACHED[1]} "))
-    assert "| yes |" in row and f"(?run={CACHED[1]})" in row                # its sweep and its link are listed
+    assert "| drop |" in row and f"(?run={CACHED[1]})" in row               # its sweeps (modes) and its link are listed
     info, *_ = client.predict(CACHED[1], api_name="/load_run")
     assert info["source"] == f"saved:{CACHED[1]}" and info["has_sweep"]
     saved = json.loads((runs_dir / CACHED[1] / "run.json").read_text())
@@ -206,7 +206,7 @@ def test_runs_tab_open_save_download(client, runs_dir):
         files = {Path(n).name for n in z.namelist()}
     assert {"run.json", "arrays.safetensors", "image.png"} <= files
     rows = list(csv.DictReader(open(cpath)))
-    assert rows and {"metric", "span", "layer", "value"} == set(rows[0])
+    assert rows and {"metric", "span", "layer", "value", "mode"} == set(rows[0])          # mode: of sweep rows
     assert any(r["metric"] == "attention_share_image" for r in rows)
     assert "plotly" in Path(hpath).read_text()[:200000].lower()
 

@@ -107,7 +107,7 @@ def cmd_show(args) -> int:
     print(run.summary())
     extras = read_extras(args.run)
     print("headlines (causal: read off an intervention; measured; proxy; not found; unverified: run the experiment):")
-    for f in findings(run, sweep=extras.get("sweep"), extras=extras):
+    for f in findings(run, extras=extras):          # every mode's sweep is in extras["sweeps"]
         print(f"  {f.title} [{f.status}]: {f.text}")
     return 0
 

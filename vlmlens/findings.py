@@ -29,6 +29,14 @@ Definitions (each finding also carries its own ``definition`` text):
   (:mod:`vlmlens.experiments.stages`); the cosine rule is shown beside it as a proxy.
 * **compute saved**: FLOPs saved by removing the image from the sweep cliff on, only when a
   drop/remove sweep verified that depth (drop and remove give the same tokens).
+* **frozen image states** (causal, a freeze sweep's own statement): the shallowest depth k from
+  which freezing the image tokens' states (every later layer still reads them) keeps the answer
+  there and deeper. The sweep cliff, the VTW depth and the compute saved are defined on a drop
+  or remove sweep only (the image is no longer read); a freeze sweep never stands in for them.
+
+A run may hold one sweep per mode (``extras["sweeps"]``: mode -> sweep; older runs one
+``extras["sweep"]``): :func:`sweeps_of` collects them, :func:`headline_sweep` picks the drop
+(else remove) sweep the cliff, VTW and compute headlines are read from.
 """
 from __future__ import annotations
 
@@ -93,6 +101,39 @@ def is_monotonic(depths, kept) -> bool:
     return all(not (a and not b) for a, b in zip(seq, seq[1:]))
 
 
+#: the modes whose sweep withdraws the image (the model no longer reads it from layer k on)
+HEADLINE_MODES = ("drop", "remove")
+
+
+def sweeps_of(extras: dict | None = None, sweep: dict | None = None) -> dict:
+    """mode -> sweep of a run: ``extras["sweeps"]``, an older single ``extras["sweep"]`` (under its
+    own mode), and ``sweep`` given directly (under its mode, replacing one of the same mode)."""
+    out: dict = {}
+    ex = extras or {}
+    for s in [ex.get("sweep"), *(ex.get("sweeps") or {}).values(), sweep]:
+        if isinstance(s, dict) and s.get("depths") is not None:
+            out[str(s.get("mode", "drop"))] = s
+    return out
+
+
+def headline_sweep(sweeps: dict) -> dict | None:
+    """The sweep the cliff / VTW / compute headlines are read from: drop, else remove, else none."""
+    for m in HEADLINE_MODES:
+        if sweeps.get(m) is not None:
+            return sweeps[m]
+    return None
+
+
+def _not_a_withdrawal(key: str, title: str, sweep: dict, definition: str) -> Finding | None:
+    mode = sweep.get("mode", "drop")
+    if mode in HEADLINE_MODES:
+        return None
+    return Finding(key, title, "unverified",
+                   f"unverified: defined on a drop or remove sweep, and this sweep used {mode} (the frozen image is"
+                   f" still read by every later layer; see 'frozen image states'); run a drop or remove sweep",
+                   definition)
+
+
 def run_truth(run) -> str | None:
     """The ground-truth answer stored with a run (``meta["task"]["answer"]``), if any."""
     task = run.meta.get("task") or {}
@@ -132,6 +173,9 @@ def sweep_cliff_finding(sweep: dict | None) -> Finding:
     if not sweep:
         return Finding("sweep_cliff", "sweep cliff", "unverified", "no sweep for this run (Truncation tab: all)",
                        definition)
+    refused = _not_a_withdrawal("sweep_cliff", "sweep cliff", sweep, definition)
+    if refused:
+        return refused
     ds, depths, kept = _depth_rows(sweep)
     L = int(sweep["n_layers"])
     cliff, _ = cliff_from(depths, kept, None, L)
@@ -171,6 +215,9 @@ def vtw_finding(sweep: dict | None, eta: float = DEFAULT_ETA) -> Finding:
                   f"{eta} nats (KL(baseline || cut) summed over the generated tokens, teacher-forced)")
     if not sweep:
         return Finding("vtw", "VTW depth", "unverified", "no sweep for this run", definition)
+    refused = _not_a_withdrawal("vtw", "VTW depth", sweep, definition)
+    if refused:
+        return refused
     ds, depths, _ = _depth_rows(sweep)
     L = int(sweep["n_layers"])
     ok = [d["depth"] for d in ds if d["depth"] < L and _output_kl(d) <= eta]
@@ -184,6 +231,31 @@ def vtw_finding(sweep: dict | None, eta: float = DEFAULT_ETA) -> Finding:
     if not d.get("answer_kept", True):
         text += " — although the answer at that depth differs from the baseline's"
     return Finding("vtw", "VTW depth", "causal", text, definition, k)
+
+
+def freeze_finding(sweep: dict | None) -> Finding | None:
+    """A freeze sweep's own statement (None without one): from which layer frozen image states suffice."""
+    if not sweep or sweep.get("mode") != "freeze":
+        return None
+    definition = ("shallowest depth k such that freezing the image tokens' states from decoder layer k on (every later"
+                  " layer still reads the frozen states) keeps the answer at k and at every deeper depth")
+    ds, depths, kept = _depth_rows(sweep)
+    L = int(sweep["n_layers"])
+    k, _ = cliff_from(depths, kept, None, L)
+    pattern = kept_pattern(depths, kept)
+    if k >= L:
+        text = f"depth {L} (freeze): the answer needs the image states updated in every layer"
+        if any(kept[:-1]):
+            text += f" — but not monotonically: {pattern}"
+    elif k == 0:
+        text = ("depth 0 (freeze): the image states as they enter the decoder suffice; every layer still reads them,"
+                " so this says nothing about withdrawing the image")
+    else:
+        text = f"depth {k} (freeze): frozen image states suffice from layer {k} on (the later layers still read them)"
+        if not is_monotonic(depths, kept):
+            text += f" — non-monotonic: {pattern}"
+    return Finding("freeze", "frozen image states", "causal", text, definition, k,
+                   {"pattern": pattern, "mode": "freeze"})
 
 
 def attention_cliff_finding(run, sweep_cliff: int | None) -> Finding:
@@ -292,18 +364,26 @@ def compute_finding(sweep: dict | None, compute: dict | None) -> Finding:
 
 def findings(run, *, sweep: dict | None = None, extras: dict | None = None, truth: str | None = None,
              separator: str = DEFAULT_SEPARATOR) -> list[Finding]:
-    """Every headline of a run, in the order the Overview shows them."""
+    """Every headline of a run, in the order the Overview shows them. ``sweep`` (any mode) joins the
+    run's own sweeps (``extras``); the cliff, VTW and compute headlines read the drop/remove one."""
     extras = extras or {}
     truth = truth if truth is not None else run_truth(run)
+    sweeps = sweeps_of(extras, sweep)
+    # only a freeze sweep: the headlines below say they need a drop/remove one (never read it as one)
+    head = headline_sweep(sweeps) or next(iter(sweeps.values()), None)
     out = []
     t = truth_finding(run, truth, separator)
     if t is not None:
         out.append(t)
-    sc = sweep_cliff_finding(sweep)
-    out += [sc, vtw_finding(sweep), attention_cliff_finding(run, sc.value), stabilisation_finding(run),
+    sc = sweep_cliff_finding(head)
+    out += [sc, vtw_finding(head)]
+    fz = freeze_finding(sweeps.get("freeze"))
+    if fz is not None:
+        out.append(fz)
+    out += [attention_cliff_finding(run, sc.value), stabilisation_finding(run),
             functional_finding(extras.get("substitution")), stages_finding(extras.get("stages"))]
     proxy = stages_proxy_finding(run)
     if proxy is not None:
         out.append(proxy)
-    out.append(compute_finding(sweep, extras.get("compute")))
+    out.append(compute_finding(head, extras.get("compute")))
     return out

@@ -235,32 +235,50 @@ def load_run(path: str | os.PathLike) -> Run:
 
 # ---- experiment results stored next to a run --------------------------------------------------
 
-SWEEP_FILE = "sweep.json"
+SWEEP_FILE = "sweep.json"            # one sweep of any mode (runs saved before sweeps per mode; read only)
+SWEEP_MODES = ("drop", "remove", "freeze")
 EXTRAS_FILE = "extras.json"
 
 
+def sweep_file(mode: str) -> str:
+    """The file of a run's sweep in ``mode``: every mode's sweep is kept, none overwrites another."""
+    if mode not in SWEEP_MODES:
+        raise RunFormatError(f"unknown sweep mode {mode!r}")
+    return f"sweep-{mode}.json"
+
+
+def sweep_files(d: Path) -> list[Path]:
+    return [p for p in [Path(d) / SWEEP_FILE, *(Path(d) / sweep_file(m) for m in SWEEP_MODES)] if p.is_file()]
+
+
 def read_extras(d: Path) -> dict:
-    """Results stored next to a run: ``sweep.json`` (the truncation sweep) and ``extras.json``
-    (other experiment results). A malformed file is a RunFormatError naming it."""
+    """Results stored next to a run: its sweeps (``sweep-<mode>.json``, or an older ``sweep.json``)
+    as ``extras["sweeps"]`` (mode -> sweep) and ``extras.json`` (other experiment results). A
+    malformed file is a RunFormatError naming it."""
     out: dict = {}
-    for fname in (EXTRAS_FILE, SWEEP_FILE):
-        p = Path(d) / fname
-        if not p.is_file():
-            continue
+    sweeps: dict = {}
+    for p in [p for p in [Path(d) / EXTRAS_FILE] if p.is_file()] + sweep_files(d):
         doc = read_json(p)
         if not isinstance(doc, dict):
             raise RunFormatError(f"{p} must hold a JSON object")
-        if fname == SWEEP_FILE:
-            out["sweep"] = doc
-        else:
-            out.update({k: v for k, v in doc.items() if k != "sweep"})
+        if p.name == EXTRAS_FILE:
+            out.update({k: v for k, v in doc.items() if k not in ("sweep", "sweeps")})
+            continue
+        mode = doc.get("mode", "drop")
+        if p.name != SWEEP_FILE and p.name != sweep_file(mode if mode in SWEEP_MODES else "drop"):
+            raise RunFormatError(f"{p} holds a {mode!r} sweep")
+        sweeps[mode] = doc
+    if sweeps:
+        out["sweeps"] = sweeps
     return out
 
 
 def write_extras(d: Path, extras: dict) -> None:
     d = Path(d)
-    if extras.get("sweep") is not None:
-        (d / SWEEP_FILE).write_text(json.dumps(extras["sweep"], indent=1, allow_nan=True))
-    rest = {k: v for k, v in extras.items() if k != "sweep" and v is not None}
+    from .findings import sweeps_of
+
+    for mode, doc in sweeps_of(extras).items():
+        (d / sweep_file(mode)).write_text(json.dumps(doc, indent=1, allow_nan=True))
+    rest = {k: v for k, v in extras.items() if k not in ("sweep", "sweeps") and v is not None}
     if rest:
         (d / EXTRAS_FILE).write_text(json.dumps(rest, indent=1, allow_nan=True))

@@ -20,6 +20,7 @@ _WHERE = {
     "fig_patch_lens": "heatmaps",
     # interventions and experiments
     "fig_truncation_sweep": "experiments",
+    "fig_sweep_modes": "experiments",
     "fig_side_by_side": "experiments",
     "fig_substitution_matrix": "experiments",
     "fig_layer_skip": "experiments",

@@ -3,6 +3,7 @@
 * :func:`fig_truncation_sweep` — answer-level KL (first-token KL dotted), answer kept and
   correct vs the truth, and the change in the baseline answer's log-prob against truncation
   depth, the sweep cliff marked;
+* :func:`fig_sweep_modes` — a run's drop / remove / freeze sweeps on one figure;
 * :func:`fig_side_by_side` — table of each depth's text with the divergence highlighted
   (:func:`side_by_side_html` renders the same as an HTML table);
 * :func:`fig_reasoning_perturbation` — trace edit distance and final-answer change per depth;
@@ -112,6 +113,66 @@ def fig_truncation_sweep(result, *, cliff: int | None = None, floor: float = NOI
                      else ["vs baseline"], range=[-0.5, 1.5], row=2, col=1)
     fig.update_xaxes(title_text="truncation depth k (image unused from decoder layer k on; L = baseline)", row=3, col=1,
                      tickvals=x, ticktext=[_depth_label(d, r.n_layers) for d in x])
+    return fig
+
+
+MODE_COLORS = {"drop": "#0072B2", "remove": "#56B4E9", "freeze": "#E69F00"}
+MODE_DASH = {"drop": "solid", "remove": "dash", "freeze": "dot"}
+
+
+def fig_sweep_modes(sweeps: dict, *, floor: float = NOISE_FLOOR, title: str | None = None) -> go.Figure:
+    """Every mode's sweep of one run side by side (``sweeps``: mode -> result): output KL and the
+    answer kept against depth, one colour per mode. The sweep cliff is marked from the drop (else
+    remove) sweep only; the freeze sweep's depth ("frozen image states suffice") is marked as its
+    own statement. One sweep alone is :func:`fig_truncation_sweep`."""
+    from ..findings import freeze_finding, headline_sweep, sweep_cliff_finding
+
+    res = {m: _truncation(r) for m, r in sweeps.items() if r is not None}
+    res = {m: res[m] for m in sorted(res, key=lambda m: (list(MODE_COLORS).index(m) if m in MODE_COLORS else 9, m))}
+    if not res:
+        return empty_figure("no sweep for this run yet", title=title)
+    if len(res) == 1:
+        return fig_truncation_sweep(next(iter(res.values())), floor=floor, title=title)
+    jsons = {m: r.to_json() for m, r in res.items()}
+    head = headline_sweep(jsons)
+    cliff = sweep_cliff_finding(head) if head else None
+    fz = freeze_finding(jsons.get("freeze"))
+    sub = " · ".join(t for t in [f"sweep cliff: {cliff.text}" if cliff else "no drop/remove sweep",
+                                 f"frozen image states: {fz.text}" if fz else ""] if t)
+    any_r = next(iter(res.values()))
+    fig = new_figure(2, 1, shared_xaxes=True, height=620, titles=(
+        "KL(baseline ‖ cut), summed over the generated tokens", "Answer kept (vs baseline), per mode"),
+        title=title or f"Truncation sweeps ({', '.join(res)}) — {any_r.prompt}<br><sup>{html.escape(sub)}</sup>")
+    fig.add_hrect(y0=0, y1=floor, fillcolor="#dddddd", opacity=0.5, line_width=0, row=1, col=1,
+                  annotation_text=f"no change (< {floor:g})", annotation_position="top left")
+    for m, r in res.items():
+        x = [d.depth for d in r.depths]
+        hover = [f"{m}, depth {d.depth}<br>{html.escape(d.text[:80])}" for d in r.depths]
+        color = MODE_COLORS.get(m, "#555555")
+        fig.add_trace(go.Scatter(x=x, y=[_akl(d) for d in r.depths], mode="lines+markers", name=f"{m}: output KL",
+                                 line=dict(color=color, dash=MODE_DASH.get(m, "solid")), hovertext=hover),
+                      row=1, col=1)
+        kept = [bool(d.answer_kept) for d in r.depths]
+        fig.add_trace(go.Scatter(x=x, y=[m] * len(x), mode="markers", name=f"{m}: answer kept",
+                                 marker=dict(size=12, symbol=["circle" if k else "x" for k in kept],
+                                             color=[KEPT_COLOR if k else LOST_COLOR for k in kept]),
+                                 hovertext=hover, showlegend=False), row=2, col=1)
+    marks = []
+    if cliff is not None and cliff.value is not None:
+        marks.append((cliff.value, f"sweep cliff {cliff.value} ({head.get('mode')})", CLIFF_COLOR))
+    if fz is not None and fz.value is not None:
+        marks.append((fz.value, f"freeze {fz.value}", MODE_COLORS["freeze"]))
+    for i, (x0, text, color) in enumerate(marks):
+        for row in (1, 2):
+            fig.add_vline(x=x0, line=dict(color=color, dash="dash"), row=row, col=1)
+        fig.add_annotation(x=x0, y=1.0 + 0.04 * i, xref="x", yref="paper", text=text, showarrow=False,
+                           font=dict(color=color), yanchor="bottom")
+    legend_below(fig, y=-0.14)
+    L = any_r.n_layers
+    xs = sorted({d.depth for r in res.values() for d in r.depths})
+    fig.update_yaxes(categoryorder="array", categoryarray=list(res)[::-1], row=2, col=1)
+    fig.update_xaxes(title_text="depth k (drop/remove: image unused from layer k on; freeze: image states frozen"
+                     " from layer k on)", row=2, col=1, tickvals=xs, ticktext=[_depth_label(d, L) for d in xs])
     return fig
 
 

@@ -286,7 +286,7 @@ class Dashboard(TabHandlers, StudyTab):
             o_run, o_label, o_sweep, o_extras = o_entry.run, o_entry.label, o_entry.sweep, o_entry.extras
         else:
             o_run, _derived, o_extras = self.runs.open(other)
-            o_label, o_sweep = other, o_extras.get("sweep")
+            o_label, o_sweep = other, None                  # its sweeps are in o_extras, one per mode
         return (panels.comparison_markdown(entry, o_run, o_label, o_sweep, o_extras),
                 views.compare_attention(entry.run, o_run, o_label), views.compare_dynamics(entry.run, o_run, o_label))
 

@@ -99,11 +99,12 @@ def metric_rows(entry) -> list[dict]:
         if df is not None:
             for r in df.itertuples(index=False):
                 add(r.metric, r.span, r.layer, r.value)
-    sweep = entry.sweep
-    if sweep:
+    for mode, sweep in entry.sweeps.items():      # every mode's sweep, each row saying its mode
         for d in sweep.get("depths", []):
-            add("sweep_first_token_kl", sweep.get("mode", "drop"), d["depth"], d.get("first_token_kl"))
-            add("sweep_answer_kept", sweep.get("mode", "drop"), d["depth"], float(bool(d.get("answer_kept"))))
+            for metric, v in (("sweep_output_kl", d.get("output_kl")), ("sweep_first_token_kl", d.get("first_token_kl")),
+                              ("sweep_answer_kept", float(bool(d.get("answer_kept"))))):
+                add(metric, mode, d["depth"], v)
+                rows[-1]["mode"] = mode
     return rows
 
 
@@ -111,7 +112,7 @@ def metrics_csv(entry, base: Path | None = None) -> Path:
     out = _tmpdir("csv", base) / f"{safe_stem(entry.label)}-metrics.csv"
     rows = metric_rows(entry)
     with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["metric", "span", "layer", "value"])
+        w = csv.DictWriter(f, fieldnames=["metric", "span", "layer", "value", "mode"])  # mode: sweep rows
         w.writeheader()
         w.writerows(rows)
     return out

@@ -92,7 +92,7 @@ def run_findings(entry) -> list:
     """The run's headlines (:func:`vlmlens.findings.findings`) from the run, its sweep and extras;
     cached per run until the sweep or an extra changes."""
     ex = entry.extras
-    key = ("findings", content_key(entry.sweep), content_key(ex.get("stages")),
+    key = ("findings", content_key(entry.sweeps), content_key(ex.get("stages")),
            content_key(ex.get("substitution")), content_key(ex.get("compute")))
     return entry.derived.get(key, lambda: findings(entry.run, sweep=entry.sweep, extras=ex))
 

@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 from ..errors import InputError
 from ..run import Run, RunFormatError, is_run_dir, load_run, save_run
-from ..run_files import EXTRAS_FILE, SWEEP_FILE, read_extras, read_json, write_extras  # noqa: F401 (re-exported)
+from ..findings import headline_sweep, sweeps_of
+from ..run_files import EXTRAS_FILE, SWEEP_FILE, read_extras, read_json, sweep_file, sweep_files, write_extras  # noqa: F401,E501 (re-exported)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -68,8 +69,14 @@ class Entry:
     owner: str | None = None                      # the browser session that made or opened it
 
     @property
+    def sweeps(self) -> dict:
+        """mode -> sweep: every mode's sweep of this run (none overwrites another)."""
+        return sweeps_of(self.extras)
+
+    @property
     def sweep(self) -> dict | None:
-        return self.extras.get("sweep")
+        """The drop (else remove) sweep: the one the cliff, VTW and compute headlines read."""
+        return headline_sweep(self.sweeps)
 
 
 def run_bytes(run) -> int:
@@ -188,7 +195,7 @@ class RunsDir:
     def table_markdown(self) -> str:
         """One row per run of the folder: prompt, generation, model, layers, whether a truncation
         sweep is stored (read from run.json / sweep.json only; arrays are not loaded)."""
-        rows = ["| run | prompt | generation | model | layers | sweep | link |", "|---|---|---|---|---|---|---|"]
+        rows = ["| run | prompt | generation | model | layers | sweeps | link |", "|---|---|---|---|---|---|---|"]
         for name in self.preferred_order():
             d = self.path / name
             try:
@@ -197,7 +204,7 @@ class RunsDir:
                 gen = str(doc.get("generated_text", ""))
                 cells = [name, str(meta.get("prompt", "")), gen if len(gen) < 60 else gen[:57] + "…",
                          str(meta.get("model", "")), str(meta.get("n_layers", "")),
-                         "yes" if (d / SWEEP_FILE).is_file() else "—", f"[?run={name}](?run={name})"]
+                         ", ".join(sorted(sweeps_of(read_extras(d)))) or "—", f"[?run={name}](?run={name})"]
             except (OSError, ValueError, AttributeError, RunFormatError):
                 cells = [name, "(unreadable run.json)", "", "", "", "", ""]
             rows.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
@@ -231,7 +238,8 @@ class RunsDir:
     def _version(d: Path) -> tuple:
         def mt(p: Path):
             return p.stat().st_mtime_ns if p.exists() else 0
-        return (mt(d / "run.json"), mt(d / "arrays.safetensors"), mt(d / SWEEP_FILE), mt(d / EXTRAS_FILE))
+        return (mt(d / "run.json"), mt(d / "arrays.safetensors"), mt(d / EXTRAS_FILE),
+                *(mt(d / f) for f in (SWEEP_FILE, *(sweep_file(m) for m in ("drop", "remove", "freeze")))))
 
     def open(self, name: str) -> tuple[Run, Derived, dict]:
         """(run, shared derived cache, extras from disk: ``sweep`` and any stored results)."""

@@ -10,7 +10,7 @@ from ..experiments.encoder import EncoderGrid, encoder_decoder_grid
 from ..figures.encoder import fig_encoder_grid
 from ..figures.pruning import fig_kept_tokens
 from ..figures.experiments import (fig_compute_tradeoff, fig_layer_skip, fig_reasoning_perturbation,
-                                   fig_substitution_matrix, fig_truncation_sweep)
+                                   fig_substitution_matrix, fig_sweep_modes)
 from .html import generations_table, note
 from .panels import content_key, figure, message_figure
 SWEEP_CHOICE = "all (sweep)"
@@ -67,7 +67,11 @@ def run_truncation(lm, entry, depths: list[int], mode: str, *, sweep: bool, prog
     if sweep:
         res = C.sweep(lm, image, prompt, mode=mode, max_new_tokens=n_new, progress=progress, store="none",
                       record_attention=False, keep_runs=False, truth=truth)
-        entry.extras["sweep"] = res.to_json()
+        sweeps = dict(entry.sweeps)                # every mode's sweep is kept: none overwrites another
+        sweeps[mode] = res.to_json()
+        entry.extras.pop("sweep", None)            # (an older single sweep is now under its mode)
+        entry.extras["sweeps"] = sweeps
+        entry.extras["last_sweep_mode"] = mode
         entry.extras.pop("compare", None)          # the sweep's table shows every depth
     else:
         res = C.compare(lm, image, prompt, depths, mode=mode, max_new_tokens=n_new, progress=progress, store="none",
@@ -97,7 +101,8 @@ def _result_obj(result: dict):
 
 def truncation_views(entry) -> tuple[str, object, object]:
     """(side-by-side HTML, sweep figure, reasoning-perturbation figure) of the stored results."""
-    comp, sweep = entry.extras.get("compare"), entry.extras.get("sweep")
+    comp, sweeps = entry.extras.get("compare"), entry.sweeps
+    sweep = sweeps.get(entry.extras.get("last_sweep_mode")) or entry.sweep or next(iter(sweeps.values()), None)
     shown = comp or sweep
     if shown:
         head = (f"<p><b>{'Comparison' if comp else 'Sweep'}</b> · mode <code>{shown.get('mode')}</code> · "
@@ -105,9 +110,9 @@ def truncation_views(entry) -> tuple[str, object, object]:
         gens = head + generations_table(result_rows(shown))
     else:
         gens = note("No truncation results yet: pick depths and a mode, then Compare (needs the model).")
-    if sweep:
-        fig = entry.derived.get(("fig_sweep", content_key(sweep)),
-                                lambda: _figure_of(sweep, fig_truncation_sweep, "Truncation sweep"))
+    if sweeps:
+        fig = entry.derived.get(("fig_sweeps", content_key(sweeps)),
+                                lambda: _figure_of(sweeps, fig_sweep_modes, "Truncation sweeps"))
     else:
         fig = message_figure("No sweep for this run yet: choose 'all (sweep)' and Compare.", "Truncation sweep")
     return gens, fig, perturbation_figure(entry, sweep or comp)
@@ -131,7 +136,8 @@ def perturbation_figure(entry, result: dict | None):
 
 def _figure_of(result: dict, fig, title: str):
     try:
-        obj = _result_obj(result)
+        obj = ({m: _result_obj(r) for m, r in result.items()} if fig is fig_sweep_modes
+               else _result_obj(result))
     except Exception as e:
         return message_figure(f"stored result is not readable: {e}", title)
     return figure(fig, obj, title=title)
