@@ -1,10 +1,10 @@
 """Token pruning: theoretical decoder-FLOP savings vs measured latency, and what the ranking costs.
 
-FastV (K=2, R=50 % and 25 %) and PyramidDrop (layers L/4, L/2, 3L/4 at 0.5 / 0.25 / 0.125) with
+FastV (K=2, keep 50 % and 25 %) and PyramidDrop (layers L/4, L/2, 3L/4 at 0.5 / 0.25 / 0.125) with
 ``mode="remove"`` on the mid-size random LLaVA (12 x 768, 576 image tokens), timed through the
 lens next to the baseline (the same lens, no pruning), interleaved, minimum over repeats.
 
-Targets: measured prefill+decode saving >= 0.8 x the theoretical one (FastV K=2 R=50 %); the
+Targets: measured prefill+decode saving >= 0.8 x the theoretical one (FastV K=2 keep 50 %); the
 ranking (``observe_attention``: one query row's softmax over the keys of one layer, plus the
 sort) costs <= 5 % of the prefill.
 
@@ -56,14 +56,14 @@ def main():
     lm = build(a.preset, a.device, getattr(torch, a.dtype))
     L = lm.n_layers
     stages = [L // 4, L // 2, (3 * L) // 4]
-    methods = {"baseline": [], "FastV K=2 R=50%": [FastV(2, 0.5)], "FastV K=2 R=25%": [FastV(2, 0.25)],
+    methods = {"baseline": [], "FastV K=2 keep 50%": [FastV(2, 0.5)], "FastV K=2 keep 25%": [FastV(2, 0.25)],
                f"PyramidDrop {'/'.join(map(str, stages))}": [PyramidDrop(stages, [0.5, 0.25, 0.125])]}
     c = token_counts(lm, image(), PROMPT)
     sched = {k: (ivs[0].image_per_layer(c["image"], L) if ivs else [c["image"]] * L) for k, ivs in methods.items()}
     theory = schedule_savings(LayerShape.from_model(lm), c["image"], c["text"], c["system"], a.steps, sched)
     m = measure_methods_latency(lm, image(), PROMPT, methods, n_steps=a.steps, repeats=a.repeats, keep_samples=True)
 
-    # what the ranking costs: FastV K=2 R=50 % prefills with the ranking timed inside
+    # what the ranking costs: FastV K=2 keep 50 % prefills with the ranking timed inside
     from vlmlens.analysis.compute import _timed_generate
     from vlmlens.capture import image_positions, prepare_inputs
 
@@ -95,7 +95,7 @@ def main():
         meas = 1 - min(m["samples"]["total"][i]) / base_tot
         mpre = 1 - min(m["samples"]["prefill"][i]) / base_pre
         ratio = meas / th if th > 0 else float("nan")
-        if name == "FastV K=2 R=50%":
+        if name == "FastV K=2 keep 50%":
             ok &= ratio >= 0.8
             fastv = (th, meas, ratio)
         rows = sched[name]
@@ -104,7 +104,7 @@ def main():
         tpre = theory["prefill_saving"][i]
         pre_s = min(m["samples"]["prefill"][i])
         dec_ms = 1000 * max(min(m["samples"]["total"][i]) - pre_s, 0.0) / a.steps
-        if name == "FastV K=2 R=50%":
+        if name == "FastV K=2 keep 50%":
             fastv_pre = (tpre, mpre)
         lines.append(f"| {name} | {rows_txt} | {tpre:.1%} | {mpre:.1%} | {'–' if tpre <= 0 else f'{mpre / tpre:.2f}'} |"
                      f" {th:.1%} | {meas:.1%} | {'–' if th <= 0 else f'{ratio:.2f}'} | {theory['kv_saving'][i]:.1%} |"
@@ -112,7 +112,7 @@ def main():
     share = min(r / t for r, t in zip(rank, prefill))
     lines += [
         "",
-        f"- FastV K=2 R=50 %: measured prefill+decode saving {fastv[1]:.1%} vs theory {fastv[0]:.1%} = **{fastv[2]:.2f}x**"
+        f"- FastV K=2 keep 50 %: measured prefill+decode saving {fastv[1]:.1%} vs theory {fastv[0]:.1%} = **{fastv[2]:.2f}x**"
         f" (target >= 0.8: **{'met' if ok else 'NOT met'}**); prefill alone {fastv_pre[1]:.1%} vs {fastv_pre[0]:.1%} ="
         f" **{fastv_pre[1] / fastv_pre[0]:.2f}x**",
         "- why the two differ: the FLOP count makes a decode step ~1/600 of a 600-token prefill, but on this CPU a step"

@@ -42,9 +42,9 @@ def main():
     lm = vl.load_model("tiny-shapes")
     L = lm.n_layers
     methods = {
-        "FastV K=2 R=25%": [FastV(2, 0.25)],
-        "random K=2 R=25%": [FastV(2, 0.25, score="random")],
-        "L2 K=2 R=25%": [FastV(2, 0.25, score="l2")],
+        "FastV K=2 keep 25%": [FastV(2, 0.25)],
+        "random K=2 keep 25%": [FastV(2, 0.25, score="random")],
+        "L2 K=2 keep 25%": [FastV(2, 0.25, score="l2")],
         "PyramidDrop 2/4/6": [PyramidDrop([2, 4, 6], [0.5, 0.25, 0.125])],
         "StagePruner none/top 10%": [StagePruner([(0, 5, "none"), (6, L - 1, "top")], 0.1)],
         "adaptive VTW share<0.4": [AdaptiveVTW(0.4, min_layer=1)],

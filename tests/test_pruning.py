@@ -362,9 +362,9 @@ def test_pruning_study_and_figures(tmp_path):
     from vlmlens.figures import fig_kept_tokens, fig_pruning_pareto
 
     lm = vl.load_model("tiny-shapes")
-    st = pruning_study(lm, {"FastV K=2 R=50%": [FastV(2, 0.5)], "VTW k=0": [VTW(0)], "VTW k=4": [VTW(4)]}, n=3,
+    st = pruning_study(lm, {"FastV K=2 keep 50%": [FastV(2, 0.5)], "VTW k=0": [VTW(0)], "VTW k=4": [VTW(4)]}, n=3,
                        families=["single"])
-    assert st.methods == ["baseline", "FastV K=2 R=50%", "VTW k=0", "VTW k=4"]
+    assert st.methods == ["baseline", "FastV K=2 keep 50%", "VTW k=0", "VTW k=4"]
     b, v0 = st.row("single", "baseline"), st.row("single", "VTW k=0")
     assert b["answer_kept"] == 1 and b["total_saving"] == 0 and b["mean_depth"] == lm.n_layers
     assert v0["mean_depth"] == 0 and v0["total_saving"] > st.row("single", "VTW k=4")["total_saving"] > 0

@@ -67,7 +67,10 @@ def test_command_line_block_runs(tmp_path):
         if argv[3] == "encoder":
             assert "| 0 | lost ✗ | lost ✗ | kept ✓ |" in p.stdout, p.stdout
         if argv[3] == "prune":
-            assert "| fastv:2:0.5 | four | yes (correct)" in p.stdout, p.stdout
+            assert "| fastv:2:0.5 | keep 50 % (drop 50 %) from layer 2 of the image tokens" in p.stdout, p.stdout
+            assert "| four | yes (correct)" in p.stdout.split("| fastv:2:0.5 |")[1].splitlines()[0], p.stdout
+            assert "| fastv:2:drop=0.5:step | keep 50 % (drop 50 %) from layer 2 of the image tokens, by the newest" \
+                   " token's attention, re-ranked at every step" in p.stdout, p.stdout
         ran += 1
     assert ran == 7
 

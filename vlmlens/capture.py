@@ -11,8 +11,8 @@ import torch
 from . import __version__
 from .errors import InputError
 from .images import image_sha256, load_image
-from .interventions import validate_all
-from .lens import Lens, LensStart, Plan, Recording
+from .interventions import decides_every_step, validate_all
+from .lens import NOTHING, Lens, LensStart, Plan, Recording
 from .run import Run, TokenSpans
 
 MAX_NEW_TOKENS_LIMIT = 1024
@@ -198,12 +198,35 @@ def _eos_ids(lm) -> set[int]:
     return set(eos if isinstance(eos, (list, tuple)) else [eos])
 
 
-def greedy_generate(lm, inputs: dict, max_new_tokens: int, max_time: float | None = None):
+def extend_inputs(inputs: dict, ids: Sequence[int]) -> dict:
+    """Prompt inputs with ``ids`` appended as text tokens (mask 1, token types 0): the input of one
+    forward over prompt + those tokens (teacher forcing, or a decoding step without a cache)."""
+    ids = [int(i) for i in ids]
+    if not ids:
+        return dict(inputs)
+    n = inputs["input_ids"].shape[1]
+    out = dict(inputs)
+    for key, v in inputs.items():
+        if isinstance(v, torch.Tensor) and v.dim() == 2 and tuple(v.shape) == (1, n):
+            if key == "input_ids":
+                add = torch.tensor([ids], dtype=v.dtype, device=v.device)
+            elif key == "attention_mask":
+                add = torch.ones(1, len(ids), dtype=v.dtype, device=v.device)
+            else:  # token-type style ids: 0 = text
+                add = torch.zeros(1, len(ids), dtype=v.dtype, device=v.device)
+            out[key] = torch.cat([v, add], dim=1)
+    return out
+
+
+def greedy_generate(lm, inputs: dict, max_new_tokens: int, max_time: float | None = None, use_cache: bool = True):
     """Greedy ``generate`` with raw logits returned; one step more than asked (see capture).
-    ``max_time``: seconds after which generation stops after the current step."""
+    ``max_time``: seconds after which generation stops after the current step. ``use_cache=False``:
+    every step is one forward over the whole sequence (for interventions that decide at every step)."""
     tok = lm.processor.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (sorted(_eos_ids(lm)) or [0])[0]
     extra = {"max_time": float(max_time)} if max_time is not None else {}
+    if not use_cache:
+        extra["use_cache"] = False
     return lm.model.generate(
         **extra,
         **inputs,
@@ -287,11 +310,28 @@ def capture(
     L = lm.n_layers
     tcfg = lm.text_config
     plan = Plan.build(img_pos, L, n_prompt, recording, interventions, n_new=n_new)
+    every_step = decides_every_step(interventions)
+    if every_step and prefix is not None:
+        raise InputError("an intervention that decides at every step (e.g. FastV re-ranked per step) runs every step as"
+                         " a whole forward; it cannot continue from a prefix")
     t0 = time.perf_counter()
     gen_inputs = inputs if prefix is None else prefix.continuation_inputs()
     start = None if prefix is None else prefix.start
-    with torch.no_grad(), Lens.for_model(lm, plan, start=start) as lens:
-        out = greedy_generate(lm, gen_inputs, n_new + 1, max_time=time_limit)
+    if every_step:
+        # every step a whole forward without a cache, decided anew; then the recording forward
+        whole = Plan.build(img_pos, L, n_prompt, NOTHING, interventions, whole_forwards=True)
+        try:
+            with torch.no_grad(), Lens.for_model(lm, whole):
+                out = greedy_generate(lm, gen_inputs, n_new + 1, max_time=time_limit, use_cache=False)
+        except ValueError as e:
+            if "image tokens" not in str(e):
+                raise
+            raise InputError("the model generated its own image placeholder token, which a generation without a KV"
+                             " cache (an intervention deciding at every step, e.g. FastV rerank='step') reads back as"
+                             f" an image ({e}); use rerank='prefill'") from None
+    else:
+        with torch.no_grad(), Lens.for_model(lm, plan, start=start) as lens:
+            out = greedy_generate(lm, gen_inputs, n_new + 1, max_time=time_limit)
     seconds = time.perf_counter() - t0
 
     # generated tokens: the first n_new, cut at the stop token (which is not kept)
@@ -307,6 +347,11 @@ def capture(
     if stop == "length" and n_gen < n_new:
         stop = "time limit" if time_limit is not None and seconds >= time_limit else "eos"
     n_total = n_prompt + n_gen
+    if every_step:
+        # the Run's recordings: one forward over prompt + the generated tokens -- the forward of the
+        # last step, so what the interventions decided there (e.g. the kept tokens) is what is recorded
+        with torch.no_grad(), Lens.for_model(lm, plan) as lens:
+            lm.model(**extend_inputs(inputs, gen), use_cache=False, return_dict=True)
     logprobs = [
         float(torch.log_softmax(out.logits[i][0].float(), -1)[t]) for i, t in enumerate(gen)
     ]

@@ -254,6 +254,9 @@ class Lens:
             pos = self.positions
             hidden, positional = _hidden_arg(args, kwargs)
             if idx == 0:
+                if self.plan.whole_forwards:      # no cache: this forward is the whole sequence, decided anew
+                    pos.restart()
+                    self.context.scratch = {}
                 self.recorder.store_hidden(0, hidden, pos.begin_forward(hidden.shape[1], hidden.device))
             keep = self._keep_rows(idx)
             if keep is not None:

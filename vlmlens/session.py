@@ -69,16 +69,22 @@ class Plan:
     recording: Recording = NOTHING
     interventions: tuple = ()
     store_positions: np.ndarray | None = None
+    whole_forwards: bool = False      # every forward holds the whole sequence (no KV cache): decide anew each
 
     @classmethod
     def build(cls, image_positions, n_layers: int, n_prompt: int, recording: Recording = NOTHING,
-              interventions=(), n_new: int = 0) -> "Plan":
-        """The plan of a session over a prompt of ``n_prompt`` positions (+ ``n_new`` generated)."""
+              interventions=(), n_new: int = 0, whole_forwards: bool = False) -> "Plan":
+        """The plan of a session over a prompt of ``n_prompt`` positions (+ ``n_new`` generated).
+        ``whole_forwards``: each forward runs the whole sequence from position 0 without a cache
+        (generation with ``use_cache=False``), and the interventions decide afresh in each one
+        (what interventions that decide at every step need); such a session records nothing."""
         img = np.asarray(image_positions, dtype=np.int64)
         store = None
         if recording.store == "image_text" and img.size:
             store = np.concatenate([img, np.arange(img[-1] + 1, int(n_prompt) + int(n_new) + 1)])
-        return cls(img, int(n_layers), int(n_prompt), recording, tuple(interventions), store)
+        if whole_forwards and recording != NOTHING:
+            raise ValueError("a session of whole forwards records nothing (record one forward afterwards)")
+        return cls(img, int(n_layers), int(n_prompt), recording, tuple(interventions), store, bool(whole_forwards))
 
     @property
     def map_from(self) -> int:
@@ -210,6 +216,11 @@ class Positions:
     def rows(self, layer: int) -> torch.Tensor:
         """Positions of the rows decoder layer ``layer`` holds in the current forward."""
         return self.layer_qpos[layer]
+
+    def restart(self) -> None:
+        """Forget every earlier forward: the next one starts at position 0 with empty caches."""
+        self.n_seen = 0
+        self.key_pos, self.layer_qpos, self.pruned = {}, {}, set()
 
     def begin_forward(self, q: int, device) -> torch.Tensor:
         self.qpos = torch.arange(self.n_seen, self.n_seen + q, device=device)

@@ -44,22 +44,6 @@ class Cam:
         return np.asarray(self.maps, dtype=dtype)
 
 
-def _extend_inputs(inputs: dict, ids: list[int]) -> dict:
-    """Prompt inputs + ``ids`` appended as text tokens (teacher forcing)."""
-    n = inputs["input_ids"].shape[1]
-    out = dict(inputs)
-    for key, v in inputs.items():
-        if isinstance(v, torch.Tensor) and v.dim() == 2 and tuple(v.shape) == (1, n):
-            if key == "input_ids":
-                add = torch.tensor([ids], dtype=v.dtype, device=v.device)
-            elif key == "attention_mask":
-                add = torch.ones(1, len(ids), dtype=v.dtype, device=v.device)
-            else:  # token-type style ids: 0 = text
-                add = torch.zeros(1, len(ids), dtype=v.dtype, device=v.device)
-            out[key] = torch.cat([v, add], dim=1)
-    return out
-
-
 def _targets(lm, run, target_tokens) -> list[int]:
     if target_tokens is None:
         ids = list(run.token_ids[run.spans.n_prompt:])
@@ -161,7 +145,7 @@ def llava_cam(lm, run, *, layers=None, target_tokens=None, activation: str = "ml
     of one 7B-shaped Llama layer with frozen weights, 141 MB in fp32) -> ~2.3 GB, plus 150 MB
     of kept image rows and T x vocab logits.
     """
-    from ..capture import prepare_inputs
+    from ..capture import extend_inputs, prepare_inputs
     from ..interventions import validate_all
     from ..lens import Lens, Plan
 
@@ -177,7 +161,7 @@ def llava_cam(lm, run, *, layers=None, target_tokens=None, activation: str = "ml
     if inputs["input_ids"][0].tolist() != list(run.token_ids[:n_prompt]):
         raise InputError("the run's prompt tokens differ from what this model builds for its image + prompt")
     targets = _targets(lm, run, target_tokens)
-    full = _extend_inputs(inputs, targets)
+    full = extend_inputs(inputs, targets)
     img = run.spans.positions("image")
     taps = _Taps(torch.as_tensor(img, device=lm.device), layers, activation)
     plan = Plan.build(img, L, n_prompt, interventions=[taps, *ivs])

@@ -131,6 +131,23 @@ def decode_flops(shape: LayerShape, n_image: int, n_text: int, n_system: int = 0
     return out
 
 
+def rerank_decode_flops(shape: LayerShape, n_image: int, n_text: int, n_system: int = 0, n_steps: int = 16, *,
+                        image_per_layer=None, from_layer: int = 0) -> np.ndarray:
+    """[L] FLOPs of ``n_steps`` decode steps when the kept image tokens are re-ranked at every step
+    (FastV as its evaluation runs it): layers below ``from_layer`` see every token and decode with
+    their cache (one new row a step); layers from ``from_layer`` on hold a different kept set each
+    step, so they recompute every row of the sequence (kept image + text + tokens so far)."""
+    sched = _schedule(shape, n_image, None, image_per_layer)
+    out = np.zeros(shape.n_layers, dtype=np.float64)
+    for l, m in enumerate(sched):
+        ctx = n_system + m + n_text
+        if l < from_layer:
+            out[l] = layer_flops(shape, n_steps, sum(ctx + i + 1 for i in range(n_steps)))["total"]
+        else:
+            out[l] = sum(layer_flops(shape, ctx + i + 1, causal_pairs(ctx + i + 1))["total"] for i in range(n_steps))
+    return out
+
+
 def kv_cache_bytes(shape: LayerShape, n_image: int, n_text: int, n_system: int = 0, n_generated: int = 0,
                    depth: int | None = None, *, image_per_layer=None) -> np.ndarray:
     """[L] KV-cache bytes per decoder layer after ``n_generated`` tokens (K and V, all kv heads)."""
@@ -140,9 +157,11 @@ def kv_cache_bytes(shape: LayerShape, n_image: int, n_text: int, n_system: int =
 
 
 def schedule_savings(shape: LayerShape, n_image: int, n_text: int, n_system: int = 0, n_steps: int = 16,
-                     schedules: dict | None = None) -> dict:
+                     schedules: dict | None = None, rerank_from: dict | None = None) -> dict:
     """Per named schedule (``{name: image tokens per layer}``): total decoder FLOPs (prefill,
-    decode, both) and KV bytes, and the fraction saved relative to no pruning. JSON-ready."""
+    decode, both) and KV bytes, and the fraction saved relative to no pruning. JSON-ready.
+    ``rerank_from`` ({name: layer}): schedules re-ranked at every step from that layer on, whose
+    decode is :func:`rerank_decode_flops` (a saving can then be negative: it costs more)."""
     base = {
         "prefill": prefill_flops(shape, n_image, n_text, n_system).sum(),
         "decode": decode_flops(shape, n_image, n_text, n_system, n_steps).sum(),
@@ -155,7 +174,11 @@ def schedule_savings(shape: LayerShape, n_image: int, n_text: int, n_system: int
     for name in names:
         sched = _schedule(shape, n_image, None, schedules[name])
         p = prefill_flops(shape, n_image, n_text, n_system, image_per_layer=sched).sum()
-        d = decode_flops(shape, n_image, n_text, n_system, n_steps, image_per_layer=sched).sum()
+        if (rerank_from or {}).get(name) is not None:
+            d = rerank_decode_flops(shape, n_image, n_text, n_system, n_steps, image_per_layer=sched,
+                                    from_layer=int(rerank_from[name])).sum()
+        else:
+            d = decode_flops(shape, n_image, n_text, n_system, n_steps, image_per_layer=sched).sum()
         kv = kv_cache_bytes(shape, n_image, n_text, n_system, n_steps, image_per_layer=sched).sum()
         out["image_per_layer"].append(sched)
         out["prefill_flops"].append(float(p))

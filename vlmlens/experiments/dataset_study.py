@@ -140,9 +140,17 @@ class DatasetStudy:
 
     def _methods_markdown(self, metric: str) -> str:
         tasks = sorted({r["task"] for r in self.rows})
-        lines = ["| method | " + " | ".join(f"{t}{' (CIDEr-D)' if t == 'caption' and metric == 'score' else ''}"
-                                          for t in tasks) + " | decoder FLOPs saved |",
-                 "|---" * (len(tasks) + 2) + "|"]
+        from .pruning import describe_method, parse_methods
+
+        try:
+            what = {k: describe_method(v) for k, v in parse_methods(",".join(self.config["methods"]),
+                                                                    self.config["n_layers"]).items()}
+        except InputError:               # e.g. stages:R, which needs each input's stages
+            what = {}
+        what["baseline"] = "no pruning"
+        heads = [t + (" (CIDEr-D)" if t == "caption" and metric == "score" else "") for t in tasks]
+        lines = ["| method | what it keeps | " + " | ".join(heads) + " | decoder FLOPs saved |",
+                 "|---" * (len(tasks) + 3) + "|"]
         for m in ["baseline", *self.config["methods"]]:
             rs = {r["task"]: r for r in self.rows if r["method"] == m}
             cells = []
@@ -151,7 +159,7 @@ class DatasetStudy:
                 pct = metric == "answer_kept" or (metric == "score" and t != "caption")
                 cells.append("–" if v is None or v != v else (f"{100 * v:.0f}%" if pct else f"{v:.3f}"))
             sav = np.mean([r.get("total_saving", 0.0) for r in rs.values()])
-            lines.append(f"| {m} | " + " | ".join(cells) + f" | {100 * sav:.1f}% |")
+            lines.append(f"| {m} | {what.get(m, '—')} | " + " | ".join(cells) + f" | {100 * sav:.1f}% |")
         return "\n".join(lines)
 
     def as_pruning_study(self):

@@ -33,9 +33,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..capture import capture, check_context, check_max_new_tokens
+from ..capture import capture, check_context, check_max_new_tokens, extend_inputs
 from ..errors import InputError
-from ..interventions import Freeze, Truncate, prefix_effect, validate_all
+from ..interventions import Freeze, Truncate, decides_every_step, prefix_effect, validate_all
 from ..lens import NOTHING, Lens, Plan, Recording
 from ..run import Run
 from .prefix import Prefix, accepts_logits_to_keep, prefill, prepare
@@ -238,10 +238,12 @@ class Session:
         """Teacher-forced forward over prompt + ``target`` under ``ivs``: ([T+1, vocab] log-probs, target log-probs)."""
         lm, prep = self.lm, self.prep
         n_prompt, T = prep.n_prompt, len(target)
+        if decides_every_step(ivs):
+            return self._score_every_step(ivs, target)
         if prefix is not None:
             inputs = prefix.continuation_inputs(target, for_generate=False)
         else:
-            inputs = _extend(prep.inputs, target, n_prompt)
+            inputs = extend_inputs(prep.inputs, target)
         plan = Plan.build(prep.image_pos, lm.n_layers, n_prompt, NOTHING, ivs)
         kwargs = {"logits_to_keep": T + 1} if accepts_logits_to_keep(lm) else {}
         start = None if prefix is None else prefix.start
@@ -252,18 +254,21 @@ class Session:
         lps = [float(logp[i, t]) for i, t in enumerate(target)]
         return logp, lps
 
+    def _score_every_step(self, ivs: list, target: list[int]):
+        """Teacher forcing when the interventions decide at every step: the distribution of step t
+        comes from its own whole forward over prompt + ``target[:t]`` (T + 1 forwards)."""
+        lm, prep = self.lm, self.prep
+        plan = Plan.build(prep.image_pos, lm.n_layers, prep.n_prompt, NOTHING, ivs, whole_forwards=True)
+        kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(lm) else {}
+        rows = []
+        with torch.no_grad(), Lens.for_model(lm, plan):
+            for t in range(len(target) + 1):
+                out = lm.model(**extend_inputs(prep.inputs, target[:t]), use_cache=False, return_dict=True, **kwargs)
+                rows.append(out.logits[0, -1].float())
+        logp = torch.log_softmax(torch.stack(rows), -1).cpu()
+        return logp, [float(logp[i, t]) for i, t in enumerate(target)]
 
-def _extend(inputs: dict, ids: list[int], n: int) -> dict:
-    """Prompt inputs with ``ids`` appended (text tokens: mask 1, token types 0)."""
-    if not ids:
-        return dict(inputs)
-    out = dict(inputs)
-    add = torch.as_tensor([ids], dtype=inputs["input_ids"].dtype, device=inputs["input_ids"].device)
-    for k, v in inputs.items():
-        if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == (1, n):
-            fill = add if k == "input_ids" else (torch.ones_like(add) if k == "attention_mask" else torch.zeros_like(add))
-            out[k] = torch.cat([v, fill.to(v.dtype)], 1)
-    return out
+
 
 
 # ---- comparison with the baseline -----------------------------------------------------------------

@@ -53,9 +53,9 @@ def default_methods(n_layers: int, keep: Sequence[float] = (0.5, 0.25), layer: i
     out: dict[str, list] = {}
     for r in keep:
         pct = f"{100 * r:g}%"
-        out[f"FastV K={K} R={pct}"] = [FastV(K, r)]
-        out[f"random K={K} R={pct}"] = [FastV(K, r, score="random")]
-        out[f"L2 K={K} R={pct}"] = [FastV(K, r, score="l2")]
+        out[f"FastV K={K} keep {pct}"] = [FastV(K, r)]
+        out[f"random K={K} keep {pct}"] = [FastV(K, r, score="random")]
+        out[f"L2 K={K} keep {pct}"] = [FastV(K, r, score="l2")]
     stages = sorted({max(1, L // 4), max(1, L // 2), max(1, (3 * L) // 4)})
     ratios = [0.5, 0.25, 0.125][:len(stages)]
     out[f"PyramidDrop {'/'.join(map(str, stages))}"] = [PyramidDrop(stages, ratios)]
@@ -79,6 +79,7 @@ class MethodResult:
     image_kept: list            # [L][n_image] 0/1
     savings: dict               # total / prefill / decode / kv saving (fractions)
     depth: int | None           # first layer with no image row (None: the image stays)
+    description: str = ""       # what it keeps, unambiguously (keep / drop, rerank)
 
 
 @dataclass
@@ -102,13 +103,14 @@ class PruningComparison:
         raise KeyError(name)
 
     def markdown(self) -> str:
-        lines = ["| method | output | answer kept | output KL | decoder FLOPs saved | KV saved |", "|---|---|---|---|---|---|"]
+        lines = ["| method | what it keeps | output | answer kept | output KL | decoder FLOPs saved | KV saved |",
+                 "|---|---|---|---|---|---|---|"]
         for m in self.methods:
             ok = "yes" if m.answer_kept else "**no**"
             if m.correct is not None:
                 ok += " (correct)" if m.correct else " (wrong)"
-            lines.append(f"| {m.name} | {m.text[:60]} | {ok} | {m.output_kl:.3f} | {100 * m.savings['total_saving']:.1f}% |"
-                         f" {100 * m.savings['kv_saving']:.1f}% |")
+            lines.append(f"| {m.name} | {m.description or '—'} | {m.text[:60]} | {ok} | {m.output_kl:.3f} |"
+                         f" {100 * m.savings['total_saving']:.1f}% | {100 * m.savings['kv_saving']:.1f}% |")
         return "\n".join(lines)
 
 
@@ -126,14 +128,17 @@ def method_result(s: Session, shape: LayerShape, name: str, ivs: list, separator
     L = s.n_layers
     rows = image_rows(out.run, L)
     n_sys, n_img, n_text = _counts(s)
-    sav = schedule_savings(shape, n_img, n_text, n_sys, max(1, len(s.baseline.generated_ids)), {name: rows})
+    rerank = {name: min(iv.layers) for iv in ivs if getattr(iv, "every_step", False)}   # re-ranked every step
+    sav = schedule_savings(shape, n_img, n_text, n_sys, max(1, len(s.baseline.generated_ids)), {name: rows},
+                           rerank_from=rerank)
     kept = out.run.arrays.get("image_kept")
     kept = np.ones((L, n_img), np.uint8) if kept is None else np.asarray(kept)
     depth = next((l for l in range(L) if rows[l] == 0), None)
     return MethodResult(name, [iv.to_json() for iv in ivs], c["text"], c["answer"], bool(c["answer_kept"]),
                         float(c["output_kl"]), None if truth is None else c["answer"] == answer_of(truth, separator),
                         rows, kept.tolist(), {k: float(sav[k][0]) for k in ("total_saving", "prefill_saving",
-                                                                             "decode_saving", "kv_saving")}, depth)
+                                                                             "decode_saving", "kv_saving")}, depth,
+                        describe_method(ivs) if ivs else "no pruning (the baseline)")
 
 
 def _check_methods(methods: dict, n_layers: int) -> dict:
@@ -336,9 +341,11 @@ def adaptive_vs_fixed(study: PruningStudy, adaptive: str, fixed_prefix: str = "V
 # ---- methods written on a command line ---------------------------------------------------------------
 
 METHOD_SYNTAX = ("comma-separated: fastv:K:R, random:K:R, l2:K:R, pdrop:L1/L2/..:R1/R2/.., vtw:K, adaptive:SHARE, "
-                 "stages:R, patch:R:SCORE (K a decoder layer, R a keep ratio in (0, 1]; stages: VisiPruner's treatments "
-                 "of the causal stages, top R in fusion; patch: only R of the patches reach the language model, SCORE "
-                 "grid, random or l2), or 'default'")
+                 "stages:R, patch:R:SCORE (K a decoder layer; R the fraction KEPT, in (0, 1] -- or say which: "
+                 "keep=0.25, or drop=0.75 as the FastV paper's R, the fraction dropped; percentages work: drop=75%; "
+                 "fastv:K:R:step re-ranks at every step as FastV's evaluation, fastv:K:R:prefill (default) once; "
+                 "stages: VisiPruner's treatments of the causal stages, top R in fusion; patch: only R of the patches "
+                 "reach the language model, SCORE grid, random or l2), or 'default'")
 
 
 def _num(text: str, what: str, kind=float):
@@ -346,6 +353,29 @@ def _num(text: str, what: str, kind=float):
         return kind(text)
     except ValueError:
         raise InputError(f"{what} must be a {'number' if kind is float else 'whole number'}, got {text!r}") from None
+
+
+def _keep(text: str, what: str) -> float:
+    """A keep ratio as written: "0.25" or "keep=0.25" (kept), "drop=0.75" (dropped, the FastV
+    paper's R); each also as a percentage ("drop=75%")."""
+    s = text.strip().lower().replace(" ", "")
+    drop = s.startswith("drop=")
+    if drop or s.startswith("keep="):
+        s = s.split("=", 1)[1]
+    pct = s.endswith("%")
+    v = _num(s[:-1] if pct else s, what)
+    v = v / 100 if pct else v
+    if drop:
+        if not 0 <= v < 1:
+            raise InputError(f"{what}: drop must be in [0, 1) (the fraction of image tokens dropped), got {text!r}")
+        return round(1 - v, 12)
+    return v
+
+
+def describe_method(ivs) -> str:
+    """What a method does, unambiguously ("keep 25 % (drop 75 %) from layer 2 ..."), from its interventions."""
+    parts = [iv.describe() if hasattr(iv, "describe") else repr(iv) for iv in ivs]
+    return "; ".join(parts) if parts else "no pruning"
 
 
 def parse_methods(text: str, n_layers: int, stage_labels: Sequence[str] | None = None) -> dict:
@@ -362,29 +392,37 @@ def parse_methods(text: str, n_layers: int, stage_labels: Sequence[str] | None =
         arity = {"fastv": 3, "random": 3, "l2": 3, "pdrop": 3, "vtw": 2, "adaptive": 2, "stages": 2, "patch": 3}
         if kind not in arity:
             raise InputError(f"unknown method {spec!r}; {METHOD_SYNTAX}")
+        rerank = "prefill"
+        if kind in ("fastv", "pdrop") and len(parts) == arity[kind] + 1:
+            rerank = parts.pop().strip().lower()
+            if rerank not in ("prefill", "step"):
+                raise InputError(f"method {spec!r}: the last part must be step (re-ranked at every step) or prefill"
+                                 f" (ranked once), got {rerank!r}")
         if len(parts) != arity[kind]:
             raise InputError(f"method {spec!r} needs {arity[kind] - 1} value(s) after {kind}:; {METHOD_SYNTAX}")
         if kind in ("fastv", "random", "l2"):
-            k, r = _num(parts[1], f"{spec}: the layer", int), _num(parts[2], f"{spec}: the keep ratio")
+            k, r = _num(parts[1], f"{spec}: the layer", int), _keep(parts[2], f"{spec}: the keep ratio")
             score = {"fastv": "last", "random": "random", "l2": "l2"}[kind]
-            ivs = [FastV(k, r, score=score)]
+            ivs = [FastV(k, r, score=score, rerank=rerank)]
         elif kind == "pdrop":
             ls = [_num(x, f"{spec}: a layer", int) for x in parts[1].split("/")]
-            rs = [_num(x, f"{spec}: a keep ratio") for x in parts[2].split("/")]
-            ivs = [PyramidDrop(ls, rs)]
+            ratios = parts[2].strip().lower()
+            pre = next((p for p in ("keep=", "drop=") if ratios.startswith(p)), "")
+            rs = [_keep(pre + x, f"{spec}: a keep ratio") for x in ratios[len(pre):].split("/")]
+            ivs = [PyramidDrop(ls, rs, rerank=rerank)]
         elif kind == "vtw":
             ivs = [VTW(_num(parts[1], f"{spec}: the layer", int))]
         elif kind == "patch":
             from ..interventions import PatchPrune
 
-            ivs = [PatchPrune(_num(parts[1], f"{spec}: the keep ratio"), parts[2].strip().lower())]
+            ivs = [PatchPrune(_keep(parts[1], f"{spec}: the keep ratio"), parts[2].strip().lower())]
         elif kind == "stages":
             if not stage_labels:
                 raise InputError(f"{spec} needs this input's causal stages: find them first (dashboard: Attention tab, "
                                  "'Find the three stages'; command line: --calibrate)")
             if len(stage_labels) != n_layers:
                 raise InputError(f"{spec}: {len(stage_labels)} stage labels for a model with {n_layers} layers")
-            ivs = [StagePruner.from_stages(list(stage_labels), top=_num(parts[1], f"{spec}: the keep ratio"))]
+            ivs = [StagePruner.from_stages(list(stage_labels), top=_keep(parts[1], f"{spec}: the keep ratio"))]
         else:
             ivs = [AdaptiveVTW(_num(parts[1], f"{spec}: the attention share"), min_layer=1 if n_layers > 2 else 0)]
         validate_all(ivs, n_layers)

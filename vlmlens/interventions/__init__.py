@@ -13,12 +13,12 @@
 from __future__ import annotations
 
 from ..errors import InputError
-from .base import (INDEPENDENT, RECOMPUTE, UNCHANGED, PrefixEffect, batch_conflict, gradient_safe, prefix_effect,
-                   removal_conflict, validate_all)
+from .base import (INDEPENDENT, RECOMPUTE, UNCHANGED, PrefixEffect, batch_conflict, decides_every_step, gradient_safe,
+                   prefix_effect, removal_conflict, validate_all)
 from .encoder import PATCH_SCORES, EncoderDepth, PatchPrune
 from .core import DST_SPANS, SRC_SPANS, TRUNCATE_MODES, Freeze, Knockout, SkipLayers, Substitute, Truncate
 from .policies import STAGE_TREATMENTS, VISIPRUNER_TREATMENTS, AdaptiveVTW, StagePruner
-from .pruning import PRUNE_MODES, PRUNE_SCORES, VTW, FastV, PyramidDrop, TokenPruner, n_kept
+from .pruning import PRUNE_MODES, PRUNE_SCORES, RERANKS, VTW, FastV, PyramidDrop, TokenPruner, n_kept
 
 PRUNERS = (TokenPruner, FastV, PyramidDrop, VTW, StagePruner, AdaptiveVTW)
 

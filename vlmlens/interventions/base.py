@@ -105,6 +105,12 @@ def validate_all(interventions: Sequence, n_layers: int) -> None:
             raise InputError(msg)
 
 
+def decides_every_step(interventions: Sequence) -> bool:
+    """Whether an intervention decides anew at every generation step (``every_step``): then each
+    step is one full forward without a KV cache (what it decided before cannot be reused)."""
+    return any(bool(getattr(iv, "every_step", False)) for iv in interventions)
+
+
 def prefix_effect(iv, n_layers: int) -> PrefixEffect:
     """``iv.prefix_effect(n_layers)``; an intervention without the method is recomputed."""
     fn = getattr(iv, "prefix_effect", None)

@@ -73,6 +73,10 @@ class PatchPrune(_Base):
     seed: int = 0
     exclusive = "PatchPrune"
 
+    def describe(self) -> str:
+        return (f"keep {100 * self.keep:.4g} % (drop {100 * (1 - self.keep):.4g} %) of the image patches before the"
+                f" language model, chosen by {self.score}")
+
     def validate(self, n_layers: int) -> None:
         k = self.keep
         if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:

@@ -44,6 +44,11 @@ class StagePruner(_Pruning):
                                                  for a, b, t in stages))
         object.__setattr__(self, "top", top)
 
+    def describe(self) -> str:
+        what = {"all": "every image token", "none": "no image token (masked)", "drop": "none (dropped)",
+                "top": f"the top {100 * self.top:.4g} % (drop {100 * (1 - self.top):.4g} %)"}
+        return "; ".join(f"layers {a}-{b}: {what.get(t, t)}" for a, b, t in self.stages)
+
     @classmethod
     def from_stages(cls, stages, treatments: dict | None = None, top: float = 0.1) -> "StagePruner":
         """From per-layer labels (``CausalStages.labels`` or the object itself): one stage per run of
@@ -176,6 +181,10 @@ class AdaptiveVTW(_Pruning):
 
     def to_json(self) -> dict:
         return {"kind": "AdaptiveVTW", "share": self.share, "min_layer": self.min_layer, "mode": self.mode}
+
+    def describe(self) -> str:
+        return (f"drop every image token (keep 0 %) from the layer after the first one (>= {self.min_layer}) whose last"
+                f" prompt token puts < {100 * self.share:.4g} % of its attention on the image")
 
     def first_removal(self, n_layers):
         return self.min_layer + 1 if self.mode == "remove" else None

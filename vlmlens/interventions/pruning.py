@@ -23,7 +23,16 @@ nothing. Scores (``score=``):
 * ``"l2"``: the L2 norm of the token's residual state leaving layer ``layer_i - 1``;
 * ``"random"``: a uniformly random subset (``seed``), the baseline any ranking must beat.
 
-Ties go to the earlier position. The methods of the papers are :class:`FastV` (one stage),
+Ties go to the earlier position. When the ranking is read (``rerank=``):
+
+* ``"prefill"`` (default): once, in the prompt's forward (its last token's attention); the kept
+  set stays for every generated token, so the pruned KV cache is reused -- where the saving is;
+* ``"step"``: anew at every generation step, from the attention of the newest token (the last row
+  of a forward over the whole sequence), as FastV's released evaluation runs it (generation
+  without a KV cache: each step re-ranks and re-runs every layer). It needs ``score="last"``; a
+  step's pruned cache cannot be reused by the next step, so it costs more than no pruning.
+
+The methods of the papers are :class:`FastV` (one stage),
 :class:`PyramidDrop` (stages with shrinking keep ratios), :class:`VTW` (keep nothing from
 layer K: identical to ``Truncate(K)``); policies.py adds :class:`StagePruner` (a treatment
 per stage of VisiPruner's three) and :class:`AdaptiveVTW` (a depth per input).
@@ -43,6 +52,7 @@ from .core import Truncate
 
 PRUNE_SCORES = ("last", "mean", "l2", "random")
 PRUNE_MODES = ("remove", "mask")
+RERANKS = ("prefill", "step")
 
 
 def n_kept(keep: float, n_image: int) -> int:
@@ -67,6 +77,10 @@ def _scores_at(p: torch.Tensor, kpos: torch.Tensor, positions: torch.Tensor) -> 
     idx = torch.searchsorted(kpos, positions).clamp(max=max(kpos.numel() - 1, 0))
     present = kpos[idx] == positions
     return torch.where(present, p[idx], torch.zeros_like(p[idx]))
+
+
+def _pct(r: float) -> str:
+    return f"{100 * r:.4g} %"
 
 
 def _rows(kept: np.ndarray, mode: str) -> np.ndarray:
@@ -116,14 +130,21 @@ class TokenPruner(_Pruning):
     score: str = "last"
     mode: str = "remove"
     seed: int = 0
+    rerank: str = "prefill"
 
     def __init__(self, layers: Sequence[int], keep: Sequence[float], score: str = "last", mode: str = "remove",
-                 seed: int = 0):
+                 seed: int = 0, rerank: str = "prefill"):
         object.__setattr__(self, "layers", tuple(layers))
         object.__setattr__(self, "keep", tuple(keep))
         object.__setattr__(self, "score", score)
         object.__setattr__(self, "mode", mode)
         object.__setattr__(self, "seed", seed)
+        object.__setattr__(self, "rerank", rerank)
+
+    @property
+    def every_step(self) -> bool:
+        """Re-ranked at every generation step (each step one full forward, no KV cache)."""
+        return self.rerank == "step"
 
     #: keep ratio 0 is allowed (the image leaves entirely: VTW); FastV/PyramidDrop ask for (0, 1]
     _allow_zero = True
@@ -149,14 +170,33 @@ class TokenPruner(_Pruning):
             raise InputError(f"{name}.mode must be one of {PRUNE_MODES}, got {self.mode!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
             raise InputError(f"{name}.seed must be an integer, got {self.seed!r}")
+        if self.rerank not in RERANKS:
+            raise InputError(f"{name}.rerank must be one of {RERANKS} (prefill: ranked once in the prompt's forward;"
+                             f" step: re-ranked by the newest token at every step, as FastV's evaluation), got"
+                             f" {self.rerank!r}")
+        if self.rerank == "step" and self.score != "last":
+            raise InputError(f"{name}: rerank='step' ranks by the newest token's attention, so it needs score='last'"
+                             f" (got {self.score!r})")
         for l, r in zip(self.layers, self.keep):
             if l == 0 and 0 < r < 1 and self.score != "random":
                 raise InputError(f"{name}: a stage at layer 0 can keep all (1) or nothing (0): its ranking would be read"
                                  " at layer -1; start the stage at layer >= 1")
 
+    def _rerank_json(self) -> dict:
+        return {"rerank": self.rerank} if self.rerank != "prefill" else {}    # runs saved before keep their JSON
+
     def to_json(self) -> dict:
         return {"kind": "TokenPruner", "layers": list(self.layers), "keep": list(self.keep), "score": self.score,
-                "mode": self.mode, "seed": int(self.seed)}
+                "mode": self.mode, "seed": int(self.seed), **self._rerank_json()}
+
+    def describe(self) -> str:
+        """What it keeps, unambiguously ("keep 25 % (drop 75 %) of the image tokens from layer 2 ...")."""
+        how = {"last": "the last prompt token's attention", "mean": "the text's mean attention",
+               "l2": "their L2 norm", "random": f"random choice (seed {self.seed})"}[self.score]
+        if self.rerank == "step":
+            how = "the newest token's attention, re-ranked at every step"
+        parts = [f"keep {_pct(r)} (drop {_pct(1 - r)}) from layer {l}" for l, r in zip(self.layers, self.keep)]
+        return f"{'; '.join(parts)} of the image tokens, by {how}" + (" (masked)" if self.mode == "mask" else "")
 
     # -- what the pruning means --------------------------------------------------------------------
     def first_removal(self, n_layers):
@@ -168,6 +208,8 @@ class TokenPruner(_Pruning):
         active = [(l, r) for l, r in zip(self.layers, self.keep) if r < 1 and l < n_layers]
         if not active:
             return UNCHANGED
+        if self.rerank == "step":
+            return INDEPENDENT                 # each step is a whole forward: no prefix to continue from
         if all(r == 0 for _, r in active):     # the image leaves: nothing to rank
             l = active[0][0]
             return PrefixEffect("cut_image", l) if self.mode == "remove" else UNCHANGED
@@ -175,7 +217,9 @@ class TokenPruner(_Pruning):
         return INDEPENDENT if self.score in ("last", "mean") else RECOMPUTE
 
     def gradient_safe(self):
-        return TokenPruner(self.layers, self.keep, self.score, "mask", self.seed) if self.mode == "remove" else self
+        if self.mode != "remove":
+            return self
+        return TokenPruner(self.layers, self.keep, self.score, "mask", self.seed, self.rerank)
 
     def image_row_edits(self, n_layers):
         return set()
@@ -236,7 +280,9 @@ class TokenPruner(_Pruning):
         if j is None:
             return
         qpos, kpos = view.qpos, view.kpos
-        if self.score == "last":
+        if self.rerank == "step":              # the newest token: the last row of a whole forward
+            rows = torch.nonzero(qpos == qpos.max()).flatten()
+        elif self.score == "last":
             rows = torch.nonzero(qpos == ctx.n_prompt - 1).flatten()
         else:
             last_image = int(ctx.image_pos[-1])
@@ -300,16 +346,19 @@ class TokenPruner(_Pruning):
 @dataclass(frozen=True, init=False)
 class FastV(TokenPruner):
     """FastV (arXiv 2403.06764): from decoder layer ``layer`` on keep the top ``keep`` of the
-    image tokens by the attention they receive at layer ``layer - 1`` (the paper: K=2, R=50 %)."""
+    image tokens by the attention they receive at layer ``layer - 1``. ``keep`` is the fraction
+    kept; the paper's R is the fraction dropped (its K=2, R=50 % is ``FastV(2, keep=0.5)``; R=75 %
+    is ``keep=0.25``). ``rerank="step"``: re-ranked at every step, as its released evaluation runs."""
 
     _allow_zero = False
 
-    def __init__(self, layer: int = 2, keep: float = 0.5, score: str = "last", mode: str = "remove", seed: int = 0):
-        super().__init__((layer,), (keep,), score, mode, seed)
+    def __init__(self, layer: int = 2, keep: float = 0.5, score: str = "last", mode: str = "remove", seed: int = 0,
+                 rerank: str = "prefill"):
+        super().__init__((layer,), (keep,), score, mode, seed, rerank)
 
     def to_json(self) -> dict:
         return {"kind": "FastV", "layer": self.layers[0], "keep": self.keep[0], "score": self.score, "mode": self.mode,
-                "seed": int(self.seed)}
+                "seed": int(self.seed), **self._rerank_json()}
 
 
 @dataclass(frozen=True, init=False)
@@ -320,8 +369,8 @@ class PyramidDrop(TokenPruner):
     _allow_zero = False
 
     def __init__(self, layers: Sequence[int], keep: Sequence[float], score: str = "last", mode: str = "remove",
-                 seed: int = 0):
-        super().__init__(layers, keep, score, mode, seed)
+                 seed: int = 0, rerank: str = "prefill"):
+        super().__init__(layers, keep, score, mode, seed, rerank)
 
     def to_json(self) -> dict:
         return {**super().to_json(), "kind": "PyramidDrop"}
@@ -338,6 +387,9 @@ class VTW(TokenPruner):
 
     def to_json(self) -> dict:
         return {"kind": "VTW", "layer": self.layers[0], "mode": self.mode}
+
+    def describe(self) -> str:
+        return f"drop every image token (keep 0 %) from layer {self.layers[0]} on"
 
 
 PRUNERS = (TokenPruner, FastV, PyramidDrop, VTW)

@@ -230,7 +230,11 @@ def pruning_markdown(entry) -> str:
     obj = PruningComparison(**{**res, "methods": [MethodResult(**m) for m in res["methods"]]})
     head = (f"**Token pruning** on this input · baseline `{obj.baseline_text}` · {obj.n_image} image tokens · "
             f"{obj.seconds:.1f} s. FLOPs and KV saved are counted from what each method computes (a method that "
-            "loses the answer saves nothing worth having; masks save nothing).")
+            "loses the answer saves nothing worth having; masks save nothing). **keep** is the fraction of image tokens "
+            "kept; the FastV paper's R is the fraction dropped (write `drop=0.75` for its R = 75 %). FastV's ranking is "
+            "read once at the prefill (default; the pruned KV cache is reused for every generated token -- the saving) "
+            "or, written `fastv:K:R:step`, anew at every step from the newest token as FastV's released evaluation "
+            "runs it (each step recomputes the pruned layers: it costs more than no pruning).")
     return head + "\n\n" + obj.markdown()
 
 
