@@ -26,6 +26,11 @@ def check_prompt(prompt) -> str:
         raise InputError("prompt is empty; type a question or instruction about the image")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise InputError(f"prompt is {len(prompt):,} characters; at most {MAX_PROMPT_CHARS:,} are accepted")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"prompt is not valid Unicode text: a lone surrogate {prompt[e.start]!r} at character"
+                         f" {e.start}") from None
     return prompt.strip()
 
 

@@ -108,10 +108,10 @@ def _inside(root: Path, rel: str) -> Path | None:
     p = Path(rel)
     if p.is_absolute():
         return None
-    full = (root / p).resolve()
     try:
+        full = (root / p).resolve()
         full.relative_to(root.resolve())
-    except ValueError:
+    except (ValueError, RuntimeError, OSError):     # outside the folder, or a symlink loop
         return None
     return full
 
@@ -119,12 +119,18 @@ def _inside(root: Path, rel: str) -> Path | None:
 def _check_image(path: Path) -> str | None:
     from PIL import Image, UnidentifiedImageError
 
-    if not path.is_file():
-        return f"missing image: {path.name} not found"
+    from .images import MAX_PIXELS
+
     try:
+        if not path.is_file():
+            return f"missing image: {path.name} not found"
         with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                return f"image too large: {path.name} is {im.width}x{im.height}, more than {MAX_PIXELS:,} pixels"
             im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except Image.DecompressionBombError:
+        return f"image too large: {path.name} (more pixels than {MAX_PIXELS:,}; a decompression bomb?)"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, RuntimeError) as e:
         return f"unreadable image: {path.name} ({type(e).__name__})"
     return None
 
@@ -148,7 +154,7 @@ def _item(i: int, raw: dict, root: Path | None, *, csv_cell: bool, check_images:
             return None, "image is a path, but the dataset has no folder to resolve it in"
         full = _inside(root, img)
         if full is None:
-            return None, f"image path leaves the dataset folder: {img!r}"
+            return None, f"image path leaves the dataset folder (or is a symlink loop): {img!r}"
         if check_images:
             bad = _check_image(full)
             if bad:
@@ -187,8 +193,18 @@ def _sha(paths) -> str:
 
 
 def _rows_jsonl(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if path.suffix.lower() == ".json" and head.startswith(b"["):
+        raise InputError(f"{path} is one JSON array; vlmlens reads JSONL: one JSON object per line (e.g. python -c"
+                         " \"import json,sys; [print(json.dumps(r)) for r in json.load(sys.stdin)]\" < in.json > out.jsonl)")
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield n, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file as UTF-8"
+                continue
             if not line.strip():
                 continue
             try:
@@ -196,24 +212,53 @@ def _rows_jsonl(path: Path):
             except json.JSONDecodeError as e:
                 yield n, None, f"not JSON ({e.msg})"
                 continue
+            except RecursionError:
+                yield n, None, "JSON nested too deeply"
+                continue
             yield n, row, None if isinstance(row, dict) else "not a JSON object"
 
 
+CSV_FIELD_LIMIT = 64 * 1024 * 1024      # csv's default (131,072 characters) refuses long questions
+
+
 def _rows_csv(path: Path):
-    with open(path, newline="", encoding="utf-8") as f:
-        for n, row in enumerate(csv.DictReader(f), 2):
-            yield n, dict(row), None
+    old = csv.field_size_limit()
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    try:
+        # undecodable bytes are kept as escapes and make only their own row bad
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            reader = csv.DictReader(f)
+            n = 1
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as e:
+                    raise InputError(f"{path} line {reader.line_num}: not valid CSV ({e})") from None
+                n += 1
+                cells = [str(v) for v in row.values() if v is not None] + [str(k) for k in row if k is not None]
+                if any("\udc80" <= ch <= "\udcff" for c in cells for ch in c):
+                    yield n, None, "not UTF-8 text; save the file as UTF-8"
+                    continue
+                yield n, dict(row), None
+    finally:
+        csv.field_size_limit(old)
 
 
 def _rows_parquet(path: Path):
-    import pandas as pd
-
     try:
-        frame = pd.read_parquet(path)
+        import pyarrow.parquet as pq
     except ImportError as e:
         raise InputError(f"reading parquet needs pyarrow: pip install pyarrow ({e})") from None
-    for n, row in enumerate(frame.to_dict("records"), 1):
-        yield n, row, None
+    n = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):     # streamed: a limit reads no more
+            for row in batch.to_pandas().to_dict("records"):
+                n += 1
+                yield n, row, None
+    except Exception as e:          # noqa: BLE001 - pyarrow's errors (ArrowInvalid, ...) for a bad file
+        raise InputError(f"{path} is not a readable parquet file ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def _rows_saved_dataset(path: Path):
@@ -221,7 +266,10 @@ def _rows_saved_dataset(path: Path):
         import datasets
     except ImportError:
         raise InputError("this folder is a HuggingFace dataset (save_to_disk); pip install datasets") from None
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:          # noqa: BLE001 - a damaged save_to_disk folder (bad state.json, arrow files)
+        raise InputError(f"{path} is not a readable saved dataset ({type(e).__name__}: {str(e)[:200]})") from None
     if isinstance(ds, datasets.DatasetDict):
         if len(ds) != 1:
             raise InputError(f"{path} holds splits {sorted(ds)}; point at one split's folder")
@@ -234,13 +282,19 @@ def _is_saved_dataset(p: Path) -> bool:
     return (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()
 
 
-def load_dataset(path, *, task: str | None = None, on_bad_row: str = "skip", check_images: bool = True) -> Dataset:
-    """Read a dataset (see the module docstring); ``task`` fills rows that name none."""
+def load_dataset(path, *, task: str | None = None, on_bad_row: str = "skip", check_images: bool = True,
+                 limit: int | None = None) -> Dataset:
+    """Read a dataset (see the module docstring); ``task`` fills rows that name none. ``limit``:
+    stop after that many usable rows (the rest of the file is not read: rows are streamed)."""
     if on_bad_row not in BAD_ROW_POLICIES:
         raise InputError(f"--on-bad-row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"dataset {str(p)!r} not found")
+    try:
+        p.resolve(strict=True)
+    except FileNotFoundError:
+        raise InputError(f"dataset {str(p)!r} not found") from None
+    except (RuntimeError, OSError) as e:
+        raise InputError(f"dataset {str(p)!r} cannot be opened ({type(e).__name__}: {e}; a symlink loop?)") from None
     if p.is_dir():
         if _is_saved_dataset(p):
             fmt, rows, root, files = "datasets", _rows_saved_dataset(p), p, [f for f in p.iterdir() if f.is_file()]
@@ -263,6 +317,8 @@ def load_dataset(path, *, task: str | None = None, on_bad_row: str = "skip", che
         rows, root, files = reader(p), p.parent, [p]
     items, skipped, seen = [], [], set()
     for n, raw, err in rows:
+        if limit is not None and len(items) >= limit:
+            break
         if err is None:
             item, err = _item(n, raw, root, csv_cell=fmt == "csv", check_images=check_images)
             if item is not None and task and not item.task:

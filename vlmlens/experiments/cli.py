@@ -256,11 +256,14 @@ def _dataset_study(args) -> int:
                         max_new_tokens=args.max_new_tokens, separator=args.separator, resume=args.resume, rank=rank,
                         world=world, barrier=barrier, progress=progress_bar() if rank == 0 else None,
                         methods=args.methods, encoder_depths=args.encoder_depths, batch_size=args.batch_size,
-                        vqa_normalization=args.vqa_normalization, caption_tokenizer=args.caption_tokenizer)
+                        vqa_normalization=args.vqa_normalization, caption_tokenizer=args.caption_tokenizer,
+                        on_bad_row=args.on_bad_row)
     if res is not None:
         ex = res.execution or {}
         print(f"{res.config['model']}: {res.n_items} items, {len(res.skipped)} rows skipped, {world} process(es),"
               f" batch size {args.batch_size}, {res.seconds:.0f} s")
+        for b in res.failed[:20]:
+            print(f"  row {b['row']} could not run: {b['reason'][:200]}")
         for why in ex.get("reasons", []):
             print(f"  {why}")
         print()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ from ..errors import InputError
 from ..metrics import VQA_NORMALIZATIONS, caption_scores
 from ..metrics import caption_tokenizer as resolve_caption_tokenizer
 from .engine import DEFAULT_SEPARATOR, Progress, check_mode, parse_depths
-from .study_files import CONFIG, _atomic_write, _clean_rank_file, check_out, done_items, rows_csv
+from .study_files import CONFIG, StudyLock, _atomic_write, _clean_rank_file, check_out, done_items, job_id, rows_csv
 from .study_runner import DATA_TASKS, item_task, run_items  # noqa: F401  (DATA_TASKS: the CLI's)
 
 CSV_COLUMNS = ("task", "encoder_depth", "depth", "method", "n", "score", "ci_low", "ci_high", "answer_kept", "output_kl", "cider_d",
@@ -96,6 +96,7 @@ class DatasetStudy:
     seconds: float = 0.0
     vlmlens_version: str = __version__
     execution: dict | None = None     # this run's batching (rank 0): batch size, items batched / not, why
+    failed: list = field(default_factory=list)   # rows that could not run: {"row", "id", "reason"}
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -180,7 +181,8 @@ def merge(out: Path, dataset: Dataset, config: dict, seconds: float = 0.0, execu
     """The study from the rank files: results.jsonl in dataset order, study.json, study.csv."""
     got = done_items(out)
     order = [it.id for it in dataset.items if it.id in got]
-    records = [got[i] for i in order]
+    failed = [{"row": got[i]["row"], "id": i, "reason": got[i]["failed"]} for i in order if "failed" in got[i]]
+    records = [got[i] for i in order if "failed" not in got[i]]
     _atomic_write(out / "results.jsonl", "".join(json.dumps(d) + "\n" for d in records))
     rows, tok = [], None
     for t in sorted({r["task"] for r in records}):
@@ -210,7 +212,8 @@ def merge(out: Path, dataset: Dataset, config: dict, seconds: float = 0.0, execu
                     row["score"] = float(vals.mean())
                     row["ci_low"], row["ci_high"] = _bootstrap(vals)
             rows.append(row)
-    res = DatasetStudy(config, rows, len(records), dataset.skipped, tok, round(seconds, 1), execution=execution)
+    res = DatasetStudy(config, rows, len(records), dataset.skipped, tok, round(seconds, 1), execution=execution,
+                       failed=failed)
     _atomic_write(out / "study.json", json.dumps(res.to_json(), indent=1))
     _atomic_write(out / "study.csv", res.csv())
     return res
@@ -220,7 +223,8 @@ def dataset_study(lm, dataset: Dataset, out, *, task: str | None = None, depths=
                   max_new_tokens: int = 16, separator: str = DEFAULT_SEPARATOR, resume: bool = False,
                   rank: int = 0, world: int = 1, barrier=None, progress: Progress | None = None,
                   methods: str | None = None, encoder_depths=None, batch_size: int = 1,
-                  vqa_normalization: str = "official", caption_tokenizer: str = "auto") -> DatasetStudy | None:
+                  vqa_normalization: str = "official", caption_tokenizer: str = "auto", job: str | None = None,
+                  log=None, on_bad_row: str = "skip") -> DatasetStudy | None:
     """Run (or continue) the study in ``out``; rank 0 returns the merged result, others None.
 
     ``methods`` (token pruning, written as for ``python -m vlmlens prune --methods``) makes it a
@@ -232,6 +236,10 @@ def dataset_study(lm, dataset: Dataset, out, *, task: str | None = None, depths=
 
     ``barrier`` (torch.distributed.barrier under torchrun) is called where every rank must
     have arrived: after the directory is ready, and before the merge.
+
+    The directory is owned by this call (or torchrun job, ``job``) while it runs: a study already
+    running there is refused with its holder named; a lock left by a process that is gone is
+    taken over and ``log`` (default: stderr) says so (:class:`.study_files.StudyLock`).
     """
     check_mode(mode)
     if vqa_normalization not in VQA_NORMALIZATIONS:
@@ -271,21 +279,38 @@ def dataset_study(lm, dataset: Dataset, out, *, task: str | None = None, depths=
                           vqa_normalization=vqa_normalization, caption_tokenizer=cap_tok)
     wait = barrier or (lambda: None)
     check_out(out, config, resume)       # every rank, before anyone writes: all refuse alike
+    lock = StudyLock(out, job or job_id(world))
+    lock.check()                         # one process (or torchrun job) per study directory
     wait()
-    if rank == 0 and not resume:
+    if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / CONFIG, json.dumps(config, indent=1))
-    wait()
-    t0 = time.perf_counter()
-    rank_file = out / f"results.rank{rank}.jsonl"
-    _clean_rank_file(rank_file)
-    done = done_items(out)
-    wait()                               # every rank has read what is done before anyone appends
-    remaining = [it for it in dataset.items if it.id not in done]
-    ex = run_items(lm, remaining[rank::world], task=task, depths=ks, mode=mode, max_new_tokens=max_new_tokens,
-                   separator=separator, rank_file=rank_file, progress=progress, methods=parsed, encoder_depths=ems,
-                   batch_size=batch_size, vqa_normalization=vqa_normalization)
-    wait()
-    if rank != 0:
-        return None
-    return merge(out, dataset, config, time.perf_counter() - t0, asdict(ex))
+        note = lock.acquire()
+        if note:
+            (log or _stderr)(note)
+    try:
+        if rank == 0 and not resume:
+            _atomic_write(out / CONFIG, json.dumps(config, indent=1))
+        wait()
+        lock.check()                     # every rank: the lock is this job's (no other start slipped in)
+        t0 = time.perf_counter()
+        rank_file = out / f"results.rank{rank}.jsonl"
+        _clean_rank_file(rank_file)
+        done = done_items(out)
+        wait()                           # every rank has read what is done before anyone appends
+        remaining = [it for it in dataset.items if it.id not in done]
+        ex = run_items(lm, remaining[rank::world], task=task, depths=ks, mode=mode, max_new_tokens=max_new_tokens,
+                       separator=separator, rank_file=rank_file, progress=progress, methods=parsed,
+                       encoder_depths=ems, batch_size=batch_size, vqa_normalization=vqa_normalization,
+                       on_bad_row=on_bad_row)
+        wait()
+        if rank != 0:
+            return None
+        return merge(out, dataset, config, time.perf_counter() - t0, asdict(ex))
+    finally:
+        lock.release()
+
+
+def _stderr(msg: str) -> None:
+    import sys
+
+    print(f"note: {msg}", file=sys.stderr)

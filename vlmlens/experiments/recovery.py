@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..adapters import check_adapter_dir, load_adapter  # noqa: F401  (adapter files: vlmlens.adapters)
 from ..errors import InputError
 from ..interventions import Truncate
 from ..lens import NOTHING, Lens, Plan
@@ -245,27 +246,3 @@ def save_adapter(pm, out, meta: dict) -> Path:
         shutil.rmtree(out)
     tmp.replace(out)
     return out
-
-
-def check_adapter_dir(path) -> Path:
-    """An adapter folder in peft's safetensors format, or InputError (no pickled adapters)."""
-    p = Path(path)
-    if not (p / "adapter_config.json").is_file() or not (p / "adapter_model.safetensors").is_file():
-        raise InputError(f"{path} is not an adapter folder (needs adapter_config.json and adapter_model.safetensors;"
-                         " pickled adapter_model.bin files are not read)")
-    try:
-        json.loads((p / "adapter_config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"{p / 'adapter_config.json'} is not valid JSON: {e}") from None
-    return p
-
-
-def load_adapter(model, path):
-    """``model`` with the adapters in ``path`` merged into its weights."""
-    from peft import PeftModel
-
-    p = check_adapter_dir(path)
-    try:
-        return PeftModel.from_pretrained(model, str(p), is_trainable=False).merge_and_unload()
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise InputError(f"the adapters in {path} do not fit this model: {str(e).splitlines()[0][:300]}") from None

@@ -35,6 +35,115 @@ def check_out(out: Path, config: dict, resume: bool) -> None:
         raise InputError(f"--out {out} is not empty; add --resume to continue the study there, or choose a new path")
 
 
+LOCK = ".vlmlens-study.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True                        # it exists, run by another user
+    return True
+
+
+def job_id(world: int = 1) -> str:
+    """Who runs a study: one torchrun job (every rank alike) or one call in one process."""
+    import socket
+    import uuid
+
+    if world > 1:
+        e = os.environ
+        return f"torchrun:{e.get('TORCHELASTIC_RUN_ID', '')}:{e.get('MASTER_ADDR', '')}:{e.get('MASTER_PORT', '')}"
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+class StudyLock:
+    """A study directory is owned by one process (or one torchrun job) at a time.
+
+    ``LOCK`` in the directory names the holder (pid, host, job, start, command), written with
+    O_EXCL so two starts cannot both take it. A second start is refused, naming the holder; a
+    lock whose process is gone (same host, pid not running) is taken over and that is said; the
+    holder removes it when it ends (also on an exception)."""
+
+    def __init__(self, out: Path, job: str):
+        self.path = Path(out) / LOCK
+        self.job = job
+        self.held = False
+
+    def holder(self) -> dict | None:
+        try:
+            d = json.loads(self.path.read_text())
+            return d if isinstance(d, dict) else {}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}                      # torn or foreign: treated as a lock of a process that is gone
+
+    def _stale(self, h: dict) -> bool:
+        import socket
+
+        if not h:
+            return True
+        pid = h.get("pid")
+        return h.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
+
+    def refusal(self, h: dict) -> str:
+        return (f"{self.path.parent} is in use by another study: PID {h.get('pid')} on {h.get('host')} since"
+                f" {h.get('started')} ({str(h.get('command', ''))[:120]}); wait for it to finish, or use another --out"
+                f" (if that process is gone from another machine, delete {self.path})")
+
+    def check(self) -> None:
+        """Read only (every rank, before anyone writes): refuse when another live holder owns it."""
+        h = self.holder()
+        if h is not None and h.get("job") != self.job and not self._stale(h):
+            raise InputError(self.refusal(h))
+
+    def acquire(self) -> str | None:
+        """Take the lock; a note when a stale one was taken over (InputError when it is held)."""
+        import socket
+        import sys
+        import time
+
+        note = None
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                h = self.holder()
+                if h is None:
+                    continue
+                if h.get("job") == self.job:
+                    self.held = True
+                    return note
+                if not self._stale(h):
+                    raise InputError(self.refusal(h)) from None
+                note = (f"took over the lock of {self.path.parent} from PID {h.get('pid')} (started"
+                        f" {h.get('started')}), which is no longer running; its finished rows are kept")
+                try:
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "job": self.job,
+                           "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(sys.argv)[:500]}, f)
+            self.held = True
+            return note
+        raise InputError(f"could not take the lock of {self.path.parent}: another study keeps taking it")
+
+    def release(self) -> None:
+        if self.held:
+            h = self.holder()
+            if h is not None and h.get("job") == self.job:
+                try:
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
+            self.held = False
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)

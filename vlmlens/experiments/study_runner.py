@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from ..errors import InputError
 from ..interventions import EncoderDepth, batch_conflict
 from ..metrics import TASKS, item_score
@@ -25,6 +27,15 @@ from .batch import BatchError, BatchSession, output_kl
 from .engine import Session, answer_of, compare_outputs, truncation
 
 DATA_TASKS = tuple(t for t in TASKS if t != "shapes")
+#: what one row can raise when it is run (its image, its text): recorded for that row, never the study's end
+ROW_ERRORS = (ValueError, TypeError, UnicodeError, OSError, Image.DecompressionBombError, OverflowError, IndexError)
+
+
+def row_failure(item, t, e: BaseException) -> dict:
+    """The result line of a row that could not run: its row number and the reason (it counts as
+    done, so a resumed study goes past it)."""
+    reason = str(e) if isinstance(e, InputError) else f"{type(e).__name__}: {e}"
+    return {"id": item.id, "row": item.row, "task": t, "failed": reason[:500]}
 
 
 def item_task(item, task: str | None) -> str:
@@ -42,6 +53,7 @@ class Execution:
     batched_items: int = 0
     single_items: int = 0
     reasons: list = field(default_factory=list)
+    failed_rows: int = 0          # rows that could not run (recorded with their reason)
 
     def note(self, why: str) -> None:
         if why not in self.reasons:
@@ -106,7 +118,7 @@ def _batched(lm, items, tasks, *, variants, mode, max_new_tokens, separator,
 
 def run_items(lm, items, *, task, depths, mode, max_new_tokens, separator, rank_file: Path, progress=None,
               methods: dict | None = None, encoder_depths: list[int] | None = None,
-              batch_size: int = 1, vqa_normalization: str = "official") -> Execution:
+              batch_size: int = 1, vqa_normalization: str = "official", on_bad_row: str = "skip") -> Execution:
     """Run and append every item of this rank. With ``methods`` ({name: interventions}) each
     item runs the baseline and every method instead of the depths, and each cell adds the
     compute the method's schedule saves."""
@@ -142,12 +154,28 @@ def run_items(lm, items, *, task, depths, mode, max_new_tokens, separator, rank_
                     ex.batched_items += len(chunk)
                 except BatchError as e:
                     ex.note(f"a batch ran one item at a time: {e}")
+                except ROW_ERRORS:               # a bad row in the batch: one at a time finds it
+                    ex.note("a batch with a row that could not run ran one item at a time")
             if results is None:
-                results = [_single(lm, it, t, variants=variants, mode=mode, max_new_tokens=max_new_tokens,
-                                   separator=separator, methods=methods, shape=shape,
-                                   vqa_normalization=vqa_normalization) for it, t in zip(chunk, tasks)]
+                results = []
+                for it, t in zip(chunk, tasks):
+                    try:
+                        results.append(_single(lm, it, t, variants=variants, mode=mode, max_new_tokens=max_new_tokens,
+                                               separator=separator, methods=methods, shape=shape,
+                                               vqa_normalization=vqa_normalization))
+                    except ROW_ERRORS as e:
+                        bad = row_failure(it, t, e)
+                        if on_bad_row == "fail":
+                            raise InputError(f"row {it.row} (id {it.id!r}) could not run: {bad['failed']}"
+                                             " (--on-bad-row skip records it and goes on)") from None
+                        results.append(bad)
                 ex.single_items += len(chunk)
-            for item, t, (per, base_text) in zip(chunk, tasks, results):
+            for item, t, res in zip(chunk, tasks, results):
+                if isinstance(res, dict):        # a row that could not run: recorded as such
+                    ex.failed_rows += 1
+                    f.write(json.dumps(res) + "\n")
+                    continue
+                per, base_text = res
                 f.write(json.dumps(_record(item, t, base_text, kind, per)) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -1,6 +1,7 @@
 """load_model: one entry point for built-in, random, local and hub models."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,13 +111,11 @@ def load_model(
             or the name is neither built in, a directory, nor a loadable hub id.
     """
     if adapter is not None:
-        from ..experiments.recovery import check_adapter_dir
+        from ..adapters import check_adapter_dir, load_adapter
 
-        check_adapter_dir(adapter)         # before spending time on the model
+        check_adapter_dir(adapter)         # its config, before spending time on the model
         lm = load_model(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        from ..experiments.recovery import load_adapter
-
-        model = load_adapter(lm.model, adapter).eval()
+        model = load_adapter(lm.model, adapter).eval()      # checked against the model before peft allocates
         return LoadedModel(model, lm.processor, lm.arch, f"{lm.name}+{Path(adapter).name}", lm.device, lm.dtype)
     if not isinstance(name, str) or not name.strip():
         raise UnsupportedModel("model name is empty; try 'tiny-shapes', 'random:llava' or a hub id")
@@ -153,15 +152,18 @@ def _from_pretrained(path: str, name: str, dev: torch.device, dt: torch.dtype, t
 
     local = os.path.isdir(path)
     offline = hub_offline()
+    if local:
+        _check_local_folder(Path(path), name, trust_remote_code)
     try:   # a local directory or the local cache first: no network, no retries
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError) as e:
-        if local or offline:
-            why = "offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set) and not in the local cache" if offline \
-                else str(e).splitlines()[0]
+        if local:
+            raise UnsupportedModel(f"cannot load model folder {path!r}: {str(e).splitlines()[0][:300]}") from None
+        if offline:
             raise UnsupportedModel(
                 f"cannot load model {name!r}: not a built-in name ('tiny-shapes', 'random:<family>'), not a model "
-                f"directory, and not a cached hub id ({why})") from None
+                "directory, and not in the local cache (offline: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set)") from None
+        _probe_hub(name)
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e2:
@@ -175,11 +177,68 @@ def _from_pretrained(path: str, name: str, dev: torch.device, dt: torch.dtype, t
     kwargs: dict = {"dtype": dt, "trust_remote_code": trust_remote_code}
     if dev.type == "cuda" and torch.cuda.device_count() > 1 and dev.index is None:
         kwargs["device_map"] = "auto"
-    model = _model_class_for(config).from_pretrained(path, config=config, **kwargs)
+    try:
+        model = _model_class_for(config).from_pretrained(path, config=config, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise UnsupportedModel(f"cannot load the weights of {name!r}: {_first_line(e)}") from None
+    except Exception as e:        # noqa: BLE001 - safetensors' own error for a damaged or truncated file
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise UnsupportedModel(f"cannot load the weights of {name!r}: a safetensors file is damaged or truncated"
+                               f" ({_first_line(e)})") from None
     if "device_map" not in kwargs:
         model = model.to(dev)
     arch = get_arch(family)
     return LoadedModel(model.eval(), _load_processor(path, arch, trust_remote_code), arch, name, dev, dt)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+def _check_local_folder(d: Path, name: str, trust_remote_code: bool) -> None:
+    """What a model folder lacks, said before transformers tries (and says something else)."""
+    cfg = d / "config.json"
+    if not cfg.is_file():
+        raise UnsupportedModel(f"model folder {str(d)!r} has no config.json")
+    try:
+        doc = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise UnsupportedModel(f"{cfg} is not valid JSON ({_first_line(e)})") from None
+    if not isinstance(doc, dict):
+        raise UnsupportedModel(f"{cfg} must hold a JSON object")
+    if "auto_map" in doc and not trust_remote_code:
+        raise UnsupportedModel(f"{cfg} names its own code (auto_map); vlmlens runs no remote code unless you pass"
+                               " --trust-remote-code (only for code you trust)")
+    if not doc.get("model_type"):
+        raise UnsupportedModel(f"{cfg} has no model_type; supported: {', '.join(supported_families())}")
+    has_st = any(d.glob("*.safetensors"))
+    pickled = [p.name for p in d.glob("*.bin")] + [p.name for p in d.glob("*.pt")] + [p.name for p in d.glob("*.pth")]
+    if not has_st and pickled:
+        raise UnsupportedModel(f"model folder {str(d)!r} holds pickled weights only ({', '.join(sorted(pickled)[:3])});"
+                               " vlmlens never unpickles a file: convert them to safetensors (e.g. load and"
+                               " save_pretrained(safe_serialization=True) where you trust the file)")
+
+
+HUB_PROBE_SECONDS = 3.0
+
+
+def _probe_hub(name: str) -> None:
+    """One short connection attempt to the hub before transformers' retries (tens of seconds
+    without a network): fail in seconds, saying how to use a local folder."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError:
+        raise UnsupportedModel(
+            f"cannot load model {name!r}: not a built-in name ('tiny-shapes', 'random:<family>'), not a model folder,"
+            f" not in the local cache, and the hub ({host}) cannot be reached; download the model elsewhere and give"
+            " its folder (--model /path/to/folder), or set HF_HUB_OFFLINE=1 to use the cache only") from None
 
 
 def _load_processor(path: str, arch: Arch, trust_remote_code: bool):

@@ -153,7 +153,7 @@ def load_trained_parts(model, log=print) -> dict:
         load_projector(model, PROJECTOR)
         found["projector"] = True
     if (LM_ADAPTER / "adapter_model.safetensors").is_file():
-        from ..experiments.recovery import load_adapter
+        from ..adapters import load_adapter
 
         model.model.language_model = load_adapter(model.model.language_model, LM_ADAPTER)
         found["lm_lora"] = True
