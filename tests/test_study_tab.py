@@ -133,3 +133,49 @@ def test_the_shipped_datasets_are_offered():
 
     d = Dashboard(no_model=True, start_loading=False)
     assert {"shapes-mini", "photos"} <= set(d.dataset_names()) and d.default_dataset() == "shapes-mini"
+
+
+def test_a_study_being_run_elsewhere_is_refused_and_the_next_request_works(dash, tmp_path):
+    """#25 item 1 in the tab: the study directory belongs to whoever runs it."""
+    import socket
+    import subprocess
+    import sys
+
+    import gradio as gr
+
+    from vlmlens.experiments.study_files import LOCK
+
+    out = tmp_path / "studies" / "busy"
+    out.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / LOCK).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "job": "cli",
+                                            "started": "now", "command": "python -m vlmlens study"}))
+        with pytest.raises(gr.Error, match=f"in use by another study: PID {holder.pid}"):
+            dash.study_run("mini", 2, "0", 1, 2, "busy")
+        assert sorted(p.name for p in out.iterdir()) == [LOCK]             # nothing written beside the lock
+        dash.study_run("mini", 2, "0", 1, 2, "free")                        # the next request runs
+        assert "free" in dash.study_names() and not (tmp_path / "studies" / "free" / LOCK).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_tab_reads_only_the_rows_it_runs(dash, tmp_path, monkeypatch):
+    """#25 item 5: 2 rows of a 100,000-row manifest are 2 rows read, not 100,000."""
+    import vlmlens.data as data_mod
+
+    big = tmp_path / "datasets" / "big"
+    (big / "images").mkdir(parents=True)
+    first = json.loads((SHAPES_MINI / "manifest.jsonl").read_text().splitlines()[0])
+    shutil.copy(SHAPES_MINI / first["image"], big / first["image"])
+    with open(big / "manifest.jsonl", "w") as f:
+        for i in range(100_000):
+            f.write(json.dumps(dict(first, id=f"r{i}")) + "\n")
+    seen = []
+    real = data_mod._check_image
+    monkeypatch.setattr(data_mod, "_check_image", lambda p: seen.append(p) or real(p))
+    dash.study_run("big", 2, "0", 1, 2, "two")
+    assert len(seen) <= 3
+    study = json.loads((tmp_path / "studies" / "two" / "study.json").read_text())
+    assert study["n_items"] == 2

@@ -114,6 +114,15 @@ def client(app):
     return Client(app[1], verbose=False)
 
 
+def test_counts_that_are_not_numbers_are_named(client):
+    """#25 item 8: letters or None where a count belongs get a specific message; the next request works."""
+    for bad in ("abc", None, 2.5, 10 ** 6):
+        msg = app_error(client, handle_file(EXAMPLE), "What is this?", bad, api_name="/capture")
+        assert "max new tokens must be a whole number in 1..256" in msg, msg
+    out = client.predict(handle_file(EXAMPLE), "What is this?", 2, api_name="/capture")
+    assert out
+
+
 def test_endpoints_are_named(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     for want in ("/capture", "/heatmaps", "/heatmap_layer", "/dynamics", "/attention", "/truncate", "/sweep",

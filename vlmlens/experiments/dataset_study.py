@@ -278,9 +278,9 @@ def dataset_study(lm, dataset: Dataset, out, *, task: str | None = None, depths=
                           separator=separator, methods=list(parsed) if parsed else None, encoder_depths=ems,
                           vqa_normalization=vqa_normalization, caption_tokenizer=cap_tok)
     wait = barrier or (lambda: None)
-    check_out(out, config, resume)       # every rank, before anyone writes: all refuse alike
     lock = StudyLock(out, job or job_id(world))
-    lock.check()                         # one process (or torchrun job) per study directory
+    lock.check()                         # one process (or torchrun job) per study directory: said first
+    check_out(out, config, resume)       # every rank, before anyone writes: all refuse alike
     wait()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,26 @@ class LayerSlider(gr.Slider):
         return layer
 
 
+class CountSlider(gr.Slider):
+    """A slider of a whole count (tokens, rows, batch size): a value from an API client that is
+    not a whole number in range is refused by name, not with gradio's generic error."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        what = (self.label or "value").lower()
+        try:
+            v = float(payload)
+            n = int(v)
+        except (TypeError, ValueError, OverflowError):
+            raise gr.Error(f"{what} must be a whole number in {self.minimum:g}..{self.maximum:g}, got {payload!r}",
+                           print_exception=False) from None
+        if v != n or not self.minimum <= n <= self.maximum:
+            raise gr.Error(f"{what} must be a whole number in {self.minimum:g}..{self.maximum:g}, got {payload!r}",
+                           print_exception=False)
+        return n
+
+
 def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype: str = "auto",
                runs_dir="cached_runs", trust_remote_code: bool = False, no_model: bool = False,
                default_run: str | None = None, dashboard: Dashboard | None = None, **kwargs) -> gr.Blocks:
@@ -91,7 +111,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                                           elem_id="vl-prompt-pick")
                 prompt = gr.Textbox(label="Prompt (Enter runs)", placeholder="What color is the circle?", lines=1,
                                     max_lines=4, elem_id="vl-prompt", max_length=MAX_PROMPT_CHARS)
-                max_new = gr.Slider(1, 256, value=12, step=1, label="Max new tokens", elem_id="vl-max-new",
+                max_new = CountSlider(1, 256, value=12, step=1, label="Max new tokens", elem_id="vl-max-new",
                                     info="reasoning traces of real models need 100-250")
                 run_btn = gr.Button("Run", variant="primary", elem_id="vl-run", interactive=not teaching)
                 if teaching:
@@ -188,12 +208,12 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                             with gr.Row():
                                 sdata = gr.Dropdown(choices=dash.dataset_names(), value=dash.default_dataset(),
                                                     label="Dataset", info="folders under --datasets", elem_id="vl-srun-data")
-                                srows = gr.Slider(1, 200, value=40, step=1, label="Rows (the first N)", elem_id="vl-srun-rows")
+                                srows = CountSlider(1, 200, value=40, step=1, label="Rows (the first N)", elem_id="vl-srun-rows")
                                 sdepths = gr.Textbox(label="Depths k", placeholder="all; or e.g. 0,2,4,8",
                                                      elem_id="vl-srun-depths")
                             with gr.Row():
-                                sbatch = gr.Slider(1, 32, value=8, step=1, label="Batch size", elem_id="vl-srun-batch")
-                                snew = gr.Slider(1, 64, value=48, step=1, label="Max new tokens", elem_id="vl-srun-new")
+                                sbatch = CountSlider(1, 32, value=8, step=1, label="Batch size", elem_id="vl-srun-batch")
+                                snew = CountSlider(1, 64, value=48, step=1, label="Max new tokens", elem_id="vl-srun-new")
                                 sname = gr.Textbox(label="Study name", value="my-study", elem_id="vl-srun-name")
                                 srun = gr.Button("Run study", variant="primary", elem_id="vl-srun-btn", **live)
                     with gr.Tab("Runs", id="runs") as t_runs:
