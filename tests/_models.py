@@ -47,3 +47,32 @@ def eager_attentions(lm, inputs: dict):
             return lm.model(**inputs, output_attentions=True).attentions
     finally:
         set_attn(lm.model, "sdpa")
+
+
+def deep_llava():
+    """A random LLaVA with 5 decoder layers (room for pruning stages), float32 on CPU, that never
+    generates structural (special) tokens."""
+    from vlmlens.models.arch import get_arch
+    from vlmlens.models.loading import LoadedModel
+    from vlmlens.models.tiny_random import build_random
+
+    model, proc = build_random("llava", seed=5, text_overrides={"num_hidden_layers": 5})
+    tok = proc.tokenizer
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
+    model.generation_config.suppress_tokens = [i for i in sorted(set(tok.all_special_ids)) if i not in eos]
+    return LoadedModel(model, proc, get_arch("llava"), "random:llava-5", torch.device("cpu"), torch.float32)
+
+
+def additive_mask(allowed) -> torch.Tensor:
+    """A [1, 1, n, n] additive attention mask from a bool [n, n] "query may read key" matrix."""
+    m = torch.zeros(1, 1, *allowed.shape)
+    m[0, 0][~torch.as_tensor(allowed)] = torch.finfo(torch.float32).min
+    return m
+
+
+def mask_pre_hook(mask_of, layer: int):
+    """A forward pre-hook for layer ``layer``'s attention that replaces its mask by ``mask_of(layer)``."""
+    def hook(mod, args, kwargs):
+        return args, dict(kwargs, attention_mask=mask_of(layer))
+    return hook

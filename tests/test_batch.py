@@ -119,7 +119,7 @@ def test_a_batched_study_equals_the_one_at_a_time_study(tmp_path):
     one = dataset_study(tiny, ds, tmp_path / "one", depths=[0, 4], max_new_tokens=32)
     four = dataset_study(tiny, ds, tmp_path / "four", depths=[0, 4], max_new_tokens=32, batch_size=4)
     _same_lines(_lines(tmp_path / "one" / "results.jsonl"), _lines(tmp_path / "four" / "results.jsonl"))
-    assert four.execution == {"batch_size": 4, "batched_items": 9, "single_items": 0, "reasons": []}
+    assert four.execution == {"batch_size": 4, "batched_items": 9, "single_items": 0, "reasons": [], "failed_rows": 0}
     for r1, r4 in zip(one.rows, four.rows):
         assert (r1["task"], r1["depth"], r1["answer_kept"]) == (r4["task"], r4["depth"], r4["answer_kept"])
         assert r1["score"] == pytest.approx(r4["score"], abs=1e-9)

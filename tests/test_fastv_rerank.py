@@ -18,11 +18,8 @@ from vlmlens.capture import extend_inputs, image_positions, prepare_inputs
 from vlmlens.errors import InputError
 from vlmlens.experiments.engine import Session
 from vlmlens.interventions import FastV, n_kept
-from vlmlens.models.arch import get_arch
-from vlmlens.models.loading import LoadedModel
-from vlmlens.models.tiny_random import build_random
 
-from tests._models import set_attn
+from tests._models import additive_mask, deep_llava, mask_pre_hook, set_attn
 
 PROMPT = "What is in the image? Describe it."
 N_NEW = 6
@@ -30,12 +27,8 @@ N_NEW = 6
 
 @pytest.fixture(scope="module")
 def deep():
-    model, proc = build_random("llava", seed=5, text_overrides={"num_hidden_layers": 5})
-    tok = proc.tokenizer
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
-    model.generation_config.suppress_tokens = [i for i in sorted(set(tok.all_special_ids)) if i not in eos]
-    return LoadedModel(model, proc, get_arch("llava"), "random:llava-5", torch.device("cpu"), torch.float32)
+    """A random LLaVA with 5 decoder layers (room for stages)."""
+    return deep_llava()
 
 
 def repo_step(lm, inputs, img, K: int, n_keep: int):
@@ -52,14 +45,7 @@ def repo_step(lm, inputs, img, K: int, n_keep: int):
             dropped = np.setdiff1d(np.arange(len(img)), kept[0])
             allowed[:, img[dropped]] = False
             allowed[np.arange(n), np.arange(n)] = True       # a row always sees itself (dropped rows are never read)
-        m = torch.zeros(1, 1, n, n)
-        m[0, 0][~torch.from_numpy(allowed)] = torch.finfo(torch.float32).min
-        return m
-
-    def put(l):
-        def hook(mod, args, kwargs):
-            return args, dict(kwargs, attention_mask=mask(l))
-        return hook
+        return additive_mask(allowed)
 
     def read(mod, args, kwargs, out):
         w = out[1][0].double().numpy()                          # [heads, n, n]
@@ -67,7 +53,8 @@ def repo_step(lm, inputs, img, K: int, n_keep: int):
         order = np.argsort(-s, kind="stable")
         kept.append(np.sort(order[:n_keep]))
 
-    hs = [layer.self_attn.register_forward_pre_hook(put(l), with_kwargs=True) for l, layer in enumerate(layers)]
+    hs = [layer.self_attn.register_forward_pre_hook(mask_pre_hook(mask, l), with_kwargs=True)
+          for l, layer in enumerate(layers)]
     hs.append(layers[K - 1].self_attn.register_forward_hook(read, with_kwargs=True))
     set_attn(lm.model, "eager")
     try:

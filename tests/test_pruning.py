@@ -17,11 +17,8 @@ from vlmlens.errors import InputError
 from vlmlens.interventions import (VTW, FastV, Freeze, Knockout, PyramidDrop, SkipLayers, StagePruner, TokenPruner,
                                    Truncate, from_json, n_kept, prefix_effect, validate_all)
 from vlmlens.lens import Lens, Plan
-from vlmlens.models.arch import get_arch
-from vlmlens.models.loading import LoadedModel
-from vlmlens.models.tiny_random import build_random
 
-from tests._models import eager_attentions, extend_inputs, random_lm, set_attn
+from tests._models import additive_mask, deep_llava, eager_attentions, mask_pre_hook, extend_inputs, random_lm, set_attn
 
 PROMPT = "What is in the image? Describe it."
 N_NEW = 4
@@ -30,12 +27,7 @@ N_NEW = 4
 @pytest.fixture(scope="module")
 def deep():
     """A random LLaVA with 5 decoder layers (room for stages)."""
-    model, proc = build_random("llava", seed=5, text_overrides={"num_hidden_layers": 5})
-    tok = proc.tokenizer
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
-    model.generation_config.suppress_tokens = [i for i in sorted(set(tok.all_special_ids)) if i not in eos]
-    return LoadedModel(model, proc, get_arch("llava"), "random:llava-5", torch.device("cpu"), torch.float32)
+    return deep_llava()
 
 
 def lens_steps(lm, image, ivs, n=N_NEW):
@@ -79,14 +71,7 @@ def reference(lm, image, gen: list[int], stages, score: str = "last"):
         pruned[img[alive]] = False
         q, k = np.arange(n)[:, None], np.arange(n)[None, :]
         allowed = (k <= q) & ~((~pruned)[:, None] & pruned[None, :])
-        m = torch.zeros(1, 1, n, n)
-        m[0, 0][~torch.from_numpy(allowed)] = torch.finfo(torch.float32).min
-        return m
-
-    def put(l):
-        def hook(mod, args, kwargs):
-            return args, dict(kwargs, attention_mask=gone_mask(l))
-        return hook
+        return additive_mask(allowed)
 
     def read(j):
         def hook(mod, args, kwargs, out):
@@ -102,7 +87,7 @@ def reference(lm, image, gen: list[int], stages, score: str = "last"):
 
     handles = []
     for l, layer in enumerate(layers):
-        handles.append(layer.self_attn.register_forward_pre_hook(put(l), with_kwargs=True))
+        handles.append(layer.self_attn.register_forward_pre_hook(mask_pre_hook(gone_mask, l), with_kwargs=True))
     for j, (sl, _) in enumerate(stages):
         handles.append(layers[sl - 1].self_attn.register_forward_hook(read(j), with_kwargs=True))
     set_attn(lm.model, "eager")

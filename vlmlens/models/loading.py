@@ -162,7 +162,8 @@ def _from_pretrained(path: str, name: str, dev: torch.device, dt: torch.dtype, t
         if offline:
             raise UnsupportedModel(
                 f"cannot load model {name!r}: not a built-in name ('tiny-shapes', 'random:<family>'), not a model "
-                "directory, and not in the local cache (offline: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set)") from None
+                "directory, and not a cached hub id (offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set) and not in the"
+                " local cache)") from None
         _probe_hub(name)
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
