@@ -24,6 +24,7 @@ MODEL_CLASS = {
     "internvl": transformers.InternVLForConditionalGeneration,
     "idefics3": transformers.Idefics3ForConditionalGeneration,
     "gemma3": transformers.Gemma3ForConditionalGeneration,
+    "smolvlm": transformers.SmolVLMForConditionalGeneration,
 }
 PROCESSOR_CLASS = {
     "llava": transformers.LlavaProcessor,
@@ -33,6 +34,7 @@ PROCESSOR_CLASS = {
     "internvl": transformers.InternVLProcessor,
     "idefics3": transformers.Idefics3Processor,
     "gemma3": transformers.Gemma3Processor,
+    "smolvlm": transformers.SmolVLMProcessor,
 }
 # placeholder the chat template inserts for one image (the processor expands it)
 TEMPLATE_IMAGE = {
@@ -43,6 +45,7 @@ TEMPLATE_IMAGE = {
     "internvl": "<IMG_CONTEXT>",
     "idefics3": "<image>",
     "gemma3": "<start_of_image>",
+    "smolvlm": "<image>",
 }
 
 
@@ -64,7 +67,7 @@ def _inputs(family, image):
 
 
 def test_families_listed():
-    assert FAMILIES == ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3")
+    assert FAMILIES == ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3", "smolvlm")
 
 
 def test_unknown_family_names_supported_ones():
@@ -182,7 +185,11 @@ def test_processor_without_video_round_trips(tmp_path):
     _, proc = tiny("qwen2_vl")
     proc.save_pretrained(tmp_path)
     again = type(proc).from_pretrained(tmp_path)
-    assert isinstance(again, transformers.Qwen2VLProcessor) and not hasattr(again, "video_processor")
+    from vlmlens.models.tiny_processors import NO_VIDEO
+
+    assert isinstance(again, transformers.Qwen2VLProcessor) and again.video_processor is NO_VIDEO
+    with pytest.raises(ValueError, match="loaded without its video processor"):
+        again(text=["<|vision_start|><|video_pad|><|vision_end|>"], videos=[np.zeros((2, 40, 40, 3), np.uint8)])
     text = again.apply_chat_template(CONV, add_generation_prompt=True)
     img = Image.new("RGB", (40, 40), (200, 10, 10))
     a = again(images=[img], text=[text], return_tensors="pt")

@@ -36,7 +36,7 @@ from ..interventions import PrefixEffect, validate_all
 from ..lens import NOTHING, Lens, LensStart, Plan, Recording
 
 # families whose prompt layout, position ids and cache were checked for continuation (tests);
-# gemma3 (bidirectional image block) and idefics3 (image tiles) run independent captures
+# gemma3 (bidirectional image block) and idefics3 / smolvlm (image tiles) run independent captures
 REUSE_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl")
 
 

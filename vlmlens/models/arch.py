@@ -173,6 +173,22 @@ _QWEN2_VL = Arch(
     _grid=grids.qwen_grid,
 )
 
+_IDEFICS3 = Arch(
+    family="idefics3",
+    model_class="Idefics3ForConditionalGeneration",
+    processor_class="Idefics3Processor",
+    image_token="<image>",
+    token_order="tiles",
+    grid_rule="per tile <fake><row_i_col_j> k x k, rows end in \\n, then <fake><global-img> k x k "
+    "<fake>; primary grid = tile mosaic; no splitting -> plain k x k raster",
+    required_inputs=("pixel_values", "pixel_attention_mask"),
+    vision_tower_path="model.vision_model",
+    projector_path="model.connector",
+    notes="SmolVLM (v1) checkpoints use this class; pixel_values is (1, tiles, 3, H, W)",
+    _grid=grids.idefics3_grid,
+    _grid_kwargs=("processor",),
+)
+
 ARCHES: dict[str, Arch] = {
     a.family: a
     for a in [
@@ -231,20 +247,14 @@ ARCHES: dict[str, Arch] = {
             _grid=grids.internvl_grid,
             _grid_kwargs=("processor", "image"),
         ),
-        Arch(
-            family="idefics3",
-            model_class="Idefics3ForConditionalGeneration",
-            processor_class="Idefics3Processor",
-            image_token="<image>",
-            token_order="tiles",
-            grid_rule="per tile <fake><row_i_col_j> k x k, rows end in \\n, then <fake><global-img> k x k "
-            "<fake>; primary grid = tile mosaic; no splitting -> plain k x k raster",
-            required_inputs=("pixel_values", "pixel_attention_mask"),
-            vision_tower_path="model.vision_model",
-            projector_path="model.connector",
-            notes="SmolVLM (v1) checkpoints use this class; pixel_values is (1, tiles, 3, H, W)",
-            _grid=grids.idefics3_grid,
-            _grid_kwargs=("processor",),
+        _IDEFICS3,
+        replace(
+            _IDEFICS3,
+            family="smolvlm",
+            model_class="SmolVLMForConditionalGeneration",
+            processor_class="SmolVLMProcessor",
+            notes="SmolVLM2 checkpoints: Idefics3's token layout with SmolVLM's own classes (its processor needs "
+            "num2words; video input is not read); pixel_values is (1, tiles, 3, H, W)",
         ),
         Arch(
             family="gemma3",

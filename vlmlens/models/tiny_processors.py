@@ -148,7 +148,9 @@ def without_video_processor(cls: type) -> type:
     transformers 5 requires every declared sub-processor at construction time, and all of its video
     processors need torchvision (not installed here). The subclass's ``__init__`` has no
     ``video_processor`` parameter, so ``ProcessorMixin`` expects only the image processor and tokenizer;
-    image + text processing is inherited unchanged. Passing ``videos=`` is simply ignored. The subclass's
+    image + text processing is inherited unchanged. Its ``video_processor`` is :data:`NO_VIDEO`: passing
+    ``videos=`` is refused with the reason, and the video defaults some processors read while rendering
+    any chat (SmolVLM) are None. The subclass's
     ``from_pretrained`` also works on a saved checkpoint directory (it loads no video processor).
     """
 
@@ -167,8 +169,25 @@ def without_video_processor(cls: type) -> type:
     return type(
         f"{cls.__name__}NoVideo",
         (cls,),
-        {"__init__": __init__, "__module__": __name__, "__doc__": f"{cls.__name__} without a video processor."},
+        {"__init__": __init__, "__module__": __name__, "__doc__": f"{cls.__name__} without a video processor.",
+         "video_processor": NO_VIDEO},
     )
+
+
+class _NoVideo:
+    """Where a processor without its video processor is asked for one: the video defaults some
+    processors read while rendering any chat (SmolVLM reads ``num_frames`` and ``fps``) are None,
+    and processing a video is refused with the reason."""
+
+    num_frames = None
+    fps = None
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError("this processor was loaded without its video processor (transformers' video processors"
+                         " need torchvision, which vlmlens does not install); vlmlens reads images")
+
+
+NO_VIDEO = _NoVideo()
 
 
 @dataclass(frozen=True)
@@ -255,11 +274,14 @@ def build_processor(spec: TinyProcessorSpec):
         return without_video_processor(transformers.InternVLProcessor)(
             image_processor=ip, tokenizer=tok, image_seq_length=spec.image_seq_len, chat_template=tpl
         )
-    if f == "idefics3":
+    if f in ("idefics3", "smolvlm"):
         rowcol = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
         names = ["<image>", "<fake_token_around_image>", "<global-img>", "<|im_start|>", *rowcol]
         tok = make_tokenizer(names, bos="<|im_start|>", eos="<end_of_utterance>")
-        ip = transformers.Idefics3ImageProcessorPil(
+        image_proc, proc_cls = ((transformers.Idefics3ImageProcessorPil, transformers.Idefics3Processor) if f == "idefics3"
+                                else (transformers.SmolVLMImageProcessorPil,
+                                      without_video_processor(transformers.SmolVLMProcessor)))  # needs num2words
+        ip = image_proc(
             size={"longest_edge": spec.extra["longest_edge"]}, max_image_size={"longest_edge": s},
             do_image_splitting=True,
         )  # fmt: skip
@@ -270,9 +292,7 @@ def build_processor(spec: TinyProcessorSpec):
             image="<image>",
             generation_prompt="Assistant:",
         )  # fmt: skip
-        return transformers.Idefics3Processor(
-            image_processor=ip, tokenizer=tok, image_seq_len=spec.image_seq_len, chat_template=tpl
-        )
+        return proc_cls(image_processor=ip, tokenizer=tok, image_seq_len=spec.image_seq_len, chat_template=tpl)
     if f == "gemma3":
         named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
         tok = make_tokenizer(["<start_of_turn>", "<end_of_turn>"], bos="<bos>", eos="<eos>", extra_named=named)

@@ -21,6 +21,7 @@ internvl          64 px tiles, patch 8,        16 per tile (4x4); square image -
 idefics3          64 px tiles, patch 8,        16 per tile (4x4); square image -> 128x128 -> 2x2
                   longest edge 128             tiles + global = 80
 gemma3            64 px, patch 8, pooled       16 (4x4 raster)
+smolvlm           as idefics3                  as idefics3 (SmolVLM's own classes)
 ================  ===========================  =====================================================
 """
 
@@ -31,7 +32,8 @@ import transformers
 
 from .tiny_processors import TinyProcessorSpec, build_processor
 
-FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3")
+FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3",
+                             "smolvlm")
 
 # Shared decoder shape: 64 wide, 4 heads of 16.
 _HIDDEN, _HEADS, _INTER = 64, 4, 128
@@ -77,7 +79,7 @@ def _spec(family: str) -> TinyProcessorSpec:
     if family == "internvl":
         # 64/8 = 8x8 patches, pixel-shuffled by 0.5 -> 4x4 = 16 tokens per tile
         return TinyProcessorSpec(family, image_size=64, patch_size=8, image_seq_len=16, extra={"max_patches": 4})
-    if family == "idefics3":
+    if family in ("idefics3", "smolvlm"):
         # 8x8 patches, scale_factor 2 -> 16 tokens per tile
         return TinyProcessorSpec(family, image_size=64, patch_size=8, image_seq_len=16, extra={"longest_edge": 128})
     if family == "gemma3":
@@ -133,9 +135,11 @@ def _config(family: str, spec: TinyProcessorSpec, processor):
             downsample_ratio=0.5,
             tie_word_embeddings=False,
         )
-    if family == "idefics3":
-        return transformers.Idefics3Config(
-            vision_config=transformers.Idefics3VisionConfig(**_vision_kwargs(s, p)),
+    if family in ("idefics3", "smolvlm"):
+        cfg, vis = ((transformers.Idefics3Config, transformers.Idefics3VisionConfig) if family == "idefics3"
+                    else (transformers.SmolVLMConfig, transformers.SmolVLMVisionConfig))
+        return cfg(
+            vision_config=vis(**_vision_kwargs(s, p)),
             text_config=transformers.LlamaConfig(**_text_kwargs(tok, layers=2)),
             image_token_id=processor.image_token_id,
             scale_factor=2,
@@ -165,6 +169,7 @@ _MODEL_CLASSES = {
     "internvl": "InternVLForConditionalGeneration",
     "idefics3": "Idefics3ForConditionalGeneration",
     "gemma3": "Gemma3ForConditionalGeneration",
+    "smolvlm": "SmolVLMForConditionalGeneration",
 }
 
 
