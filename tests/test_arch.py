@@ -234,3 +234,25 @@ def test_gemma3_pan_and_scan_blocks():
     info = get_arch("gemma3").grid_info({"token_type_ids": tt}, 32)
     assert (info.rows, info.cols) == (4, 4) and info.order == "tiles" and not info.exact
     assert [s.start for s in info.segments] == [0, 16]
+
+
+def test_llava_onevision_anyres_max_layout_equals_the_models_own_packing():
+    """LLaVA-OneVision shrinks a large anyres grid to about 9 tiles (anyres_max_9); the token
+    count and grid the lens draws equal what the model's own pack_image_features produces."""
+    import transformers
+
+    from vlmlens.models import grids
+
+    model, _proc = build_random("llava_onevision")
+    pins = [[128, 128], [32, 64]]
+    model.config.image_grid_pinpoints = pins
+    k, d = 4, model.config.text_config.hidden_size
+    feats = [torch.randn(17, k * k, d)]                            # base + 16 tiles of 4x4 tokens
+    packed, lens = model.model.pack_image_features(feats, torch.tensor([[128, 128]]), model.model.image_newline)
+    n = int(lens[0])
+    inputs = {"pixel_values": torch.zeros(1, 17, 3, 32, 32), "image_sizes": torch.tensor([[128, 128]])}
+    info = grids.llava_onevision_grid(inputs, n, None)
+    anyres = next(t for t in info["tiles"] if t["name"] == "anyres")
+    assert n == 16 + 12 * 13 and (anyres["rows"], anyres["cols"]) == (12, 12)     # 16x16 shrunk by sqrt(256/144)
+    assert grids.llava_next_grid(inputs, 16 + 16 * 17, None)["tiles"][1]["rows"] == 16   # NeXT keeps it whole
+    assert isinstance(model, transformers.LlavaOnevisionForConditionalGeneration)

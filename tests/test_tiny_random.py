@@ -25,6 +25,7 @@ MODEL_CLASS = {
     "idefics3": transformers.Idefics3ForConditionalGeneration,
     "gemma3": transformers.Gemma3ForConditionalGeneration,
     "smolvlm": transformers.SmolVLMForConditionalGeneration,
+    "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,
 }
 PROCESSOR_CLASS = {
     "llava": transformers.LlavaProcessor,
@@ -35,6 +36,7 @@ PROCESSOR_CLASS = {
     "idefics3": transformers.Idefics3Processor,
     "gemma3": transformers.Gemma3Processor,
     "smolvlm": transformers.SmolVLMProcessor,
+    "llava_onevision": transformers.LlavaOnevisionProcessor,
 }
 # placeholder the chat template inserts for one image (the processor expands it)
 TEMPLATE_IMAGE = {
@@ -46,6 +48,7 @@ TEMPLATE_IMAGE = {
     "idefics3": "<image>",
     "gemma3": "<start_of_image>",
     "smolvlm": "<image>",
+    "llava_onevision": "<image>",
 }
 
 
@@ -67,7 +70,8 @@ def _inputs(family, image):
 
 
 def test_families_listed():
-    assert FAMILIES == ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3", "smolvlm")
+    assert FAMILIES == ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3", "smolvlm",
+                        "llava_onevision")
 
 
 def test_unknown_family_names_supported_ones():

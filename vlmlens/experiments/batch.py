@@ -47,7 +47,8 @@ def _pad_id(lm) -> int:
 #: inputs whose dimension 1 counts an image's tiles, which the family's forward reads only as far
 #: as each image has them: zero tiles pad them (LLaVA-NeXT slices by ``image_sizes``; Idefics3
 #: drops all-zero images and their ``pixel_attention_mask``)
-TILE_PADDED = {"llava_next": ("pixel_values",), "idefics3": ("pixel_values", "pixel_attention_mask"),
+TILE_PADDED = {"llava_next": ("pixel_values",), "llava_onevision": ("pixel_values",),
+               "idefics3": ("pixel_values", "pixel_attention_mask"),
                "smolvlm": ("pixel_values", "pixel_attention_mask")}
 
 

@@ -222,6 +222,21 @@ ARCHES: dict[str, Arch] = {
             _grid=grids.llava_next_grid,
             _grid_kwargs=("processor",),
         ),
+        Arch(
+            family="llava_onevision",
+            model_class="LlavaOnevisionForConditionalGeneration",
+            processor_class="LlavaOnevisionProcessor",
+            image_token="<image>",
+            token_order="base+anyres",
+            grid_rule="as llava_next: [base k x k | anyres Hu x (Wu + newline)], the anyres grid shrunk to about "
+            "N tiles (anyres_max_N)",
+            required_inputs=("pixel_values", "image_sizes"),
+            vision_tower_path="model.vision_tower",
+            projector_path="model.multi_modal_projector",
+            notes="SigLIP tower, 'full' feature strategy; images only (its video input is not read)",
+            _grid=grids.llava_onevision_grid,
+            _grid_kwargs=("processor",),
+        ),
         _QWEN2_VL,
         replace(
             _QWEN2_VL,

@@ -168,8 +168,18 @@ def _llava_next_info(k: int, hu: int, wu: int, n: int, exact: bool) -> GridInfo:
     return _check(GridInfo.build(k, k, "base+anyres", [base, any_], n, exact=exact), n)
 
 
-def llava_next_grid(inputs: dict, n: int, processor=None) -> GridInfo:
-    """``[base k*k | anyres Hu x (Wu + 1 newline)]`` with the "default" feature strategy (no CLS)."""
+def _shrunk(hu: int, wu: int, k: int, max_tiles: int | None) -> tuple[int, int]:
+    """LLaVA-OneVision's "anyres_max_N": an unpadded grid of more than ~N base tiles of tokens is
+    resized (bilinear) by ``ratio = sqrt(hu * wu / (N * k^2))`` when ``ratio > 1.1``."""
+    if not max_tiles:
+        return hu, wu
+    ratio = math.sqrt(hu * wu / (max_tiles * k * k))
+    return (int(hu // ratio), int(wu // ratio)) if ratio > 1.1 else (hu, wu)
+
+
+def llava_next_grid(inputs: dict, n: int, processor=None, *, max_tiles: int | None = None) -> GridInfo:
+    """``[base k*k | anyres Hu x (Wu + 1 newline)]`` with the "default" feature strategy (no CLS).
+    ``max_tiles``: LLaVA-OneVision's anyres_max_N (the anyres grid shrunk to about N tiles)."""
     pv = inputs["pixel_values"]
     n_views, tile = int(pv.shape[1]), int(pv.shape[-1])
     orig = tuple(int(x) for x in inputs["image_sizes"][0])
@@ -177,26 +187,37 @@ def llava_next_grid(inputs: dict, n: int, processor=None) -> GridInfo:
         k = _isqrt_exact(n - 1)
         segs = (GridSegment("base", 0, k, k), GridSegment("newline", k * k, 1, 0, row_stride=1))
         return _check(GridInfo.build(k, k, "base+anyres", segs, n), n)
-    if processor is not None:
+    k = None
+    if processor is not None and getattr(processor, "patch_size", None):
+        k = tile // int(processor.patch_size)
+    elif processor is not None and getattr(processor, "num_image_tokens", None):
+        k = _isqrt_exact(int(processor.num_image_tokens))
+    if k is not None:
         from transformers.image_processing_utils import select_best_resolution
 
-        p = int(processor.patch_size)
         best_h, best_w = select_best_resolution(list(orig), processor.image_processor.image_grid_pinpoints)
-        k = tile // p
-        hu, wu = _unpadded(orig, (best_h // tile * k, best_w // tile * k))
+        hu, wu = _shrunk(*_unpadded(orig, (best_h // tile * k, best_w // tile * k)), k, max_tiles)
         return _llava_next_info(k, hu, wu, n, exact=True)
     # No processor: find the patch size and tile arrangement that reproduce the token count.
     found = set()
     for p in (d for d in range(1, tile + 1) if tile % d == 0):
         k = tile // p
         for r in (d for d in range(1, n_views) if (n_views - 1) % d == 0):
-            hu, wu = _unpadded(orig, (r * k, (n_views - 1) // r * k))
+            hu, wu = _shrunk(*_unpadded(orig, (r * k, (n_views - 1) // r * k)), k, max_tiles)
             if k * k + hu * (wu + 1) == n:
                 found.add((k, hu, wu))
     if not found:
         raise ValueError(f"cannot lay out {n} LLaVA-NeXT image tokens for pixel_values {tuple(pv.shape)}")
     k, hu, wu = sorted(found)[0]
     return _llava_next_info(k, hu, wu, n, exact=len(found) == 1)
+
+
+def llava_onevision_grid(inputs: dict, n: int, processor=None) -> GridInfo:
+    """LLaVA-NeXT's layout, its anyres grid shrunk as the processor's ``vision_aspect_ratio``
+    ("anyres_max_9" by default) says."""
+    ratio = str(getattr(processor, "vision_aspect_ratio", None) or "anyres_max_9")
+    tiles = int(ratio.rsplit("_", 1)[-1]) if ratio.startswith("anyres_max_") else None
+    return llava_next_grid(inputs, n, processor, max_tiles=tiles)
 
 
 # ------------------------------------------------------------------------------------------- tiled

@@ -237,6 +237,19 @@ def build_processor(spec: TinyProcessorSpec):
             image_processor=ip, tokenizer=tok, patch_size=p, vision_feature_select_strategy="default",
             num_additional_image_tokens=1, chat_template=tpl,
         )  # fmt: skip
+    if f == "llava_onevision":
+        tok = make_tokenizer(["<image>", "<video>", *_IM], eos="<|im_end|>")
+        ip = transformers.LlavaOnevisionImageProcessorPil(size={"height": s, "width": s},
+                                                          image_grid_pinpoints=spec.extra["image_grid_pinpoints"])
+        tpl = chat_template(
+            roles={r: (f"<|im_start|>{r}\n", "<|im_end|>\n") for r in ("system", "user", "assistant")},
+            image="<image>\n",
+            generation_prompt="<|im_start|>assistant\n",
+        )
+        return without_video_processor(transformers.LlavaOnevisionProcessor)(
+            image_processor=ip, tokenizer=tok, chat_template=tpl, num_image_tokens=spec.image_seq_len,
+            vision_feature_select_strategy="full",
+        )
     if f in ("qwen2_vl", "qwen2_5_vl"):
         names = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", *_IM]
         tok = make_tokenizer(names, eos="<|im_end|>")

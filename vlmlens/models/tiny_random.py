@@ -22,6 +22,7 @@ idefics3          64 px tiles, patch 8,        16 per tile (4x4); square image -
                   longest edge 128             tiles + global = 80
 gemma3            64 px, patch 8, pooled       16 (4x4 raster)
 smolvlm           as idefics3                  as idefics3 (SmolVLM's own classes)
+llava_onevision   32 px tiles, patch 8         as llava_next ("full" features: SigLIP has no CLS)
 ================  ===========================  =====================================================
 """
 
@@ -33,7 +34,7 @@ import transformers
 from .tiny_processors import TinyProcessorSpec, build_processor
 
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3",
-                             "smolvlm")
+                             "smolvlm", "llava_onevision")
 
 # Shared decoder shape: 64 wide, 4 heads of 16.
 _HIDDEN, _HEADS, _INTER = 64, 4, 128
@@ -73,6 +74,9 @@ def _spec(family: str) -> TinyProcessorSpec:
         return TinyProcessorSpec(
             family, image_size=32, patch_size=8, extra={"image_grid_pinpoints": [[32, 64], [64, 32], [64, 64]]}
         )
+    if family == "llava_onevision":
+        return TinyProcessorSpec(family, image_size=32, patch_size=8, image_seq_len=16,
+                                 extra={"image_grid_pinpoints": [[32, 64], [64, 32], [64, 64]]})
     if family in ("qwen2_vl", "qwen2_5_vl"):
         extra = {"merge_size": 2, "temporal_patch_size": 2, "min_pixels": 32 * 32, "max_pixels": 96 * 96}
         return TinyProcessorSpec(family, image_size=0, patch_size=8, extra=extra)
@@ -104,6 +108,13 @@ def _config(family: str, spec: TinyProcessorSpec, processor):
         if family == "llava":
             return transformers.LlavaConfig(**kw)
         return transformers.LlavaNextConfig(**kw, image_grid_pinpoints=spec.extra["image_grid_pinpoints"])
+    if family == "llava_onevision":
+        return transformers.LlavaOnevisionConfig(
+            vision_config=transformers.SiglipVisionConfig(**_vision_kwargs(s, p)),
+            text_config=transformers.Qwen2Config(**_text_kwargs(tok, layers=2, kv_heads=2)),
+            image_token_index=processor.image_token_id, vision_feature_select_strategy="full",
+            vision_feature_layer=-1, image_grid_pinpoints=spec.extra["image_grid_pinpoints"], tie_word_embeddings=False,
+        )  # fmt: skip
     if family in ("qwen2_vl", "qwen2_5_vl"):
         # head_dim 16 -> rotary half-dim 8 split over (temporal, height, width)
         rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
@@ -170,6 +181,7 @@ _MODEL_CLASSES = {
     "idefics3": "Idefics3ForConditionalGeneration",
     "gemma3": "Gemma3ForConditionalGeneration",
     "smolvlm": "SmolVLMForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
 }
 
 
