@@ -26,6 +26,7 @@ MODEL_CLASS = {
     "gemma3": transformers.Gemma3ForConditionalGeneration,
     "smolvlm": transformers.SmolVLMForConditionalGeneration,
     "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,
+    "aya_vision": transformers.AyaVisionForConditionalGeneration,
 }
 PROCESSOR_CLASS = {
     "llava": transformers.LlavaProcessor,
@@ -37,6 +38,7 @@ PROCESSOR_CLASS = {
     "gemma3": transformers.Gemma3Processor,
     "smolvlm": transformers.SmolVLMProcessor,
     "llava_onevision": transformers.LlavaOnevisionProcessor,
+    "aya_vision": transformers.AyaVisionProcessor,
 }
 # placeholder the chat template inserts for one image (the processor expands it)
 TEMPLATE_IMAGE = {
@@ -49,6 +51,7 @@ TEMPLATE_IMAGE = {
     "gemma3": "<start_of_image>",
     "smolvlm": "<image>",
     "llava_onevision": "<image>",
+    "aya_vision": "<image>",
 }
 
 
@@ -71,7 +74,7 @@ def _inputs(family, image):
 
 def test_families_listed():
     assert FAMILIES == ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3", "smolvlm",
-                        "llava_onevision")
+                        "llava_onevision", "aya_vision")
 
 
 def test_unknown_family_names_supported_ones():

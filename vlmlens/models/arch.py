@@ -262,6 +262,23 @@ ARCHES: dict[str, Arch] = {
             _grid=grids.internvl_grid,
             _grid_kwargs=("processor", "image"),
         ),
+        Arch(
+            family="aya_vision",
+            model_class="AyaVisionForConditionalGeneration",
+            processor_class="AyaVisionProcessor",
+            image_token="<|IMG_PATCH|>",
+            token_order="tiles",
+            grid_rule="<|START_OF_IMG|> TILE_i k x k per tile (row-major) then TILE_GLOBAL k x k <|END_OF_IMG|>; "
+            "primary grid = tile mosaic; one tile -> plain k x k raster",
+            required_inputs=("pixel_values",),
+            vision_tower_path="model.vision_tower",
+            projector_path="model.multi_modal_projector",
+            notes="SigLIP tower, pixel-shuffle projector, Cohere2 language model (parallel attention + MLP "
+            "blocks, sliding-window layers); pixel_values is (tiles, 3, H, W); the tile arrangement needs the "
+            "processor and the image (as InternVL's)",
+            _grid=grids.internvl_grid,
+            _grid_kwargs=("processor", "image"),
+        ),
         _IDEFICS3,
         replace(
             _IDEFICS3,

@@ -237,6 +237,23 @@ def build_processor(spec: TinyProcessorSpec):
             image_processor=ip, tokenizer=tok, patch_size=p, vision_feature_select_strategy="default",
             num_additional_image_tokens=1, chat_template=tpl,
         )  # fmt: skip
+    if f == "aya_vision":
+        marks = ["<image>", "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", "TILE",
+                 "TILE_GLOBAL", *[f"TILE_{i}" for i in range(1, 13)]]
+        turns = ["<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>"]
+        tok = make_tokenizer([*marks, *turns], bos="<BOS_TOKEN>", eos="<|END_OF_TURN_TOKEN|>")
+        ip = transformers.GotOcr2ImageProcessorPil(size={"height": s, "width": s}, crop_to_patches=True, min_patches=1,
+                                                   max_patches=spec.extra["max_patches"])
+        tpl = chat_template(
+            start="<BOS_TOKEN>",
+            roles={"user": ("<|START_OF_TURN_TOKEN|><|USER_TOKEN|>", "<|END_OF_TURN_TOKEN|>"),
+                   "assistant": ("<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>", "<|END_OF_TURN_TOKEN|>"),
+                   "system": ("<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>", "<|END_OF_TURN_TOKEN|>")},
+            image="<image>",
+            generation_prompt="<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>",
+        )  # fmt: skip
+        return transformers.AyaVisionProcessor(image_processor=ip, tokenizer=tok, patch_size=p, img_size=s,
+                                               downsample_factor=2, chat_template=tpl)
     if f == "llava_onevision":
         tok = make_tokenizer(["<image>", "<video>", *_IM], eos="<|im_end|>")
         ip = transformers.LlavaOnevisionImageProcessorPil(size={"height": s, "width": s},

@@ -23,6 +23,8 @@ idefics3          64 px tiles, patch 8,        16 per tile (4x4); square image -
 gemma3            64 px, patch 8, pooled       16 (4x4 raster)
 smolvlm           as idefics3                  as idefics3 (SmolVLM's own classes)
 llava_onevision   32 px tiles, patch 8         as llava_next ("full" features: SigLIP has no CLS)
+aya_vision        64 px tiles, patch 8,        16 per tile (4x4); tiles + global, as internvl
+                  pixel shuffle 2, max 4 tiles
 ================  ===========================  =====================================================
 """
 
@@ -34,7 +36,7 @@ import transformers
 from .tiny_processors import TinyProcessorSpec, build_processor
 
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3",
-                             "smolvlm", "llava_onevision")
+                             "smolvlm", "llava_onevision", "aya_vision")
 
 # Shared decoder shape: 64 wide, 4 heads of 16.
 _HIDDEN, _HEADS, _INTER = 64, 4, 128
@@ -74,6 +76,9 @@ def _spec(family: str) -> TinyProcessorSpec:
         return TinyProcessorSpec(
             family, image_size=32, patch_size=8, extra={"image_grid_pinpoints": [[32, 64], [64, 32], [64, 64]]}
         )
+    if family == "aya_vision":
+        # 64 px tiles, 8x8 patches pixel-shuffled by 2 -> 4x4 = 16 tokens per tile, up to 4 tiles + global
+        return TinyProcessorSpec(family, image_size=64, patch_size=8, image_seq_len=16, extra={"max_patches": 4})
     if family == "llava_onevision":
         return TinyProcessorSpec(family, image_size=32, patch_size=8, image_seq_len=16,
                                  extra={"image_grid_pinpoints": [[32, 64], [64, 32], [64, 64]]})
@@ -108,6 +113,14 @@ def _config(family: str, spec: TinyProcessorSpec, processor):
         if family == "llava":
             return transformers.LlavaConfig(**kw)
         return transformers.LlavaNextConfig(**kw, image_grid_pinpoints=spec.extra["image_grid_pinpoints"])
+    if family == "aya_vision":
+        text = _text_kwargs(tok, layers=2, kv_heads=2)
+        text_cfg = transformers.Cohere2Config(**text, layer_types=["sliding_attention", "full_attention"],
+                                              sliding_window=512)
+        return transformers.AyaVisionConfig(
+            vision_config=transformers.SiglipVisionConfig(**_vision_kwargs(s, p)), text_config=text_cfg,
+            image_token_index=processor.image_token_id, downsample_factor=2, tie_word_embeddings=False,
+        )  # fmt: skip
     if family == "llava_onevision":
         return transformers.LlavaOnevisionConfig(
             vision_config=transformers.SiglipVisionConfig(**_vision_kwargs(s, p)),
@@ -182,6 +195,7 @@ _MODEL_CLASSES = {
     "gemma3": "Gemma3ForConditionalGeneration",
     "smolvlm": "SmolVLMForConditionalGeneration",
     "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "aya_vision": "AyaVisionForConditionalGeneration",
 }
 
 
