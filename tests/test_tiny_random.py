@@ -27,6 +27,7 @@ MODEL_CLASS = {
     "smolvlm": transformers.SmolVLMForConditionalGeneration,
     "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,
     "aya_vision": transformers.AyaVisionForConditionalGeneration,
+    "glm4v": transformers.Glm4vForConditionalGeneration,
 }
 PROCESSOR_CLASS = {
     "llava": transformers.LlavaProcessor,
@@ -39,6 +40,7 @@ PROCESSOR_CLASS = {
     "smolvlm": transformers.SmolVLMProcessor,
     "llava_onevision": transformers.LlavaOnevisionProcessor,
     "aya_vision": transformers.AyaVisionProcessor,
+    "glm4v": transformers.Glm4vProcessor,
 }
 # placeholder the chat template inserts for one image (the processor expands it)
 TEMPLATE_IMAGE = {
@@ -52,6 +54,7 @@ TEMPLATE_IMAGE = {
     "smolvlm": "<image>",
     "llava_onevision": "<image>",
     "aya_vision": "<image>",
+    "glm4v": "<|begin_of_image|><|image|><|end_of_image|>",
 }
 
 
@@ -74,7 +77,7 @@ def _inputs(family, image):
 
 def test_families_listed():
     assert FAMILIES == ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3", "smolvlm",
-                        "llava_onevision", "aya_vision")
+                        "llava_onevision", "aya_vision", "glm4v")
 
 
 def test_unknown_family_names_supported_ones():

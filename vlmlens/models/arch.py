@@ -240,6 +240,15 @@ ARCHES: dict[str, Arch] = {
         _QWEN2_VL,
         replace(
             _QWEN2_VL,
+            family="glm4v",
+            model_class="Glm4vForConditionalGeneration",
+            processor_class="Glm4vProcessor",
+            image_token="<|image|>",
+            notes="GLM-4.1V/4.5V: Qwen2-VL's 2x2-merged raster and M-RoPE (3D positions from mm_token_type_ids); "
+            "decoder layers with extra post-attention / post-MLP norms; images only (its video input is not read)",
+        ),
+        replace(
+            _QWEN2_VL,
             family="qwen2_5_vl",
             model_class="Qwen2_5_VLForConditionalGeneration",
             processor_class="Qwen2_5_VLProcessor",

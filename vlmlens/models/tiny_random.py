@@ -25,6 +25,7 @@ smolvlm           as idefics3                  as idefics3 (SmolVLM's own classe
 llava_onevision   32 px tiles, patch 8         as llava_next ("full" features: SigLIP has no CLS)
 aya_vision        64 px tiles, patch 8,        16 per tile (4x4); tiles + global, as internvl
                   pixel shuffle 2, max 4 tiles
+glm4v             as qwen2_vl                  as qwen2_vl (GLM-4V's classes, partial rotary M-RoPE)
 ================  ===========================  =====================================================
 """
 
@@ -36,7 +37,7 @@ import transformers
 from .tiny_processors import TinyProcessorSpec, build_processor
 
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3",
-                             "smolvlm", "llava_onevision", "aya_vision")
+                             "smolvlm", "llava_onevision", "aya_vision", "glm4v")
 
 # Shared decoder shape: 64 wide, 4 heads of 16.
 _HIDDEN, _HEADS, _INTER = 64, 4, 128
@@ -82,7 +83,7 @@ def _spec(family: str) -> TinyProcessorSpec:
     if family == "llava_onevision":
         return TinyProcessorSpec(family, image_size=32, patch_size=8, image_seq_len=16,
                                  extra={"image_grid_pinpoints": [[32, 64], [64, 32], [64, 64]]})
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family in ("qwen2_vl", "qwen2_5_vl", "glm4v"):
         extra = {"merge_size": 2, "temporal_patch_size": 2, "min_pixels": 32 * 32, "max_pixels": 96 * 96}
         return TinyProcessorSpec(family, image_size=0, patch_size=8, extra=extra)
     if family == "internvl":
@@ -121,6 +122,19 @@ def _config(family: str, spec: TinyProcessorSpec, processor):
             vision_config=transformers.SiglipVisionConfig(**_vision_kwargs(s, p)), text_config=text_cfg,
             image_token_index=processor.image_token_id, downsample_factor=2, tie_word_embeddings=False,
         )  # fmt: skip
+    if family == "glm4v":
+        # head_dim 16, half of it rotary -> 4 frequencies split over (temporal, height, width)
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2], "partial_rotary_factor": 0.5}
+        text = {k: v for k, v in _text_kwargs(tok, layers=2, kv_heads=2).items()
+                if k not in ("bos_token_id", "eos_token_id", "tie_word_embeddings")}
+        vision = transformers.Glm4vVisionConfig(depth=2, hidden_size=32, num_heads=2, patch_size=p, spatial_merge_size=2,
+                                                temporal_patch_size=2, out_hidden_size=_HIDDEN, intermediate_size=64,
+                                                image_size=64)
+        marks = {f"{k}_token_id": tok.convert_tokens_to_ids(v) for k, v in (
+            ("image", "<|image|>"), ("video", "<|video|>"), ("image_start", "<|begin_of_image|>"),
+            ("image_end", "<|end_of_image|>"), ("video_start", "<|begin_of_video|>"), ("video_end", "<|end_of_video|>"))}
+        return transformers.Glm4vConfig(text_config=transformers.Glm4vTextConfig(**text, rope_parameters=rope),
+                                        vision_config=vision, tie_word_embeddings=False, **marks)
     if family == "llava_onevision":
         return transformers.LlavaOnevisionConfig(
             vision_config=transformers.SiglipVisionConfig(**_vision_kwargs(s, p)),
@@ -196,6 +210,7 @@ _MODEL_CLASSES = {
     "smolvlm": "SmolVLMForConditionalGeneration",
     "llava_onevision": "LlavaOnevisionForConditionalGeneration",
     "aya_vision": "AyaVisionForConditionalGeneration",
+    "glm4v": "Glm4vForConditionalGeneration",
 }
 
 
