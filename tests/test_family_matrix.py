@@ -1,0 +1,176 @@
+"""Every family x every intervention, against an eager reference built here (#26's matrix).
+
+The reference runs the model in eager attention and starts from the mask the model builds for
+itself (causality, Gemma 3's bidirectional image block, sliding windows), read off each
+attention module's input; the intervention is then written by hand on top: key blocks as
+additive masks, Freeze as a hook copying image rows through, FastV's ranking from eager
+attention weights. The lens (SDPA, its own attention function) must give the same logits.
+
+With ``VLMLENS_MATRIX_OUT=path.json`` the results are also written there: scripts/support_matrix.py
+turns them into docs/support.md (the support matrix is generated from these tests, not typed).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from vlmlens.capture import image_positions, prepare_inputs
+from vlmlens.interventions import FastV, Freeze, Knockout, Truncate, n_kept
+from vlmlens.lens import NOTHING, Lens, Plan
+from vlmlens.models.tiny_random import FAMILIES
+
+from tests._models import random_lm, set_attn
+
+PROMPT = "What is in the image? Describe it."
+TOL = 1e-4
+RESULTS: dict = {}
+
+
+def _record(family, what, ok, detail=""):
+    RESULTS.setdefault(family, {})[what] = {"ok": bool(ok), "detail": detail}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_results():
+    yield
+    path = os.environ.get("VLMLENS_MATRIX_OUT")
+    if path:
+        with open(path, "w") as f:
+            json.dump(RESULTS, f, indent=1, sort_keys=True)
+
+
+def _lens_logits(lm, inputs, img, ivs):
+    plan = Plan.build(img, lm.n_layers, inputs["input_ids"].shape[1], NOTHING, ivs)
+    with torch.no_grad(), Lens.for_model(lm, plan):
+        return lm.model(**inputs).logits[0].double()
+
+
+def _eager_logits(lm, inputs, block=None, freeze_from=None, img=None, rank=None):
+    """Eager forward; ``block(layer) -> bool [n, n]`` (True: the query may not read the key) added
+    to the model's own mask; ``freeze_from``: image rows of layers >= it keep their input;
+    ``rank(layer, weights)``: called with each layer's eager attention weights [H, n, n]."""
+    layers = list(lm.arch.decoder_layers(lm.model))
+    n = inputs["input_ids"].shape[1]
+    hooks = []
+
+    def pre(l):
+        def hook(mod, args, kwargs):
+            m = kwargs.get("attention_mask")
+            if m is None:
+                m = torch.zeros(1, 1, n, n)
+                m[0, 0][~torch.ones(n, n, dtype=torch.bool).tril()] = torch.finfo(torch.float32).min
+            m = m.clone()
+            b = block(l) if block is not None else None
+            if b is not None:
+                m[..., torch.as_tensor(b)] = torch.finfo(m.dtype).min
+            return args, dict(kwargs, attention_mask=m)
+        return hook
+
+    def post_attn(l):
+        def hook(mod, args, kwargs, out):
+            rank(l, out[1][0].double())
+        return hook
+
+    def post_layer(l):
+        def hook(mod, args, kwargs, out):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h = out[0] if isinstance(out, tuple) else out
+            h = h.clone()
+            h[:, img] = h_in[:, img]
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+        return hook
+
+    for l, layer in enumerate(layers):
+        hooks.append(layer.self_attn.register_forward_pre_hook(pre(l), with_kwargs=True))
+        if rank is not None:
+            hooks.append(layer.self_attn.register_forward_hook(post_attn(l), with_kwargs=True))
+        if freeze_from is not None and l >= freeze_from:
+            hooks.append(layer.register_forward_hook(post_layer(l), with_kwargs=True))
+    set_attn(lm.model, "eager")
+    try:
+        with torch.no_grad():
+            return lm.model(**inputs).logits[0].double()
+    finally:
+        set_attn(lm.model, "sdpa")
+        for h in hooks:
+            h.remove()
+
+
+def _setup(family, image):
+    lm = random_lm(family)
+    inputs, _, _ = prepare_inputs(lm, image, PROMPT)
+    n = inputs["input_ids"].shape[1]
+    img = image_positions(lm, inputs["input_ids"])
+    is_img = np.zeros(n, bool)
+    is_img[img] = True
+    return lm, inputs, n, img, is_img
+
+
+def _check(family, what, mine, ref, rows):
+    """The text rows' logits (when the lens removed rows, its output holds only those that stay:
+    then the last row, the one that predicts the next token, and the text rows when all stay)."""
+    if mine.shape[0] == ref.shape[0]:
+        mine, want = mine[rows], ref[rows]
+    elif mine.shape[0] == len(rows):
+        want = ref[rows]
+    else:
+        mine, want = mine[-1:], ref[-1:]
+    err = float((mine - want).abs().max())
+    _record(family, what, err <= TOL, f"max |Δ logit| {err:.1e}")
+    assert err <= TOL, (family, what, err)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_truncate_knockout_freeze_fastv_equal_eager_references(family, image):
+    lm, inputs, n, img, is_img = _setup(family, image)
+    text = np.flatnonzero(~is_img)
+    k = 1
+    cut = (~is_img)[:, None] & is_img[None, :]                      # text queries x image keys
+    ref = _eager_logits(lm, inputs, block=lambda l: cut if l >= k else None)
+    for mode in ("drop", "remove"):
+        _check(family, f"Truncate({k}, {mode})", _lens_logits(lm, inputs, img, [Truncate(k, mode)]), ref, text)
+    last = np.zeros(n, bool)
+    last[n - 1] = True
+    ko = last[:, None] & is_img[None, :]
+    ref = _eager_logits(lm, inputs, block=lambda l: ko if l == 0 else None)
+    _check(family, "Knockout(last -> image, layer 0)", _lens_logits(lm, inputs, img, [Knockout("last", "image", [0])]),
+           ref, text)
+    ref = _eager_logits(lm, inputs, freeze_from=k, img=img)
+    _check(family, f"Freeze({k})", _lens_logits(lm, inputs, img, [Freeze(k)]), ref, text)
+    # FastV: rank by the last token's head-mean attention at layer K-1, then no kept query reads a dropped key
+    K, keep = 1, 0.5
+    kept = {}
+
+    def rank(l, w):
+        if l == K - 1:
+            s = w.mean(0)[n - 1, img].numpy()
+            kept["idx"] = np.sort(np.argsort(-s, kind="stable")[:n_kept(keep, len(img))])
+
+    def fastv_block(l):
+        if l < K:
+            return None
+        dropped = np.zeros(n, bool)
+        dropped[img] = True
+        dropped[img[kept["idx"]]] = False
+        return (~dropped)[:, None] & dropped[None, :]
+
+    ref = _eager_logits(lm, inputs, block=fastv_block, rank=rank)
+    for mode in ("mask", "remove"):
+        _check(family, f"FastV({K}, keep {keep}, {mode})", _lens_logits(lm, inputs, img, [FastV(K, keep, mode=mode)]),
+               ref, text)
+    base = _eager_logits(lm, inputs)
+    assert float((_lens_logits(lm, inputs, img, [Truncate(0)])[text] - base[text]).abs().max()) > TOL   # it can fail
+
+
+def test_the_support_matrix_in_the_docs_lists_every_family():
+    """docs/support.md is regenerated (python scripts/support_matrix.py) whenever a family is added."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "support.md").read_text()
+    rows = [l for l in doc.splitlines() if l.startswith("| `")]
+    assert [l.split("`")[1] for l in rows] == list(FAMILIES)
+    assert not any("fails" in l for l in rows)
