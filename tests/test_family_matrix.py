@@ -11,6 +11,7 @@ turns them into docs/support.md (the support matrix is generated from these test
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -21,7 +22,9 @@ import torch
 from vlmlens.capture import image_positions, prepare_inputs
 from vlmlens.interventions import FastV, Freeze, Knockout, Truncate, n_kept
 from vlmlens.lens import NOTHING, Lens, Plan
-from vlmlens.models.tiny_random import FAMILIES
+from vlmlens.models.arch import get_arch
+from vlmlens.models.loading import LoadedModel
+from vlmlens.models.tiny_random import FAMILIES, build_random
 
 from tests._models import random_lm, set_attn
 
@@ -100,8 +103,20 @@ def _eager_logits(lm, inputs, block=None, freeze_from=None, img=None, rank=None)
             h.remove()
 
 
+@functools.lru_cache(maxsize=None)
+def deep(family):
+    """The family's tiny random model with 4 decoder layers: deep enough that a state computed
+    wrongly after a cut at layer 1 is read again by a later layer (2 layers would hide it)."""
+    over = {"num_hidden_layers": 4}
+    pattern = getattr(random_lm(family).text_config, "layer_types", None)
+    if pattern:
+        over["layer_types"] = (list(pattern) * 4)[:4]
+    model, proc = build_random(family, text_overrides=over)
+    return LoadedModel(model, proc, get_arch(family), f"random:{family}-4", torch.device("cpu"), torch.float32)
+
+
 def _setup(family, image):
-    lm = random_lm(family)
+    lm = deep(family)
     inputs, _, _ = prepare_inputs(lm, image, PROMPT)
     n = inputs["input_ids"].shape[1]
     img = image_positions(lm, inputs["input_ids"])

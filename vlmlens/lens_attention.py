@@ -60,7 +60,8 @@ def _lens_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         if attention_mask is not None and mask_fits:
             m = attention_mask[:, 0] if lens.batch else attention_mask[0, 0]
             return m if m.dtype == torch.bool else (m == 0)
-        m = positional_mask(qpos, kpos, getattr(module, "sliding_window", None))
+        image = lens.context.is_image if lens.bidirectional_image and not lens.batch else None
+        m = positional_mask(qpos, kpos, getattr(module, "sliding_window", None), image)
         return m.expand(query.shape[0], -1, -1) if lens.batch else m
 
     allowed = None
@@ -104,14 +105,17 @@ def _union(key_blocks, layer, qpos, kpos, ctx):
     return blocked
 
 
-def positional_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+def positional_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None = None, is_image=None) -> torch.Tensor:
     """Bool [q, kv] by absolute position: causal (``k <= q``) and, for a sliding-window layer,
     ``k > q - window`` (transformers' convention). Used where the model's own mask no longer
-    describes the layer's rows (image rows removed). No bidirectional image block: once rows
-    are removed there are no image queries left in that layer."""
+    describes the layer's rows (rows removed). ``is_image`` (a family whose image tokens attend
+    bidirectionally within the image, Gemma 3): the image rows that remain still read every
+    remaining image key, as the model's own mask over the kept sequence says."""
     allowed = kpos[None, :] <= qpos[:, None]
     if window:
         allowed = allowed & (kpos[None, :] > qpos[:, None] - int(window))
+    if is_image is not None:
+        allowed = allowed | (is_image(qpos)[:, None] & is_image(kpos)[None, :])
     return allowed
 
 

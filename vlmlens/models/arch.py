@@ -53,6 +53,7 @@ class Arch:
     vision_tower_path: str  # attribute path from the ``*ForConditionalGeneration`` model
     projector_path: str
     notes: str = ""
+    bidirectional_image: bool = False  # image tokens attend both ways within the image (the model's own mask)
     _grid: Callable[..., GridInfo] = field(default=None, repr=False, compare=False)
     _grid_kwargs: tuple[str, ...] = field(default=(), repr=False, compare=False)  # which of processor/image
 
@@ -307,6 +308,7 @@ ARCHES: dict[str, Arch] = {
             required_inputs=("pixel_values", "token_type_ids"),
             vision_tower_path="model.vision_tower",
             projector_path="model.multi_modal_projector",
+            bidirectional_image=True,
             notes="token_type_ids marks image tokens (they attend bidirectionally within the image); "
             "the chat template inserts <start_of_image>, which the processor expands",
             _grid=grids.gemma3_grid,
