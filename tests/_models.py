@@ -19,8 +19,9 @@ def random_lm(family: str):
     return lm
 
 
-def extend_inputs(inputs: dict, new_ids: list[int]) -> dict:
-    """Append generated tokens to prompt inputs (for a teacher-forced reference forward)."""
+def extend_inputs(inputs: dict, new_ids: list[int], generated_type: int = 0) -> dict:
+    """Append generated tokens to prompt inputs (for a teacher-forced reference forward);
+    ``generated_type``: their token_type_ids (PaliGemma's suffix: 1)."""
     n = inputs["input_ids"].shape[1]
     add = torch.tensor([new_ids], dtype=inputs["input_ids"].dtype)
     out = dict(inputs)
@@ -30,8 +31,9 @@ def extend_inputs(inputs: dict, new_ids: list[int]) -> dict:
                 out[k] = torch.cat([v, add], 1)
             elif k == "attention_mask":
                 out[k] = torch.cat([v, torch.ones_like(add, dtype=v.dtype)], 1)
-            else:  # token type ids: text = 0
-                out[k] = torch.cat([v, torch.zeros_like(add, dtype=v.dtype)], 1)
+            else:  # token type ids: text = 0 (PaliGemma's generated suffix: 1)
+                fill = generated_type if k == "token_type_ids" else 0
+                out[k] = torch.cat([v, torch.full_like(add, fill, dtype=v.dtype)], 1)
     return out
 
 

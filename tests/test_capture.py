@@ -49,7 +49,7 @@ def assert_capture_exact(lm, image, tol: float = 1e-5):
     assert torch.equal(plain, lensed) or (plain - lensed).abs().max().item() <= tol
 
     # hidden states: teacher-forced forward over prompt + generated tokens
-    full = extend_inputs(inputs, gen)
+    full = extend_inputs(inputs, gen, lm.arch.generated_token_type)
     with torch.no_grad():
         ref = lm.model(**full, output_hidden_states=True).hidden_states
     hs = run.hidden_states

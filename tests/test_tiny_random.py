@@ -28,6 +28,7 @@ MODEL_CLASS = {
     "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,
     "aya_vision": transformers.AyaVisionForConditionalGeneration,
     "glm4v": transformers.Glm4vForConditionalGeneration,
+    "paligemma": transformers.PaliGemmaForConditionalGeneration,
 }
 PROCESSOR_CLASS = {
     "llava": transformers.LlavaProcessor,
@@ -41,6 +42,7 @@ PROCESSOR_CLASS = {
     "llava_onevision": transformers.LlavaOnevisionProcessor,
     "aya_vision": transformers.AyaVisionProcessor,
     "glm4v": transformers.Glm4vProcessor,
+    "paligemma": transformers.PaliGemmaProcessor,
 }
 # placeholder the chat template inserts for one image (the processor expands it)
 TEMPLATE_IMAGE = {
@@ -55,6 +57,7 @@ TEMPLATE_IMAGE = {
     "llava_onevision": "<image>",
     "aya_vision": "<image>",
     "glm4v": "<|begin_of_image|><|image|><|end_of_image|>",
+    "paligemma": None,
 }
 
 
@@ -70,14 +73,16 @@ def image():
 
 
 def _inputs(family, image):
-    model, proc = tiny(family)
-    text = proc.apply_chat_template(CONV, add_generation_prompt=True)
-    return proc(images=[image], text=[text], return_tensors="pt")
+    """What the family's Arch builds (the chat template, or PaliGemma's plain prompt)."""
+    from vlmlens.models.arch import get_arch
+
+    _, proc = tiny(family)
+    return get_arch(family).build_inputs(proc, image, PROMPT)
 
 
 def test_families_listed():
     assert FAMILIES == ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3", "smolvlm",
-                        "llava_onevision", "aya_vision", "glm4v")
+                        "llava_onevision", "aya_vision", "glm4v", "paligemma")
 
 
 def test_unknown_family_names_supported_ones():
@@ -127,7 +132,15 @@ def test_tokenizer_is_word_level_with_family_specials(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chat_template(family):
+    from vlmlens.models.arch import get_arch
+
     _, proc = tiny(family)
+    if not get_arch(family).chat:              # PaliGemma: no chat template; the processor frames the prompt
+        assert proc.chat_template is None
+        ids = proc(images=[Image.new("RGB", (40, 40))], text=[PROMPT], return_tensors="pt")["input_ids"][0]
+        toks = proc.tokenizer.convert_ids_to_tokens(ids)
+        assert toks[0] == "<image>" and "<bos>" in toks and toks[-1] == "\n"
+        return
     text = proc.apply_chat_template(CONV, add_generation_prompt=True)
     assert isinstance(text, str)
     assert text.count(TEMPLATE_IMAGE[family]) == 1

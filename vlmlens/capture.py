@@ -203,9 +203,11 @@ def _eos_ids(lm) -> set[int]:
     return set(eos if isinstance(eos, (list, tuple)) else [eos])
 
 
-def extend_inputs(inputs: dict, ids: Sequence[int]) -> dict:
+def extend_inputs(inputs: dict, ids: Sequence[int], generated_type: int = 0) -> dict:
     """Prompt inputs with ``ids`` appended as text tokens (mask 1, token types 0): the input of one
-    forward over prompt + those tokens (teacher forcing, or a decoding step without a cache)."""
+    forward over prompt + those tokens (teacher forcing, or a decoding step without a cache).
+    ``generated_type``: the ``token_type_ids`` of generated tokens (``Arch.generated_token_type``:
+    1 for PaliGemma, whose generated tokens are the causal suffix after its bidirectional prefix)."""
     ids = [int(i) for i in ids]
     if not ids:
         return dict(inputs)
@@ -217,8 +219,9 @@ def extend_inputs(inputs: dict, ids: Sequence[int]) -> dict:
                 add = torch.tensor([ids], dtype=v.dtype, device=v.device)
             elif key == "attention_mask":
                 add = torch.ones(1, len(ids), dtype=v.dtype, device=v.device)
-            else:  # token-type style ids: 0 = text
-                add = torch.zeros(1, len(ids), dtype=v.dtype, device=v.device)
+            else:  # token-type style ids: 0 = text (PaliGemma's token_type_ids: 1 = the generated suffix)
+                fill = generated_type if key == "token_type_ids" else 0
+                add = torch.full((1, len(ids)), fill, dtype=v.dtype, device=v.device)
             out[key] = torch.cat([v, add], dim=1)
     return out
 
@@ -356,7 +359,7 @@ def capture(
         # the Run's recordings: one forward over prompt + the generated tokens -- the forward of the
         # last step, so what the interventions decided there (e.g. the kept tokens) is what is recorded
         with torch.no_grad(), Lens.for_model(lm, plan) as lens:
-            lm.model(**extend_inputs(inputs, gen), use_cache=False, return_dict=True)
+            lm.model(**extend_inputs(inputs, gen, lm.arch.generated_token_type), use_cache=False, return_dict=True)
     logprobs = [
         float(torch.log_softmax(out.logits[i][0].float(), -1)[t]) for i, t in enumerate(gen)
     ]

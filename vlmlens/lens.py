@@ -135,7 +135,7 @@ class Lens:
         interventions that edit them."""
         lens = cls(lm.arch.decoder_layers(lm.model), plan, device=lm.device, start=start,
                    vision_layers=lm.arch.vision_layers(lm.model), batch=batch)
-        lens.bidirectional_image = lm.arch.bidirectional_image
+        lens.bidirectional = lm.arch.bidirectional
         # only interventions that edit the tower read it (a second scan of the tower otherwise)
         depth = lm.arch.vision_feature_depth(lm.model) if lens._vision_hooks else None
         for ctx in [lens.context, *lens._row_contexts]:
@@ -146,7 +146,7 @@ class Lens:
                  vision_layers=None, batch=None):
         self.layers = list(layers)
         self.vision_layers = list(vision_layers) if vision_layers is not None else []
-        self.bidirectional_image = False     # image tokens read each other both ways (set by for_model)
+        self.bidirectional = None            # "image" / "prefix": read both ways there (set by for_model)
         self.plan = plan
         device = torch.device(device)
         self.positions = Positions(plan.image_positions, device)

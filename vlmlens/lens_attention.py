@@ -60,8 +60,12 @@ def _lens_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         if attention_mask is not None and mask_fits:
             m = attention_mask[:, 0] if lens.batch else attention_mask[0, 0]
             return m if m.dtype == torch.bool else (m == 0)
-        image = lens.context.is_image if lens.bidirectional_image and not lens.batch else None
-        m = positional_mask(qpos, kpos, getattr(module, "sliding_window", None), image)
+        both = None
+        if lens.bidirectional == "image" and not lens.batch:
+            both = lens.context.is_image
+        elif lens.bidirectional == "prefix" and not lens.batch:
+            both = lambda p: p < lens.context.n_prompt                  # noqa: E731 (the prompt: PaliGemma's prefix)
+        m = positional_mask(qpos, kpos, getattr(module, "sliding_window", None), both)
         return m.expand(query.shape[0], -1, -1) if lens.batch else m
 
     allowed = None
@@ -105,17 +109,17 @@ def _union(key_blocks, layer, qpos, kpos, ctx):
     return blocked
 
 
-def positional_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None = None, is_image=None) -> torch.Tensor:
+def positional_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None = None, both_ways=None) -> torch.Tensor:
     """Bool [q, kv] by absolute position: causal (``k <= q``) and, for a sliding-window layer,
     ``k > q - window`` (transformers' convention). Used where the model's own mask no longer
-    describes the layer's rows (rows removed). ``is_image`` (a family whose image tokens attend
-    bidirectionally within the image, Gemma 3): the image rows that remain still read every
-    remaining image key, as the model's own mask over the kept sequence says."""
+    describes the layer's rows (rows removed). ``both_ways(pos)`` marks the block a family reads
+    bidirectionally (Gemma 3: the image; PaliGemma: the whole prompt): the rows of it that remain
+    still read every remaining key of it, as the model's own mask over the kept sequence says."""
     allowed = kpos[None, :] <= qpos[:, None]
     if window:
         allowed = allowed & (kpos[None, :] > qpos[:, None] - int(window))
-    if is_image is not None:
-        allowed = allowed | (is_image(qpos)[:, None] & is_image(kpos)[None, :])
+    if both_ways is not None:
+        allowed = allowed | (both_ways(qpos)[:, None] & both_ways(kpos)[None, :])
     return allowed
 
 

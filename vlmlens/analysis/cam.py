@@ -161,7 +161,7 @@ def llava_cam(lm, run, *, layers=None, target_tokens=None, activation: str = "ml
     if inputs["input_ids"][0].tolist() != list(run.token_ids[:n_prompt]):
         raise InputError("the run's prompt tokens differ from what this model builds for its image + prompt")
     targets = _targets(lm, run, target_tokens)
-    full = extend_inputs(inputs, targets)
+    full = extend_inputs(inputs, targets, lm.arch.generated_token_type)
     img = run.spans.positions("image")
     taps = _Taps(torch.as_tensor(img, device=lm.device), layers, activation)
     plan = Plan.build(img, L, n_prompt, interventions=[taps, *ivs])

@@ -271,7 +271,12 @@ def extend_batch(lm, inputs: dict, position_ids: torch.Tensor, targets: list[lis
     out = {}
     for k, v in inputs.items():
         if _per_column(v, B, P):
-            fill = add if k == "input_ids" else (real if k == "attention_mask" else torch.zeros_like(add))
+            if k == "input_ids":
+                fill = add
+            elif k == "attention_mask":
+                fill = real
+            else:                            # token types: text 0 (PaliGemma's generated suffix: 1)
+                fill = torch.full_like(add, lm.arch.generated_token_type if k == "token_type_ids" else 0)
             out[k] = torch.cat([v, fill.to(v.dtype)], 1)
         else:
             out[k] = v

@@ -243,7 +243,7 @@ class Session:
         if prefix is not None:
             inputs = prefix.continuation_inputs(target, for_generate=False)
         else:
-            inputs = extend_inputs(prep.inputs, target)
+            inputs = extend_inputs(prep.inputs, target, lm.arch.generated_token_type)
         plan = Plan.build(prep.image_pos, lm.n_layers, n_prompt, NOTHING, ivs)
         kwargs = {"logits_to_keep": T + 1} if accepts_logits_to_keep(lm) else {}
         start = None if prefix is None else prefix.start
@@ -263,7 +263,8 @@ class Session:
         rows = []
         with torch.no_grad(), Lens.for_model(lm, plan):
             for t in range(len(target) + 1):
-                out = lm.model(**extend_inputs(prep.inputs, target[:t]), use_cache=False, return_dict=True, **kwargs)
+                step = extend_inputs(prep.inputs, target[:t], lm.arch.generated_token_type)
+                out = lm.model(**step, use_cache=False, return_dict=True, **kwargs)
                 rows.append(out.logits[0, -1].float())
         logp = torch.log_softmax(torch.stack(rows), -1).cpu()
         return logp, [float(logp[i, t]) for i, t in enumerate(target)]

@@ -53,7 +53,9 @@ class Arch:
     vision_tower_path: str  # attribute path from the ``*ForConditionalGeneration`` model
     projector_path: str
     notes: str = ""
-    bidirectional_image: bool = False  # image tokens attend both ways within the image (the model's own mask)
+    bidirectional: str | None = None  # read both ways (the model's own mask): "image" (Gemma 3), "prefix" (PaliGemma)
+    chat: bool = True  # the prompt goes through the chat template (PaliGemma's processor takes the plain prompt)
+    generated_token_type: int = 0  # token_type_ids of generated tokens (PaliGemma: 1, the causal suffix)
     _grid: Callable[..., GridInfo] = field(default=None, repr=False, compare=False)
     _grid_kwargs: tuple[str, ...] = field(default=(), repr=False, compare=False)  # which of processor/image
 
@@ -128,11 +130,12 @@ class Arch:
         conversation = [
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
         ]
-        text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+        text = processor.apply_chat_template(conversation, add_generation_prompt=True) if self.chat else prompt
         if image.mode != "RGB":
             image = image.convert("RGB")
         batch = processor(images=[image], text=[text], return_tensors="pt")
-        inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        # every tensor the forward reads (not "labels": no loss is asked for here)
+        inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"}
         missing = [k for k in ("input_ids", "attention_mask", *self.required_inputs) if k not in inputs]
         if missing:
             raise ValueError(f"{type(processor).__name__} did not return {missing} needed by {self.model_class}")
@@ -299,6 +302,24 @@ ARCHES: dict[str, Arch] = {
             "num2words; video input is not read); pixel_values is (1, tiles, 3, H, W)",
         ),
         Arch(
+            family="paligemma",
+            model_class="PaliGemmaForConditionalGeneration",
+            processor_class="PaliGemmaProcessor",
+            image_token="<image>",
+            token_order="raster",
+            grid_rule="square k x k raster of the SigLIP patches, before the prompt",
+            required_inputs=("pixel_values",),
+            vision_tower_path="model.vision_tower",
+            projector_path="model.multi_modal_projector",
+            bidirectional="prefix",
+            chat=False,
+            generated_token_type=1,
+            notes="prefix-LM: the image and the prompt (the prefix) attend both ways, generated tokens causally; "
+            "the processor takes the plain prompt (no chat template) and puts the image tokens, <bos> and a "
+            "closing newline around it",
+            _grid=_square,
+        ),
+        Arch(
             family="gemma3",
             model_class="Gemma3ForConditionalGeneration",
             processor_class="Gemma3Processor",
@@ -308,7 +329,7 @@ ARCHES: dict[str, Arch] = {
             required_inputs=("pixel_values", "token_type_ids"),
             vision_tower_path="model.vision_tower",
             projector_path="model.multi_modal_projector",
-            bidirectional_image=True,
+            bidirectional="image",
             notes="token_type_ids marks image tokens (they attend bidirectionally within the image); "
             "the chat template inserts <start_of_image>, which the processor expands",
             _grid=grids.gemma3_grid,

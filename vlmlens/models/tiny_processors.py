@@ -334,6 +334,11 @@ def build_processor(spec: TinyProcessorSpec):
             generation_prompt="Assistant:",
         )  # fmt: skip
         return proc_cls(image_processor=ip, tokenizer=tok, image_seq_len=spec.image_seq_len, chat_template=tpl)
+    if f == "paligemma":
+        tok = make_tokenizer(["<image>"], bos="<bos>", eos="<eos>")
+        ip = transformers.SiglipImageProcessorPil(size={"height": s, "width": s})
+        ip.image_seq_length = spec.image_seq_len          # read by PaliGemmaProcessor (the real config has it)
+        return transformers.PaliGemmaProcessor(image_processor=ip, tokenizer=tok)
     if f == "gemma3":
         named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
         tok = make_tokenizer(["<start_of_turn>", "<end_of_turn>"], bos="<bos>", eos="<eos>", extra_named=named)

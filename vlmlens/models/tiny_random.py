@@ -26,6 +26,7 @@ llava_onevision   32 px tiles, patch 8         as llava_next ("full" features: S
 aya_vision        64 px tiles, patch 8,        16 per tile (4x4); tiles + global, as internvl
                   pixel shuffle 2, max 4 tiles
 glm4v             as qwen2_vl                  as qwen2_vl (GLM-4V's classes, partial rotary M-RoPE)
+paligemma         64 px, patch 16              16 (4x4 raster), before <bos> and the prompt (prefix-LM)
 ================  ===========================  =====================================================
 """
 
@@ -37,7 +38,7 @@ import transformers
 from .tiny_processors import TinyProcessorSpec, build_processor
 
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3",
-                             "smolvlm", "llava_onevision", "aya_vision", "glm4v")
+                             "smolvlm", "llava_onevision", "aya_vision", "glm4v", "paligemma")
 
 # Shared decoder shape: 64 wide, 4 heads of 16.
 _HIDDEN, _HEADS, _INTER = 64, 4, 128
@@ -92,6 +93,9 @@ def _spec(family: str) -> TinyProcessorSpec:
     if family in ("idefics3", "smolvlm"):
         # 8x8 patches, scale_factor 2 -> 16 tokens per tile
         return TinyProcessorSpec(family, image_size=64, patch_size=8, image_seq_len=16, extra={"longest_edge": 128})
+    if family == "paligemma":
+        # 64 px, patch 16 -> 4x4 = 16 tokens
+        return TinyProcessorSpec(family, image_size=64, patch_size=16, image_seq_len=16)
     if family == "gemma3":
         # 8x8 patches average-pooled 2x2 -> 4x4 = 16 tokens
         return TinyProcessorSpec(family, image_size=64, patch_size=8, image_seq_len=16)
@@ -183,6 +187,14 @@ def _config(family: str, spec: TinyProcessorSpec, processor):
             scale_factor=2,
             pad_token_id=tok.pad_token_id,
         )
+    if family == "paligemma":
+        text = _text_kwargs(tok, layers=2, kv_heads=2)
+        text.update(head_dim=_HIDDEN // _HEADS)
+        return transformers.PaliGemmaConfig(
+            vision_config=transformers.SiglipVisionConfig(**_vision_kwargs(s, p)),
+            text_config=transformers.GemmaConfig(**text), image_token_index=processor.image_token_id,
+            projection_dim=_HIDDEN, hidden_size=_HIDDEN, tie_word_embeddings=False,
+        )  # fmt: skip
     if family == "gemma3":
         text = _text_kwargs(tok, layers=2, kv_heads=2)
         text.update(head_dim=_HIDDEN // _HEADS, query_pre_attn_scalar=_HIDDEN // _HEADS, sliding_window=512)
@@ -211,6 +223,7 @@ _MODEL_CLASSES = {
     "llava_onevision": "LlavaOnevisionForConditionalGeneration",
     "aya_vision": "AyaVisionForConditionalGeneration",
     "glm4v": "Glm4vForConditionalGeneration",
+    "paligemma": "PaliGemmaForConditionalGeneration",
 }
 
 
