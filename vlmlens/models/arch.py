@@ -177,6 +177,40 @@ _QWEN2_VL = Arch(
     _grid=grids.qwen_grid,
 )
 
+_LLAVA_NEXT = Arch(
+    family="llava_next",
+    model_class="LlavaNextForConditionalGeneration",
+    processor_class="LlavaNextProcessor",
+    image_token="<image>",
+    token_order="base+anyres",
+    grid_rule="[base k x k | anyres Hu x (Wu + newline)]; primary grid = base k x k; the anyres "
+    "segment is the unpadded high-resolution grid over the whole picture",
+    required_inputs=("pixel_values", "image_sizes"),
+    vision_tower_path="model.vision_tower",
+    projector_path="model.multi_modal_projector",
+    notes="one newline token (the learned image_newline vector) ends every anyres row; it is an "
+    "image token in input_ids but has no image position",
+    _grid=grids.llava_next_grid,
+    _grid_kwargs=("processor",),
+)
+
+_INTERNVL = Arch(
+    family="internvl",
+    model_class="InternVLForConditionalGeneration",
+    processor_class="InternVLProcessor",
+    image_token="<IMG_CONTEXT>",
+    token_order="tiles",
+    grid_rule="<img> tiles (row-major, each k x k after 0.5 pixel shuffle) then a thumbnail </img>; "
+    "primary grid = tile mosaic; one tile -> plain k x k raster",
+    required_inputs=("pixel_values",),
+    vision_tower_path="model.vision_tower",
+    projector_path="model.multi_modal_projector",
+    notes="pixel_values is (tiles, 3, H, W) with no batch axis; tile arrangement is not in the "
+    "inputs (pass processor and image to grid_info)",
+    _grid=grids.internvl_grid,
+    _grid_kwargs=("processor", "image"),
+)
+
 _IDEFICS3 = Arch(
     family="idefics3",
     model_class="Idefics3ForConditionalGeneration",
@@ -210,36 +244,16 @@ ARCHES: dict[str, Arch] = {
             "placeholder count equals the patch count",
             _grid=_square,
         ),
-        Arch(
-            family="llava_next",
-            model_class="LlavaNextForConditionalGeneration",
-            processor_class="LlavaNextProcessor",
-            image_token="<image>",
-            token_order="base+anyres",
-            grid_rule="[base k x k | anyres Hu x (Wu + newline)]; primary grid = base k x k; the anyres "
-            "segment is the unpadded high-resolution grid over the whole picture",
-            required_inputs=("pixel_values", "image_sizes"),
-            vision_tower_path="model.vision_tower",
-            projector_path="model.multi_modal_projector",
-            notes="one newline token (the learned image_newline vector) ends every anyres row; it is an "
-            "image token in input_ids but has no image position",
-            _grid=grids.llava_next_grid,
-            _grid_kwargs=("processor",),
-        ),
-        Arch(
+        _LLAVA_NEXT,
+        replace(
+            _LLAVA_NEXT,
             family="llava_onevision",
             model_class="LlavaOnevisionForConditionalGeneration",
             processor_class="LlavaOnevisionProcessor",
-            image_token="<image>",
-            token_order="base+anyres",
             grid_rule="as llava_next: [base k x k | anyres Hu x (Wu + newline)], the anyres grid shrunk to about "
             "N tiles (anyres_max_N)",
-            required_inputs=("pixel_values", "image_sizes"),
-            vision_tower_path="model.vision_tower",
-            projector_path="model.multi_modal_projector",
             notes="SigLIP tower, 'full' feature strategy; images only (its video input is not read)",
             _grid=grids.llava_onevision_grid,
-            _grid_kwargs=("processor",),
         ),
         _QWEN2_VL,
         replace(
@@ -259,38 +273,18 @@ ARCHES: dict[str, Arch] = {
             notes="vision tower uses windowed attention internally but un-permutes its output, so the "
             "merged tokens reach the LM in raster order",
         ),
-        Arch(
-            family="internvl",
-            model_class="InternVLForConditionalGeneration",
-            processor_class="InternVLProcessor",
-            image_token="<IMG_CONTEXT>",
-            token_order="tiles",
-            grid_rule="<img> tiles (row-major, each k x k after 0.5 pixel shuffle) then a thumbnail </img>; "
-            "primary grid = tile mosaic; one tile -> plain k x k raster",
-            required_inputs=("pixel_values",),
-            vision_tower_path="model.vision_tower",
-            projector_path="model.multi_modal_projector",
-            notes="pixel_values is (tiles, 3, H, W) with no batch axis; tile arrangement is not in the "
-            "inputs (pass processor and image to grid_info)",
-            _grid=grids.internvl_grid,
-            _grid_kwargs=("processor", "image"),
-        ),
-        Arch(
+        _INTERNVL,
+        replace(
+            _INTERNVL,
             family="aya_vision",
             model_class="AyaVisionForConditionalGeneration",
             processor_class="AyaVisionProcessor",
             image_token="<|IMG_PATCH|>",
-            token_order="tiles",
             grid_rule="<|START_OF_IMG|> TILE_i k x k per tile (row-major) then TILE_GLOBAL k x k <|END_OF_IMG|>; "
             "primary grid = tile mosaic; one tile -> plain k x k raster",
-            required_inputs=("pixel_values",),
-            vision_tower_path="model.vision_tower",
-            projector_path="model.multi_modal_projector",
             notes="SigLIP tower, pixel-shuffle projector, Cohere2 language model (parallel attention + MLP "
             "blocks, sliding-window layers); pixel_values is (tiles, 3, H, W); the tile arrangement needs the "
             "processor and the image (as InternVL's)",
-            _grid=grids.internvl_grid,
-            _grid_kwargs=("processor", "image"),
         ),
         _IDEFICS3,
         replace(
