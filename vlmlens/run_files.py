@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .interventions.core import CUT_MODES
 from .run import FORMAT_VERSION, RUN_FILES, Run, RunFormatError, TokenSpans
 
 
@@ -236,7 +237,7 @@ def load_run(path: str | os.PathLike) -> Run:
 # ---- experiment results stored next to a run --------------------------------------------------
 
 SWEEP_FILE = "sweep.json"            # one sweep of any mode (runs saved before sweeps per mode; read only)
-SWEEP_MODES = ("drop", "remove", "freeze")
+SWEEP_MODES = CUT_MODES
 EXTRAS_FILE = "extras.json"
 
 

@@ -2,7 +2,6 @@
 ``encoder`` are in cli_pruning.py)."""
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from pathlib import Path
@@ -50,11 +49,9 @@ def _check_out_dir(path: str, marker: str) -> Path:
 
 
 def write_csv(path: Path, rows: list[dict], columns) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    from .study_files import rows_csv
+
+    Path(path).write_text(rows_csv(rows, columns))
 
 
 def _check_depth_syntax(text: str) -> None:

@@ -36,6 +36,7 @@ import torch
 from ..capture import capture, check_context, check_max_new_tokens, extend_inputs
 from ..errors import InputError
 from ..interventions import Freeze, Truncate, decides_every_step, prefix_effect, validate_all
+from ..interventions.core import CUT_MODES
 from ..lens import NOTHING, Lens, Plan, Recording
 from ..run import Run
 from .prefix import Prefix, accepts_logits_to_keep, prefill, prepare
@@ -107,7 +108,7 @@ def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> float:
 
 # ---- depth / mode arguments ---------------------------------------------------------------------
 
-MODES = ("drop", "remove", "freeze")
+MODES = CUT_MODES
 
 
 def check_mode(mode) -> str:
