@@ -136,7 +136,7 @@ def test_rerank_settings_are_checked_and_recorded(deep, image):
 
 
 def test_the_papers_notation_and_unambiguous_names():
-    from vlmlens.experiments.pruning import default_methods, parse_methods
+    from vlmlens.experiments.methods import default_methods, parse_methods
 
     same = ["fastv:2:0.25", "fastv:2:keep=0.25", "fastv:2:keep=25%", "fastv:2:drop=0.75", "fastv:2:drop=75%"]
     for spec in same:
@@ -155,7 +155,8 @@ def test_per_step_reranking_costs_what_it_recomputes(deep, image):
     """Re-ranking at every step cannot reuse a pruned cache: from layer K on each step recomputes
     the whole (pruned) sequence. Known answer: with K = 0 that is one prefill per step."""
     from vlmlens.analysis.compute import LayerShape, prefill_flops, rerank_decode_flops
-    from vlmlens.experiments.pruning import compare_pruning, parse_methods
+    from vlmlens.experiments.methods import parse_methods
+    from vlmlens.experiments.pruning import compare_pruning
 
     shape = LayerShape.from_model(deep)
     sched = [36, 9, 9, 9, 9][:shape.n_layers]

@@ -310,7 +310,7 @@ def test_adaptive_vs_fixed_on_a_made_up_study():
 
 
 def test_parse_methods_and_bad_specs():
-    from vlmlens.experiments.pruning import parse_methods
+    from vlmlens.experiments.methods import parse_methods
 
     m = parse_methods("fastv:2:0.5,random:2:0.5,pdrop:1/2/3:0.5/0.25/0.125,vtw:3,adaptive:0.3", 4)
     assert m["fastv:2:0.5"] == [FastV(2, 0.5)] and m["random:2:0.5"] == [FastV(2, 0.5, score="random")]

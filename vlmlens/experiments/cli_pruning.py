@@ -13,8 +13,8 @@ from .engine import MODES, check_mode
 
 @command("prune", "token pruning compared (FastV, PyramidDrop, VTW, baselines, stages): one image, or the shapes suite")
 def cmd_prune(args) -> int:
-    from .pruning import METHOD_SYNTAX, STUDY_COLUMNS, calibrated_stages, compare_pruning, find_vtw_layer, \
-        parse_methods, pruning_study
+    from .methods import METHOD_SYNTAX, parse_methods
+    from .pruning import STUDY_COLUMNS, calibrated_stages, compare_pruning, find_vtw_layer, pruning_study
 
     one = bool(args.image or args.prompt)
     if one and not (args.image and args.prompt):
@@ -81,7 +81,8 @@ def cmd_prune(args) -> int:
 
 
 def _configure_prune(p):
-    from .pruning import METHOD_SYNTAX, VTW_ETA
+    from .methods import METHOD_SYNTAX
+    from .pruning import VTW_ETA
 
     add_model_args(p)
     p.add_argument("--image", default=None, help="one image (with --prompt); without both: the shapes suite")

@@ -141,7 +141,7 @@ class DatasetStudy:
 
     def _methods_markdown(self, metric: str) -> str:
         tasks = sorted({r["task"] for r in self.rows})
-        from .pruning import describe_method, parse_methods
+        from .methods import describe_method, parse_methods
 
         try:
             what = {k: describe_method(v) for k, v in parse_methods(",".join(self.config["methods"]),
@@ -258,7 +258,7 @@ def dataset_study(lm, dataset: Dataset, out, *, task: str | None = None, depths=
     out = Path(out)
     parsed = None
     if methods:
-        from .pruning import parse_methods
+        from .methods import parse_methods
 
         parsed = parse_methods(methods, lm.n_layers)
     ems = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import gradio as gr
 
 from ..capture import MAX_PROMPT_CHARS
-from ..experiments.pruning import METHOD_SYNTAX
+from ..experiments.methods import METHOD_SYNTAX
 from .callbacks import Dashboard, new_session
 from .inputs import prompt_choices
 from .views import HEATMAP_KINDS

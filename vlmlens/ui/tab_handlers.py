@@ -182,7 +182,7 @@ class TabHandlers:
     def prune_compare(self, sess, methods, progress=gr.Progress()):
         """Token-pruning methods (FastV, PyramidDrop, VTW, baselines, adaptive) on the current run's input."""
         entry = self.entry(sess)
-        from ..experiments.pruning import parse_methods
+        from ..experiments.methods import parse_methods
 
         parse_methods(methods or "default", entry.run.n_layers, xviews.stage_labels(entry))   # fail before the queue
         progress(0.02, desc="waiting for the model")

@@ -200,7 +200,8 @@ def experiment_figure(entry, key: str):
 
 def run_pruning(lm, entry, methods_text: str, progress=None) -> dict:
     """Pruning methods compared on the entry's image + prompt; kept in extras["pruning"]."""
-    from ..experiments.pruning import compare_pruning, parse_methods
+    from ..experiments.methods import parse_methods
+    from ..experiments.pruning import compare_pruning
     from ..findings import run_truth
 
     check_model_matches(lm, entry)

@@ -1,0 +1,63 @@
+"""Greedy generation as the lens runs it: ``generate`` with raw logits (one step more than asked),
+with or without a KV cache, and the inputs of a forward over a prompt plus tokens after it."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def _eos_ids(lm) -> set[int]:
+    eos = lm.model.generation_config.eos_token_id
+    if eos is None:
+        eos = getattr(lm.processor.tokenizer, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return set(eos if isinstance(eos, (list, tuple)) else [eos])
+
+
+def extend_inputs(inputs: dict, ids: Sequence[int], generated_type: int = 0) -> dict:
+    """Prompt inputs with ``ids`` appended as text tokens (mask 1, token types 0): the input of one
+    forward over prompt + those tokens (teacher forcing, or a decoding step without a cache).
+    ``generated_type``: the ``token_type_ids`` of generated tokens (``Arch.generated_token_type``:
+    1 for PaliGemma, whose generated tokens are the causal suffix after its bidirectional prefix)."""
+    ids = [int(i) for i in ids]
+    if not ids:
+        return dict(inputs)
+    n = inputs["input_ids"].shape[1]
+    out = dict(inputs)
+    for key, v in inputs.items():
+        if isinstance(v, torch.Tensor) and v.dim() == 2 and tuple(v.shape) == (1, n):
+            if key == "input_ids":
+                add = torch.tensor([ids], dtype=v.dtype, device=v.device)
+            elif key == "attention_mask":
+                add = torch.ones(1, len(ids), dtype=v.dtype, device=v.device)
+            else:  # token-type style ids: 0 = text (PaliGemma's token_type_ids: 1 = the generated suffix)
+                fill = generated_type if key == "token_type_ids" else 0
+                add = torch.full((1, len(ids)), fill, dtype=v.dtype, device=v.device)
+            out[key] = torch.cat([v, add], dim=1)
+    return out
+
+
+def greedy_generate(lm, inputs: dict, max_new_tokens: int, max_time: float | None = None, use_cache: bool = True):
+    """Greedy ``generate`` with raw logits returned; one step more than asked (see capture).
+    ``max_time``: seconds after which generation stops after the current step. ``use_cache=False``:
+    every step is one forward over the whole sequence (for interventions that decide at every step)."""
+    tok = lm.processor.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (sorted(_eos_ids(lm)) or [0])[0]
+    extra = {"max_time": float(max_time)} if max_time is not None else {}
+    if not use_cache:
+        extra["use_cache"] = False
+    return lm.model.generate(
+        **extra,
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=pad,
+    )
