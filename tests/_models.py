@@ -37,6 +37,23 @@ def extend_inputs(inputs: dict, new_ids: list[int], generated_type: int = 0) -> 
     return out
 
 
+def layer_inputs(lm, inputs: dict) -> list:
+    """What each decoder layer reads in a plain forward (plain pre-hooks, no lens), then the model's
+    final hidden state (after the norm): ``hidden_states[l]`` as the lens defines it. Equal to
+    transformers' ``hidden_states`` except where a family adds features between layers (Qwen3-VL's
+    DeepStack: transformers records a layer's output before the addition, the next layer reads it after)."""
+    got = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a, k: got.append((a[0] if a else k["hidden_states"]).clone()),
+                                             with_kwargs=True) for layer in lm.arch.decoder_layers(lm.model)]
+    try:
+        with torch.no_grad():
+            last = lm.model(**inputs, output_hidden_states=True).hidden_states[-1]
+    finally:
+        for h in hooks:
+            h.remove()
+    return [*got, last]
+
+
 def set_attn(model, impl: str) -> None:
     model.set_attn_implementation(impl)
 

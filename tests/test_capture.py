@@ -9,7 +9,7 @@ from vlmlens.capture import prepare_inputs
 from vlmlens.lens import ATTN_NAME, Lens, Plan, Recording
 from vlmlens.models.tiny_random import FAMILIES
 
-from tests._models import eager_attentions, extend_inputs, random_lm
+from tests._models import eager_attentions, extend_inputs, layer_inputs, random_lm
 
 PROMPT = "What is in the image?"
 
@@ -50,8 +50,7 @@ def assert_capture_exact(lm, image, tol: float = 1e-5):
 
     # hidden states: teacher-forced forward over prompt + generated tokens
     full = extend_inputs(inputs, gen, lm.arch.generated_token_type)
-    with torch.no_grad():
-        ref = lm.model(**full, output_hidden_states=True).hidden_states
+    ref = layer_inputs(lm, full)
     hs = run.hidden_states
     L = lm.n_layers
     assert hs.shape == (L + 1, run.spans.n_total, lm.text_config.hidden_size)

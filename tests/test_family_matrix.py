@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from vlmlens.capture import image_positions, prepare_inputs
-from vlmlens.interventions import FastV, Freeze, Knockout, Truncate, n_kept
+from vlmlens.interventions import FastV, Freeze, Knockout, Substitute, Truncate, n_kept
 from vlmlens.lens import NOTHING, Lens, Plan
 from vlmlens.models.arch import get_arch
 from vlmlens.models.loading import LoadedModel
@@ -52,13 +52,15 @@ def _lens_logits(lm, inputs, img, ivs):
         return lm.model(**inputs).logits[0].double()
 
 
-def _eager_logits(lm, inputs, block=None, freeze_from=None, img=None, rank=None):
+def _eager_logits(lm, inputs, block=None, freeze_from=None, img=None, rank=None, substitute=None):
     """Eager forward; ``block(layer) -> bool [n, n]`` (True: the query may not read the key) added
-    to the model's own mask; ``freeze_from``: image rows of layers >= it keep their input;
-    ``rank(layer, weights)``: called with each layer's eager attention weights [H, n, n]."""
+    to the model's own mask; ``freeze_from``: the image rows that layer reads are kept in every
+    later layer's input and in the final norm's; ``substitute=(at, from)``: the image rows of layer
+    ``at``'s input are those of layer ``from``'s; ``rank(layer, weights)``: called with each
+    layer's eager attention weights [H, n, n]."""
     layers = list(lm.arch.decoder_layers(lm.model))
     n = inputs["input_ids"].shape[1]
-    hooks = []
+    hooks, kept = [], {}
 
     def pre(l):
         def hook(mod, args, kwargs):
@@ -78,13 +80,15 @@ def _eager_logits(lm, inputs, block=None, freeze_from=None, img=None, rank=None)
             rank(l, out[1][0].double())
         return hook
 
-    def post_layer(l):
-        def hook(mod, args, kwargs, out):
-            h_in = args[0] if args else kwargs["hidden_states"]
-            h = out[0] if isinstance(out, tuple) else out
-            h = h.clone()
-            h[:, img] = h_in[:, img]
-            return (h, *out[1:]) if isinstance(out, tuple) else h
+    def rows_in(l, save=None, put=None):
+        """Pre-hook on a layer (or the final norm): save its input's image rows, or put saved ones there."""
+        def hook(mod, args, kwargs):
+            h = (args[0] if args else kwargs["hidden_states"]).clone()
+            if save is not None:
+                kept[save] = h[:, img].clone()
+            if put is not None:
+                h[:, img] = kept[put]
+            return ((h, *args[1:]), kwargs) if args else (args, dict(kwargs, hidden_states=h))
         return hook
 
     for l, layer in enumerate(layers):
@@ -92,7 +96,16 @@ def _eager_logits(lm, inputs, block=None, freeze_from=None, img=None, rank=None)
         if rank is not None:
             hooks.append(layer.self_attn.register_forward_hook(post_attn(l), with_kwargs=True))
         if freeze_from is not None and l >= freeze_from:
-            hooks.append(layer.register_forward_hook(post_layer(l), with_kwargs=True))
+            hooks.append(layer.register_forward_pre_hook(
+                rows_in(l, save="frozen" if l == freeze_from else None, put="frozen" if l > freeze_from else None),
+                with_kwargs=True))
+        if substitute is not None and l in substitute:
+            at, src = substitute
+            hooks.append(layer.register_forward_pre_hook(
+                rows_in(l, save="src" if l == src else None, put="src" if l == at else None), with_kwargs=True))
+    if freeze_from is not None:
+        hooks.append(lm.arch.final_norm(lm.model).register_forward_pre_hook(rows_in(-1, put="frozen"),
+                                                                            with_kwargs=True))
     set_attn(lm.model, "eager")
     try:
         with torch.no_grad():
@@ -156,6 +169,8 @@ def test_truncate_knockout_freeze_fastv_equal_eager_references(family, image):
            ref, text)
     ref = _eager_logits(lm, inputs, freeze_from=k, img=img)
     _check(family, f"Freeze({k})", _lens_logits(lm, inputs, img, [Freeze(k)]), ref, text)
+    ref = _eager_logits(lm, inputs, substitute=(2, 1), img=img)
+    _check(family, "Substitute(at 2, from 1)", _lens_logits(lm, inputs, img, [Substitute(2, 1)]), ref, text)
     # FastV: rank by the last token's head-mean attention at layer K-1, then no kept query reads a dropped key
     K, keep = 1, 0.5
     kept = {}

@@ -29,6 +29,12 @@ MODEL_CLASS = {
     "aya_vision": transformers.AyaVisionForConditionalGeneration,
     "glm4v": transformers.Glm4vForConditionalGeneration,
     "paligemma": transformers.PaliGemmaForConditionalGeneration,
+    "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
+    "qwen3_vl_moe": transformers.Qwen3VLMoeForConditionalGeneration,
+    "glm46v": transformers.Glm46VForConditionalGeneration,
+    "glm4v_moe": transformers.Glm4vMoeForConditionalGeneration,
+    "vipllava": transformers.VipLlavaForConditionalGeneration,
+    "llava_next_video": transformers.LlavaNextVideoForConditionalGeneration,
 }
 PROCESSOR_CLASS = {
     "llava": transformers.LlavaProcessor,
@@ -43,6 +49,12 @@ PROCESSOR_CLASS = {
     "aya_vision": transformers.AyaVisionProcessor,
     "glm4v": transformers.Glm4vProcessor,
     "paligemma": transformers.PaliGemmaProcessor,
+    "qwen3_vl": transformers.Qwen3VLProcessor,
+    "qwen3_vl_moe": transformers.Qwen3VLProcessor,
+    "glm46v": transformers.Glm46VProcessor,
+    "glm4v_moe": transformers.Glm4vProcessor,
+    "vipllava": transformers.LlavaProcessor,
+    "llava_next_video": transformers.LlavaNextVideoProcessor,
 }
 # placeholder the chat template inserts for one image (the processor expands it)
 TEMPLATE_IMAGE = {
@@ -58,6 +70,12 @@ TEMPLATE_IMAGE = {
     "aya_vision": "<image>",
     "glm4v": "<|begin_of_image|><|image|><|end_of_image|>",
     "paligemma": None,
+    "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen3_vl_moe": "<|vision_start|><|image_pad|><|vision_end|>",
+    "glm46v": "<|begin_of_image|><|image|><|end_of_image|>",
+    "glm4v_moe": "<|begin_of_image|><|image|><|end_of_image|>",
+    "vipllava": "<image>",
+    "llava_next_video": "<image>",
 }
 
 
@@ -82,7 +100,8 @@ def _inputs(family, image):
 
 def test_families_listed():
     assert FAMILIES == ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3", "smolvlm",
-                        "llava_onevision", "aya_vision", "glm4v", "paligemma")
+                        "llava_onevision", "aya_vision", "glm4v", "paligemma", "qwen3_vl", "qwen3_vl_moe", "glm46v",
+                        "glm4v_moe", "vipllava", "llava_next_video")
 
 
 def test_unknown_family_names_supported_ones():

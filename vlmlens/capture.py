@@ -195,6 +195,15 @@ def center_crop_box(lm, image) -> list[float] | None:
     return None if box == [0.0, 0.0, 1.0, 1.0] else [round(v, 6) for v in box]
 
 
+def _injection_meta(lm, lens) -> dict:
+    """Where the family adds vision features between decoder layers (DeepStack), and which of them
+    the interventions stopped; nothing for families without injections."""
+    layers = lm.arch.injection_layers(lm.model)
+    if not layers:
+        return {}
+    return {"injection_layers": list(layers), "injections_stopped": sorted(lens.injections.stopped)}
+
+
 def capture(
     lm,
     image,
@@ -340,6 +349,7 @@ def capture(
         "grid_order": grid.order,
         "image_box": center_crop_box(lm, rgb),
         "grid_exact": bool(grid.exact),
+        **_injection_meta(lm, lens),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if unknown:

@@ -39,6 +39,7 @@ from typing import Protocol
 import torch
 
 from .lens_attention import ATTN_NAME, STATE_ATTR, AttentionView, _union, positional_mask  # noqa: F401
+from .lens_injections import Injections
 from .recorder import Recorder
 from .rows import _hidden_arg, _select_rows, _with_hidden
 from .session import (HIDDEN_DTYPES, NOTHING, STORE_MODES, BatchRow, LensContext, LensStart, Plan,  # noqa: F401
@@ -80,6 +81,10 @@ class Intervention(Protocol):
 
     def edit_vision_output(self, layer: int, h_in: torch.Tensor, h_out: torch.Tensor, ctx: "LensContext") -> torch.Tensor | None:
         """Rewrite the output of vision-tower layer ``layer`` (the image encoder, before the projector)."""
+
+    def stops_injection(self, layer: int) -> bool:
+        """True: the features a family adds to the output of decoder layer ``layer`` (Qwen3-VL's
+        DeepStack; see ``lens_injections``) are left out."""
 
     def record_arrays(self, ctx: "LensContext", n_layers: int) -> dict:
         """Arrays for the Run after the session (what the intervention decided, e.g. kept tokens)."""
@@ -134,7 +139,8 @@ class Lens:
         """The lens on a LoadedModel: its decoder layers, and its vision-tower layers for the
         interventions that edit them."""
         lens = cls(lm.arch.decoder_layers(lm.model), plan, device=lm.device, start=start,
-                   vision_layers=lm.arch.vision_layers(lm.model), batch=batch)
+                   vision_layers=lm.arch.vision_layers(lm.model), batch=batch,
+                   injections=lm.arch.injection_module(lm.model))
         lens.bidirectional = lm.arch.bidirectional
         # only interventions that edit the tower read it (a second scan of the tower otherwise)
         depth = lm.arch.vision_feature_depth(lm.model) if lens._vision_hooks else None
@@ -143,7 +149,7 @@ class Lens:
         return lens
 
     def __init__(self, layers, plan: Plan, device: torch.device | str = "cpu", start: LensStart | None = None,
-                 vision_layers=None, batch=None):
+                 vision_layers=None, batch=None, injections: torch.nn.Module | None = None):
         self.layers = list(layers)
         self.vision_layers = list(vision_layers) if vision_layers is not None else []
         self.bidirectional = None            # "image" / "prefix": read both ways there (set by for_model)
@@ -165,6 +171,9 @@ class Lens:
         self._mlp_reads = [f for f in (_method(iv, "read_mlp_input") for iv in ivs) if f is not None]
         self.observers = [f for f in (_method(iv, "observe_attention") for iv in ivs) if f is not None]
         self._vision_edits = [f for f in (_method(iv, "edit_vision_output") for iv in ivs) if f is not None]
+        # features the family adds between decoder layers (DeepStack), added by the lens itself
+        self.injections = Injections(injections, [f for f in (getattr(iv, "stops_injection", None) for iv in ivs)
+                                                  if f is not None])
         self._vision_hooks = bool(self._vision_edits) or plan.recording.vision
         if self._vision_hooks and not self.vision_layers:
             raise RuntimeError("an intervention edits (or the plan records) the vision tower, but the lens was given "
@@ -278,12 +287,13 @@ class Lens:
             return _with_hidden(args, kwargs, new, positional)
         return hook
 
-    def _edited_output(self, edits, idx, args, kwargs, output, vision: bool = False):
-        """(layer input, the output's hidden states after ``edits``, the output rebuilt or None)."""
+    def _edited_output(self, edits, idx, args, kwargs, output, vision: bool = False, add=None):
+        """(layer input, the output's hidden states after ``add`` then ``edits``, the output rebuilt
+        or None)."""
         h_in, _ = _hidden_arg(args, kwargs)
         is_tuple = isinstance(output, tuple)
         h_out = output[0] if is_tuple else output
-        new = h_out
+        new = h_out if add is None else add(h_out)
         for fn in edits:
             r = (fn(idx, h_in, new, self.context) if vision
                  else self._per_row(lambda a, b, c: fn(idx, a, b, c), h_in, new))
@@ -294,7 +304,8 @@ class Lens:
 
     def _post(self, idx):
         def hook(module, args, kwargs, output):
-            _, new, rebuilt = self._edited_output(self._post_edits, idx, args, kwargs, output)
+            add = self.injections.adder(idx, self.positions.layer_qpos[idx], self.positions.qpos)
+            _, new, rebuilt = self._edited_output(self._post_edits, idx, args, kwargs, output, add=add)
             self.recorder.store_hidden(idx + 1, new, self.positions.layer_qpos[idx])
             if idx == len(self.layers) - 1:
                 self.positions.end_forward()
@@ -337,6 +348,9 @@ class Lens:
                 self._handles.append(layer.register_forward_hook(self._post(i), with_kwargs=True))
                 if self._mlp_reads:
                     self._handles.append(_mlp_module(layer).register_forward_pre_hook(self._mlp_pre(i)))
+            if self.injections.module is not None:
+                self._handles.append(self.injections.module.register_forward_pre_hook(self.injections.hook(),
+                                                                                      with_kwargs=True))
             if self._vision_hooks:
                 for i, layer in enumerate(self.vision_layers):
                     # prepend: before transformers' own output-capturing hooks, so that the hidden

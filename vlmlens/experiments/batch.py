@@ -44,14 +44,6 @@ def _pad_id(lm) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else (sorted(_eos_ids(lm)) or [0])[0]
 
 
-#: inputs whose dimension 1 counts an image's tiles, which the family's forward reads only as far
-#: as each image has them: zero tiles pad them (LLaVA-NeXT slices by ``image_sizes``; Idefics3
-#: drops all-zero images and their ``pixel_attention_mask``)
-TILE_PADDED = {"llava_next": ("pixel_values",), "llava_onevision": ("pixel_values",),
-               "idefics3": ("pixel_values", "pixel_attention_mask"),
-               "smolvlm": ("pixel_values", "pixel_attention_mask")}
-
-
 def _pad_tiles(vals: list[torch.Tensor]) -> list[torch.Tensor]:
     if any(v.dim() < 3 or v.shape[2:] != vals[0].shape[2:] for v in vals):
         return vals
@@ -100,7 +92,7 @@ def collate(lm, preps: Sequence[Prepared]) -> tuple[dict, list[BatchRow]]:
                 full[b, cols.to(v.device)] = v[0]
             out[k] = full
             continue
-        if any(v.shape[1:] != vals[0].shape[1:] for v in vals) and k in TILE_PADDED.get(lm.family, ()):
+        if any(v.shape[1:] != vals[0].shape[1:] for v in vals) and k in lm.arch.tile_inputs:
             vals = _pad_tiles(vals)
         if any(v.shape[1:] != vals[0].shape[1:] for v in vals):
             shapes = sorted({tuple(v.shape) for v in vals})

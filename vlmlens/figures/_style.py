@@ -94,3 +94,23 @@ def empty_figure(message: str, *, title: str | None = None, height: int = 300) -
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     return fig
+
+
+INJECTION_COLOR = "#9467bd"            # layers where a family adds vision features (DeepStack)
+
+
+def mark_injections(fig: go.Figure, run, *, shift: int, subplots: bool = False) -> go.Figure:
+    """Shade the layers where the model added vision features to the image rows (Qwen3-VL's
+    DeepStack; ``run.meta["injection_layers"]``, the decoder layers whose output received them,
+    without those an intervention stopped). ``shift``: the x of decoder layer ``l``'s output on
+    this figure's axis minus ``l`` (1 where x is a hidden state h_l, the input of layer l; 0 where
+    x is the layer itself)."""
+    stopped = set(run.meta.get("injections_stopped") or ())
+    layers = [l for l in run.meta.get("injection_layers") or () if l not in stopped]
+    where = dict(row="all", col="all") if subplots else {}
+    for i, l in enumerate(layers):
+        fig.add_vrect(x0=l + shift - 0.45, x1=l + shift + 0.45, fillcolor=INJECTION_COLOR, opacity=0.12,
+                      line_width=0, layer="below", **where,
+                      annotation_text="vision features added (DeepStack)" if i == 0 else None,
+                      annotation_position="bottom left", annotation_font=dict(size=10, color=INJECTION_COLOR))
+    return fig

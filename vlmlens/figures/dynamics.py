@@ -25,7 +25,7 @@ import plotly.graph_objects as go
 from ..analysis import geometry as geo
 from ..analysis.stability import MIN_POINTS, image_vs_text
 from ._style import (LAYER_COLORSCALE, OTHER_DASH, SEQUENTIAL_COLORSCALE, SPAN_ORDER, STAB_DASH,
-                     empty_figure, legend_below, new_figure, span_color, span_symbol)
+                     empty_figure, legend_below, mark_injections, new_figure, span_color, span_symbol)
 
 #: (metric of ``geometry.dynamics``, panel title, y-axis label) of the four panels.
 PANELS = (
@@ -150,6 +150,7 @@ def fig_dynamics(run, other=None, *, spans=DEFAULT_SPANS, eps: float = 0.05, k: 
     if other is not None:
         odf = run_dynamics(other, spans=spans, k=k, eps=eps)
         _add_run_traces(fig, odf, suffix=f" ({other_label})", dash=OTHER_DASH, mark_stab=False, first=True)
+    mark_injections(fig, run, shift=1, subplots=True)     # h_(l+1) holds what was added to layer l's output
     for i, (_m, _t, ylabel) in enumerate(PANELS):
         row, col = divmod(i, 2)
         fig.update_xaxes(title_text="h<sub>ℓ</sub>: input of decoder layer ℓ (0 = embeddings)", row=row + 1, col=col + 1,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-from ._style import STAB_DASH, legend_below, new_figure, span_color
+from ._style import STAB_DASH, legend_below, mark_injections, new_figure, span_color
 
 
 def _label(run) -> str:
@@ -46,6 +46,7 @@ def fig_token_movement(run, *, spans=("image", "text"), tol: float | None = None
     if s is not None and s.layer is not None:
         fig.add_vline(x=s.layer, line=dict(color=span_color("image"), dash=STAB_DASH),
                       annotation_text=f"image stable from layer {s.layer}", annotation_position="top left")
+    mark_injections(fig, run, shift=0)      # a layer's step includes what was added to its output
     fig.update_xaxes(title_text="decoder layer l (step from its input to its output)", dtick=1)
     fig.update_yaxes(title_text="‖h<sub>l+1</sub> − h<sub>l</sub>‖ / ‖h<sub>l</sub>‖", tickformat=".0%",
                      rangemode="tozero")

@@ -88,6 +88,10 @@ class Truncate(_Base):
             return None
         return ctx.image_pos
 
+    def stops_injection(self, layer):
+        # the image is cut from from_layer on: so are the vision features a family adds there (DeepStack)
+        return layer >= self.from_layer
+
     def prefix_effect(self, n_layers):
         # only non-image queries lose the image keys: every prefix row keeps its computation
         if self.mode == "remove" and self.from_layer < n_layers:
@@ -133,6 +137,10 @@ class Freeze(_Base):
 
     def edit_resid_post(self, layer, h_in, h_out, ctx):
         return _pass_through(layer, h_in, h_out, ctx, layer >= self.from_layer, "image")
+
+    def stops_injection(self, layer):
+        # frozen image states receive nothing either (DeepStack's features are not added from from_layer on)
+        return layer >= self.from_layer
 
     def prefix_effect(self, n_layers):
         return UNCHANGED if self.from_layer >= n_layers else RECOMPUTE

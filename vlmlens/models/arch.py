@@ -17,12 +17,11 @@ Verified against transformers 5.23 with the tiny models in ``tiny_random`` (test
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from . import grids
 from .grids import GridInfo, GridSegment
 
 __all__ = ["Arch", "ARCHES", "GridInfo", "GridSegment", "UnsupportedArchitecture", "arch_for", "get_arch"]
@@ -56,6 +55,11 @@ class Arch:
     bidirectional: str | None = None  # read both ways (the model's own mask): "image" (Gemma 3), "prefix" (PaliGemma)
     chat: bool = True  # the prompt goes through the chat template (PaliGemma's processor takes the plain prompt)
     generated_token_type: int = 0  # token_type_ids of generated tokens (PaliGemma: 1, the causal suffix)
+    # inputs whose dimension 1 counts an image's tiles, which the forward reads only as far as each image
+    # has them, so a batch pads them with zero tiles (LLaVA-NeXT slices by image_sizes; Idefics3 drops
+    # all-zero tiles and their pixel_attention_mask)
+    tile_inputs: tuple[str, ...] = ()
+    injections: str | None = None  # path of the decoder stack whose call carries DeepStack features (Qwen3-VL)
     _grid: Callable[..., GridInfo] = field(default=None, repr=False, compare=False)
     _grid_kwargs: tuple[str, ...] = field(default=(), repr=False, compare=False)  # which of processor/image
 
@@ -85,6 +89,19 @@ class Arch:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    def injection_module(self, model) -> torch.nn.Module | None:
+        """The decoder stack whose forward receives vision features to add between layers (Qwen3-VL's
+        DeepStack, see ``vlmlens.lens_injections``); None for families without injections."""
+        return _attr_path(model, self.injections) if self.injections else None
+
+    def injection_layers(self, model) -> tuple[int, ...]:
+        """Decoder layers whose output receives injected vision features: one per DeepStack level
+        (``vision_config.deepstack_visual_indexes``), the first ones; () without injections."""
+        if not self.injections:
+            return ()
+        levels = len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or ())
+        return tuple(range(min(levels, len(self.decoder_layers(model)))))
+
     def vision_modules(self, model) -> dict[str, torch.nn.Module]:
         """``{"vision_tower": ..., "projector": ...}``: the image encoder and the module mapping its
         features into the language model's embedding space."""
@@ -106,8 +123,11 @@ class Arch:
         layers = self.vision_layers(model)
         n = len(layers) if layers is not None else 0
         vfl = getattr(model.config, "vision_feature_layer", None)
-        if isinstance(vfl, int):
-            return vfl if vfl >= 0 else n + 1 + vfl
+        if vfl is None:                  # VipLLaVA reads several layers: the deepest one counts
+            vfl = getattr(model.config, "vision_feature_layers", None)
+        picks = [vfl] if isinstance(vfl, int) else list(vfl) if isinstance(vfl, (list, tuple)) else []
+        if picks and all(isinstance(v, int) for v in picks):
+            return max(v if v >= 0 else n + 1 + v for v in picks)
         return n
 
     # ----------------------------------------------------------------------------------------- inputs
@@ -158,178 +178,8 @@ class Arch:
         return info.rows, info.cols
 
 
-def _square(inputs, n):
-    return grids.square_raster(n)
-
-
-_QWEN2_VL = Arch(
-    family="qwen2_vl",
-    model_class="Qwen2VLForConditionalGeneration",
-    processor_class="Qwen2VLProcessor",
-    image_token="<|image_pad|>",
-    token_order="raster",
-    grid_rule="image_grid_thw = (1, h, w) patches -> (h/2) x (w/2) raster after the 2x2 merge",
-    required_inputs=("pixel_values", "image_grid_thw", "mm_token_type_ids"),
-    vision_tower_path="model.visual",
-    projector_path="model.visual.merger",
-    notes="pixel_values are flattened patches (N, C*t*p*p); M-RoPE positions come from "
-    "mm_token_type_ids; the image keeps its aspect ratio (resized to multiples of 28 px)",
-    _grid=grids.qwen_grid,
-)
-
-_LLAVA_NEXT = Arch(
-    family="llava_next",
-    model_class="LlavaNextForConditionalGeneration",
-    processor_class="LlavaNextProcessor",
-    image_token="<image>",
-    token_order="base+anyres",
-    grid_rule="[base k x k | anyres Hu x (Wu + newline)]; primary grid = base k x k; the anyres "
-    "segment is the unpadded high-resolution grid over the whole picture",
-    required_inputs=("pixel_values", "image_sizes"),
-    vision_tower_path="model.vision_tower",
-    projector_path="model.multi_modal_projector",
-    notes="one newline token (the learned image_newline vector) ends every anyres row; it is an "
-    "image token in input_ids but has no image position",
-    _grid=grids.llava_next_grid,
-    _grid_kwargs=("processor",),
-)
-
-_INTERNVL = Arch(
-    family="internvl",
-    model_class="InternVLForConditionalGeneration",
-    processor_class="InternVLProcessor",
-    image_token="<IMG_CONTEXT>",
-    token_order="tiles",
-    grid_rule="<img> tiles (row-major, each k x k after 0.5 pixel shuffle) then a thumbnail </img>; "
-    "primary grid = tile mosaic; one tile -> plain k x k raster",
-    required_inputs=("pixel_values",),
-    vision_tower_path="model.vision_tower",
-    projector_path="model.multi_modal_projector",
-    notes="pixel_values is (tiles, 3, H, W) with no batch axis; tile arrangement is not in the "
-    "inputs (pass processor and image to grid_info)",
-    _grid=grids.internvl_grid,
-    _grid_kwargs=("processor", "image"),
-)
-
-_IDEFICS3 = Arch(
-    family="idefics3",
-    model_class="Idefics3ForConditionalGeneration",
-    processor_class="Idefics3Processor",
-    image_token="<image>",
-    token_order="tiles",
-    grid_rule="per tile <fake><row_i_col_j> k x k, rows end in \\n, then <fake><global-img> k x k "
-    "<fake>; primary grid = tile mosaic; no splitting -> plain k x k raster",
-    required_inputs=("pixel_values", "pixel_attention_mask"),
-    vision_tower_path="model.vision_model",
-    projector_path="model.connector",
-    notes="SmolVLM (v1) checkpoints use this class; pixel_values is (1, tiles, 3, H, W)",
-    _grid=grids.idefics3_grid,
-    _grid_kwargs=("processor",),
-)
-
-ARCHES: dict[str, Arch] = {
-    a.family: a
-    for a in [
-        Arch(
-            family="llava",
-            model_class="LlavaForConditionalGeneration",
-            processor_class="LlavaProcessor",
-            image_token="<image>",
-            token_order="raster",
-            grid_rule="square k x k raster of the vision patches (CLS dropped): k = image_size / patch_size",
-            required_inputs=("pixel_values",),
-            vision_tower_path="model.vision_tower",
-            projector_path="model.multi_modal_projector",
-            notes="processor needs num_additional_image_tokens=1 with the 'default' strategy so that the "
-            "placeholder count equals the patch count",
-            _grid=_square,
-        ),
-        _LLAVA_NEXT,
-        replace(
-            _LLAVA_NEXT,
-            family="llava_onevision",
-            model_class="LlavaOnevisionForConditionalGeneration",
-            processor_class="LlavaOnevisionProcessor",
-            grid_rule="as llava_next: [base k x k | anyres Hu x (Wu + newline)], the anyres grid shrunk to about "
-            "N tiles (anyres_max_N)",
-            notes="SigLIP tower, 'full' feature strategy; images only (its video input is not read)",
-            _grid=grids.llava_onevision_grid,
-        ),
-        _QWEN2_VL,
-        replace(
-            _QWEN2_VL,
-            family="glm4v",
-            model_class="Glm4vForConditionalGeneration",
-            processor_class="Glm4vProcessor",
-            image_token="<|image|>",
-            notes="GLM-4.1V/4.5V: Qwen2-VL's 2x2-merged raster and M-RoPE (3D positions from mm_token_type_ids); "
-            "decoder layers with extra post-attention / post-MLP norms; images only (its video input is not read)",
-        ),
-        replace(
-            _QWEN2_VL,
-            family="qwen2_5_vl",
-            model_class="Qwen2_5_VLForConditionalGeneration",
-            processor_class="Qwen2_5_VLProcessor",
-            notes="vision tower uses windowed attention internally but un-permutes its output, so the "
-            "merged tokens reach the LM in raster order",
-        ),
-        _INTERNVL,
-        replace(
-            _INTERNVL,
-            family="aya_vision",
-            model_class="AyaVisionForConditionalGeneration",
-            processor_class="AyaVisionProcessor",
-            image_token="<|IMG_PATCH|>",
-            grid_rule="<|START_OF_IMG|> TILE_i k x k per tile (row-major) then TILE_GLOBAL k x k <|END_OF_IMG|>; "
-            "primary grid = tile mosaic; one tile -> plain k x k raster",
-            notes="SigLIP tower, pixel-shuffle projector, Cohere2 language model (parallel attention + MLP "
-            "blocks, sliding-window layers); pixel_values is (tiles, 3, H, W); the tile arrangement needs the "
-            "processor and the image (as InternVL's)",
-        ),
-        _IDEFICS3,
-        replace(
-            _IDEFICS3,
-            family="smolvlm",
-            model_class="SmolVLMForConditionalGeneration",
-            processor_class="SmolVLMProcessor",
-            notes="SmolVLM2 checkpoints: Idefics3's token layout with SmolVLM's own classes (its processor needs "
-            "num2words; video input is not read); pixel_values is (1, tiles, 3, H, W)",
-        ),
-        Arch(
-            family="paligemma",
-            model_class="PaliGemmaForConditionalGeneration",
-            processor_class="PaliGemmaProcessor",
-            image_token="<image>",
-            token_order="raster",
-            grid_rule="square k x k raster of the SigLIP patches, before the prompt",
-            required_inputs=("pixel_values",),
-            vision_tower_path="model.vision_tower",
-            projector_path="model.multi_modal_projector",
-            bidirectional="prefix",
-            chat=False,
-            generated_token_type=1,
-            notes="prefix-LM: the image and the prompt (the prefix) attend both ways, generated tokens causally; "
-            "the processor takes the plain prompt (no chat template) and puts the image tokens, <bos> and a "
-            "closing newline around it",
-            _grid=_square,
-        ),
-        Arch(
-            family="gemma3",
-            model_class="Gemma3ForConditionalGeneration",
-            processor_class="Gemma3Processor",
-            image_token="<image_soft_token>",
-            token_order="raster",
-            grid_rule="square raster of mm_tokens_per_image average-pooled patches (e.g. 16 x 16)",
-            required_inputs=("pixel_values", "token_type_ids"),
-            vision_tower_path="model.vision_tower",
-            projector_path="model.multi_modal_projector",
-            bidirectional="image",
-            notes="token_type_ids marks image tokens (they attend bidirectionally within the image); "
-            "the chat template inserts <start_of_image>, which the processor expands",
-            _grid=grids.gemma3_grid,
-        ),
-    ]
-}
+# the table of families (imported last: it builds Arch objects)
+from .families import ARCHES  # noqa: E402
 
 
 def get_arch(model_type: str) -> Arch:

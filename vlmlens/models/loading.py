@@ -249,7 +249,7 @@ def _load_processor(path: str, arch: Arch, trust_remote_code: bool):
     import transformers
     from transformers import AutoProcessor
 
-    from .tiny_processors import without_video_processor
+    from .offline_text import without_video_processor
 
     error = None
     try:

@@ -9,185 +9,11 @@ because every video processor in transformers 5 is torchvision-backed; see ``wit
 
 from __future__ import annotations
 
-import inspect
-
 from dataclasses import dataclass, field
 
 import transformers
-from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 
-# A few hundred common English words. The tokenizer lowercases, so capitalised prompt words still hit.
-_WORDS = """
-a an the this that these those it its is are was were be been being am do does did done have has had
-i you he she we they me him her us them my your his our their mine yours what which who whom whose
-where when why how there here not no yes and or but if then so because as of in on at by for with
-about into onto over under above below between behind front near far from to up down out off again
-left right top bottom middle center side corner edge inside outside around through across along
-image picture photo photograph scene view shown show shows see seen look looks looking visible
-color colour colors red green blue yellow orange purple pink black white gray grey brown gold silver
-shape shapes circle square triangle rectangle line lines dot dots star cross ring box ball cube
-small large big little tiny huge long short tall wide narrow thick thin round flat bright dark light
-one two three four five six seven eight nine ten many few some all any each every more most less
-man woman person people child boy girl dog cat bird horse cow fish animal animals car bus truck bike
-tree trees flower grass sky sun cloud water sea river road street house building window door wall
-table chair bed cup plate food apple banana book phone computer screen sign text word letter number
-can could will would should may might must shall describe tell answer question count find name
-there's it's i'm don't
-first second last next other same different new old good bad best better very much also only just
-background foreground object objects thing things part parts area region pattern texture
-day night time year way place world home room city water fire air ground floor field
-make made take taken give given go going come coming get got put say said know think want like
-use used find found work seem seems feel try leave call keep let begin help turn start run move
-live believe hold bring happen write sit stand lose pay meet include continue set learn change lead
-understand watch follow stop create speak read allow add spend grow open walk win offer remember
-love consider appear buy wait serve die send expect build stay fall cut reach kill remain suggest
-raise pass sell require report decide pull empty full half whole
-please thanks hello hi ok okay yes sure user assistant system model inst helpful
-""".split()
-
-_PUNCT = [".", ",", "?", "!", ":", ";", "'", '"', "-", "(", ")", "/", "[", "]", "<", ">", "|", "_"]
-_DIGITS = [str(d) for d in range(10)]
-
-
-def _vocab_words() -> list[str]:
-    seen: dict[str, None] = {}
-    for w in [*_PUNCT, *_DIGITS, *_WORDS]:
-        seen.setdefault(w, None)
-    return list(seen)
-
-
-def make_tokenizer(
-    special_tokens: list[str],
-    *,
-    eos: str,
-    bos: str | None = None,
-    extra_named: dict[str, str] | None = None,
-    added_plain: list[str] = ("\n",),
-) -> transformers.PreTrainedTokenizerFast:
-    """A word-level tokenizer: ``<unk>``, ``<pad>``, the given special tokens, ``\\n``, punctuation, digits
-    and a few hundred lowercase English words. Whitespace is dropped except ``\\n``, which is its own
-    (non-special) token so that templates with line breaks survive a round trip through ids.
-
-    ``extra_named`` maps attribute names (e.g. ``"context_image_token"``) to special tokens; transformers
-    then exposes ``tok.<name>`` and ``tok.<name>_id``, which some processors read.
-    """
-    specials: list[str] = []
-    for tok in ["<unk>", "<pad>", *([bos] if bos else []), eos, *special_tokens, *(extra_named or {}).values()]:
-        if tok not in specials:
-            specials.append(tok)
-    vocab = {tok: i for i, tok in enumerate([*specials, *added_plain, *_vocab_words()])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    kwargs = {"bos_token": bos} if bos else {}
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        eos_token=eos,
-        extra_special_tokens=dict(extra_named or {}),
-        padding_side="left",
-        **kwargs,
-    )
-    # Register every special string as an added token so it is matched before normalisation and
-    # pre-tokenisation (``<image>`` must not split into ``<``, ``image``, ``>``).
-    tok.add_tokens([AddedToken(t, normalized=False, special=True) for t in specials], special_tokens=True)
-    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in added_plain])
-    return tok
-
-
-def chat_template(
-    *,
-    roles: dict[str, tuple[str, str]],
-    image: str,
-    generation_prompt: str,
-    start: str = "",
-    default_system: str | None = None,
-) -> str:
-    """Build a Jinja chat template. ``roles[role] = (prefix, suffix)`` wraps each message; an image part
-    renders as ``image``; text parts render verbatim. ``default_system`` is emitted when the
-    conversation has no system message (Qwen style)."""
-    parts = [start]
-    if default_system is not None:
-        sp, ss = roles["system"]
-        parts.append(
-            "{%- if messages[0]['role'] != 'system' -%}" + _jinja_literal(sp + default_system + ss) + "{%- endif -%}"
-        )
-    parts.append("{%- for message in messages -%}")
-    first = True
-    for role, (prefix, suffix) in roles.items():
-        kw = "if" if first else "elif"
-        first = False
-        parts.append(f"{{%- {kw} message['role'] == '{role}' -%}}{_jinja_literal(prefix)}")
-        parts.append(_CONTENT.replace("@IMAGE@", _jinja_literal(image)))
-        parts.append(_jinja_literal(suffix))
-    parts.append("{%- endif -%}{%- endfor -%}")
-    parts.append("{%- if add_generation_prompt -%}" + _jinja_literal(generation_prompt) + "{%- endif -%}")
-    return "".join(parts)
-
-
-_CONTENT = (
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}@IMAGE@"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-)
-
-
-def _jinja_literal(s: str) -> str:
-    if not s:
-        return ""
-    escaped = s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
-    return "{{ '" + escaped + "' }}"
-
-
-def without_video_processor(cls: type) -> type:
-    """Subclass of processor ``cls`` with no video-processor slot.
-
-    transformers 5 requires every declared sub-processor at construction time, and all of its video
-    processors need torchvision (not installed here). The subclass's ``__init__`` has no
-    ``video_processor`` parameter, so ``ProcessorMixin`` expects only the image processor and tokenizer;
-    image + text processing is inherited unchanged. Its ``video_processor`` is :data:`NO_VIDEO`: passing
-    ``videos=`` is refused with the reason, and the video defaults some processors read while rendering
-    any chat (SmolVLM) are None. The subclass's
-    ``from_pretrained`` also works on a saved checkpoint directory (it loads no video processor).
-    """
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_seq_length=None, **kwargs):
-        # image_seq_length is named here because from_pretrained keeps only the arguments that
-        # __init__'s code object names (InternVL needs it; the others never receive it)
-        if image_seq_length is not None:
-            kwargs["image_seq_length"] = image_seq_length
-        cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-    # keep the parent's other parameters (e.g. InternVL's image_seq_length) visible, so that
-    # save_pretrained writes them and from_pretrained restores them
-    sig = inspect.signature(cls.__init__)
-    __init__.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "video_processor"])
-
-    return type(
-        f"{cls.__name__}NoVideo",
-        (cls,),
-        {"__init__": __init__, "__module__": __name__, "__doc__": f"{cls.__name__} without a video processor.",
-         "video_processor": NO_VIDEO},
-    )
-
-
-class _NoVideo:
-    """Where a processor without its video processor is asked for one: the video defaults some
-    processors read while rendering any chat (SmolVLM reads ``num_frames`` and ``fps``) are None,
-    and processing a video is refused with the reason."""
-
-    num_frames = None
-    fps = None
-
-    def __call__(self, *args, **kwargs):
-        raise ValueError("this processor was loaded without its video processor (transformers' video processors"
-                         " need torchvision, which vlmlens does not install); vlmlens reads images")
-
-
-NO_VIDEO = _NoVideo()
+from .offline_text import NO_VIDEO, chat_template, make_tokenizer, without_video_processor  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -207,7 +33,7 @@ _IM = ("<|im_start|>", "<|im_end|>")
 def build_processor(spec: TinyProcessorSpec):
     """Return the family's processor, built offline. Called by ``tiny_random.build_random``."""
     f, s, p = spec.family, spec.image_size, spec.patch_size
-    if f == "llava":
+    if f in ("llava", "vipllava"):
         tok = make_tokenizer(["<image>"], bos="<s>", eos="</s>")
         ip = transformers.LlavaImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
         tpl = chat_template(
@@ -221,8 +47,8 @@ def build_processor(spec: TinyProcessorSpec):
             image_processor=ip, tokenizer=tok, patch_size=p, vision_feature_select_strategy="default",
             num_additional_image_tokens=1, chat_template=tpl,
         )  # fmt: skip
-    if f == "llava_next":
-        tok = make_tokenizer(["<image>", "[INST]", "[/INST]"], bos="<s>", eos="</s>")
+    if f in ("llava_next", "llava_next_video"):
+        tok = make_tokenizer(["<image>", "<video>", "[INST]", "[/INST]"], bos="<s>", eos="</s>")
         ip = transformers.LlavaNextImageProcessorPil(
             size={"shortest_edge": s}, crop_size={"height": s, "width": s},
             image_grid_pinpoints=spec.extra["image_grid_pinpoints"],
@@ -233,21 +59,22 @@ def build_processor(spec: TinyProcessorSpec):
             image="<image>\n",
             generation_prompt="",
         )
-        return transformers.LlavaNextProcessor(
-            image_processor=ip, tokenizer=tok, patch_size=p, vision_feature_select_strategy="default",
-            num_additional_image_tokens=1, chat_template=tpl,
-        )  # fmt: skip
-    if f == "glm4v":
+        cls = (transformers.LlavaNextProcessor if f == "llava_next"
+               else without_video_processor(transformers.LlavaNextVideoProcessor))
+        return cls(image_processor=ip, tokenizer=tok, patch_size=p, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1, chat_template=tpl)
+    if f in ("glm4v", "glm4v_moe", "glm46v"):
         names = ["<|image|>", "<|video|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
                  "<|end_of_video|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>"]
         tok = make_tokenizer(names, eos="<|endoftext|>")
         lo, hi = spec.extra["min_pixels"], spec.extra["max_pixels"]
-        ip = transformers.Glm4vImageProcessorPil(patch_size=p, merge_size=spec.extra["merge_size"],
-                                                 temporal_patch_size=spec.extra["temporal_patch_size"],
-                                                 size={"shortest_edge": lo, "longest_edge": hi})
+        ip = (transformers.Glm46VImageProcessorPil if f == "glm46v" else transformers.Glm4vImageProcessorPil)(
+            patch_size=p, merge_size=spec.extra["merge_size"], temporal_patch_size=spec.extra["temporal_patch_size"],
+            size={"shortest_edge": lo, "longest_edge": hi})
         tpl = chat_template(roles={r: (f"<|{r}|>\n", "") for r in ("system", "user", "assistant")},
                             image="<|begin_of_image|><|image|><|end_of_image|>", generation_prompt="<|assistant|>\n")
-        return without_video_processor(transformers.Glm4vProcessor)(image_processor=ip, tokenizer=tok, chat_template=tpl)
+        cls = transformers.Glm46VProcessor if f == "glm46v" else transformers.Glm4vProcessor
+        return without_video_processor(cls)(image_processor=ip, tokenizer=tok, chat_template=tpl)
     if f == "aya_vision":
         marks = ["<image>", "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", "TILE",
                  "TILE_GLOBAL", *[f"TILE_{i}" for i in range(1, 13)]]
@@ -278,7 +105,7 @@ def build_processor(spec: TinyProcessorSpec):
             image_processor=ip, tokenizer=tok, chat_template=tpl, num_image_tokens=spec.image_seq_len,
             vision_feature_select_strategy="full",
         )
-    if f in ("qwen2_vl", "qwen2_5_vl"):
+    if f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         names = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", *_IM]
         tok = make_tokenizer(names, eos="<|im_end|>")
         merge = spec.extra["merge_size"]
@@ -293,7 +120,8 @@ def build_processor(spec: TinyProcessorSpec):
             generation_prompt="<|im_start|>assistant\n",
             default_system="You are a helpful assistant.",
         )
-        base = transformers.Qwen2VLProcessor if f == "qwen2_vl" else transformers.Qwen2_5_VLProcessor
+        base = {"qwen2_vl": transformers.Qwen2VLProcessor, "qwen2_5_vl": transformers.Qwen2_5_VLProcessor}.get(
+            f, transformers.Qwen3VLProcessor)
         return without_video_processor(base)(image_processor=ip, tokenizer=tok, chat_template=tpl)
     if f == "internvl":
         named = {
