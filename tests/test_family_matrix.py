@@ -204,3 +204,13 @@ def test_the_support_matrix_in_the_docs_lists_every_family():
     rows = [l for l in doc.splitlines() if l.startswith("| `")]
     assert [l.split("`")[1] for l in rows] == list(FAMILIES)
     assert not any("fails" in l for l in rows)
+
+
+def test_the_readme_lists_the_families_of_the_support_matrix():
+    from pathlib import Path
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("## Supported families", 1)[1].split("\n\n", 2)[1]
+    listed = [name for row in table.splitlines()[2:] for name in re.findall(r"`([a-z0-9_]+)`", row.split("|")[1])]
+    assert sorted(listed) == sorted(FAMILIES) and len(listed) == len(set(listed))

@@ -35,6 +35,8 @@ MODEL_CLASS = {
     "glm4v_moe": transformers.Glm4vMoeForConditionalGeneration,
     "vipllava": transformers.VipLlavaForConditionalGeneration,
     "llava_next_video": transformers.LlavaNextVideoForConditionalGeneration,
+    "video_llava": transformers.VideoLlavaForConditionalGeneration,
+    "deepseek_vl": transformers.DeepseekVLForConditionalGeneration,
 }
 PROCESSOR_CLASS = {
     "llava": transformers.LlavaProcessor,
@@ -55,6 +57,8 @@ PROCESSOR_CLASS = {
     "glm4v_moe": transformers.Glm4vProcessor,
     "vipllava": transformers.LlavaProcessor,
     "llava_next_video": transformers.LlavaNextVideoProcessor,
+    "video_llava": transformers.VideoLlavaProcessor,
+    "deepseek_vl": transformers.DeepseekVLProcessor,
 }
 # placeholder the chat template inserts for one image (the processor expands it)
 TEMPLATE_IMAGE = {
@@ -76,6 +80,8 @@ TEMPLATE_IMAGE = {
     "glm4v_moe": "<|begin_of_image|><|image|><|end_of_image|>",
     "vipllava": "<image>",
     "llava_next_video": "<image>",
+    "video_llava": "<image>",
+    "deepseek_vl": "<image_placeholder>",
 }
 
 
@@ -101,7 +107,7 @@ def _inputs(family, image):
 def test_families_listed():
     assert FAMILIES == ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3", "smolvlm",
                         "llava_onevision", "aya_vision", "glm4v", "paligemma", "qwen3_vl", "qwen3_vl_moe", "glm46v",
-                        "glm4v_moe", "vipllava", "llava_next_video")
+                        "glm4v_moe", "vipllava", "llava_next_video", "video_llava", "deepseek_vl")
 
 
 def test_unknown_family_names_supported_ones():
@@ -118,8 +124,9 @@ def test_real_classes_and_tiny_sizes(family):
     model, proc = tiny(family)
     assert type(model) is MODEL_CLASS[family]
     assert isinstance(proc, PROCESSOR_CLASS[family])
-    # PIL/numpy image processor, not the torchvision-backed default
-    assert type(proc.image_processor).__name__.endswith("ImageProcessorPil")
+    # PIL/numpy image processor, not the torchvision-backed default (Video-LLaVA's only one is PIL-backed)
+    name = type(proc.image_processor).__name__
+    assert name.endswith("ImageProcessorPil") or name == "VideoLlavaImageProcessor"
     assert "torchvision" not in sys.modules
     tc = model.config.text_config
     assert 2 <= tc.num_hidden_layers <= 4 and 32 <= tc.hidden_size <= 64 and 2 <= tc.num_attention_heads <= 4

@@ -41,7 +41,7 @@ def tiny_config(family: str, spec: TinyProcessorSpec, processor):
     """The family's config: a 64-wide decoder of a few layers and a 2-layer vision tower."""
     tok = processor.tokenizer
     s, p = spec.image_size, spec.patch_size
-    if family in ("llava", "llava_next", "llava_next_video", "vipllava"):
+    if family in ("llava", "llava_next", "llava_next_video", "vipllava", "video_llava"):
         kw = dict(
             vision_config=transformers.CLIPVisionConfig(**_vision_kwargs(s, p), projection_dim=32),
             text_config=transformers.LlamaConfig(**_text_kwargs(tok, layers=2)),
@@ -53,6 +53,8 @@ def tiny_config(family: str, spec: TinyProcessorSpec, processor):
         kw.update(vision_feature_select_strategy="default", vision_feature_layer=-2)
         if family == "llava":
             return transformers.LlavaConfig(**kw)
+        if family == "video_llava":     # the image tower (its video tower reads the frames)
+            return transformers.VideoLlavaConfig(**kw, video_token_index=tok.convert_tokens_to_ids("<video>"))
         if family == "llava_next_video":
             return transformers.LlavaNextVideoConfig(**kw, image_grid_pinpoints=spec.extra["image_grid_pinpoints"],
                                                      video_token_index=tok.convert_tokens_to_ids("<video>"))
@@ -117,6 +119,11 @@ def tiny_config(family: str, spec: TinyProcessorSpec, processor):
             scale_factor=2,
             pad_token_id=tok.pad_token_id,
         )
+    if family == "deepseek_vl":
+        return transformers.DeepseekVLConfig(
+            vision_config=transformers.SiglipVisionConfig(**_vision_kwargs(s, p)),
+            text_config=transformers.LlamaConfig(**_text_kwargs(tok, layers=2)),
+            image_token_id=processor.image_token_id, tie_word_embeddings=False)
     if family == "paligemma":
         text = _text_kwargs(tok, layers=2, kv_heads=2)
         text.update(head_dim=_HIDDEN // _HEADS)

@@ -33,9 +33,10 @@ _IM = ("<|im_start|>", "<|im_end|>")
 def build_processor(spec: TinyProcessorSpec):
     """Return the family's processor, built offline. Called by ``tiny_random.build_random``."""
     f, s, p = spec.family, spec.image_size, spec.patch_size
-    if f in ("llava", "vipllava"):
-        tok = make_tokenizer(["<image>"], bos="<s>", eos="</s>")
-        ip = transformers.LlavaImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
+    if f in ("llava", "vipllava", "video_llava"):
+        tok = make_tokenizer(["<image>", "<video>"] if f == "video_llava" else ["<image>"], bos="<s>", eos="</s>")
+        ip = (transformers.VideoLlavaImageProcessor if f == "video_llava" else transformers.LlavaImageProcessorPil)(
+            size={"shortest_edge": s}, crop_size={"height": s, "width": s})
         tpl = chat_template(
             start="<s>",
             roles={"user": ("USER: ", " "), "assistant": ("ASSISTANT: ", "</s>"), "system": ("", " ")},
@@ -43,7 +44,8 @@ def build_processor(spec: TinyProcessorSpec):
             generation_prompt="ASSISTANT:",
         )
         # CLIP emits CLS + patches; "default" drops CLS, so one extra token is added then removed again.
-        return transformers.LlavaProcessor(
+        cls = without_video_processor(transformers.VideoLlavaProcessor) if f == "video_llava" else transformers.LlavaProcessor
+        return cls(
             image_processor=ip, tokenizer=tok, patch_size=p, vision_feature_select_strategy="default",
             num_additional_image_tokens=1, chat_template=tpl,
         )  # fmt: skip
@@ -162,6 +164,15 @@ def build_processor(spec: TinyProcessorSpec):
             generation_prompt="Assistant:",
         )  # fmt: skip
         return proc_cls(image_processor=ip, tokenizer=tok, image_seq_len=spec.image_seq_len, chat_template=tpl)
+    if f == "deepseek_vl":
+        bos, eos = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+        tok = make_tokenizer([], bos=bos, eos=eos, extra_named={"image_token": "<image_placeholder>"})
+        ip = transformers.DeepseekVLImageProcessorPil(size={"height": s, "width": s})
+        tpl = chat_template(start=bos, roles={"user": ("User: ", "\n\n"), "assistant": ("Assistant: ", eos),
+                                              "system": ("", "\n\n")},
+                            image="<image_placeholder>", generation_prompt="Assistant:")
+        return transformers.DeepseekVLProcessor(image_processor=ip, tokenizer=tok, chat_template=tpl,
+                                                num_image_tokens=spec.image_seq_len)
     if f == "paligemma":
         tok = make_tokenizer(["<image>"], bos="<bos>", eos="<eos>")
         ip = transformers.SiglipImageProcessorPil(size={"height": s, "width": s})

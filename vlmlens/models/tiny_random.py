@@ -31,6 +31,8 @@ qwen3_vl(_moe)    as qwen2_vl, 3 tower layers  as qwen2_vl; DeepStack adds tower
 glm46v, glm4v_moe as glm4v                     as glm4v
 vipllava          as llava                     as llava (features of the last two tower layers)
 llava_next_video  as llava_next                as llava_next (images; its video input is not read)
+video_llava       as llava (its image tower)   as llava
+deepseek_vl       64 px, patch 16 (SigLIP)     16 (4x4 raster)
 ================  ===========================  =====================================================
 """
 
@@ -44,10 +46,11 @@ from .tiny_processors import TinyProcessorSpec, build_processor
 
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3",
                              "smolvlm", "llava_onevision", "aya_vision", "glm4v", "paligemma", "qwen3_vl",
-                             "qwen3_vl_moe", "glm46v", "glm4v_moe", "vipllava", "llava_next_video")
+                             "qwen3_vl_moe", "glm46v", "glm4v_moe", "vipllava", "llava_next_video",
+                             "video_llava", "deepseek_vl")
 
 def _spec(family: str) -> TinyProcessorSpec:
-    if family in ("llava", "vipllava"):
+    if family in ("llava", "vipllava", "video_llava"):
         return TinyProcessorSpec(family, image_size=48, patch_size=8)
     if family in ("llava_next", "llava_next_video"):
         return TinyProcessorSpec(
@@ -68,7 +71,7 @@ def _spec(family: str) -> TinyProcessorSpec:
     if family in ("idefics3", "smolvlm"):
         # 8x8 patches, scale_factor 2 -> 16 tokens per tile
         return TinyProcessorSpec(family, image_size=64, patch_size=8, image_seq_len=16, extra={"longest_edge": 128})
-    if family == "paligemma":
+    if family in ("paligemma", "deepseek_vl"):
         # 64 px, patch 16 -> 4x4 = 16 tokens
         return TinyProcessorSpec(family, image_size=64, patch_size=16, image_seq_len=16)
     if family == "gemma3":
@@ -96,6 +99,8 @@ _MODEL_CLASSES = {
     "glm4v_moe": "Glm4vMoeForConditionalGeneration",
     "vipllava": "VipLlavaForConditionalGeneration",
     "llava_next_video": "LlavaNextVideoForConditionalGeneration",
+    "video_llava": "VideoLlavaForConditionalGeneration",
+    "deepseek_vl": "DeepseekVLForConditionalGeneration",
 }
 
 
