@@ -56,7 +56,8 @@ class Truncate(_Base):
     nothing reads them). ``mode="remove"``: the image tokens also leave the hidden states
     and the KV cache from that layer on (positions of the remaining tokens unchanged), so
     deeper layers do less work; it gives the same tokens as "drop". In a removed run the
-    image positions keep their last computed state in ``hidden_states``.
+    image positions keep their last computed state in ``hidden_states``. Vision features a
+    family adds between layers (Qwen3-VL's DeepStack) stop from ``from_layer`` on too.
     """
 
     from_layer: int
@@ -119,7 +120,8 @@ class Truncate(_Base):
 @dataclass(frozen=True, init=False)
 class Freeze(_Base):
     """Image-token states stop changing from decoder layer ``from_layer`` on: decoder layers
-    k..L-1 pass the image rows through, and later layers attend to that frozen state."""
+    k..L-1 pass the image rows through, and later layers attend to that frozen state (vision
+    features a family adds between layers, Qwen3-VL's DeepStack, are not added there either)."""
 
     from_layer: int
     exclusive = "Freeze"
@@ -150,7 +152,9 @@ class Freeze(_Base):
 class Substitute(_Base):
     """The image-token input of decoder layer ``at_layer`` is replaced by the image-token
     states of layer ``from_layer`` (the input of that decoder layer) from the same input.
-    ``from_layer == at_layer`` is the identity."""
+    ``from_layer == at_layer`` is the identity. Where a family adds vision features between
+    layers (DeepStack), the carried states hold those added before ``from_layer``, and later
+    additions go on as in the model."""
 
     at_layer: int
     from_layer: int
