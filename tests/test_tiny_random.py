@@ -37,6 +37,7 @@ MODEL_CLASS = {
     "llava_next_video": transformers.LlavaNextVideoForConditionalGeneration,
     "video_llava": transformers.VideoLlavaForConditionalGeneration,
     "deepseek_vl": transformers.DeepseekVLForConditionalGeneration,
+    "janus": transformers.JanusForConditionalGeneration,
 }
 PROCESSOR_CLASS = {
     "llava": transformers.LlavaProcessor,
@@ -59,6 +60,7 @@ PROCESSOR_CLASS = {
     "llava_next_video": transformers.LlavaNextVideoProcessor,
     "video_llava": transformers.VideoLlavaProcessor,
     "deepseek_vl": transformers.DeepseekVLProcessor,
+    "janus": transformers.JanusProcessor,
 }
 # placeholder the chat template inserts for one image (the processor expands it)
 TEMPLATE_IMAGE = {
@@ -82,6 +84,7 @@ TEMPLATE_IMAGE = {
     "llava_next_video": "<image>",
     "video_llava": "<image>",
     "deepseek_vl": "<image_placeholder>",
+    "janus": "<image_placeholder>",
 }
 
 
@@ -107,7 +110,7 @@ def _inputs(family, image):
 def test_families_listed():
     assert FAMILIES == ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3", "smolvlm",
                         "llava_onevision", "aya_vision", "glm4v", "paligemma", "qwen3_vl", "qwen3_vl_moe", "glm46v",
-                        "glm4v_moe", "vipllava", "llava_next_video", "video_llava", "deepseek_vl")
+                        "glm4v_moe", "vipllava", "llava_next_video", "video_llava", "deepseek_vl", "janus")
 
 
 def test_unknown_family_names_supported_ones():

@@ -59,6 +59,7 @@ class Arch:
     # has them, so a batch pads them with zero tiles (LLaVA-NeXT slices by image_sizes; Idefics3 drops
     # all-zero tiles and their pixel_attention_mask)
     tile_inputs: tuple[str, ...] = ()
+    image_token_on_tokenizer: bool = False  # the processor's own image_token_id is another token, or absent
     injections: str | None = None  # path of the decoder stack whose call carries DeepStack features (Qwen3-VL)
     _grid: Callable[..., GridInfo] = field(default=None, repr=False, compare=False)
     _grid_kwargs: tuple[str, ...] = field(default=(), repr=False, compare=False)  # which of processor/image
@@ -137,9 +138,10 @@ class Arch:
         ``<row_1_col_1>``, ``<|vision_start|>``, ...) are not counted."""
         tid = model.config.image_token_id
         if processor is not None:
-            pid = (
-                processor.tokenizer.image_token_id if self.family == "gemma3" else processor.image_token_id
-            )  # Gemma3Processor.image_token_id is the begin-of-image token; the soft token is on the tokenizer
+            # Gemma3Processor.image_token_id is the begin-of-image token, and JanusProcessor has none: the
+            # token the model replaces is the tokenizer's image token there
+            owner = processor.tokenizer if self.image_token_on_tokenizer else processor
+            pid = owner.image_token_id
             if pid != tid:
                 raise ValueError(f"processor image token id {pid} != model config image_token_id {tid}")
         return int(tid)

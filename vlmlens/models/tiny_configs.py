@@ -124,6 +124,15 @@ def tiny_config(family: str, spec: TinyProcessorSpec, processor):
             vision_config=transformers.SiglipVisionConfig(**_vision_kwargs(s, p)),
             text_config=transformers.LlamaConfig(**_text_kwargs(tok, layers=2)),
             image_token_id=processor.image_token_id, tie_word_embeddings=False)
+    if family == "janus":       # the understanding path, plus the small VQ model the class always builds
+        vision = transformers.JanusVisionConfig(**_vision_kwargs(s, p), mlp_ratio=2.0, projection_dim=_HIDDEN,
+                                                num_image_tokens=spec.image_seq_len)
+        vq = transformers.JanusVQVAEConfig(embed_dim=8, num_embeddings=32, latent_channels=8, base_channels=32,
+                                           channel_multiplier=[1, 1], num_res_blocks=1, projection_dim=_HIDDEN,
+                                           image_token_embed_dim=_HIDDEN, num_patches=16, resolution=16)
+        return transformers.JanusConfig(vision_config=vision, vq_config=vq,
+                                        text_config=transformers.LlamaConfig(**_text_kwargs(tok, layers=2)),
+                                        image_token_id=tok.image_token_id, tie_word_embeddings=False)
     if family == "paligemma":
         text = _text_kwargs(tok, layers=2, kv_heads=2)
         text.update(head_dim=_HIDDEN // _HEADS)

@@ -164,13 +164,21 @@ def build_processor(spec: TinyProcessorSpec):
             generation_prompt="Assistant:",
         )  # fmt: skip
         return proc_cls(image_processor=ip, tokenizer=tok, image_seq_len=spec.image_seq_len, chat_template=tpl)
-    if f == "deepseek_vl":
+    if f in ("deepseek_vl", "janus"):
         bos, eos = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
-        tok = make_tokenizer([], bos=bos, eos=eos, extra_named={"image_token": "<image_placeholder>"})
-        ip = transformers.DeepseekVLImageProcessorPil(size={"height": s, "width": s})
-        tpl = chat_template(start=bos, roles={"user": ("User: ", "\n\n"), "assistant": ("Assistant: ", eos),
+        named = {"image_token": "<image_placeholder>"}
+        if f == "janus":
+            named.update(boi_token="<begin_of_image>", eoi_token="<end_of_image>")
+        tok = make_tokenizer([], bos=bos, eos=eos, extra_named=named)
+        user, bot = ("User", "Assistant") if f == "deepseek_vl" else ("<|User|>", "<|Assistant|>")
+        tpl = chat_template(start=bos, roles={"user": (f"{user}: ", "\n\n"), "assistant": (f"{bot}: ", eos),
                                               "system": ("", "\n\n")},
-                            image="<image_placeholder>", generation_prompt="Assistant:")
+                            image="<image_placeholder>", generation_prompt=f"{bot}:")
+        if f == "janus":
+            ip = transformers.JanusImageProcessorPil(size={"height": s, "width": s})
+            return transformers.JanusProcessor(image_processor=ip, tokenizer=tok, chat_template=tpl,
+                                               num_image_tokens=spec.image_seq_len)
+        ip = transformers.DeepseekVLImageProcessorPil(size={"height": s, "width": s})
         return transformers.DeepseekVLProcessor(image_processor=ip, tokenizer=tok, chat_template=tpl,
                                                 num_image_tokens=spec.image_seq_len)
     if f == "paligemma":

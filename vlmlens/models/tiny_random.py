@@ -33,6 +33,7 @@ vipllava          as llava                     as llava (features of the last tw
 llava_next_video  as llava_next                as llava_next (images; its video input is not read)
 video_llava       as llava (its image tower)   as llava
 deepseek_vl       64 px, patch 16 (SigLIP)     16 (4x4 raster)
+janus             as deepseek_vl               as deepseek_vl (its VQ image-generation model is built, not read)
 ================  ===========================  =====================================================
 """
 
@@ -47,7 +48,7 @@ from .tiny_processors import TinyProcessorSpec, build_processor
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3",
                              "smolvlm", "llava_onevision", "aya_vision", "glm4v", "paligemma", "qwen3_vl",
                              "qwen3_vl_moe", "glm46v", "glm4v_moe", "vipllava", "llava_next_video",
-                             "video_llava", "deepseek_vl")
+                             "video_llava", "deepseek_vl", "janus")
 
 def _spec(family: str) -> TinyProcessorSpec:
     if family in ("llava", "vipllava", "video_llava"):
@@ -71,7 +72,7 @@ def _spec(family: str) -> TinyProcessorSpec:
     if family in ("idefics3", "smolvlm"):
         # 8x8 patches, scale_factor 2 -> 16 tokens per tile
         return TinyProcessorSpec(family, image_size=64, patch_size=8, image_seq_len=16, extra={"longest_edge": 128})
-    if family in ("paligemma", "deepseek_vl"):
+    if family in ("paligemma", "deepseek_vl", "janus"):
         # 64 px, patch 16 -> 4x4 = 16 tokens
         return TinyProcessorSpec(family, image_size=64, patch_size=16, image_seq_len=16)
     if family == "gemma3":
@@ -101,6 +102,7 @@ _MODEL_CLASSES = {
     "llava_next_video": "LlavaNextVideoForConditionalGeneration",
     "video_llava": "VideoLlavaForConditionalGeneration",
     "deepseek_vl": "DeepseekVLForConditionalGeneration",
+    "janus": "JanusForConditionalGeneration",
 }
 
 
