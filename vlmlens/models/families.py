@@ -13,6 +13,35 @@ def _square(inputs, n):
     return grids.square_raster(n)
 
 
+_LLAVA = Arch(
+    family="llava",
+    model_class="LlavaForConditionalGeneration",
+    processor_class="LlavaProcessor",
+    image_token="<image>",
+    token_order="raster",
+    grid_rule="square k x k raster of the vision patches (CLS dropped): k = image_size / patch_size",
+    required_inputs=("pixel_values",),
+    vision_tower_path="model.vision_tower",
+    projector_path="model.multi_modal_projector",
+    notes="processor needs num_additional_image_tokens=1 with the 'default' strategy so that the "
+    "placeholder count equals the patch count",
+    _grid=_square,
+)
+
+_DEEPSEEK_VL = Arch(
+    family="deepseek_vl",
+    model_class="DeepseekVLForConditionalGeneration",
+    processor_class="DeepseekVLProcessor",
+    image_token="<image_placeholder>",
+    token_order="raster",
+    grid_rule="square k x k raster of the SigLIP patches (576 = 24 x 24 on the 384 px checkpoints)",
+    required_inputs=("pixel_values",),
+    vision_tower_path="model.vision_model",
+    projector_path="model.aligner",
+    notes="DeepSeek-VL (SigLIP tower, MLP aligner, Llama language model)",
+    _grid=_square,
+)
+
 _QWEN2_VL = Arch(
     family="qwen2_vl",
     model_class="Qwen2VLForConditionalGeneration",
@@ -105,75 +134,19 @@ _IDEFICS3 = Arch(
 ARCHES: dict[str, Arch] = {
     a.family: a
     for a in [
-        Arch(
-            family="llava",
-            model_class="LlavaForConditionalGeneration",
-            processor_class="LlavaProcessor",
-            image_token="<image>",
-            token_order="raster",
-            grid_rule="square k x k raster of the vision patches (CLS dropped): k = image_size / patch_size",
-            required_inputs=("pixel_values",),
-            vision_tower_path="model.vision_tower",
-            projector_path="model.multi_modal_projector",
-            notes="processor needs num_additional_image_tokens=1 with the 'default' strategy so that the "
-            "placeholder count equals the patch count",
-            _grid=_square,
-        ),
-        Arch(
-            family="vipllava",
-            model_class="VipLlavaForConditionalGeneration",
-            processor_class="LlavaProcessor",
-            image_token="<image>",
-            token_order="raster",
-            grid_rule="as llava: square k x k raster of the vision patches (CLS dropped)",
-            required_inputs=("pixel_values",),
-            vision_tower_path="model.vision_tower",
-            projector_path="model.multi_modal_projector",
-            notes="LLaVA's layout; the projector reads several tower layers (vision_feature_layers), concatenated",
-            _grid=_square,
-        ),
-        Arch(
-            family="video_llava",
-            model_class="VideoLlavaForConditionalGeneration",
-            processor_class="VideoLlavaProcessor",
-            image_token="<image>",
-            token_order="raster",
-            grid_rule="as llava: square k x k raster of the image tower's patches (CLS dropped)",
-            required_inputs=("pixel_values_images",),
-            vision_tower_path="model.image_tower",
-            projector_path="model.multi_modal_projector",
-            notes="Video-LLaVA: separate image and video towers into one projector; images only (its video input "
-            "is not read); its processor returns the image as pixel_values_images",
-            _grid=_square,
-        ),
-        Arch(
-            family="deepseek_vl",
-            model_class="DeepseekVLForConditionalGeneration",
-            processor_class="DeepseekVLProcessor",
-            image_token="<image_placeholder>",
-            token_order="raster",
-            grid_rule="square k x k raster of the SigLIP patches (576 = 24 x 24 on the 384 px checkpoints)",
-            required_inputs=("pixel_values",),
-            vision_tower_path="model.vision_model",
-            projector_path="model.aligner",
-            notes="DeepSeek-VL (SigLIP tower, MLP aligner, Llama language model)",
-            _grid=_square,
-        ),
-        Arch(
-            family="janus",
-            model_class="JanusForConditionalGeneration",
-            processor_class="JanusProcessor",
-            image_token="<image_placeholder>",
-            token_order="raster",
-            grid_rule="square k x k raster of the SigLIP patches (576 = 24 x 24 on the 384 px checkpoints)",
-            required_inputs=("pixel_values",),
-            vision_tower_path="model.vision_model",
-            projector_path="model.aligner",
-            image_token_on_tokenizer=True,
-            notes="Janus / Janus-Pro: DeepSeek-VL's understanding path (SigLIP, aligner, Llama); its image-generation "
-            "path (VQ tokens) is not read",
-            _grid=_square,
-        ),
+        _LLAVA,
+        replace(_LLAVA, family="vipllava", model_class="VipLlavaForConditionalGeneration",
+                notes="LLaVA's layout; the projector reads several tower layers (vision_feature_layers), concatenated"),
+        replace(_LLAVA, family="video_llava", model_class="VideoLlavaForConditionalGeneration",
+                processor_class="VideoLlavaProcessor", required_inputs=("pixel_values_images",),
+                vision_tower_path="model.image_tower",
+                notes="Video-LLaVA: separate image and video towers into one projector; images only (its video input "
+                "is not read); its processor returns the image as pixel_values_images"),
+        _DEEPSEEK_VL,
+        replace(_DEEPSEEK_VL, family="janus", model_class="JanusForConditionalGeneration",
+                processor_class="JanusProcessor", image_token_on_tokenizer=True,
+                notes="Janus / Janus-Pro: DeepSeek-VL's understanding path (SigLIP, aligner, Llama); its "
+                "image-generation path (VQ tokens) is not read"),
         _LLAVA_NEXT,
         replace(_LLAVA_NEXT, family="llava_next_video", model_class="LlavaNextVideoForConditionalGeneration",
                 processor_class="LlavaNextVideoProcessor",
