@@ -41,7 +41,7 @@ def _env():
 
 def test_python_api_block_runs(tmp_path):
     (code,) = blocks("python")
-    cwd = _scratch(tmp_path)
+    cwd = tmp_path                   # an empty folder: the block finds the shipped scenes through vl.EXAMPLES
     p = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (cwd / "runs" / "my-run" / "run.json").is_file()

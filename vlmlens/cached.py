@@ -19,8 +19,7 @@ from pathlib import Path
 from . import cli
 from .errors import InputError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = REPO_ROOT / "assets" / "examples"
+from .models.loading import EXAMPLES, REPO_ROOT
 MAX_NEW = {"single": 4, "caption": 40, "reasoning": 48, "photo": 16}
 
 #: (run name, example file, task family, question kind or None for the family's first prompt)

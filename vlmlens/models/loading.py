@@ -14,6 +14,7 @@ from .arch import ARCHES, Arch, get_arch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_SHAPES_DIR = REPO_ROOT / "assets" / "tiny-shapes-vlm"
+EXAMPLES = REPO_ROOT / "assets" / "examples"       # the example scenes (and their prompts) shipped with vlmlens
 SMOL_SHAPES_DIR = REPO_ROOT / "assets" / "smol-shapes" / "model"     # git-ignored: python -m vlmlens build-model
 BUILTIN = {"tiny-shapes": TINY_SHAPES_DIR, "smol-shapes": SMOL_SHAPES_DIR}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

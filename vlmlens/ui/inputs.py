@@ -8,9 +8,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 from ..errors import InputError
+from ..models.loading import EXAMPLES as EXAMPLES_DIR
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES_DIR = REPO_ROOT / "assets" / "examples"
 FAMILY_TITLES = {"single": "one word", "caption": "caption", "reasoning": "reasoning"}
 GENERIC_PROMPTS = {
     "single": ["What color is the circle?", "How many objects are there?", "Is there a red square?"],
