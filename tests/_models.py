@@ -95,3 +95,12 @@ def mask_pre_hook(mask_of, layer: int):
     def hook(mod, args, kwargs):
         return args, dict(kwargs, attention_mask=mask_of(layer))
     return hook
+
+
+#: family -> feature -> {"ok", "detail", "refused"}: what the family tests found, for docs/support.md
+MATRIX_RESULTS: dict = {}
+
+
+def record_matrix(family, what, ok, detail="", refused=False):
+    """One cell of the support matrix (written to $VLMLENS_MATRIX_OUT by conftest at the session's end)."""
+    MATRIX_RESULTS.setdefault(family, {})[what] = {"ok": bool(ok), "detail": detail, "refused": refused}

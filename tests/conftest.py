@@ -11,3 +11,18 @@ torch.set_num_threads(2)
 def image():
     rng = np.random.default_rng(0)
     return Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _support_matrix_results():
+    """With VLMLENS_MATRIX_OUT set (scripts/support_matrix.py), the cells the family tests recorded."""
+    yield
+    import json
+    import os
+
+    from tests._models import MATRIX_RESULTS
+
+    path = os.environ.get("VLMLENS_MATRIX_OUT")
+    if path:
+        with open(path, "w") as f:
+            json.dump(MATRIX_RESULTS, f, indent=1, sort_keys=True)

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 from vlmlens.models.arch import ARCHES, GridInfo, UnsupportedArchitecture, arch_for, get_arch
 from vlmlens.models.grids import GridSegment
 from vlmlens.models.tiny_random import FAMILIES, build_random
+from vlmlens.lens import NOTHING, Lens, Plan
 
 torch.set_num_threads(2)
 
@@ -71,9 +72,12 @@ def test_modules_and_text_config(family):
     cfg = arch.text_config(model)
     assert isinstance(layers, torch.nn.ModuleList)
     assert len(layers) == cfg.num_hidden_layers
-    # the object whose _attn_implementation the decoder's attention actually reads
-    for layer in layers:
-        assert layer.self_attn.config is cfg
+    # the object whose _attn_implementation the decoder's attention actually reads (the attention
+    # layers: a hybrid stack's linear-attention layers have none, and the lens finds the same ones)
+    att = arch.attention_layers(model)
+    assert 1 <= len(att) and Lens(layers, Plan.build([], len(layers), 1, NOTHING)).attention_layers == set(att)
+    for i in att:
+        assert layers[i].self_attn.config is cfg
     assert cfg.hidden_size == model.get_input_embeddings().embedding_dim
     assert cfg.num_attention_heads % cfg.num_key_value_heads == 0
     assert arch.lm_head(model).weight.shape == (cfg.vocab_size, cfg.hidden_size)

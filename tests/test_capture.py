@@ -62,11 +62,16 @@ def assert_capture_exact(lm, image, tol: float = 1e-5):
     assert (last - ref[L][0]).abs().max().item() <= tol * max(1.0, float(last.abs().max()))
 
     # attention statistics vs eager attention weights
-    att = eager_attentions(lm, full)
+    weights = eager_attentions(lm, full)       # one per softmax-attention layer (a hybrid's linear ones have none)
+    with_att = lm.arch.attention_layers(lm.model)
+    assert len(weights) == len(with_att)
     img = run.spans.positions("image")
     nonimg = np.setdiff1d(np.arange(run.spans.n_total), img)
-    for l in range(L):
-        a = att[l][0].numpy()  # [H, q, k]
+    for l in sorted(set(range(L)) - set(with_att)):           # not defined there, and said so (NaN)
+        for name in ("attention_to_image", "attention_maps", "attention_head_maps", "attention_first_token"):
+            assert np.isnan(run.arrays[name][l]).all(), (name, l)
+    for l, w in zip(with_att, weights):
+        a = w[0].numpy()  # [H, q, k]
         share = a[:, :, img].sum(-1)
         assert np.abs(run.attention_to_image[l][:, nonimg] - share[:, nonimg]).max() <= tol
         assert np.isnan(run.attention_to_image[l][:, img]).all()

@@ -26,6 +26,8 @@ def test_the_dashboard_opens_a_capture_of_every_family(family, image, tmp_path):
     run = entry.run
     assert run.meta["family"] == family and info["n_image_tokens"] == run.spans.n_image > 0
     assert gen and headline
+    if "attention_layers" in run.meta:     # a hybrid stack: what knockouts and attention cannot define, said so
+        assert headline.count("not defined for this model") == 2
     figs = [f for f in dash._all_figures(entry) if isinstance(f, go.Figure)]    # (a text view is a str)
     assert len(figs) >= 8
     assert all(len(f.data) or f.layout.annotations for f in figs)          # a plot, or a reason
@@ -36,3 +38,8 @@ def test_the_dashboard_opens_a_capture_of_every_family(family, image, tmp_path):
     if grid:
         z = grid[0].z
         assert (len(z), len(z[0])) == tuple(run.image_grid)
+    for layer in range(run.n_layers):        # a hybrid's linear layers: "not defined", never an empty map
+        fig = views.heatmap_layer(entry, layer, 0, "attention", lm)
+        said = " ".join(a.text or "" for a in fig.layout.annotations)
+        defined = layer in run.meta.get("attention_layers", range(run.n_layers))
+        assert ("no softmax attention" in said) != defined and bool([t for t in fig.data if t.type == "heatmap"]) == defined

@@ -6,44 +6,31 @@ attention module's input; the intervention is then written by hand on top: key b
 additive masks, Freeze as a hook copying image rows through, FastV's ranking from eager
 attention weights. The lens (SDPA, its own attention function) must give the same logits.
 
-With ``VLMLENS_MATRIX_OUT=path.json`` the results are also written there: scripts/support_matrix.py
-turns them into docs/support.md (the support matrix is generated from these tests, not typed).
+With ``VLMLENS_MATRIX_OUT=path.json`` the results are also written there (tests._models.record_matrix;
+conftest writes them at the end of the session): scripts/support_matrix.py turns them into
+docs/support.md (the support matrix is generated from these tests, not typed).
 """
 from __future__ import annotations
 
 import functools
-import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
 from vlmlens.capture import image_positions, prepare_inputs
+from vlmlens.errors import InputError
 from vlmlens.interventions import FastV, Freeze, Knockout, Substitute, Truncate, n_kept
 from vlmlens.lens import NOTHING, Lens, Plan
 from vlmlens.models.arch import get_arch
 from vlmlens.models.loading import LoadedModel
 from vlmlens.models.tiny_random import FAMILIES, build_random
 
-from tests._models import random_lm, set_attn
+from tests._models import random_lm, record_matrix, set_attn
 
 PROMPT = "What is in the image? Describe it."
 TOL = 1e-4
-RESULTS: dict = {}
-
-
-def _record(family, what, ok, detail=""):
-    RESULTS.setdefault(family, {})[what] = {"ok": bool(ok), "detail": detail}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _write_results():
-    yield
-    path = os.environ.get("VLMLENS_MATRIX_OUT")
-    if path:
-        with open(path, "w") as f:
-            json.dump(RESULTS, f, indent=1, sort_keys=True)
+_record = record_matrix
 
 
 def _lens_logits(lm, inputs, img, ivs):
@@ -52,13 +39,16 @@ def _lens_logits(lm, inputs, img, ivs):
         return lm.model(**inputs).logits[0].double()
 
 
-def _eager_logits(lm, inputs, block=None, freeze_from=None, img=None, rank=None, substitute=None):
+def _eager_logits(lm, inputs, block=None, freeze_from=None, img=None, rank=None, substitute=None, remove=None):
     """Eager forward; ``block(layer) -> bool [n, n]`` (True: the query may not read the key) added
     to the model's own mask; ``freeze_from``: the image rows that layer reads are kept in every
     later layer's input and in the final norm's; ``substitute=(at, from)``: the image rows of layer
     ``at``'s input are those of layer ``from``'s; ``rank(layer, weights)``: called with each
-    layer's eager attention weights [H, n, n]."""
+    layer's eager attention weights [H, n, n]; ``remove=(k, keep)``: from layer k on, only the rows
+    ``keep`` (bool [n]) are in the sequence -- every layer's inputs sliced as the model built them
+    (its own mask's rows and columns, rotary tables, positions); the logits of those rows."""
     layers = list(lm.arch.decoder_layers(lm.model))
+    att = set(lm.arch.attention_layers(lm.model))
     n = inputs["input_ids"].shape[1]
     hooks, kept = [], {}
 
@@ -91,10 +81,34 @@ def _eager_logits(lm, inputs, block=None, freeze_from=None, img=None, rank=None,
             return ((h, *args[1:]), kwargs) if args else (args, dict(kwargs, hidden_states=h))
         return hook
 
+    def cut_rows(mod, args, kwargs):
+        k_idx = torch.as_tensor(np.flatnonzero(remove[1]))
+        h = args[0] if args else kwargs["hidden_states"]
+        if h.shape[1] == n:
+            h = h[:, k_idx]
+        kw = dict(kwargs)
+        for name, axis in (("position_embeddings", -2), ("position_ids", -1)):
+            v = kw.get(name)
+            if v is not None:
+                kw[name] = (tuple(t.index_select(axis % t.dim(), k_idx) for t in v) if isinstance(v, tuple)
+                            else v.index_select(axis % v.dim(), k_idx))
+        m = kw.get("attention_mask")
+        if isinstance(m, torch.Tensor):
+            kw["attention_mask"] = m[..., k_idx, :][..., k_idx] if m.dim() == 4 else m[..., k_idx]
+        return ((h, *args[1:]), kw) if args else (args, dict(kw, hidden_states=h))
+
+    stack = lm.arch.injection_module(lm.model)
+    if remove is not None and stack is not None:     # DeepStack: no features are added from layer k on either
+        hooks.append(stack.register_forward_pre_hook(
+            lambda m, a, kw: (a, dict(kw, deepstack_visual_embeds=list(kw["deepstack_visual_embeds"])[:remove[0]])),
+            with_kwargs=True))
     for l, layer in enumerate(layers):
-        hooks.append(layer.self_attn.register_forward_pre_hook(pre(l), with_kwargs=True))
-        if rank is not None:
-            hooks.append(layer.self_attn.register_forward_hook(post_attn(l), with_kwargs=True))
+        if remove is not None and l >= remove[0]:
+            hooks.append(layer.register_forward_pre_hook(cut_rows, with_kwargs=True))
+        if l in att:                     # (a linear-attention / convolution layer has no mask, no weights)
+            hooks.append(layer.self_attn.register_forward_pre_hook(pre(l), with_kwargs=True))
+            if rank is not None:
+                hooks.append(layer.self_attn.register_forward_hook(post_attn(l), with_kwargs=True))
         if freeze_from is not None and l >= freeze_from:
             hooks.append(layer.register_forward_pre_hook(
                 rows_in(l, save="frozen" if l == freeze_from else None, put="frozen" if l > freeze_from else None),
@@ -152,21 +166,38 @@ def _check(family, what, mine, ref, rows):
     assert err <= TOL, (family, what, err)
 
 
+def _refused(family, what, run, layers, att):
+    """Where the cell needs attention (a key mask, a ranking) at a layer without softmax attention
+    (a hybrid stack's linear layer), the lens must refuse it with the reason, never skip it."""
+    if set(layers) <= att:
+        return False
+    with pytest.raises(InputError, match="no softmax attention"):
+        run()
+    _record(family, what, True, "refused: no softmax attention at layer " + str(min(set(layers) - att)), refused=True)
+    return True
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_truncate_knockout_freeze_fastv_equal_eager_references(family, image):
     lm, inputs, n, img, is_img = _setup(family, image)
+    L, att = lm.n_layers, set(lm.arch.attention_layers(lm.model))
     text = np.flatnonzero(~is_img)
     k = 1
     cut = (~is_img)[:, None] & is_img[None, :]                      # text queries x image keys
-    ref = _eager_logits(lm, inputs, block=lambda l: cut if l >= k else None)
-    for mode in ("drop", "remove"):
-        _check(family, f"Truncate({k}, {mode})", _lens_logits(lm, inputs, img, [Truncate(k, mode)]), ref, text)
+    what = f"Truncate({k}, drop)"
+    if not _refused(family, what, lambda: _lens_logits(lm, inputs, img, [Truncate(k)]), range(k, L), att):
+        ref = _eager_logits(lm, inputs, block=lambda l: cut if l >= k else None)
+        _check(family, what, _lens_logits(lm, inputs, img, [Truncate(k)]), ref, text)
+    ref = _eager_logits(lm, inputs, remove=(k, ~is_img))            # the image rows are gone from layer k on
+    _check(family, f"Truncate({k}, remove)", _lens_logits(lm, inputs, img, [Truncate(k, "remove")]), ref,
+           np.arange(len(text)))
     last = np.zeros(n, bool)
     last[n - 1] = True
     ko = last[:, None] & is_img[None, :]
-    ref = _eager_logits(lm, inputs, block=lambda l: ko if l == 0 else None)
-    _check(family, "Knockout(last -> image, layer 0)", _lens_logits(lm, inputs, img, [Knockout("last", "image", [0])]),
-           ref, text)
+    what, ivs = "Knockout(last -> image, layer 0)", [Knockout("last", "image", [0])]
+    if not _refused(family, what, lambda: _lens_logits(lm, inputs, img, ivs), [0], att):
+        ref = _eager_logits(lm, inputs, block=lambda l: ko if l == 0 else None)
+        _check(family, what, _lens_logits(lm, inputs, img, ivs), ref, text)
     ref = _eager_logits(lm, inputs, freeze_from=k, img=img)
     _check(family, f"Freeze({k})", _lens_logits(lm, inputs, img, [Freeze(k)]), ref, text)
     ref = _eager_logits(lm, inputs, substitute=(2, 1), img=img)
@@ -180,20 +211,25 @@ def test_truncate_knockout_freeze_fastv_equal_eager_references(family, image):
             s = w.mean(0)[n - 1, img].numpy()
             kept["idx"] = np.sort(np.argsort(-s, kind="stable")[:n_kept(keep, len(img))])
 
-    def fastv_block(l):
-        if l < K:
-            return None
-        dropped = np.zeros(n, bool)
-        dropped[img] = True
-        dropped[img[kept["idx"]]] = False
-        return (~dropped)[:, None] & dropped[None, :]
+    def dropped():
+        out = np.zeros(n, bool)
+        out[img] = True
+        out[img[kept["idx"]]] = False
+        return out
 
-    ref = _eager_logits(lm, inputs, block=fastv_block, rank=rank)
+    def fastv_block(l):
+        return None if l < K else (~dropped())[:, None] & dropped()[None, :]
+
     for mode in ("mask", "remove"):
-        _check(family, f"FastV({K}, keep {keep}, {mode})", _lens_logits(lm, inputs, img, [FastV(K, keep, mode=mode)]),
-               ref, text)
+        what, ivs = f"FastV({K}, keep {keep}, {mode})", [FastV(K, keep, mode=mode)]
+        needs = [K - 1, *(range(K, L) if mode == "mask" else ())]
+        if _refused(family, what, lambda: _lens_logits(lm, inputs, img, ivs), needs, att):
+            continue
+        ref = _eager_logits(lm, inputs, block=fastv_block, rank=rank)
+        _check(family, what, _lens_logits(lm, inputs, img, ivs), ref, text)
     base = _eager_logits(lm, inputs)
-    assert float((_lens_logits(lm, inputs, img, [Truncate(0)])[text] - base[text]).abs().max()) > TOL   # it can fail
+    cut0 = _lens_logits(lm, inputs, img, [Truncate(0, "remove")])
+    assert float((cut0[-1] - base[-1]).abs().max()) > TOL   # the image matters: it can fail
 
 
 def test_the_support_matrix_in_the_docs_lists_every_family():

@@ -38,6 +38,7 @@ MODEL_CLASS = {
     "video_llava": transformers.VideoLlavaForConditionalGeneration,
     "deepseek_vl": transformers.DeepseekVLForConditionalGeneration,
     "janus": transformers.JanusForConditionalGeneration,
+    "qwen3_5": transformers.Qwen3_5ForConditionalGeneration,
 }
 PROCESSOR_CLASS = {
     "llava": transformers.LlavaProcessor,
@@ -61,6 +62,7 @@ PROCESSOR_CLASS = {
     "video_llava": transformers.VideoLlavaProcessor,
     "deepseek_vl": transformers.DeepseekVLProcessor,
     "janus": transformers.JanusProcessor,
+    "qwen3_5": transformers.Qwen3VLProcessor,
 }
 # placeholder the chat template inserts for one image (the processor expands it)
 TEMPLATE_IMAGE = {
@@ -85,6 +87,7 @@ TEMPLATE_IMAGE = {
     "video_llava": "<image>",
     "deepseek_vl": "<image_placeholder>",
     "janus": "<image_placeholder>",
+    "qwen3_5": "<|vision_start|><|image_pad|><|vision_end|>",
 }
 
 
@@ -110,7 +113,8 @@ def _inputs(family, image):
 def test_families_listed():
     assert FAMILIES == ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3", "smolvlm",
                         "llava_onevision", "aya_vision", "glm4v", "paligemma", "qwen3_vl", "qwen3_vl_moe", "glm46v",
-                        "glm4v_moe", "vipllava", "llava_next_video", "video_llava", "deepseek_vl", "janus")
+                        "glm4v_moe", "vipllava", "llava_next_video", "video_llava", "deepseek_vl", "janus",
+                        "qwen3_5")
 
 
 def test_unknown_family_names_supported_ones():

@@ -195,13 +195,17 @@ def center_crop_box(lm, image) -> list[float] | None:
     return None if box == [0.0, 0.0, 1.0, 1.0] else [round(v, 6) for v in box]
 
 
-def _injection_meta(lm, lens) -> dict:
-    """Where the family adds vision features between decoder layers (DeepStack), and which of them
-    the interventions stopped; nothing for families without injections."""
+def _layer_meta(lm, lens) -> dict:
+    """What differs between the decoder layers, where it does: the layers with softmax attention (a
+    hybrid stack's others have none), where the family adds vision features (DeepStack) and which
+    of those the interventions stopped."""
+    out = {}
+    if len(lens.attention_layers) < len(lens.layers):
+        out["attention_layers"] = sorted(lens.attention_layers)
     layers = lm.arch.injection_layers(lm.model)
-    if not layers:
-        return {}
-    return {"injection_layers": list(layers), "injections_stopped": sorted(lens.injections.stopped)}
+    if layers:
+        out.update(injection_layers=list(layers), injections_stopped=sorted(lens.injections.stopped))
+    return out
 
 
 def capture(
@@ -349,7 +353,7 @@ def capture(
         "grid_order": grid.order,
         "image_box": center_crop_box(lm, rgb),
         "grid_exact": bool(grid.exact),
-        **_injection_meta(lm, lens),
+        **_layer_meta(lm, lens),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if unknown:

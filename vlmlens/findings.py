@@ -319,6 +319,9 @@ def stages_finding(stages: dict | None) -> Finding:
     if not stages:
         return Finding("stages", "three stages", "unverified",
                        "no knockout windows for this run (Attention tab: find the stages)", STAGE_RULE)
+    if "undefined" in stages:
+        return Finding("stages", "three stages", "unverified", f"not defined for this model: {stages['undefined']}",
+                       STAGE_RULE)
     text = stages["statement"] + f" (tau {stages['tau']} nats)"
     return Finding("stages", "three stages", "causal", text, stages.get("rule", STAGE_RULE),
                    {"sink": stages.get("sink"), "fusion": stages.get("fusion"), "discard": stages.get("discard")})
@@ -329,6 +332,10 @@ def stages_proxy_finding(run) -> Finding | None:
 
     if "attn_out" not in run.arrays:
         return None
+    if "attention_layers" in run.meta:       # a hybrid stack: its linear layers have no attention output to read
+        without = sorted(set(range(run.n_layers)) - set(run.meta["attention_layers"]))
+        return Finding("stages_proxy", "three stages (cosine proxy)", "unverified", f"not defined for this model: "
+                       f"decoder layers {without} have no softmax attention (a hybrid stack)", "VisiPruner's cosine rule")
     bands = stage_bands(three_stages(run))
     txt = " · ".join(f"{lab} {a}–{b}" if a != b else f"{lab} {a}" for lab, a, b in bands)
     return Finding("stages_proxy", "three stages (cosine proxy)", "proxy", txt,

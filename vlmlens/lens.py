@@ -40,6 +40,7 @@ import torch
 
 from .lens_attention import ATTN_NAME, STATE_ATTR, AttentionView, _union, positional_mask  # noqa: F401
 from .lens_injections import Injections
+from .errors import InputError
 from .recorder import Recorder
 from .rows import _hidden_arg, _select_rows, _with_hidden
 from .session import (HIDDEN_DTYPES, NOTHING, STORE_MODES, BatchRow, LensContext, LensStart, Plan,  # noqa: F401
@@ -105,16 +106,12 @@ def _method(iv, name: str):
 
 # ---- the context manager ----------------------------------------------------------------------
 
-def _attention_modules(layers) -> list[torch.nn.Module]:
-    mods = []
-    for layer in layers:
-        for m in layer.modules():
-            if hasattr(m, "layer_idx") and hasattr(m, "config") and any(
-                n.endswith("_proj") for n, _ in m.named_children()
-            ):
-                mods.append(m)
-                break
-    return mods
+def _attention_module(layer) -> torch.nn.Module | None:
+    """The decoder layer's softmax-attention module (None in a hybrid stack's linear / convolution layer)."""
+    for m in layer.modules():
+        if hasattr(m, "layer_idx") and hasattr(m, "config") and any(n.endswith("_proj") for n, _ in m.named_children()):
+            return m
+    return None
 
 
 def _mlp_module(layer) -> torch.nn.Module:
@@ -140,7 +137,7 @@ class Lens:
         interventions that edit them."""
         lens = cls(lm.arch.decoder_layers(lm.model), plan, device=lm.device, start=start,
                    vision_layers=lm.arch.vision_layers(lm.model), batch=batch,
-                   injections=lm.arch.injection_module(lm.model))
+                   injections=lm.arch.injection_module(lm.model), attention_layers=lm.arch.attention_layers(lm.model))
         lens.bidirectional = lm.arch.bidirectional
         # only interventions that edit the tower read it (a second scan of the tower otherwise)
         depth = lm.arch.vision_feature_depth(lm.model) if lens._vision_hooks else None
@@ -149,8 +146,12 @@ class Lens:
         return lens
 
     def __init__(self, layers, plan: Plan, device: torch.device | str = "cpu", start: LensStart | None = None,
-                 vision_layers=None, batch=None, injections: torch.nn.Module | None = None):
+                 vision_layers=None, batch=None, injections: torch.nn.Module | None = None, attention_layers=None):
         self.layers = list(layers)
+        # layers with softmax attention (a hybrid stack's linear / convolution layers have none); by
+        # default the layers where an attention module is found
+        self.attention_layers = (frozenset(i for i, l in enumerate(self.layers) if _attention_module(l) is not None)
+                                 if attention_layers is None else frozenset(int(l) for l in attention_layers))
         self.vision_layers = list(vision_layers) if vision_layers is not None else []
         self.bidirectional = None            # "image" / "prefix": read both ways there (set by for_model)
         self.plan = plan
@@ -179,6 +180,8 @@ class Lens:
             raise RuntimeError("an intervention edits (or the plan records) the vision tower, but the lens was given "
                                "no vision layers (use Lens.for_model)")
         self.context.n_vision_layers = len(self.vision_layers)
+        self.context.attention_layers = self.attention_layers
+        self.recorder.no_attention = frozenset(range(len(self.layers))) - self.attention_layers
         # a left-padded batch (``batch``: one BatchRow per example): every intervention sees each
         # example through its own context, numbered as in a batch of one
         self.batch = list(batch) if batch is not None else None
@@ -188,6 +191,7 @@ class Lens:
             for row in self.batch:
                 ctx = LensContext(RowPositions(self.positions, row, device), plan, n_prompt=row.n_prompt)
                 ctx.n_vision_layers = len(self.vision_layers)
+                ctx.attention_layers = self.attention_layers
                 self._row_contexts.append(ctx)
             rows_scratch = self.context.scratch.pop(_ROW_SCRATCH, None)
             if rows_scratch is not None:
@@ -275,6 +279,8 @@ class Lens:
                 args, kwargs = _select_rows(args, kwargs, keep, int(pos.qpos.numel()), held)
                 hidden, positional = _hidden_arg(args, kwargs)
             rows = pos.enter_layer(idx, keep)
+            if idx not in self.attention_layers and self.key_blocks:
+                self._refuse_key_block(idx, rows)
             new = hidden
             for fn in self._pre_edits:
                 r = self._per_row(lambda h, c: fn(idx, h, c), new)
@@ -286,6 +292,17 @@ class Lens:
                 return None
             return _with_hidden(args, kwargs, new, positional)
         return hook
+
+    def _refuse_key_block(self, idx: int, rows: torch.Tensor) -> None:
+        """A key mask at a layer without softmax attention (linear attention, convolution) has
+        nothing to act on: refused, never silently skipped."""
+        blk = self.key_block(idx, rows, self.positions.key_pos[idx])
+        if blk is not None and bool(blk.any()):
+            names = ", ".join(sorted({type(f.__self__).__name__ for f in self.key_blocks}))
+            raise InputError(
+                f"decoder layer {idx} of this model has no softmax attention (a linear-attention or convolution layer "
+                f"of a hybrid stack), so a key mask ({names}) cannot stop what it reads there; take the rows out "
+                f"instead (mode='remove') or act only on the attention layers {sorted(self.attention_layers)}")
 
     def _edited_output(self, edits, idx, args, kwargs, output, vision: bool = False, add=None):
         """(layer input, the output's hidden states after ``add`` then ``edits``, the output rebuilt
@@ -330,9 +347,11 @@ class Lens:
 
     # context ------------------------------------------------------------------------------
     def __enter__(self) -> "Lens":
-        self._attn_mods = _attention_modules(self.layers)
-        if len(self._attn_mods) != len(self.layers):
-            raise RuntimeError(f"found {len(self._attn_mods)} attention modules in {len(self.layers)} decoder layers")
+        found = {i: _attention_module(layer) for i, layer in enumerate(self.layers)}
+        if {i for i, m in found.items() if m is not None} != self.attention_layers:
+            raise RuntimeError(f"attention modules found in decoder layers {sorted(i for i, m in found.items() if m)}, "
+                               f"expected in {sorted(self.attention_layers)}")
+        self._attn_mods = [m for m in found.values() if m is not None]
         if any(getattr(m, _STATE_ATTR, None) is not None for m in self._attn_mods):
             raise RuntimeError("another vlmlens capture is already running on this model; run captures one at a time")
         try:

@@ -32,6 +32,7 @@ class Recorder:
         self.first_share: dict[int, torch.Tensor] = {}  # layer -> [H]: the last prompt token's attention on position 0
         self.contrib: dict[int, tuple] = {}  # layer -> (o [d], sum_j c_j [d], |c_j| [n_image])
         self.vision: dict[int, torch.Tensor] = {}   # vision layer index (0 = its input) -> [patches, d_vision]
+        self.no_attention: frozenset = frozenset()  # layers without softmax attention (set by the lens): NaN there
         has_image = bool(positions.image_pos.numel())
         self.reads_attention = has_image and (plan.record_attention or plan.record_contrib)
 
@@ -173,12 +174,16 @@ class Recorder:
                 for pos, m in self.maps[l]:
                     keep = pos < n_total
                     maps[l, pos[keep] - (n_prompt - 1)] = m.numpy()[keep]
+            for l in self.no_attention:            # a layer without softmax attention: not defined there
+                maps[l] = np.nan
             arrays["attention_to_image"] = share
             arrays["attention_maps"] = maps
             arrays["map_positions"] = np.arange(n_prompt - 1, n_total, dtype=np.int64)
             heads = np.zeros((L, n_heads, n_img), dtype=np.float32)    # layers that saw no image keys stay 0
             for l, m in self.head_maps.items():
                 heads[l] = m.numpy()
+            for l in self.no_attention:
+                heads[l] = np.nan
             arrays["attention_head_maps"] = heads
             if self.first_share:
                 first = np.full((L, n_heads), np.nan, dtype=np.float32)

@@ -271,6 +271,7 @@ class LensContext:
         self.n_layers = plan.n_layers
         self.n_vision_layers = 0                  # set by the lens: layers of the vision tower it hooks
         self.vision_feature_depth: int | None = None   # set by Lens.for_model: tower layers the features are read after
+        self.attention_layers: frozenset | None = None  # set by the lens: layers with softmax attention (None: all)
         self.scratch: dict[Any, Any] = {}
 
     @property

@@ -62,6 +62,11 @@ def collate(lm, preps: Sequence[Prepared]) -> tuple[dict, list[BatchRow]]:
     Raises BatchError when the items' other tensors cannot be stacked."""
     if not preps:
         raise BatchError("no items")
+    recurrent = sorted(set(range(lm.n_layers)) - set(lm.arch.attention_layers(lm.model)))
+    if recurrent and len(preps) > 1:
+        raise BatchError(f"decoder layers {recurrent} of this model carry a state along the sequence (linear attention "
+                         "or convolution), which the padding that aligns the examples would change; it runs one "
+                         "example at a time")
     ends = [int(p.image_pos[-1]) + 1 for p in preps]
     N = max(ends)
     M = max(p.n_prompt - e for p, e in zip(preps, ends))

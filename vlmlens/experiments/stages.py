@@ -166,6 +166,17 @@ def _window(s: Session, layers: list[int], start: int, tau: float) -> Window:
                   tokens_kept=tok, kept=bool(tok and sc["answer_kl"] <= tau))
 
 
+def stages_undefined(lm) -> str | None:
+    """Why knockout windows cannot measure the three stages on this model (None: they can): a
+    hybrid stack's linear-attention / convolution layers read the image without attention weights,
+    so no key mask can knock the image out of a window holding them."""
+    without = sorted(set(range(lm.n_layers)) - set(lm.arch.attention_layers(lm.model)))
+    if not without:
+        return None
+    return (f"decoder layers {without} of this model have no softmax attention (a hybrid stack), so a knockout cannot "
+            "take the image out of a window holding them: the three stages are not defined here")
+
+
 def causal_stages(lm, image, prompt: str, *, max_new_tokens: int = 16, tau: float = DEFAULT_STAGE_TAU,
                   separator: str = DEFAULT_SEPARATOR, progress: Progress | None = None) -> CausalStages:
     """Sink / fusion / discard of one input from knockout windows (see the module docstring).
@@ -174,6 +185,9 @@ def causal_stages(lm, image, prompt: str, *, max_new_tokens: int = 16, tau: floa
     """
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
         raise InputError(f"tau must be a positive number of nats, got {tau!r}")
+    why = stages_undefined(lm)
+    if why:
+        raise InputError(why)
     t0 = time.perf_counter()
     L = lm.n_layers
     s = Session(lm, image, prompt, max_new_tokens=max_new_tokens, reuse=False)

@@ -259,6 +259,11 @@ class TokenPruner(_Pruning):
                 g = torch.Generator().manual_seed(int(self.seed) * 1000 + j)
                 pick = torch.randperm(prev.numel(), generator=g)[:n].to(prev.device)
                 st["kept"][j] = torch.sort(prev[pick]).values
+            elif self.score != "l2" and self.layers[j] - 1 not in (ctx.attention_layers or range(self.layers[j])):
+                raise InputError(f"{type(self).__name__}: stage {j} ranks the image by the attention of layer "
+                                 f"{self.layers[j] - 1}, which has no softmax attention in this model (linear attention"
+                                 f" or convolution); start it one layer after an attention layer "
+                                 f"{sorted(ctx.attention_layers)}, or rank by score='l2'")
             else:
                 raise RuntimeError(f"{type(self).__name__}: stage {j} needs its ranking, which was not read at layer "
                                    f"{self.layers[j] - 1} (the prompt's last token must be in the first forward)")

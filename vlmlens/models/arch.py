@@ -34,6 +34,10 @@ class UnsupportedArchitecture(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+#: words of a layer type without softmax attention (Qwen3.5's "linear_attention", LFM2's "conv")
+_NO_SOFTMAX = ("linear", "conv", "mamba")
+
+
 def _attr_path(obj, path: str):
     for part in path.split("."):
         obj = getattr(obj, part)
@@ -89,6 +93,14 @@ class Arch:
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def attention_layers(self, model) -> tuple[int, ...]:
+        """Decoder layers with softmax attention over the sequence: all of them, except a hybrid
+        stack's linear-attention or convolution layers (the text config's ``layer_types``), where
+        attention weights -- and a key mask -- are not defined."""
+        n = len(self.decoder_layers(model))
+        types = list(getattr(self.text_config(model), "layer_types", None) or ())
+        return tuple(i for i in range(n) if i >= len(types) or not any(w in str(types[i]) for w in _NO_SOFTMAX))
 
     def injection_module(self, model) -> torch.nn.Module | None:
         """The decoder stack whose forward receives vision features to add between layers (Qwen3-VL's

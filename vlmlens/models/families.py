@@ -176,6 +176,10 @@ ARCHES: dict[str, Arch] = {
             "merged tokens reach the LM in raster order",
         ),
         _QWEN3_VL,
+        replace(_QWEN3_VL, family="qwen3_5", model_class="Qwen3_5ForConditionalGeneration", injections=None,
+                notes="Qwen3.5: Qwen3-VL's image layout; a hybrid stack (three gated-delta-net linear-attention layers "
+                "to one softmax-attention layer): attention statistics are not defined (NaN) on the linear layers, "
+                "and a key mask there is refused (cut rows out with mode='remove' instead)"),
         replace(_QWEN3_VL, family="qwen3_vl_moe", model_class="Qwen3VLMoeForConditionalGeneration",
                 notes=_QWEN3_VL.notes + "; mixture-of-experts MLPs"),
         _INTERNVL,

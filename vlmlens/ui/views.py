@@ -65,6 +65,17 @@ def cam_zero_reason(run, values: np.ndarray, layer: int) -> str | None:
             "not missing.")
 
 
+def no_attention_reason(run, values: np.ndarray, layer: int) -> str | None:
+    """Why a layer's attention map is empty (``values``: [layer, n_image]): a hybrid stack's linear-attention
+    / convolution layer has no attention weights (the run holds NaN there, never a made-up map)."""
+    row = values[int(layer)]
+    if row.size and np.isnan(row).all():
+        return (f"Layer {int(layer)} has no softmax attention (a linear-attention or convolution layer of this hybrid "
+                f"model): attention over the image is not defined there. Attention layers: "
+                f"{run.meta.get('attention_layers', 'see the model')}.")
+    return None
+
+
 def heatmap_layer(entry, layer: int, query: int, kind: str, lm=None):
     """The single-layer heatmap (cached per layer / query / kind); never runs the model
     unless LLaVA-CAM is asked for and the run does not hold it yet."""
@@ -77,9 +88,9 @@ def heatmap_layer(entry, layer: int, query: int, kind: str, lm=None):
         values = layer_values(entry, kind, query, lm)
     except Missing as e:
         return message_figure(str(e), kind)
-    why = cam_zero_reason(run, values, int(layer)) if kind == "LLaVA-CAM" else None
+    why = cam_zero_reason(run, values, int(layer)) if kind == "LLaVA-CAM" else no_attention_reason(run, values, layer)
     if why is not None:
-        fig = message_figure(why, f"LLaVA-CAM — layer {int(layer)}")
+        fig = message_figure(why, f"{kind} — layer {int(layer)}")
         entry.derived.put(key, fig)
         return fig
     cam = kind == "LLaVA-CAM"
@@ -174,6 +185,8 @@ def stages_markdown(st: dict | None) -> str:
         return ("**Three stages (causal):** not measured for this run. Press *Find the three stages* (needs the run's "
                 "model): it knocks the image out of every single layer, every prefix and every suffix of layers and "
                 "reads what happens to the output. Until then the bands are VisiPruner's cosine rule, a *proxy*.")
+    if "undefined" in st:
+        return f"**Three stages (causal):** not defined for this model: {st['undefined']}."
     L = st["n_layers"]
     n = len(st["single"]) + len(st["prefix"]) + len(st["suffix"]) + (1 if st.get("joint") else 0)
     lines = [f"**Three stages (causal, knockout windows):** {st['statement']}", "",

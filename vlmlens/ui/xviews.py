@@ -170,9 +170,13 @@ def run_experiment(lm, entry, key: str, progress=None) -> dict:
 
 def run_stages(lm, entry, progress=None) -> dict:
     """Knockout windows and the three stages of the entry's input; kept in extras["stages"]."""
-    from ..experiments.stages import causal_stages
+    from ..experiments.stages import causal_stages, stages_undefined
 
     check_model_matches(lm, entry)
+    why = stages_undefined(lm)
+    if why:                                   # said where the stages would be, never a failed analysis
+        entry.extras["stages"] = {"undefined": why}
+        return entry.extras["stages"]
     image, prompt, n_new = _run_args(entry)
     entry.extras["stages"] = causal_stages(lm, image, prompt, max_new_tokens=n_new, progress=progress).to_json()
     return entry.extras["stages"]
