@@ -38,7 +38,7 @@ NOTES = """## Families with their own semantics
   layer, additions included, and later additions go on as in the model. Runs list `injection_layers`
   and `injections_stopped`; the movement and dynamics figures shade the layers that received them.
   Tested in `tests/test_deepstack.py` and the matrix above.
-* **Qwen3.5 (hybrid stack).** Three of every four decoder layers are gated-delta-net linear attention:
+* **Qwen3.5 and Qwen3.5-MoE (hybrid stacks).** Three of every four decoder layers are gated-delta-net linear attention:
   they read the image without attention weights. There the run holds NaN for every attention
   statistic and the dashboard says "not defined"; a key mask that would act on such a layer (Truncate
   `drop`, Knockout, FastV `mask`, a FastV ranking read there) is refused with the reason; removing rows
@@ -58,7 +58,7 @@ NOTES = """## Families with their own semantics
   processors for them.
 * `idefics2`: its perceiver resampler turns the image into 64 latents with no position on the image, so
   no heatmap of them would mean anything; not opened until the dashboard can say so in every view.
-* `qwen3_5_moe`, `lfm2_vl`, `lfm3_vl`: hybrid stacks like Qwen3.5's (the lens handles them the same
+* `lfm2_vl`, `lfm3_vl`: hybrid stacks like Qwen3.5's (the lens handles them the same
   way); not yet built as tiny models and tested (LFM2-VL's processor also needs torchvision).
 * Video inputs of `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `llava_next_video`, `llava_onevision`,
   `video_llava`: images only for now (their video processors need torchvision).

@@ -39,6 +39,7 @@ MODEL_CLASS = {
     "deepseek_vl": transformers.DeepseekVLForConditionalGeneration,
     "janus": transformers.JanusForConditionalGeneration,
     "qwen3_5": transformers.Qwen3_5ForConditionalGeneration,
+    "qwen3_5_moe": transformers.Qwen3_5MoeForConditionalGeneration,
 }
 PROCESSOR_CLASS = {
     "llava": transformers.LlavaProcessor,
@@ -63,6 +64,7 @@ PROCESSOR_CLASS = {
     "deepseek_vl": transformers.DeepseekVLProcessor,
     "janus": transformers.JanusProcessor,
     "qwen3_5": transformers.Qwen3VLProcessor,
+    "qwen3_5_moe": transformers.Qwen3VLProcessor,
 }
 # placeholder the chat template inserts for one image (the processor expands it)
 TEMPLATE_IMAGE = {
@@ -88,6 +90,7 @@ TEMPLATE_IMAGE = {
     "deepseek_vl": "<image_placeholder>",
     "janus": "<image_placeholder>",
     "qwen3_5": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen3_5_moe": "<|vision_start|><|image_pad|><|vision_end|>",
 }
 
 
@@ -114,7 +117,7 @@ def test_families_listed():
     assert FAMILIES == ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3", "smolvlm",
                         "llava_onevision", "aya_vision", "glm4v", "paligemma", "qwen3_vl", "qwen3_vl_moe", "glm46v",
                         "glm4v_moe", "vipllava", "llava_next_video", "video_llava", "deepseek_vl", "janus",
-                        "qwen3_5")
+                        "qwen3_5", "qwen3_5_moe")
 
 
 def test_unknown_family_names_supported_ones():

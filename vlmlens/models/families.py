@@ -180,6 +180,8 @@ ARCHES: dict[str, Arch] = {
                 notes="Qwen3.5: Qwen3-VL's image layout; a hybrid stack (three gated-delta-net linear-attention layers "
                 "to one softmax-attention layer): attention statistics are not defined (NaN) on the linear layers, "
                 "and a key mask there is refused (cut rows out with mode='remove' instead)"),
+        replace(_QWEN3_VL, family="qwen3_5_moe", model_class="Qwen3_5MoeForConditionalGeneration", injections=None,
+                notes="Qwen3.5 MoE: as qwen3_5, with mixture-of-experts MLPs"),
         replace(_QWEN3_VL, family="qwen3_vl_moe", model_class="Qwen3VLMoeForConditionalGeneration",
                 notes=_QWEN3_VL.notes + "; mixture-of-experts MLPs"),
         _INTERNVL,

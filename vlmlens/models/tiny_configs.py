@@ -78,8 +78,8 @@ def tiny_config(family: str, spec: TinyProcessorSpec, processor):
         )  # fmt: skip
     if family in ("qwen3_vl", "qwen3_vl_moe"):
         return _qwen3_vl(family, tok)
-    if family == "qwen3_5":
-        return _qwen3_5(tok)
+    if family in ("qwen3_5", "qwen3_5_moe"):
+        return _qwen3_5(family, tok)
     if family in ("qwen2_vl", "qwen2_5_vl"):
         # head_dim 16 -> rotary half-dim 8 split over (temporal, height, width)
         rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
@@ -205,16 +205,21 @@ def _glm4v(family: str, tok, patch: int):
                vision_config=transformers.Glm4vVisionConfig(**vision), tie_word_embeddings=False, **marks)
 
 
-def _qwen3_5(tok):
-    """Qwen3.5: a hybrid stack -- gated-delta-net linear attention in layers 0 and 2, softmax
-    attention in layers 1 and 3 (the checkpoints alternate three linear layers with one full one)."""
+def _qwen3_5(family: str, tok):
+    """Qwen3.5 (dense or MoE): a hybrid stack -- gated-delta-net linear attention in layers 0 and 2,
+    softmax attention in layers 1 and 3 (the checkpoints alternate three linear layers with one full one)."""
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2], "mrope_interleaved": True,
             "partial_rotary_factor": 0.5}
     text = dict(_text_kwargs(tok, layers=4, kv_heads=2), head_dim=_HIDDEN // _HEADS, rope_parameters=rope,
                 layer_types=["linear_attention", "full_attention"] * 2, linear_conv_kernel_dim=4,
                 linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4)
-    vision = transformers.Qwen3_5VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8,
-                                              spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=_HIDDEN,
-                                              num_position_embeddings=144)
-    return transformers.Qwen3_5Config(text_config=transformers.Qwen3_5TextConfig(**text), vision_config=vision,
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=_HIDDEN, num_position_embeddings=144)
+    if family == "qwen3_5_moe":
+        moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+        return transformers.Qwen3_5MoeConfig(text_config=transformers.Qwen3_5MoeTextConfig(**text, **moe),
+                                             vision_config=transformers.Qwen3_5MoeVisionConfig(**vision),
+                                             tie_word_embeddings=False, **_qwen_ids(tok))
+    return transformers.Qwen3_5Config(text_config=transformers.Qwen3_5TextConfig(**text),
+                                      vision_config=transformers.Qwen3_5VisionConfig(**vision),
                                       tie_word_embeddings=False, **_qwen_ids(tok))

@@ -107,7 +107,7 @@ def build_processor(spec: TinyProcessorSpec):
             image_processor=ip, tokenizer=tok, chat_template=tpl, num_image_tokens=spec.image_seq_len,
             vision_feature_select_strategy="full",
         )
-    if f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5"):
+    if f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"):
         names = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", *_IM]
         tok = make_tokenizer(names, eos="<|im_end|>")
         merge = spec.extra["merge_size"]

@@ -34,7 +34,7 @@ llava_next_video  as llava_next                as llava_next (images; its video 
 video_llava       as llava (its image tower)   as llava
 deepseek_vl       64 px, patch 16 (SigLIP)     16 (4x4 raster)
 janus             as deepseek_vl               as deepseek_vl (its VQ image-generation model is built, not read)
-qwen3_5           as qwen2_vl                  as qwen2_vl; 4 decoder layers: linear attention in 0 and 2
+qwen3_5(_moe)     as qwen2_vl                  as qwen2_vl; 4 decoder layers: linear attention in 0 and 2
 ================  ===========================  =====================================================
 """
 
@@ -49,7 +49,7 @@ from .tiny_processors import TinyProcessorSpec, build_processor
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3",
                              "smolvlm", "llava_onevision", "aya_vision", "glm4v", "paligemma", "qwen3_vl",
                              "qwen3_vl_moe", "glm46v", "glm4v_moe", "vipllava", "llava_next_video",
-                             "video_llava", "deepseek_vl", "janus", "qwen3_5")
+                             "video_llava", "deepseek_vl", "janus", "qwen3_5", "qwen3_5_moe")
 
 def _spec(family: str) -> TinyProcessorSpec:
     if family in ("llava", "vipllava", "video_llava"):
@@ -64,7 +64,8 @@ def _spec(family: str) -> TinyProcessorSpec:
     if family == "llava_onevision":
         return TinyProcessorSpec(family, image_size=32, patch_size=8, image_seq_len=16,
                                  extra={"image_grid_pinpoints": [[32, 64], [64, 32], [64, 64]]})
-    if family in ("qwen2_vl", "qwen2_5_vl", "glm4v", "qwen3_vl", "qwen3_vl_moe", "glm46v", "glm4v_moe", "qwen3_5"):
+    if family in ("qwen2_vl", "qwen2_5_vl", "glm4v", "qwen3_vl", "qwen3_vl_moe", "glm46v", "glm4v_moe", "qwen3_5",
+                  "qwen3_5_moe"):
         extra = {"merge_size": 2, "temporal_patch_size": 2, "min_pixels": 32 * 32, "max_pixels": 96 * 96}
         return TinyProcessorSpec(family, image_size=0, patch_size=8, extra=extra)
     if family == "internvl":
@@ -105,6 +106,7 @@ _MODEL_CLASSES = {
     "deepseek_vl": "DeepseekVLForConditionalGeneration",
     "janus": "JanusForConditionalGeneration",
     "qwen3_5": "Qwen3_5ForConditionalGeneration",
+    "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
 }
 
 
