@@ -14,7 +14,9 @@ from .images import image_sha256, load_image
 from .interventions import decides_every_step, validate_all
 from .generation import _eos_ids, extend_inputs, greedy_generate  # noqa: F401  (also imported from here)
 from .lens import NOTHING, Lens, LensStart, Plan, Recording
+from .models.arch import ARCHES
 from .run import Run, TokenSpans
+from .video import Video, contact_sheet
 
 MAX_NEW_TOKENS_LIMIT = 1024
 #: longest prompt accepted, in characters (checked before tokenising; the context check below
@@ -79,10 +81,21 @@ def check_max_new_tokens(n) -> int:
 
 
 def prepare_inputs(lm, image, prompt: str) -> tuple[dict, "object", str | None]:
-    """Validate and build model inputs on lm's device. Returns (inputs, rgb_image, note)."""
+    """Validate and build model inputs on lm's device. Returns (inputs, rgb_image, note); for a
+    :class:`~vlmlens.video.Video` the image is its contact sheet (one frame per temporal slot)."""
     prompt = check_prompt(prompt)
-    rgb, note = load_image(image)
-    inputs = dict(lm.arch.build_inputs(lm.processor, rgb, prompt))
+    if isinstance(image, Video):
+        if not lm.arch.video:
+            raise InputError(f"{lm.name} ({lm.family}) reads images only through the lens; video input is supported"
+                             f" for {', '.join(a.family for a in ARCHES.values() if a.video)}")
+        inputs = dict(lm.arch.build_video_inputs(lm.processor, image, prompt))
+        vp = lm.processor.video_processor
+        _, gh, gw = (int(x) for x in inputs["video_grid_thw"][0])
+        rgb = contact_sheet(image, vp.temporal_patch_size, (gw * vp.patch_size, gh * vp.patch_size))
+        note = image.note
+    else:
+        rgb, note = load_image(image)
+        inputs = dict(lm.arch.build_inputs(lm.processor, rgb, prompt))
     for k, v in inputs.items():
         if isinstance(v, torch.Tensor):
             v = v.to(lm.device)
@@ -92,9 +105,23 @@ def prepare_inputs(lm, image, prompt: str) -> tuple[dict, "object", str | None]:
     return inputs, rgb, note
 
 
+def video_slots(inputs: dict) -> int | None:
+    """Temporal slots of a video input (``video_grid_thw``'s t); None for an image."""
+    thw = inputs.get("video_grid_thw")
+    return int(thw[0][0]) if thw is not None else None
+
+
+def input_sha256(image) -> str:
+    """Fingerprint of a capture's visual input: the image's pixels, or every sampled frame of a video."""
+    return image.sha256() if isinstance(image, Video) else image_sha256(load_image(image)[0])
+
+
 def image_positions(lm, input_ids: torch.Tensor) -> np.ndarray:
-    ids = lm.arch.image_token_id(lm.model, lm.processor)
-    ids = torch.as_tensor(ids if isinstance(ids, (list, tuple)) else [ids], device=input_ids.device)
+    """Positions of the visual placeholder tokens: the image's, or the video's (the lens's "image" span)."""
+    ids = [lm.arch.image_token_id(lm.model, lm.processor)]
+    if lm.arch.video:
+        ids.append(lm.arch.video_token_id(lm.model))
+    ids = torch.as_tensor(ids, device=input_ids.device)
     return torch.nonzero(torch.isin(input_ids[0], ids)).flatten().cpu().numpy()
 
 
@@ -116,6 +143,12 @@ class Prepared:
     n_prompt: int
     image_pos: np.ndarray
     position_ids: torch.Tensor | None
+    video: Video | None = None      # the input, where it was a video (``rgb`` is then its contact sheet)
+
+    @property
+    def visual(self):
+        """What to hand capture again for this input: the image, or the video."""
+        return self.video if self.video is not None else self.rgb
 
     @property
     def n_prefix(self) -> int:
@@ -138,7 +171,9 @@ def prepare(lm, image, prompt: str, *, position_ids: bool = False) -> Prepared:
     if position_ids and int(pos[-1]) + 1 < ids.shape[1]:
         with torch.no_grad():
             pids = lm.model._prepare_position_ids_for_generation(ids, dict(inputs))
-    return Prepared(lm.name, check_prompt(prompt), inputs, rgb, note, image_sha256(rgb), int(ids.shape[1]), pos, pids)
+    sha = image.sha256() if isinstance(image, Video) else image_sha256(rgb)
+    return Prepared(lm.name, check_prompt(prompt), inputs, rgb, note, sha, int(ids.shape[1]), pos, pids,
+                    image if isinstance(image, Video) else None)
 
 
 class Continuation(Protocol):
@@ -158,7 +193,7 @@ def interventions_json(interventions) -> list:
     return [iv.to_json() if hasattr(iv, "to_json") else repr(iv) for iv in interventions]
 
 
-def check_continuation(prefix: Continuation, lm, prompt: str, rgb, interventions, recording: Recording) -> None:
+def check_continuation(prefix: Continuation, lm, prompt: str, sha: str, interventions, recording: Recording) -> None:
     """Raise ValueError unless ``prefix`` was made for exactly this capture."""
     p = prefix.prep
     problems = []
@@ -166,7 +201,7 @@ def check_continuation(prefix: Continuation, lm, prompt: str, rgb, interventions
         problems.append(f"model {lm.name!r} != {p.model_name!r}")
     if prompt.strip() != p.prompt:
         problems.append("different prompt")
-    if image_sha256(rgb) != p.image_sha:
+    if sha != p.image_sha:
         problems.append("different image")
     want = interventions_json(interventions)
     if want != prefix.interventions:
@@ -263,7 +298,7 @@ def capture(
         inputs, rgb, note = prepare_inputs(lm, image, prompt)
     else:
         inputs, rgb, note = prefix.prep.inputs, prefix.prep.rgb, prefix.prep.note
-        check_continuation(prefix, lm, check_prompt(prompt), load_image(image)[0], interventions, recording)
+        check_continuation(prefix, lm, check_prompt(prompt), input_sha256(image), interventions, recording)
     input_ids = inputs["input_ids"]
     n_prompt = int(input_ids.shape[1])
     img_pos = image_positions(lm, input_ids)
@@ -275,7 +310,7 @@ def capture(
         raise InputError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
     L = lm.n_layers
     tcfg = lm.text_config
-    plan = Plan.build(img_pos, L, n_prompt, recording, interventions, n_new=n_new)
+    plan = Plan.build(img_pos, L, n_prompt, recording, interventions, n_new=n_new, frames=video_slots(inputs))
     every_step = decides_every_step(interventions)
     if every_step and prefix is not None:
         raise InputError("an intervention that decides at every step (e.g. FastV re-ranked per step) runs every step as"
@@ -285,7 +320,8 @@ def capture(
     start = None if prefix is None else prefix.start
     if every_step:
         # every step a whole forward without a cache, decided anew; then the recording forward
-        whole = Plan.build(img_pos, L, n_prompt, NOTHING, interventions, whole_forwards=True)
+        whole = Plan.build(img_pos, L, n_prompt, NOTHING, interventions, whole_forwards=True,
+                           frames=video_slots(inputs))
         try:
             with torch.no_grad(), Lens.for_model(lm, whole):
                 out = greedy_generate(lm, gen_inputs, n_new + 1, max_time=time_limit, use_cache=False)
@@ -335,7 +371,7 @@ def capture(
         "model": lm.name,
         "family": lm.family,
         "prompt": check_prompt(prompt),
-        "image_sha256": image_sha256(rgb),
+        "image_sha256": input_sha256(image) if isinstance(image, Video) else image_sha256(rgb),
         "image_size": list(rgb.size),
         "image_note": note,
         "generation": {"max_new_tokens": n_new, "strategy": "greedy", "stop_reason": stop},
@@ -358,6 +394,8 @@ def capture(
     }
     if unknown:
         meta["unknown_words"] = unknown
+    if isinstance(image, Video):
+        meta["video"] = image.meta(lm.processor.video_processor.temporal_patch_size)
     return Run(
         meta=meta,
         tokens=tok.convert_ids_to_tokens(ids),

@@ -70,10 +70,11 @@ class Plan:
     interventions: tuple = ()
     store_positions: np.ndarray | None = None
     whole_forwards: bool = False      # every forward holds the whole sequence (no KV cache): decide anew each
+    frames: int | None = None         # temporal slots of a video input (equal runs of the image positions)
 
     @classmethod
     def build(cls, image_positions, n_layers: int, n_prompt: int, recording: Recording = NOTHING,
-              interventions=(), n_new: int = 0, whole_forwards: bool = False) -> "Plan":
+              interventions=(), n_new: int = 0, whole_forwards: bool = False, frames: int | None = None) -> "Plan":
         """The plan of a session over a prompt of ``n_prompt`` positions (+ ``n_new`` generated).
         ``whole_forwards``: each forward runs the whole sequence from position 0 without a cache
         (generation with ``use_cache=False``), and the interventions decide afresh in each one
@@ -84,7 +85,13 @@ class Plan:
             store = np.concatenate([img, np.arange(img[-1] + 1, int(n_prompt) + int(n_new) + 1)])
         if whole_forwards and recording != NOTHING:
             raise ValueError("a session of whole forwards records nothing (record one forward afterwards)")
-        return cls(img, int(n_layers), int(n_prompt), recording, tuple(interventions), store, bool(whole_forwards))
+        for iv in interventions:
+            chosen = getattr(iv, "frames", None)
+            if chosen is not None and (not frames or max(chosen) >= frames):
+                raise InputError(f"{iv!r} names frames {list(chosen)}, but the input has "
+                                 + (f"{frames} temporal slots (0..{frames - 1})" if frames else "no video"))
+        return cls(img, int(n_layers), int(n_prompt), recording, tuple(interventions), store, bool(whole_forwards),
+                   frames if frames else None)
 
     @property
     def map_from(self) -> int:
@@ -272,6 +279,7 @@ class LensContext:
         self.n_vision_layers = 0                  # set by the lens: layers of the vision tower it hooks
         self.vision_feature_depth: int | None = None   # set by Lens.for_model: tower layers the features are read after
         self.attention_layers: frozenset | None = None  # set by the lens: layers with softmax attention (None: all)
+        self.frames = plan.frames                 # temporal slots of a video input (None: an image)
         self.scratch: dict[Any, Any] = {}
 
     @property
@@ -280,6 +288,13 @@ class LensContext:
 
     def is_image(self, pos: torch.Tensor) -> torch.Tensor:
         return self._positions.is_image(pos)
+
+    def frame_positions(self, frames) -> torch.Tensor:
+        """Positions of the image (video) tokens of the temporal slots ``frames``: the slots are equal,
+        consecutive runs of the image positions."""
+        img = self.image_pos
+        per = img.numel() // self.frames
+        return torch.cat([img[f * per:(f + 1) * per] for f in sorted(frames)])
 
     def rows(self, layer: int) -> torch.Tensor:
         """Positions of the rows decoder layer ``layer`` holds in the current forward."""

@@ -9,6 +9,7 @@ nothing recomputes attention. Layers are decoder layers 0..L-1.
   image tokens (``attention_maps``): normalised entropy and the share of the top 1% tokens.
   A *sink* pattern is a few tokens soaking up the mass (low entropy, high top share), a
   *fusion* pattern reads from the tokens that carry content.
+* :func:`frame_attention` -- a video run's attention on each temporal slot, per layer.
 * :func:`three_stages` / :func:`stage_details` -- VisiPruner's (arXiv 2510.17205) sink /
   fusion / discard segmentation, from the value contributions the lens records at the last
   prompt token (``attn_out``, ``image_contrib``, ``image_contrib_norm``).
@@ -118,6 +119,20 @@ def image_concentration(run, *, query_index: int = 0, top_frac: float = 0.01) ->
     order = np.argsort(-p, axis=1, kind="stable")[:, :k]
     top = np.take_along_axis(p, order, axis=1).sum(axis=1)
     return {"mass": mass, "entropy": np.clip(ent, 0, 1), "top_share": top, "top_tokens": order, "k": k}
+
+
+def frame_attention(run, *, query_index: int = 0) -> np.ndarray:
+    """A video run's attention per temporal slot: [L, slots], the head-averaged attention of one query
+    (index 0: the last prompt token) on each slot's tokens (``attention_maps`` summed over the slot, the
+    slots being equal consecutive runs of the video tokens). Rows sum to that query's share of
+    attention on the whole video; NaN on layers without softmax attention."""
+    from ..errors import InputError
+
+    video = run.meta.get("video")
+    if not video:
+        raise InputError("not a video run: per-frame attention needs a capture of a vlmlens.video.Video")
+    m = np.asarray(run.attention_maps[:, query_index], dtype=np.float64)    # [L, n_img]
+    return m.reshape(m.shape[0], int(video["slots"]), -1).sum(axis=2)
 
 
 # ---- three stages -------------------------------------------------------------------------

@@ -220,10 +220,11 @@ def token_counts(lm, image, prompt: str) -> dict:
 def _timed_generate(lm, inputs, img_pos, n_new: int, ivs) -> float:
     import torch
 
-    from ..capture import greedy_generate
+    from ..capture import greedy_generate, video_slots
     from ..lens import Lens, Plan
 
-    plan = Plan.build(img_pos, lm.n_layers, int(inputs["input_ids"].shape[1]), interventions=ivs)
+    plan = Plan.build(img_pos, lm.n_layers, int(inputs["input_ids"].shape[1]), interventions=ivs,
+                      frames=video_slots(inputs))
     if lm.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()

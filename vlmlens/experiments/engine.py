@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..capture import capture, check_context, check_max_new_tokens, extend_inputs
+from ..capture import capture, check_context, check_max_new_tokens, extend_inputs, video_slots
 from ..errors import InputError
 from ..interventions import Freeze, Truncate, decides_every_step, prefix_effect, validate_all
 from ..interventions.core import CUT_MODES
@@ -218,7 +218,7 @@ class Session:
         all_ivs = self.extra + ivs
         validate_all(all_ivs, self.n_layers)
         prefix = self._prefix_for(ivs)
-        run = capture(self.lm, self.prep.rgb, self.prep.prompt, max_new_tokens=self.n_new, interventions=all_ivs,
+        run = capture(self.lm, self.prep.visual, self.prep.prompt, max_new_tokens=self.n_new, interventions=all_ivs,
                       prefix=prefix, **self.recording.capture_kwargs())
         base = getattr(self, "baseline", None)
         target = base.generated_ids if base is not None else run.token_ids[run.spans.n_prompt:]
@@ -245,7 +245,7 @@ class Session:
             inputs = prefix.continuation_inputs(target, for_generate=False)
         else:
             inputs = extend_inputs(prep.inputs, target, lm.arch.generated_token_type)
-        plan = Plan.build(prep.image_pos, lm.n_layers, n_prompt, NOTHING, ivs)
+        plan = Plan.build(prep.image_pos, lm.n_layers, n_prompt, NOTHING, ivs, frames=video_slots(prep.inputs))
         kwargs = {"logits_to_keep": T + 1} if accepts_logits_to_keep(lm) else {}
         start = None if prefix is None else prefix.start
         with torch.no_grad(), Lens.for_model(lm, plan, start=start):
@@ -259,7 +259,8 @@ class Session:
         """Teacher forcing when the interventions decide at every step: the distribution of step t
         comes from its own whole forward over prompt + ``target[:t]`` (T + 1 forwards)."""
         lm, prep = self.lm, self.prep
-        plan = Plan.build(prep.image_pos, lm.n_layers, prep.n_prompt, NOTHING, ivs, whole_forwards=True)
+        plan = Plan.build(prep.image_pos, lm.n_layers, prep.n_prompt, NOTHING, ivs, whole_forwards=True,
+                          frames=video_slots(prep.inputs))
         kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(lm) else {}
         rows = []
         with torch.no_grad(), Lens.for_model(lm, plan):

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..capture import Prepared, interventions_json
+from ..capture import Prepared, interventions_json, video_slots
 from ..capture import prepare as _prepare
 from ..interventions import PrefixEffect, validate_all
 from ..lens import NOTHING, Lens, LensStart, Plan, Recording
@@ -141,7 +141,7 @@ def prefill(lm, prep: Prepared, interventions=(), recording: Recording = NOTHING
     validate_all(interventions, lm.n_layers)
     n, m = prep.n_prompt, prep.n_prefix
     # the prefix's rows are a subset of the whole prompt's: the same plan, with nothing generated
-    plan = Plan.build(prep.image_pos, lm.n_layers, n, recording, interventions)
+    plan = Plan.build(prep.image_pos, lm.n_layers, n, recording, interventions, frames=video_slots(prep.inputs))
     inputs = {k: (v[:, :m] if _per_token(v, n) else v) for k, v in prep.inputs.items()}
     inputs["position_ids"] = prep.position_ids[..., :m]
     kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(lm) else {}

@@ -83,7 +83,7 @@ def layer_skip_scan(lm, image, prompt: str, *, tokens: Sequence[str] = SKIP_TOKE
         text[t].append(cmp["text"])
         if progress:
             progress(n + 1, total, f"skip layer {l} ({t})")
-    geo = capture(lm, s.prep.rgb, s.prep.prompt, max_new_tokens=0, store="image_text", hidden_dtype="float32",
+    geo = capture(lm, s.prep.visual, s.prep.prompt, max_new_tokens=0, store="image_text", hidden_dtype="float32",
                   record_attention=False)
     cos = image_cosine_distance(geo)
     note = "image tokens, prompt prefill; entry l = 1 - cos(input of layer l, output of layer l)"

@@ -25,8 +25,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import torch
+
 from ..errors import InputError, check_layer
-from .base import RECOMPUTE, UNCHANGED, PrefixEffect, _Base, removal_conflict
+from .base import INDEPENDENT, RECOMPUTE, UNCHANGED, PrefixEffect, _Base, removal_conflict
 
 TRUNCATE_MODES = ("drop", "remove")
 #: how a sweep cuts the image from layer k on: Truncate's modes, or Freeze (the one list of them)
@@ -58,16 +60,42 @@ class Truncate(_Base):
     deeper layers do less work; it gives the same tokens as "drop". In a removed run the
     image positions keep their last computed state in ``hidden_states``. Vision features a
     family adds between layers (Qwen3-VL's DeepStack) stop from ``from_layer`` on too.
+
+    ``frames`` (a video input only): cut just the tokens of these temporal slots (0-based; a slot
+    is ``temporal_patch_size`` sampled frames, see ``run.meta["video"]``); the others stay readable.
     """
 
     from_layer: int
     mode: str = "drop"
+    frames: tuple | None = None
     exclusive = "Truncate"
     exclusive_hint = "; give one truncation depth per run"
 
-    def __init__(self, from_layer: int | None = None, mode: str = "drop", *, after_layer: int | None = None):
+    def __init__(self, from_layer: int | None = None, mode: str = "drop", *, after_layer: int | None = None,
+                 frames=None):
         object.__setattr__(self, "from_layer", _from_layer("Truncate", from_layer, after_layer))
         object.__setattr__(self, "mode", mode)
+        if frames is not None:
+            if isinstance(frames, (int, str)) or not all(isinstance(f, int) and not isinstance(f, bool) and f >= 0
+                                                         for f in frames) or not len(frames):
+                raise InputError(f"Truncate.frames must be a non-empty list of slot numbers (0, 1, ...), got {frames!r}")
+            frames = tuple(sorted(set(int(f) for f in frames)))
+        object.__setattr__(self, "frames", frames)
+
+    def __repr__(self) -> str:
+        extra = "" if self.frames is None else f", frames={list(self.frames)}"
+        return f"Truncate(from_layer={self.from_layer}, mode={self.mode!r}{extra})"
+
+    def to_json(self) -> dict:
+        d = super().to_json()
+        if self.frames is None:
+            d.pop("frames")
+        else:
+            d["frames"] = list(self.frames)
+        return d
+
+    def _cut(self, ctx) -> torch.Tensor:
+        return ctx.image_pos if self.frames is None else ctx.frame_positions(self.frames)
 
     @property
     def after_layer(self) -> int:
@@ -82,12 +110,15 @@ class Truncate(_Base):
     def key_block(self, layer, qpos, kpos, ctx):
         if layer < self.from_layer or self.mode == "remove":
             return None
-        return (~ctx.is_image(qpos))[:, None] & ctx.is_image(kpos)[None, :]
+        if self.frames is None:
+            return (~ctx.is_image(qpos))[:, None] & ctx.is_image(kpos)[None, :]
+        cut = torch.isin(kpos, self._cut(ctx))
+        return (~ctx.is_image(qpos))[:, None] & cut[None, :]
 
     def removed_positions(self, layer, ctx):
         if self.mode != "remove" or layer < self.from_layer:
             return None
-        return ctx.image_pos
+        return self._cut(ctx)
 
     def stops_injection(self, layer):
         # the image is cut from from_layer on: so are the vision features a family adds there (DeepStack)
@@ -95,13 +126,15 @@ class Truncate(_Base):
 
     def prefix_effect(self, n_layers):
         # only non-image queries lose the image keys: every prefix row keeps its computation
+        if self.frames is not None:
+            return INDEPENDENT             # a prefix is shared by image runs; a video's slots are per input
         if self.mode == "remove" and self.from_layer < n_layers:
             return PrefixEffect("cut_image", self.from_layer)
         return UNCHANGED
 
     def gradient_safe(self):
         # the same outputs (tested); the image rows stay in place for a backward pass to reach
-        return Truncate(self.from_layer, "drop") if self.mode == "remove" else self
+        return Truncate(self.from_layer, "drop", frames=self.frames) if self.mode == "remove" else self
 
     def batch_conflict(self):
         if self.mode == "remove":

@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from . import grids
 from .grids import GridInfo, GridSegment
 
 __all__ = ["Arch", "ARCHES", "GridInfo", "GridSegment", "UnsupportedArchitecture", "arch_for", "get_arch"]
@@ -65,6 +66,7 @@ class Arch:
     tile_inputs: tuple[str, ...] = ()
     image_token_on_tokenizer: bool = False  # the processor's own image_token_id is another token, or absent
     injections: str | None = None  # path of the decoder stack whose call carries DeepStack features (Qwen3-VL)
+    video: str | None = None  # how the lens reads a video: "qwen" (vlmlens.models.video_frames); None: images only
     _grid: Callable[..., GridInfo] = field(default=None, repr=False, compare=False)
     _grid_kwargs: tuple[str, ...] = field(default=(), repr=False, compare=False)  # which of processor/image
 
@@ -158,6 +160,25 @@ class Arch:
                 raise ValueError(f"processor image token id {pid} != model config image_token_id {tid}")
         return int(tid)
 
+    def video_token_id(self, model) -> int | None:
+        """Id of the placeholder the model replaces with video features (None: the lens reads no video)."""
+        return int(model.config.video_token_id) if self.video else None
+
+    def build_video_inputs(self, processor, video, prompt: str) -> dict[str, torch.Tensor]:
+        """Like ``build_inputs`` for a :class:`vlmlens.video.Video`: [video, prompt] as a user turn, its
+        frames through the processor's video processor (``video_frames``), with their frame rate and
+        source frame numbers (Qwen2.5-VL spaces its temporal positions by them)."""
+        if not self.video:
+            raise ValueError(f"{self.family} reads images only through the lens; no video input")
+        from transformers.video_utils import VideoMetadata
+
+        conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
+        text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+        meta = VideoMetadata(total_num_frames=video.n_source, fps=video.fps, frames_indices=list(video.indices),
+                             width=video.size[0], height=video.size[1])
+        batch = processor(videos=[video.array()], text=[text], video_metadata=[meta], return_tensors="pt")
+        return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"}
+
     def build_inputs(self, processor, image, prompt: str) -> dict[str, torch.Tensor]:
         """Batch of one: [image, prompt] as a user turn through the chat template (with the generation
         prompt), then the processor. Returns every tensor ``model(**inputs)`` and ``generate`` need."""
@@ -182,6 +203,8 @@ class Arch:
         arrangement exactly, Idefics3 and LLaVA-NeXT use the processor when given. ``info.exact`` is
         False when the layout had to be guessed."""
         n = int(n_image_tokens)
+        if self.video and "video_grid_thw" in inputs:
+            return grids.qwen_video_grid(inputs, n)
         extra = {"processor": processor, "image": image}
         return self._grid(inputs, n, **{k: extra[k] for k in self._grid_kwargs})
 

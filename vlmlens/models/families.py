@@ -54,6 +54,7 @@ _QWEN2_VL = Arch(
     projector_path="model.visual.merger",
     notes="pixel_values are flattened patches (N, C*t*p*p); M-RoPE positions come from "
     "mm_token_type_ids; the image keeps its aspect ratio (resized to multiples of 28 px)",
+    video="qwen",
     _grid=grids.qwen_grid,
 )
 
@@ -63,6 +64,7 @@ _QWEN3_VL = replace(
     model_class="Qwen3VLForConditionalGeneration",
     processor_class="Qwen3VLProcessor",
     injections="model.language_model",
+    video=None,
     notes="Qwen2-VL's 2x2-merged raster with interleaved M-RoPE; DeepStack: features of a few vision-tower layers "
     "are added to the image rows of the outputs of the first decoder layers (the lens adds them itself, so "
     "cuts, freezes and removals decide about them; see vlmlens.lens_injections); images only (its video input "
@@ -75,6 +77,7 @@ _GLM4V = replace(
     model_class="Glm4vForConditionalGeneration",
     processor_class="Glm4vProcessor",
     image_token="<|image|>",
+    video=None,
     notes="GLM-4.1V: Qwen2-VL's 2x2-merged raster and M-RoPE (3D positions from mm_token_type_ids); "
     "decoder layers with extra post-attention / post-MLP norms; images only (its video input is not read)",
 )

@@ -14,6 +14,8 @@ the original image. ``GridInfo`` lists the segments and names a *primary* drawab
   k x k raster over its box; the overview (InternVL "thumbnail", Idefics3 "global") covers the whole
   image. The primary grid is the mosaic of the tiles (tile_rows*k x tile_cols*k), which covers the whole
   (resized) picture; ``rows * cols == n_image_tokens - k*k``.
+* ``frames`` (a video, Qwen2-VL family): ``[slot 0 | slot 1 | ...]``, one raster per temporal slot; the
+  primary grid is the slots laid out as the run's contact sheet (``frame_layout``).
 
 ``GridInfo.index_map()`` gives, for the primary grid, the image-token index of every cell, so
 ``values[info.index_map()]`` (or ``info.to_grid(values)``) is a heatmap; ``seg.index_map()`` does the
@@ -146,6 +148,32 @@ def qwen_grid(inputs: dict, n: int) -> GridInfo:
     if merge is None or t != 1:
         raise ValueError(f"image_grid_thw {(t, h, w)} does not match {n} image tokens")
     return raster(h // merge, w // merge, n)
+
+
+def frame_layout(n_slots: int) -> tuple[int, int]:
+    """(rows, cols) of a video's contact sheet (vlmlens.video): the squarest grid of ``n_slots`` cells
+    with no empty cell, rows <= cols (a prime count is one row)."""
+    r = max(d for d in range(1, math.isqrt(n_slots) + 1) if n_slots % d == 0)
+    return r, n_slots // r
+
+
+def qwen_video_grid(inputs: dict, n: int) -> GridInfo:
+    """A video's tokens from ``video_grid_thw`` = (t, h, w): t temporal slots (each ``temporal_patch_size``
+    frames), each an (h/m) x (w/m) raster in sequence order. The primary grid is the contact sheet of the
+    slots (``frame_layout``), one segment named "frame" per slot; ``tile_grid`` is the sheet's layout."""
+    thw = inputs["video_grid_thw"]
+    if len(thw) != 1:
+        raise ValueError(f"expected exactly one video, got video_grid_thw with {len(thw)} rows")
+    t, h, w = (int(x) for x in thw[0])
+    per = n // t if n and n % t == 0 else 0
+    merge = _isqrt_exact(h * w // per) if per and (h * w) % per == 0 else None
+    if merge is None:
+        raise ValueError(f"video_grid_thw {(t, h, w)} does not match {n} video tokens")
+    k_r, k_c = h // merge, w // merge
+    sr, sc = frame_layout(t)
+    segs = [GridSegment("frame", i * per, k_r, k_c, box=(r / sr, c / sc, (r + 1) / sr, (c + 1) / sc))
+            for i, (r, c) in enumerate(divmod(j, sc) for j in range(t))]
+    return _check(GridInfo.build(sr * k_r, sc * k_c, "frames", segs, n, range(t), (sr, sc)), n)
 
 
 # ------------------------------------------------------------------------------------------ LLaVA-NeXT

@@ -47,6 +47,10 @@ class LoadedModel:
     def n_layers(self) -> int:
         return len(self.arch.decoder_layers(self.model))
 
+    def __post_init__(self):
+        from .video_frames import attach_video_processor
+        attach_video_processor(self.processor, self.arch)
+
     def __repr__(self) -> str:
         return f"LoadedModel({self.name!r}, family={self.family}, layers={self.n_layers}, device={self.device}, dtype={self.dtype})"
 
@@ -251,19 +255,21 @@ def _load_processor(path: str, arch: Arch, trust_remote_code: bool):
     from transformers import AutoProcessor
 
     from .offline_text import without_video_processor
+    from .video_frames import attach_video_processor
 
     error = None
     try:
         proc = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         if hasattr(proc, "image_processor"):
-            return proc
+            return attach_video_processor(proc, arch, path)
     except (ImportError, AttributeError, ValueError, TypeError, OSError) as e:
         error = e
     cls = getattr(transformers, arch.processor_class, None)
     try:
         if cls is None:
             raise ValueError(f"transformers has no {arch.processor_class}")
-        return without_video_processor(cls).from_pretrained(path, trust_remote_code=trust_remote_code)
+        return attach_video_processor(without_video_processor(cls).from_pretrained(
+            path, trust_remote_code=trust_remote_code), arch, path)
     except Exception as e:
         raise UnsupportedModel(
             f"cannot load the processor of {path!r} ({arch.processor_class}): {error or e}"

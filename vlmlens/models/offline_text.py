@@ -97,9 +97,10 @@ def chat_template(
     generation_prompt: str,
     start: str = "",
     default_system: str | None = None,
+    video: str | None = None,
 ) -> str:
     """Build a Jinja chat template. ``roles[role] = (prefix, suffix)`` wraps each message; an image part
-    renders as ``image``; text parts render verbatim. ``default_system`` is emitted when the
+    renders as ``image``, a video part as ``video`` (given); text parts render verbatim. ``default_system`` is emitted when the
     conversation has no system message (Qwen style)."""
     parts = [start]
     if default_system is not None:
@@ -113,7 +114,12 @@ def chat_template(
         kw = "if" if first else "elif"
         first = False
         parts.append(f"{{%- {kw} message['role'] == '{role}' -%}}{_jinja_literal(prefix)}")
-        parts.append(_CONTENT.replace("@IMAGE@", _jinja_literal(image)))
+        content = _CONTENT.replace("@IMAGE@", _jinja_literal(image))
+        if video is not None:
+            content = content.replace("{%- elif part['type'] == 'text'",
+                                      "{%- elif part['type'] == 'video' -%}" + _jinja_literal(video)
+                                      + "{%- elif part['type'] == 'text'")
+        parts.append(content)
         parts.append(_jinja_literal(suffix))
     parts.append("{%- endif -%}{%- endfor -%}")
     parts.append("{%- if add_generation_prompt -%}" + _jinja_literal(generation_prompt) + "{%- endif -%}")

@@ -119,6 +119,7 @@ def build_processor(spec: TinyProcessorSpec):
         tpl = chat_template(
             roles={r: (f"<|im_start|>{r}\n", "<|im_end|>\n") for r in ("system", "user", "assistant")},
             image="<|vision_start|><|image_pad|><|vision_end|>",
+            video="<|vision_start|><|video_pad|><|vision_end|>",
             generation_prompt="<|im_start|>assistant\n",
             default_system="You are a helpful assistant.",
         )
