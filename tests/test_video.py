@@ -210,3 +210,63 @@ def test_a_video_keeps_its_frames_and_fingerprint(clip):
     assert other.sha256() != clip.sha256()
     run = capture(random_lm("qwen2_vl"), clip, PROMPT, max_new_tokens=0)
     assert run.meta["image_sha256"] == clip.sha256()
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_the_dashboard_opens_a_video_capture(family, tmp_path):
+    """The video box's path: a file uploaded, frames sampled, the run drawn per temporal slot (heatmaps
+    over the contact sheet, attention per slot, LLaVA-CAM through the video), experiments re-run on
+    the video; a run opened from its files says why it cannot re-run, and bad uploads are named."""
+    import plotly.graph_objects as go
+
+    from vlmlens.ui import views, xviews
+    from vlmlens.ui.callbacks import Dashboard, new_session
+
+    lm = random_lm(family)
+    path = _write_video(tmp_path / "ramp.mp4", n=12, size=(64, 48))
+    dash = Dashboard(model=f"random:{family}", runs_dir=tmp_path / "runs", loader=lambda *a, **k: lm)
+    dash.holder.wait(30)
+    sess, info, gen, _strip, headline = dash.capture_video(path, 6.0, PROMPT, 2, new_session())
+    entry = dash.entry(sess)
+    run = entry.run
+    assert run.meta["video"]["indices"] == sample_indices(12, 6) and run.meta["video"]["slots"] == 3
+    assert info["n_image_tokens"] == run.spans.n_image and gen and headline
+    assert "llava_cam" in run.arrays and "analysis_failed" not in run.meta
+    frames = views.frames_figure(entry)
+    assert [t.type for t in frames.data] == ["heatmap"] and len(frames.data[0].z[0]) == 3
+    idx = sample_indices(12, 6)                          # slot 1 holds the third and fourth sampled frames
+    assert list(frames.layout.xaxis.ticktext)[1].startswith(f"frames {idx[2]}–{idx[3]}<br>{idx[2] / 10:.1f}")
+    heat = views.heatmap_layer(entry, 0, 0, "attention", lm)
+    z = [t for t in heat.data if t.type == "heatmap"][0].z
+    assert (len(z), len(z[0])) == tuple(run.image_grid)
+    figs = [f for f in dash._all_figures(entry) if isinstance(f, go.Figure)]
+    assert all(len(f.data) or f.layout.annotations for f in figs)
+    result = xviews.run_truncation(lm, entry, [0, 1], "drop", sweep=False)
+    assert [d["depth"] for d in result["depths"]] == [0, 1]
+    assert list(result["baseline_tokens"]) == list(run.generated_tokens)     # the video re-run, not its sheet
+    # the same run opened from its files: the contact sheet is not the video
+    from vlmlens.ui.store import Entry
+
+    reopened = Entry("x", run, "saved", "saved:x")
+    with pytest.raises(InputError, match="capture it again from the video"):
+        xviews.run_truncation(lm, reopened, [0], "drop", sweep=False)
+    assert "is an image" in " ".join(a.text or "" for a in views.frames_figure(
+        dash.entry(dash.capture(_still(tmp_path), PROMPT, 1, new_session())[0])).layout.annotations)
+    import gradio as gr
+
+    (tmp_path / "junk.mp4").write_bytes(b"junk" * 100)
+    with pytest.raises(gr.Error, match="cannot read video junk.mp4"):
+        dash.capture_video(str(tmp_path / "junk.mp4"), 4, PROMPT, 2, new_session())
+    with pytest.raises(gr.Error, match="no video"):
+        dash.capture_video(None, 4, PROMPT, 2, new_session())
+    small = Dashboard(model=f"random:{family}", runs_dir=tmp_path / "runs", loader=lambda *a, **k: lm,
+                      max_image_tokens=10)
+    small.holder.wait(30)
+    with pytest.raises(gr.Error, match="at most 10 are accepted"):
+        small.capture_video(path, 6, PROMPT, 2, new_session())
+
+
+def _still(tmp_path):
+    p = tmp_path / "still.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(p)
+    return str(p)

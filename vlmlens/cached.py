@@ -106,16 +106,17 @@ def load_specs(examples_dir: Path = EXAMPLES, specs=SPECS, lm=None) -> list[dict
     return out
 
 
-def add_analysis_arrays(lm, run) -> list[str]:
+def add_analysis_arrays(lm, run, video=None) -> list[str]:
     """Store the model-dependent analyses in the run, so that figures (and the app without a
     model) need only the Run: LLaVA-CAM and the logit / patch lens. Returns the names added;
     an analysis that fails on this run is skipped and named in ``run.meta["analysis_failed"]``
-    (e.g. a family whose CAM backward is unsupported), so the capture itself still succeeds."""
+    (e.g. a family whose CAM backward is unsupported), so the capture itself still succeeds. A video
+    run's CAM needs its ``video``."""
     from .analysis.cam import attach_cam
     from .analysis.logit_lens import attach_logit_lens
 
     added, failed = [], {}
-    jobs = [("llava_cam", attach_cam, "llava_cam" not in run.arrays),
+    jobs = [("llava_cam", lambda lm, run: attach_cam(lm, run, video=video), "llava_cam" not in run.arrays),
             ("logit_lens", attach_logit_lens, "hidden_states" in run.arrays and "logit_lens_ids" not in run.arrays)]
     for name, attach, wanted in jobs:
         if not wanted:

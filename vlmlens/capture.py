@@ -257,6 +257,7 @@ def capture(
     record_vision: bool = False,
     prefix: Continuation | None = None,
     time_limit: float | None = None,
+    max_image_tokens: int | None = None,
 ) -> Run:
     """Run ``image`` + ``prompt`` through ``lm`` with the lens installed; return a Run.
 
@@ -286,6 +287,8 @@ def capture(
             instead of recomputing the prompt up to the last image token (same Run).
         time_limit: seconds after which generation stops cleanly (the Run then holds what was
             generated so far and ``meta["generation"]["stop_reason"] == "time limit"``).
+        max_image_tokens: refuse, before any forward, an input of more image (video) tokens than this
+            (a server's bound on one request: a video's frames add up).
 
     A request whose prompt + ``max_new_tokens`` exceeds the model's context is refused before
     any forward (InputError naming the numbers).
@@ -305,6 +308,10 @@ def capture(
     if len(img_pos) == 0:
         raise InputError("the processed prompt contains no image tokens; this model's processor did not insert the image")
     check_context(lm, n_prompt, len(img_pos), n_new)
+    if max_image_tokens is not None and len(img_pos) > max_image_tokens:
+        what = f"{len(image.frames)} frames give" if isinstance(image, Video) else "the image gives"
+        raise InputError(f"{what} {len(img_pos):,} image tokens; at most {max_image_tokens:,} are accepted here"
+                         " (sample fewer frames or use a smaller image)")
     unknown = unknown_words(lm, check_prompt(prompt))
     if time_limit is not None and not (isinstance(time_limit, (int, float)) and time_limit > 0):
         raise InputError(f"time_limit must be a positive number of seconds, got {time_limit!r}")

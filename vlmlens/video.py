@@ -30,6 +30,8 @@ DEFAULT_FRAMES = 8
 MAX_FRAMES = 64
 MAX_VIDEO_BYTES = 512 * 1024 * 1024
 MAX_SOURCE_FRAMES = 60 * 60 * 30          # an hour at 30 frames per second
+#: file types the dashboard's video upload offers (PyAV reads more)
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".mpg", ".mpeg")
 #: frames per second assumed where frames come without a frame rate (arrays, image lists)
 ASSUMED_FPS = 1.0
 

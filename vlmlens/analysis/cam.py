@@ -121,7 +121,7 @@ def _cam_interventions(run, interventions):
 
 
 def llava_cam(lm, run, *, layers=None, target_tokens=None, activation: str = "mlp_input",
-              interventions=None) -> Cam:
+              interventions=None, video=None) -> Cam:
     """LLaVA-CAM of every (or the chosen) decoder layer, in one forward + one backward.
 
     Args:
@@ -134,6 +134,8 @@ def llava_cam(lm, run, *, layers=None, target_tokens=None, activation: str = "ml
         activation: ``"mlp_input"`` or ``"residual"`` (see the module docstring).
         interventions: applied in the CAM's forward, so that the map explains the answer of the
             model the run was captured with; default: the run's own (from its meta); ``[]``: none.
+        video: for a video run, the :class:`vlmlens.video.Video` it was captured from (a run keeps only
+            its contact sheet, not every frame); checked against the run's fingerprint.
 
     The forward runs with grad through the lens (SDPA, no recording) with the model's
     parameters frozen; the embeddings entering decoder layer 0 are the only leaf, so the
@@ -156,7 +158,14 @@ def llava_cam(lm, run, *, layers=None, target_tokens=None, activation: str = "ml
                                                               for l in layers})
     ivs = _cam_interventions(run, interventions)
     validate_all(ivs, L)
-    inputs, _, _ = prepare_inputs(lm, run.image, run.prompt)
+    source = run.image
+    if run.meta.get("video"):
+        if video is None or video.sha256() != run.meta.get("image_sha256"):
+            raise InputError("LLaVA-CAM of a video run needs the video it was captured from (video=...): the run keeps"
+                             " one frame per temporal slot, not every frame" + ("" if video is None else
+                                                                               "; this video is another one"))
+        source = video
+    inputs, _, _ = prepare_inputs(lm, source, run.prompt)
     n_prompt = run.spans.n_prompt
     if inputs["input_ids"][0].tolist() != list(run.token_ids[:n_prompt]):
         raise InputError("the run's prompt tokens differ from what this model builds for its image + prompt")

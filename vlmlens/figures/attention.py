@@ -125,3 +125,30 @@ def fig_attention_heads(run, *, query: str = "last", title: str | None = None) -
     fig.update_xaxes(title="head", dtick=1 if H <= 40 else None)
     fig.update_yaxes(title="decoder layer", autorange="reversed")
     return fig
+
+
+def fig_frame_attention(run, *, title: str | None = None) -> go.Figure:
+    """A video run: layer x temporal slot heatmap of the last prompt token's (head-averaged) attention on
+    each slot's tokens (:func:`vlmlens.analysis.attention.frame_attention`); each slot is named by
+    its sampled frames and their times in the source."""
+    from ..analysis.attention import frame_attention
+
+    s = frame_attention(run)                                           # [L, slots]
+    v = run.meta["video"]
+    per, idx, times = int(v["frames_per_slot"]), v["indices"], v["times"]
+    names = []
+    for i in range(s.shape[1]):
+        a, b = i * per, min((i + 1) * per, len(idx)) - 1
+        names.append(f"frames {idx[a]}–{idx[b]}<br>{times[a]:.1f}–{times[b]:.1f} s" if b > a
+                     else f"frame {idx[a]}<br>{times[a]:.1f} s")
+    L = s.shape[0]
+    fig = go.Figure(go.Heatmap(
+        z=s, x=np.arange(s.shape[1]), y=np.arange(L), zmin=0, colorscale=SEQUENTIAL_COLORSCALE,
+        customdata=np.array([names] * L), colorbar=dict(title="share"),
+        hovertemplate="layer %{y} · slot %{x} (%{customdata})<br>%{z:.3f} of the last prompt token's attention"
+                      "<extra></extra>"))
+    apply_style(fig, title=title or "Attention on each temporal slot of the video (last prompt token)",
+                height=max(320, min(900, 18 * L + 160)))
+    fig.update_xaxes(title="temporal slot", tickmode="array", tickvals=list(range(s.shape[1])), ticktext=names)
+    fig.update_yaxes(title="decoder layer", autorange="reversed")
+    return fig

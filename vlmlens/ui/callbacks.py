@@ -70,7 +70,7 @@ class Dashboard(TabHandlers, StudyTab):
                  runs_dir=None, trust_remote_code: bool = False, no_model: bool = False,
                  default_run: str | None = None, store_capacity: int = 64, loader=None, start_loading: bool = True,
                  time_limit: float | None = 120.0, max_image_side: int = 1344, studies=None, adapter=None,
-                 datasets=None, study_time_limit: float | None = 600.0):
+                 datasets=None, study_time_limit: float | None = 600.0, max_image_tokens: int | None = 16384):
         name, why = resolve_model_name(model, no_model)
         self.holder = ModelHolder(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                                   loader=loader, off_reason=why, adapter=adapter)
@@ -84,6 +84,7 @@ class Dashboard(TabHandlers, StudyTab):
         self.export_dirs = ExportDirs()
         self.time_limit = time_limit
         self.max_image_side = int(max_image_side)
+        self.max_image_tokens = max_image_tokens     # one request's image / video tokens (a video's frames add up)
         for ex in self.examples:
             self.scenes.add_file(ex["file"], ex.get("truth"), ex.get("seed"), ex.get("prompts"))
         self.timings: dict[str, deque] = defaultdict(lambda: deque(maxlen=500))
@@ -177,20 +178,42 @@ class Dashboard(TabHandlers, StudyTab):
                 raise InputError(str(e).replace(str(Path(image)), Path(image).name)) from None
             raise
         rgb, shrunk = bounded_image(rgb, self.max_image_side)
+        return self._capture(rgb, prompt, max_new_tokens, sess, progress, [x for x in (conv, shrunk) if x])
+
+    @handler("capture_video")
+    def capture_video(self, video, frames, prompt, max_new_tokens, sess, progress=gr.Progress()):
+        """Capture a new run from a video file (frames sampled evenly; Qwen2-VL family models)."""
+        from ..video import load_video
+
+        if not video:
+            raise InputError("no video: upload a video file (mp4, webm, mov, mkv, avi)")
+        try:
+            v = load_video(video, frames=int(frames) if isinstance(frames, float) and float(frames).is_integer()
+                           else frames)
+        except InputError as e:         # name the upload, not the server's temporary copy of it
+            raise InputError(str(e).replace(str(Path(video)), Path(video).name)) from None
+        return self._capture(v, prompt, max_new_tokens, sess, progress, [v.note] if v.note else [])
+
+    def _capture(self, source, prompt, max_new_tokens, sess, progress, notes: list):
+        """One capture of an image (bounded already) or a Video, then its analyses; the overview of it."""
+        from ..capture import capture, check_max_new_tokens, check_prompt
+        from ..video import Video
+
+        video = source if isinstance(source, Video) else None
         prompt = check_prompt(prompt)
         n = check_max_new_tokens(int(max_new_tokens) if isinstance(max_new_tokens, float) and
                                  float(max_new_tokens).is_integer() else max_new_tokens)
         progress(0.05, desc="waiting for the model")
         with self.holder.use() as lm:
             progress(0.2, desc=f"capturing {lm.n_layers} layers")
-            run = capture(lm, rgb, prompt, max_new_tokens=n, time_limit=self.time_limit, record_vision=True)
-            notes = [x for x in (conv, shrunk) if x]
+            run = capture(lm, source, prompt, max_new_tokens=n, time_limit=self.time_limit, record_vision=True,
+                          max_image_tokens=self.max_image_tokens)
             if notes:
                 run.meta["image_note"] = "; ".join(notes)
-            if lm.name == "tiny-shapes":
+            if lm.name == "tiny-shapes" and video is None:
                 from ..tiny.world_check import shapes_world_check
 
-                why = shapes_world_check(rgb)
+                why = shapes_world_check(source)
                 if why:
                     run.meta["out_of_world"] = why
             if run.meta.get("generation", {}).get("stop_reason") == "time limit":
@@ -202,16 +225,17 @@ class Dashboard(TabHandlers, StudyTab):
             progress(0.7, desc="logit lens and LLaVA-CAM")
             from ..cached import add_analysis_arrays
 
-            add_analysis_arrays(lm, run)
+            add_analysis_arrays(lm, run, video=video)
             sess = with_sid(sess)
-            entry = self.store.add(run, label=f"capture {time.strftime('%H:%M:%S')}: {prompt[:40]}",
-                                   owner=sess["sid"])
+            what = "video" if video is not None else "capture"
+            entry = self.store.add(run, label=f"{what} {time.strftime('%H:%M:%S')}: {prompt[:40]}",
+                                   owner=sess["sid"], video=video)
             panels.safe(lambda: xviews.theory_compute(lm, entry))
             if lm.n_layers <= AUTO_STAGES_MAX_LAYERS:   # 3L + 1 teacher-forced forwards: cheap on small models
                 progress(0.8, desc="knockout windows (three stages)")
                 panels.safe(lambda: xviews.run_stages(lm, entry))
-        if conv or shrunk:
-            gr.Info(f"image note: {'; '.join(x for x in (conv, shrunk) if x)}")
+        if notes:
+            gr.Info(f"{'video' if video is not None else 'image'} note: {'; '.join(notes)}")
         if run.meta.get("out_of_world"):
             gr.Warning(f"this image does not look like the shapes world tiny-shapes was trained on: "
                        f"{run.meta['out_of_world']}")
@@ -326,6 +350,6 @@ class Dashboard(TabHandlers, StudyTab):
                 gr.Dropdown(choices=panels.query_choices(run), value=0),
                 gr.Dropdown(choices=xviews.depth_choices(L), value=["0", str(L // 2)]),
                 gr.Dropdown(choices=mine, value=entry.id), run.image, self.scenes.truth_markdown_for(run),
-                run.image, run.prompt, n_new,
+                gr.skip() if run.meta.get("video") else run.image, run.prompt, n_new,   # (a video stays in its box)
                 gr.Dropdown(choices=[(f"this session: {m[0]}", m[1]) for m in mine if m[1] != entry.id]
                             + [(n, n) for n in self.runs.preferred_order()], value=None))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gradio as gr
 
 from ..capture import MAX_PROMPT_CHARS
+from ..video import VIDEO_SUFFIXES
 from ..experiments.methods import METHOD_SYNTAX
 from .callbacks import Dashboard, new_session
 from .inputs import prompt_choices
@@ -114,6 +115,12 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                 max_new = CountSlider(1, 256, value=12, step=1, label="Max new tokens", elem_id="vl-max-new",
                                     info="reasoning traces of real models need 100-250")
                 run_btn = gr.Button("Run", variant="primary", elem_id="vl-run", interactive=not teaching)
+                with gr.Accordion("Video (Qwen2-VL, Qwen2.5-VL)", open=False, elem_id="vl-video-box"):
+                    video_in = gr.File(label="Video file", file_types=list(VIDEO_SUFFIXES), type="filepath",
+                                       elem_id="vl-video")
+                    frames = CountSlider(2, 32, value=8, step=2, label="Frames sampled (evenly)", elem_id="vl-frames",
+                                         info="two frames make one temporal slot of the model")
+                    video_btn = gr.Button("Run on the video", elem_id="vl-run-video", interactive=not teaching)
                 if teaching:
                     gr.Markdown(f"_Teaching mode: {dash.holder.off_reason or 'no model loaded'}. Open a saved run in "
                                 "the Runs tab; running the model is off._", elem_id="vl-teaching-note")
@@ -162,6 +169,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                         head_layer = gr.Dropdown(choices=[], label="Each head's map at decoder layer ℓ",
                                                  elem_id="vl-head-layer", allow_custom_value=True)
                         head_fig = gr.Plot(label="Per-head maps (last prompt token)", elem_id="vl-head-maps")
+                        frames_fig = gr.Plot(label="Attention per temporal slot (video runs)", elem_id="vl-frames-fig")
                     with gr.Tab("Truncation", id="truncation") as t_trunc:
                         with gr.Row():
                             depths = gr.Dropdown(choices=[], multiselect=True, label="Depths (image cut from layer k on)",
@@ -247,7 +255,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
 
         overview = [sess, info, gen_md, strip, headline]
         tab_outputs = {"heatmaps": [heat, grid, lens, plens], "dynamics": [move, dyn, cka, embed, enc_dec],
-                       "attention": [flow, heads, stages_md, head_layer, head_fig],
+                       "attention": [flow, heads, stages_md, head_layer, head_fig, frames_fig],
                        "truncation": [gens, sweep_fig, pert_fig, enc_fig],
                        "substitution": [sub_fig, skip_fig], "compute": [comp_fig, prune_md, prune_pick, prune_fig]}
         all_tab_outputs = [c for cs in tab_outputs.values() for c in cs]
@@ -282,6 +290,8 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                           api_visibility=INTERNAL)
         after_run(run_btn.click(dash.capture, [image, prompt, max_new, sess], overview, api_name="capture",
                                 **MODEL_QUEUE), "capture")
+        after_run(video_btn.click(dash.capture_video, [video_in, frames, prompt, max_new, sess], overview,
+                                  api_name="capture_video", **MODEL_QUEUE), "capture_video")
         after_run(prompt.submit(dash.capture, [image, prompt, max_new, sess], overview, api_name="capture_submit",
                                 api_visibility=INTERNAL, **MODEL_QUEUE), "capture_submit")
         after_run(demo.load(dash.open_default, sess, overview, api_name="open_default", api_visibility=INTERNAL),

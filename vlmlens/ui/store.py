@@ -67,6 +67,17 @@ class Entry:
     derived: Derived = field(default_factory=Derived)
     extras: dict = field(default_factory=dict)    # this session's experiment results (JSON-able)
     owner: str | None = None                      # the browser session that made or opened it
+    video: object = None                          # a video run's Video (the run keeps its contact sheet only)
+
+    def rerun_input(self):
+        """The input to re-run: the run's image, or the video it was captured from (an InputError for a
+        video run opened from disk, whose frames were not stored)."""
+        if not self.run.meta.get("video"):
+            return self.run.image
+        if self.video is None:
+            raise InputError("this video run was opened from its files, which keep one frame per temporal slot, not"
+                             " the video: capture it again from the video to run experiments on it")
+        return self.video
 
     @property
     def sweeps(self) -> dict:
@@ -120,8 +131,8 @@ class RunStore:
         return next((i for i in self._entries if i != newest.id), None)
 
     def add(self, run: Run, *, label: str, source: str = "capture", derived: Derived | None = None,
-            extras: dict | None = None, owner: str | None = None) -> Entry:
-        entry = Entry(uuid.uuid4().hex, run, label, source, derived or Derived(), dict(extras or {}), owner)
+            extras: dict | None = None, owner: str | None = None, video=None) -> Entry:
+        entry = Entry(uuid.uuid4().hex, run, label, source, derived or Derived(), dict(extras or {}), owner, video)
         with self._lock:
             self._entries[entry.id] = entry
             self._bytes[entry.id] = run_bytes(run)

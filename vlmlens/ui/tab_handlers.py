@@ -89,7 +89,7 @@ class TabHandlers:
         entry = self.entry(sess)
         L = entry.run.n_layers
         return (*views.attention_figures(entry), gr.Dropdown(choices=list(range(L)), value=L - 1),
-                views.head_maps_figure(entry, L - 1))
+                views.head_maps_figure(entry, L - 1), views.frames_figure(entry))
 
     @handler("head_maps")
     def head_maps(self, sess, layer):

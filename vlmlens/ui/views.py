@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..analysis.cam import llava_cam
-from ..figures.attention import fig_attention_flow, fig_attention_heads
+from ..figures.attention import fig_attention_flow, fig_attention_heads, fig_frame_attention
 from ..figures.dynamics import fig_dynamics, fig_layer_similarity, fig_token_umap
 from ..figures.movement import fig_token_movement
 from ..figures.heatmaps import fig_cam_grid, fig_cam_layer, fig_head_maps, fig_logit_lens, fig_patch_lens
@@ -46,7 +46,8 @@ def cam_array(entry, lm=None) -> np.ndarray:
         raise Missing("LLaVA-CAM of this run needs the run's model (it was not stored with the run)")
     if lm.name != run.meta.get("model"):
         raise Missing(f"LLaVA-CAM needs the run's own model ({run.meta.get('model')}); the loaded model is {lm.name}")
-    return entry.derived.get("llava_cam", lambda: np.asarray(llava_cam(lm, run).per_token, dtype=np.float32))
+    return entry.derived.get("llava_cam", lambda: np.asarray(llava_cam(lm, run, video=entry.video).per_token,
+                                                             dtype=np.float32))
 
 
 def cam_zero_reason(run, values: np.ndarray, layer: int) -> str | None:
@@ -169,6 +170,15 @@ def attention_figures(entry):
         fig_attention_flow, run, stages=labels, title="Attention flow"))
     heads = entry.derived.get("fig_attention_heads", lambda: figure(fig_attention_heads, run, title="Heads"))
     return flow, heads, stages_markdown(st)
+
+
+def frames_figure(entry):
+    """A video run's attention on each temporal slot per layer (a message for an image run)."""
+    run = entry.run
+    if not run.meta.get("video"):
+        return message_figure("This run's input is an image. Capture a video (the Video box of the input panel, "
+                              "Qwen2-VL family) to see the attention on each of its temporal slots.", "Frames")
+    return entry.derived.get("fig_frames", lambda: figure(fig_frame_attention, run, title=None))
 
 
 def head_maps_figure(entry, layer: int):

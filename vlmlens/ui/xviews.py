@@ -42,7 +42,7 @@ def parse_depth_selection(selected, n_layers: int) -> tuple[list[int], bool]:
 def _run_args(entry):
     run = entry.run
     gen = run.meta.get("generation") or {}
-    return run.image, run.prompt, int(gen.get("max_new_tokens", max(1, len(run.generated_tokens))))
+    return entry.rerun_input(), run.prompt, int(gen.get("max_new_tokens", max(1, len(run.generated_tokens))))
 
 
 def check_model_matches(lm, entry) -> None:
@@ -185,7 +185,7 @@ def run_stages(lm, entry, progress=None) -> dict:
 def theory_compute(lm, entry) -> None:
     """FLOP / KV-cache savings per depth without timing (cheap), unless already stored."""
     if "compute" not in entry.extras:
-        entry.extras["compute"] = compute_tradeoff(lm, entry.run.image, entry.run.prompt, measure=False)
+        entry.extras["compute"] = compute_tradeoff(lm, entry.rerun_input(), entry.run.prompt, measure=False)
 
 
 def experiment_figure(entry, key: str):
