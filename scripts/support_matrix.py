@@ -26,6 +26,12 @@ TESTS = {
     "dashboard opens a capture": "tests/test_family_dashboard.py::test_the_dashboard_opens_a_capture_of_every_family",
 }
 MATRIX = "tests/test_family_matrix.py"
+#: the same columns for a video input (rows "<family> video"; the matrix's cells come from tests/test_video.py)
+VIDEO_TESTS = {
+    "capture == forward + eager attention": "tests/test_video.py::test_video_capture_matches_plain_model",
+    "dashboard opens a capture": "tests/test_video.py::test_the_dashboard_opens_a_video_capture",
+}
+VIDEO = "tests/test_video.py"
 #: what the table cannot say: the semantics of families that differ, and the families not opened yet
 NOTES = """## Families with their own semantics
 
@@ -44,6 +50,16 @@ NOTES = """## Families with their own semantics
   `drop`, Knockout, FastV `mask`, a FastV ranking read there) is refused with the reason; removing rows
   (Truncate / FastV `remove`) is exact; knockout stages and their cosine proxy say "not defined";
   batches run one example at a time (the padding that aligns examples would change the layers' state).
+* **Video (Qwen2-VL, Qwen2.5-VL; rows "video").** Frames are read with PyAV and sampled evenly
+  (`vlmlens.video`); `models/video_frames.py` processes them without torchvision (each frame by the
+  checkpoint's image processor at its video pixel bounds, pairs stacked into temporal patches: a video of
+  one repeated frame is exactly the image, tested). The video tokens are the run's modality span, so every
+  statistic and intervention reads them as it reads image tokens; a *temporal slot* (2 sampled frames,
+  one raster of tokens) is the unit of time: the run keeps a contact sheet (one frame per slot) as its
+  image, heatmaps are drawn per slot over it, `analysis.attention.frame_attention` gives each slot's
+  share per layer, and `Truncate(k, frames=[...])` cuts chosen slots (drop and remove, each against an
+  eager reference). Qwen2.5-VL spaces the slots' temporal positions by the sampled frame rate, which
+  the processor passes on (`second_per_grid_ts`). Tested in `tests/test_video.py`.
 * **PaliGemma (prefix-LM)** and **Gemma 3 (bidirectional image block).** Every intervention starts from
   the model's own mask: the prefix (PaliGemma) or the image (Gemma 3) reads both ways, also where rows
   were removed.
@@ -60,8 +76,9 @@ NOTES = """## Families with their own semantics
   no heatmap of them would mean anything; not opened until the dashboard can say so in every view.
 * `lfm2_vl`, `lfm3_vl`: hybrid stacks like Qwen3.5's (the lens handles them the same
   way); not yet built as tiny models and tested (LFM2-VL's processor also needs torchvision).
-* Video inputs of `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `llava_next_video`, `llava_onevision`,
-  `video_llava`: images only for now (their video processors need torchvision).
+* Video inputs of `qwen3_vl` (timestamps written into the prompt), `llava_next_video`, `llava_onevision`,
+  `video_llava`: images only for now (their video processors need torchvision; each needs its own
+  torchvision-free frame processor, as `qwen2_vl` has).
 """.splitlines()
 
 
@@ -77,7 +94,7 @@ def main() -> int:
         junit, detail = Path(tmp) / "junit.xml", Path(tmp) / "matrix.json"
         env = dict(os.environ, VLMLENS_MATRIX_OUT=str(detail))
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-               *TESTS.values(), MATRIX]
+               *TESTS.values(), MATRIX, VIDEO]
         subprocess.run(cmd, cwd=ROOT, env=env, check=False)
         outcome: dict = {}
         for case in ET.parse(junit).getroot().iter("testcase"):
@@ -95,19 +112,23 @@ def main() -> int:
              "attention, or an eager forward with the intervention written by hand on the model's own mask;",
              "refused = the lens refuses it with the reason shown, and a test checks that it does).", "",
              "| family | model class | " + " | ".join(features) + " |", "|---" * (len(features) + 2) + "|"]
-    for fam in FAMILIES:
+    video_rows = [f"{a.family} video" for a in ARCHES.values() if a.video]
+    for row in [*FAMILIES, *video_rows]:
+        fam, video = row.split()[0], row.endswith(" video")
+        tests = VIDEO_TESTS if video else TESTS
         cells = []
         for feat in features:
-            r = matrix.get(fam, {}).get(feat)
+            r = matrix.get(row, {}).get(feat)
             if r is not None and r.get("refused") and r["ok"]:
                 cells.append(r["detail"])                    # refused by the lens, with its reason (tested)
-            elif feat in TESTS:
-                ok = outcome.get((TESTS[feat], fam))
+            elif feat in tests:
+                ok = outcome.get((tests[feat], fam))
                 word = "opens" if feat.startswith("dashboard") else "exact"
                 cells.append("–" if ok is None else (word if ok else "**fails**"))
             else:
                 cells.append("–" if r is None else ("exact" if r["ok"] else f"**fails** ({r['detail']})"))
-        lines.append(f"| `{fam}` | {ARCHES[fam].model_class} | " + " | ".join(cells) + " |")
+        label = f"`{fam}` video" if video else f"`{fam}`"
+        lines.append(f"| {label} | {ARCHES[fam].model_class} | " + " | ".join(cells) + " |")
     lines += ["", *NOTES]
     Path(a.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {a.out}")

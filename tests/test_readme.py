@@ -40,12 +40,20 @@ def _env():
 
 
 def test_python_api_block_runs(tmp_path):
-    (code,) = blocks("python")
+    code = blocks("python")[0]
     cwd = tmp_path                   # an empty folder: the block finds the shipped scenes through vl.EXAMPLES
     p = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (cwd / "runs" / "my-run" / "run.json").is_file()
     assert "sweep cliff [causal]: depth 4" in p.stdout and "three stages [causal]" in p.stdout, p.stdout
+
+
+def test_video_block_runs(tmp_path):
+    (code,) = [b for b in blocks("python") if "load_video" in b]
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split() == ["3", "(2,", "3)"], p.stdout
 
 
 def test_command_line_block_runs(tmp_path):

@@ -152,7 +152,8 @@ def test_capture_then_every_tab(client, app):
     assert max(xs) == L                                                 # layers 0..L
     ed = plot(enc_dec)                                                  # tower layers, then decoder layers
     assert {t.get("name") for t in ed["data"]} == {"vision tower (patches)", "decoder (image tokens)"}
-    flow, heads, stages_md, head_layer, head_maps = client.predict(api_name="/attention")
+    flow, heads, stages_md, head_layer, head_maps, frames = client.predict(api_name="/attention")
+    assert "is an image" in json.dumps(plot(frames)["layout"].get("annotations"))   # per-slot shares: video runs only
     hm = [t for t in plot(head_maps)["data"] if t["type"] == "heatmap"]
     assert len(hm) == 4 and "head 0" in hm[0]["hovertemplate"]               # random:llava has 4 heads
     one = [t for t in plot(client.predict(0, api_name="/head_maps"))["data"] if t["type"] == "heatmap"]

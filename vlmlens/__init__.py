@@ -19,10 +19,11 @@ from .images import load_image  # noqa: E402
 from .interventions import Freeze, Knockout, SkipLayers, Substitute, Truncate  # noqa: E402
 from .models.loading import EXAMPLES, LoadedModel, UnsupportedModel, load_model  # noqa: E402
 from .run import Run, RunFormatError, TokenSpans, load_run, save_run  # noqa: E402
+from .video import Video, load_video  # noqa: E402
 
 __all__ = [
     "EXAMPLES",
     "InputError", "LoadedModel", "Run", "RunFormatError", "TokenSpans", "UnsupportedModel",
-    "capture", "load_image", "load_model", "load_run", "save_run", "interventions",
+    "capture", "load_image", "load_model", "load_run", "load_video", "save_run", "interventions", "Video",
     "Truncate", "Freeze", "Substitute", "SkipLayers", "Knockout",
 ]
