@@ -237,6 +237,8 @@ def _layer_meta(lm, lens) -> dict:
     out = {}
     if len(lens.attention_layers) < len(lens.layers):
         out["attention_layers"] = sorted(lens.attention_layers)
+    if lens.cross_layers:
+        out["cross_attention_layers"] = sorted(lens.cross_layers)
     layers = lm.arch.injection_layers(lm.model)
     if layers:
         out.update(injection_layers=list(layers), injections_stopped=sorted(lens.injections.stopped))

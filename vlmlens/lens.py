@@ -41,6 +41,7 @@ import torch
 from .lens_attention import ATTN_NAME, STATE_ATTR, AttentionView, _union, positional_mask  # noqa: F401
 from .lens_injections import Injections
 from .errors import InputError
+from .interventions.base import cross_attention_refusal
 from .recorder import Recorder
 from .rows import _hidden_arg, _select_rows, _with_hidden
 from .session import (HIDDEN_DTYPES, NOTHING, STORE_MODES, BatchRow, LensContext, LensStart, Plan,  # noqa: F401
@@ -137,7 +138,8 @@ class Lens:
         interventions that edit them."""
         lens = cls(lm.arch.decoder_layers(lm.model), plan, device=lm.device, start=start,
                    vision_layers=lm.arch.vision_layers(lm.model), batch=batch,
-                   injections=lm.arch.injection_module(lm.model), attention_layers=lm.arch.attention_layers(lm.model))
+                   injections=lm.arch.injection_module(lm.model), attention_layers=lm.arch.attention_layers(lm.model),
+                   cross_layers=lm.arch.cross_layers(lm.model))
         lens.bidirectional = lm.arch.bidirectional
         # only interventions that edit the tower read it (a second scan of the tower otherwise)
         depth = lm.arch.vision_feature_depth(lm.model) if lens._vision_hooks else None
@@ -146,8 +148,11 @@ class Lens:
         return lens
 
     def __init__(self, layers, plan: Plan, device: torch.device | str = "cpu", start: LensStart | None = None,
-                 vision_layers=None, batch=None, injections: torch.nn.Module | None = None, attention_layers=None):
+                 vision_layers=None, batch=None, injections: torch.nn.Module | None = None, attention_layers=None,
+                 cross_layers=()):
         self.layers = list(layers)
+        # layers that read the image by cross-attention (Mllama): their keys are vision patches, not positions
+        self.cross_layers = frozenset(int(l) for l in cross_layers)
         # layers with softmax attention (a hybrid stack's linear / convolution layers have none); by
         # default the layers where an attention module is found
         self.attention_layers = (frozenset(i for i, l in enumerate(self.layers) if _attention_module(l) is not None)
@@ -181,7 +186,20 @@ class Lens:
                                "no vision layers (use Lens.for_model)")
         self.context.n_vision_layers = len(self.vision_layers)
         self.context.attention_layers = self.attention_layers
+        self.context.cross_layers = self.cross_layers
         self.recorder.no_attention = frozenset(range(len(self.layers))) - self.attention_layers
+        self.recorder.cross_layers = self.cross_layers
+        if self.cross_layers:
+            # the sequence holds no image tokens (only the <|image|> placeholder): no self-attention statistic
+            # over them is defined; the cross-attention layers' maps are recorded instead
+            self.recorder.reads_attention = False
+            self.recorder.no_attention = frozenset(range(len(self.layers)))
+            for iv in ivs:
+                why = cross_attention_refusal(iv, self.cross_layers)
+                if why:
+                    raise InputError(f"{iv!r}: {why}; this model reads the image only through its cross-attention "
+                                     f"layers {sorted(self.cross_layers)} (image tokens never enter the self-attention "
+                                     "stream)")
         # a left-padded batch (``batch``: one BatchRow per example): every intervention sees each
         # example through its own context, numbered as in a batch of one
         self.batch = list(batch) if batch is not None else None
@@ -348,7 +366,7 @@ class Lens:
     # context ------------------------------------------------------------------------------
     def __enter__(self) -> "Lens":
         found = {i: _attention_module(layer) for i, layer in enumerate(self.layers)}
-        if {i for i, m in found.items() if m is not None} != self.attention_layers:
+        if {i for i, m in found.items() if m is not None} - self.cross_layers != self.attention_layers:
             raise RuntimeError(f"attention modules found in decoder layers {sorted(i for i, m in found.items() if m)}, "
                                f"expected in {sorted(self.attention_layers)}")
         self._attn_mods = [m for m in found.values() if m is not None]

@@ -44,6 +44,14 @@ def _lens_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     if lens is None:  # model left on "vlmlens" outside a lens: behave exactly like SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     layer = int(module.layer_idx)
+    if layer in lens.cross_layers:       # keys are the image's patches (Mllama): the model's own mask, recorded
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                        **kwargs)
+        if lens.recorder.plan.record_attention and not lens.batch:
+            with torch.no_grad():
+                lens.recorder.cross_attention(layer, query, key, lens.positions.qpos, attention_mask,
+                                              scaling if scaling is not None else query.shape[-1] ** -0.5)
+        return out, None
     pos = lens.positions
     qpos, kpos = pos.keys(layer, key.shape[2], query.shape[2])
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5

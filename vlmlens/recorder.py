@@ -33,6 +33,8 @@ class Recorder:
         self.contrib: dict[int, tuple] = {}  # layer -> (o [d], sum_j c_j [d], |c_j| [n_image])
         self.vision: dict[int, torch.Tensor] = {}   # vision layer index (0 = its input) -> [patches, d_vision]
         self.no_attention: frozenset = frozenset()  # layers without softmax attention (set by the lens): NaN there
+        self.cross_layers: frozenset = frozenset()  # layers reading the image by cross-attention (set by the lens)
+        self.cross_maps: dict[int, list] = {}       # cross layer -> [(positions, [R, image keys])]
         has_image = bool(positions.image_pos.numel())
         self.reads_attention = has_image and (plan.record_attention or plan.record_contrib)
 
@@ -157,6 +159,19 @@ class Recorder:
         norms[torch.searchsorted(image_pos, kpos[img])] = c.norm(dim=-1)
         self.contrib[layer] = (o.cpu(), c.sum(0).cpu(), norms.cpu())
 
+    def cross_attention(self, layer, query, key, qpos, mask, scale) -> None:
+        """A cross-attention layer (Mllama): the head-averaged attention of the rows at or after the last
+        prompt token over the image's keys (its tiles' patches), under the model's own cross-attention mask."""
+        rows = qpos >= self.plan.map_from
+        if not bool(rows.any()):
+            return
+        k = repeat_kv(key, query.shape[1] // key.shape[1])[0].float()          # [H, keys, d]
+        s = torch.matmul(query[0][:, rows].float(), k.transpose(-1, -2)) * scale
+        if mask is not None:
+            s = s + mask[0, 0][rows].float()
+        p = torch.softmax(s, dim=-1).mean(0)                                  # [R, keys]
+        self.cross_maps.setdefault(layer, []).append((qpos[rows].cpu().numpy(), p.cpu()))
+
     # -- the Run's arrays -----------------------------------------------------------------------------
     def arrays(self, n_total: int, n_heads: int) -> dict:
         """The recordings as the Run's arrays (see ARCHITECTURE.md), over ``n_total`` positions."""
@@ -190,6 +205,14 @@ class Recorder:
                 for l, v in self.first_share.items():
                     first[l] = v.numpy()
                 arrays["attention_first_token"] = first
+        if self.plan.record_attention and self.cross_maps:
+            n_keys = next(iter(self.cross_maps.values()))[0][1].shape[-1]
+            cross = np.full((L, n_total - n_prompt + 1, n_keys), np.nan, dtype=np.float32)
+            for l, chunks in self.cross_maps.items():
+                for pos, m in chunks:
+                    keep = pos < n_total
+                    cross[l, pos[keep] - (n_prompt - 1)] = m.numpy()[keep]
+            arrays["cross_attention_maps"] = cross
         if self.plan.recording.vision and self.vision:
             n = max(self.vision) + 1
             shapes = {tuple(v.shape) for v in self.vision.values()}

@@ -280,6 +280,7 @@ class LensContext:
         self.vision_feature_depth: int | None = None   # set by Lens.for_model: tower layers the features are read after
         self.attention_layers: frozenset | None = None  # set by the lens: layers with softmax attention (None: all)
         self.frames = plan.frames                 # temporal slots of a video input (None: an image)
+        self.cross_layers: frozenset = frozenset()  # set by the lens: layers reading the image by cross-attention
         self.scratch: dict[Any, Any] = {}
 
     @property

@@ -158,6 +158,9 @@ def llava_cam(lm, run, *, layers=None, target_tokens=None, activation: str = "ml
                                                               for l in layers})
     ivs = _cam_interventions(run, interventions)
     validate_all(ivs, L)
+    if lm.arch.cross_attention:
+        raise InputError(f"LLaVA-CAM weights the image tokens' rows of the stream; {lm.family} has none (it reads the"
+                         " image by cross-attention)")
     source = run.image
     if run.meta.get("video"):
         if video is None or video.sha256() != run.meta.get("image_sha256"):

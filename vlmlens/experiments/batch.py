@@ -62,7 +62,12 @@ def collate(lm, preps: Sequence[Prepared]) -> tuple[dict, list[BatchRow]]:
     Raises BatchError when the items' other tensors cannot be stacked."""
     if not preps:
         raise BatchError("no items")
-    recurrent = sorted(set(range(lm.n_layers)) - set(lm.arch.attention_layers(lm.model)))
+    cross = lm.arch.cross_layers(lm.model)
+    if cross and len(preps) > 1:
+        raise BatchError(f"this model reads the image by cross-attention (layers {list(cross)}) under a per-token mask of"
+                         " image tiles, which the lens does not align across padded examples; it runs one example at a"
+                         " time")
+    recurrent = sorted(set(range(lm.n_layers)) - set(lm.arch.attention_layers(lm.model)) - set(cross))
     if recurrent and len(preps) > 1:
         raise BatchError(f"decoder layers {recurrent} of this model carry a state along the sequence (linear attention "
                          "or convolution), which the padding that aligns the examples would change; it runs one "

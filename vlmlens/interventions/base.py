@@ -27,7 +27,22 @@ RECOMPUTE = PrefixEffect("recompute")
 INDEPENDENT = PrefixEffect("independent")
 
 
+def cross_attention_refusal(iv, cross_layers=()) -> str | None:
+    """Why ``iv`` has no meaning on a model that reads the image by cross-attention in ``cross_layers``
+    (None: it has one, its ``cross_attention`` says what it does there). Interventions that do not say
+    are refused."""
+    where = getattr(iv, "layers", None)
+    if getattr(iv, "dst", None) == "image" and where and not set(where) & set(cross_layers):
+        return f"layers {list(where)} hold no cross-attention, so nothing there reads the image"
+    said = getattr(iv, "cross_attention", None)
+    if isinstance(said, str) and said.startswith("refused:"):
+        return said[len("refused:"):].strip()
+    return None if said else "it acts on image tokens in the sequence, which a cross-attention model has none of"
+
+
 class _Base:
+    #: what it does on a cross-attention model (Mllama): a description, or "refused: <why>" (None: refused)
+    cross_attention: str | None = None
     #: at most one intervention of each exclusive group per run (None: no limit)
     exclusive: str | None = None
     exclusive_hint: str = ""

@@ -98,6 +98,19 @@ class Truncate(_Base):
         return ctx.image_pos if self.frames is None else ctx.frame_positions(self.frames)
 
     @property
+    def cross_attention(self) -> str:
+        if self.mode == "remove":
+            return ("refused: mode 'remove' takes image rows out of the sequence; use mode 'drop', which skips the"
+                    " cross-attention layers from from_layer on")
+        if self.frames is not None:
+            return "refused: frames are temporal slots of a video input"
+        return "skips every cross-attention layer >= from_layer (the model's own path where it has no image)"
+
+    def edit_resid_post(self, layer, h_in, h_out, ctx):
+        # a cross-attention model (Mllama): from from_layer on, its cross-attention layers pass the stream through
+        return h_in if layer in ctx.cross_layers and layer >= self.from_layer else None
+
+    @property
     def after_layer(self) -> int:
         """Old name of :attr:`from_layer`."""
         return self.from_layer
@@ -108,7 +121,7 @@ class Truncate(_Base):
             raise InputError(f"unknown truncation mode {self.mode!r}; expected one of {TRUNCATE_MODES} (or use Freeze)")
 
     def key_block(self, layer, qpos, kpos, ctx):
-        if layer < self.from_layer or self.mode == "remove":
+        if layer < self.from_layer or self.mode == "remove" or ctx.cross_layers:
             return None
         if self.frames is None:
             return (~ctx.is_image(qpos))[:, None] & ctx.is_image(kpos)[None, :]
@@ -279,10 +292,28 @@ class Knockout(_Base):
     SPANS = {"image": "image", "system": "system", "text": "text", "generated": "generated", "last": "last",
              "all": "non_image"}
 
+    @property
+    def cross_attention(self) -> str:
+        return ("dst 'image': the cross-attention layers among ``layers`` (all when empty) are skipped for the src "
+                "rows (their output is their input); other dst spans: a key mask, as on any model")
+
     def key_block(self, layer, qpos, kpos, ctx):
         if self.layers and layer not in self.layers:
             return None
+        if ctx.cross_layers and self.dst == "image":
+            return None
         return ctx.span(self.SPANS[self.src], qpos)[:, None] & ctx.span(self.SPANS[self.dst], kpos)[None, :]
+
+    def edit_resid_post(self, layer, h_in, h_out, ctx):
+        if not ctx.cross_layers or self.dst != "image" or layer not in ctx.cross_layers or (
+                self.layers and layer not in self.layers):
+            return None
+        rows = ctx.span(self.SPANS[self.src], ctx.rows(layer))
+        if not bool(rows.any()):
+            return None
+        out = h_out.clone()
+        out[:, rows] = h_in[:, rows]
+        return out
 
     def prefix_effect(self, n_layers):
         # queries after the image never sit in the prefix; "all" includes the system tokens

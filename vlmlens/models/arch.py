@@ -66,6 +66,7 @@ class Arch:
     tile_inputs: tuple[str, ...] = ()
     image_token_on_tokenizer: bool = False  # the processor's own image_token_id is another token, or absent
     injections: str | None = None  # path of the decoder stack whose call carries DeepStack features (Qwen3-VL)
+    cross_attention: bool = False  # the image is read by gated cross-attention layers, not in the sequence (Mllama)
     video: str | None = None  # how the lens reads a video: "qwen" (vlmlens.models.video_frames); None: images only
     _grid: Callable[..., GridInfo] = field(default=None, repr=False, compare=False)
     _grid_kwargs: tuple[str, ...] = field(default=(), repr=False, compare=False)  # which of processor/image
@@ -102,7 +103,16 @@ class Arch:
         attention weights -- and a key mask -- are not defined."""
         n = len(self.decoder_layers(model))
         types = list(getattr(self.text_config(model), "layer_types", None) or ())
-        return tuple(i for i in range(n) if i >= len(types) or not any(w in str(types[i]) for w in _NO_SOFTMAX))
+        cross = set(self.cross_layers(model))
+        return tuple(i for i in range(n) if i not in cross and (
+            i >= len(types) or not any(w in str(types[i]) for w in _NO_SOFTMAX)))
+
+    def cross_layers(self, model) -> tuple[int, ...]:
+        """Decoder layers that read the image by gated cross-attention (Mllama's ``cross_attention_layers``):
+        their queries are the text rows, their keys the vision tower's patches, never sequence positions."""
+        if not self.cross_attention:
+            return ()
+        return tuple(sorted(int(i) for i in self.text_config(model).cross_attention_layers))
 
     def injection_module(self, model) -> torch.nn.Module | None:
         """The decoder stack whose forward receives vision features to add between layers (Qwen3-VL's

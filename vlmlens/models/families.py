@@ -210,6 +210,24 @@ ARCHES: dict[str, Arch] = {
             "num2words; video input is not read); pixel_values is (1, tiles, 3, H, W)",
         ),
         Arch(
+            family="mllama",
+            model_class="MllamaForConditionalGeneration",
+            processor_class="MllamaProcessor",
+            image_token="<|image|>",
+            token_order="raster",
+            grid_rule="one <|image|> token in the sequence (1 x 1); the image's patches are the keys of the "
+            "cross-attention layers, not sequence positions",
+            required_inputs=("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"),
+            vision_tower_path="model.vision_model",
+            projector_path="model.multi_modal_projector",
+            cross_attention=True,
+            notes="Llama 3.2 Vision: gated cross-attention layers read the image (tiles of patches + CLS); the "
+            "self-attention stream holds one <|image|> token and text. Truncate(k) skips the cross-attention "
+            "layers >= k, Knockout skips a cross-attention layer for its query rows; interventions on image rows "
+            "in the stream are refused (see docs/support.md)",
+            _grid=_square,
+        ),
+        Arch(
             family="paligemma",
             model_class="PaliGemmaForConditionalGeneration",
             processor_class="PaliGemmaProcessor",

@@ -135,6 +135,16 @@ def tiny_config(family: str, spec: TinyProcessorSpec, processor):
         return transformers.JanusConfig(vision_config=vision, vq_config=vq,
                                         text_config=transformers.LlamaConfig(**_text_kwargs(tok, layers=2)),
                                         image_token_id=tok.image_token_id, tie_word_embeddings=False)
+    if family == "mllama":
+        # 32 px tiles of 8 px patches (16 + CLS, padded to 24 per tile), up to 2 tiles; decoder layers 1 and 3
+        # are gated cross-attention layers (the image's keys never enter the self-attention stream)
+        vision = transformers.MllamaVisionConfig(
+            hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=2, intermediate_size=64,
+            vision_output_dim=32 * 3, image_size=s, patch_size=p, max_num_tiles=spec.extra["tiles"],
+            intermediate_layers_indices=[0, 1], supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]])
+        text = transformers.MllamaTextConfig(**_text_kwargs(tok, layers=4, kv_heads=2), cross_attention_layers=[1, 3])
+        return transformers.MllamaConfig(vision_config=vision, text_config=text,
+                                         image_token_index=processor.image_token_id)
     if family == "paligemma":
         text = _text_kwargs(tok, layers=2, kv_heads=2)
         text.update(head_dim=_HIDDEN // _HEADS)

@@ -182,6 +182,18 @@ def build_processor(spec: TinyProcessorSpec):
         ip = transformers.DeepseekVLImageProcessorPil(size={"height": s, "width": s})
         return transformers.DeepseekVLProcessor(image_processor=ip, tokenizer=tok, chat_template=tpl,
                                                 num_image_tokens=spec.image_seq_len)
+    if f == "mllama":
+        tok = make_tokenizer(["<|image|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+                             bos="<|begin_of_text|>", eos="<|eot_id|>")
+        ip = transformers.MllamaImageProcessorPil(size={"height": s, "width": s}, max_image_tiles=spec.extra["tiles"])
+        tpl = chat_template(
+            start="<|begin_of_text|>",
+            roles={r: (f"<|start_header_id|>{r}<|end_header_id|>\n\n", "<|eot_id|>") for r in ("system", "user",
+                                                                                            "assistant")},
+            image="<|image|>",
+            generation_prompt="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        )
+        return transformers.MllamaProcessor(image_processor=ip, tokenizer=tok, chat_template=tpl)
     if f == "paligemma":
         tok = make_tokenizer(["<image>"], bos="<bos>", eos="<eos>")
         ip = transformers.SiglipImageProcessorPil(size={"height": s, "width": s})

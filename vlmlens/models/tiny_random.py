@@ -49,7 +49,7 @@ from .tiny_processors import TinyProcessorSpec, build_processor
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3",
                              "smolvlm", "llava_onevision", "aya_vision", "glm4v", "paligemma", "qwen3_vl",
                              "qwen3_vl_moe", "glm46v", "glm4v_moe", "vipllava", "llava_next_video",
-                             "video_llava", "deepseek_vl", "janus", "qwen3_5", "qwen3_5_moe")
+                             "video_llava", "deepseek_vl", "janus", "qwen3_5", "qwen3_5_moe", "mllama")
 
 def _spec(family: str) -> TinyProcessorSpec:
     if family in ("llava", "vipllava", "video_llava"):
@@ -80,6 +80,8 @@ def _spec(family: str) -> TinyProcessorSpec:
     if family == "gemma3":
         # 8x8 patches average-pooled 2x2 -> 4x4 = 16 tokens
         return TinyProcessorSpec(family, image_size=64, patch_size=8, image_seq_len=16)
+    if family == "mllama":
+        return TinyProcessorSpec(family, image_size=32, patch_size=8, extra={"tiles": 2})
     raise ValueError(f"unknown family {family!r}; supported families: {', '.join(FAMILIES)}")
 
 
@@ -107,6 +109,7 @@ _MODEL_CLASSES = {
     "janus": "JanusForConditionalGeneration",
     "qwen3_5": "Qwen3_5ForConditionalGeneration",
     "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
+    "mllama": "MllamaForConditionalGeneration",
 }
 
 
@@ -138,6 +141,13 @@ def build_random(family: str, *, seed: int = 0, attn_implementation: str | None 
             # Gemma3's _init_weights zeroes the image projection, which would hide the image from the LM.
             with torch.no_grad():
                 torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.05)
+        if family == "mllama":
+            # the cross-attention gates start at 0 (tanh(0) = 0: the image would be read and never added)
+            with torch.no_grad():
+                for layer in model.model.language_model.layers:
+                    for name in ("cross_attn_attn_gate", "cross_attn_mlp_gate"):
+                        if hasattr(layer, name):
+                            getattr(layer, name).fill_(0.8)
     gen = model.generation_config
     gen.pad_token_id = processor.tokenizer.pad_token_id
     gen.eos_token_id = processor.tokenizer.eos_token_id

@@ -70,6 +70,11 @@ def no_attention_reason(run, values: np.ndarray, layer: int) -> str | None:
     """Why a layer's attention map is empty (``values``: [layer, n_image]): a hybrid stack's linear-attention
     / convolution layer has no attention weights (the run holds NaN there, never a made-up map)."""
     row = values[int(layer)]
+    cross = run.meta.get("cross_attention_layers")
+    if cross and row.size and np.isnan(row).all():
+        return (f"This model reads the image only by cross-attention (decoder layers {cross}): its sequence holds no "
+                "image tokens, so no map over them is defined at any layer. The cross-attention layers' own maps "
+                "over the image's patches are recorded in the run (cross_attention_maps).")
     if row.size and np.isnan(row).all():
         return (f"Layer {int(layer)} has no softmax attention (a linear-attention or convolution layer of this hybrid "
                 f"model): attention over the image is not defined there. Attention layers: "
