@@ -34,6 +34,8 @@ def extend_inputs(inputs: dict, new_ids: list[int], generated_type: int = 0) -> 
             else:  # token type ids: text = 0 (PaliGemma's generated suffix: 1)
                 fill = generated_type if k == "token_type_ids" else 0
                 out[k] = torch.cat([v, torch.full_like(add, fill, dtype=v.dtype)], 1)
+        elif k == "cross_attention_mask" and v.shape[1] == n:    # Mllama's generate repeats the last row
+            out[k] = torch.cat([v] + [v[:, -1:]] * len(new_ids), 1)
     return out
 
 

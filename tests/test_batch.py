@@ -58,6 +58,13 @@ def test_a_batch_equals_one_item_at_a_time_on_every_family(family):
     lm = random_lm(family)
     variants = [[Truncate(1)], [Truncate(0)], [Freeze(1)], [Knockout("last", "image")], [Substitute(1, 0)],
                 [EncoderDepth(1), Truncate(1)]]
+    if lm.arch.cross_attention:
+        # Mllama: a per-token mask over image tiles, not aligned across padded examples by the lens
+        with pytest.raises(BatchError, match="one example at a time"):
+            BatchSession(lm, list(zip(_images(), PROMPTS)), max_new_tokens=2)
+        record_matrix(family, "batched == one at a time", True, "refused: the cross-attention mask is per example "
+                      "(one example at a time)", refused=True)
+        return
     if len(lm.arch.attention_layers(lm.model)) < lm.n_layers:
         # a hybrid stack: its linear layers would carry a state through the aligning padding
         with pytest.raises(BatchError, match="carry a state along the sequence"):

@@ -61,6 +61,8 @@ def assert_capture_exact(lm, image, tol: float = 1e-5):
         last = norm(torch.from_numpy(hs[L]))
     assert (last - ref[L][0]).abs().max().item() <= tol * max(1.0, float(last.abs().max()))
 
+    if lm.arch.cross_attention:
+        return _assert_cross_attention_exact(lm, run, full, tol)
     # attention statistics vs eager attention weights
     weights = eager_attentions(lm, full)       # one per softmax-attention layer (a hybrid's linear ones have none)
     with_att = lm.arch.attention_layers(lm.model)
@@ -155,3 +157,35 @@ def test_center_crop_box_recorded(image):
     square = vl.capture(random_lm("llava"), image.resize((48, 48)), PROMPT, max_new_tokens=1)
     assert square.meta["image_box"] is None
     assert vl.capture(random_lm("qwen2_vl"), image, PROMPT, max_new_tokens=1).meta["image_box"] is None
+
+
+def _assert_cross_attention_exact(lm, run, full, tol):
+    """A cross-attention model (Mllama): no image statistic of the sequence is defined (NaN: it holds no image
+    tokens), and the cross-attention layers' maps equal their eager weights (head mean, the recorded rows)."""
+    for name in ("attention_to_image", "attention_maps", "attention_head_maps"):
+        assert np.isnan(run.arrays[name]).all(), name
+    cross = lm.arch.cross_layers(lm.model)
+    got = {}
+    layers = lm.arch.decoder_layers(lm.model)
+    hooks = [layers[c].cross_attn.register_forward_hook(lambda m, a, k, out, c=c: got.__setitem__(c, out[1]),
+                                                        with_kwargs=True) for c in cross]
+    lm.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            lm.model(**full)
+    finally:
+        lm.model.set_attn_implementation("sdpa")
+        for h in hooks:
+            h.remove()
+    maps = run.arrays["cross_attention_maps"]
+    mp = run.map_positions
+    assert maps.shape[:2] == (lm.n_layers, len(mp))
+    for l in range(lm.n_layers):
+        if l in cross:
+            want = got[l][0].mean(0)[mp].numpy()                      # [rows, image keys]
+            assert np.abs(maps[l] - want).max() <= tol, l
+            assert np.allclose(maps[l].sum(-1), 1.0, atol=1e-5)
+        else:
+            assert np.isnan(maps[l]).all(), l
+    assert run.meta["cross_attention_layers"] == list(cross)
+    return run

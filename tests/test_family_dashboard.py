@@ -26,7 +26,10 @@ def test_the_dashboard_opens_a_capture_of_every_family(family, image, tmp_path):
     run = entry.run
     assert run.meta["family"] == family and info["n_image_tokens"] == run.spans.n_image > 0
     assert gen and headline
-    if "attention_layers" in run.meta:     # a hybrid stack: what knockouts and attention cannot define, said so
+    cross = run.meta.get("cross_attention_layers")
+    if cross:       # Mllama: every statistic read off image rows of the stream is not defined, and said so
+        assert headline.count("not defined for this model") == 3 and "cross-attention" in headline
+    elif "attention_layers" in run.meta:     # a hybrid stack: what knockouts and attention cannot define, said so
         assert headline.count("not defined for this model") == 2
     figs = [f for f in dash._all_figures(entry) if isinstance(f, go.Figure)]    # (a text view is a str)
     assert len(figs) >= 8
@@ -34,12 +37,12 @@ def test_the_dashboard_opens_a_capture_of_every_family(family, image, tmp_path):
     cam = views.heatmap_layer(entry, 0, 0, "LLaVA-CAM", lm)
     grid = [t for t in cam.data if t.type == "heatmap"]
     why = " ".join(a.text or "" for a in cam.layout.annotations)
-    assert grid or "LLaVA-CAM is zero" in why, why
+    assert grid or "LLaVA-CAM is zero" in why or (cross and "reads the image by cross-attention" in why), why
     if grid:
         z = grid[0].z
         assert (len(z), len(z[0])) == tuple(run.image_grid)
     for layer in range(run.n_layers):        # a hybrid's linear layers: "not defined", never an empty map
         fig = views.heatmap_layer(entry, layer, 0, "attention", lm)
         said = " ".join(a.text or "" for a in fig.layout.annotations)
-        defined = layer in run.meta.get("attention_layers", range(run.n_layers))
-        assert ("no softmax attention" in said) != defined and bool([t for t in fig.data if t.type == "heatmap"]) == defined
+        defined = layer in run.meta.get("attention_layers", range(run.n_layers)) and not cross
+        assert ("no softmax attention" in said or (cross and "only by cross-attention" in said)) != defined and bool([t for t in fig.data if t.type == "heatmap"]) == defined

@@ -185,6 +185,8 @@ def test_truncate_knockout_freeze_fastv_equal_eager_references(family, image):
 def matrix_row(model_family, family, image):
     """Every cell of one row: ``family`` is the row's label (a family, or "<family> video"), the input
     an image or a vlmlens.video.Video."""
+    if get_arch(model_family).cross_attention:
+        return cross_attention_row(family, image)
     lm, inputs, n, img, is_img = _setup(model_family, image)
     L, att = lm.n_layers, set(lm.arch.attention_layers(lm.model))
     text = np.flatnonzero(~is_img)
@@ -236,6 +238,63 @@ def matrix_row(model_family, family, image):
     base = _eager_logits(lm, inputs)
     cut0 = _lens_logits(lm, inputs, img, [Truncate(0, "remove")])
     assert float((cut0[-1] - base[-1]).abs().max()) > TOL   # the image matters: it can fail
+
+
+def _skipping(lm, inputs, skip):
+    """Eager logits with decoder layers ``skip`` -> bool [n] (rows whose output is their input) written by hand."""
+    layers = lm.arch.decoder_layers(lm.model)
+    hooks = []
+    for l, rows in skip.items():
+        def hook(mod, args, kwargs, out, rows=rows):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h = (out[0] if isinstance(out, tuple) else out).clone()
+            h[:, torch.as_tensor(rows)] = h_in[:, torch.as_tensor(rows)]
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+        hooks.append(layers[l].register_forward_hook(hook, with_kwargs=True))
+    set_attn(lm.model, "eager")
+    try:
+        with torch.no_grad():
+            return lm.model(**inputs).logits[0].double()
+    finally:
+        set_attn(lm.model, "sdpa")
+        for h in hooks:
+            h.remove()
+
+
+def cross_attention_row(family, image):
+    """A cross-attention model (Mllama): the image is read only by the gated cross-attention layers. Truncate(k)
+    skips those >= k (references: hand-written skips; for k = 0 the model's own path without an image),
+    Knockout skips one for the src rows; what acts on image rows of the stream is refused with the reason."""
+    lm = deep(family)
+    inputs, _, _ = prepare_inputs(lm, image, PROMPT)
+    n = inputs["input_ids"].shape[1]
+    img = image_positions(lm, inputs["input_ids"])
+    cross = lm.arch.cross_layers(lm.model)
+    every = np.ones(n, bool)
+    k = 1
+    ref = _skipping(lm, inputs, {c: every for c in cross if c >= k})
+    _check(family, f"Truncate({k}, drop)", _lens_logits(lm, inputs, img, [Truncate(k)]), ref, np.arange(n))
+    text_only = {key: inputs[key] for key in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        ref0 = lm.model(**text_only).logits[0].double()           # the model's own path without an image
+    cut0 = _lens_logits(lm, inputs, img, [Truncate(0)])
+    _check(family, "Truncate(0, drop) == the model without the image", cut0, ref0, np.arange(n))
+    last = np.zeros(n, bool)
+    last[n - 1] = True
+    what = f"Knockout(last -> image, cross layer {cross[0]})"
+    ref = _skipping(lm, inputs, {cross[0]: last})
+    _check(family, what, _lens_logits(lm, inputs, img, [Knockout("last", "image", [cross[0]])]), ref, np.arange(n))
+    refused = {"Truncate(1, remove)": [Truncate(1, "remove")], "Knockout(last -> image, layer 0)": [Knockout("last",
+               "image", [0])], "Freeze(1)": [Freeze(1)], "Substitute(at 2, from 1)": [Substitute(2, 1)],
+               "FastV(1, keep 0.5, mask)": [FastV(1, 0.5, mode="mask")],
+               "FastV(1, keep 0.5, remove)": [FastV(1, 0.5, mode="remove")]}
+    for what, ivs in refused.items():
+        with pytest.raises(InputError, match="cross-attention") as e:
+            _lens_logits(lm, inputs, img, ivs)
+        why = str(e.value).split(": ", 1)[1].split(";")[0]
+        _record(family, what, True, "refused: " + why, refused=True)
+    base = _lens_logits(lm, inputs, img, [])
+    assert float((cut0[-1] - base[-1]).abs().max()) > TOL     # the image matters: it can fail
 
 
 def test_the_support_matrix_in_the_docs_lists_every_family():

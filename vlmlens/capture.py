@@ -405,6 +405,8 @@ def capture(
         meta["unknown_words"] = unknown
     if isinstance(image, Video):
         meta["video"] = image.meta(lm.processor.video_processor.temporal_patch_size)
+    if lm.arch.cross_attention:
+        meta["cross_attention"] = lm.arch.cross_key_layout(lm.model, inputs)
     return Run(
         meta=meta,
         tokens=tok.convert_ids_to_tokens(ids),

@@ -379,18 +379,15 @@ def findings(run, *, sweep: dict | None = None, extras: dict | None = None, trut
     # only a freeze sweep: the headlines below say they need a drop/remove one (never read it as one)
     head = headline_sweep(sweeps) or next(iter(sweeps.values()), None)
     out = []
-    t = truth_finding(run, truth, separator)
-    if t is not None:
-        out.append(t)
     sc = sweep_cliff_finding(head)
-    out += [sc, vtw_finding(head)]
-    fz = freeze_finding(sweeps.get("freeze"))
-    if fz is not None:
-        out.append(fz)
-    out += [attention_cliff_finding(run, sc.value), stabilisation_finding(run),
-            functional_finding(extras.get("substitution")), stages_finding(extras.get("stages"))]
-    proxy = stages_proxy_finding(run)
-    if proxy is not None:
-        out.append(proxy)
-    out.append(compute_finding(head, extras.get("compute")))
-    return out
+    out += [truth_finding(run, truth, separator), sc, vtw_finding(head), freeze_finding(sweeps.get("freeze")),
+            attention_cliff_finding(run, sc.value), stabilisation_finding(run),
+            functional_finding(extras.get("substitution")), stages_finding(extras.get("stages")),
+            stages_proxy_finding(run), compute_finding(head, extras.get("compute"))]
+    cross = run.meta.get("cross_attention_layers")
+    if cross:     # (Mllama) read off image rows of the stream, which it has none of: not defined, said so
+        why = (f"not defined for this model: it reads the image only by cross-attention (decoder layers {cross}), its "
+               "sequence holds no image tokens")
+        out = [Finding(f.key, f.title, "unverified", why, f.definition) if f is not None and f.key in (
+            "attention_cliff", "stabilisation", "stages_proxy") else f for f in out]
+    return [f for f in out if f is not None]

@@ -36,6 +36,9 @@ def extend_inputs(inputs: dict, ids: Sequence[int], generated_type: int = 0) -> 
                 fill = generated_type if key == "token_type_ids" else 0
                 add = torch.full((1, len(ids)), fill, dtype=v.dtype, device=v.device)
             out[key] = torch.cat([v, add], dim=1)
+        elif key == "cross_attention_mask" and isinstance(v, torch.Tensor) and v.shape[1] == n:
+            # Mllama: a new token sees the images the last prompt token sees (as generate extends it)
+            out[key] = torch.cat([v, v[:, -1:].expand(-1, len(ids), *v.shape[2:])], dim=1)
     return out
 
 

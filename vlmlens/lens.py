@@ -149,14 +149,17 @@ class Lens:
 
     def __init__(self, layers, plan: Plan, device: torch.device | str = "cpu", start: LensStart | None = None,
                  vision_layers=None, batch=None, injections: torch.nn.Module | None = None, attention_layers=None,
-                 cross_layers=()):
+                 cross_layers=None):
         self.layers = list(layers)
-        # layers that read the image by cross-attention (Mllama): their keys are vision patches, not positions
-        self.cross_layers = frozenset(int(l) for l in cross_layers)
+        # layers that read the image by cross-attention (Mllama): their keys are vision patches, not positions;
+        # by default the layers with a cross-attention block
+        self.cross_layers = frozenset(int(l) for l in cross_layers) if cross_layers is not None else frozenset(
+            i for i, l in enumerate(self.layers) if isinstance(getattr(l, "cross_attn", None), torch.nn.Module))
         # layers with softmax attention (a hybrid stack's linear / convolution layers have none); by
         # default the layers where an attention module is found
         self.attention_layers = (frozenset(i for i, l in enumerate(self.layers) if _attention_module(l) is not None)
-                                 if attention_layers is None else frozenset(int(l) for l in attention_layers))
+                                 - self.cross_layers if attention_layers is None
+                                 else frozenset(int(l) for l in attention_layers))
         self.vision_layers = list(vision_layers) if vision_layers is not None else []
         self.bidirectional = None            # "image" / "prefix": read both ways there (set by for_model)
         self.plan = plan

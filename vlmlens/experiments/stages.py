@@ -170,6 +170,10 @@ def stages_undefined(lm) -> str | None:
     """Why knockout windows cannot measure the three stages on this model (None: they can): a
     hybrid stack's linear-attention / convolution layers read the image without attention weights,
     so no key mask can knock the image out of a window holding them."""
+    cross = lm.arch.cross_layers(lm.model)
+    if cross:
+        return (f"it reads the image only by cross-attention (decoder layers {list(cross)}): the stages are windows of "
+                "layers whose queries read image keys in the sequence, which holds none here")
     without = sorted(set(range(lm.n_layers)) - set(lm.arch.attention_layers(lm.model)))
     if not without:
         return None

@@ -152,3 +152,38 @@ def fig_frame_attention(run, *, title: str | None = None) -> go.Figure:
     fig.update_xaxes(title="temporal slot", tickmode="array", tickvals=list(range(s.shape[1])), ticktext=names)
     fig.update_yaxes(title="decoder layer", autorange="reversed")
     return fig
+
+
+def cross_attention_grid(run, layer: int, query_index: int = 0) -> tuple[np.ndarray, float]:
+    """A cross-attention model's map at decoder ``layer`` laid out over the image: [rows * side, cols * side] of
+    the image's tiles (row-major, each its patches row-major), and the mass on the tiles' CLS keys."""
+    lay = run.meta["cross_attention"]
+    m = np.asarray(run.arrays["cross_attention_maps"][layer, query_index], dtype=np.float64)
+    rows, cols = lay["tile_grid"]
+    side, per = lay["tile_side"], lay["keys_per_tile"]
+    tiles = m.reshape(lay["tiles"], per)
+    grid = np.zeros((rows * side, cols * side))
+    for t in range(rows * cols):
+        r, c = divmod(t, cols)
+        grid[r * side:(r + 1) * side, c * side:(c + 1) * side] = tiles[t, 1:].reshape(side, side)
+    return grid, float(tiles[: rows * cols, 0].sum())
+
+
+def fig_cross_attention(run, *, query_index: int = 0, title: str | None = None) -> go.Figure:
+    """A cross-attention model (Mllama): each cross-attention layer's head-averaged attention of the last prompt
+    token over the image's patches (its tiles laid out as on the image), with the mass on the tiles' CLS keys."""
+    from plotly.subplots import make_subplots
+
+    layers = run.meta["cross_attention_layers"]
+    grids = [cross_attention_grid(run, l, query_index) for l in layers]
+    fig = make_subplots(rows=1, cols=len(layers), horizontal_spacing=0.03,
+                        subplot_titles=[f"layer {l} · CLS {cls:.2f}" for l, (_, cls) in zip(layers, grids)])
+    for i, (l, (g, _)) in enumerate(zip(layers, grids)):
+        fig.add_trace(go.Heatmap(z=g, coloraxis="coloraxis", hovertemplate=f"layer {l} · row %{{y}} col %{{x}}<br>"
+                                 "%{z:.4f} of the cross-attention<extra></extra>"), row=1, col=i + 1)
+        fig.update_yaxes(autorange="reversed", showticklabels=False, row=1, col=i + 1)
+        fig.update_xaxes(showticklabels=False, row=1, col=i + 1)
+    fig.update_layout(coloraxis=dict(colorscale=SEQUENTIAL_COLORSCALE, colorbar=dict(title="share")))
+    apply_style(fig, title=title or "Cross-attention over the image (last prompt token; the image is read only here)",
+                height=360)
+    return fig

@@ -114,6 +114,20 @@ class Arch:
             return ()
         return tuple(sorted(int(i) for i in self.text_config(model).cross_attention_layers))
 
+    def cross_key_layout(self, model, inputs: dict) -> dict | None:
+        """Where the cross-attention keys sit on the image (Mllama): ``tile_grid`` [rows, cols] of the image's tiles
+        (row-major), ``tile_side`` patches per tile side, ``keys_per_tile`` (the tile's CLS key first, then its
+        patches row-major), ``tiles`` keys' tiles in all (the unused ones are masked). None without cross-attention."""
+        if not self.cross_attention:
+            return None
+        from transformers.models.mllama.image_processing_pil_mllama import get_all_supported_aspect_ratios
+
+        vc = model.config.vision_config
+        side = int(vc.image_size) // int(vc.patch_size)
+        rows, cols = get_all_supported_aspect_ratios(int(vc.max_num_tiles))[int(inputs["aspect_ratio_ids"][0, 0]) - 1]
+        return {"tile_grid": [int(rows), int(cols)], "tile_side": side, "keys_per_tile": side * side + 1,
+                "tiles": int(vc.max_num_tiles)}
+
     def injection_module(self, model) -> torch.nn.Module | None:
         """The decoder stack whose forward receives vision features to add between layers (Qwen3-VL's
         DeepStack, see ``vlmlens.lens_injections``); None for families without injections."""

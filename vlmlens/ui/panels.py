@@ -29,9 +29,28 @@ def message_figure(text: str, title: str | None = None):
     return empty_figure(text, title=title, height=260)
 
 
+#: figures that read the image tokens of the sequence, which a cross-attention model (Mllama) has none of
+IMAGE_ROW_FIGURES = ("fig_attention_flow", "fig_attention_heads", "fig_cam_grid", "fig_cam_layer", "fig_head_maps",
+                     "fig_patch_lens", "fig_dynamics", "fig_layer_similarity", "fig_token_movement")
+
+
+def cross_attention_reason(run) -> str | None:
+    """Why a view of the sequence's image tokens is not defined for this run (None: it is)."""
+    cross = run.meta.get("cross_attention_layers") if hasattr(run, "meta") else None
+    if not cross:
+        return None
+    return (f"Not defined for this model: it reads the image only by cross-attention (decoder layers {cross}); its "
+            "sequence holds one <|image|> placeholder and no image tokens, so this view would show the placeholder, "
+            "not the image. The cross-attention layers' maps over the image's patches are in the run "
+            "(cross_attention_maps).")
+
+
 def figure(fn, *args, title: str | None = None, **kwargs):
     """``fn(*args, **kwargs)``: the figure, or a message figure saying why it could not draw
     this run (the failure is logged; the dashboard keeps serving)."""
+    why = cross_attention_reason(args[0]) if args and getattr(fn, "__name__", "") in IMAGE_ROW_FIGURES else None
+    if why:
+        return message_figure(why, title)
     try:
         return fn(*args, **kwargs)
     except Missing as e:

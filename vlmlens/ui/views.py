@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..analysis.cam import llava_cam
-from ..figures.attention import fig_attention_flow, fig_attention_heads, fig_frame_attention
+from ..figures.attention import fig_attention_flow, fig_attention_heads, fig_cross_attention, fig_frame_attention
 from ..figures.dynamics import fig_dynamics, fig_layer_similarity, fig_token_umap
 from ..figures.movement import fig_token_movement
 from ..figures.heatmaps import fig_cam_grid, fig_cam_layer, fig_head_maps, fig_logit_lens, fig_patch_lens
@@ -46,6 +46,9 @@ def cam_array(entry, lm=None) -> np.ndarray:
         raise Missing("LLaVA-CAM of this run needs the run's model (it was not stored with the run)")
     if lm.name != run.meta.get("model"):
         raise Missing(f"LLaVA-CAM needs the run's own model ({run.meta.get('model')}); the loaded model is {lm.name}")
+    if lm.arch.cross_attention:
+        raise Missing(f"LLaVA-CAM is not defined for {lm.family}: it weights the image tokens' rows of the sequence, and"
+                      " this model reads the image by cross-attention (its sequence holds no image tokens)")
     return entry.derived.get("llava_cam", lambda: np.asarray(llava_cam(lm, run, video=entry.video).per_token,
                                                              dtype=np.float32))
 
@@ -171,8 +174,11 @@ def attention_figures(entry):
     run = entry.run
     st = entry.extras.get("stages")
     labels = st.get("labels") if st else None
-    flow = entry.derived.get(("fig_attention_flow", tuple(labels or ())), lambda: figure(
-        fig_attention_flow, run, stages=labels, title="Attention flow"))
+    if run.meta.get("cross_attention_layers") and "cross_attention_maps" in run.arrays:
+        flow = entry.derived.get("fig_cross_attention", lambda: figure(fig_cross_attention, run, title=None))
+    else:
+        flow = entry.derived.get(("fig_attention_flow", tuple(labels or ())), lambda: figure(
+            fig_attention_flow, run, stages=labels, title="Attention flow"))
     heads = entry.derived.get("fig_attention_heads", lambda: figure(fig_attention_heads, run, title="Heads"))
     return flow, heads, stages_markdown(st)
 
