@@ -60,14 +60,24 @@ NOTES = """## Families with their own semantics
   share per layer, and `Truncate(k, frames=[...])` cuts chosen slots (drop and remove, each against an
   eager reference). Qwen2.5-VL spaces the slots' temporal positions by the sampled frame rate, which
   the processor passes on (`second_per_grid_ts`). Tested in `tests/test_video.py`.
+* **Mllama (cross-attention).** The image never enters the self-attention stream: the sequence holds one
+  `<|image|>` placeholder, and gated cross-attention layers (1 and 3 on the tiny model; every fifth on
+  Llama 3.2 Vision) read the vision tower's patches as keys. The lens runs those layers with the model's own
+  attention and mask and records their maps (`cross_attention_maps`, == eager weights), drawn over the image's
+  tiles as the processor cut them (`figures.attention.fig_cross_attention`, the attention tab). `Truncate(k)`
+  (mode drop) skips the cross-attention layers >= k -- `Truncate(0)` equals the model's own path without an
+  image -- and `Knockout(src, "image", layers)` skips a cross-attention layer for the src rows, each against a
+  hand-written eager reference. What acts on image rows of the stream has no meaning here and is refused
+  with the reason: mode `remove`, `Freeze`, `Substitute`, FastV and the other pruners, a knockout at layers
+  without cross-attention, LLaVA-CAM, batches; every view of the sequence's image tokens (attention share,
+  heatmaps, geometry, movement, the stage proxies) says "not defined" instead of drawing the placeholder.
+  Tested in `tests/test_cross_attention.py`, `tests/test_capture.py` and the matrix above.
 * **PaliGemma (prefix-LM)** and **Gemma 3 (bidirectional image block).** Every intervention starts from
   the model's own mask: the prefix (PaliGemma) or the image (Gemma 3) reads both ways, also where rows
   were removed.
 
 ## Not opened yet (each says why)
 
-* `mllama` (cross-attention: image tokens never enter the self-attention stream) -- planned, with its own
-  semantics for truncation and attention to the image.
 * `mistral3` / `pixtral`, `lighton_ocr`: transformers' `PixtralProcessor` imports its torchvision image
   processor, and vlmlens does not install torchvision.
 * `llama4`, `lfm2_vl`, `cohere2_vision`, `perception_lm`: transformers ships only torchvision image

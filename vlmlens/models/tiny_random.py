@@ -35,6 +35,8 @@ video_llava       as llava (its image tower)   as llava
 deepseek_vl       64 px, patch 16 (SigLIP)     16 (4x4 raster)
 janus             as deepseek_vl               as deepseek_vl (its VQ image-generation model is built, not read)
 qwen3_5(_moe)     as qwen2_vl                  as qwen2_vl; 4 decoder layers: linear attention in 0 and 2
+mllama            32 px tiles, patch 8,        one <|image|> token; cross-attention layers 1 and 3 read
+                  up to 2 tiles                2 tiles x (16 patches + CLS) = 34 keys
 ================  ===========================  =====================================================
 """
 
