@@ -54,10 +54,10 @@ def test_registry_matches_families():
 
 def test_unknown_model_type_is_key_error_naming_supported():
     with pytest.raises(KeyError) as e:
-        get_arch("mllama")
+        get_arch("llama4")
     assert isinstance(e.value, UnsupportedArchitecture)
     msg = str(e.value)
-    assert "mllama" in msg and not msg.startswith("'")
+    assert "llama4" in msg and not msg.startswith("'")
     for f in FAMILIES:
         assert f in msg
 

@@ -120,6 +120,11 @@ def _eager_logits(lm, inputs, block=None, freeze_from=None, img=None, rank=None,
     if freeze_from is not None:
         hooks.append(lm.arch.final_norm(lm.model).register_forward_pre_hook(rows_in(-1, put="frozen"),
                                                                             with_kwargs=True))
+    return _eager_with(lm, inputs, hooks)
+
+
+def _eager_with(lm, inputs, hooks):
+    """The eager forward's logits with ``hooks`` installed (removed after; the model is put back on SDPA)."""
     set_attn(lm.model, "eager")
     try:
         with torch.no_grad():
@@ -251,14 +256,7 @@ def _skipping(lm, inputs, skip):
             h[:, torch.as_tensor(rows)] = h_in[:, torch.as_tensor(rows)]
             return (h, *out[1:]) if isinstance(out, tuple) else h
         hooks.append(layers[l].register_forward_hook(hook, with_kwargs=True))
-    set_attn(lm.model, "eager")
-    try:
-        with torch.no_grad():
-            return lm.model(**inputs).logits[0].double()
-    finally:
-        set_attn(lm.model, "sdpa")
-        for h in hooks:
-            h.remove()
+    return _eager_with(lm, inputs, hooks)
 
 
 def cross_attention_row(family, image):

@@ -122,7 +122,7 @@ def test_families_listed():
     assert FAMILIES == ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3", "smolvlm",
                         "llava_onevision", "aya_vision", "glm4v", "paligemma", "qwen3_vl", "qwen3_vl_moe", "glm46v",
                         "glm4v_moe", "vipllava", "llava_next_video", "video_llava", "deepseek_vl", "janus",
-                        "qwen3_5", "qwen3_5_moe")
+                        "qwen3_5", "qwen3_5_moe", "mllama")
 
 
 def test_unknown_family_names_supported_ones():

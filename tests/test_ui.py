@@ -126,8 +126,23 @@ def test_counts_that_are_not_numbers_are_named(client):
 def test_endpoints_are_named(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     for want in ("/capture", "/heatmaps", "/heatmap_layer", "/dynamics", "/attention", "/truncate", "/sweep",
-                 "/list_runs", "/load_run", "/save_run", "/downloads", "/substitution", "/layer_skip", "/random_scene"):
+                 "/list_runs", "/load_run", "/save_run", "/downloads", "/substitution", "/layer_skip", "/random_scene",
+                 "/capture_video"):
         assert want in names
+
+
+def test_a_video_upload_reaches_the_model_and_is_answered(client, tmp_path):
+    """The Video box's wiring: an uploaded file is read (PyAV) and handed to the loaded model, which here
+    (random:llava) reads images only: the answer names the families that read video; the app keeps serving."""
+    from tests.test_video import _write_video
+
+    clip = _write_video(tmp_path / "clip.mp4", n=6)
+    msg = app_error(client, handle_file(str(clip)), 4, "What happens?", 2, api_name="/capture_video")
+    assert "reads images only" in msg and "qwen2_vl" in msg, msg
+    (tmp_path / "junk.mp4").write_bytes(b"junk" * 50)
+    assert "cannot read video junk.mp4" in app_error(client, handle_file(str(tmp_path / "junk.mp4")), 4, "What?", 2,
+                                                       api_name="/capture_video")
+    assert client.predict(handle_file(EXAMPLE), "What is this?", 2, api_name="/capture")
 
 
 def test_capture_then_every_tab(client, app):

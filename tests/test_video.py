@@ -270,3 +270,20 @@ def _still(tmp_path):
     p = tmp_path / "still.png"
     Image.new("RGB", (64, 48), (200, 30, 30)).save(p)
     return str(p)
+
+
+def test_the_command_line_captures_a_video(tmp_path, capsys):
+    from vlmlens.cli import main
+
+    clip = _write_video(tmp_path / "clip.mp4", n=8)
+    rc = main(["capture", "--model", "random:qwen2_vl", "--video", str(clip), "--frames", "4", "--prompt", PROMPT,
+               "--max-new-tokens", "1", "--out", str(tmp_path / "run")])
+    assert rc == 0
+    run = vl.load_run(tmp_path / "run")
+    assert run.meta["video"]["indices"] == sample_indices(8, 4) and run.meta["grid_order"] == "frames"
+    with pytest.raises(SystemExit) as e:              # one visual input: an image or a video
+        main(["capture", "--model", "random:qwen2_vl", "--video", str(clip), "--image", "x.png", "--prompt", PROMPT])
+    assert e.value.code == 2
+    assert main(["capture", "--model", "random:qwen2_vl", "--video", str(tmp_path / "none.mp4"),
+                 "--prompt", PROMPT]) == 2
+    assert "does not exist" in capsys.readouterr().err

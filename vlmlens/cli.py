@@ -31,7 +31,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_input_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image", required=True, help="image file (png, jpg, ...)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--image", help="image file (png, jpg, ...)")
+    which.add_argument("--video", help="video file (mp4, webm, ...; Qwen2-VL family models), frames sampled evenly")
+    p.add_argument("--frames", type=int, default=8, help="frames sampled from --video (default 8)")
     p.add_argument("--prompt", required=True, help="question or instruction about the image")
     p.add_argument("--max-new-tokens", type=int, default=16)
 
@@ -44,11 +47,17 @@ def load_from_args(args):
 
 
 def check_inputs(args) -> None:
-    """Validate image, prompt and token count before spending time on loading a model."""
+    """Validate image (or video), prompt and token count before spending time on loading a model; the visual
+    input is then ``args.visual`` (the image path, or the sampled Video)."""
     from .capture import check_max_new_tokens, check_prompt
     from .images import load_image
+    from .video import load_video
 
-    load_image(args.image)
+    if getattr(args, "video", None):
+        args.visual = load_video(args.video, frames=args.frames)
+    else:
+        load_image(args.image)
+        args.visual = args.image
     check_prompt(args.prompt)
     check_max_new_tokens(args.max_new_tokens)
 
@@ -79,7 +88,7 @@ def cmd_capture(args) -> int:
         check_out_path(args.out)
     check_inputs(args)
     lm = load_from_args(args)
-    run = capture(lm, args.image, args.prompt, max_new_tokens=args.max_new_tokens, store=args.store)
+    run = capture(lm, args.visual, args.prompt, max_new_tokens=args.max_new_tokens, store=args.store)
     print(run.summary())
     if args.out:
         dest = save_run(run, args.out)

@@ -81,7 +81,7 @@ def cmd_truncate(args) -> int:
     _check_depth_syntax(args.depths)
     check_inputs(args)
     lm = load_from_args(args)
-    res = compare(lm, args.image, args.prompt, args.depths, mode=args.mode, max_new_tokens=args.max_new_tokens,
+    res = compare(lm, args.visual, args.prompt, args.depths, mode=args.mode, max_new_tokens=args.max_new_tokens,
                   store="none", record_attention=False, keep_runs=False)
     print(format_side_by_side(res))
     return 0
@@ -107,7 +107,7 @@ def cmd_stages(args) -> int:
     if not args.tau > 0:
         raise InputError(f"--tau must be a positive number of nats, got {args.tau}")
     lm = load_from_args(args)
-    r = causal_stages(lm, args.image, args.prompt, max_new_tokens=args.max_new_tokens, tau=args.tau,
+    r = causal_stages(lm, args.visual, args.prompt, max_new_tokens=args.max_new_tokens, tau=args.tau,
                       progress=progress_bar())
     print(f"output: {r.baseline_text!r}")
     print(f"{'knocked out':>22}  {'KL (nats)':>10}  {'kept':>4}")
@@ -142,7 +142,7 @@ def cmd_sweep(args) -> int:
     out = _check_out_dir(args.out, "sweep.json")
     check_inputs(args)
     lm = load_from_args(args)
-    res = sweep(lm, args.image, args.prompt, mode=args.mode, max_new_tokens=args.max_new_tokens, store=args.store,
+    res = sweep(lm, args.visual, args.prompt, mode=args.mode, max_new_tokens=args.max_new_tokens, store=args.store,
                 progress=progress_bar())
     cliff = cliff_layer(res, args.tau)
     doc = {"sweep": res.to_json(), "cliff": cliff.to_json(), "reasoning": reasoning_perturbation(res).to_json()}

@@ -50,7 +50,7 @@ def cmd_prune(args) -> int:
               f" {list(stages.stages)}")
         methods["StagePruner (calibrated)"] = [stages]
     if one:
-        res = compare_pruning(lm, args.image, args.prompt, methods, max_new_tokens=args.max_new_tokens, truth=args.truth,
+        res = compare_pruning(lm, args.visual, args.prompt, methods, max_new_tokens=args.max_new_tokens, truth=args.truth,
                               progress=progress_bar())
         print(f"{res.model}: baseline {res.baseline_text!r}; {res.n_image} image tokens, {res.n_layers} layers\n")
         print(res.markdown())
@@ -111,7 +111,7 @@ def cmd_encoder(args) -> int:
     check_mode(args.mode)
     out = _check_out_dir(args.out, "encoder_grid.json") if args.out else None
     lm = load_from_args(args)
-    res = encoder_decoder_grid(lm, args.image, args.prompt, mode=args.mode, max_new_tokens=args.max_new_tokens,
+    res = encoder_decoder_grid(lm, args.visual, args.prompt, mode=args.mode, max_new_tokens=args.max_new_tokens,
                                truth=args.truth, progress=progress_bar())
     print(f"{res.model}: baseline {res.baseline_text!r}; vision features read after {res.feature_depth} tower layers,"
           f" {res.n_layers} decoder layers, mode {res.mode}\n")
