@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 
 pytest.importorskip("gradio")
@@ -129,6 +130,16 @@ def test_endpoints_are_named(client):
                  "/list_runs", "/load_run", "/save_run", "/downloads", "/substitution", "/layer_skip", "/random_scene",
                  "/capture_video"):
         assert want in names
+
+
+def test_an_upload_shows_its_own_ground_truth_or_none(client, tmp_path):
+    """#27: after an example, an uploaded photo must not keep the example's ground truth on screen."""
+    _, truth = client.predict(handle_file(EXAMPLE), api_name="/image_uploaded")
+    assert truth.startswith("**Ground truth**")                # a shipped scene: known by its pixels
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(photo)
+    _, truth = client.predict(handle_file(str(photo)), api_name="/image_uploaded")
+    assert truth == ""
 
 
 def test_a_video_upload_reaches_the_model_and_is_answered(client, tmp_path):

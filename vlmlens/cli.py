@@ -153,9 +153,6 @@ def main(argv=None) -> int:
 
     # transformers' deprecation notices about its own internals are not the user's business here
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
-    # transformers 5.24 renamed generate's past_key_values (the prefix reuse passes it) to cache;
-    # the old name works until 6.0, which requirements.txt excludes
-    warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

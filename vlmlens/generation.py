@@ -2,6 +2,7 @@
 with or without a KV cache, and the inputs of a forward over a prompt plus tokens after it."""
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -40,6 +41,28 @@ def extend_inputs(inputs: dict, ids: Sequence[int], generated_type: int = 0) -> 
             # Mllama: a new token sees the images the last prompt token sees (as generate extends it)
             out[key] = torch.cat([v, v[:, -1:].expand(-1, len(ids), *v.shape[2:])], dim=1)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_name() -> str:
+    import inspect
+
+    import transformers
+
+    return "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else \
+        "past_key_values"
+
+
+def cache_input(cache) -> dict:
+    """``{name: cache}`` for continuing from a KV cache: transformers 5.24 renamed ``past_key_values`` to
+    ``cache`` (the old name warns on every call); earlier 5.x releases take the old name."""
+    return {_cache_name(): cache}
+
+
+def output_cache(out):
+    """The KV cache a forward returned (``cache`` in transformers >= 5.24, ``past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def greedy_generate(lm, inputs: dict, max_new_tokens: int, max_time: float | None = None, use_cache: bool = True):

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..capture import Prepared, _eos_ids, check_context, check_max_new_tokens, greedy_generate, prepare
+from ..generation import cache_input, output_cache
 from ..interventions import batch_conflict, prefix_effect, validate_all
 from ..lens import NOTHING, BatchRow, Lens, LensStart, Plan
 from .prefix import _private_copy, accepts_logits_to_keep, reuse_supported
@@ -212,7 +213,7 @@ class BatchSession:
         kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(self.lm) else {}
         with torch.no_grad(), Lens.for_model(self.lm, self._plan(ivs, P), batch=self.rows) as lens:
             out = self.lm.model(**inputs, use_cache=True, return_dict=True, **kwargs)
-        return _BatchPrefix(out.past_key_values, lens.start(), n)
+        return _BatchPrefix(output_cache(out), lens.start(), n)
 
     def _plan(self, ivs, n_columns: int) -> Plan:
         return Plan.build([], self.lm.n_layers, n_columns, NOTHING, ivs)
@@ -223,7 +224,7 @@ class BatchSession:
         inputs, start = self.inputs, None
         if prefix is not None:
             inputs = {"input_ids": self.inputs["input_ids"][:, prefix.n:], "attention_mask": self.inputs["attention_mask"],
-                      "position_ids": self.position_ids, "past_key_values": _private_copy(prefix.cache)}
+                      "position_ids": self.position_ids, **cache_input(_private_copy(prefix.cache))}
             start = prefix.start
         with torch.no_grad(), Lens.for_model(lm, self._plan(ivs, self.P), start=start, batch=self.rows):
             out = greedy_generate(lm, inputs, self.n_new)
@@ -245,7 +246,7 @@ class BatchSession:
         if prefix is not None:
             n = prefix.n
             inputs = {"input_ids": inputs["input_ids"][:, n:], "attention_mask": inputs["attention_mask"],
-                      "past_key_values": _private_copy(prefix.cache)}
+                      **cache_input(_private_copy(prefix.cache))}
             pids, start = pids[..., n:], prefix.start
         kwargs = {"logits_to_keep": T + 1} if accepts_logits_to_keep(lm) else {}
         with torch.no_grad(), Lens.for_model(lm, self._plan(ivs, P + T), start=start, batch=self.rows):

@@ -32,6 +32,7 @@ import torch
 
 from ..capture import Prepared, interventions_json, video_slots
 from ..capture import prepare as _prepare
+from ..generation import cache_input, output_cache
 from ..interventions import PrefixEffect, validate_all
 from ..lens import NOTHING, Lens, LensStart, Plan, Recording
 
@@ -95,7 +96,7 @@ class Prefix:
         if not for_generate:
             pos = pos[..., -ids.shape[1]:]
         return {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
-                "past_key_values": _private_copy(self.cache)}
+                **cache_input(_private_copy(self.cache))}
 
     # -- derived prefixes ---------------------------------------------------------------------------
     def derived(self, interventions, effects: list[PrefixEffect]) -> "Prefix":
@@ -147,5 +148,5 @@ def prefill(lm, prep: Prepared, interventions=(), recording: Recording = NOTHING
     kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(lm) else {}
     with torch.no_grad(), Lens.for_model(lm, plan) as lens:
         out = lm.model(**inputs, use_cache=True, return_dict=True, **kwargs)
-    return Prefix(prep=prep, cache=out.past_key_values, start=lens.start(),
+    return Prefix(prep=prep, cache=output_cache(out), start=lens.start(),
                   interventions=interventions_json(interventions), recording=recording)

@@ -152,6 +152,23 @@ class Dashboard(TabHandlers, StudyTab):
         return (ex["file"], gr.Dropdown(choices=choices, value=None), truth_markdown(ex.get("truth"), ex.get("seed")),
                 first)
 
+    @handler("image_uploaded")
+    def image_uploaded(self, image):
+        """A new image in the input box: the ground truth and example prompts of its scene when it is one the
+        dashboard knows (by its pixels), else none -- never the previous example's."""
+        from ..images import image_sha256, load_image
+
+        scene = None
+        if image is not None:
+            try:
+                scene = self.scenes.get(image_sha256(load_image(image)[0]))
+            except InputError:            # an unreadable upload is named when it is run
+                scene = None
+        if scene is None:
+            return gr.Dropdown(choices=prompt_choices(None), value=None), truth_markdown(None)
+        return (gr.Dropdown(choices=prompt_choices(scene["prompts"]), value=None),
+                truth_markdown(scene["truth"], scene["seed"]))
+
     @handler("random_scene")
     def new_scene(self, seed=None):
         seed = None if seed in (None, "", 0) else int(seed)

@@ -286,6 +286,8 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
         gallery.select(dash.pick_example, prompt, [image, prompt_pick, truth, prompt], api_name="pick_example",
                        api_visibility=INTERNAL)
         scene_btn.click(dash.new_scene, None, [image, prompt_pick, truth], api_name="random_scene")
+        image.upload(dash.image_uploaded, image, [prompt_pick, truth], api_name="image_uploaded",
+                     show_progress="hidden", api_visibility=INTERNAL)
         prompt_pick.input(dash.pick_prompt, prompt_pick, prompt, api_name="pick_prompt", show_progress="hidden",
                           api_visibility=INTERNAL)
         after_run(run_btn.click(dash.capture, [image, prompt, max_new, sess], overview, api_name="capture",
