@@ -50,7 +50,7 @@ NOTES = """## Families with their own semantics
   `drop`, Knockout, FastV `mask`, a FastV ranking read there) is refused with the reason; removing rows
   (Truncate / FastV `remove`) is exact; knockout stages and their cosine proxy say "not defined";
   batches run one example at a time (the padding that aligns examples would change the layers' state).
-* **Video (Qwen2-VL, Qwen2.5-VL; rows "video").** Frames are read with PyAV and sampled evenly
+* **Video (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and their MoE; rows "video").** Frames are read with PyAV and sampled evenly
   (`vlmlens.video`); `models/video_frames.py` processes them without torchvision (each frame by the
   checkpoint's image processor at its video pixel bounds, pairs stacked into temporal patches: a video of
   one repeated frame is exactly the image, tested). The video tokens are the run's modality span, so every
@@ -59,7 +59,9 @@ NOTES = """## Families with their own semantics
   image, heatmaps are drawn per slot over it, `analysis.attention.frame_attention` gives each slot's
   share per layer, and `Truncate(k, frames=[...])` cuts chosen slots (drop and remove, each against an
   eager reference). Qwen2.5-VL spaces the slots' temporal positions by the sampled frame rate, which
-  the processor passes on (`second_per_grid_ts`). Tested in `tests/test_video.py`.
+  the processor passes on (`second_per_grid_ts`); Qwen3-VL writes each slot's time into the prompt before
+  it (the slots are then separate runs of tokens). On a DeepStack model a cut of chosen slots is refused
+  (its added features are cut for the whole video or not at all). Tested in `tests/test_video.py`.
 * **Mllama (cross-attention).** The image never enters the self-attention stream: the sequence holds one
   `<|image|>` placeholder, and gated cross-attention layers (1 and 3 on the tiny model; every fifth on
   Llama 3.2 Vision) read the vision tower's patches as keys. The lens runs those layers with the model's own
@@ -86,8 +88,7 @@ NOTES = """## Families with their own semantics
   no heatmap of them would mean anything; not opened until the dashboard can say so in every view.
 * `lfm2_vl`, `lfm3_vl`: hybrid stacks like Qwen3.5's (the lens handles them the same
   way); not yet built as tiny models and tested (LFM2-VL's processor also needs torchvision).
-* Video inputs of `qwen3_vl` (timestamps written into the prompt), `llava_next_video`, `llava_onevision`,
-  `video_llava`: images only for now (their video processors need torchvision; each needs its own
+* Video inputs of `llava_next_video`, `llava_onevision`, `video_llava`, `glm4v`: images only for now (their video processors need torchvision; each needs its own
   torchvision-free frame processor, as `qwen2_vl` has).
 """.splitlines()
 

@@ -18,6 +18,8 @@ from vlmlens.capture import capture, image_positions, prepare_inputs
 from vlmlens.errors import InputError
 from vlmlens.interventions import Truncate
 from vlmlens.lens import NOTHING, Lens, Plan
+from vlmlens.models.arch import get_arch
+from vlmlens.models.tiny_random import FAMILIES
 from vlmlens.video import MAX_FRAMES, Video, load_video, sample_indices
 
 from tests._models import random_lm, record_matrix
@@ -25,6 +27,9 @@ from tests.test_capture import assert_capture_exact
 from tests.test_family_matrix import TOL, _check, _eager_logits, deep, matrix_row
 
 VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+#: every family whose video the lens reads: Qwen3-VL's (DeepStack, timestamps between the slots) and Qwen3.5's
+#: (hybrid) too
+ALL_VIDEO = tuple(f for f in FAMILIES if get_arch(f).video)
 PROMPT = "What happens in the video?"
 
 
@@ -105,7 +110,7 @@ def test_a_still_video_is_exactly_the_image(family, image):
     assert a.meta["video"]["slots"] == 1 and "video" not in b.meta
 
 
-@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize("family", ALL_VIDEO)
 def test_video_capture_matches_plain_model(family, clip):
     lm = random_lm(family)
     run = assert_capture_exact(lm, clip)
@@ -116,6 +121,8 @@ def test_video_capture_matches_plain_model(family, clip):
     t, h, w = inputs["video_grid_thw"][0].tolist()
     per = h * w // 4
     assert run.spans.n_image == t * per and run.meta["grid_order"] == "frames"
+    if family.startswith("qwen3"):            # each slot its own <|vision_start|> ... <|vision_end|>, after its time
+        assert isinstance(run.spans.image, list) and [s.stop - s.start for s in run.spans.image] == [per] * 3
     assert run.image.size == (3 * w * 8, h * 8)          # three cells of the processed frame size (patch 8)
     gi = run.grid_index
     assert gi.shape == (h // 2, 3 * w // 2)
@@ -151,7 +158,7 @@ def _slot_positions(lm, inputs, slots):
     return np.concatenate([img[s * per:(s + 1) * per] for s in slots])
 
 
-@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize("family", ALL_VIDEO)
 def test_truncating_chosen_frames_equals_eager_references(family, clip):
     """Truncate(k, frames=[1]): from layer k no text query reads slot 1's keys (drop), or slot 1's rows
     leave the sequence (remove); slots 0 and 2 stay readable. References: eager forwards with that
@@ -172,9 +179,23 @@ def test_truncating_chosen_frames_equals_eager_references(family, clip):
             return lm.model(**inputs).logits[0].double()
 
     label = f"{family} video"
+    if get_arch(family).injections:      # DeepStack: its added features are the whole video's, refused with why
+        for mode in ("drop", "remove"):
+            with pytest.raises(InputError, match="DeepStack"):
+                lens([Truncate(k, mode, frames=[1])])
+            record_matrix(label, f"Truncate({k}, {mode}, frames [1])", True,
+                          "refused: DeepStack's added features are cut for the whole video or not at all", refused=True)
+        return
     block = (~is_img)[:, None] & cut[None, :]
-    ref = _eager_logits(lm, inputs, block=lambda l: block if l >= k else None)
-    _check(label, f"Truncate({k}, drop, frames [1])", lens([Truncate(k, frames=[1])]), ref, text)
+    att = set(lm.arch.attention_layers(lm.model))
+    if set(range(k, L)) <= att:
+        ref = _eager_logits(lm, inputs, block=lambda l: block if l >= k else None)
+        _check(label, f"Truncate({k}, drop, frames [1])", lens([Truncate(k, frames=[1])]), ref, text)
+    else:                                # a hybrid stack: no key mask on its linear layers
+        with pytest.raises(InputError, match="no softmax attention"):
+            lens([Truncate(k, frames=[1])])
+        record_matrix(label, f"Truncate({k}, drop, frames [1])", True,
+                      f"refused: no softmax attention at layer {min(set(range(k, L)) - att)}", refused=True)
     ref = _eager_logits(lm, inputs, remove=(k, ~cut))
     mine = lens([Truncate(k, "remove", frames=[1])])
     _check(label, f"Truncate({k}, remove, frames [1])", mine, ref, np.arange(n - int(cut.sum())))
@@ -185,20 +206,29 @@ def test_truncating_chosen_frames_equals_eager_references(family, clip):
         Plan.build(img, L, n, NOTHING, [Truncate(k, frames=[3])], frames=3)
 
 
-@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize("family", ALL_VIDEO)
 def test_every_intervention_on_a_video_equals_its_eager_reference(family, clip):
     """The family matrix's row for a video input (Truncate of all video tokens, Knockout, Freeze,
     Substitute, FastV over the video tokens), recorded as the row "<family> video"."""
     matrix_row(family, f"{family} video", clip)
 
 
-@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize("family", ALL_VIDEO)
 def test_a_batch_of_videos_equals_one_video_at_a_time(family, clip):
     """Videos of 6 and 4 frames (different token counts: padding happens), batched."""
+    from vlmlens.experiments.batch import BatchError, BatchSession
+
     from tests.test_batch import _check_equal
 
     short = load_video(list(clip.frames[:4]), frames=4)
     items = [(clip, PROMPT), (short, "And then, what happens next?")]
+    lm = random_lm(family)
+    if len(lm.arch.attention_layers(lm.model)) < lm.n_layers:         # a hybrid stack: one at a time, said so
+        with pytest.raises(BatchError, match="carry a state along the sequence"):
+            BatchSession(lm, items, max_new_tokens=2)
+        record_matrix(f"{family} video", "batched == one at a time", True, "refused: linear layers carry a state "
+                      "through the padding (one example at a time)", refused=True)
+        return
     bs = _check_equal(random_lm(family), items, [[Truncate(1)], [Truncate(0)]], n_new=3)
     assert len({r.n_prompt for r in bs.rows}) == 2 and bs.rows[0].image_positions.size != bs.rows[1].image_positions.size
     record_matrix(f"{family} video", "batched == one at a time", True)
@@ -212,7 +242,7 @@ def test_a_video_keeps_its_frames_and_fingerprint(clip):
     assert run.meta["image_sha256"] == clip.sha256()
 
 
-@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize("family", ALL_VIDEO)
 def test_the_dashboard_opens_a_video_capture(family, tmp_path):
     """The video box's path: a file uploaded, frames sampled, the run drawn per temporal slot (heatmaps
     over the contact sheet, attention per slot, LLaVA-CAM through the video), experiments re-run on
@@ -236,12 +266,14 @@ def test_the_dashboard_opens_a_video_capture(family, tmp_path):
     assert [t.type for t in frames.data] == ["heatmap"] and len(frames.data[0].z[0]) == 3
     idx = sample_indices(12, 6)                          # slot 1 holds the third and fourth sampled frames
     assert list(frames.layout.xaxis.ticktext)[1].startswith(f"frames {idx[2]}–{idx[3]}<br>{idx[2] / 10:.1f}")
-    heat = views.heatmap_layer(entry, 0, 0, "attention", lm)
+    first = min(run.meta.get("attention_layers", [0]))           # (a hybrid's first layer is a linear one)
+    heat = views.heatmap_layer(entry, first, 0, "attention", lm)
     z = [t for t in heat.data if t.type == "heatmap"][0].z
     assert (len(z), len(z[0])) == tuple(run.image_grid)
     figs = [f for f in dash._all_figures(entry) if isinstance(f, go.Figure)]
     assert all(len(f.data) or f.layout.annotations for f in figs)
-    result = xviews.run_truncation(lm, entry, [0, 1], "drop", sweep=False)
+    mode = "remove" if "attention_layers" in run.meta else "drop"   # (no key mask on a hybrid's linear layers)
+    result = xviews.run_truncation(lm, entry, [0, 1], mode, sweep=False)
     assert [d["depth"] for d in result["depths"]] == [0, 1]
     assert list(result["baseline_tokens"]) == list(run.generated_tokens)     # the video re-run, not its sheet
     # the same run opened from its files: the contact sheet is not the video
@@ -249,7 +281,7 @@ def test_the_dashboard_opens_a_video_capture(family, tmp_path):
 
     reopened = Entry("x", run, "saved", "saved:x")
     with pytest.raises(InputError, match="capture it again from the video"):
-        xviews.run_truncation(lm, reopened, [0], "drop", sweep=False)
+        xviews.run_truncation(lm, reopened, [0], mode, sweep=False)
     assert "is an image" in " ".join(a.text or "" for a in views.frames_figure(
         dash.entry(dash.capture(_still(tmp_path), PROMPT, 1, new_session())[0])).layout.annotations)
     import gradio as gr

@@ -33,7 +33,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_input_args(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--image", help="image file (png, jpg, ...)")
-    which.add_argument("--video", help="video file (mp4, webm, ...; Qwen2-VL family models), frames sampled evenly")
+    which.add_argument("--video", help="video file (mp4, webm, ...; Qwen-VL family models), frames sampled evenly")
     p.add_argument("--frames", type=int, default=8, help="frames sampled from --video (default 8)")
     p.add_argument("--prompt", required=True, help="question or instruction about the image")
     p.add_argument("--max-new-tokens", type=int, default=16)

@@ -183,6 +183,10 @@ class Lens:
         # features the family adds between decoder layers (DeepStack), added by the lens itself
         self.injections = Injections(injections, [f for f in (getattr(iv, "stops_injection", None) for iv in ivs)
                                                   if f is not None])
+        if injections is not None and any(getattr(iv, "frames", None) is not None for iv in ivs):
+            raise InputError("a cut of chosen video frames is not available on a model that adds vision features "
+                             "between its layers (DeepStack): the lens stops them for the whole video or not at all; cut"
+                             " the whole video (Truncate without frames)")
         self._vision_hooks = bool(self._vision_edits) or plan.recording.vision
         if self._vision_hooks and not self.vision_layers:
             raise RuntimeError("an intervention edits (or the plan records) the vision tower, but the lens was given "

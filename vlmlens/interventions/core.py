@@ -134,7 +134,8 @@ class Truncate(_Base):
         return self._cut(ctx)
 
     def stops_injection(self, layer):
-        # the image is cut from from_layer on: so are the vision features a family adds there (DeepStack)
+        # the image is cut from from_layer on: so are the vision features a family adds there (DeepStack;
+        # a cut of chosen frames is refused there by the lens)
         return layer >= self.from_layer
 
     def prefix_effect(self, n_layers):

@@ -64,7 +64,6 @@ _QWEN3_VL = replace(
     model_class="Qwen3VLForConditionalGeneration",
     processor_class="Qwen3VLProcessor",
     injections="model.language_model",
-    video=None,
     notes="Qwen2-VL's 2x2-merged raster with interleaved M-RoPE; DeepStack: features of a few vision-tower layers "
     "are added to the image rows of the outputs of the first decoder layers (the lens adds them itself, so "
     "cuts, freezes and removals decide about them; see vlmlens.lens_injections); images only (its video input "

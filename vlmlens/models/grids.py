@@ -14,7 +14,7 @@ the original image. ``GridInfo`` lists the segments and names a *primary* drawab
   k x k raster over its box; the overview (InternVL "thumbnail", Idefics3 "global") covers the whole
   image. The primary grid is the mosaic of the tiles (tile_rows*k x tile_cols*k), which covers the whole
   (resized) picture; ``rows * cols == n_image_tokens - k*k``.
-* ``frames`` (a video, Qwen2-VL family): ``[slot 0 | slot 1 | ...]``, one raster per temporal slot; the
+* ``frames`` (a video, the Qwen-VL families): ``[slot 0 | slot 1 | ...]``, one raster per temporal slot; the
   primary grid is the slots laid out as the run's contact sheet (``frame_layout``).
 
 ``GridInfo.index_map()`` gives, for the primary grid, the image-token index of every cell, so

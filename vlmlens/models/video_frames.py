@@ -1,4 +1,4 @@
-"""A video processor for the Qwen2-VL family (Qwen2-VL, Qwen2.5-VL) without torchvision.
+"""A video processor for the Qwen families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) without torchvision.
 
 transformers 5's video processors all need torchvision, which vlmlens does not install. The model's
 own video path needs little: every frame resized, rescaled and normalised as an image, then pairs of

@@ -199,7 +199,7 @@ class Dashboard(TabHandlers, StudyTab):
 
     @handler("capture_video")
     def capture_video(self, video, frames, prompt, max_new_tokens, sess, progress=gr.Progress()):
-        """Capture a new run from a video file (frames sampled evenly; Qwen2-VL family models)."""
+        """Capture a new run from a video file (frames sampled evenly; the Qwen-VL families)."""
         from ..video import load_video
 
         if not video:

@@ -115,7 +115,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                 max_new = CountSlider(1, 256, value=12, step=1, label="Max new tokens", elem_id="vl-max-new",
                                     info="reasoning traces of real models need 100-250")
                 run_btn = gr.Button("Run", variant="primary", elem_id="vl-run", interactive=not teaching)
-                with gr.Accordion("Video (Qwen2-VL, Qwen2.5-VL)", open=False, elem_id="vl-video-box"):
+                with gr.Accordion("Video (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5)", open=False, elem_id="vl-video-box"):
                     video_in = gr.File(label="Video file", file_types=list(VIDEO_SUFFIXES), type="filepath",
                                        elem_id="vl-video")
                     frames = CountSlider(2, 32, value=8, step=2, label="Frames sampled (evenly)", elem_id="vl-frames",

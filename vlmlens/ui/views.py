@@ -188,7 +188,7 @@ def frames_figure(entry):
     run = entry.run
     if not run.meta.get("video"):
         return message_figure("This run's input is an image. Capture a video (the Video box of the input panel, "
-                              "Qwen2-VL family) to see the attention on each of its temporal slots.", "Frames")
+                              "a Qwen-VL family) to see the attention on each of its temporal slots.", "Frames")
     return entry.derived.get("fig_frames", lambda: figure(fig_frame_attention, run, title=None))
 
 
