@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks._children import add_child_args, run_child  # noqa: E402
 from benchmarks._report import write_section  # noqa: E402
 from benchmarks.bench_capture import PRESETS, _rss, _sync, build, variant  # noqa: E402
 
@@ -57,15 +57,8 @@ def child(preset: str, device: str, dtype_name: str, side: int, name: str, n_new
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="mid", choices=sorted(PRESETS))
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    add_child_args(ap, PRESETS, new_tokens=4)
     ap.add_argument("--sides", default="24,34,48,68", help="patches per side (image tokens = side^2)")
-    ap.add_argument("--new-tokens", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--timeout", type=float, default=1800, help="seconds per variant before it counts as failed")
-    ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.child:
@@ -75,15 +68,7 @@ def main() -> int:
     res: dict = {}
     for side in sides:
         for name in NAMES:
-            cmd = [sys.executable, __file__, "--preset", a.preset, "--device", a.device, "--dtype", a.dtype,
-                   "--new-tokens", str(a.new_tokens), "--threads", str(a.threads), "--child", str(side), name]
-            try:
-                out = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-                ok = out.returncode == 0
-                why = "" if ok else ("killed (out of memory?)" if out.returncode < 0 else out.stderr.strip()[-300:])
-            except subprocess.TimeoutExpired:
-                ok, why = False, f"over {a.timeout:.0f} s"
-            res[(side, name)] = json.loads(out.stdout.strip().splitlines()[-1]) if ok else {"error": why}
+            res[(side, name)] = run_child(__file__, a, str(side), name)
             print(side * side, name, res[(side, name)], flush=True)
     mib = lambda b: b / 2**20  # noqa: E731
     p = PRESETS[a.preset]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks._children import add_child_args, run_child  # noqa: E402
 from benchmarks._report import write_section  # noqa: E402
 from benchmarks.bench_capture import PRESETS, _rss, _sync  # noqa: E402
 
@@ -131,15 +131,8 @@ def child(preset, device, dtype_name, size, name, n_new) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="mid", choices=sorted(PRESETS))
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    add_child_args(ap, PRESETS, new_tokens=2)
     ap.add_argument("--sizes", default="224x224,448x448,672x672", help="frame sizes WxH (8 slots of (W/28)(H/28) tokens)")
-    ap.add_argument("--new-tokens", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--timeout", type=float, default=1800)
-    ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.child:
@@ -149,15 +142,7 @@ def main() -> int:
     res: dict = {}
     for size in a.sizes.split(","):
         for name in NAMES:
-            cmd = [sys.executable, __file__, "--preset", a.preset, "--device", a.device, "--dtype", a.dtype,
-                   "--new-tokens", str(a.new_tokens), "--threads", str(a.threads), "--child", size, name]
-            try:
-                p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-                out = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {
-                    "failed": f"exit {p.returncode}" + (" (killed: out of memory?)" if p.returncode < 0 else "")}
-            except subprocess.TimeoutExpired:
-                out = {"failed": f"over {a.timeout:.0f} s"}
-            res[(size, name)] = out
+            res[(size, name)] = out = run_child(__file__, a, size, name)
             print(size, name, out, flush=True)
     mib = 2 ** 20
     rows = ["| frame size | video tokens | " + " | ".join(f"{LABEL[n]} peak MiB" for n in NAMES)
@@ -165,7 +150,7 @@ def main() -> int:
     for size in a.sizes.split(","):
         r = {n: res[(size, n)] for n in NAMES}
         nv = next((x["n_video"] for x in r.values() if "n_video" in x), "?")
-        cell = lambda x: f"{x['peak'] / mib:.0f}" if "peak" in x else x["failed"]     # noqa: E731
+        cell = lambda x: f"{x['peak'] / mib:.0f}" if "peak" in x else x["error"]      # noqa: E731
         ratio = (f"{r['eager']['peak'] / r['capture']['peak']:.1f}" if "peak" in r["eager"] and "peak" in r["capture"]
                  else "–")
         secs = [f"{r[n]['seconds']:.1f}" if "seconds" in r[n] else "–" for n in ("capture", "eager")]
