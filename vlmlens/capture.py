@@ -14,9 +14,8 @@ from .images import image_sha256, load_image
 from .interventions import decides_every_step, validate_all
 from .generation import _eos_ids, extend_inputs, greedy_generate  # noqa: F401  (also imported from here)
 from .lens import NOTHING, Lens, LensStart, Plan, Recording
-from .models.arch import ARCHES
 from .run import Run, TokenSpans
-from .video import Video, contact_sheet
+from .video import Video, input_sha256, video_inputs, video_slots
 
 MAX_NEW_TOKENS_LIMIT = 1024
 #: longest prompt accepted, in characters (checked before tokenising; the context check below
@@ -85,14 +84,7 @@ def prepare_inputs(lm, image, prompt: str) -> tuple[dict, "object", str | None]:
     :class:`~vlmlens.video.Video` the image is its contact sheet (one frame per temporal slot)."""
     prompt = check_prompt(prompt)
     if isinstance(image, Video):
-        if not lm.arch.video:
-            raise InputError(f"{lm.name} ({lm.family}) reads images only through the lens; video input is supported"
-                             f" for {', '.join(a.family for a in ARCHES.values() if a.video)}")
-        inputs = dict(lm.arch.build_video_inputs(lm.processor, image, prompt))
-        vp = lm.processor.video_processor
-        _, gh, gw = (int(x) for x in inputs["video_grid_thw"][0])
-        rgb = contact_sheet(image, vp.temporal_patch_size, (gw * vp.patch_size, gh * vp.patch_size))
-        note = image.note
+        inputs, rgb, note = video_inputs(lm, image, prompt)
     else:
         rgb, note = load_image(image)
         inputs = dict(lm.arch.build_inputs(lm.processor, rgb, prompt))
@@ -103,17 +95,6 @@ def prepare_inputs(lm, image, prompt: str) -> tuple[dict, "object", str | None]:
                 v = v.to(lm.dtype)
             inputs[k] = v
     return inputs, rgb, note
-
-
-def video_slots(inputs: dict) -> int | None:
-    """Temporal slots of a video input (``video_grid_thw``'s t); None for an image."""
-    thw = inputs.get("video_grid_thw")
-    return int(thw[0][0]) if thw is not None else None
-
-
-def input_sha256(image) -> str:
-    """Fingerprint of a capture's visual input: the image's pixels, or every sampled frame of a video."""
-    return image.sha256() if isinstance(image, Video) else image_sha256(load_image(image)[0])
 
 
 def image_positions(lm, input_ids: torch.Tensor) -> np.ndarray:

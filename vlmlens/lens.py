@@ -38,10 +38,11 @@ from typing import Protocol
 
 import torch
 
-from .lens_attention import ATTN_NAME, STATE_ATTR, AttentionView, _union, positional_mask  # noqa: F401
+from .lens_attention import (ATTN_NAME, STATE_ATTR, AttentionView, _attention_module, _mlp_module,  # noqa: F401
+                             _union, positional_mask)
 from .lens_injections import Injections
 from .errors import InputError
-from .interventions.base import cross_attention_refusal
+from .interventions.base import refuse_for_structure
 from .recorder import Recorder
 from .rows import _hidden_arg, _select_rows, _with_hidden
 from .session import (HIDDEN_DTYPES, NOTHING, STORE_MODES, BatchRow, LensContext, LensStart, Plan,  # noqa: F401
@@ -107,22 +108,6 @@ def _method(iv, name: str):
 
 # ---- the context manager ----------------------------------------------------------------------
 
-def _attention_module(layer) -> torch.nn.Module | None:
-    """The decoder layer's softmax-attention module (None in a hybrid stack's linear / convolution layer)."""
-    for m in layer.modules():
-        if hasattr(m, "layer_idx") and hasattr(m, "config") and any(n.endswith("_proj") for n, _ in m.named_children()):
-            return m
-    return None
-
-
-def _mlp_module(layer) -> torch.nn.Module:
-    for name in ("mlp", "feed_forward"):
-        m = getattr(layer, name, None)
-        if isinstance(m, torch.nn.Module):
-            return m
-    raise RuntimeError(f"decoder layer {type(layer).__name__} has no MLP module (looked for .mlp, .feed_forward)")
-
-
 class Lens:
     """Install the lens on a model for the duration of a ``with`` block (returns itself).
 
@@ -183,10 +168,7 @@ class Lens:
         # features the family adds between decoder layers (DeepStack), added by the lens itself
         self.injections = Injections(injections, [f for f in (getattr(iv, "stops_injection", None) for iv in ivs)
                                                   if f is not None])
-        if injections is not None and any(getattr(iv, "frames", None) is not None for iv in ivs):
-            raise InputError("a cut of chosen video frames is not available on a model that adds vision features "
-                             "between its layers (DeepStack): the lens stops them for the whole video or not at all; cut"
-                             " the whole video (Truncate without frames)")
+        refuse_for_structure(ivs, cross_layers=self.cross_layers, injections=injections is not None)
         self._vision_hooks = bool(self._vision_edits) or plan.recording.vision
         if self._vision_hooks and not self.vision_layers:
             raise RuntimeError("an intervention edits (or the plan records) the vision tower, but the lens was given "
@@ -201,12 +183,6 @@ class Lens:
             # over them is defined; the cross-attention layers' maps are recorded instead
             self.recorder.reads_attention = False
             self.recorder.no_attention = frozenset(range(len(self.layers)))
-            for iv in ivs:
-                why = cross_attention_refusal(iv, self.cross_layers)
-                if why:
-                    raise InputError(f"{iv!r}: {why}; this model reads the image only through its cross-attention "
-                                     f"layers {sorted(self.cross_layers)} (image tokens never enter the self-attention "
-                                     "stream)")
         # a left-padded batch (``batch``: one BatchRow per example): every intervention sees each
         # example through its own context, numbered as in a batch of one
         self.batch = list(batch) if batch is not None else None

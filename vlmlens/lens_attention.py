@@ -108,6 +108,22 @@ def _lens_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     return out, None
 
 
+def _attention_module(layer) -> torch.nn.Module | None:
+    """The decoder layer's softmax-attention module (None in a hybrid stack's linear / convolution layer)."""
+    for m in layer.modules():
+        if hasattr(m, "layer_idx") and hasattr(m, "config") and any(n.endswith("_proj") for n, _ in m.named_children()):
+            return m
+    return None
+
+
+def _mlp_module(layer) -> torch.nn.Module:
+    for name in ("mlp", "feed_forward"):
+        m = getattr(layer, name, None)
+        if isinstance(m, torch.nn.Module):
+            return m
+    raise RuntimeError(f"decoder layer {type(layer).__name__} has no MLP module (looked for .mlp, .feed_forward)")
+
+
 def _union(key_blocks, layer, qpos, kpos, ctx):
     blocked = None
     for fn in key_blocks:

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError
-from .images import MAX_PIXELS, load_image
+from .images import MAX_PIXELS, image_sha256, load_image
 from .models.grids import frame_layout
 
 DEFAULT_FRAMES = 8
@@ -86,6 +86,31 @@ class Video:
         return {"frames": len(self.frames), "source_frames": self.n_source, "source_fps": round(self.fps, 6),
                 "indices": [int(i) for i in self.indices], "times": [round(t, 4) for t in self.times],
                 "frames_per_slot": int(per_slot), "slots": math.ceil(len(self.frames) / per_slot)}
+
+
+def video_slots(inputs: dict) -> int | None:
+    """Temporal slots of a video input (``video_grid_thw``'s t); None for an image."""
+    thw = inputs.get("video_grid_thw")
+    return int(thw[0][0]) if thw is not None else None
+
+
+def input_sha256(image) -> str:
+    """Fingerprint of a capture's visual input: the image's pixels, or every sampled frame of a video."""
+    return image.sha256() if isinstance(image, Video) else image_sha256(load_image(image)[0])
+
+
+def video_inputs(lm, video: Video, prompt: str) -> tuple[dict, Image.Image, str | None]:
+    """The model inputs of ``video`` + ``prompt`` (the family's ``Arch.build_video_inputs``), the contact
+    sheet at the processed frame size and the video's note; an InputError for a family that reads images only."""
+    from .models.arch import ARCHES
+
+    if not lm.arch.video:
+        raise InputError(f"{lm.name} ({lm.family}) reads images only through the lens; video input is supported"
+                         f" for {', '.join(a.family for a in ARCHES.values() if a.video)}")
+    inputs = dict(lm.arch.build_video_inputs(lm.processor, video, prompt))
+    vp = lm.processor.video_processor
+    _, gh, gw = (int(x) for x in inputs["video_grid_thw"][0])
+    return inputs, contact_sheet(video, vp.temporal_patch_size, (gw * vp.patch_size, gh * vp.patch_size)), video.note
 
 
 def sample_indices(n_source: int, n: int) -> list[int]:

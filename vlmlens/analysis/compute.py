@@ -220,7 +220,8 @@ def token_counts(lm, image, prompt: str) -> dict:
 def _timed_generate(lm, inputs, img_pos, n_new: int, ivs) -> float:
     import torch
 
-    from ..capture import greedy_generate, video_slots
+    from ..capture import greedy_generate
+    from ..video import video_slots
     from ..lens import Lens, Plan
 
     plan = Plan.build(img_pos, lm.n_layers, int(inputs["input_ids"].shape[1]), interventions=ivs,

@@ -33,7 +33,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..capture import capture, check_context, check_max_new_tokens, extend_inputs, video_slots
+from ..capture import capture, check_context, check_max_new_tokens, extend_inputs
+from ..video import video_slots
 from ..errors import InputError
 from ..interventions import Freeze, Truncate, decides_every_step, prefix_effect, validate_all
 from ..interventions.core import CUT_MODES

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..capture import Prepared, interventions_json, video_slots
+from ..capture import Prepared, interventions_json
+from ..video import video_slots
 from ..capture import prepare as _prepare
 from ..generation import cache_input, output_cache
 from ..interventions import PrefixEffect, validate_all

@@ -40,6 +40,21 @@ def cross_attention_refusal(iv, cross_layers=()) -> str | None:
     return None if said else "it acts on image tokens in the sequence, which a cross-attention model has none of"
 
 
+def refuse_for_structure(interventions: Sequence, *, cross_layers=(), injections: bool = False) -> None:
+    """Refuse (InputError, with the reason) what the model's structure gives no meaning: on a cross-attention
+    model (``cross_layers``) every intervention whose ``cross_attention`` does not say what it does there; on
+    a model that adds vision features between layers (``injections``: DeepStack) a cut of chosen frames."""
+    for iv in interventions:
+        why = cross_attention_refusal(iv, cross_layers) if cross_layers else None
+        if why:
+            raise InputError(f"{iv!r}: {why}; this model reads the image only through its cross-attention layers "
+                             f"{sorted(cross_layers)} (image tokens never enter the self-attention stream)")
+        if injections and getattr(iv, "frames", None) is not None:
+            raise InputError("a cut of chosen video frames is not available on a model that adds vision features "
+                             "between its layers (DeepStack): the lens stops them for the whole video or not at all; cut"
+                             " the whole video (Truncate without frames)")
+
+
 class _Base:
     #: what it does on a cross-attention model (Mllama): a description, or "refused: <why>" (None: refused)
     cross_attention: str | None = None
