@@ -132,6 +132,15 @@ def test_endpoints_are_named(client):
         assert want in names
 
 
+def test_a_capture_shows_one_progress_bar(app):
+    """#27: a capture's progress is one bar, over the generated text, not one on each overview output."""
+    cfg = app[0].get_config_file()
+    gen = next(c["id"] for c in cfg["components"] if c.get("props", {}).get("elem_id") == "vl-generation")
+    deps = {d.get("api_name"): d for d in cfg["dependencies"]}
+    for name in ("capture", "capture_video", "capture_submit"):
+        assert deps[name]["show_progress_on"] == [gen] and len(deps[name]["outputs"]) > 1, name
+
+
 def test_an_upload_shows_its_own_ground_truth_or_none(client, tmp_path):
     """#27: after an example, an uploaded photo must not keep the example's ground truth on screen."""
     _, truth = client.predict(handle_file(EXAMPLE), api_name="/image_uploaded")

@@ -64,15 +64,6 @@ def check_pair(at_layer: int, from_layer: int, n_layers: int) -> None:
                          f" got from_layer={from_layer}, at_layer={at_layer}")
 
 
-def substitution_effect(lm, image, prompt: str, at_layer: int, from_layer: int, *, max_new_tokens: int = 16,
-                        separator: str = DEFAULT_SEPARATOR, reuse: bool = True) -> dict:
-    """Output change when decoder layer ``at_layer`` reads the image states of ``from_layer``."""
-    check_pair(at_layer, from_layer, lm.n_layers)
-    s = Session(lm, image, prompt, max_new_tokens=max_new_tokens, reuse=reuse)
-    return compare_outputs(s.baseline, s.evaluate([Substitute(at_layer=at_layer, from_layer=from_layer)]), separator,
-                           getattr(lm.processor, "tokenizer", None))
-
-
 def substitution_matrix(lm, image, prompt: str, *, stride: int = 1, layers: Sequence[int] | None = None,
                         max_new_tokens: int = 16, separator: str = DEFAULT_SEPARATOR, reuse: bool = True,
                         progress: Progress | None = None) -> SubstitutionResult:

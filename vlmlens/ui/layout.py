@@ -290,12 +290,14 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                      show_progress="hidden", api_visibility=INTERNAL)
         prompt_pick.input(dash.pick_prompt, prompt_pick, prompt, api_name="pick_prompt", show_progress="hidden",
                           api_visibility=INTERNAL)
+        # one progress bar for a capture, over the generated text (not one on each overview output)
+        one_bar = {"show_progress_on": [gen_md], **MODEL_QUEUE}
         after_run(run_btn.click(dash.capture, [image, prompt, max_new, sess], overview, api_name="capture",
-                                **MODEL_QUEUE), "capture")
+                                **one_bar), "capture")
         after_run(video_btn.click(dash.capture_video, [video_in, frames, prompt, max_new, sess], overview,
-                                  api_name="capture_video", **MODEL_QUEUE), "capture_video")
+                                  api_name="capture_video", **one_bar), "capture_video")
         after_run(prompt.submit(dash.capture, [image, prompt, max_new, sess], overview, api_name="capture_submit",
-                                api_visibility=INTERNAL, **MODEL_QUEUE), "capture_submit")
+                                api_visibility=INTERNAL, **one_bar), "capture_submit")
         after_run(demo.load(dash.open_default, sess, overview, api_name="open_default", api_visibility=INTERNAL),
                   "open_default")
         after_run(open_btn.click(dash.load_run, [run_list, sess], overview, api_name="load_run"), "load_run")

@@ -21,7 +21,7 @@ from ..figures.study import fig_dataset_study
 from ..models.loading import REPO_ROOT
 from .handler import handler
 from .html import note
-from .panels import figure, message_figure
+from .panels import figure
 from .store import check_run_name
 
 MAX_STUDY_ROWS = 200
@@ -169,7 +169,3 @@ def _whole(v, what: str, lo: int, hi: int) -> int:
     if not f.is_integer() or not lo <= f <= hi:
         raise InputError(f"{what} must be a whole number from {lo} to {hi}, got {v!r}")
     return int(f)
-
-
-def study_message_figure():
-    return message_figure("Open a study (start the app with --study DIR).", "Study")
