@@ -10,7 +10,7 @@ import torch
 
 from . import __version__
 from .errors import InputError
-from .images import image_sha256, load_image
+from .images import load_image
 from .interventions import decides_every_step, validate_all
 from .generation import _eos_ids, extend_inputs, greedy_generate  # noqa: F401  (also imported from here)
 from .lens import NOTHING, Lens, LensStart, Plan, Recording
@@ -152,9 +152,8 @@ def prepare(lm, image, prompt: str, *, position_ids: bool = False) -> Prepared:
     if position_ids and int(pos[-1]) + 1 < ids.shape[1]:
         with torch.no_grad():
             pids = lm.model._prepare_position_ids_for_generation(ids, dict(inputs))
-    sha = image.sha256() if isinstance(image, Video) else image_sha256(rgb)
-    return Prepared(lm.name, check_prompt(prompt), inputs, rgb, note, sha, int(ids.shape[1]), pos, pids,
-                    image if isinstance(image, Video) else None)
+    return Prepared(lm.name, check_prompt(prompt), inputs, rgb, note, input_sha256(image, rgb), int(ids.shape[1]), pos,
+                    pids, image if isinstance(image, Video) else None)
 
 
 class Continuation(Protocol):
@@ -361,7 +360,7 @@ def capture(
         "model": lm.name,
         "family": lm.family,
         "prompt": check_prompt(prompt),
-        "image_sha256": input_sha256(image) if isinstance(image, Video) else image_sha256(rgb),
+        "image_sha256": input_sha256(image, rgb),
         "image_size": list(rgb.size),
         "image_note": note,
         "generation": {"max_new_tokens": n_new, "strategy": "greedy", "stop_reason": stop},

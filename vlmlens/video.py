@@ -94,9 +94,12 @@ def video_slots(inputs: dict) -> int | None:
     return int(thw[0][0]) if thw is not None else None
 
 
-def input_sha256(image) -> str:
-    """Fingerprint of a capture's visual input: the image's pixels, or every sampled frame of a video."""
-    return image.sha256() if isinstance(image, Video) else image_sha256(load_image(image)[0])
+def input_sha256(image, rgb=None) -> str:
+    """Fingerprint of a capture's visual input: every sampled frame of a video, or the image's pixels
+    (``rgb``: the image already loaded, so that it is not read twice)."""
+    if isinstance(image, Video):
+        return image.sha256()
+    return image_sha256(rgb if rgb is not None else load_image(image)[0])
 
 
 def video_inputs(lm, video: Video, prompt: str) -> tuple[dict, Image.Image, str | None]:
