@@ -1,6 +1,7 @@
 """vlmlens dashboard: ``python app.py [--model tiny-shapes] [--no-model] [--runs cached_runs] ...``
 
-Serves on 127.0.0.1 without a share link and without remote model code unless asked.
+The same as ``python -m vlmlens serve ...`` (its options: ``python app.py --help``). Serves on
+127.0.0.1 without a share link and without remote model code unless asked.
 """
 from __future__ import annotations
 
@@ -8,48 +9,20 @@ import argparse
 import sys
 
 
+def _serve_parser() -> argparse.ArgumentParser:
+    from vlmlens.cli import build_parser
+
+    return build_parser()
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python app.py", description="vlmlens: interactive dashboard for vision-language models")
-    p.add_argument("--model", default="tiny-shapes", help="tiny-shapes (default), random:<family>, a local dir or a hub id")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--host", default="127.0.0.1", help="interface to serve on (default: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--runs", default="cached_runs", help="folder of saved runs (opened in the Runs tab)")
-    p.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
-    p.add_argument("--adapter", default=None, help="LoRA adapters to merge into the model (a folder from"
-                   " `python -m vlmlens recover`)")
-    p.add_argument("--no-model", action="store_true", help="serve cached runs only (teaching mode)")
-    p.add_argument("--time-limit", type=float, default=120.0,
-                   help="seconds one capture may generate before it stops with what it has (default 120)")
-    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image upload accepted (default 20 MB)")
-    p.add_argument("--study", default="studies",
-                   help="a study directory (python -m vlmlens study --out DIR), or a folder of them: the Study tab"
-                        " opens them, and writes the studies it runs there (default: studies/)")
-    p.add_argument("--datasets", default=None, help="a folder of datasets the Study tab may run (default: the shipped"
-                   " ones in assets/datasets)")
-    p.add_argument("--study-time-limit", type=float, default=600.0,
-                   help="seconds a study run from the Study tab may take before it stops (its rows are kept)")
-    p.add_argument("--max-image-side", type=int, default=1344,
-                   help="uploads larger than this (pixels, long side) are scaled down before the model sees them")
-    return p.parse_args(argv)
+    return _serve_parser().parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from vlmlens.ui import build_demo
+    from vlmlens.cli import main as cli_main
 
-    demo = build_demo(args.model, device=args.device, dtype=args.dtype, runs_dir=args.runs,
-                      trust_remote_code=args.trust_remote_code, no_model=args.no_model, time_limit=args.time_limit,
-                      max_image_side=args.max_image_side, studies=args.study, adapter=args.adapter,
-                      datasets=args.datasets, study_time_limit=args.study_time_limit)
-    holder = demo.dashboard.holder
-    if holder.off_reason:
-        print(f"note: {holder.off_reason}", file=sys.stderr)
-    demo.queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port, share=args.share,
-                                                   max_file_size=f"{args.max_upload_mb:g}mb", css=demo.vl_css)
-    return 0
+    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def build(preset: str, device: str, dtype: torch.dtype, side: int = 24):
     language model reads ``side * side`` image tokens (24: LLaVA-1.5's 576)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from vlmlens.models.arch import get_arch
+    from vlmlens.models.families import get_arch
     from vlmlens.models.loading import LoadedModel
     from vlmlens.models.tiny_processors import TinyProcessorSpec, build_processor
 

@@ -42,7 +42,7 @@ def build(preset: str, device: str, dtype: torch.dtype):
     """A random Qwen2-VL with ``preset``'s language-model shape and Qwen2-VL's real video patching."""
     import transformers
 
-    from vlmlens.models.arch import get_arch
+    from vlmlens.models.families import get_arch
     from vlmlens.models.loading import LoadedModel
     from vlmlens.models.tiny_processors import TinyProcessorSpec, build_processor
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from vlmlens.analysis.geometry import dynamics
 from vlmlens.findings import findings
-from vlmlens.run import is_run_dir, load_run
+from vlmlens.run_files import is_run_dir, load_run
 from vlmlens.run_files import read_extras
 
 KEYS = ("truth", "sweep_cliff", "vtw", "attention_cliff", "stabilisation", "functional", "stages")

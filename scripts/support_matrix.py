@@ -98,7 +98,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "docs" / "support.md"))
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from vlmlens.models.arch import ARCHES
+    from vlmlens.models.families import ARCHES
     from vlmlens.models.tiny_random import FAMILIES
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -73,7 +73,7 @@ def eager_attentions(lm, inputs: dict):
 def deep_llava():
     """A random LLaVA with 5 decoder layers (room for pruning stages), float32 on CPU, that never
     generates structural (special) tokens."""
-    from vlmlens.models.arch import get_arch
+    from vlmlens.models.families import get_arch
     from vlmlens.models.loading import LoadedModel
     from vlmlens.models.tiny_random import build_random
 

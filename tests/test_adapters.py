@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 import vlmlens as vl
-from vlmlens.adapters import check_adapter, load_adapter
+from vlmlens.models.adapters import check_adapter, load_adapter
 from vlmlens.errors import InputError
 
 
@@ -133,7 +133,7 @@ def test_bad_weight_files_are_refused(good, tmp_path, model, no_peft):
 
 def test_cli_and_dashboard_say_the_same(good, tmp_path, capsys):
     from vlmlens.cli import main
-    from vlmlens.ui.model import ModelHolder
+    from vlmlens.ui.model_holder import ModelHolder
 
     d = _copy(good, tmp_path)
     _config(d, r=10 ** 7)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from vlmlens.models.arch import ARCHES, GridInfo, UnsupportedArchitecture, arch_for, get_arch
+from vlmlens.models.arch import GridInfo, UnsupportedArchitecture
+from vlmlens.models.families import ARCHES, arch_for, get_arch
 from vlmlens.models.grids import GridSegment
 from vlmlens.models.tiny_random import FAMILIES, build_random
 from vlmlens.lens import NOTHING, Lens, Plan

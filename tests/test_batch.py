@@ -13,9 +13,9 @@ from PIL import Image
 import vlmlens as vl
 from vlmlens.cli import main
 from vlmlens.data import load_dataset
-from vlmlens.experiments.batch import BatchError, BatchSession, batch_problem, collate, output_kl
+from vlmlens.experiments.batch import BatchError, BatchTrial, batch_problem, collate, output_kl
 from vlmlens.experiments.dataset_study import dataset_study
-from vlmlens.experiments.engine import Session, compare_outputs, truncation
+from vlmlens.experiments.engine import Trial, compare_outputs, truncation
 from vlmlens.interventions import FastV, EncoderDepth, Freeze, Knockout, Substitute, Truncate
 from vlmlens.models.tiny_random import FAMILIES
 
@@ -32,8 +32,8 @@ def _images(seed=0):
 
 def _check_equal(lm, pairs, variants, n_new, tol=1e-4):
     L = lm.n_layers
-    bs = BatchSession(lm, pairs, max_new_tokens=n_new, baseline=[truncation(L, "drop")])
-    singles = [Session(lm, im, pr, max_new_tokens=n_new, baseline=[truncation(L, "drop")]) for im, pr in pairs]
+    bs = BatchTrial(lm, pairs, max_new_tokens=n_new, baseline=[truncation(L, "drop")])
+    singles = [Trial(lm, im, pr, max_new_tokens=n_new, baseline=[truncation(L, "drop")]) for im, pr in pairs]
     for b, s in enumerate(singles):
         assert bs.baseline.generated_ids[b] == s.baseline.generated_ids
         assert bs.baseline.texts[b] == s.baseline.run.generated_text
@@ -61,14 +61,14 @@ def test_a_batch_equals_one_item_at_a_time_on_every_family(family):
     if lm.arch.cross_attention:
         # Mllama: a per-token mask over image tiles, not aligned across padded examples by the lens
         with pytest.raises(BatchError, match="one example at a time"):
-            BatchSession(lm, list(zip(_images(), PROMPTS)), max_new_tokens=2)
+            BatchTrial(lm, list(zip(_images(), PROMPTS)), max_new_tokens=2)
         record_matrix(family, "batched == one at a time", True, "refused: the cross-attention mask is per example "
                       "(one example at a time)", refused=True)
         return
     if len(lm.arch.attention_layers(lm.model)) < lm.n_layers:
         # a hybrid stack: its linear layers would carry a state through the aligning padding
         with pytest.raises(BatchError, match="carry a state along the sequence"):
-            BatchSession(lm, list(zip(_images(), PROMPTS)), max_new_tokens=2)
+            BatchTrial(lm, list(zip(_images(), PROMPTS)), max_new_tokens=2)
         record_matrix(family, "batched == one at a time", True, "refused: linear layers carry a state through the "
                       "padding (one example at a time)", refused=True)
         return
@@ -93,7 +93,7 @@ def test_a_batch_equals_one_item_at_a_time_on_tiny_shapes():
 def test_what_cannot_batch_says_why():
     lm = random_lm("llava")
     pairs = list(zip(_images(), PROMPTS))
-    bs = BatchSession(lm, pairs, max_new_tokens=2)
+    bs = BatchTrial(lm, pairs, max_new_tokens=2)
     with pytest.raises(BatchError, match="takes the image rows out"):
         bs.evaluate([Truncate(1, "remove")])
     with pytest.raises(BatchError, match="reads attention"):

@@ -44,7 +44,7 @@ def _port() -> int:
 def _model_and_runs(tmp_path_factory):
     """tiny-shapes and the shipped cached runs when present, else random:llava and two fresh runs."""
     from vlmlens.models.loading import TINY_SHAPES_DIR
-    from vlmlens.run import is_run_dir
+    from vlmlens.run_files import is_run_dir
 
     shipped = ROOT / "cached_runs"
     names = sorted(p.name for p in shipped.iterdir() if is_run_dir(p)) if shipped.is_dir() else []
@@ -183,7 +183,7 @@ def test_dashboard_end_to_end(served, page):
     assert after["z"] != before["z"] and after["hover"] != before["hover"]
     assert uses == []                                   # the slider never touched the model
     timings["slider re-render, server (median; layers prefetched in the background)"] = statistics.median(server_ms) / 1000
-    from vlmlens.ui import views
+    from vlmlens.ui import run_views
     from vlmlens.ui.store import Derived, Entry
 
     latest = [e for e in dash.store.snapshot() if e.source == "capture"][-1]     # the run the page shows
@@ -191,7 +191,7 @@ def test_dashboard_end_to_end(served, page):
     draws = []
     for layer in range(L):
         t0 = time.perf_counter()
-        views.heatmap_layer(cold, layer, 0, "attention")
+        run_views.heatmap_layer(cold, layer, 0, "attention")
         draws.append(time.perf_counter() - t0)
     timings["one layer's heatmap drawn uncached (server, median)"] = statistics.median(draws)
     timings["slider re-render, browser round trip (median)"] = statistics.median(client_ms) / 1000

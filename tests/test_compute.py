@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vlmlens.analysis.compute import (LayerShape, causal_pairs, compute_tradeoff, decode_flops, kv_cache_bytes,
                                       layer_flops, prefill_flops, token_counts, truncation_savings)
 from vlmlens.errors import InputError
-from vlmlens.figures.experiments import fig_compute_tradeoff
+from vlmlens.figures.matrices import fig_compute_tradeoff
 
 from tests._models import random_lm
 

@@ -93,7 +93,7 @@ def test_what_has_no_meaning_is_refused_with_the_reason():
 
 
 def test_the_attention_tab_draws_the_cross_attention(tmp_path):
-    from vlmlens.ui import views
+    from vlmlens.ui import run_views
     from vlmlens.ui.callbacks import Dashboard, new_session
 
     lm = random_lm("mllama")
@@ -101,7 +101,7 @@ def test_the_attention_tab_draws_the_cross_attention(tmp_path):
     dash.holder.wait(30)
     sess = dash.capture(_image(64, 48), PROMPT, 1, new_session())[0]
     entry = dash.entry(sess)
-    flow, heads, _ = views.attention_figures(entry)
+    flow, heads, _ = run_views.attention_figures(entry)
     assert [t.type for t in flow.data] == ["heatmap", "heatmap"]
     said = " ".join(a.text or "" for a in heads.layout.annotations)
     assert "only by cross-attention" in said

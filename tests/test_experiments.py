@@ -12,13 +12,14 @@ from vlmlens.capture import greedy_generate, image_positions, prepare_inputs
 from vlmlens.errors import InputError
 from vlmlens.experiments.cliff import cliff_from, cliff_layer, reasoning_perturbation, trace_distance
 from vlmlens.experiments.compare import DepthSummary, TruncationResult, compare, sweep
-from vlmlens.experiments.engine import (edit_distance, first_divergence, kl_divergence, normalized_edit_distance,
-                                        parse_depths, split_answer)
+from vlmlens.experiments.engine import edit_distance, first_divergence, kl_divergence, normalized_edit_distance, parse_depths
+from vlmlens.metrics import split_answer
 from vlmlens.experiments.prefix import prefill, prepare
 from vlmlens.experiments.skip import image_cosine_distance, layer_skip_scan
 from vlmlens.experiments.study import task_study
 from vlmlens.experiments.substitution import check_pair, substitution_matrix
 from vlmlens.figures import experiments as F
+from vlmlens.figures import matrices
 from vlmlens.interventions import Freeze, SkipLayers, Substitute, Truncate
 from vlmlens.lens import Lens, Plan
 
@@ -176,7 +177,7 @@ def test_trace_answer_split():
 
 
 def _result(texts, kl, L, baseline="a b c. answer: yes"):
-    from vlmlens.experiments.engine import answer_of
+    from vlmlens.metrics import answer_of
 
     ds = [DepthSummary(depth=k, text=t, divergence_char=None, tokens=[], token_ids=[], first_divergence=None,
                        edit_distance=0, baseline_logprob=0.0, own_logprob=0.0, first_token_kl=x,
@@ -223,7 +224,7 @@ def test_substitution_matrix(image):
     own = cap(lm, image, [Substitute(at_layer=1, from_layer=0)])
     assert m.text[1][0] == own.generated_text and m.kl[1][0] > 0
     assert substitution_matrix(lm, image, P, stride=5, max_new_tokens=1).layers == [0, 1]
-    fig = F.fig_substitution_matrix(m.to_json())
+    fig = matrices.fig_substitution_matrix(m.to_json())
     assert np.asarray(fig.data[0].z).shape == (2, 2)
 
 
@@ -239,7 +240,7 @@ def test_layer_skip_scan(image):
     H = geo.span_states("image").astype(np.float64)  # the definition, by hand
     cos = (H[:-1] * H[1:]).sum(-1) / (np.linalg.norm(H[:-1], axis=-1) * np.linalg.norm(H[1:], axis=-1))
     assert np.allclose(s.cosine_distance, (1 - cos).mean(-1), atol=1e-5)
-    fig = F.fig_layer_skip(s)
+    fig = matrices.fig_layer_skip(s)
     assert all(len(t.x) == L for t in fig.data if t.name.endswith("KL"))
 
 

@@ -15,7 +15,7 @@ PROMPT = "What is in the image?"
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_dashboard_opens_a_capture_of_every_family(family, image, tmp_path):
-    from vlmlens.ui import views
+    from vlmlens.ui import run_views
     from vlmlens.ui.callbacks import Dashboard, new_session
 
     lm = random_lm(family)
@@ -34,7 +34,7 @@ def test_the_dashboard_opens_a_capture_of_every_family(family, image, tmp_path):
     figs = [f for f in dash._all_figures(entry) if isinstance(f, go.Figure)]    # (a text view is a str)
     assert len(figs) >= 8
     assert all(len(f.data) or f.layout.annotations for f in figs)          # a plot, or a reason
-    cam = views.heatmap_layer(entry, 0, 0, "LLaVA-CAM", lm)
+    cam = run_views.heatmap_layer(entry, 0, 0, "LLaVA-CAM", lm)
     grid = [t for t in cam.data if t.type == "heatmap"]
     why = " ".join(a.text or "" for a in cam.layout.annotations)
     assert grid or "LLaVA-CAM is zero" in why or (cross and "reads the image by cross-attention" in why), why
@@ -42,7 +42,7 @@ def test_the_dashboard_opens_a_capture_of_every_family(family, image, tmp_path):
         z = grid[0].z
         assert (len(z), len(z[0])) == tuple(run.image_grid)
     for layer in range(run.n_layers):        # a hybrid's linear layers: "not defined", never an empty map
-        fig = views.heatmap_layer(entry, layer, 0, "attention", lm)
+        fig = run_views.heatmap_layer(entry, layer, 0, "attention", lm)
         said = " ".join(a.text or "" for a in fig.layout.annotations)
         defined = layer in run.meta.get("attention_layers", range(run.n_layers)) and not cross
         assert ("no softmax attention" in said or (cross and "only by cross-attention" in said)) != defined and bool([t for t in fig.data if t.type == "heatmap"]) == defined

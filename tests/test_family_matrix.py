@@ -22,7 +22,7 @@ from vlmlens.capture import image_positions, prepare_inputs
 from vlmlens.errors import InputError
 from vlmlens.interventions import FastV, Freeze, Knockout, Substitute, Truncate, n_kept
 from vlmlens.lens import NOTHING, Lens, Plan
-from vlmlens.models.arch import get_arch
+from vlmlens.models.families import get_arch
 from vlmlens.models.loading import LoadedModel
 from vlmlens.models.tiny_random import FAMILIES, build_random
 

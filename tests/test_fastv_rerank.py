@@ -16,7 +16,7 @@ import torch
 import vlmlens as vl
 from vlmlens.capture import extend_inputs, image_positions, prepare_inputs
 from vlmlens.errors import InputError
-from vlmlens.experiments.engine import Session
+from vlmlens.experiments.engine import Trial
 from vlmlens.interventions import FastV, n_kept
 
 from tests._models import additive_mask, deep_llava, mask_pre_hook, set_attn
@@ -95,7 +95,7 @@ def test_rerank_step_equals_the_authors_rule(deep, image, K, keep):
                      hidden_dtype="float32")
     assert run.token_ids[run.spans.n_prompt:] == gen
     # every step's distribution, teacher-forced on those tokens (one whole forward per step)
-    s = Session(deep, image, PROMPT, max_new_tokens=N_NEW)
+    s = Trial(deep, image, PROMPT, max_new_tokens=N_NEW)
     mine = s._score([FastV(K, keep, rerank="step")], gen, None)[0]
     ref = torch.stack(steps[:len(gen) + 1]).float()
     assert (mine[: len(ref)] - ref).abs().max() <= 1e-4

@@ -246,7 +246,7 @@ def test_output_kl_sees_a_trace_change_that_the_forced_final_answer_hides(tiny):
 
 
 def test_noise_level_matrices_read_no_change():
-    from vlmlens.figures.experiments_grids import fig_layer_skip, fig_substitution_matrix
+    from vlmlens.figures.matrices import fig_layer_skip, fig_substitution_matrix
 
     sub = {"layers": [0, 2, 4], "kl": [[0.0, None, None], [2e-7, 0.0, None], [1.5e-4, 0.3, 0.0]],
            "output_kl": [[0.0, None, None], [3e-7, 0.0, None], [1.5e-4, 2.5, 0.0]],

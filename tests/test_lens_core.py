@@ -13,7 +13,7 @@ import torch
 import vlmlens as vl
 from vlmlens.analysis.cam import llava_cam
 from vlmlens.errors import InputError
-from vlmlens.experiments.engine import Session, compare_outputs
+from vlmlens.experiments.engine import Trial, compare_outputs
 from vlmlens.interventions import (INDEPENDENT, UNCHANGED, Freeze, Knockout, SkipLayers, Substitute, Truncate,
                                    gradient_safe, prefix_effect, validate_all)
 from vlmlens.lens import Lens, Plan, Recording
@@ -49,8 +49,8 @@ def _same(a, b, tol=1e-5):
 def test_variants_take_the_prefix_their_effects_say(image):
     lm = random_lm("llava")
     L = lm.n_layers
-    reuse = Session(lm, image, P, max_new_tokens=4)
-    fresh = Session(lm, image, P, max_new_tokens=4, reuse=False)
+    reuse = Trial(lm, image, P, max_new_tokens=4)
+    fresh = Trial(lm, image, P, max_new_tokens=4, reuse=False)
     assert reuse.reuse and not fresh.reuse
     cases = {
         "knockout after the image: the shared prefix": ([Knockout("last", "image", [1])], "shared"),
@@ -81,7 +81,7 @@ def test_variants_take_the_prefix_their_effects_say(image):
 
 def test_session_with_an_independent_extra_never_reuses(image):
     lm = random_lm("llava")
-    s = Session(lm, image, P, max_new_tokens=3, interventions=[_NeedsWholePrompt()])
+    s = Trial(lm, image, P, max_new_tokens=3, interventions=[_NeedsWholePrompt()])
     assert not s.reuse
     ref = vl.capture(lm, image, P, max_new_tokens=3, interventions=[_NeedsWholePrompt()])
     assert s.baseline.generated_ids == ref.token_ids[ref.spans.n_prompt:]

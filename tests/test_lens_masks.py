@@ -17,7 +17,7 @@ import vlmlens as vl
 from vlmlens.capture import greedy_generate, image_positions, prepare_inputs
 from vlmlens.interventions import Freeze, Knockout, Truncate
 from vlmlens.lens import Lens, Plan
-from vlmlens.models.arch import get_arch
+from vlmlens.models.families import get_arch
 from vlmlens.models.loading import LoadedModel
 from vlmlens.models.tiny_random import build_random
 

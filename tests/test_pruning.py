@@ -179,15 +179,15 @@ def test_runs_save_and_reload_with_kept_tokens(deep, image, tmp_path):
 def test_prefix_reuse_takes_what_pruners_say(image):
     """In a sweep session: FastV needs the whole prompt (independent captures), VTW is a cut of the
     shared prefix; both equal independent captures."""
-    from vlmlens.experiments.engine import Session
+    from vlmlens.experiments.engine import Trial
 
     lm = random_lm("llava")
     L = lm.n_layers
     assert prefix_effect(FastV(1, 0.5), L).kind == "independent"
     assert prefix_effect(VTW(1), L).kind == "cut_image" and prefix_effect(VTW(1, "mask"), L).kind == "unchanged"
     assert prefix_effect(FastV(1, 0.5, score="l2"), L).kind == "recompute"
-    s = Session(lm, image, PROMPT, max_new_tokens=3)
-    fresh = Session(lm, image, PROMPT, max_new_tokens=3, reuse=False)
+    s = Trial(lm, image, PROMPT, max_new_tokens=3)
+    fresh = Trial(lm, image, PROMPT, max_new_tokens=3, reuse=False)
     for iv in [FastV(1, 0.5), VTW(1), FastV(1, 0.5, score="l2"), StagePruner([(0, 0, "top"), (1, 1, "drop")], 0.3)]:
         a, b = s.evaluate([iv]), fresh.evaluate([iv])
         assert a.generated_ids == b.generated_ids and (a.step_logprobs - b.step_logprobs).abs().max() <= 1e-5, iv
@@ -257,7 +257,7 @@ def test_compare_pruning_on_one_input(image):
 
 
 def test_find_vtw_layer_rule(image):
-    from vlmlens.experiments.engine import Session, answer_scores
+    from vlmlens.experiments.engine import Trial, answer_scores
     from vlmlens.experiments.pruning import find_vtw_layer
 
     lm = random_lm("llava")
@@ -267,7 +267,7 @@ def test_find_vtw_layer_rule(image):
     strict = find_vtw_layer(lm, ex, eta=1e-12, max_new_tokens=3)
     assert strict.layer is None and strict.per_example == cal.per_example
     # the KL of depth 0 for the first example, computed here: Truncate(0, remove), teacher-forced
-    s = Session(lm, image, PROMPT, max_new_tokens=3, reuse=False)
+    s = Trial(lm, image, PROMPT, max_new_tokens=3, reuse=False)
     kl = answer_scores(s.baseline, s.score([Truncate(0, "remove")]), 0)["answer_kl"]
     assert abs(cal.per_example[0][0] - kl) <= 1e-9 and kl > 0
     mid = (cal.mean_kl[0] + cal.mean_kl[1]) / 2

@@ -101,7 +101,7 @@ def test_adapters_round_trip_through_safetensors(tiny, tmp_path):
     with pytest.raises(InputError, match="not an adapter folder"):
         vl.load_model("tiny-shapes", adapter=tmp_path)
     # the dashboard loads it the same way (python app.py --adapter DIR)
-    from vlmlens.ui.model import ModelHolder
+    from vlmlens.ui.model_holder import ModelHolder
 
     holder = ModelHolder("tiny-shapes", device="cpu", adapter=tmp_path / "k4").start()
     holder._done.wait(120)

@@ -29,7 +29,7 @@ def smol():
 
 
 def test_it_is_the_real_parts_in_an_ordinary_llava(smol):
-    from vlmlens.real.efficientnet import EfficientNetLiteVisionModel
+    from vlmlens.models.efficientnet import EfficientNetLiteVisionModel
 
     assert smol.family == "llava" and smol.n_layers == 30
     assert type(smol.model.model.vision_tower) is EfficientNetLiteVisionModel
@@ -141,7 +141,7 @@ def test_the_projector_training_runs(smol, tmp_path):
     log are written, the shipped files are untouched; the adapters load back into the LM."""
     from safetensors.torch import load_file
 
-    from vlmlens.experiments.recovery import load_adapter
+    from vlmlens.models.adapters import load_adapter
     from vlmlens.real.build import LM_ADAPTER, PROJECTOR
     from vlmlens.real.train import train
 

@@ -57,7 +57,7 @@ def test_a_study_run_from_the_tab_equals_the_engine_run_directly(dash, lm, tmp_p
     cfg = json.loads((tmp_path / "studies" / "s1" / "study.json").read_text())["config"]
     assert cfg["depths"] == [0, L] and cfg["max_new_tokens"] == 3 and cfg["n_items"] == 5
     ref = _reference(lm, tmp_path, 5, [0], 3)
-    from vlmlens.experiments.study_files import load_study
+    from vlmlens.experiments.dataset_study import load_study
 
     study, _ = load_study(tmp_path / "studies" / "s1")
     key = lambda r: (r["task"], r["depth"])                                      # noqa: E731
@@ -79,7 +79,7 @@ def test_a_stopped_study_keeps_its_rows_and_continues(dash, lm, tmp_path):
     pick, md, *_ = dash.study_run("mini", 6, "0", 2, 3, "s2")    # continued, not restarted
     assert pick["value"] == "s2" and "| vqa | 0 | 6 |" in md
     ref = _reference(lm, tmp_path, 6, [0], 3)
-    from vlmlens.experiments.study_files import load_study
+    from vlmlens.experiments.dataset_study import load_study
 
     from vlmlens.data import load_dataset
 

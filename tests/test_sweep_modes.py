@@ -12,6 +12,7 @@ import shutil
 import pytest
 
 from vlmlens import findings as F
+from vlmlens.run_files import sweeps_of
 from vlmlens.ui.inputs import EXAMPLES_DIR
 
 EXAMPLE = str(EXAMPLES_DIR / "shapes_00.png")
@@ -46,12 +47,12 @@ def test_a_freeze_sweep_is_never_read_as_a_cliff():
 def test_findings_read_the_cliff_from_drop_whatever_the_order():
     for extras in ({"sweeps": {"drop": DROP, "freeze": FREEZE}}, {"sweeps": {"freeze": FREEZE, "drop": DROP}},
                    {"sweep": DROP, "sweeps": {"freeze": FREEZE}}):
-        sweeps = F.sweeps_of(extras)
+        sweeps = sweeps_of(extras)
         head = F.headline_sweep(sweeps)
         fs = _by_key([F.sweep_cliff_finding(head), F.vtw_finding(head), F.freeze_finding(sweeps["freeze"])])
         assert fs["sweep_cliff"].value == 2 and fs["vtw"].value == 2 and fs["freeze"].value == 0
     # given directly as ``sweep=``, a freeze sweep joins the run's sweeps under its own mode
-    assert set(F.sweeps_of({"sweeps": {"drop": DROP}}, FREEZE)) == {"drop", "freeze"}
+    assert set(sweeps_of({"sweeps": {"drop": DROP}}, FREEZE)) == {"drop", "freeze"}
     assert F.headline_sweep({"freeze": FREEZE}) is None
     assert F.headline_sweep({"remove": _sweep("remove", [True] * 5, [0.0] * 5), "drop": DROP}) is DROP
 
@@ -94,7 +95,7 @@ def test_dashboard_keeps_every_mode_and_headlines_come_from_drop(dash, tmp_path)
     assert sorted(p.name for p in (tmp_path / "runs" / "three-modes").glob("sweep*.json")) == [
         "sweep-drop.json", "sweep-freeze.json", "sweep-remove.json"]
     _run, _derived, extras = runs.open("three-modes")
-    assert set(F.sweeps_of(extras)) == {"drop", "remove", "freeze"}
+    assert set(sweeps_of(extras)) == {"drop", "remove", "freeze"}
     assert _by_key(F.findings(_run, extras=extras))["sweep_cliff"].text == want.text
     # the CSV export: every mode's rows with the mode and the output KL
     rows = list(csv.DictReader(open(exports.metrics_csv(entry, tmp_path))))
@@ -115,5 +116,5 @@ def test_a_run_saved_with_one_older_sweep_json_still_opens(tmp_path):
     d.mkdir()
     (d / "sweep.json").write_text(json.dumps(FREEZE))
     ex = read_extras(d)
-    assert set(ex["sweeps"]) == {"freeze"} and F.headline_sweep(F.sweeps_of(ex)) is None
+    assert set(ex["sweeps"]) == {"freeze"} and F.headline_sweep(sweeps_of(ex)) is None
     shutil.rmtree(d)

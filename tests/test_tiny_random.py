@@ -9,7 +9,7 @@ import torch
 import transformers
 from PIL import Image
 
-from vlmlens.models.arch import get_arch
+from vlmlens.models.families import get_arch
 
 from vlmlens.models.tiny_random import FAMILIES, build_random
 
@@ -112,7 +112,7 @@ def image():
 
 def _inputs(family, image):
     """What the family's Arch builds (the chat template, or PaliGemma's plain prompt)."""
-    from vlmlens.models.arch import get_arch
+    from vlmlens.models.families import get_arch
 
     _, proc = tiny(family)
     return get_arch(family).build_inputs(proc, image, PROMPT)
@@ -173,7 +173,7 @@ def test_tokenizer_is_word_level_with_family_specials(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chat_template(family):
-    from vlmlens.models.arch import get_arch
+    from vlmlens.models.families import get_arch
 
     _, proc = tiny(family)
     if not get_arch(family).chat:              # PaliGemma: no chat template; the processor frames the prompt

@@ -421,7 +421,7 @@ def test_shipped_cached_runs_are_valid():
     from vlmlens.cached import SPECS_BY_MODEL, photo
     from vlmlens.errors import InputError
     from vlmlens.experiments.compare import TruncationResult
-    from vlmlens.run import is_run_dir, load_run
+    from vlmlens.run_files import is_run_dir, load_run
 
     root = Path(__file__).resolve().parents[1] / "cached_runs"
     from vlmlens.images import image_sha256, load_image
@@ -530,7 +530,7 @@ def test_ground_truth_and_causal_stages_follow_the_run(runs_dir, lm):
 def test_cam_zero_by_construction_is_explained(runs_dir):
     import numpy as np
 
-    from vlmlens.ui import views
+    from vlmlens.ui import run_views
     from vlmlens.ui.callbacks import Dashboard, new_session
 
     dash = Dashboard(no_model=True, runs_dir=runs_dir)
@@ -542,8 +542,8 @@ def test_cam_zero_by_construction_is_explained(runs_dir):
     fig = dash.heatmap_layer(sess, L - 1, 0, "LLaVA-CAM")
     text = " ".join(a.text or "" for a in fig.layout.annotations)
     assert "zero at the last layer by construction" in text and not [t for t in fig.data if t.type == "heatmap"]
-    assert views.cam_zero_reason(entry.run, np.ones((L, 4)), 0) is None
-    assert "after the ReLU" in views.cam_zero_reason(entry.run, np.zeros((L, 4)), 0)
+    assert run_views.cam_zero_reason(entry.run, np.ones((L, 4)), 0) is None
+    assert "after the ReLU" in run_views.cam_zero_reason(entry.run, np.zeros((L, 4)), 0)
 
 
 def test_save_with_spaces_and_shareable_link(runs_dir, tmp_path):

@@ -18,7 +18,7 @@ from vlmlens.capture import capture, image_positions, prepare_inputs
 from vlmlens.errors import InputError
 from vlmlens.interventions import Truncate
 from vlmlens.lens import NOTHING, Lens, Plan
-from vlmlens.models.arch import get_arch
+from vlmlens.models.families import get_arch
 from vlmlens.models.tiny_random import FAMILIES
 from vlmlens.video import MAX_FRAMES, Video, load_video, sample_indices
 
@@ -216,7 +216,7 @@ def test_every_intervention_on_a_video_equals_its_eager_reference(family, clip):
 @pytest.mark.parametrize("family", ALL_VIDEO)
 def test_a_batch_of_videos_equals_one_video_at_a_time(family, clip):
     """Videos of 6 and 4 frames (different token counts: padding happens), batched."""
-    from vlmlens.experiments.batch import BatchError, BatchSession
+    from vlmlens.experiments.batch import BatchError, BatchTrial
 
     from tests.test_batch import _check_equal
 
@@ -225,7 +225,7 @@ def test_a_batch_of_videos_equals_one_video_at_a_time(family, clip):
     lm = random_lm(family)
     if len(lm.arch.attention_layers(lm.model)) < lm.n_layers:         # a hybrid stack: one at a time, said so
         with pytest.raises(BatchError, match="carry a state along the sequence"):
-            BatchSession(lm, items, max_new_tokens=2)
+            BatchTrial(lm, items, max_new_tokens=2)
         record_matrix(f"{family} video", "batched == one at a time", True, "refused: linear layers carry a state "
                       "through the padding (one example at a time)", refused=True)
         return
@@ -249,7 +249,7 @@ def test_the_dashboard_opens_a_video_capture(family, tmp_path):
     the video; a run opened from its files says why it cannot re-run, and bad uploads are named."""
     import plotly.graph_objects as go
 
-    from vlmlens.ui import views, xviews
+    from vlmlens.ui import experiment_views, run_views
     from vlmlens.ui.callbacks import Dashboard, new_session
 
     lm = random_lm(family)
@@ -262,18 +262,18 @@ def test_the_dashboard_opens_a_video_capture(family, tmp_path):
     assert run.meta["video"]["indices"] == sample_indices(12, 6) and run.meta["video"]["slots"] == 3
     assert info["n_image_tokens"] == run.spans.n_image and gen and headline
     assert "llava_cam" in run.arrays and "analysis_failed" not in run.meta
-    frames = views.frames_figure(entry)
+    frames = run_views.frames_figure(entry)
     assert [t.type for t in frames.data] == ["heatmap"] and len(frames.data[0].z[0]) == 3
     idx = sample_indices(12, 6)                          # slot 1 holds the third and fourth sampled frames
     assert list(frames.layout.xaxis.ticktext)[1].startswith(f"frames {idx[2]}–{idx[3]}<br>{idx[2] / 10:.1f}")
     first = min(run.meta.get("attention_layers", [0]))           # (a hybrid's first layer is a linear one)
-    heat = views.heatmap_layer(entry, first, 0, "attention", lm)
+    heat = run_views.heatmap_layer(entry, first, 0, "attention", lm)
     z = [t for t in heat.data if t.type == "heatmap"][0].z
     assert (len(z), len(z[0])) == tuple(run.image_grid)
     figs = [f for f in dash._all_figures(entry) if isinstance(f, go.Figure)]
     assert all(len(f.data) or f.layout.annotations for f in figs)
     mode = "remove" if "attention_layers" in run.meta else "drop"   # (no key mask on a hybrid's linear layers)
-    result = xviews.run_truncation(lm, entry, [0, 1], mode, sweep=False)
+    result = experiment_views.run_truncation(lm, entry, [0, 1], mode, sweep=False)
     assert [d["depth"] for d in result["depths"]] == [0, 1]
     assert list(result["baseline_tokens"]) == list(run.generated_tokens)     # the video re-run, not its sheet
     # the same run opened from its files: the contact sheet is not the video
@@ -281,8 +281,8 @@ def test_the_dashboard_opens_a_video_capture(family, tmp_path):
 
     reopened = Entry("x", run, "saved", "saved:x")
     with pytest.raises(InputError, match="capture it again from the video"):
-        xviews.run_truncation(lm, reopened, [0], mode, sweep=False)
-    assert "is an image" in " ".join(a.text or "" for a in views.frames_figure(
+        experiment_views.run_truncation(lm, reopened, [0], mode, sweep=False)
+    assert "is an image" in " ".join(a.text or "" for a in run_views.frames_figure(
         dash.entry(dash.capture(_still(tmp_path), PROMPT, 1, new_session())[0])).layout.annotations)
     import gradio as gr
 

@@ -9,21 +9,51 @@ Public API::
 
 Headlines with their status (causal / measured / proxy / not found / unverified):
 ``vlmlens.findings.findings(run, sweep=..., extras=...)``.
+
+The names below are imported on first use (``import vlmlens`` and ``python -m vlmlens --help``
+do not load torch).
 """
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from . import interventions  # noqa: E402
-from .capture import capture  # noqa: E402  (binds the function over the submodule's name)
-from .errors import InputError  # noqa: E402
-from .images import load_image  # noqa: E402
-from .interventions import Freeze, Knockout, SkipLayers, Substitute, Truncate  # noqa: E402
-from .models.loading import EXAMPLES, LoadedModel, UnsupportedModel, load_model  # noqa: E402
-from .run import Run, RunFormatError, TokenSpans, load_run, save_run  # noqa: E402
-from .video import Video, load_video  # noqa: E402
+import importlib
+import sys
+import types
 
-__all__ = [
-    "EXAMPLES",
-    "InputError", "LoadedModel", "Run", "RunFormatError", "TokenSpans", "UnsupportedModel",
-    "capture", "load_image", "load_model", "load_run", "load_video", "save_run", "interventions", "Video",
-    "Truncate", "Freeze", "Substitute", "SkipLayers", "Knockout",
-]
+from ._version import __version__
+
+#: public name -> the module that defines it
+_WHERE = {
+    "capture": "capture", "InputError": "errors", "load_image": "images", "Video": "video", "load_video": "video",
+    "EXAMPLES": "models.loading", "LoadedModel": "models.loading", "UnsupportedModel": "models.loading",
+    "load_model": "models.loading", "Run": "run", "RunFormatError": "run", "TokenSpans": "run",
+    "load_run": "run_files", "save_run": "run_files",
+    "Truncate": "interventions", "Freeze": "interventions", "Substitute": "interventions",
+    "SkipLayers": "interventions", "Knockout": "interventions",
+}
+
+__all__ = ["__version__", "interventions", *_WHERE]
+
+
+class _Package(types.ModuleType):
+    """``vlmlens.capture`` is the function: importing the submodule of the same name (which the
+    import system then binds on the package) leaves the function in place."""
+
+    def __getattr__(self, name: str):
+        if name in _WHERE:
+            value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+            types.ModuleType.__setattr__(self, name, value)
+            return value
+        if name == "interventions":
+            return importlib.import_module(f"{__name__}.interventions")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _WHERE and isinstance(value, types.ModuleType):
+            return
+        types.ModuleType.__setattr__(self, name, value)
+
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | set(__all__))
+
+
+sys.modules[__name__].__class__ = _Package

@@ -16,10 +16,9 @@ import shutil
 import time
 from pathlib import Path
 
-from . import cli
 from .errors import InputError
+from .models.loading import EXAMPLES
 
-from .models.loading import EXAMPLES, REPO_ROOT
 MAX_NEW = {"single": 4, "caption": 40, "reasoning": 48, "photo": 16}
 
 #: (run name, example file, task family, question kind or None for the family's first prompt)
@@ -155,7 +154,7 @@ def make_cached_runs(lm, out_dir: str | Path, *, sweep: bool = True, extras: boo
     """Capture every spec with ``lm`` into ``out_dir`` (each run replaced atomically)."""
     from .capture import capture
     from .experiments.compare import sweep as run_sweep
-    from .run import save_run
+    from .run_files import save_run
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -230,28 +229,3 @@ def readme(index: list[dict]) -> str:
     total = sum(r["bytes"] for r in index)
     lines += ["", f"Total: {len(index)} runs, {total / 1e6:.2f} MB.", ""]
     return "\n".join(lines)
-
-
-def cmd_make_cached_runs(args) -> int:
-    lm = cli.load_from_args(args)
-    index = make_cached_runs(lm, args.out, sweep=not args.no_sweep, extras=not args.no_extras,
-                             measure_latency=args.measure_latency, only=args.only or None)
-    total = sum(r["bytes"] for r in index)
-    print(f"{len(index)} runs, {total / 1e6:.2f} MB in {args.out}")
-    return 0
-
-
-def _configure(p) -> None:
-    cli.add_model_args(p)
-    p.add_argument("--out", default=str(REPO_ROOT / "cached_runs"), help="folder to write the runs to")
-    p.add_argument("--no-sweep", action="store_true", help="skip the truncation sweeps")
-    p.add_argument("--no-extras", action="store_true", help="skip substitution matrix, layer-skip scan and compute")
-    p.add_argument("--measure-latency", action="store_true", help="also time each depth (on a quiet machine)")
-    p.add_argument("--only", nargs="*", help="names of runs to rebuild (default: all)")
-
-
-cmd_make_cached_runs.configure = _configure
-
-
-cli.command("make-cached-runs", "capture the example runs shipped in cached_runs/ (with their truncation sweeps)")(
-    cmd_make_cached_runs)

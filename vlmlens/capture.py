@@ -8,7 +8,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from . import __version__
+from ._version import __version__
 from .errors import InputError
 from .images import load_image
 from .interventions import decides_every_step, validate_all

@@ -35,7 +35,7 @@ Definitions (each finding also carries its own ``definition`` text):
   or remove sweep only (the image is no longer read); a freeze sweep never stands in for them.
 
 A run may hold one sweep per mode (``extras["sweeps"]``: mode -> sweep; older runs one
-``extras["sweep"]``): :func:`sweeps_of` collects them, :func:`headline_sweep` picks the drop
+``extras["sweep"]``): :func:`run_files.sweeps_of` collects them, :func:`headline_sweep` picks the drop
 (else remove) sweep the cliff, VTW and compute headlines are read from.
 """
 from __future__ import annotations
@@ -45,7 +45,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .experiments.cliff import cliff_from
-from .experiments.engine import DEFAULT_SEPARATOR, answer_of
+from .metrics import DEFAULT_SEPARATOR, answer_of
+from .run_files import sweeps_of
 
 STATUSES = ("causal", "measured", "proxy", "not found", "unverified")
 #: summed answer KL (nats) below which a change is reported as "no change" (numerical noise
@@ -103,17 +104,6 @@ def is_monotonic(depths, kept) -> bool:
 
 #: the modes whose sweep withdraws the image (the model no longer reads it from layer k on)
 HEADLINE_MODES = ("drop", "remove")
-
-
-def sweeps_of(extras: dict | None = None, sweep: dict | None = None) -> dict:
-    """mode -> sweep of a run: ``extras["sweeps"]``, an older single ``extras["sweep"]`` (under its
-    own mode), and ``sweep`` given directly (under its mode, replacing one of the same mode)."""
-    out: dict = {}
-    ex = extras or {}
-    for s in [ex.get("sweep"), *(ex.get("sweeps") or {}).values(), sweep]:
-        if isinstance(s, dict) and s.get("depths") is not None:
-            out[str(s.get("mode", "drop"))] = s
-    return out
 
 
 def headline_sweep(sweeps: dict) -> dict | None:

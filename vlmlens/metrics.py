@@ -20,7 +20,10 @@ from __future__ import annotations
 import re
 import shutil
 
-TASKS = ("vqa", "mc", "caption", "cot", "shapes")
+#: the tasks a dataset row can name (the shapes world's suite is scored by ``vlmlens.tiny.eval``)
+TASKS = ("vqa", "mc", "caption", "cot")
+#: what precedes the final answer of a trace ("... answer: red")
+DEFAULT_SEPARATOR = "answer:"
 
 # The answer processing of the official VQA evaluation (GT-Vision-Lab/VQA, vqaEval.py), as data:
 # its contraction table (verbatim, its odd entries included: keys with capitals never match after
@@ -159,10 +162,43 @@ def mc_accuracy(pred: str, answers, choices=()) -> float:
     return float(got is not None and got in want)
 
 
-def final_answer(text: str, separator: str = "answer:") -> str:
-    """The text after the last ``separator`` (case-insensitive); the whole text without one."""
+def final_answer(text: str, separator: str = DEFAULT_SEPARATOR) -> str:
+    """The text after the last ``separator`` (case-insensitive), unstripped; the whole text without one
+    (what the VQA scorer reads of a trace)."""
     i = text.lower().rfind(separator.lower()) if separator else -1
     return text if i < 0 else text[i + len(separator):]
+
+
+def split_answer(text: str, separator: str = DEFAULT_SEPARATOR) -> tuple[str, str | None]:
+    """(trace, answer): the text before / after the last ``separator`` (case-insensitive).
+
+    Without the separator the whole text is the trace and the answer is None.
+    """
+    if not separator:
+        return text.strip(), None
+    i = text.lower().rfind(separator.lower())
+    if i < 0:
+        return text.strip(), None
+    return text[:i].strip(), text[i + len(separator):].strip()
+
+
+def normalize(text: str) -> str:
+    """Lower case, single spaces, no trailing punctuation (how answers are compared)."""
+    return " ".join(text.lower().split()).strip(" .,!?;:")
+
+
+def answer_of(text: str, separator: str = DEFAULT_SEPARATOR) -> str:
+    """The answer a text gives: after the last separator when present, else the whole text."""
+    trace, ans = split_answer(text, separator)
+    return normalize(trace if ans is None else ans)
+
+
+def is_correct(text: str, truth: str | None, separator: str = DEFAULT_SEPARATOR) -> bool | None:
+    """Does ``text`` give the ground-truth answer? Both are compared as :func:`answer_of`
+    (after the separator when present, normalised); None without a truth."""
+    if truth is None or not str(truth).strip():
+        return None
+    return answer_of(text, separator) == answer_of(str(truth), separator)
 
 
 def simple_tokenize(text: str) -> str:
@@ -230,7 +266,7 @@ def caption_scores(preds: dict, refs: dict, *, tokenizer: str = "auto") -> dict:
             "tokenizer": PTB_NAME if use == "ptb" else SIMPLE_NAME}
 
 
-def item_score(task: str, pred: str, answers, choices=(), separator: str = "answer:",
+def item_score(task: str, pred: str, answers, choices=(), separator: str = DEFAULT_SEPARATOR,
                vqa_normalization: str = "official") -> float | None:
     """Per-item score of the tasks scored per item (vqa, mc, cot); None for caption (a corpus metric)."""
     if task == "vqa":

@@ -284,7 +284,3 @@ class Run:
         if self.meta.get("interventions"):
             lines.append(f"interventions: {self.meta['interventions']}")
         return "\n".join(lines)
-
-
-# save/load live in run_files.py; re-exported here so ``from vlmlens.run import save_run`` works
-from .run_files import check_run, is_run_dir, load_run, save_run  # noqa: E402,F401

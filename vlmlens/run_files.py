@@ -237,19 +237,18 @@ def load_run(path: str | os.PathLike) -> Run:
 # ---- experiment results stored next to a run --------------------------------------------------
 
 SWEEP_FILE = "sweep.json"            # one sweep of any mode (runs saved before sweeps per mode; read only)
-SWEEP_MODES = CUT_MODES
 EXTRAS_FILE = "extras.json"
 
 
 def sweep_file(mode: str) -> str:
     """The file of a run's sweep in ``mode``: every mode's sweep is kept, none overwrites another."""
-    if mode not in SWEEP_MODES:
+    if mode not in CUT_MODES:
         raise RunFormatError(f"unknown sweep mode {mode!r}")
     return f"sweep-{mode}.json"
 
 
 def sweep_files(d: Path) -> list[Path]:
-    return [p for p in [Path(d) / SWEEP_FILE, *(Path(d) / sweep_file(m) for m in SWEEP_MODES)] if p.is_file()]
+    return [p for p in [Path(d) / SWEEP_FILE, *(Path(d) / sweep_file(m) for m in CUT_MODES)] if p.is_file()]
 
 
 def read_extras(d: Path) -> dict:
@@ -266,7 +265,7 @@ def read_extras(d: Path) -> dict:
             out.update({k: v for k, v in doc.items() if k not in ("sweep", "sweeps")})
             continue
         mode = doc.get("mode", "drop")
-        if p.name != SWEEP_FILE and p.name != sweep_file(mode if mode in SWEEP_MODES else "drop"):
+        if p.name != SWEEP_FILE and p.name != sweep_file(mode if mode in CUT_MODES else "drop"):
             raise RunFormatError(f"{p} holds a {mode!r} sweep")
         sweeps[mode] = doc
     if sweeps:
@@ -274,10 +273,19 @@ def read_extras(d: Path) -> dict:
     return out
 
 
+def sweeps_of(extras: dict | None = None, sweep: dict | None = None) -> dict:
+    """mode -> sweep of a run: ``extras["sweeps"]``, an older single ``extras["sweep"]`` (under its
+    own mode), and ``sweep`` given directly (under its mode, replacing one of the same mode)."""
+    out: dict = {}
+    ex = extras or {}
+    for s in [ex.get("sweep"), *(ex.get("sweeps") or {}).values(), sweep]:
+        if isinstance(s, dict) and s.get("depths") is not None:
+            out[str(s.get("mode", "drop"))] = s
+    return out
+
+
 def write_extras(d: Path, extras: dict) -> None:
     d = Path(d)
-    from .findings import sweeps_of
-
     for mode, doc in sweeps_of(extras).items():
         (d / sweep_file(mode)).write_text(json.dumps(doc, indent=1, allow_nan=True))
     rest = {k: v for k, v in extras.items() if k not in ("sweep", "sweeps") and v is not None}

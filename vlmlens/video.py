@@ -105,7 +105,7 @@ def input_sha256(image, rgb=None) -> str:
 def video_inputs(lm, video: Video, prompt: str) -> tuple[dict, Image.Image, str | None]:
     """The model inputs of ``video`` + ``prompt`` (the family's ``Arch.build_video_inputs``), the contact
     sheet at the processed frame size and the video's note; an InputError for a family that reads images only."""
-    from .models.arch import ARCHES
+    from .models.families import ARCHES
 
     if not lm.arch.video:
         raise InputError(f"{lm.name} ({lm.family}) reads images only through the lens; video input is supported"

@@ -8,7 +8,7 @@ and asks each intervention about each example separately, so key blocks and row 
 per example. Position ids come from the attention mask, as ``generate`` makes them (M-RoPE
 rows for Qwen2-VL).
 
-:class:`BatchSession` is the batched counterpart of :class:`vlmlens.experiments.engine.Session`
+:class:`BatchTrial` is the batched counterpart of :class:`vlmlens.experiments.engine.Session`
 for what a study needs: greedy outputs (stopping per example) and the baseline's tokens scored
 teacher-forced under each variant. It equals the batch-of-one path (tokens identical, log-probs
 within 1e-4; tested on every random family and tiny-shapes). Images may differ in size and
@@ -19,7 +19,7 @@ rankings, row removal): those run one item at a time.
 
 Prefix reuse carries over: the batch's prefix columns (every example's system + image
 tokens) are computed once where the family supports it, and variants that leave the prefix unchanged
-continue from them (:class:`BatchSession`).
+continue from them (:class:`BatchTrial`).
 """
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ class _BatchPrefix:
     n: int
 
 
-class BatchSession:
+class BatchTrial:
     """B items, their baseline (generated once), ready to evaluate variants batched.
 
     ``items``: (image, prompt) pairs; ``baseline``: interventions of the baseline itself (a

@@ -19,7 +19,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..errors import InputError
-from .engine import normalize, normalized_edit_distance, split_answer
+from ..metrics import normalize, split_answer
+from .engine import normalized_edit_distance
 
 DEFAULT_TAU = 0.1
 CLIFF_RULE = ("smallest depth k such that every measured depth k' >= k keeps the baseline answer "

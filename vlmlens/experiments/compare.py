@@ -17,8 +17,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-from .engine import (DEFAULT_SEPARATOR, Progress, Session, answer_of, check_mode, compare_outputs, parse_depths,
-                     truncation)
+from ..metrics import DEFAULT_SEPARATOR, answer_of, is_correct
+from .engine import Progress, Trial, check_mode, compare_outputs, parse_depths, truncation
 
 CSV_COLUMNS = ("depth", "mode", "first_token_kl", "output_kl", "answer_kl", "answer_logprob_delta", "answer_tokens", "answer_kept",
                "correct", "text_kept", "baseline_logprob", "own_logprob", "first_divergence", "edit_distance", "answer",
@@ -119,13 +119,10 @@ class TruncationResult:
         """One flat row per depth (the CSV columns in :data:`CSV_COLUMNS`)."""
         return [{c: (self.mode if c == "mode" else getattr(d, c)) for c in CSV_COLUMNS} for d in self.depths]
 
+    def csv(self) -> str:
+        from ..tables import Table
 
-def is_correct(text: str, truth: str | None, separator: str = DEFAULT_SEPARATOR) -> bool | None:
-    """Does ``text`` give the ground-truth answer? Both are compared as :func:`answer_of`
-    (after the separator when present, normalised); None without a truth."""
-    if truth is None or not str(truth).strip():
-        return None
-    return answer_of(text, separator) == answer_of(str(truth), separator)
+        return Table(CSV_COLUMNS, self.rows()).csv()
 
 
 def _truncation(lm, image, prompt, depths, *, mode, max_new_tokens, interventions, reuse, store, hidden_dtype,
@@ -135,7 +132,7 @@ def _truncation(lm, image, prompt, depths, *, mode, max_new_tokens, intervention
     ks = parse_depths(depths, lm.n_layers)
     t0 = time.perf_counter()
     L = lm.n_layers
-    s = Session(lm, image, prompt, max_new_tokens=max_new_tokens, interventions=interventions, reuse=reuse,
+    s = Trial(lm, image, prompt, max_new_tokens=max_new_tokens, interventions=interventions, reuse=reuse,
                 store=store, hidden_dtype=hidden_dtype, record_attention=record_attention,
                 baseline=[truncation(L, mode)] if L in ks else [])
     base = s.baseline

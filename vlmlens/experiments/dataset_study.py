@@ -29,13 +29,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from ..data import Dataset
 from ..errors import InputError
 from ..metrics import VQA_NORMALIZATIONS, caption_scores
+from ..run import RunFormatError
+from ..run_files import read_json
+from ..metrics import DEFAULT_SEPARATOR
 from ..metrics import caption_tokenizer as resolve_caption_tokenizer
-from .engine import DEFAULT_SEPARATOR, Progress, check_mode, parse_depths
-from .study_files import CONFIG, StudyLock, _atomic_write, _clean_rank_file, check_out, done_items, job_id, rows_csv
+from ..tables import Table, fixed, percent, percent1
+from .engine import Progress, check_mode, parse_depths
+from .study_files import (CONFIG, StudyLock, _atomic_write, _clean_rank_file, _read_lines, check_out, done_items,
+                          is_study_dir, job_id)
 from .study_runner import DATA_TASKS, item_task, run_items  # noqa: F401  (DATA_TASKS: the CLI's)
 
 CSV_COLUMNS = ("task", "encoder_depth", "depth", "method", "n", "score", "ci_low", "ci_high", "answer_kept", "output_kl", "cider_d",
@@ -102,7 +107,14 @@ class DatasetStudy:
         return asdict(self)
 
     def csv(self) -> str:
-        return rows_csv(self.rows, CSV_COLUMNS)
+        return Table(CSV_COLUMNS, self.rows).csv()
+
+    def _format(self, metric: str):
+        """How a ``metric`` cell of task ``t`` reads: rates as percents, captions' score (CIDEr-D) as a number."""
+        return lambda t: percent if metric == "answer_kept" or (metric == "score" and t != "caption") else fixed(3)
+
+    def _task_label(self, metric: str):
+        return lambda t: t + (" (CIDEr-D)" if t == "caption" and metric == "score" else "")
 
     def markdown(self, metric: str = "score") -> str:
         if self.config.get("methods"):
@@ -110,33 +122,18 @@ class DatasetStudy:
         if self.config.get("encoder_depths"):
             return self._grid_markdown(metric)
         depths = self.config["depths"]
-        lines = ["| task | " + " | ".join(f"k={d}" for d in depths) + " |", "|---" * (len(depths) + 1) + "|"]
-        for t in sorted({r["task"] for r in self.rows}):
-            cells = []
-            for d in depths:
-                r = next(x for x in self.rows if x["task"] == t and x["depth"] == d)
-                v = r.get(metric)
-                pct = metric == "answer_kept" or (metric == "score" and t != "caption")   # captions: CIDEr-D
-                cells.append("–" if v is None or v != v else (f"{100 * v:.0f}%" if pct else f"{v:.3f}"))
-            lines.append(f"| {t}{' (CIDEr-D)' if t == 'caption' and metric == 'score' else ''} | " + " | ".join(cells)
-                         + " |")
-        return "\n".join(lines)
-
+        return Table.pivot(self.rows, row="task", col="depth", value=metric, row_keys=sorted({r["task"] for r in self.rows}),
+                           col_keys=depths, corner="task", row_label=self._task_label(metric),
+                           col_label=lambda d: f"k={d}", fmt_for=self._format(metric)).markdown()
 
     def _grid_markdown(self, metric: str) -> str:
         """Per task, encoder depth m (rows) x decoder depth k (columns)."""
         depths, out = self.config["depths"], []
         for t in sorted({r["task"] for r in self.rows}):
-            out += [f"{t}:", "| m \\ k | " + " | ".join(str(d) for d in depths) + " |", "|---" * (len(depths) + 1) + "|"]
-            for m in self.config["encoder_depths"]:
-                cells = []
-                for d in depths:
-                    r = next(x for x in self.rows if x["task"] == t and x["depth"] == d and x.get("encoder_depth") == m)
-                    v = r.get(metric)
-                    pct = metric == "answer_kept" or (metric == "score" and t != "caption")
-                    cells.append("–" if v is None or v != v else (f"{100 * v:.0f}%" if pct else f"{v:.3f}"))
-                out.append(f"| {m} | " + " | ".join(cells) + " |")
-            out.append("")
+            grid = Table.pivot(self.rows, row="encoder_depth", col="depth", value=metric,
+                               row_keys=self.config["encoder_depths"], col_keys=depths, corner="m \\ k",
+                               fmt=self._format(metric)(t), where=lambda r, t=t: r["task"] == t)
+            out += [f"{t}:", grid.markdown(), ""]
         return "\n".join(out).rstrip()
 
     def _methods_markdown(self, metric: str) -> str:
@@ -149,19 +146,15 @@ class DatasetStudy:
         except InputError:               # e.g. stages:R, which needs each input's stages
             what = {}
         what["baseline"] = "no pruning"
-        heads = [t + (" (CIDEr-D)" if t == "caption" and metric == "score" else "") for t in tasks]
-        lines = ["| method | what it keeps | " + " | ".join(heads) + " | decoder FLOPs saved |",
-                 "|---" * (len(tasks) + 3) + "|"]
+        fmt = self._format(metric)
+        t = Table(["method", "keeps", *tasks, "saving"],
+                  headers=["method", "what it keeps", *map(self._task_label(metric), tasks), "decoder FLOPs saved"],
+                  formats={"saving": percent1, **{task: fmt(task) for task in tasks}})
         for m in ["baseline", *self.config["methods"]]:
             rs = {r["task"]: r for r in self.rows if r["method"] == m}
-            cells = []
-            for t in tasks:
-                v = rs[t].get(metric)
-                pct = metric == "answer_kept" or (metric == "score" and t != "caption")
-                cells.append("–" if v is None or v != v else (f"{100 * v:.0f}%" if pct else f"{v:.3f}"))
-            sav = np.mean([r.get("total_saving", 0.0) for r in rs.values()])
-            lines.append(f"| {m} | {what.get(m, '—')} | " + " | ".join(cells) + f" | {100 * sav:.1f}% |")
-        return "\n".join(lines)
+            t.add({"method": m, "keeps": what.get(m, "—"), **{task: rs[task].get(metric) for task in tasks},
+                   "saving": float(np.mean([r.get("total_saving", 0.0) for r in rs.values()]))})
+        return t.markdown()
 
     def as_pruning_study(self):
         """The method rows in the form of :class:`vlmlens.experiments.pruning.PruningStudy` (for its
@@ -314,3 +307,17 @@ def _stderr(msg: str) -> None:
     import sys
 
     print(f"note: {msg}", file=sys.stderr)
+
+
+def load_study(path):
+    """A study directory's merged result (a DatasetStudy) and its per-row records (bounded reads;
+    InputError when the directory is not a readable study)."""
+    p = Path(path)
+    if not is_study_dir(p):
+        raise InputError(f"{p} is not a study directory (study.json and {CONFIG} expected)")
+    try:
+        d = read_json(p / "study.json", f"{p.name}/study.json")
+        res = DatasetStudy(**d)
+    except (RunFormatError, TypeError) as e:
+        raise InputError(f"{p.name}/study.json is not a vlmlens study ({e})") from None
+    return res, _read_lines(p / "results.jsonl")

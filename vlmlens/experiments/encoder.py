@@ -1,7 +1,7 @@
 """Encoder depth x decoder depth: run the vision tower up to layer m and cut the image from
 decoder layer k on, for every (m, k), and say which pairs keep the answer.
 
-Each cell is ``[EncoderDepth(m), truncation(k, mode)]`` evaluated in one Session against the
+Each cell is ``[EncoderDepth(m), truncation(k, mode)]`` evaluated in one Trial against the
 untouched baseline (m = the tower's feature depth F, k = L): the output, whether the answer is
 kept, the KL summed over the baseline's output (teacher-forced), and -- with a ground truth --
 whether it is correct. Row m = F is the decoder-only sweep; column k = L the encoder-only one.
@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 
 from ..errors import InputError
 from ..interventions import EncoderDepth
-from .engine import DEFAULT_SEPARATOR, Progress, Session, answer_of, check_mode, compare_outputs, parse_depths, truncation
+from ..metrics import DEFAULT_SEPARATOR, is_correct
+from .engine import Progress, Trial, check_mode, compare_outputs, parse_depths, truncation
 
 
 @dataclass
@@ -37,17 +38,18 @@ class EncoderGrid:
         return asdict(self)
 
     def markdown(self) -> str:
-        head = "| m \\ k | " + " | ".join(str(k) for k in self.decoder_depths) + " |"
-        lines = [head, "|---" * (len(self.decoder_depths) + 1) + "|"]
+        from ..tables import Table
+
+        def cell(i: int, j: int) -> str:
+            c = "kept" if self.kept[i][j] else "lost"
+            if self.correct is not None:
+                c += " ✓" if self.correct[i][j] else " ✗"
+            return c
+        cols = [str(k) for k in self.decoder_depths]
+        t = Table(["m", *cols], headers=["m \\ k", *cols])
         for i, m in enumerate(self.encoder_depths):
-            cells = []
-            for j in range(len(self.decoder_depths)):
-                c = "kept" if self.kept[i][j] else "lost"
-                if self.correct is not None:
-                    c += " ✓" if self.correct[i][j] else " ✗"
-                cells.append(c)
-            lines.append(f"| {m}{' (F)' if m == self.feature_depth else ''} | " + " | ".join(cells) + " |")
-        return "\n".join(lines)
+            t.add([f"{m}{' (F)' if m == self.feature_depth else ''}", *(cell(i, j) for j in range(len(cols)))])
+        return t.markdown()
 
 
 def encoder_decoder_grid(lm, image, prompt: str, *, encoder_depths=None, decoder_depths=None, mode: str = "remove",
@@ -63,7 +65,7 @@ def encoder_decoder_grid(lm, image, prompt: str, *, encoder_depths=None, decoder
         raise InputError(f"encoder depths must be integers in 0..{F} (the tower's features are read after {F} layers)"
                          f", got {list(encoder_depths)}")
     ks = parse_depths(range(L + 1) if decoder_depths is None else decoder_depths, L)
-    s = Session(lm, image, prompt, max_new_tokens=max_new_tokens)
+    s = Trial(lm, image, prompt, max_new_tokens=max_new_tokens)
     tok = lm.processor.tokenizer
     text, kept, kl, corr = [], [], [], []
     total, done = len(ms) * len(ks), 0
@@ -75,7 +77,7 @@ def encoder_decoder_grid(lm, image, prompt: str, *, encoder_depths=None, decoder
             row_t.append(c["text"])
             row_k.append(bool(c["answer_kept"]))
             row_kl.append(float(c["output_kl"]))
-            row_c.append(c["answer"] == answer_of(truth, separator) if truth is not None else None)
+            row_c.append(is_correct(c["text"], truth, separator))
             done += 1
             if progress:
                 progress(done, total, f"encoder {m}, decoder {k}")

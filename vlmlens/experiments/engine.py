@@ -1,7 +1,7 @@
 """Shared machinery of the experiments: one baseline, many intervened variants, compared.
 
-A :class:`Session` holds one (model, image, prompt). Its baseline is captured once; each
-:meth:`Session.evaluate` captures one variant (a list of interventions) and scores the
+A :class:`Trial` holds one (model, image, prompt). Its baseline is captured once; each
+:meth:`Trial.evaluate` captures one variant (a list of interventions) and scores the
 baseline's generated tokens under it (teacher forcing). With ``reuse=True`` both continue
 from a shared prefix KV cache (see :mod:`vlmlens.experiments.prefix`); with ``reuse=False``
 every variant is an independent :func:`vlmlens.capture` plus a full teacher-forced forward.
@@ -39,10 +39,10 @@ from ..errors import InputError
 from ..interventions import Freeze, Truncate, decides_every_step, prefix_effect, validate_all
 from ..interventions.core import CUT_MODES
 from ..lens import NOTHING, Lens, Plan, Recording
+from ..metrics import DEFAULT_SEPARATOR, answer_of
 from ..run import Run
 from .prefix import Prefix, accepts_logits_to_keep, prefill, prepare
 
-DEFAULT_SEPARATOR = "answer:"
 Progress = Callable[[int, int, str], None]
 
 
@@ -76,30 +76,6 @@ def first_divergence(a: Sequence, b: Sequence) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def split_answer(text: str, separator: str = DEFAULT_SEPARATOR) -> tuple[str, str | None]:
-    """(trace, answer): the text before / after the last ``separator`` (case-insensitive).
-
-    Without the separator the whole text is the trace and the answer is None.
-    """
-    if not separator:
-        return text.strip(), None
-    i = text.lower().rfind(separator.lower())
-    if i < 0:
-        return text.strip(), None
-    return text[:i].strip(), text[i + len(separator):].strip()
-
-
-def normalize(text: str) -> str:
-    """Lower case, single spaces, no trailing punctuation (how answers are compared)."""
-    return " ".join(text.lower().split()).strip(" .,!?;:")
-
-
-def answer_of(text: str, separator: str = DEFAULT_SEPARATOR) -> str:
-    """The answer a text gives: after the last separator when present, else the whole text."""
-    trace, ans = split_answer(text, separator)
-    return normalize(trace if ans is None else ans)
-
-
 def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> float:
     """KL(p || q) in nats from two log-distributions over the same support (float64, >= 0)."""
     p64, q64 = logp.double(), logq.double()
@@ -118,22 +94,35 @@ def check_mode(mode) -> str:
     return mode
 
 
+DEPTH_SYNTAX = "an integer in 0..L (L: the model's decoder layers) or 'all' (= L), comma-separated"
+
+
+def _depth_items(depths, n_layers: int | None = None) -> list[str]:
+    syntax = DEPTH_SYNTAX if n_layers is None else f"an integer in 0..{n_layers} or 'all' for this model"
+    items = depths.split(",") if isinstance(depths, str) else list(depths)
+    out = []
+    for d in items:
+        s = str(d).strip()
+        if isinstance(d, bool) or not (s.lower() in ("all", "l", "none") or s.lstrip("-").isdigit()):
+            raise InputError(f"depth must be {syntax}; got {d!r}")
+        out.append(s)
+    return out
+
+
+def check_depth_syntax(depths) -> None:
+    """The form of ``depths`` alone (before a model, and so L, is known)."""
+    _depth_items(depths)
+
+
 def parse_depths(depths, n_layers: int) -> list[int]:
     """Depths as a list of ints in 0..L ("all" or "L" = L, the baseline depth); sorted, unique.
 
     Accepts a comma-separated string ("0,4,8,all") or a sequence of ints/strings.
     """
     L = int(n_layers)
-    items = depths.split(",") if isinstance(depths, str) else list(depths)
     out = []
-    for d in items:
-        s = str(d).strip()
-        if s.lower() in ("all", "l", "none"):
-            out.append(L)
-            continue
-        if isinstance(d, bool) or not s.lstrip("-").isdigit():
-            raise InputError(f"depth must be an integer in 0..{L} or 'all' for this model, got {d!r}")
-        k = int(s)
+    for s in _depth_items(depths, L):
+        k = L if s.lower() in ("all", "l", "none") else int(s)
         if not 0 <= k <= L:
             raise InputError(f"depth {k} is out of range: this model has {L} decoder layers, so depths are 0..{L} ('all' = {L})")
         out.append(k)
@@ -166,7 +155,7 @@ class Outcome:
         return self.run.token_ids[self.run.spans.n_prompt:]
 
 
-class Session:
+class Trial:
     """One model + image + prompt, with its baseline, ready to evaluate variants.
 
     Args:

@@ -28,7 +28,9 @@ import numpy as np
 from ..analysis.compute import LayerShape, schedule_savings
 from ..errors import InputError
 from ..interventions import VTW, StagePruner, validate_all
-from .engine import DEFAULT_SEPARATOR, Progress, Session, answer_of, answer_scores, compare_outputs
+from ..tables import Table, fixed, percent, percent1
+from ..metrics import DEFAULT_SEPARATOR, is_correct
+from .engine import Progress, Trial, answer_scores, compare_outputs
 from .methods import default_methods, describe_method
 
 #: VTW's threshold for a 7B model (20 calibration samples); small models may need a looser one
@@ -82,24 +84,25 @@ class PruningComparison:
         raise KeyError(name)
 
     def markdown(self) -> str:
-        lines = ["| method | what it keeps | output | answer kept | output KL | decoder FLOPs saved | KV saved |",
-                 "|---|---|---|---|---|---|---|"]
+        t = Table(["method", "keeps", "output", "kept", "output_kl", "total_saving", "kv_saving"],
+                  headers=["method", "what it keeps", "output", "answer kept", "output KL", "decoder FLOPs saved",
+                           "KV saved"], formats={"output_kl": fixed(3), "total_saving": percent1, "kv_saving": percent1})
         for m in self.methods:
             ok = "yes" if m.answer_kept else "**no**"
             if m.correct is not None:
                 ok += " (correct)" if m.correct else " (wrong)"
-            lines.append(f"| {m.name} | {m.description or '—'} | {m.text[:60]} | {ok} | {m.output_kl:.3f} |"
-                         f" {100 * m.savings['total_saving']:.1f}% | {100 * m.savings['kv_saving']:.1f}% |")
-        return "\n".join(lines)
+            t.add([m.name, m.description or "—", m.text[:60], ok, m.output_kl, m.savings["total_saving"],
+                   m.savings["kv_saving"]])
+        return t.markdown()
 
 
-def _counts(s: Session) -> tuple[int, int, int]:
+def _counts(s: Trial) -> tuple[int, int, int]:
     img = s.prep.image_pos
     n_sys = int(img[0])
     return n_sys, len(img), s.prep.n_prompt - n_sys - len(img)
 
 
-def method_result(s: Session, shape: LayerShape, name: str, ivs: list, separator: str, truth: str | None,
+def method_result(s: Trial, shape: LayerShape, name: str, ivs: list, separator: str, truth: str | None,
                   tokenizer) -> MethodResult:
     """One method on the session's input: its output against the baseline and the compute it saves."""
     out = s.baseline if not ivs else s.evaluate(ivs)
@@ -114,7 +117,7 @@ def method_result(s: Session, shape: LayerShape, name: str, ivs: list, separator
     kept = np.ones((L, n_img), np.uint8) if kept is None else np.asarray(kept)
     depth = next((l for l in range(L) if rows[l] == 0), None)
     return MethodResult(name, [iv.to_json() for iv in ivs], c["text"], c["answer"], bool(c["answer_kept"]),
-                        float(c["output_kl"]), None if truth is None else c["answer"] == answer_of(truth, separator),
+                        float(c["output_kl"]), is_correct(c["text"], truth, separator),
                         rows, kept.tolist(), {k: float(sav[k][0]) for k in ("total_saving", "prefill_saving",
                                                                              "decode_saving", "kv_saving")}, depth,
                         describe_method(ivs) if ivs else "no pruning (the baseline)")
@@ -134,7 +137,7 @@ def compare_pruning(lm, image, prompt: str, methods: dict | None = None, *, max_
     """Every method on one input, next to the untouched baseline (:func:`default_methods` if none)."""
     t0 = time.perf_counter()
     methods = _check_methods(default_methods(lm.n_layers) if methods is None else methods, lm.n_layers)
-    s = Session(lm, image, prompt, max_new_tokens=max_new_tokens)
+    s = Trial(lm, image, prompt, max_new_tokens=max_new_tokens)
     shape = LayerShape.from_model(lm)
     tok = lm.processor.tokenizer
     res = [method_result(s, shape, "baseline", [], separator, truth, tok)]
@@ -176,7 +179,7 @@ def find_vtw_layer(lm, examples: Sequence, eta: float = VTW_ETA, *, max_new_toke
     tok = lm.processor.tokenizer
     per = []
     for i, (image, prompt) in enumerate(examples):
-        s = Session(lm, image, prompt, max_new_tokens=max_new_tokens, reuse=False)
+        s = Trial(lm, image, prompt, max_new_tokens=max_new_tokens, reuse=False)
         base = s.baseline
         from .engine import answer_start
 
@@ -238,18 +241,14 @@ class PruningStudy:
         raise KeyError((family, method))
 
     def csv(self) -> str:
-        from .study_files import rows_csv
-
-        return rows_csv(self.rows, STUDY_COLUMNS)
+        return Table(STUDY_COLUMNS, self.rows).csv()
 
     def markdown(self, family: str) -> str:
-        lines = ["| method | accuracy | answer kept | decoder FLOPs saved | KV saved | mean depth |", "|---|---|---|---|---|---|"]
-        for r in self.rows:
-            if r["family"] == family:
-                d = "–" if r["mean_depth"] is None else f"{r['mean_depth']:.1f}"
-                lines.append(f"| {r['method']} | {100 * r['accuracy']:.0f}% | {100 * r['answer_kept']:.0f}% |"
-                             f" {100 * r['total_saving']:.1f}% | {100 * r['kv_saving']:.1f}% | {d} |")
-        return "\n".join(lines)
+        return Table(["method", "accuracy", "answer_kept", "total_saving", "kv_saving", "mean_depth"],
+                     [r for r in self.rows if r["family"] == family],
+                     headers=["method", "accuracy", "answer kept", "decoder FLOPs saved", "KV saved", "mean depth"],
+                     formats={"accuracy": percent, "answer_kept": percent, "total_saving": percent1,
+                              "kv_saving": percent1, "mean_depth": fixed(1)}).markdown()
 
 
 def pruning_study(lm, methods: dict | None = None, *, n: int = 20, families: Sequence[str] | None = None,
@@ -274,7 +273,7 @@ def pruning_study(lm, methods: dict | None = None, *, n: int = 20, families: Seq
         exs = suite_examples(suite, f, n, offset)
         got = {m: [] for m in names}
         for e in exs:
-            s = Session(lm, e.scene.image, e.prompt, max_new_tokens=MAX_NEW_TOKENS[f])
+            s = Trial(lm, e.scene.image, e.prompt, max_new_tokens=MAX_NEW_TOKENS[f])
             for m in names:
                 r = method_result(s, shape, m, [] if m == "baseline" else list(methods[m]), DEFAULT_SEPARATOR, e.answer, tok)
                 got[m].append(r)

@@ -24,7 +24,6 @@ reasoning traces, the same tasks and scorers as its test split) or a user's data
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,9 +32,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..adapters import check_adapter_dir, load_adapter  # noqa: F401  (adapter files: vlmlens.adapters)
 from ..errors import InputError
 from ..interventions import Truncate
+from ..schedule import warmup_cosine
 from ..lens import NOTHING, Lens, Plan
 from .batch import _position_ids, collate, extend_batch
 from ..capture import prepare
@@ -210,7 +209,7 @@ def train_recovery(lm, depth: int, items, cfg: RecoveryConfig = RecoveryConfig()
     lm.model.train()
     try:
         for step in range(cfg.steps):
-            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
+            lr = warmup_cosine(cfg.lr, step, cfg.warmup, step / cfg.steps)
             for g in opt.param_groups:
                 g["lr"] = lr
             pick = rng.choice(len(items), size=cfg.batch_size, replace=False)

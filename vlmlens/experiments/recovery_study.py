@@ -19,10 +19,10 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .. import __version__
+from .._version import __version__
 from ..errors import InputError
 from .recovery import RecoveryConfig, dataset_items, shapes_items, train_recovery
-from .study_files import rows_csv
+from ..tables import Table, percent
 
 CSV_COLUMNS = ("family", "depth", "n", "baseline", "truncated", "adapted", "recovered", "adapted_full",
                "val_loss_before", "val_loss_after", "train_seconds")
@@ -43,17 +43,13 @@ class RecoveryStudy:
         return asdict(self)
 
     def csv(self) -> str:
-        return rows_csv(self.rows, CSV_COLUMNS)
+        return Table(CSV_COLUMNS, self.rows).csv()
 
     def markdown(self) -> str:
-        def pct(v):
-            return "–" if v is None else f"{100 * v:.0f}%"
-        lines = ["| family | k | untruncated | truncated at k | truncated + LoRA | gap recovered | LoRA, untruncated |",
-                 "|---|---|---|---|---|---|---|"]
-        for r in self.rows:
-            lines.append(f"| {r['family']} | {r['depth']} | {pct(r['baseline'])} | {pct(r['truncated'])} |"
-                         f" {pct(r['adapted'])} | {pct(r['recovered'])} | {pct(r['adapted_full'])} |")
-        return "\n".join(lines)
+        cols = ["baseline", "truncated", "adapted", "recovered", "adapted_full"]
+        return Table(["family", "depth", *cols], self.rows,
+                     headers=["family", "k", "untruncated", "truncated at k", "truncated + LoRA", "gap recovered",
+                              "LoRA, untruncated"], formats={c: percent for c in cols}).markdown()
 
 
 def _recovered(base, trunc, adapted):

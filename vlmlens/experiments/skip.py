@@ -19,7 +19,8 @@ from ..analysis.geometry import cosine_distance
 from ..capture import capture
 from ..errors import InputError, check_layer
 from ..interventions import SkipLayers
-from .engine import DEFAULT_SEPARATOR, Progress, Session, compare_outputs
+from ..metrics import DEFAULT_SEPARATOR
+from .engine import Progress, Trial, compare_outputs
 
 SKIP_TOKENS = ("image", "all")
 
@@ -66,7 +67,7 @@ def layer_skip_scan(lm, image, prompt: str, *, tokens: Sequence[str] = SKIP_TOKE
             raise InputError(f"tokens must be among {SKIP_TOKENS}, got {t!r}")
     ls = list(range(L)) if layers is None else [check_layer("skip layer", l, 0, L - 1) for l in layers]
     t0 = time.perf_counter()
-    s = Session(lm, image, prompt, max_new_tokens=max_new_tokens, reuse=reuse)
+    s = Trial(lm, image, prompt, max_new_tokens=max_new_tokens, reuse=reuse)
     kl = {t: [] for t in toks}
     akl = {t: [] for t in toks}
     okl = {t: [] for t in toks}

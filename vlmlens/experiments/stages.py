@@ -39,7 +39,8 @@ from typing import Sequence
 
 from ..errors import InputError
 from ..interventions import Knockout
-from .engine import DEFAULT_SEPARATOR, Progress, Session, answer_scores, kl_divergence, teacher_forced_kept
+from ..metrics import DEFAULT_SEPARATOR
+from .engine import Progress, Trial, answer_scores, kl_divergence, teacher_forced_kept
 
 DEFAULT_STAGE_TAU = 0.1
 STAGE_RULE = ("a window keeps the output when, with no text or generated token attending to the image in its layers, "
@@ -156,7 +157,7 @@ def describe_stages(r: dict, n_layers: int, *, joint_kept: bool | None, single: 
     return text
 
 
-def _window(s: Session, layers: list[int], start: int, tau: float) -> Window:
+def _window(s: Trial, layers: list[int], start: int, tau: float) -> Window:
     out = s.score([Knockout(src="all", dst="image", layers=layers)])
     sc = answer_scores(s.baseline, out, start)
     tok = teacher_forced_kept(s.baseline, out, start)
@@ -194,7 +195,7 @@ def causal_stages(lm, image, prompt: str, *, max_new_tokens: int = 16, tau: floa
         raise InputError(why)
     t0 = time.perf_counter()
     L = lm.n_layers
-    s = Session(lm, image, prompt, max_new_tokens=max_new_tokens, reuse=False)
+    s = Trial(lm, image, prompt, max_new_tokens=max_new_tokens, reuse=False)
     base = s.baseline
     start = 0   # the whole output (see the module docstring)
     total, done = 3 * L + 1, 0

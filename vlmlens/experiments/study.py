@@ -27,7 +27,8 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import InputError
-from .engine import Progress, Session, compare_outputs, check_mode, parse_depths, truncation
+from ..tables import Table, fixed, percent
+from .engine import Progress, Trial, compare_outputs, check_mode, parse_depths, truncation
 
 SUITES = ("shapes",)
 CSV_COLUMNS = ("family", "depth", "n", "accuracy", "token_f1", "exact_match", "answer_kept", "first_token_kl",
@@ -59,13 +60,13 @@ class StudyResult:
 
     def markdown(self, metric: str = "accuracy") -> str:
         """A family x depth table of ``metric`` (percent for rates)."""
-        head = "| family | " + " | ".join(f"k={d}" for d in self.depths) + " |"
-        lines = [head, "|---" * (len(self.depths) + 1) + "|"]
         pct = metric not in ("first_token_kl", "output_kl")
-        for f, vals in self.table(metric).items():
-            cells = ["–" if v is None else (f"{100 * v:.0f}%" if pct else f"{v:.3f}") for v in vals]
-            lines.append(f"| {f} | " + " | ".join(cells) + " |")
-        return "\n".join(lines)
+        return Table.pivot(self.rows, row="family", col="depth", value=metric, row_keys=self.families,
+                           col_keys=self.depths, corner="family", col_label=lambda d: f"k={d}",
+                           fmt=percent if pct else fixed(3)).markdown()
+
+    def csv(self) -> str:
+        return Table(CSV_COLUMNS, self.rows).csv()
 
 
 def suite_examples(suite: str, family: str, n: int, offset: int = 0):
@@ -114,7 +115,7 @@ def task_study(lm, *, suite: str = "shapes", n: int = 100, families: Sequence[st
         okls = {k: [] for k in ks}
         for e in exs:
             L = lm.n_layers  # the untruncated run doubles as depth L (a no-op truncation)
-            s = Session(lm, e.scene.image, e.prompt, max_new_tokens=budget[f], reuse=reuse,
+            s = Trial(lm, e.scene.image, e.prompt, max_new_tokens=budget[f], reuse=reuse,
                         baseline=[truncation(L, mode)])
             outs = {}
             for k in ks:

@@ -3,8 +3,6 @@ directory, atomic writes, per-rank result lines that survive a crash, and readin
 study back without a model (the Study tab)."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 from pathlib import Path
@@ -193,31 +191,3 @@ def list_studies(root) -> list[Path]:
     if not r.is_dir():
         return []
     return sorted(p for p in r.iterdir() if p.is_dir() and not p.is_symlink() and is_study_dir(p))
-
-
-def load_study(path):
-    """A study directory's merged result (a DatasetStudy) and its per-row records (bounded reads;
-    InputError when the directory is not a readable study)."""
-    from ..run import RunFormatError
-    from .dataset_study import DatasetStudy
-    from ..run_files import read_json
-
-    p = Path(path)
-    if not is_study_dir(p):
-        raise InputError(f"{p} is not a study directory (study.json and {CONFIG} expected)")
-    try:
-        d = read_json(p / "study.json", f"{p.name}/study.json")
-        res = DatasetStudy(**d)
-    except (RunFormatError, TypeError) as e:
-        raise InputError(f"{p.name}/study.json is not a vlmlens study ({e})") from None
-    return res, _read_lines(p / "results.jsonl")
-
-
-def rows_csv(rows, columns) -> str:
-    """Rows (dicts) as CSV text with ``columns`` in order (None and missing fields: empty)."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
-    return buf.getvalue()

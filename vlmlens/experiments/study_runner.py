@@ -2,8 +2,8 @@
 
 Two paths give the same lines (texts identical, KL within float noise; tested):
 
-* one item at a time -- a :class:`Session` per item, variants continued from its shared prefix;
-* batched (``batch_size`` > 1) -- a :class:`BatchSession` per ``batch_size`` items, every
+* one item at a time -- a :class:`Trial` per item, variants continued from its shared prefix;
+* batched (``batch_size`` > 1) -- a :class:`BatchTrial` per ``batch_size`` items, every
   variant one batched generate + one batched teacher-forced forward; the lines of a batch are
   written when it finishes (a crash loses at most the batch in flight).
 
@@ -22,11 +22,11 @@ from PIL import Image
 
 from ..errors import InputError
 from ..interventions import EncoderDepth, batch_conflict
-from ..metrics import TASKS, item_score
-from .batch import BatchError, BatchSession, output_kl
-from .engine import Session, answer_of, compare_outputs, truncation
+from ..metrics import TASKS, answer_of, item_score
+from .batch import BatchError, BatchTrial, output_kl
+from .engine import Trial, compare_outputs, truncation
 
-DATA_TASKS = tuple(t for t in TASKS if t != "shapes")
+DATA_TASKS = TASKS
 #: what one row can raise when it is run (its image, its text): recorded for that row, never the study's end
 ROW_ERRORS = (ValueError, TypeError, UnicodeError, OSError, Image.DecompressionBombError, OverflowError, IndexError)
 
@@ -85,7 +85,7 @@ def _single(lm, item, t, *, variants, mode, max_new_tokens, separator, methods, 
             vqa_normalization) -> tuple[dict, str]:
     from .pruning import method_result
 
-    s = Session(lm, item.image, item.prompt, max_new_tokens=max_new_tokens, baseline=[truncation(lm.n_layers, mode)])
+    s = Trial(lm, item.image, item.prompt, max_new_tokens=max_new_tokens, baseline=[truncation(lm.n_layers, mode)])
     per = {}
     if methods:
         for name, ivs in {"baseline": [], **methods}.items():
@@ -103,7 +103,7 @@ def _single(lm, item, t, *, variants, mode, max_new_tokens, separator, methods, 
 
 def _batched(lm, items, tasks, *, variants, mode, max_new_tokens, separator,
              vqa_normalization) -> list[tuple[dict, str]]:
-    bs = BatchSession(lm, [(it.image, it.prompt) for it in items], max_new_tokens=max_new_tokens,
+    bs = BatchTrial(lm, [(it.image, it.prompt) for it in items], max_new_tokens=max_new_tokens,
                       baseline=[truncation(lm.n_layers, mode)])
     base = bs.baseline
     pers = [{} for _ in items]

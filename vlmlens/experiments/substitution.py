@@ -15,7 +15,8 @@ from typing import Sequence
 
 from ..errors import InputError, check_layer
 from ..interventions import Substitute
-from .engine import DEFAULT_SEPARATOR, Progress, Session, compare_outputs
+from ..metrics import DEFAULT_SEPARATOR
+from .engine import Progress, Trial, compare_outputs
 
 
 @dataclass
@@ -72,7 +73,7 @@ def substitution_matrix(lm, image, prompt: str, *, stride: int = 1, layers: Sequ
 
     grid = substitution_layers(lm.n_layers, stride, layers)
     t0 = time.perf_counter()
-    s = Session(lm, image, prompt, max_new_tokens=max_new_tokens, reuse=reuse)
+    s = Trial(lm, image, prompt, max_new_tokens=max_new_tokens, reuse=reuse)
     n = len(grid)
     kl = [[None] * n for _ in range(n)]
     akl = [[None] * n for _ in range(n)]

@@ -22,10 +22,10 @@ _WHERE = {
     "fig_truncation_sweep": "experiments",
     "fig_sweep_modes": "experiments",
     "fig_side_by_side": "experiments",
-    "fig_substitution_matrix": "experiments",
-    "fig_layer_skip": "experiments",
+    "fig_substitution_matrix": "matrices",
+    "fig_layer_skip": "matrices",
     "fig_task_necessity": "experiments",
-    "fig_compute_tradeoff": "experiments",
+    "fig_compute_tradeoff": "matrices",
     "fig_reasoning_perturbation": "experiments",
     # encoder x decoder depth
     "fig_encoder_grid": "encoder",

@@ -8,8 +8,7 @@
   (:func:`side_by_side_html` renders the same as an HTML table);
 * :func:`fig_reasoning_perturbation` — trace edit distance and final-answer change per depth;
 * :func:`fig_task_necessity` — accuracy against depth per task family;
-* :func:`fig_substitution_matrix`, :func:`fig_layer_skip`, :func:`fig_compute_tradeoff`
-  (defined in ``experiments_grids``, re-exported here).
+* the substitution matrix, the layer-skip scan and the compute trade-off are in ``matrices.py``.
 
 Every function accepts the result object or its ``to_json()`` dict (as saved next to a run).
 """
@@ -21,7 +20,6 @@ import plotly.graph_objects as go
 
 from ..findings import NOISE_FLOOR
 from ._style import SPAN_COLORS, empty_figure, legend_below, new_figure
-from .experiments_grids import fig_compute_tradeoff, fig_layer_skip, fig_substitution_matrix  # noqa: F401
 
 KL_COLOR = SPAN_COLORS["image"]
 KEPT_COLOR = SPAN_COLORS["generated"]

@@ -1,9 +1,9 @@
 """Per-family architecture facts, as data, for the capture code.
 
-``ARCHES`` maps ``config.model_type`` to an ``Arch`` (frozen dataclass). Each ``Arch`` answers the
+``families.ARCHES`` maps ``config.model_type`` to an ``Arch`` (frozen dataclass). Each ``Arch`` answers the
 questions capture and the dashboard need without family-specific ``if``s at the call site::
 
-    arch = get_arch(model.config.model_type)        # or arch_for(model)
+    arch = get_arch(model.config.model_type)        # families.get_arch, or arch_for(model)
     inputs = arch.build_inputs(processor, image, "What is in the image?")
     layers = arch.decoder_layers(model)             # hook these for per-layer hidden states
     cfg = arch.text_config(model)                   # the object the decoder attention reads
@@ -25,7 +25,7 @@ import torch
 from . import grids
 from .grids import GridInfo, GridSegment
 
-__all__ = ["Arch", "ARCHES", "GridInfo", "GridSegment", "UnsupportedArchitecture", "arch_for", "get_arch"]
+__all__ = ["Arch", "GridInfo", "GridSegment", "UnsupportedArchitecture"]
 
 
 class UnsupportedArchitecture(KeyError):
@@ -237,22 +237,3 @@ class Arch:
         form one raster (``token_order == "raster"``). See ``grid_info`` for the rest."""
         info = self.grid_info(inputs, n_image_tokens, **kwargs)
         return info.rows, info.cols
-
-
-# the table of families (imported last: it builds Arch objects)
-from .families import ARCHES  # noqa: E402
-
-
-def get_arch(model_type: str) -> Arch:
-    """The ``Arch`` for a ``config.model_type``; raises ``UnsupportedArchitecture`` (a ``KeyError``)
-    naming the supported model types otherwise."""
-    try:
-        return ARCHES[model_type]
-    except KeyError:
-        raise UnsupportedArchitecture(
-            f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(ARCHES))}"
-        ) from None
-
-
-def arch_for(model) -> Arch:
-    return get_arch(model.config.model_type)

@@ -1,12 +1,13 @@
 """Every supported family's ``Arch``: one declaration per token layout, the others ``replace()``s
-of it (see ``arch.py`` for what each field means). ``ARCHES`` maps ``config.model_type`` to it."""
+of it (see ``arch.py`` for what each field means). ``ARCHES`` maps ``config.model_type`` to it;
+``get_arch`` / ``arch_for`` look one up."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
 from . import grids
-from .arch import Arch
+from .arch import Arch, UnsupportedArchitecture
 
 
 def _square(inputs, n):
@@ -262,3 +263,18 @@ ARCHES: dict[str, Arch] = {
         ),
     ]
 }
+
+
+def get_arch(model_type: str) -> Arch:
+    """The ``Arch`` for a ``config.model_type``; raises ``UnsupportedArchitecture`` (a ``KeyError``)
+    naming the supported model types otherwise."""
+    try:
+        return ARCHES[model_type]
+    except KeyError:
+        raise UnsupportedArchitecture(
+            f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(ARCHES))}"
+        ) from None
+
+
+def arch_for(model) -> Arch:
+    return get_arch(model.config.model_type)

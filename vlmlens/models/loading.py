@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .arch import ARCHES, Arch, get_arch
+from .arch import Arch
+from .families import ARCHES, get_arch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_SHAPES_DIR = REPO_ROOT / "assets" / "tiny-shapes-vlm"
@@ -116,7 +117,7 @@ def load_model(
             or the name is neither built in, a directory, nor a loadable hub id.
     """
     if adapter is not None:
-        from ..adapters import check_adapter_dir, load_adapter
+        from .adapters import check_adapter_dir, load_adapter
 
         check_adapter_dir(adapter)         # its config, before spending time on the model
         lm = load_model(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -153,7 +154,7 @@ def hub_offline() -> bool:
 def _from_pretrained(path: str, name: str, dev: torch.device, dt: torch.dtype, trust_remote_code: bool) -> LoadedModel:
     from transformers import AutoConfig
 
-    from ..real import efficientnet  # noqa: F401  (registers vlmlens's own vision tower with the Auto classes)
+    from . import efficientnet  # noqa: F401  (registers vlmlens's own vision tower with the Auto classes)
 
     local = os.path.isdir(path)
     offline = hub_offline()

@@ -84,7 +84,7 @@ def load_language_model(log=print):
 
 
 def load_vision_tower():
-    from .efficientnet import EfficientNetLiteConfig, EfficientNetLiteVisionModel
+    from ..models.efficientnet import EfficientNetLiteConfig, EfficientNetLiteVisionModel
 
     tower = EfficientNetLiteVisionModel(EfficientNetLiteConfig())
     state = torch.load(efficientnet_path(), map_location="cpu", weights_only=True)   # tensors only, never code
@@ -117,7 +117,7 @@ def assemble(log=print, trained: bool = True):
     (``trained``) the shipped projector and LM adapters."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from .efficientnet import EfficientNetLiteConfig
+    from ..models.efficientnet import EfficientNetLiteConfig
 
     text, tok = load_language_model(log)
     proc = make_processor(tok)
@@ -153,7 +153,7 @@ def load_trained_parts(model, log=print) -> dict:
         load_projector(model, PROJECTOR)
         found["projector"] = True
     if (LM_ADAPTER / "adapter_model.safetensors").is_file():
-        from ..adapters import load_adapter
+        from ..models.adapters import load_adapter
 
         model.model.language_model = load_adapter(model.model.language_model, LM_ADAPTER)
         found["lm_lora"] = True

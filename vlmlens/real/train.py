@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from ..experiments.recovery import LORA_TARGETS
+from ..schedule import warmup_cosine
 from .build import IMAGE_TOKEN, PROJECTOR, assemble
 
 PHOTO_PROMPT = "What is in this photo?"
@@ -283,7 +283,7 @@ def train(steps: int = 300, batch: int = 8, lr: float = 1e-3, n_shapes: int = 30
             break
         prog = max(step / steps, elapsed / time_budget if time_budget else 0.0)
         for g, b in zip(opt.param_groups, base_lr):
-            g["lr"] = b * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(prog, 1.0)))
+            g["lr"] = warmup_cosine(b, step, 20, prog)
         pick = rng.choice(len(items), size=min(batch, len(items)), replace=False)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             loss = step_loss(model, feats[pick], [seqs[i] for i in pick], image_id, proc.tokenizer.pad_token_id)

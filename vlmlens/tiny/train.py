@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..schedule import warmup_cosine
 from .model import TinyArch, build_model, count_params
 from .scenes import COLORS, IMAGE_SIZE, MAX_OBJECTS, SHAPES, SIZES, Scene, make_scene
 from .tasks import FAMILIES, SPLITS, make_example
@@ -234,10 +235,7 @@ def vision_warmup(model, aux_head, captured, batcher, cfg, log=print):
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+    return warmup_cosine(cfg.lr, step, cfg.warmup, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup), cfg.min_lr_frac)
 
 
 def validate(model, enc, cfg: TrainConfig, n_per_family: int = 64) -> dict:

@@ -17,12 +17,12 @@ import gradio as gr
 
 from ..errors import InputError
 from ..run import RunFormatError
-from . import panels, views, xviews
-from .html import note, token_strip
+from . import experiment_views, panels, run_views
+from .markup import note, token_strip
 from .inputs import SceneBook, load_examples, prompt_choices, random_scene, truth_markdown
 from .exports import ExportDirs
 from .handler import handler
-from .model import ModelHolder, resolve_model_name
+from .model_holder import ModelHolder, resolve_model_name
 from .store import RunsDir, RunStore
 from .study_tab import DATASETS_DIR, StudyTab
 from .tab_handlers import TabHandlers
@@ -115,7 +115,7 @@ class Dashboard(TabHandlers, StudyTab):
         """Draw every layer's heatmap for (query, kind) in the background, so the slider finds
         them in the cache."""
         for layer in range(entry.run.n_layers):
-            views.heatmap_layer(entry, layer, query, kind)
+            run_views.heatmap_layer(entry, layer, query, kind)
 
     # ---- helpers ------------------------------------------------------------------------------
     def entry(self, sess):
@@ -183,7 +183,6 @@ class Dashboard(TabHandlers, StudyTab):
     @handler("capture")
     def capture(self, image, prompt, max_new_tokens, sess, progress=gr.Progress()):
         """Capture a new run from the input panel; returns the overview of it."""
-        from ..capture import capture, check_max_new_tokens, check_prompt
         from ..images import load_image
 
         if image is None:
@@ -247,10 +246,10 @@ class Dashboard(TabHandlers, StudyTab):
             what = "video" if video is not None else "capture"
             entry = self.store.add(run, label=f"{what} {time.strftime('%H:%M:%S')}: {prompt[:40]}",
                                    owner=sess["sid"], video=video)
-            panels.safe(lambda: xviews.theory_compute(lm, entry))
+            panels.safe(lambda: experiment_views.theory_compute(lm, entry))
             if lm.n_layers <= AUTO_STAGES_MAX_LAYERS:   # 3L + 1 teacher-forced forwards: cheap on small models
                 progress(0.8, desc="knockout windows (three stages)")
-                panels.safe(lambda: xviews.run_stages(lm, entry))
+                panels.safe(lambda: experiment_views.run_stages(lm, entry))
         if notes:
             gr.Info(f"{'video' if video is not None else 'image'} note: {'; '.join(notes)}")
         if run.meta.get("out_of_world"):
@@ -329,7 +328,7 @@ class Dashboard(TabHandlers, StudyTab):
             o_run, _derived, o_extras = self.runs.open(other)
             o_label, o_sweep = other, None                  # its sweeps are in o_extras, one per mode
         return (panels.comparison_markdown(entry, o_run, o_label, o_sweep, o_extras),
-                views.compare_attention(entry.run, o_run, o_label), views.compare_dynamics(entry.run, o_run, o_label))
+                run_views.compare_attention(entry.run, o_run, o_label), run_views.compare_dynamics(entry.run, o_run, o_label))
 
     @handler("downloads")
     def downloads(self, sess):
@@ -345,9 +344,9 @@ class Dashboard(TabHandlers, StudyTab):
         lm = self.lm_for(entry)
         out = []
         if "attention_maps" in entry.run.arrays:
-            out += [views.heatmap_grid(entry, 0, "attention", lm)]
-        out += list(views.logit_lens_figures(entry)) + list(views.dynamics_figures(entry))
-        out += list(views.attention_figures(entry)) + list(xviews.truncation_views(entry)[1:])
+            out += [run_views.heatmap_grid(entry, 0, "attention", lm)]
+        out += list(run_views.logit_lens_figures(entry)) + list(run_views.dynamics_figures(entry))
+        out += list(run_views.attention_figures(entry)) + list(experiment_views.truncation_views(entry)[1:])
         return out
 
     # ---- controls that follow the run ---------------------------------------------------------
@@ -365,7 +364,7 @@ class Dashboard(TabHandlers, StudyTab):
         # the input panel shows the run's own image, prompt and token budget: Run re-runs it as it is
         return (gr.Slider(minimum=0, maximum=L - 1, value=layer, step=1),
                 gr.Dropdown(choices=panels.query_choices(run), value=0),
-                gr.Dropdown(choices=xviews.depth_choices(L), value=["0", str(L // 2)]),
+                gr.Dropdown(choices=experiment_views.depth_choices(L), value=["0", str(L // 2)]),
                 gr.Dropdown(choices=mine, value=entry.id), run.image, self.scenes.truth_markdown_for(run),
                 gr.skip() if run.meta.get("video") else run.image, run.prompt, n_new,   # (a video stays in its box)
                 gr.Dropdown(choices=[(f"this session: {m[0]}", m[1]) for m in mine if m[1] != entry.id]

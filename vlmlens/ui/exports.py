@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..run import save_run
+from ..run_files import save_run
 from ..analysis.attention import attention_share
 from ..figures.dynamics import run_dynamics
 from .panels import Missing, safe

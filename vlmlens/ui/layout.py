@@ -5,11 +5,11 @@ import gradio as gr
 
 from ..capture import MAX_PROMPT_CHARS
 from ..video import VIDEO_SUFFIXES
+from ..experiments.engine import MODES
 from ..experiments.methods import METHOD_SYNTAX
 from .callbacks import Dashboard, new_session
 from .inputs import prompt_choices
-from .views import HEATMAP_KINDS
-from .xviews import MODES
+from .run_views import HEATMAP_KINDS
 
 # api names of the tab renderers (where the plain tab name is taken by the tab's action button)
 INTERNAL = "undocumented"  # UI plumbing: named and callable, but not listed in the API page

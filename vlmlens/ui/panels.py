@@ -15,7 +15,7 @@ import numpy as np
 from ..analysis.attention import attention_cliff, stage_bands, three_stages
 from ..figures._style import empty_figure
 from ..findings import findings, sweep_cliff_finding
-from .html import show_token
+from .markup import show_token
 
 log = logging.getLogger("vlmlens.ui")
 

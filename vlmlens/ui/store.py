@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import InputError
-from ..run import Run, RunFormatError, is_run_dir, load_run, save_run
-from ..findings import headline_sweep, sweeps_of
-from ..run_files import EXTRAS_FILE, SWEEP_FILE, read_extras, read_json, sweep_file, sweep_files, write_extras  # noqa: F401,E501 (re-exported)
+from ..run import Run, RunFormatError
+from ..run_files import is_run_dir, load_run, save_run
+from ..findings import headline_sweep
+from ..run_files import EXTRAS_FILE, SWEEP_FILE, read_extras, read_json, sweep_file, sweeps_of
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 

@@ -16,11 +16,12 @@ from pathlib import Path
 import gradio as gr
 
 from ..errors import InputError
-from ..experiments.study_files import CONFIG, is_study_dir, list_studies, load_study
+from ..experiments.dataset_study import load_study
+from ..experiments.study_files import CONFIG, is_study_dir, list_studies
 from ..figures.study import fig_dataset_study
 from ..models.loading import REPO_ROOT
 from .handler import handler
-from .html import note
+from .markup import note
 from .panels import figure
 from .store import check_run_name
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import gradio as gr
 
 from ..errors import InputError
-from . import panels, views, xviews
+from ..experiments.engine import check_mode
+from . import experiment_views, panels, run_views
 from .handler import handler
 
 
@@ -19,7 +20,7 @@ class TabHandlers:
         lm = self.lm_for(entry)
         if lm is not None:
             with self.holder.use() as lm:
-                panels.safe(lambda: views.cam_array(entry, lm))
+                panels.safe(lambda: run_views.cam_array(entry, lm))
         return None
 
     @staticmethod
@@ -46,8 +47,8 @@ class TabHandlers:
         if not 0 <= q < nq:
             raise InputError(f"token {q} is out of range: 0 = last prompt token, 1..{nq - 1} = generated tokens")
         kind = kind or "attention"
-        if kind not in views.HEATMAP_KINDS:
-            raise InputError(f"map must be one of {', '.join(views.HEATMAP_KINDS)}, got {kind!r}")
+        if kind not in run_views.HEATMAP_KINDS:
+            raise InputError(f"map must be one of {', '.join(run_views.HEATMAP_KINDS)}, got {kind!r}")
         return layer, q, kind
 
     @handler("heatmaps")
@@ -56,23 +57,23 @@ class TabHandlers:
         entry = self.entry(sess)
         layer, q, kind = self._check_view(entry, layer, query, kind)
         self._cam_model(entry, kind)
-        single = views.heatmap_layer(entry, layer, q, kind)
+        single = run_views.heatmap_layer(entry, layer, q, kind)
         self._prefetch.submit(panels.safe, lambda: self._prefetch_layers(entry, q, kind))
-        grid = views.heatmap_grid(entry, q, kind)
-        ll, pl = views.logit_lens_figures(entry)
+        grid = run_views.heatmap_grid(entry, q, kind)
+        ll, pl = run_views.logit_lens_figures(entry)
         return single, grid, ll, pl
 
     @handler("heatmap_layer")
     def heatmap_layer(self, sess, layer, query, kind):
         """One layer's heatmap, drawn from stored arrays (never runs the model)."""
         entry = self.entry(sess)
-        return views.heatmap_layer(entry, *self._check_view(entry, layer, query, kind))
+        return run_views.heatmap_layer(entry, *self._check_view(entry, layer, query, kind))
 
     @handler("dynamics")
     def dynamics(self, sess, span):
         entry = self.entry(sess)
-        dyn, cka, move = views.dynamics_figures(entry, span or "image")
-        return move, dyn, cka, views.embedding_figure(entry, "pca"), views.encoder_decoder_figure(entry)
+        dyn, cka, move = run_views.dynamics_figures(entry, span or "image")
+        return move, dyn, cka, run_views.embedding_figure(entry, "pca"), run_views.encoder_decoder_figure(entry)
 
     @handler("token_map")
     def token_map(self, sess, method, progress=gr.Progress()):
@@ -80,7 +81,7 @@ class TabHandlers:
         if method not in ("pca", "umap"):
             raise InputError(f"token map method must be 'pca' or 'umap', got {method!r}")
         progress(0.1, desc=f"{method.upper()} of the token states (the first UMAP call compiles, ~10 s)")
-        return views.embedding_figure(self.entry(sess), method)
+        return run_views.embedding_figure(self.entry(sess), method)
 
     @handler("attention")
     def attention(self, sess):
@@ -88,14 +89,14 @@ class TabHandlers:
         and each head's map at the last decoder layer (the layer picker follows the run)."""
         entry = self.entry(sess)
         L = entry.run.n_layers
-        return (*views.attention_figures(entry), gr.Dropdown(choices=list(range(L)), value=L - 1),
-                views.head_maps_figure(entry, L - 1), views.frames_figure(entry))
+        return (*run_views.attention_figures(entry), gr.Dropdown(choices=list(range(L)), value=L - 1),
+                run_views.head_maps_figure(entry, L - 1), run_views.frames_figure(entry))
 
     @handler("head_maps")
     def head_maps(self, sess, layer):
         """Each head's attention map over the image at one decoder layer (last prompt token)."""
         entry = self.entry(sess)
-        return views.head_maps_figure(entry, self._check_layer(entry, layer))
+        return run_views.head_maps_figure(entry, self._check_layer(entry, layer))
 
     @handler("find_stages")
     def find_stages(self, sess, progress=gr.Progress()):
@@ -103,13 +104,13 @@ class TabHandlers:
         entry = self.entry(sess)
         progress(0.02, desc="waiting for the model")
         with self.holder.use() as lm:
-            xviews.run_stages(lm, entry, progress=lambda i, n, what: progress(i / max(n, 1), desc=what))
-        return (*views.attention_figures(entry), panels.headline_markdown(entry))
+            experiment_views.run_stages(lm, entry, progress=lambda i, n, what: progress(i / max(n, 1), desc=what))
+        return (*run_views.attention_figures(entry), panels.headline_markdown(entry))
 
     @handler("truncation_view")
     def truncation_view(self, sess):
         entry = self.entry(sess)
-        return (*xviews.truncation_views(entry), xviews.experiment_figure(entry, "encoder_grid"))
+        return (*experiment_views.truncation_views(entry), experiment_views.experiment_figure(entry, "encoder_grid"))
 
     @handler("encoder_grid")
     def encoder_grid(self, sess, progress=gr.Progress()):
@@ -117,42 +118,41 @@ class TabHandlers:
         entry = self.entry(sess)
         progress(0.02, desc="waiting for the model")
         with self.holder.use() as lm:
-            xviews.run_experiment(lm, entry, "encoder_grid",
+            experiment_views.run_experiment(lm, entry, "encoder_grid",
                                   progress=lambda i, n, what: progress(i / max(n, 1), desc=what))
-        return xviews.experiment_figure(entry, "encoder_grid")
+        return experiment_views.experiment_figure(entry, "encoder_grid")
 
     @handler("truncate")
     def truncate(self, sess, depths, mode, progress=gr.Progress()):
         """Truncation comparison at the chosen depths (or the full sweep) on the current run."""
         entry = self.entry(sess)
-        ks, is_sweep = xviews.parse_depth_selection(depths, entry.run.n_layers)
+        ks, is_sweep = experiment_views.parse_depth_selection(depths, entry.run.n_layers)
         mode = mode or "drop"
-        if mode not in xviews.MODES:
-            raise InputError(f"unknown mode {mode!r}; expected one of {', '.join(xviews.MODES)}")
+        check_mode(mode)
         progress(0.02, desc="waiting for the model")
 
         def step(i, n, what):
             progress((i + 1) / (n + 1), desc=f"{what} ({i}/{n})")
         with self.holder.use() as lm:
-            xviews.run_truncation(lm, entry, ks, mode, sweep=is_sweep, progress=step)
-        gens, fig, pfig = xviews.truncation_views(entry)
-        return gens, fig, pfig, xviews.experiment_figure(entry, "encoder_grid"), panels.headline_markdown(entry)
+            experiment_views.run_truncation(lm, entry, ks, mode, sweep=is_sweep, progress=step)
+        gens, fig, pfig = experiment_views.truncation_views(entry)
+        return gens, fig, pfig, experiment_views.experiment_figure(entry, "encoder_grid"), panels.headline_markdown(entry)
 
     @handler("sweep")
     def sweep(self, sess, mode, progress=gr.Progress()):
         """The truncation sweep over every depth 0..L (API shortcut for truncate(all))."""
-        return self.truncate(sess, [xviews.SWEEP_CHOICE], mode, progress=progress)
+        return self.truncate(sess, [experiment_views.SWEEP_CHOICE], mode, progress=progress)
 
     @handler("substitution_view")
     def substitution_view(self, sess):
         entry = self.entry(sess)
-        return xviews.experiment_figure(entry, "substitution"), xviews.experiment_figure(entry, "layer_skip")
+        return experiment_views.experiment_figure(entry, "substitution"), experiment_views.experiment_figure(entry, "layer_skip")
 
     def _experiment(self, sess, key, progress):
         entry = self.entry(sess)
         progress(0.02, desc="waiting for the model")
         with self.holder.use() as lm:
-            xviews.run_experiment(lm, entry, key, progress=lambda i, n, what: progress(i / max(n, 1), desc=what))
+            experiment_views.run_experiment(lm, entry, key, progress=lambda i, n, what: progress(i / max(n, 1), desc=what))
         return self.substitution_view(sess)
 
     @handler("substitution")
@@ -169,14 +169,14 @@ class TabHandlers:
     def compute_view(self, sess):
         """Compute tab: FLOPs / KV / latency per depth, and the token-pruning comparison."""
         entry = self.entry(sess)
-        return (xviews.experiment_figure(entry, "compute"), *self._pruning_outputs(entry, None))
+        return (experiment_views.experiment_figure(entry, "compute"), *self._pruning_outputs(entry, None))
 
     @staticmethod
     def _pruning_outputs(entry, method):
-        names = xviews.pruning_methods(entry)
+        names = experiment_views.pruning_methods(entry)
         pick = method if method in names else (names[0] if names else None)
-        return (xviews.pruning_markdown(entry), gr.update(choices=names, value=pick),
-                xviews.pruning_figure(entry, pick))
+        return (experiment_views.pruning_markdown(entry), gr.update(choices=names, value=pick),
+                experiment_views.pruning_figure(entry, pick))
 
     @handler("prune_compare")
     def prune_compare(self, sess, methods, progress=gr.Progress()):
@@ -184,10 +184,10 @@ class TabHandlers:
         entry = self.entry(sess)
         from ..experiments.methods import parse_methods
 
-        parse_methods(methods or "default", entry.run.n_layers, xviews.stage_labels(entry))   # fail before the queue
+        parse_methods(methods or "default", entry.run.n_layers, experiment_views.stage_labels(entry))   # fail before the queue
         progress(0.02, desc="waiting for the model")
         with self.holder.use() as lm:
-            xviews.run_pruning(lm, entry, methods or "default",
+            experiment_views.run_pruning(lm, entry, methods or "default",
                                progress=lambda i, n, what: progress(i / max(n, 1), desc=what))
         return self._pruning_outputs(entry, None)
 
@@ -195,10 +195,10 @@ class TabHandlers:
     def prune_view(self, sess, method):
         """Which image tokens one method of the stored comparison keeps, per layer."""
         entry = self.entry(sess)
-        names = xviews.pruning_methods(entry)
+        names = experiment_views.pruning_methods(entry)
         if method and method not in names:
             raise InputError(f"no method {method!r} in this run's pruning comparison; pick one of {names}")
-        return xviews.pruning_figure(entry, method)
+        return experiment_views.pruning_figure(entry, method)
 
     @handler("measure_compute")
     def measure_compute(self, sess, progress=gr.Progress()):
@@ -206,5 +206,5 @@ class TabHandlers:
         entry = self.entry(sess)
         progress(0.02, desc="waiting for the model")
         with self.holder.use() as lm:
-            xviews.run_experiment(lm, entry, "compute", progress=lambda i, n, what: progress(0.5, desc=what))
-        return xviews.experiment_figure(entry, "compute"), panels.headline_markdown(entry)
+            experiment_views.run_experiment(lm, entry, "compute", progress=lambda i, n, what: progress(0.5, desc=what))
+        return experiment_views.experiment_figure(entry, "compute"), panels.headline_markdown(entry)

@@ -9,13 +9,11 @@ from ..experiments.substitution import SubstitutionResult, substitution_matrix
 from ..experiments.encoder import EncoderGrid, encoder_decoder_grid
 from ..figures.encoder import fig_encoder_grid
 from ..figures.pruning import fig_kept_tokens
-from ..figures.experiments import (fig_compute_tradeoff, fig_layer_skip, fig_reasoning_perturbation,
-                                   fig_substitution_matrix, fig_sweep_modes)
-from ..interventions.core import CUT_MODES
-from .html import generations_table, note
+from ..figures.experiments import fig_reasoning_perturbation, fig_sweep_modes
+from ..figures.matrices import fig_compute_tradeoff, fig_layer_skip, fig_substitution_matrix
+from .markup import generations_table, note
 from .panels import content_key, figure, message_figure
 SWEEP_CHOICE = "all (sweep)"
-MODES = CUT_MODES
 
 
 def depth_choices(n_layers: int) -> list[str]:

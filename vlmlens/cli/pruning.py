@@ -1,20 +1,19 @@
-"""Commands of token pruning and of encoder depth: ``prune``, ``encoder`` (registered on import by vlmlens.cli)."""
+"""Commands of token pruning and of encoder depth: ``prune``, ``encoder``."""
 from __future__ import annotations
 
 import json
 
-from ..cli import add_input_args, add_model_args, check_inputs, command, load_from_args
 from ..errors import InputError
-from .cli import _check_out_dir, progress_bar, write_csv
-from .engine import MODES, check_mode
+from .common import (add_input_args, add_model_args, check_inputs, check_out_dir, command, load_from_args, progress_bar,
+                     write_html)
 
 
 # ---- prune --------------------------------------------------------------------------------------
 
 @command("prune", "token pruning compared (FastV, PyramidDrop, VTW, baselines, stages): one image, or the shapes suite")
 def cmd_prune(args) -> int:
-    from .methods import METHOD_SYNTAX, parse_methods
-    from .pruning import STUDY_COLUMNS, calibrated_stages, compare_pruning, find_vtw_layer, pruning_study
+    from ..experiments.methods import METHOD_SYNTAX, parse_methods
+    from ..experiments.pruning import calibrated_stages, compare_pruning, find_vtw_layer, pruning_study
 
     one = bool(args.image or args.prompt)
     if one and not (args.image and args.prompt):
@@ -27,7 +26,7 @@ def cmd_prune(args) -> int:
         raise InputError(f"--calibrate must be 0 (off) or a number of calibration examples, got {args.calibrate}")
     if not args.methods.strip():
         raise InputError(f"--methods is empty; {METHOD_SYNTAX}")
-    out = _check_out_dir(args.out, "pruning.json") if args.out else None
+    out = check_out_dir(args.out, "pruning.json") if args.out else None
     lm = load_from_args(args)
     methods = parse_methods(args.methods, lm.n_layers)
     if args.calibrate:
@@ -60,7 +59,7 @@ def cmd_prune(args) -> int:
         print(f"{res.model}: {res.n_per_family} examples per family, {res.seconds:.0f} s\n")
         for f in res.families:
             print(f"{f}:\n{res.markdown(f)}\n")
-        from .pruning import adaptive_vs_fixed
+        from ..experiments.pruning import adaptive_vs_fixed
 
         for m in (m for m in res.methods if m.startswith("adaptive") and any(x.startswith("VTW k=") for x in res.methods)):
             for f, r in adaptive_vs_fixed(res, m).items():
@@ -74,15 +73,15 @@ def cmd_prune(args) -> int:
         if not one:
             from ..figures.pruning import fig_pruning_pareto
 
-            write_csv(out / "pruning.csv", res.rows, STUDY_COLUMNS)
-            fig_pruning_pareto(res).write_html(out / "fig_pruning_pareto.html", include_plotlyjs="cdn")
+            (out / "pruning.csv").write_text(res.csv())
+            write_html(fig_pruning_pareto(res), out / "fig_pruning_pareto.html")
         print(f"saved: {out}/pruning.json" + ("" if one else ", pruning.csv, fig_pruning_pareto.html"))
     return 0
 
 
 def _configure_prune(p):
-    from .methods import METHOD_SYNTAX
-    from .pruning import VTW_ETA
+    from ..experiments.methods import METHOD_SYNTAX
+    from ..experiments.pruning import VTW_ETA
 
     add_model_args(p)
     p.add_argument("--image", default=None, help="one image (with --prompt); without both: the shapes suite")
@@ -105,11 +104,12 @@ cmd_prune.configure = _configure_prune
 
 @command("encoder", "encoder depth x decoder depth: which (vision layers run, decoder cut) keep the answer")
 def cmd_encoder(args) -> int:
-    from .encoder import encoder_decoder_grid
+    from ..experiments.encoder import encoder_decoder_grid
+    from ..experiments.engine import check_mode
 
     check_inputs(args)
     check_mode(args.mode)
-    out = _check_out_dir(args.out, "encoder_grid.json") if args.out else None
+    out = check_out_dir(args.out, "encoder_grid.json") if args.out else None
     lm = load_from_args(args)
     res = encoder_decoder_grid(lm, args.visual, args.prompt, mode=args.mode, max_new_tokens=args.max_new_tokens,
                                truth=args.truth, progress=progress_bar())
@@ -121,12 +121,14 @@ def cmd_encoder(args) -> int:
 
         out.mkdir(parents=True, exist_ok=True)
         (out / "encoder_grid.json").write_text(json.dumps(res.to_json(), indent=1))
-        fig_encoder_grid(res).write_html(out / "fig_encoder_grid.html", include_plotlyjs="cdn")
+        write_html(fig_encoder_grid(res), out / "fig_encoder_grid.html")
         print(f"saved: {out}/encoder_grid.json, fig_encoder_grid.html")
     return 0
 
 
 def _configure_encoder(p):
+    from ..experiments.engine import MODES
+
     add_model_args(p)
     add_input_args(p)
     p.add_argument("--truth", default=None, help="the correct answer (optional)")

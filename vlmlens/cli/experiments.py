@@ -1,64 +1,13 @@
-"""Experiment commands: ``truncate``, ``stages``, ``sweep``, ``study`` (registered on import by vlmlens.cli; ``prune`` and
-``encoder`` are in cli_pruning.py)."""
+"""Experiment commands: ``truncate``, ``stages``, ``sweep``, ``study`` (``prune`` and ``encoder`` are in pruning.py)."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
-from ..cli import add_input_args, add_model_args, check_inputs, command, load_from_args
 from ..errors import InputError
-from .cliff import DEFAULT_TAU
-from .engine import MODES, check_mode
-
-
-def progress_bar(stream=None):
-    """A progress callback ``(done, total, label)`` drawing a tqdm bar (with ETA) on stderr; a new
-    bar starts whenever ``total`` changes (e.g. calibration, then the study)."""
-    from tqdm import tqdm
-
-    out = stream or sys.stderr
-    state = {"bar": None, "total": None}
-
-    def show(done: int, total: int, label: str) -> None:
-        if state["bar"] is None or state["total"] != total:
-            if state["bar"] is not None:
-                state["bar"].close()
-            state["bar"], state["total"] = tqdm(total=total, file=out, dynamic_ncols=True, leave=True), total
-        bar = state["bar"]
-        bar.set_postfix_str(label[:40], refresh=False)
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-            state["bar"] = None
-    return show
-
-
-def _check_tau(tau: float) -> float:
-    if not tau > 0:
-        raise InputError(f"--tau must be a positive number of nats, got {tau}")
-    return tau
-
-
-def _check_out_dir(path: str, marker: str) -> Path:
-    """--out must be new, empty, or a directory this command wrote before (has ``marker``)."""
-    p = Path(path)
-    if p.exists() and (not p.is_dir() or (any(p.iterdir()) and not (p / marker).exists())):
-        raise InputError(f"--out {p} exists and is not an earlier output of this command (no {marker}); choose a new path")
-    return p
-
-
-def write_csv(path: Path, rows: list[dict], columns) -> None:
-    from .study_files import rows_csv
-
-    Path(path).write_text(rows_csv(rows, columns))
-
-
-def _check_depth_syntax(text: str) -> None:
-    for d in text.split(","):
-        s = d.strip().lower()
-        if s not in ("all", "l") and not s.lstrip("-").isdigit():
-            raise InputError(f"--depths takes integers (0..L) or 'all', comma-separated; got {d.strip()!r}")
+from .common import (add_input_args, add_model_args, check_inputs, check_out_dir, check_tau, command, distributed,
+                     load_from_args, progress_bar, write_html)
 
 
 # ---- truncate -----------------------------------------------------------------------------------
@@ -75,10 +24,11 @@ def format_side_by_side(result) -> str:
 
 @command("truncate", "generate with the image cut off at several depths, side by side with the baseline")
 def cmd_truncate(args) -> int:
-    from .compare import compare
+    from ..experiments.compare import compare
+    from ..experiments.engine import check_depth_syntax, check_mode
 
     check_mode(args.mode)
-    _check_depth_syntax(args.depths)
+    check_depth_syntax(args.depths)
     check_inputs(args)
     lm = load_from_args(args)
     res = compare(lm, args.visual, args.prompt, args.depths, mode=args.mode, max_new_tokens=args.max_new_tokens,
@@ -88,6 +38,8 @@ def cmd_truncate(args) -> int:
 
 
 def _configure_truncate(p):
+    from ..experiments.engine import MODES
+
     add_model_args(p)
     add_input_args(p)
     p.add_argument("--depths", default="0,all", help="comma-separated depths in 0..L, 'all' = L (no truncation)")
@@ -101,11 +53,10 @@ cmd_truncate.configure = _configure_truncate
 
 @command("stages", "VisiPruner's three stages from knockout windows (single layers, prefixes, suffixes)")
 def cmd_stages(args) -> int:
-    from .stages import causal_stages
+    from ..experiments.stages import causal_stages
 
     check_inputs(args)
-    if not args.tau > 0:
-        raise InputError(f"--tau must be a positive number of nats, got {args.tau}")
+    check_tau(args.tau)
     lm = load_from_args(args)
     r = causal_stages(lm, args.visual, args.prompt, max_new_tokens=args.max_new_tokens, tau=args.tau,
                       progress=progress_bar())
@@ -133,13 +84,14 @@ cmd_stages.configure = _configure_stages
 
 @command("sweep", "truncation sweep over every depth 0..L: summary (JSON + CSV), cliff layer, and the runs")
 def cmd_sweep(args) -> int:
-    from ..run import save_run
-    from .cliff import cliff_layer, reasoning_perturbation
-    from .compare import CSV_COLUMNS, sweep
+    from ..experiments.cliff import cliff_layer, reasoning_perturbation
+    from ..experiments.compare import sweep
+    from ..experiments.engine import check_mode
+    from ..run_files import save_run
 
     check_mode(args.mode)
-    _check_tau(args.tau)
-    out = _check_out_dir(args.out, "sweep.json")
+    check_tau(args.tau)
+    out = check_out_dir(args.out, "sweep.json")
     check_inputs(args)
     lm = load_from_args(args)
     res = sweep(lm, args.visual, args.prompt, mode=args.mode, max_new_tokens=args.max_new_tokens, store=args.store,
@@ -150,7 +102,7 @@ def cmd_sweep(args) -> int:
     save_run(res.baseline_run, out / "runs" / "baseline")
     for k, run in res.runs.items():
         save_run(run, out / "runs" / f"depth_{k:02d}")
-    write_csv(out / "sweep.csv", res.rows(), CSV_COLUMNS)
+    (out / "sweep.csv").write_text(res.csv())
     (out / "sweep.json").write_text(json.dumps(doc, indent=1))
     print(format_side_by_side(res))
     from ..findings import sweep_cliff_finding, vtw_finding
@@ -164,6 +116,9 @@ def cmd_sweep(args) -> int:
 
 
 def _configure_sweep(p):
+    from ..experiments.engine import MODES
+    from ..experiments.cliff import DEFAULT_TAU
+
     add_model_args(p)
     add_input_args(p)
     p.add_argument("--out", required=True, help="output directory (new, or an earlier sweep output)")
@@ -179,7 +134,8 @@ cmd_sweep.configure = _configure_sweep
 
 @command("study", "accuracy vs truncation depth: on your dataset (--data; torchrun for several processes) or the shapes suite")
 def cmd_study(args) -> int:
-    from .study import CSV_COLUMNS, SUITES, task_study
+    from ..experiments.engine import check_depth_syntax, check_mode
+    from ..experiments.study import SUITES, task_study
 
     if args.data:
         return _dataset_study(args)
@@ -190,8 +146,8 @@ def cmd_study(args) -> int:
         raise InputError(f"--n must be a positive number of examples per family, got {args.n}")
     families = [f.strip() for f in args.families.split(",")] if args.families else None
     if args.depths:
-        _check_depth_syntax(args.depths)
-    out = _check_out_dir(args.out, "study.json") if args.out else None
+        check_depth_syntax(args.depths)
+    out = check_out_dir(args.out, "study.json") if args.out else None
     lm = load_from_args(args)
     res = task_study(lm, suite=args.suite, n=args.n, families=families, mode=args.mode, depths=args.depths,
                      progress=progress_bar())
@@ -202,31 +158,17 @@ def cmd_study(args) -> int:
         from ..figures.experiments import fig_task_necessity
 
         out.mkdir(parents=True, exist_ok=True)
-        write_csv(out / "study.csv", res.rows, CSV_COLUMNS)
+        (out / "study.csv").write_text(res.csv())
         (out / "study.json").write_text(json.dumps(res.to_json(), indent=1))
-        fig_task_necessity(res).write_html(out / "fig_task_necessity.html", include_plotlyjs="cdn")  # small; plotly.js from its CDN
+        write_html(fig_task_necessity(res), out / "fig_task_necessity.html")
         print(f"saved: {out}/study.json, study.csv, fig_task_necessity.html")
     return 0
 
 
-def _distributed():
-    """(rank, world, local_rank, barrier) under torchrun (torch.distributed initialised here), else single process."""
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0, None
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), dist.barrier
-
-
 def _dataset_study(args) -> int:
     from ..data import load_dataset
-    from .dataset_study import DATA_TASKS, dataset_study
+    from ..experiments.dataset_study import DATA_TASKS, dataset_study
+    from ..experiments.engine import check_depth_syntax, check_mode
 
     check_mode(args.mode)
     if args.task is not None and args.task not in DATA_TASKS:
@@ -234,10 +176,10 @@ def _dataset_study(args) -> int:
     if not args.out:
         raise InputError("--data needs --out (the study directory: results are written there as they finish)")
     if args.depths:
-        _check_depth_syntax(args.depths)
+        check_depth_syntax(args.depths)
     if args.methods is not None and args.depths:
         raise InputError("give --depths (a truncation study) or --methods (a pruning study), not both")
-    rank, world, local, barrier = _distributed()
+    rank, world, local, barrier = distributed()
     data = load_dataset(args.data, task=args.task, on_bad_row=args.on_bad_row)
     if rank == 0:
         print(data.summary(), file=sys.stderr)
@@ -269,15 +211,14 @@ def _dataset_study(args) -> int:
             print(f"caption tokenizer: {res.caption_tokenizer}")
         from ..figures.study import fig_dataset_study
 
-        fig = fig_dataset_study(res)
-        tmp = Path(args.out) / ".fig_study.html.tmp"
-        fig.write_html(tmp, include_plotlyjs="cdn")
-        tmp.replace(Path(args.out) / "fig_study.html")
+        write_html(fig_dataset_study(res), Path(args.out) / "fig_study.html")
         print(f"saved: {args.out}/study.json, study.csv, results.jsonl, fig_study.html")
     return 0
 
 
 def _configure_study(p):
+    from ..experiments.engine import MODES
+
     add_model_args(p)
     p.add_argument("--data", default=None, help="your dataset: a .jsonl/.csv/.parquet manifest, an image folder with "
                    "metadata.jsonl, or a folder saved with datasets' save_to_disk")

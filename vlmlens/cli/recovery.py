@@ -1,27 +1,23 @@
 """The ``recover`` command (LoRA adapters trained with the image cut at each depth, then
 evaluated against the untruncated and the truncated model) and ``build-model`` (a built-in
-model assembled from installed parts); registered on import by vlmlens.cli."""
+model assembled from installed parts)."""
 from __future__ import annotations
 
 import sys
 
-from ..cli import add_model_args, command, load_from_args
 from ..errors import InputError
+from .common import add_model_args, check_out_dir, command, load_from_args
 
 
 @command("recover", "LoRA recovery: train adapters with the image cut at depth k, compare per task family")
 def cmd_recover(args) -> int:
-    from pathlib import Path
-
-    from .recovery import RecoveryConfig
-    from .recovery_study import recovery_study
+    from ..experiments.recovery import RecoveryConfig
+    from ..experiments.recovery_study import recovery_study
 
     cfg = RecoveryConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, rank=args.rank, alpha=2 * args.rank,
                          seed=args.seed)
     cfg.check()
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"--out {out} is not an empty directory; choose a new one")
+    out = check_out_dir(args.out)
     data = eval_data = None
     if args.data or args.eval_data:
         if not (args.data and args.eval_data):
