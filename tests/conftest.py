@@ -13,6 +13,15 @@ def image():
     return Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
 
 
+@pytest.fixture(scope="session")
+def tiny():
+    """The tiny-shapes checkpoint, loaded once for every test that only reads it (a test that trains or
+    merges adapters loads its own copy)."""
+    import vlmlens as vl
+
+    return vl.load_model("tiny-shapes", device="cpu", dtype="float32")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _support_matrix_results():
     """With VLMLENS_MATRIX_OUT set (scripts/support_matrix.py), the cells the family tests recorded."""

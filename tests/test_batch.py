@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-import vlmlens as vl
 from vlmlens.cli import main
 from vlmlens.data import load_dataset
 from vlmlens.experiments.batch import BatchError, BatchTrial, batch_problem, collate, output_kl
@@ -77,8 +76,8 @@ def test_a_batch_equals_one_item_at_a_time_on_every_family(family):
     assert len({r.n_prompt for r in bs.rows}) > 1
 
 
-def test_a_batch_equals_one_item_at_a_time_on_tiny_shapes():
-    lm = vl.load_model("tiny-shapes")
+def test_a_batch_equals_one_item_at_a_time_on_tiny_shapes(tiny):
+    lm = tiny
     ds = load_dataset("assets/datasets/shapes-mini/manifest.jsonl")
     items = [it for t in ("vqa", "caption", "cot") for it in [i for i in ds.items if i.task == t][:2]]
     bs = _check_equal(lm, [(it.image, it.prompt) for it in items], [[Truncate(2)], [Freeze(4)], [Truncate(6)]], 48)
@@ -127,8 +126,7 @@ def _same_lines(a, b):
             assert cx["output_kl"] == pytest.approx(cy["output_kl"], rel=1e-3, abs=1e-5)
 
 
-def test_a_batched_study_equals_the_one_at_a_time_study(tmp_path):
-    tiny = vl.load_model("tiny-shapes")
+def test_a_batched_study_equals_the_one_at_a_time_study(tmp_path, tiny):
     ds = load_dataset(small_manifest(tmp_path, (5, 2, 2)))
     one = dataset_study(tiny, ds, tmp_path / "one", depths=[0, 4], max_new_tokens=32)
     four = dataset_study(tiny, ds, tmp_path / "four", depths=[0, 4], max_new_tokens=32, batch_size=4)
@@ -143,8 +141,7 @@ def test_a_batched_study_equals_the_one_at_a_time_study(tmp_path):
     assert json.loads((tmp_path / "rem" / "study.json").read_text())["execution"]["single_items"] == 9
 
 
-def test_a_killed_batched_study_resumes_to_the_same_result(tmp_path):
-    tiny = vl.load_model("tiny-shapes")
+def test_a_killed_batched_study_resumes_to_the_same_result(tmp_path, tiny):
     ds = load_dataset(small_manifest(tmp_path, (5, 0, 0)), task="vqa")
     dataset_study(tiny, ds, tmp_path / "full", depths=[0, 4], max_new_tokens=4, batch_size=2)
 

@@ -150,11 +150,11 @@ def measure_cam_hits(lm, n: int = 20, seed0: int = 0):
 
 
 @pytest.mark.skipif(not (TINY_SHAPES_DIR / "config.json").exists(), reason="tiny-shapes checkpoint not trained yet")
-def test_tiny_shapes_maps_point_at_the_object():
+def test_tiny_shapes_maps_point_at_the_object(tiny):
     """Known answer: the asked-about object. The trained model reads the colour in its last
     layer (docs/study.md), so that layer's attention must land on the object; LLaVA-CAM is
     measured and printed (on this model it localises poorly: best layer ~0.2-0.25)."""
-    lm = vl.load_model("tiny-shapes", device="cpu", dtype="float32")
+    lm = tiny
     rate, att, chance, acc = measure_cam_hits(lm, 20)
     best = int(np.argmax(rate))
     print(f"\ntiny-shapes, n=20, chance {chance:.2f}, answers correct {acc:.2f}\n"

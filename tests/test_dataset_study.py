@@ -38,11 +38,6 @@ def small_manifest(tmp_path, per_task=(4, 1, 1)) -> Path:
     return d / "manifest.jsonl"
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return vl.load_model("tiny-shapes")
-
-
 def test_the_shipped_example_dataset_reads_clean():
     ds = load_dataset(SHIPPED)
     assert len(ds) == 200 and not ds.skipped

@@ -20,7 +20,6 @@ import pytest
 import torch
 from PIL import Image
 
-import vlmlens as vl
 from vlmlens import findings as F
 from vlmlens.analysis import geometry as geo
 from vlmlens.analysis.stability import (curves_of, image_vs_text, matched_curves, stabilisation, stabilised_from,
@@ -112,11 +111,6 @@ def test_stage_rule_on_constructed_outcomes():
     assert r["labels"] == ["fusion"] * 8 and r["sink"] is None
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    if not TINY_SHAPES_DIR.is_dir():
-        pytest.skip("tiny-shapes checkpoint not in this build")
-    return vl.load_model("tiny-shapes", device="cpu", dtype="float32")
 
 
 def _reads_only(lm, layers):

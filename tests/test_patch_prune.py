@@ -116,8 +116,7 @@ def test_identities_and_composition(image):
     assert (arrays2["image_kept"] == arrays["image_kept"]).all()         # the seed decides, not the cut
 
 
-def test_through_capture_and_a_merging_projector(image):
-    tiny = vl.load_model("tiny-shapes")
+def test_through_capture_and_a_merging_projector(image, tiny):
     run = vl.capture(tiny, image, "What color is the circle?", max_new_tokens=3,
                      interventions=[PatchPrune(0.25, "l2")])
     assert run.arrays["image_kept"].sum(1).tolist() == [16] * tiny.n_layers

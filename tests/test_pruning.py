@@ -342,11 +342,11 @@ def test_cli_prune(image, tmp_path, capsys):
     assert "keep ratio must be in (0, 1]" in capsys.readouterr().err
 
 
-def test_pruning_study_and_figures(tmp_path):
+def test_pruning_study_and_figures(tmp_path, tiny):
     from vlmlens.experiments.pruning import pruning_study
     from vlmlens.figures import fig_kept_tokens, fig_pruning_pareto
 
-    lm = vl.load_model("tiny-shapes")
+    lm = tiny
     st = pruning_study(lm, {"FastV K=2 keep 50%": [FastV(2, 0.5)], "VTW k=0": [VTW(0)], "VTW k=4": [VTW(4)]}, n=3,
                        families=["single"])
     assert st.methods == ["baseline", "FastV K=2 keep 50%", "VTW k=0", "VTW k=4"]

@@ -224,8 +224,7 @@ def test_without_java_caption_scoring_is_refused_with_how_to_get_it(monkeypatch)
     assert "NOT PTB" in got["tokenizer"]
 
 
-def test_a_caption_study_without_java_is_refused_before_it_runs(tmp_path, monkeypatch):
-    import vlmlens as vl
+def test_a_caption_study_without_java_is_refused_before_it_runs(tmp_path, monkeypatch, tiny):
     from vlmlens.data import load_dataset
     from vlmlens.experiments.dataset_study import dataset_study
 
@@ -235,7 +234,7 @@ def test_a_caption_study_without_java_is_refused_before_it_runs(tmp_path, monkey
     rows = [{"id": "c1", "image": "r.png", "question": "Describe the scene.", "answer": "a red square", "task": "caption"},
             {"id": "v1", "image": "r.png", "question": "What colour?", "answer": "red", "task": "vqa"}]
     (d / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    lm = vl.load_model("tiny-shapes")
+    lm = tiny
     _no_java(monkeypatch)
     out = tmp_path / "study"
     with pytest.raises(InputError, match="Java runtime"):

@@ -15,18 +15,12 @@ import time
 
 import pytest
 
-import vlmlens as vl
 from vlmlens.data import load_dataset
 from vlmlens.errors import InputError
 from vlmlens.experiments.dataset_study import dataset_study
 from vlmlens.experiments.study_files import LOCK, StudyLock
 
 from tests.test_dataset_study import ROOT, small_manifest
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return vl.load_model("tiny-shapes")
 
 
 def _lock(out, pid, job="someone-else"):

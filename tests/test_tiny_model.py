@@ -140,14 +140,14 @@ def test_arbitrary_images_do_not_crash(loaded):
             assert w in vocab_words
 
 
-def test_capture_through_the_library_maps_image_tokens_to_the_8x8_grid():
+def test_capture_through_the_library_maps_image_tokens_to_the_8x8_grid(tiny):
     """vl.capture on the shipped model: 64 image tokens on an 8x8 grid, in raster order. Known
     answer: in one-object scenes, the image token whose layer-0 state (the projector output)
     is farthest from the background's median lies on the object."""
     import vlmlens as vl
     from vlmlens.tiny.scenes import _RADIUS, make_scene
 
-    lm = vl.load_model("tiny-shapes", device="cpu", dtype="float32")
+    lm = tiny
     for seed in range(6):
         scene = make_scene(seed, n_objects=1)
         obj = scene.objects[0]
@@ -164,12 +164,12 @@ def test_capture_through_the_library_maps_image_tokens_to_the_8x8_grid():
         assert abs(cx - obj.x) <= r and abs(cy - obj.y) <= r, (seed, (i, j), (obj.x, obj.y))
 
 
-def test_unknown_words_are_named_in_the_run_and_the_overview():
+def test_unknown_words_are_named_in_the_run_and_the_overview(tiny):
     import vlmlens as vl
     from vlmlens.ui.panels import generation_markdown
     from vlmlens.ui.store import RunStore
 
-    lm = vl.load_model("tiny-shapes", device="cpu", dtype="float32")
+    lm = tiny
     image = Path(__file__).resolve().parents[1] / "assets" / "examples" / "shapes_03.png"
     run = vl.capture(lm, image, "How many objects are there? Think step by step.", max_new_tokens=2)
     assert run.meta["unknown_words"] == ["Think", "step", "by", "step."]
@@ -178,14 +178,13 @@ def test_unknown_words_are_named_in_the_run_and_the_overview():
     assert "unknown_words" not in vl.capture(lm, image, "How many objects are there?", max_new_tokens=2).meta
 
 
-def test_the_dashboard_warns_when_tiny_shapes_sees_a_picture_from_elsewhere(tmp_path):
-    import vlmlens as vl
+def test_the_dashboard_warns_when_tiny_shapes_sees_a_picture_from_elsewhere(tmp_path, tiny):
     from PIL import Image
 
     from vlmlens.ui.callbacks import Dashboard, new_session
     from vlmlens.ui.panels import generation_markdown
 
-    lm = vl.load_model("tiny-shapes", device="cpu", dtype="float32")
+    lm = tiny
     dash = Dashboard(model="tiny-shapes", runs_dir=tmp_path, loader=lambda *a, **k: lm)
     dash.holder.wait(60)
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8))

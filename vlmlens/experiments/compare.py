@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 from ..metrics import DEFAULT_SEPARATOR, answer_of, is_correct
-from .engine import Progress, Trial, check_mode, compare_outputs, parse_depths, truncation
+from .engine import Progress, Trial, check_mode, parse_depths, truncation
+from .variants import depth_variants
 
 CSV_COLUMNS = ("depth", "mode", "first_token_kl", "output_kl", "answer_kl", "answer_logprob_delta", "answer_tokens", "answer_kept",
                "correct", "text_kept", "baseline_logprob", "own_logprob", "first_divergence", "edit_distance", "answer",
@@ -139,14 +140,13 @@ def _truncation(lm, image, prompt, depths, *, mode, max_new_tokens, intervention
     if progress:
         progress(0, len(ks), "baseline")
     summaries, runs = [], {}
-    for i, k in enumerate(ks):
-        out = base if k == L else s.evaluate([truncation(k, mode)])
-        cmp = compare_outputs(base, out, separator, getattr(lm.processor, "tokenizer", None))
-        summaries.append(DepthSummary(depth=k, correct=is_correct(cmp["text"], truth, separator), **cmp))
+    for i, v in enumerate(depth_variants(lm, ks, mode)):
+        cmp, out = s.cell(v.interventions, separator=separator, truth=truth)
+        summaries.append(DepthSummary(depth=v.depth, **cmp))
         if keep_runs:
-            runs[k] = out.run
+            runs[v.depth] = out.run
         if progress:
-            progress(i + 1, len(ks), f"depth {k}")
+            progress(i + 1, len(ks), f"depth {v.depth}")
     r = base.run
     return TruncationResult(
         model=lm.name, family=lm.family, prompt=s.prep.prompt, image_sha256=s.prep.image_sha, mode=mode,

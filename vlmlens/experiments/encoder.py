@@ -12,9 +12,9 @@ import time
 from dataclasses import asdict, dataclass
 
 from ..errors import InputError
-from ..interventions import EncoderDepth
-from ..metrics import DEFAULT_SEPARATOR, is_correct
-from .engine import Progress, Trial, check_mode, compare_outputs, parse_depths, truncation
+from ..metrics import DEFAULT_SEPARATOR
+from .engine import Progress, Trial, check_mode, parse_depths
+from .variants import depth_variants
 
 
 @dataclass
@@ -61,29 +61,20 @@ def encoder_decoder_grid(lm, image, prompt: str, *, encoder_depths=None, decoder
     L = lm.n_layers
     F = lm.arch.vision_feature_depth(lm.model)
     ms = sorted(set(range(F + 1) if encoder_depths is None else encoder_depths))
-    if any(isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= F for m in ms):
+    if not ms or any(isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= F for m in ms):
         raise InputError(f"encoder depths must be integers in 0..{F} (the tower's features are read after {F} layers)"
                          f", got {list(encoder_depths)}")
     ks = parse_depths(range(L + 1) if decoder_depths is None else decoder_depths, L)
     s = Trial(lm, image, prompt, max_new_tokens=max_new_tokens)
-    tok = lm.processor.tokenizer
-    text, kept, kl, corr = [], [], [], []
-    total, done = len(ms) * len(ks), 0
-    for m in ms:
-        row_t, row_k, row_kl, row_c = [], [], [], []
-        for k in ks:
-            ivs = ([] if m == F else [EncoderDepth(m)]) + ([] if k == L else [truncation(k, mode)])
-            c = compare_outputs(s.baseline, s.baseline if not ivs else s.evaluate(ivs), separator, tok)
-            row_t.append(c["text"])
-            row_k.append(bool(c["answer_kept"]))
-            row_kl.append(float(c["output_kl"]))
-            row_c.append(is_correct(c["text"], truth, separator))
-            done += 1
-            if progress:
-                progress(done, total, f"encoder {m}, decoder {k}")
-        text.append(row_t)
-        kept.append(row_k)
-        kl.append(row_kl)
-        corr.append(row_c)
+    variants = depth_variants(lm, ks, mode, ms)
+    cells = []
+    for i, v in enumerate(variants):
+        cells.append(s.cell(v.interventions, separator=separator, truth=truth)[0])
+        if progress:
+            progress(i + 1, len(variants), f"encoder {v.encoder_depth}, decoder {v.depth}")
+
+    def grid(field, cast=lambda x: x):                       # m-major cells -> rows of m, columns of k
+        return [[cast(c[field]) for c in cells[i * len(ks):(i + 1) * len(ks)]] for i in range(len(ms))]
+    text, kept, kl, corr = grid("text"), grid("answer_kept", bool), grid("output_kl", float), grid("correct")
     return EncoderGrid(lm.name, s.prep.prompt, mode, ms, ks, F, L, s.baseline.run.generated_text, truth, text, kept, kl,
                        corr if truth is not None else None, round(time.perf_counter() - t0, 3))

@@ -39,7 +39,7 @@ from ..errors import InputError
 from ..interventions import Freeze, Truncate, decides_every_step, prefix_effect, validate_all
 from ..interventions.core import CUT_MODES
 from ..lens import NOTHING, Lens, Plan, Recording
-from ..metrics import DEFAULT_SEPARATOR, answer_of
+from ..metrics import DEFAULT_SEPARATOR, answer_of, is_correct
 from ..run import Run
 from .prefix import Prefix, accepts_logits_to_keep, prefill, prepare
 
@@ -214,6 +214,16 @@ class Trial:
         target = base.generated_ids if base is not None else run.token_ids[run.spans.n_prompt:]
         steps, lps = self._score(all_ivs, target, prefix)
         return Outcome(ivs, run, steps[0], lps, steps)
+
+    def cell(self, interventions: Sequence = (), *, separator: str = DEFAULT_SEPARATOR,
+             truth: str | None = None) -> tuple[dict, Outcome]:
+        """One variant against the baseline: its output compared (:func:`compare_outputs`, with the
+        model's tokenizer) plus ``correct`` against ``truth`` (None without one), and the variant's
+        Outcome. No interventions: the baseline itself, not run again."""
+        out = self.baseline if not interventions else self.evaluate(interventions)
+        c = compare_outputs(self.baseline, out, separator, getattr(self.lm.processor, "tokenizer", None))
+        c["correct"] = is_correct(c["text"], truth, separator)
+        return c, out
 
     def score(self, interventions: Sequence) -> Outcome:
         """Teacher-forced only: the baseline's tokens scored under ``interventions`` (one

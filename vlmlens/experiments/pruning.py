@@ -28,10 +28,11 @@ import numpy as np
 from ..analysis.compute import LayerShape, schedule_savings
 from ..errors import InputError
 from ..interventions import VTW, StagePruner, validate_all
+from ..metrics import DEFAULT_SEPARATOR
 from ..tables import Table, fixed, percent, percent1
-from ..metrics import DEFAULT_SEPARATOR, is_correct
-from .engine import Progress, Trial, answer_scores, compare_outputs
+from .engine import Progress, Trial, answer_scores
 from .methods import default_methods, describe_method
+from .variants import Variant, method_variants
 
 #: VTW's threshold for a 7B model (20 calibration samples); small models may need a looser one
 VTW_ETA = 0.003
@@ -102,11 +103,10 @@ def _counts(s: Trial) -> tuple[int, int, int]:
     return n_sys, len(img), s.prep.n_prompt - n_sys - len(img)
 
 
-def method_result(s: Trial, shape: LayerShape, name: str, ivs: list, separator: str, truth: str | None,
-                  tokenizer) -> MethodResult:
-    """One method on the session's input: its output against the baseline and the compute it saves."""
-    out = s.baseline if not ivs else s.evaluate(ivs)
-    c = compare_outputs(s.baseline, out, separator, tokenizer)
+def method_result(s: Trial, shape: LayerShape, v: Variant, separator: str, truth: str | None) -> MethodResult:
+    """One method (a method variant) on the trial's input: its output against the baseline and the compute it saves."""
+    name, ivs = v.key, list(v.interventions)
+    c, out = s.cell(ivs, separator=separator, truth=truth)
     L = s.n_layers
     rows = image_rows(out.run, L)
     n_sys, n_img, n_text = _counts(s)
@@ -117,7 +117,7 @@ def method_result(s: Trial, shape: LayerShape, name: str, ivs: list, separator: 
     kept = np.ones((L, n_img), np.uint8) if kept is None else np.asarray(kept)
     depth = next((l for l in range(L) if rows[l] == 0), None)
     return MethodResult(name, [iv.to_json() for iv in ivs], c["text"], c["answer"], bool(c["answer_kept"]),
-                        float(c["output_kl"]), is_correct(c["text"], truth, separator),
+                        float(c["output_kl"]), c["correct"],
                         rows, kept.tolist(), {k: float(sav[k][0]) for k in ("total_saving", "prefill_saving",
                                                                              "decode_saving", "kv_saving")}, depth,
                         describe_method(ivs) if ivs else "no pruning (the baseline)")
@@ -139,12 +139,11 @@ def compare_pruning(lm, image, prompt: str, methods: dict | None = None, *, max_
     methods = _check_methods(default_methods(lm.n_layers) if methods is None else methods, lm.n_layers)
     s = Trial(lm, image, prompt, max_new_tokens=max_new_tokens)
     shape = LayerShape.from_model(lm)
-    tok = lm.processor.tokenizer
-    res = [method_result(s, shape, "baseline", [], separator, truth, tok)]
-    for i, (name, ivs) in enumerate(methods.items()):
-        res.append(method_result(s, shape, name, list(ivs), separator, truth, tok))
-        if progress:
-            progress(i + 1, len(methods), name)
+    res = []
+    for i, v in enumerate(method_variants(methods)):
+        res.append(method_result(s, shape, v, separator, truth))
+        if progress and i:
+            progress(i, len(methods), v.key)
     return PruningComparison(lm.name, s.prep.prompt, s.baseline.run.generated_text, lm.n_layers, len(s.prep.image_pos),
                              truth, res, round(time.perf_counter() - t0, 3))
 
@@ -257,34 +256,32 @@ def pruning_study(lm, methods: dict | None = None, *, n: int = 20, families: Seq
     per task family (the "baseline" row is the untouched model)."""
     from ..tiny.eval import MAX_NEW_TOKENS
     from ..tiny.tasks import FAMILIES
-    from .study import _metrics, suite_examples
+    from .study import _metrics, suite_trials
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InputError(f"n must be a positive integer (examples per family), got {n!r}")
     methods = _check_methods(default_methods(lm.n_layers) if methods is None else methods, lm.n_layers)
     fams = list(FAMILIES if families is None else families)
-    names = ["baseline", *methods]
+    variants = method_variants(methods)
+    names = [v.key for v in variants]
     shape = LayerShape.from_model(lm)
-    tok = lm.processor.tokenizer
+    trials = suite_trials(lm, suite, fams, n, offset, progress, lambda f: {"max_new_tokens": MAX_NEW_TOKENS[f]})
     t0 = time.perf_counter()
-    rows, per = [], []
-    total, done = n * len(fams), 0
+    got = {f: {m: [] for m in names} for f in fams}     # family -> method -> per-example results
+    exs = {f: [] for f in fams}
+    per = []
+    for f, e, s in trials:
+        exs[f].append(e)
+        for v in variants:
+            r = method_result(s, shape, v, DEFAULT_SEPARATOR, e.answer)
+            got[f][v.key].append(r)
+            per.append({"family": f, "seed": e.seed, "method": v.key, "correct": r.correct, "depth": r.depth,
+                        "total_saving": r.savings["total_saving"]})
+    rows = []
     for f in fams:
-        exs = suite_examples(suite, f, n, offset)
-        got = {m: [] for m in names}
-        for e in exs:
-            s = Trial(lm, e.scene.image, e.prompt, max_new_tokens=MAX_NEW_TOKENS[f])
-            for m in names:
-                r = method_result(s, shape, m, [] if m == "baseline" else list(methods[m]), DEFAULT_SEPARATOR, e.answer, tok)
-                got[m].append(r)
-                per.append({"family": f, "seed": e.seed, "method": m, "correct": r.correct, "depth": r.depth,
-                            "total_saving": r.savings["total_saving"]})
-            done += 1
-            if progress:
-                progress(done, total, f"{f} seed {e.seed}")
         for m in names:
-            rs = got[m]
-            met = _metrics(f, exs, [r.text for r in rs])
+            rs = got[f][m]
+            met = _metrics(f, exs[f], [r.text for r in rs])
             depths = [r.depth if r.depth is not None else lm.n_layers for r in rs]
             rows.append({"family": f, "method": m, "n": len(rs), "accuracy": met["accuracy"], "token_f1": met["token_f1"],
                          "answer_kept": float(np.mean([r.answer_kept for r in rs])),

@@ -28,7 +28,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..tables import Table, fixed, percent
-from .engine import Progress, Trial, compare_outputs, check_mode, parse_depths, truncation
+from .engine import Progress, Trial, check_mode, parse_depths, truncation
+from .variants import depth_variants
 
 SUITES = ("shapes",)
 CSV_COLUMNS = ("family", "depth", "n", "accuracy", "token_f1", "exact_match", "answer_kept", "first_token_kl",
@@ -80,6 +81,22 @@ def suite_examples(suite: str, family: str, n: int, offset: int = 0):
     return split_examples(family, n, offset)
 
 
+def suite_trials(lm, suite: str, families, n: int, offset: int, progress: Progress | None, trial_kwargs):
+    """Each family's ``n`` test examples as ``(family, example, Trial)``, family by family; ``trial_kwargs(family)``
+    sets up the Trial. The examples are checked before any model work; progress counts examples done."""
+    per_family = {f: suite_examples(suite, f, n, offset) for f in families}
+
+    def trials():
+        total, done = sum(map(len, per_family.values())), 0
+        for f, exs in per_family.items():
+            for e in exs:
+                yield f, e, Trial(lm, e.scene.image, e.prompt, **trial_kwargs(f))
+                done += 1
+                if progress:
+                    progress(done, total, f"{f} seed {e.seed}")
+    return trials()
+
+
 def _metrics(family: str, examples, preds: list[str]) -> dict:
     from ..tiny.eval import score, token_f1
 
@@ -103,35 +120,29 @@ def task_study(lm, *, suite: str = "shapes", n: int = 100, families: Sequence[st
     fams = list(FAMILIES if families is None else families)
     ks = parse_depths(range(lm.n_layers + 1) if depths is None else depths, lm.n_layers)
     budget = dict(MAX_NEW_TOKENS, **(max_new_tokens or {}))
-    per_family = {f: suite_examples(suite, f, n, offset) for f in fams}
+    L = lm.n_layers  # the untruncated run doubles as depth L (a no-op truncation)
+    trials = suite_trials(lm, suite, fams, n, offset, progress,
+                          lambda f: {"max_new_tokens": budget[f], "reuse": reuse, "baseline": [truncation(L, mode)]})
     t0 = time.perf_counter()
-    total, done = n * len(fams), 0
-    rows, details = [], []
+    variants = depth_variants(lm, ks, mode)
+    cells = {f: {k: [] for k in ks} for f in fams}      # family -> depth -> per-example cells
+    exs = {f: [] for f in fams}
+    details = []
+    for f, e, s in trials:
+        exs[f].append(e)
+        outs = {}
+        for v in variants:
+            c = s.cell(v.interventions)[0]
+            cells[f][v.depth].append(c)
+            outs[v.key] = c["text"]
+        details.append({"family": f, "seed": e.seed, "kind": e.kind, "prompt": e.prompt, "reference": e.answer,
+                        "baseline": s.baseline.run.generated_text, "outputs": outs})
+    rows = []
     for f in fams:
-        exs = per_family[f]
-        preds = {k: [] for k in ks}
-        kept = {k: [] for k in ks}
-        kls = {k: [] for k in ks}
-        okls = {k: [] for k in ks}
-        for e in exs:
-            L = lm.n_layers  # the untruncated run doubles as depth L (a no-op truncation)
-            s = Trial(lm, e.scene.image, e.prompt, max_new_tokens=budget[f], reuse=reuse,
-                        baseline=[truncation(L, mode)])
-            outs = {}
-            for k in ks:
-                c = compare_outputs(s.baseline, s.baseline if k == L else s.evaluate([truncation(k, mode)]))
-                preds[k].append(c["text"])
-                kept[k].append(c["answer_kept"])
-                kls[k].append(c["first_token_kl"])
-                okls[k].append(c["output_kl"])
-                outs[str(k)] = c["text"]
-            details.append({"family": f, "seed": e.seed, "kind": e.kind, "prompt": e.prompt, "reference": e.answer,
-                            "baseline": s.baseline.run.generated_text, "outputs": outs})
-            done += 1
-            if progress:
-                progress(done, total, f"{f} seed {e.seed}")
         for k in ks:
-            m = _metrics(f, exs, preds[k])
-            rows.append({"family": f, "depth": k, "n": len(exs), **m, "answer_kept": float(np.mean(kept[k])),
-                         "first_token_kl": float(np.mean(kls[k])), "output_kl": float(np.mean(okls[k]))})
+            cs = cells[f][k]
+            rows.append({"family": f, "depth": k, "n": len(exs[f]), **_metrics(f, exs[f], [c["text"] for c in cs]),
+                         "answer_kept": float(np.mean([c["answer_kept"] for c in cs])),
+                         "first_token_kl": float(np.mean([c["first_token_kl"] for c in cs])),
+                         "output_kl": float(np.mean([c["output_kl"] for c in cs]))})
     return StudyResult(lm.name, suite, mode, lm.n_layers, n, fams, ks, rows, round(time.perf_counter() - t0, 1), details)

@@ -21,10 +21,11 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import InputError
-from ..interventions import EncoderDepth, batch_conflict
+from ..interventions import batch_conflict
 from ..metrics import TASKS, answer_of, item_score
 from .batch import BatchError, BatchTrial, output_kl
-from .engine import Trial, compare_outputs, truncation
+from .engine import Trial, truncation
+from .variants import depth_variants, method_variants
 
 DATA_TASKS = TASKS
 #: what one row can raise when it is run (its image, its text): recorded for that row, never the study's end
@@ -60,17 +61,6 @@ class Execution:
             self.reasons.append(why)
 
 
-def depth_variants(lm, depths, mode, encoder_depths) -> list[tuple[str, list]]:
-    """(cell key, interventions) of a depth study or an encoder x decoder grid; [] = the baseline."""
-    L, F = lm.n_layers, lm.arch.vision_feature_depth(lm.model)
-    out = []
-    for m in (encoder_depths or [F]):
-        for k in depths:
-            ivs = ([EncoderDepth(m)] if m < F else []) + ([truncation(k, mode)] if k < L else [])
-            out.append((f"{m},{k}" if encoder_depths else str(k), ivs))
-    return out
-
-
 def _cell(t, item, text, kept, kl, separator, vqa_normalization) -> dict:
     score = item_score(t, text, item.answers, item.choices, separator, vqa_normalization) if item.answers else None
     return {"text": text, "answer_kept": bool(kept), "output_kl": float(kl), "score": score}
@@ -81,23 +71,20 @@ def _record(item, t, baseline_text, kind, per) -> dict:
             "baseline": baseline_text, kind: per}
 
 
-def _single(lm, item, t, *, variants, mode, max_new_tokens, separator, methods, shape,
-            vqa_normalization) -> tuple[dict, str]:
+def _single(lm, item, t, *, variants, mode, max_new_tokens, separator, shape, vqa_normalization) -> tuple[dict, str]:
     from .pruning import method_result
 
     s = Trial(lm, item.image, item.prompt, max_new_tokens=max_new_tokens, baseline=[truncation(lm.n_layers, mode)])
     per = {}
-    if methods:
-        for name, ivs in {"baseline": [], **methods}.items():
-            r = method_result(s, shape, name, list(ivs), separator, None, lm.processor.tokenizer)
-            per[name] = {**_cell(t, item, r.text, r.answer_kept, r.output_kl, separator, vqa_normalization),
-                         "image_rows": r.image_rows,
-                         "total_saving": r.savings["total_saving"], "kv_saving": r.savings["kv_saving"]}
-    else:
-        for key, ivs in variants:
-            var = s.evaluate(ivs) if ivs else s.baseline
-            c = compare_outputs(s.baseline, var, separator, lm.processor.tokenizer)
-            per[key] = _cell(t, item, c["text"], c["answer_kept"], c["output_kl"], separator, vqa_normalization)
+    for v in variants:
+        if v.method is not None:         # a pruning method: its cell adds the compute its schedule saves
+            r = method_result(s, shape, v, separator, None)
+            per[v.key] = {**_cell(t, item, r.text, r.answer_kept, r.output_kl, separator, vqa_normalization),
+                          "image_rows": r.image_rows,
+                          "total_saving": r.savings["total_saving"], "kv_saving": r.savings["kv_saving"]}
+        else:
+            c = s.cell(v.interventions, separator=separator)[0]
+            per[v.key] = _cell(t, item, c["text"], c["answer_kept"], c["output_kl"], separator, vqa_normalization)
     return per, s.baseline.run.generated_text
 
 
@@ -107,8 +94,8 @@ def _batched(lm, items, tasks, *, variants, mode, max_new_tokens, separator,
                       baseline=[truncation(lm.n_layers, mode)])
     base = bs.baseline
     pers = [{} for _ in items]
-    for key, ivs in variants:
-        var = bs.evaluate(ivs) if ivs else base
+    for v in variants:
+        key, var = v.key, (bs.evaluate(list(v.interventions)) if v.interventions else base)
         for b, (item, t) in enumerate(zip(items, tasks)):
             kept = answer_of(var.texts[b], separator) == answer_of(base.texts[b], separator)
             kl = output_kl(base.step_logprobs[b], var.step_logprobs[b], len(base.generated_ids[b]))
@@ -128,12 +115,12 @@ def run_items(lm, items, *, task, depths, mode, max_new_tokens, separator, rank_
         raise InputError(f"batch size must be an integer >= 1, got {batch_size!r}")
     ex = Execution(batch_size)
     shape = LayerShape.from_model(lm) if methods else None
-    variants = [] if methods else depth_variants(lm, depths, mode, encoder_depths)
+    variants = method_variants(methods) if methods else depth_variants(lm, depths, mode, encoder_depths)
     kind = "methods" if methods else ("grid" if encoder_depths else "depths")
     B = batch_size
     if B > 1:
         why = ("token-pruning methods rank tokens per example" if methods
-               else batch_conflict([iv for _, ivs in variants for iv in ivs]))
+               else batch_conflict([iv for v in variants for iv in v.interventions]))
         if why:
             ex.note(f"one item at a time: {why}")
             B = 1
@@ -161,7 +148,7 @@ def run_items(lm, items, *, task, depths, mode, max_new_tokens, separator, rank_
                 for it, t in zip(chunk, tasks):
                     try:
                         results.append(_single(lm, it, t, variants=variants, mode=mode, max_new_tokens=max_new_tokens,
-                                               separator=separator, methods=methods, shape=shape,
+                                               separator=separator, shape=shape,
                                                vqa_normalization=vqa_normalization))
                     except ROW_ERRORS as e:
                         bad = row_failure(it, t, e)
