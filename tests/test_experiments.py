@@ -261,7 +261,7 @@ def test_task_study_smoke():
 
 def test_sweep_figures(llava_sweep):
     L = llava_sweep.n_layers
-    fig = F.fig_truncation_sweep(llava_sweep.to_json())
+    fig = F.fig_truncation_sweep(llava_sweep)
     names = [t.name for t in fig.data]
     assert names == ["output KL (nats)", "first-token KL", "answer kept (vs baseline)", "Δ log p(baseline answer)"]
     assert all(len(t.x) == L + 1 for t in fig.data)

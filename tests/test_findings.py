@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from vlmlens import findings as F
+from vlmlens.metrics import NOISE_FLOOR
 from vlmlens.analysis import geometry as geo
 from vlmlens.analysis.stability import (curves_of, image_vs_text, matched_curves, stabilisation, stabilised_from,
                                         token_movement)
@@ -222,7 +223,7 @@ def test_answer_kl_sees_a_caption_change_that_first_token_kl_misses(tiny):
                   keep_runs=False, store="none", record_attention=False)
     d = res.depth(4)
     assert not d.answer_kept                          # the caption's words change
-    assert d.first_token_kl < F.NOISE_FLOOR           # its first word "a" does not
+    assert d.first_token_kl < NOISE_FLOOR           # its first word "a" does not
     assert d.answer_kl > 1.0 and d.answer_logprob_delta < -1.0 and d.answer_tokens == len(res.baseline_token_ids)
 
 

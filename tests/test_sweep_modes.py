@@ -57,6 +57,39 @@ def test_findings_read_the_cliff_from_drop_whatever_the_order():
     assert F.headline_sweep({"remove": _sweep("remove", [True] * 5, [0.0] * 5), "drop": DROP}) is DROP
 
 
+def test_the_sweep_figures_state_what_the_findings_say():
+    """Figures draw, findings decide: the caller's statements become the marks and the subtitle."""
+    from vlmlens.experiments.compare import TruncationResult
+    from vlmlens.figures.experiments import fig_sweep_modes, fig_truncation_sweep
+    from vlmlens.ui.experiment_views import _figure_of
+
+    def full(s):                     # the fields a saved sweep has that the findings do not read
+        more = {"token_ids": [1], "first_divergence": None, "edit_distance": 0, "baseline_logprob": 0.0,
+                "own_logprob": 0.0, "answer": "yes", "text_kept": True}
+        top = {"model": "m", "family": "llava", "image_sha256": "0", "max_new_tokens": 1, "separator": "answer:",
+               "reuse": True, "baseline_token_ids": [1], "baseline_logprob": 0.0, "baseline_answer": "yes"}
+        return {**top, **s, "depths": [{**more, **d} for d in s["depths"]]}
+
+    st = F.sweep_statements({"freeze": FREEZE, "drop": DROP})
+    assert st["cliff"].value == 2 and st["cliff_mode"] == "drop" and st["freeze"].value == 0
+    objs = {m: TruncationResult.from_json(full(s)) for m, s in (("drop", DROP), ("freeze", FREEZE))}
+    fig = fig_sweep_modes(objs, **st)
+    marks = [a.text for a in fig.layout.annotations]
+    assert "sweep cliff 2 (drop)" in marks and "freeze 0" in marks
+    assert [s.x0 for s in fig.layout.shapes if s.type == "line"] == [2, 2, 0, 0]
+    assert [a.text for a in _figure_of({"drop": full(DROP), "freeze": full(FREEZE)}, fig_sweep_modes, "t").layout.annotations
+            if "cliff" in (a.text or "")] == ["sweep cliff 2 (drop)"]
+    # no statements given: no marks (a figure never decides one itself)
+    assert not [a for a in fig_sweep_modes(objs).layout.annotations if "cliff" in (a.text or "")]
+    # one freeze sweep alone: its own figure, subtitled with why it states no cliff
+    one = F.sweep_statements({"freeze": FREEZE})
+    sub = fig_truncation_sweep(objs["freeze"], cliff=one["cliff"]).layout.title.text
+    assert "drop or remove" in sub and not [s for s in fig_truncation_sweep(objs["freeze"], cliff=one["cliff"]).layout.shapes
+                                            if s.type == "line" and s.line.color == "#CC79A7"]
+    with pytest.raises(TypeError, match="result object"):
+        fig_truncation_sweep(DROP)
+
+
 @pytest.fixture(scope="module")
 def dash():
     from vlmlens.ui.callbacks import Dashboard

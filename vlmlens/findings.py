@@ -49,9 +49,6 @@ from .metrics import DEFAULT_SEPARATOR, answer_of
 from .run_files import sweeps_of
 
 STATUSES = ("causal", "measured", "proxy", "not found", "unverified")
-#: summed answer KL (nats) below which a change is reported as "no change" (numerical noise
-#: of float32 forwards is ~1e-6; a real change on tiny-shapes is >= 1e-2)
-NOISE_FLOOR = 1e-3
 DEFAULT_ETA = 0.1
 
 
@@ -247,6 +244,19 @@ def freeze_finding(sweep: dict | None) -> Finding | None:
     return Finding("freeze", "frozen image states", "causal", text, definition, k,
                    {"pattern": pattern, "mode": "freeze"})
 
+
+
+def sweep_statements(sweeps: dict) -> dict:
+    """What the sweep figures state (keyword arguments of ``fig_sweep_modes``): the sweep cliff,
+    read from the drop sweep (else remove; one sweep alone: that one, which says why when it is a
+    freeze sweep), the mode it was read from, and the freeze depth. ``sweeps``: mode -> result or its JSON."""
+    jsons = {m: (s.to_json() if hasattr(s, "to_json") else s) for m, s in sweeps.items() if s is not None}
+    if len(jsons) == 1:
+        only = next(iter(jsons.values()))
+        return {"cliff": sweep_cliff_finding(only), "cliff_mode": only.get("mode", "drop"), "freeze": None}
+    head = headline_sweep(jsons)
+    return {"cliff": sweep_cliff_finding(head) if head else None, "cliff_mode": head.get("mode") if head else None,
+            "freeze": freeze_finding(jsons.get("freeze"))}
 
 def attention_cliff_finding(run, sweep_cliff: int | None) -> Finding:
     from .analysis.attention import attention_cliff_details

@@ -24,6 +24,9 @@ import shutil
 TASKS = ("vqa", "mc", "caption", "cot")
 #: what precedes the final answer of a trace ("... answer: red")
 DEFAULT_SEPARATOR = "answer:"
+#: summed answer KL (nats) below which a change is reported as "no change" (numerical noise
+#: of float32 forwards is ~1e-6; a real change on tiny-shapes is >= 1e-2)
+NOISE_FLOOR = 1e-3
 
 # The answer processing of the official VQA evaluation (GT-Vision-Lab/VQA, vqaEval.py), as data:
 # its contraction table (verbatim, its odd entries included: keys with capitals never match after

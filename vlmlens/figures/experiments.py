@@ -10,7 +10,9 @@
 * :func:`fig_task_necessity` — accuracy against depth per task family;
 * the substitution matrix, the layer-skip scan and the compute trade-off are in ``matrices.py``.
 
-Every function accepts the result object or its ``to_json()`` dict (as saved next to a run).
+Every function takes result objects (``TruncationResult``, ``TracePerturbation``, ``StudyResult``);
+what a figure states (the sweep cliff, the freeze depth) comes in as findings the caller computed
+(:func:`vlmlens.findings.sweep_statements`): a figure draws, it never decides.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import html
 
 import plotly.graph_objects as go
 
-from ..findings import NOISE_FLOOR
+from ..metrics import NOISE_FLOOR
 from ._style import SPAN_COLORS, empty_figure, legend_below, new_figure
 
 KL_COLOR = SPAN_COLORS["image"]
@@ -31,9 +33,7 @@ CLIFF_COLOR = "#CC79A7"
 
 def _truncation(result):
     if isinstance(result, dict):
-        from ..experiments.compare import TruncationResult
-
-        return TruncationResult.from_json(result)
+        raise TypeError("give the result object (TruncationResult.from_json(d) reads a saved one)")
     return result
 
 
@@ -49,7 +49,7 @@ def _akl(d) -> float:
     return d.first_token_kl
 
 
-def fig_truncation_sweep(result, *, cliff: int | None = None, floor: float = NOISE_FLOOR,
+def fig_truncation_sweep(result, *, cliff=None, floor: float = NOISE_FLOOR,
                          title: str | None = None) -> go.Figure:
     """Three panels over depth, one point per depth of the result (L+1 for a sweep):
 
@@ -60,22 +60,18 @@ def fig_truncation_sweep(result, *, cliff: int | None = None, floor: float = NOI
        truth (a depth that fixes the baseline's mistake shows as lost + correct);
     3. the change in log-prob of the baseline's answer tokens.
 
-    The sweep cliff (shallowest depth from which every deeper depth keeps the answer;
-    :func:`vlmlens.findings.sweep_cliff_finding`) is a vertical line, unless ``cliff`` is given.
+    ``cliff``: the sweep-cliff finding (:func:`vlmlens.findings.sweep_statements`): its statement is the
+    subtitle and its depth (shallowest from which every deeper depth keeps the answer) a vertical line.
     """
-    from ..findings import sweep_cliff_finding
-
     r = _truncation(result)
     if not r.depths:
         return empty_figure("no depths in this result", title=title)
-    found = sweep_cliff_finding(r.to_json())
-    if cliff is None:
-        cliff = found.value
+    found, cliff = cliff, (None if cliff is None else cliff.value)
     x = [d.depth for d in r.depths]
     fig = new_figure(3, 1, shared_xaxes=True, height=760, titles=(
         "KL(baseline ‖ truncated), summed over the generated tokens", "Answer kept / correct",
         "Change in log-prob of the baseline's answer"),
-        title=title or f"Truncation sweep ({r.mode}) — {r.prompt}<br><sup>{found.text}</sup>")
+        title=title or f"Truncation sweep ({r.mode}) — {r.prompt}" + (f"<br><sup>{found.text}</sup>" if found else ""))
     hover = [f"depth {d.depth}<br>{html.escape(d.text[:80])}" for d in r.depths]
     fig.add_hrect(y0=0, y1=floor, fillcolor="#dddddd", opacity=0.5, line_width=0, row=1, col=1,
                   annotation_text=f"no change (< {floor:g})", annotation_position="top left")
@@ -118,23 +114,20 @@ MODE_COLORS = {"drop": "#0072B2", "remove": "#56B4E9", "freeze": "#E69F00"}
 MODE_DASH = {"drop": "solid", "remove": "dash", "freeze": "dot"}
 
 
-def fig_sweep_modes(sweeps: dict, *, floor: float = NOISE_FLOOR, title: str | None = None) -> go.Figure:
+def fig_sweep_modes(sweeps: dict, *, cliff=None, cliff_mode: str | None = None, freeze=None,
+                    floor: float = NOISE_FLOOR, title: str | None = None) -> go.Figure:
     """Every mode's sweep of one run side by side (``sweeps``: mode -> result): output KL and the
-    answer kept against depth, one colour per mode. The sweep cliff is marked from the drop (else
-    remove) sweep only; the freeze sweep's depth ("frozen image states suffice") is marked as its
-    own statement. One sweep alone is :func:`fig_truncation_sweep`."""
-    from ..findings import freeze_finding, headline_sweep, sweep_cliff_finding
-
+    answer kept against depth, one colour per mode. ``cliff`` (read from the ``cliff_mode`` sweep: drop,
+    else remove) and ``freeze`` ("frozen image states suffice") are the findings of
+    :func:`vlmlens.findings.sweep_statements`, each marked as its own statement. One sweep alone is
+    :func:`fig_truncation_sweep`."""
     res = {m: _truncation(r) for m, r in sweeps.items() if r is not None}
     res = {m: res[m] for m in sorted(res, key=lambda m: (list(MODE_COLORS).index(m) if m in MODE_COLORS else 9, m))}
     if not res:
         return empty_figure("no sweep for this run yet", title=title)
     if len(res) == 1:
-        return fig_truncation_sweep(next(iter(res.values())), floor=floor, title=title)
-    jsons = {m: r.to_json() for m, r in res.items()}
-    head = headline_sweep(jsons)
-    cliff = sweep_cliff_finding(head) if head else None
-    fz = freeze_finding(jsons.get("freeze"))
+        return fig_truncation_sweep(next(iter(res.values())), cliff=cliff, floor=floor, title=title)
+    fz = freeze
     sub = " · ".join(t for t in [f"sweep cliff: {cliff.text}" if cliff else "no drop/remove sweep",
                                  f"frozen image states: {fz.text}" if fz else ""] if t)
     any_r = next(iter(res.values()))
@@ -157,7 +150,7 @@ def fig_sweep_modes(sweeps: dict, *, floor: float = NOISE_FLOOR, title: str | No
                                  hovertext=hover, showlegend=False), row=2, col=1)
     marks = []
     if cliff is not None and cliff.value is not None:
-        marks.append((cliff.value, f"sweep cliff {cliff.value} ({head.get('mode')})", CLIFF_COLOR))
+        marks.append((cliff.value, f"sweep cliff {cliff.value} ({cliff_mode})", CLIFF_COLOR))
     if fz is not None and fz.value is not None:
         marks.append((fz.value, f"freeze {fz.value}", MODE_COLORS["freeze"]))
     for i, (x0, text, color) in enumerate(marks):
@@ -237,16 +230,10 @@ def fig_side_by_side(result, *, title: str | None = None) -> go.Figure:
 
 def fig_reasoning_perturbation(perturbation, *, title: str | None = None) -> go.Figure:
     """Bars: normalised trace edit distance per depth; markers on top: final answer changed / kept.
-
-    Accepts a TracePerturbation (or its dict) or a TruncationResult (computed with its separator).
-    """
-    from ..experiments.cliff import TracePerturbation, reasoning_perturbation
-
+    ``perturbation``: a TracePerturbation (``experiments.cliff.reasoning_perturbation`` of a sweep)."""
     p = perturbation
-    if isinstance(p, dict) and "trace_distance" in p:
-        p = TracePerturbation(**p)
-    elif not isinstance(p, TracePerturbation):
-        p = reasoning_perturbation(_truncation(p))
+    if not hasattr(p, "trace_distance"):
+        raise TypeError("give the TracePerturbation (experiments.cliff.reasoning_perturbation(result))")
     fig = new_figure(title=title or "Reasoning trace under truncation")
     fig.add_trace(go.Bar(x=p.depths, y=p.trace_distance, name="trace edit distance (normalised)",
                          marker_color=KL_COLOR))

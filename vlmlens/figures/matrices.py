@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-from ..findings import NOISE_FLOOR
+from ..metrics import NOISE_FLOOR
 from ._style import SEQUENTIAL_COLORSCALE, SPAN_COLORS, empty_figure, legend_below, new_figure
 
 TOKEN_COLORS = {"image": SPAN_COLORS["image"], "all": SPAN_COLORS["system"]}

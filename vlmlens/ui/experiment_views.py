@@ -4,6 +4,7 @@ draw them (no gradio here)."""
 from __future__ import annotations
 
 from ..analysis.compute import compute_tradeoff
+from ..experiments.cliff import reasoning_perturbation
 from ..experiments.skip import SkipScanResult, layer_skip_scan
 from ..experiments.substitution import SubstitutionResult, substitution_matrix
 from ..experiments.encoder import EncoderGrid, encoder_decoder_grid
@@ -11,6 +12,7 @@ from ..figures.encoder import fig_encoder_grid
 from ..figures.pruning import fig_kept_tokens
 from ..figures.experiments import fig_reasoning_perturbation, fig_sweep_modes
 from ..figures.matrices import fig_compute_tradeoff, fig_layer_skip, fig_substitution_matrix
+from ..findings import sweep_statements
 from .markup import generations_table, note
 from .panels import content_key, figure, message_figure
 SWEEP_CHOICE = "all (sweep)"
@@ -134,11 +136,16 @@ def perturbation_figure(entry, result: dict | None):
 
 
 def _figure_of(result: dict, fig, title: str):
+    """A stored result's figure: the result object read back, and what the figure states computed here."""
     try:
-        obj = ({m: _result_obj(r) for m, r in result.items()} if fig is fig_sweep_modes
-               else _result_obj(result))
+        if fig is fig_sweep_modes:
+            return figure(fig, {m: _result_obj(r) for m, r in result.items()}, title=title,
+                          **sweep_statements(result))
+        obj = _result_obj(result)
     except Exception as e:
         return message_figure(f"stored result is not readable: {e}", title)
+    if fig is fig_reasoning_perturbation:
+        obj = reasoning_perturbation(obj)
     return figure(fig, obj, title=title)
 
 

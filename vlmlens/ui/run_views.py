@@ -13,7 +13,7 @@ from ..figures.attention import fig_attention_flow, fig_attention_heads, fig_cro
 from ..figures.dynamics import fig_dynamics, fig_layer_similarity, fig_token_umap
 from ..figures.movement import fig_token_movement
 from ..figures.heatmaps import fig_cam_grid, fig_cam_layer, fig_head_maps, fig_logit_lens, fig_patch_lens
-from ..findings import NOISE_FLOOR
+from ..metrics import NOISE_FLOOR
 from .panels import Missing, figure, message_figure
 
 HEATMAP_KINDS = ("attention", "LLaVA-CAM")
