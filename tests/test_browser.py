@@ -186,7 +186,7 @@ def test_dashboard_end_to_end(served, page):
     from vlmlens.ui import run_views
     from vlmlens.ui.store import Derived, Entry
 
-    latest = [e for e in dash.store.snapshot() if e.source == "capture"][-1]     # the run the page shows
+    latest = [e for e in dash.store._entries.values() if e.source == "capture"][-1]   # the run the page shows
     cold = Entry("bench", latest.run, "bench", "bench", Derived(), {})
     draws = []
     for layer in range(L):

@@ -46,7 +46,7 @@ def test_sweep_equals_independent_captures(family, mode, image, llava_sweep):
     L = lm.n_layers
     res = llava_sweep if (family, mode) == ("llava", "drop") else sweep(lm, image, P, mode=mode, max_new_tokens=N,
                                                                           hidden_dtype="float32")
-    assert res.reuse and res.depth_values == list(range(L + 1))
+    assert res.reuse and [d.depth for d in res.depths] == list(range(L + 1))
     ref = sweep(lm, image, P, mode=mode, max_new_tokens=N, hidden_dtype="float32", reuse=False, store="none",
                 record_attention=False)
     assert not ref.reuse
@@ -121,7 +121,7 @@ def test_baseline_depth_and_metric_meaning(image, llava_sweep):
 def test_compare_depth_parsing_and_marking(image):
     lm = random_lm("llava")
     r = compare(lm, image, P, "all,0", mode="remove", max_new_tokens=N, store="none", record_attention=False)
-    assert r.depth_values == [0, 2] and set(r.runs) == {0, 2}
+    assert [d.depth for d in r.depths] == [0, 2] and set(r.runs) == {0, 2}
     d0 = r.depth(0)
     assert d0.first_divergence is not None  # random weights: the blind model says something else
     marked = r.marked_text(0)

@@ -148,8 +148,7 @@ def test_token_embedding_pca_shape_index_and_cache(run):
     n_tok = run.spans.n_total
     emb = fd.token_embedding(run, "pca", max_tokens=None)
     assert emb.shape == ((L + 1) * n_tok, 2) and np.isfinite(emb).all()
-    assert fd.embedding_cached(run, "pca", max_tokens=None)
-    assert fd.token_embedding(run, "pca", max_tokens=None) is emb
+    assert fd.token_embedding(run, "pca", max_tokens=None) is emb          # cached: the same array, not recomputed
     lay, pos = fd.embedding_index(run, max_tokens=None)
     assert len(lay) == len(emb) and lay[0] == 0 and lay[-1] == L and pos[-1] == n_tok - 1
     # frozen image states share a point from layer FREEZE on (same direction after scaling)

@@ -189,7 +189,7 @@ def test_chat_template_and_image_expansion(processor):
     assert tuple(inp["pixel_values"].shape) == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
     # the training fast path produces exactly what the processor produces
     enc = FastEncoder(processor.tokenizer)
-    assert enc.prompt_ids("What color is the circle?") == ids
+    assert enc.head + enc.turn_ids("What color is the circle?", first=True) == ids
     px = pixels(make_scene(3).image)
     assert np.abs(inp["pixel_values"][0].numpy() - px).max() < 1e-5
 

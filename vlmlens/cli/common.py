@@ -42,6 +42,13 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=16)
 
 
+def add_mode_arg(p: argparse.ArgumentParser, default: str = "drop", what: str = "how the image is cut") -> None:
+    """--mode: drop / remove / freeze (the library's one list of cut modes)."""
+    from ..experiments.engine import MODES
+
+    p.add_argument("--mode", default=default, help=f"{what}: one of {', '.join(MODES)} (default {default})")
+
+
 def load_from_args(args):
     from ..models.loading import load_model
 

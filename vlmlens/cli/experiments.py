@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
-from .common import (add_input_args, add_model_args, check_inputs, check_out_dir, check_tau, command, distributed,
-                     load_from_args, progress_bar, write_html)
+from .common import (add_input_args, add_mode_arg, add_model_args, check_inputs, check_out_dir, check_tau, command,
+                     distributed, load_from_args, progress_bar, write_html)
 
 
 # ---- truncate -----------------------------------------------------------------------------------
@@ -38,12 +38,10 @@ def cmd_truncate(args) -> int:
 
 
 def _configure_truncate(p):
-    from ..experiments.engine import MODES
-
     add_model_args(p)
     add_input_args(p)
     p.add_argument("--depths", default="0,all", help="comma-separated depths in 0..L, 'all' = L (no truncation)")
-    p.add_argument("--mode", default="drop", help=f"one of {', '.join(MODES)}")
+    add_mode_arg(p)
 
 
 cmd_truncate.configure = _configure_truncate
@@ -116,13 +114,12 @@ def cmd_sweep(args) -> int:
 
 
 def _configure_sweep(p):
-    from ..experiments.engine import MODES
     from ..experiments.cliff import DEFAULT_TAU
 
     add_model_args(p)
     add_input_args(p)
     p.add_argument("--out", required=True, help="output directory (new, or an earlier sweep output)")
-    p.add_argument("--mode", default="drop", help=f"one of {', '.join(MODES)}")
+    add_mode_arg(p)
     p.add_argument("--tau", type=float, default=DEFAULT_TAU, help="first-token KL threshold of the cliff rule (nats)")
     p.add_argument("--store", default="all", choices=["all", "image_text", "none"], help="hidden states kept in the runs")
 
@@ -217,8 +214,6 @@ def _dataset_study(args) -> int:
 
 
 def _configure_study(p):
-    from ..experiments.engine import MODES
-
     add_model_args(p)
     p.add_argument("--data", default=None, help="your dataset: a .jsonl/.csv/.parquet manifest, an image folder with "
                    "metadata.jsonl, or a folder saved with datasets' save_to_disk")
@@ -244,7 +239,7 @@ def _configure_study(p):
     p.add_argument("--n", type=int, default=100, help="examples per task family")
     p.add_argument("--families", default=None, help="comma-separated subset of single,caption,reasoning")
     p.add_argument("--depths", default=None, help="comma-separated depths (default: every depth 0..L)")
-    p.add_argument("--mode", default="drop", help=f"one of {', '.join(MODES)}")
+    add_mode_arg(p)
     p.add_argument("--out", default=None, help="directory for study.csv, study.json (+ fig_task_necessity.html,"
                    " or results.jsonl with --data)")
 

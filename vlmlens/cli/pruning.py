@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 
 from ..errors import InputError
-from .common import (add_input_args, add_model_args, check_inputs, check_out_dir, command, load_from_args, progress_bar,
-                     write_html)
+from .common import (add_input_args, add_mode_arg, add_model_args, check_inputs, check_out_dir, command, load_from_args,
+                     progress_bar, write_html)
 
 
 # ---- prune --------------------------------------------------------------------------------------
@@ -127,12 +127,10 @@ def cmd_encoder(args) -> int:
 
 
 def _configure_encoder(p):
-    from ..experiments.engine import MODES
-
     add_model_args(p)
     add_input_args(p)
     p.add_argument("--truth", default=None, help="the correct answer (optional)")
-    p.add_argument("--mode", default="remove", help=f"decoder-side cut: one of {', '.join(MODES)}")
+    add_mode_arg(p, "remove", "decoder-side cut")
     p.add_argument("--out", default=None, help="directory for encoder_grid.json and fig_encoder_grid.html")
 
 

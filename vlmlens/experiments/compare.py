@@ -88,10 +88,6 @@ class TruncationResult:
                 return d
         raise KeyError(f"depth {k} not in this result (have {[d.depth for d in self.depths]})")
 
-    @property
-    def depth_values(self) -> list[int]:
-        return [d.depth for d in self.depths]
-
     def to_json(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k not in ("runs", "baseline_run", "depths")}
         out["depths"] = [asdict(d) for d in self.depths]

@@ -321,15 +321,6 @@ def token_embedding(run, method: str = "umap", *, layers=None, max_tokens: int |
                    lambda: _embed(run, method, layers, max_tokens, seed))
 
 
-def embedding_cached(run, method: str = "umap", *, layers=None, max_tokens: int | None = 128,
-                     seed: int = 0) -> bool:
-    """Whether :func:`token_embedding` with these options would return at once."""
-    full = (id(_states_ref(run)),) + _embedding_key(method, layers, max_tokens, seed)
-    with _LOCK:
-        hit = _CACHE.get(full)
-        return hit is not None and hit[0]() is _states_ref(run)
-
-
 def fig_token_umap(run, *, method: str = "umap", layers=None, max_tokens: int | None = 128,
                    seed: int = 0) -> go.Figure:
     """Scatter of :func:`token_embedding`: colour = layer, marker symbol = span (one trace per

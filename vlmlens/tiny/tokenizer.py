@@ -113,10 +113,6 @@ class FastEncoder:
             self._cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
         return self._cache[text]
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """ids of '<s>USER: <image>*64 {prompt} ASSISTANT:'"""
-        return self.head + self.turn_ids(prompt, first=True)
-
     def turn_ids(self, prompt: str, first: bool) -> list[int]:
         """A user turn after the head (first) or after an earlier answer's '</s>':
         '{prompt} ASSISTANT:' or 'USER: {prompt} ASSISTANT:'."""

@@ -161,11 +161,6 @@ class RunStore:
         with self._lock:
             return bool(run_id) and run_id in self._entries
 
-    def snapshot(self) -> list[Entry]:
-        """The entries, oldest first (for diagnostics and tests)."""
-        with self._lock:
-            return list(self._entries.values())
-
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
