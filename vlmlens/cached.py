@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from .errors import InputError
+from .experiments.explore import add_analysis_arrays
 from .models.loading import EXAMPLES
 
 MAX_NEW = {"single": 4, "caption": 40, "reasoning": 48, "photo": 16}
@@ -103,31 +104,6 @@ def load_specs(examples_dir: Path = EXAMPLES, specs=SPECS, lm=None) -> list[dict
                     "prompt": pick["prompt"], "answer": pick["answer"], "seed": ex.get("seed"),
                     "truth": ex.get("truth"), "max_new_tokens": MAX_NEW[family]})
     return out
-
-
-def add_analysis_arrays(lm, run, video=None) -> list[str]:
-    """Store the model-dependent analyses in the run, so that figures (and the app without a
-    model) need only the Run: LLaVA-CAM and the logit / patch lens. Returns the names added;
-    an analysis that fails on this run is skipped and named in ``run.meta["analysis_failed"]``
-    (e.g. a family whose CAM backward is unsupported), so the capture itself still succeeds. A video
-    run's CAM needs its ``video``."""
-    from .analysis.cam import attach_cam
-    from .analysis.logit_lens import attach_logit_lens
-
-    added, failed = [], {}
-    jobs = [("llava_cam", lambda lm, run: attach_cam(lm, run, video=video), "llava_cam" not in run.arrays),
-            ("logit_lens", attach_logit_lens, "hidden_states" in run.arrays and "logit_lens_ids" not in run.arrays)]
-    for name, attach, wanted in jobs:
-        if not wanted:
-            continue
-        try:
-            attach(lm, run)
-            added.append(name)
-        except Exception as e:  # noqa: BLE001 -- reported in the run's meta, the run stays usable
-            failed[name] = f"{type(e).__name__}: {e}"
-    if failed:
-        run.meta["analysis_failed"] = failed
-    return added
 
 
 def experiment_extras(lm, image, prompt: str, max_new_tokens: int, *, measure: bool = False) -> dict:

@@ -28,7 +28,6 @@ from .study_tab import DATASETS_DIR, StudyTab
 from .tab_handlers import TabHandlers
 
 log = logging.getLogger("vlmlens.ui")
-AUTO_STAGES_MAX_LAYERS = 12   # captures of models this shallow get their knockout stages at once
 TABS = ("overview", "heatmaps", "dynamics", "attention", "truncation", "substitution", "compute", "study", "runs")
 
 
@@ -211,52 +210,29 @@ class Dashboard(TabHandlers, StudyTab):
         return self._capture(v, prompt, max_new_tokens, sess, progress, [v.note] if v.note else [])
 
     def _capture(self, source, prompt, max_new_tokens, sess, progress, notes: list):
-        """One capture of an image (bounded already) or a Video, then its analyses; the overview of it."""
-        from ..capture import capture, check_max_new_tokens, check_prompt
-        from ..video import Video
+        """One capture of an image (bounded already) or a Video and what the dashboard shows of it
+        (experiments.explore); the overview of it."""
+        from ..capture import check_max_new_tokens, check_prompt
+        from ..experiments.explore import explore
 
-        video = source if isinstance(source, Video) else None
         prompt = check_prompt(prompt)
         n = check_max_new_tokens(int(max_new_tokens) if isinstance(max_new_tokens, float) and
                                  float(max_new_tokens).is_integer() else max_new_tokens)
         progress(0.05, desc="waiting for the model")
         with self.holder.use() as lm:
-            progress(0.2, desc=f"capturing {lm.n_layers} layers")
-            run = capture(lm, source, prompt, max_new_tokens=n, time_limit=self.time_limit, record_vision=True,
-                          max_image_tokens=self.max_image_tokens)
-            if notes:
-                run.meta["image_note"] = "; ".join(notes)
-            if lm.name == "tiny-shapes" and video is None:
-                from ..tiny.world_check import shapes_world_check
-
-                why = shapes_world_check(source)
-                if why:
-                    run.meta["out_of_world"] = why
-            if run.meta.get("generation", {}).get("stop_reason") == "time limit":
-                gr.Warning(f"generation stopped at the {self.time_limit:.0f} s time limit of one request "
-                           f"({len(run.generated_tokens)} tokens)")
-            task = self.scenes.task(run.meta.get("image_sha256"), prompt)
-            if task:
-                run.meta["task"] = task
-            progress(0.7, desc="logit lens and LLaVA-CAM")
-            from ..cached import add_analysis_arrays
-
-            add_analysis_arrays(lm, run, video=video)
-            sess = with_sid(sess)
-            what = "video" if video is not None else "capture"
-            entry = self.store.add(run, label=f"{what} {time.strftime('%H:%M:%S')}: {prompt[:40]}",
-                                   owner=sess["sid"], video=video)
-            panels.safe(lambda: experiment_views.theory_compute(lm, entry))
-            if lm.n_layers <= AUTO_STAGES_MAX_LAYERS:   # 3L + 1 teacher-forced forwards: cheap on small models
-                progress(0.8, desc="knockout windows (three stages)")
-                panels.safe(lambda: experiment_views.run_stages(lm, entry))
-        if notes:
-            gr.Info(f"{'video' if video is not None else 'image'} note: {'; '.join(notes)}")
-        if run.meta.get("out_of_world"):
-            gr.Warning(f"this image does not look like the shapes world tiny-shapes was trained on: "
-                       f"{run.meta['out_of_world']}")
-        if run.meta.get("unknown_words"):
-            gr.Warning(f"{lm.name} does not know: {', '.join(run.meta['unknown_words'])} (read as its unknown token)")
+            ex = explore(lm, source, prompt, n, time_limit=self.time_limit, max_image_tokens=self.max_image_tokens,
+                         notes=notes, progress=lambda fraction, what: progress(fraction, desc=what))
+        task = self.scenes.task(ex.run.meta.get("image_sha256"), prompt)
+        if task:
+            ex.run.meta["task"] = task
+        sess = with_sid(sess)
+        what = "video" if ex.video is not None else "capture"
+        entry = self.store.add(ex.run, label=f"{what} {time.strftime('%H:%M:%S')}: {prompt[:40]}", owner=sess["sid"],
+                               video=ex.video, extras=ex.extras)
+        if ex.notes:
+            gr.Info(f"{'video' if ex.video is not None else 'image'} note: {'; '.join(ex.notes)}")
+        for w in ex.warnings:
+            gr.Warning(w)
         progress(0.9, desc="summarising")
         return self._overview(self._adopt(sess, entry), entry)
 

@@ -187,12 +187,6 @@ def run_stages(lm, entry, progress=None) -> dict:
     return entry.extras["stages"]
 
 
-def theory_compute(lm, entry) -> None:
-    """FLOP / KV-cache savings per depth without timing (cheap), unless already stored."""
-    if "compute" not in entry.extras:
-        entry.extras["compute"] = compute_tradeoff(lm, entry.rerun_input(), entry.run.prompt, measure=False)
-
-
 def experiment_figure(entry, key: str):
     _fn, cls, fig, title = EXPERIMENTS[key]
     res = entry.extras.get(key)
