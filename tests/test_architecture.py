@@ -26,6 +26,7 @@ def test_no_import_circle_and_no_upward_import():
     edges = g.graph()
     assert len(edges) > 100                          # every module of vlmlens/ was read
     assert "experiments.engine" in edges["cli.experiments"]     # imported inside functions only: still counted
+    assert g.unresolved(edges) == []                         # every vlmlens import names a module that exists
     assert g.circles(edges) == []
     assert g.upward(edges) == []
 
@@ -37,6 +38,7 @@ def test_the_checker_finds_circles_and_climbs():
     assert g.circles(fake) == [["experiments.engine", "findings", "run"]]
     assert ("run", "findings") in g.upward(fake)          # base floor importing the headlines floor
     assert ("cli", "errors") not in g.upward(fake)          # down is fine
+    assert g.unresolved({"cli": {"ui.experiments"}, "errors": set()}) == [("cli", "ui.experiments")]
 
 
 def test_help_and_import_do_not_load_torch():

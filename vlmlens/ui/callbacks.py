@@ -24,8 +24,13 @@ from .exports import ExportDirs
 from .handler import handler
 from .model_holder import ModelHolder, resolve_model_name
 from .store import RunsDir, RunStore
-from .study_tab import DATASETS_DIR, StudyTab
-from .tab_handlers import TabHandlers
+from .tabs.attention import AttentionTab
+from .tabs.compute import ComputeTab
+from .tabs.dynamics import DynamicsTab
+from .tabs.heatmaps import HeatmapsTab
+from .tabs.study import DATASETS_DIR, StudyTab
+from .tabs.substitution import SubstitutionTab
+from .tabs.truncation import TruncationTab
 
 log = logging.getLogger("vlmlens.ui")
 TABS = ("overview", "heatmaps", "dynamics", "attention", "truncation", "substitution", "compute", "study", "runs")
@@ -61,9 +66,9 @@ def with_sid(sess) -> dict:
     return sess
 
 
-class Dashboard(TabHandlers, StudyTab):
+class Dashboard(HeatmapsTab, DynamicsTab, AttentionTab, TruncationTab, SubstitutionTab, ComputeTab, StudyTab):
     """State shared by every session: the model holder, the run store, the runs folder.
-    The input panel, runs and overview handlers are here; the tabs' in :class:`TabHandlers`."""
+    The input panel, runs and overview handlers are here; each tab's in its module of ``ui/tabs/``."""
 
     def __init__(self, *, model: str | None = "tiny-shapes", device: str = "auto", dtype: str = "auto",
                  runs_dir=None, trust_remote_code: bool = False, no_model: bool = False,

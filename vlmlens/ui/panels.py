@@ -13,6 +13,7 @@ import logging
 import numpy as np
 
 from ..analysis.attention import attention_cliff, stage_bands, three_stages
+from ..errors import InputError
 from ..figures._style import empty_figure
 from ..findings import findings, sweep_cliff_finding
 from .markup import show_token
@@ -206,3 +207,15 @@ def run_info(entry) -> dict:
         "has_sweep": entry.sweep is not None, "stages": [list(b) for b in (_stages(entry) or [])],
         "findings": [{"key": f.key, "status": f.status, "text": f.text} for f in run_findings(entry)],
     }
+
+
+def check_layer(entry, layer) -> int:
+    """A decoder layer of the entry's run, 0..L-1 (InputError otherwise)."""
+    L = entry.run.n_layers
+    try:
+        layer = int(layer or 0)
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"layer must be an integer 0..{L - 1}, got {layer!r}") from None
+    if not 0 <= layer <= L - 1:
+        raise InputError(f"layer {layer} is out of range: this run has decoder layers 0..{L - 1}")
+    return layer

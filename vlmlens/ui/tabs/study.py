@@ -15,15 +15,15 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..errors import InputError
-from ..experiments.dataset_study import load_study
-from ..experiments.study_files import CONFIG, is_study_dir, list_studies
-from ..figures.study import fig_dataset_study
-from ..models.loading import REPO_ROOT
-from .handler import handler
-from .markup import note
-from .panels import figure
-from .store import check_run_name
+from ...errors import InputError
+from ...experiments.dataset_study import load_study
+from ...experiments.study_files import CONFIG, is_study_dir, list_studies
+from ...figures.study import fig_dataset_study
+from ...models.loading import REPO_ROOT
+from ..handler import handler
+from ..markup import note
+from ..panels import figure
+from ..store import check_run_name
 
 MAX_STUDY_ROWS = 200
 DATASETS_DIR = REPO_ROOT / "assets" / "datasets"
@@ -72,8 +72,8 @@ class StudyTab:
         """Run a truncation study of the loaded model on the first ``rows`` rows of a dataset into
         ``--study``/``name`` (continued when that study exists with the same settings); returns
         the opened study, like Open."""
-        from ..data import load_dataset
-        from ..experiments.dataset_study import dataset_study
+        from ...data import load_dataset
+        from ...experiments.dataset_study import dataset_study
 
         if dataset not in self.dataset_names():
             raise InputError(f"unknown dataset {dataset!r}; pick one of {self.dataset_names()}")

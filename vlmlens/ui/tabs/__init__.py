@@ -1,0 +1,2 @@
+"""One module per tab of the dashboard (the Study tab: study.py; the overview, the inputs and the Runs tab
+are in ``ui/callbacks.py``). Each is a mixin of :class:`vlmlens.ui.callbacks.Dashboard`."""

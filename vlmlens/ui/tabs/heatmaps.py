@@ -1,0 +1,57 @@
+"""Heatmaps tab: one layer's map (attention, LLaVA-CAM, ...), small multiples, logit and patch lens.
+
+A mixin of :class:`vlmlens.ui.callbacks.Dashboard` (which provides ``entry``, ``holder``, ``lm_for``,
+``timings`` and the prefetch pool)."""
+from __future__ import annotations
+
+from ...errors import InputError
+from .. import panels, run_views
+from ..handler import handler
+
+
+class HeatmapsTab:
+    def _cam_model(self, entry, kind):
+        """For LLaVA-CAM of a run that does not hold it: compute it once, under the model lock,
+        into the entry's cache. Returns None (views then read the stored / cached CAM)."""
+        if kind != "LLaVA-CAM" or "llava_cam" in entry.run.arrays or entry.derived.peek("llava_cam") is not None:
+            return None
+        lm = self.lm_for(entry)
+        if lm is not None:
+            with self.holder.use() as lm:
+                panels.safe(lambda: run_views.cam_array(entry, lm))
+        return None
+
+    def _check_view(self, entry, layer, query, kind) -> tuple[int, int, str]:
+        layer = panels.check_layer(entry, layer)
+        nq = len(panels.query_choices(entry.run))
+        try:
+            q = int(query or 0)
+            exact = float(query or 0) == q
+        except (TypeError, ValueError, OverflowError):
+            raise InputError(f"token must be an index 0..{nq - 1}, got {query!r}") from None
+        if not exact:                   # 1.5 is not a token (no silent rounding)
+            raise InputError(f"token must be a whole index 0..{nq - 1}, got {query!r}")
+        if not 0 <= q < nq:
+            raise InputError(f"token {q} is out of range: 0 = last prompt token, 1..{nq - 1} = generated tokens")
+        kind = kind or "attention"
+        if kind not in run_views.HEATMAP_KINDS:
+            raise InputError(f"map must be one of {', '.join(run_views.HEATMAP_KINDS)}, got {kind!r}")
+        return layer, q, kind
+
+    @handler("heatmaps")
+    def heatmaps(self, sess, layer, query, kind):
+        """Heatmaps tab: single-layer map, small multiples, logit lens, patch lens."""
+        entry = self.entry(sess)
+        layer, q, kind = self._check_view(entry, layer, query, kind)
+        self._cam_model(entry, kind)
+        single = run_views.heatmap_layer(entry, layer, q, kind)
+        self._prefetch.submit(panels.safe, lambda: self._prefetch_layers(entry, q, kind))
+        grid = run_views.heatmap_grid(entry, q, kind)
+        ll, pl = run_views.logit_lens_figures(entry)
+        return single, grid, ll, pl
+
+    @handler("heatmap_layer")
+    def heatmap_layer(self, sess, layer, query, kind):
+        """One layer's heatmap, drawn from stored arrays (never runs the model)."""
+        entry = self.entry(sess)
+        return run_views.heatmap_layer(entry, *self._check_view(entry, layer, query, kind))
