@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1] / "vlmlens"
 
 # Bottom to top. A module belongs to the first floor whose prefix matches its dotted name.
 FLOORS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("_version", "errors", "images", "rows", "tables", "schedule", "run")),
+    ("base", ("_version", "errors", "images", "rows", "tables", "schedule", "vocabulary", "run")),
     ("models", ("models", "video", "tiny.scenes", "tiny.tasks", "tiny.tokenizer", "tiny.model")),
     ("lens", ("lens", "lens_attention", "lens_injections", "session", "recorder", "generation",
               "interventions")),

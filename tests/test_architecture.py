@@ -3,6 +3,7 @@ command line that starts without torch, and one table type for every printed res
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,23 @@ def test_help_and_import_do_not_load_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
+
+
+def test_every_commands_help_prints_without_torch():
+    """Each command's --help (its options read the library's vocabulary: modes, tau, method syntax)."""
+    code = ("import sys, io, json, contextlib\nfrom vlmlens.cli import COMMANDS, main\nbad = []\n"
+            "for name in COMMANDS:\n"
+            "    buf = io.StringIO()\n"
+            "    with contextlib.redirect_stdout(buf):\n"
+            "        try:\n            main([name, '--help'])\n        except SystemExit as e:\n"
+            "            if e.code not in (0, None): bad.append(name)\n"
+            "    if 'usage: python -m vlmlens ' + name not in buf.getvalue(): bad.append(name)\n"
+            "print(json.dumps([sorted(COMMANDS), bad, 'torch' in sys.modules]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    names, bad, torch = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(names) >= 12 and "prune" in names and "serve" in names
+    assert bad == [] and torch is False
 
 
 def test_the_package_keeps_capture_a_function():

@@ -49,7 +49,7 @@ def _reference(lm, tmp_path, rows: int, depths, max_new: int):
 def test_a_study_run_from_the_tab_equals_the_engine_run_directly(dash, lm, tmp_path):
     L = lm.n_layers
     assert L >= 2
-    pick, md, fig, row_pick, row_html = dash.study_run("mini", 5, "0", 2, 3, "s1")
+    pick, md, fig, row_pick, row_html, csv_path = dash.study_run("mini", 5, "0", 2, 3, "s1")
     assert pick["value"] == "s1" and "s1" in pick["choices"] and dash.study_names() == ["s1"]
     for k in (0, L):
         assert f"| vqa | {k} | 5 |" in md                                      # the first 5 rows, the asked depths
@@ -60,6 +60,9 @@ def test_a_study_run_from_the_tab_equals_the_engine_run_directly(dash, lm, tmp_p
     from vlmlens.experiments.dataset_study import load_study
 
     study, _ = load_study(tmp_path / "studies" / "s1")
+    # the tab's download is the study's own table, byte for byte what the CLI writes next to it
+    assert Path(csv_path).read_bytes() == (tmp_path / "studies" / "s1" / "study.csv").read_bytes() == study.csv().encode()
+    assert len(study.csv().splitlines()) == 1 + len(study.rows) and study.csv().startswith("task,encoder_depth,depth")
     key = lambda r: (r["task"], r["depth"])                                      # noqa: E731
     assert sorted((key(r), r["score"], r["answer_kept"]) for r in study.rows) == \
         sorted((key(r), r["score"], r["answer_kept"]) for r in ref.rows)

@@ -621,7 +621,8 @@ def test_study_tab_opens_a_study_without_a_model(tmp_path, lm):
                         max_new_tokens=2)
     dash = Dashboard(no_model=True, runs_dir=tmp_path / "runs", studies=tmp_path / "studies")
     assert dash.study_names() == ["s1"]
-    md, fig, row_pick, row_html = dash.study_open("s1")
+    md, fig, row_pick, row_html, csv_path = dash.study_open("s1")
+    assert Path(csv_path).read_bytes() == res.csv().encode() and Path(csv_path).name == "s1-study.csv"
     assert "| vqa | 0 | 3 |" in md and "| vqa | 2 | 3 |" in md and "random:llava" in md
     assert {t.name.split(" (")[0] for t in fig.data if t.name} >= {"vqa"}
     assert row_pick["choices"] == [r["id"] for r in rows] or [c[0] for c in row_pick["choices"]] == [r["id"] for r in rows]

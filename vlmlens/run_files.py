@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .interventions.core import CUT_MODES
 from .run import FORMAT_VERSION, RUN_FILES, Run, RunFormatError, TokenSpans
+from .vocabulary import CUT_MODES
 
 
 def check_run(run: Run) -> None:

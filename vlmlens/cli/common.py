@@ -44,9 +44,9 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
 
 def add_mode_arg(p: argparse.ArgumentParser, default: str = "drop", what: str = "how the image is cut") -> None:
     """--mode: drop / remove / freeze (the library's one list of cut modes)."""
-    from ..experiments.engine import MODES
+    from ..vocabulary import CUT_MODES
 
-    p.add_argument("--mode", default=default, help=f"{what}: one of {', '.join(MODES)} (default {default})")
+    p.add_argument("--mode", default=default, help=f"{what}: one of {', '.join(CUT_MODES)} (default {default})")
 
 
 def load_from_args(args):

@@ -114,7 +114,7 @@ def cmd_sweep(args) -> int:
 
 
 def _configure_sweep(p):
-    from ..experiments.cliff import DEFAULT_TAU
+    from ..vocabulary import DEFAULT_TAU
 
     add_model_args(p)
     add_input_args(p)

@@ -80,15 +80,14 @@ def cmd_prune(args) -> int:
 
 
 def _configure_prune(p):
-    from ..experiments.methods import METHOD_SYNTAX
-    from ..experiments.pruning import VTW_ETA
+    from ..vocabulary import METHOD_SYNTAX, VTW_ETA
 
     add_model_args(p)
     p.add_argument("--image", default=None, help="one image (with --prompt); without both: the shapes suite")
     p.add_argument("--prompt", default=None, help="question or instruction about the image")
     p.add_argument("--truth", default=None, help="the correct answer of the one input (optional)")
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--methods", default="default", help=METHOD_SYNTAX)
+    p.add_argument("--methods", default="default", help=METHOD_SYNTAX.replace("%", "%%"))   # argparse formats help with %
     p.add_argument("--calibrate", type=int, default=0,
                    help="calibrate VTW's K and the causal stages on this many shapes train examples per family")
     p.add_argument("--eta", type=float, default=VTW_ETA, help="VTW's KL threshold (nats) for --calibrate")

@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass
 
 from ..errors import InputError
 from ..metrics import normalize, split_answer
+from ..vocabulary import DEFAULT_TAU
 from .engine import normalized_edit_distance
 
-DEFAULT_TAU = 0.1
 CLIFF_RULE = ("smallest depth k such that every measured depth k' >= k keeps the baseline answer "
               "and has first-token KL(baseline || truncated) < tau nats")
 

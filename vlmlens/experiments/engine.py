@@ -37,10 +37,10 @@ from ..capture import capture, check_context, check_max_new_tokens, extend_input
 from ..video import video_slots
 from ..errors import InputError
 from ..interventions import Freeze, Truncate, decides_every_step, prefix_effect, validate_all
-from ..interventions.core import CUT_MODES
 from ..lens import NOTHING, Lens, Plan, Recording
 from ..metrics import DEFAULT_SEPARATOR, answer_of, is_correct
 from ..run import Run
+from ..vocabulary import CUT_MODES
 from .prefix import Prefix, accepts_logits_to_keep, prefill, prepare
 
 Progress = Callable[[int, int, str], None]

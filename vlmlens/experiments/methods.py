@@ -6,6 +6,7 @@ from typing import Sequence
 
 from ..errors import InputError
 from ..interventions import VTW, AdaptiveVTW, FastV, PyramidDrop, StagePruner, validate_all
+from ..vocabulary import METHOD_SYNTAX
 
 
 def default_methods(n_layers: int, keep: Sequence[float] = (0.5, 0.25), layer: int | None = None) -> dict:
@@ -30,12 +31,6 @@ def default_methods(n_layers: int, keep: Sequence[float] = (0.5, 0.25), layer: i
     return out
 
 
-METHOD_SYNTAX = ("comma-separated: fastv:K:R, random:K:R, l2:K:R, pdrop:L1/L2/..:R1/R2/.., vtw:K, adaptive:SHARE, "
-                 "stages:R, patch:R:SCORE (K a decoder layer; R the fraction KEPT, in (0, 1] -- or say which: "
-                 "keep=0.25, or drop=0.75 as the FastV paper's R, the fraction dropped; percentages work: drop=75%; "
-                 "fastv:K:R:step re-ranks at every step as FastV's evaluation, fastv:K:R:prefill (default) once; "
-                 "stages: VisiPruner's treatments of the causal stages, top R in fusion; patch: only R of the patches "
-                 "reach the language model, SCORE grid, random or l2), or 'default'")
 
 
 def _num(text: str, what: str, kind=float):

@@ -30,12 +30,11 @@ from ..errors import InputError
 from ..interventions import VTW, StagePruner, validate_all
 from ..metrics import DEFAULT_SEPARATOR
 from ..tables import Table, fixed, percent, percent1
+from ..vocabulary import VTW_ETA
 from .engine import Progress, Trial, answer_scores
 from .methods import default_methods, describe_method
 from .variants import Variant, method_variants
 
-#: VTW's threshold for a 7B model (20 calibration samples); small models may need a looser one
-VTW_ETA = 0.003
 STUDY_COLUMNS = ("family", "method", "n", "accuracy", "token_f1", "answer_kept", "output_kl", "total_saving",
                  "prefill_saving", "decode_saving", "kv_saving", "image_rows", "mean_depth")
 

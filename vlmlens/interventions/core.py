@@ -28,11 +28,9 @@ from typing import Sequence
 import torch
 
 from ..errors import InputError, check_layer
+from ..vocabulary import TRUNCATE_MODES
 from .base import INDEPENDENT, RECOMPUTE, UNCHANGED, PrefixEffect, _Base, removal_conflict
 
-TRUNCATE_MODES = ("drop", "remove")
-#: how a sweep cuts the image from layer k on: Truncate's modes, or Freeze (the one list of them)
-CUT_MODES = (*TRUNCATE_MODES, "freeze")
 SRC_SPANS = ("text", "generated", "last", "all")
 DST_SPANS = ("image", "system", "text")
 

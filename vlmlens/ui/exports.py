@@ -2,7 +2,6 @@
 as one self-contained HTML page (no gradio here)."""
 from __future__ import annotations
 
-import csv
 import html
 import math
 import tempfile
@@ -11,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..run_files import save_run
 from ..analysis.attention import attention_share
 from ..figures.dynamics import run_dynamics
+from ..run_files import save_run
+from ..tables import Table
 from .panels import Missing, safe
 
 
@@ -110,11 +110,7 @@ def metric_rows(entry) -> list[dict]:
 
 def metrics_csv(entry, base: Path | None = None) -> Path:
     out = _tmpdir("csv", base) / f"{safe_stem(entry.label)}-metrics.csv"
-    rows = metric_rows(entry)
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["metric", "span", "layer", "value", "mode"])  # mode: sweep rows
-        w.writeheader()
-        w.writerows(rows)
+    out.write_text(Table(["metric", "span", "layer", "value", "mode"], metric_rows(entry)).csv())   # mode: sweep rows
     return out
 
 

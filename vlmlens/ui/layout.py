@@ -6,7 +6,7 @@ import gradio as gr
 from ..capture import MAX_PROMPT_CHARS
 from ..video import VIDEO_SUFFIXES
 from ..experiments.engine import MODES
-from ..experiments.methods import METHOD_SYNTAX
+from ..vocabulary import METHOD_SYNTAX
 from .callbacks import Dashboard, new_session
 from .inputs import prompt_choices
 from .run_views import HEATMAP_KINDS
@@ -212,6 +212,8 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                         study_fig = gr.Plot(label="Score vs depth", elem_id="vl-study-fig")
                         study_row = gr.Dropdown(choices=[], label="Row", elem_id="vl-study-row", allow_custom_value=True)
                         study_html = gr.HTML(label="row outputs", elem_id="vl-study-row-html")
+                        study_csv = gr.File(label="study.csv (every task x depth / method, with intervals)",
+                                            elem_id="vl-study-csv")
                         with gr.Accordion("Run a study on the loaded model", open=False):
                             with gr.Row():
                                 sdata = gr.Dropdown(choices=dash.dataset_names(), value=dash.default_dataset(),
@@ -323,10 +325,12 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
         enc_btn.click(dash.encoder_grid, sess, enc_fig, api_name="encoder_grid", **MODEL_QUEUE)
         measure_btn.click(dash.measure_compute, sess, [comp_fig, headline], api_name="measure_compute",
                           **MODEL_QUEUE)
-        study_btn.click(dash.study_open, study_pick, [study_md, study_fig, study_row, study_html], api_name="study_open")
+        study_btn.click(dash.study_open, study_pick, [study_md, study_fig, study_row, study_html, study_csv],
+                        api_name="study_open")
         study_row.input(dash.study_item, [study_pick, study_row], study_html, api_name="study_item")
         srun.click(dash.study_run, [sdata, srows, sdepths, sbatch, snew, sname],
-                   [study_pick, study_md, study_fig, study_row, study_html], api_name="study_run", **MODEL_QUEUE)
+                   [study_pick, study_md, study_fig, study_row, study_html, study_csv], api_name="study_run",
+                   **MODEL_QUEUE)
         t_study.select(dash.study_list, None, study_pick, api_name="study_list", show_progress="hidden",
                        api_visibility=INTERNAL)
         prune_btn.click(dash.prune_compare, [sess, prune_methods], [prune_md, prune_pick, prune_fig],

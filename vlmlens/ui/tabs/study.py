@@ -20,6 +20,8 @@ from ...experiments.dataset_study import load_study
 from ...experiments.study_files import CONFIG, is_study_dir, list_studies
 from ...figures.study import fig_dataset_study
 from ...models.loading import REPO_ROOT
+from ...tables import Table, fixed, percent, percent1
+from ..exports import safe_stem
 from ..handler import handler
 from ..markup import note
 from ..panels import figure
@@ -105,14 +107,15 @@ class StudyTab:
 
     @handler("study_open")
     def study_open(self, name):
-        """A study's score table (with 95 % intervals), its figure, and the rows to look at."""
+        """A study's score table (with 95 % intervals), its figure, the rows to look at, and its study.csv."""
         study, records = load_study(self._study_path(name))
         cfg = study.config
-        lines = [f"**{html.escape(str(cfg['model']))}** on `{html.escape(str(cfg['data']))}` · {study.n_items} rows"
-                 f" ({len(study.skipped)} skipped) · depths {cfg['depths']} · mode {cfg['mode']}"
-                 + (f" · caption tokenizer: {study.caption_tokenizer}" if study.caption_tokenizer else ""),
-                 "", "| task | depth / method | n | score [95 % CI] | answer kept | output KL | FLOPs saved |",
-                 "|---|---|---|---|---|---|---|"]
+        head = (f"**{html.escape(str(cfg['model']))}** on `{html.escape(str(cfg['data']))}` · {study.n_items} rows"
+                f" ({len(study.skipped)} skipped) · depths {cfg['depths']} · mode {cfg['mode']}"
+                + (f" · caption tokenizer: {study.caption_tokenizer}" if study.caption_tokenizer else ""))
+        table = Table(["task", "what", "n", "score", "kept", "kl", "saving"],
+                      headers=["task", "depth / method", "n", "score [95 % CI]", "answer kept", "output KL",
+                               "FLOPs saved"], formats={"kept": percent, "kl": fixed(3), "saving": percent1})
         for r in study.rows:
             if r["score"] is None:
                 sc = "–"
@@ -124,13 +127,13 @@ class StudyTab:
             what = r["depth"] if r.get("method") is None else html.escape(str(r["method"]))
             if r.get("encoder_depth") is not None:
                 what = f"encoder {r['encoder_depth']}, decoder {r['depth']}"
-            sav = "–" if r.get("total_saving") is None else f"{100 * r['total_saving']:.1f}%"
-            lines.append(f"| {r['task']} | {what} | {r['n']} | {sc} | {100 * r['answer_kept']:.0f}% |"
-                         f" {r['output_kl']:.3f} | {sav} |")
+            table.add([r["task"], what, r["n"], sc, r["answer_kept"], r["output_kl"], r.get("total_saving")])
         ids = [str(r["id"]) for r in records]
         first = ids[0] if ids else None
-        return ("\n".join(lines), figure(fig_dataset_study, study, title="Study"),
-                gr.update(choices=ids, value=first), self._item_html(records, first))
+        csv_file = self.export_dirs.new() / f"{safe_stem(name)}-study.csv"
+        csv_file.write_text(study.csv())
+        return (head + "\n\n" + table.markdown(), figure(fig_dataset_study, study, title="Study"),
+                gr.update(choices=ids, value=first), self._item_html(records, first), str(csv_file))
 
     @handler("study_item")
     def study_item(self, name, item_id):

@@ -1,0 +1,20 @@
+"""The words and numbers a user writes or picks -- cut modes, the cliff rule's tau, VTW's eta, the
+written form of pruning methods -- in a module that imports nothing, so that the command line's
+``--help`` and the dashboard's labels read them without loading torch. The modules that act on
+them (interventions.core, experiments.cliff / pruning / methods) import them from here."""
+
+TRUNCATE_MODES = ("drop", "remove")
+#: how a sweep cuts the image from layer k on: Truncate's modes, or Freeze (the one list of them)
+CUT_MODES = (*TRUNCATE_MODES, "freeze")
+
+#: the cliff rule's first-token KL threshold (nats)
+DEFAULT_TAU = 0.1
+#: VTW's threshold for a 7B model (20 calibration samples); small models may need a looser one
+VTW_ETA = 0.003
+
+METHOD_SYNTAX = ("comma-separated: fastv:K:R, random:K:R, l2:K:R, pdrop:L1/L2/..:R1/R2/.., vtw:K, adaptive:SHARE, "
+                 "stages:R, patch:R:SCORE (K a decoder layer; R the fraction KEPT, in (0, 1] -- or say which: "
+                 "keep=0.25, or drop=0.75 as the FastV paper's R, the fraction dropped; percentages work: drop=75%; "
+                 "fastv:K:R:step re-ranks at every step as FastV's evaluation, fastv:K:R:prefill (default) once; "
+                 "stages: VisiPruner's treatments of the causal stages, top R in fusion; patch: only R of the patches "
+                 "reach the language model, SCORE grid, random or l2), or 'default'")
