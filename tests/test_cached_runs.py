@@ -65,3 +65,22 @@ def test_photo_specs_resolve_to_real_photos():
     assert img.size == (600, 400) and img.mode == "RGB"
     with pytest.raises(InputError, match="not available"):
         photo("no-such-photo")
+
+
+def test_the_shipped_tiny_shapes_runs_draw_the_encoder_panel():
+    """#27: the Encoder and decoder panel was empty on every shipped run; tiny-shapes' runs now hold the
+    vision tower's states, so the panel draws (the tower's layers, then the decoder's, on one axis)."""
+    from vlmlens.models.loading import REPO_ROOT
+    from vlmlens.run_files import load_run
+    from vlmlens.ui import run_views
+    from vlmlens.ui.store import Derived, Entry
+
+    index = json.loads((REPO_ROOT / "cached_runs" / "index.json").read_text())["runs"]
+    tiny = [r["name"] for r in index if r["model"] == "tiny-shapes"]
+    assert len(tiny) >= 9
+    for name in tiny:
+        run = load_run(REPO_ROOT / "cached_runs" / name)
+        v = run.arrays["vision_hidden_states"]
+        assert v.shape[0] >= 2 and v.shape[1] >= 64                        # tower layers + 1, patches (+ CLS)
+        fig = run_views.encoder_decoder_figure(Entry(name, run, name, "saved", Derived(), {}))
+        assert len(fig.data) > 0, name                                       # a plot, not the "no states" message

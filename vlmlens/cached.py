@@ -141,7 +141,7 @@ def make_cached_runs(lm, out_dir: str | Path, *, sweep: bool = True, extras: boo
             continue
         t0 = time.perf_counter()
         run = capture(lm, spec["image"], spec["prompt"], max_new_tokens=spec["max_new_tokens"], store="all",
-                      hidden_dtype="float16")
+                      hidden_dtype="float16", record_vision=True)      # the Encoder and decoder panel needs them
         run.meta["label"] = spec["name"]
         run.meta["task"] = {k: spec[k] for k in ("family", "kind", "answer", "seed")}
         added = add_analysis_arrays(lm, run)
