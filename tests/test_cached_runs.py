@@ -84,3 +84,18 @@ def test_the_shipped_tiny_shapes_runs_draw_the_encoder_panel():
         assert v.shape[0] >= 2 and v.shape[1] >= 64                        # tower layers + 1, patches (+ CLS)
         fig = run_views.encoder_decoder_figure(Entry(name, run, name, "saved", Derived(), {}))
         assert len(fig.data) > 0, name                                       # a plot, not the "no states" message
+
+
+def test_the_shipped_smol_runs_lens_reads_as_text():
+    """#27: smol-shapes' logit / patch lens showed byte-level tokens ("Ġat", "Ċ"); the shipped runs hold
+    the tokens as text (what attach_logit_lens stores now)."""
+    from vlmlens.models.loading import REPO_ROOT
+
+    index = json.loads((REPO_ROOT / "cached_runs" / "index.json").read_text())["runs"]
+    smol = [r["name"] for r in index if r["model"] == "smol-shapes"]
+    assert len(smol) >= 5
+    for name in smol:
+        vocab = json.loads((REPO_ROOT / "cached_runs" / name / "run.json").read_text())["meta"]["lens_vocab"]
+        words = list(vocab.values())
+        assert not [w for w in words if "Ġ" in w or "Ċ" in w], name
+        assert any(w.startswith(" ") and w.strip().isalpha() for w in words), name      # " the", " a", ...

@@ -73,3 +73,36 @@ def test_patch_lens_and_attach_round_trip(image, tmp_path):
         logit_lens(lm, bad)
     with pytest.raises(KeyError, match="attach_logit_lens"):
         lens_from_run(bad)
+
+
+def _byte_level_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|im_end|>"])
+    tk.train_from_iterator(["look at the café\nlook at it, naïve"] * 40, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk)
+
+
+def test_lens_tokens_read_as_text_for_byte_level_tokenizers(tiny):
+    """#27: smol-shapes' lens showed raw byte-level tokens ("Ġat", "Ċ"). Reference: the tokenizer's own
+    ByteLevel decoder, one token at a time."""
+    from vlmlens.analysis.logit_lens import token_texts
+    from vlmlens.figures.heatmaps import tok_label
+
+    tok = _byte_level_tokenizer()
+    ids = tok("look at the café\nlook at it, naïve<|im_end|>")["input_ids"]
+    raw = tok.convert_ids_to_tokens(ids)
+    assert "Ġat" in raw and any("Ċ" in t for t in raw)                     # what the lens used to show
+    texts = token_texts(tok, ids)
+    assert texts == [tok.decode([i]) for i in ids]
+    assert " at" in texts and "<|im_end|>" in texts and "".join(texts) == "look at the café\nlook at it, naïve<|im_end|>"
+    assert tok_label(" at") == "␣at" and tok_label("\n") == "↵"
+    # a word-level tokenizer (tiny-shapes) is left as it is
+    wl = tiny.processor.tokenizer
+    some = wl("What color is the circle?", add_special_tokens=False)["input_ids"]
+    assert token_texts(wl, some) == wl.convert_ids_to_tokens(some)

@@ -91,10 +91,43 @@ def _topk(lm, h: np.ndarray, k: int, chunk: int, want: np.ndarray | None = None)
     return np.concatenate(ids).astype(np.int64), np.concatenate(probs).astype(np.float32), pw_arr
 
 
+def _byte_table() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): printable bytes stand for themselves, the other 68 for
+    chr(256 + n) in byte order ("Ġ" is the space, "Ċ" the newline)."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    out, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            out[chr(b)] = b
+        else:
+            out[chr(256 + n)] = b
+            n += 1
+    return out
+
+
+_BYTES = _byte_table()
+
+
+def _byte_level(tok) -> bool:
+    decoder = getattr(getattr(tok, "backend_tokenizer", None), "decoder", None)
+    return type(decoder).__name__ == "ByteLevel" or hasattr(tok, "byte_decoder")
+
+
+def token_texts(tok, ids) -> list[str]:
+    """Each id's token as text a reader recognises: a byte-level BPE token's bytes decoded ("Ġat" ->
+    " at", "Ċ" -> a newline, "Ã©" -> "é"; a character split across tokens shows as "�"); other
+    tokenizers' tokens as they are (sentencepiece's "▁" is drawn as a space mark by the figures)."""
+    raw = tok.convert_ids_to_tokens(list(ids))
+    if not _byte_level(tok):
+        return [str(t) for t in raw]
+    return [str(t) if t is None or any(c not in _BYTES for c in t)
+            else bytes(_BYTES[c] for c in t).decode("utf-8", errors="replace") for t in raw]
+
+
 def _strings(lm, ids: np.ndarray) -> np.ndarray:
     tok = lm.processor.tokenizer
     uniq = np.unique(ids[ids >= 0])
-    names = dict(zip(uniq.tolist(), tok.convert_ids_to_tokens(uniq.tolist())))
+    names = dict(zip(uniq.tolist(), token_texts(tok, uniq.tolist())))
     out = np.empty(ids.shape, dtype=object)
     flat = out.reshape(-1)
     for j, i in enumerate(ids.reshape(-1).tolist()):
@@ -162,7 +195,7 @@ def attach_logit_lens(lm, run, *, k: int = 5, positions=None, patch: bool = True
         run.arrays["patch_lens_probs"] = np.stack([p for _, p in both]).astype(np.float32)
         shown.append(run.arrays["patch_lens_ids"].ravel())
     uniq = np.unique(np.concatenate(shown))
-    names = lm.processor.tokenizer.convert_ids_to_tokens(uniq.tolist())
+    names = token_texts(lm.processor.tokenizer, uniq.tolist())
     run.meta["lens_vocab"] = {str(i): str(s) for i, s in zip(uniq.tolist(), names)}
     return run
 

@@ -35,7 +35,7 @@ _MAX_SIDE = 640
 
 def tok_label(tok: str) -> str:
     """A token for display: space marks made visible, HTML escaped."""
-    t = str(tok).replace("▁", "␣").replace("Ġ", "␣").replace("Ċ", "↵").replace("\n", "↵")
+    t = str(tok).replace("▁", "␣").replace("Ġ", "␣").replace("Ċ", "↵").replace("\n", "↵").replace(" ", "␣")
     return html.escape(t if t.strip() else repr(t))
 
 
