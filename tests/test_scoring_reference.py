@@ -208,6 +208,22 @@ def test_caption_scores_are_pycocoevalcap_with_its_ptb_tokenizer():
     assert simple_tokenize(PTB_CASES[0]) != toks["0"]
 
 
+def test_the_ptb_tokenizer_prints_nothing_into_the_console():
+    """#27: Java's "PTBTokenizer tokenized N tokens at ..." lines went to the user's terminal (they bypass
+    Python's sys.stderr, so a child process is watched); the scores are the ones above, unchanged."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _needs_java()
+    code = ("from vlmlens.metrics import caption_scores\n"
+            "print(caption_scores({'a': 'a red square.'}, {'a': ['a red square', 'the red square']})['bleu_4'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert float(r.stdout.strip()) > 0 and "PTBTokenizer" not in r.stderr and "tokens per second" not in r.stderr
+
+
 def _no_java(monkeypatch):
     import vlmlens.metrics as m
 

@@ -17,8 +17,10 @@
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
+import threading
 
 #: the tasks a dataset row can name (the shapes world's suite is scored by ``vlmlens.tiny.eval``)
 TASKS = ("vqa", "mc", "caption", "cot")
@@ -238,6 +240,30 @@ def caption_tokenizer(tokenizer: str = "auto") -> str:
     return "ptb"
 
 
+_PTB_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _java_stderr_quiet():
+    """pycocoevalcap starts Java with the console as its stderr, so every corpus scored printed
+    "PTBTokenizer tokenized N tokens at ..." into the user's terminal (and the dashboard's log). For the
+    call, its Popen sends Java's stderr to /dev/null; the tokens (stdout) are read as before."""
+    import functools
+    import subprocess
+    import types
+
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    with _PTB_LOCK:
+        real = ptbtokenizer.subprocess
+        ptbtokenizer.subprocess = types.SimpleNamespace(
+            PIPE=subprocess.PIPE, Popen=functools.partial(subprocess.Popen, stderr=subprocess.DEVNULL))
+        try:
+            yield
+        finally:
+            ptbtokenizer.subprocess = real
+
+
 def caption_scores(preds: dict, refs: dict, *, tokenizer: str = "auto") -> dict:
     """Corpus CIDEr-D and BLEU-4 (pycocoevalcap) with per-item CIDEr-D; ``preds`` {id: text},
     ``refs`` {id: [texts]}. ``tokenizer``: "auto" / "ptb" -- the PTB tokenizer (Java), as the
@@ -258,8 +284,9 @@ def caption_scores(preds: dict, refs: dict, *, tokenizer: str = "auto") -> dict:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
         tok = PTBTokenizer()
-        res = tok.tokenize({k: [{"caption": preds[k]}] for k in keys})
-        gts = tok.tokenize({k: [{"caption": r} for r in refs[k]] for k in keys})
+        with _java_stderr_quiet():
+            res = tok.tokenize({k: [{"caption": preds[k]}] for k in keys})
+            gts = tok.tokenize({k: [{"caption": r} for r in refs[k]] for k in keys})
     else:
         res = {k: [simple_tokenize(preds[k])] for k in keys}
         gts = {k: [simple_tokenize(r) for r in refs[k]] for k in keys}
