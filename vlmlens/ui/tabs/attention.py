@@ -1,7 +1,4 @@
-"""Attention flow tab: where each layer reads the image, its heads, the knockout stages.
-
-A mixin of :class:`vlmlens.ui.callbacks.Dashboard` (which provides ``entry``, ``holder``, ``lm_for``,
-``timings`` and the prefetch pool)."""
+"""Attention flow tab: where each layer reads the image, its heads, the knockout stages."""
 from __future__ import annotations
 
 import gradio as gr

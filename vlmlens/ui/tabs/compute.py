@@ -1,8 +1,5 @@
 """Compute tab: FLOP / KV-cache savings per depth, token-pruning methods compared, measured
-latency.
-
-A mixin of :class:`vlmlens.ui.callbacks.Dashboard` (which provides ``entry``, ``holder``, ``lm_for``,
-``timings`` and the prefetch pool)."""
+latency."""
 from __future__ import annotations
 
 import gradio as gr

@@ -1,7 +1,4 @@
-"""Dynamics tab: how image and text representations evolve with depth, the token map.
-
-A mixin of :class:`vlmlens.ui.callbacks.Dashboard` (which provides ``entry``, ``holder``, ``lm_for``,
-``timings`` and the prefetch pool)."""
+"""Dynamics tab: how image and text representations evolve with depth, the token map."""
 from __future__ import annotations
 
 import gradio as gr

@@ -1,7 +1,4 @@
-"""Heatmaps tab: one layer's map (attention, LLaVA-CAM, ...), small multiples, logit and patch lens.
-
-A mixin of :class:`vlmlens.ui.callbacks.Dashboard` (which provides ``entry``, ``holder``, ``lm_for``,
-``timings`` and the prefetch pool)."""
+"""Heatmaps tab: one layer's map (attention, LLaVA-CAM, ...), small multiples, logit and patch lens."""
 from __future__ import annotations
 
 from ...errors import InputError

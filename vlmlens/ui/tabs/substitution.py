@@ -1,7 +1,4 @@
-"""Substitution / skipping tab: image states substituted across layers, decoder layers skipped.
-
-A mixin of :class:`vlmlens.ui.callbacks.Dashboard` (which provides ``entry``, ``holder``, ``lm_for``,
-``timings`` and the prefetch pool)."""
+"""Substitution / skipping tab: image states substituted across layers, decoder layers skipped."""
 from __future__ import annotations
 
 import gradio as gr

@@ -1,8 +1,5 @@
 """Truncation tab: the image cut at chosen depths or at every depth (a sweep), the
-encoder x decoder grid.
-
-A mixin of :class:`vlmlens.ui.callbacks.Dashboard` (which provides ``entry``, ``holder``, ``lm_for``,
-``timings`` and the prefetch pool)."""
+encoder x decoder grid."""
 from __future__ import annotations
 
 import gradio as gr
