@@ -91,7 +91,7 @@ def explore(lm, source, prompt: str, max_new_tokens: int, *, time_limit: float |
         out.extras["compute"] = compute_tradeoff(lm, source, prompt, measure=False)
     except Exception as e:  # noqa: BLE001 -- named in the run's meta; the views say it is missing
         _failed(run, "compute", e)
-    if stages if stages is not None else lm.n_layers <= AUTO_STAGES_MAX_LAYERS:
+    if (lm.n_layers <= AUTO_STAGES_MAX_LAYERS) if stages is None else stages:
         step(0.8, "knockout windows (three stages)")
         why = stages_undefined(lm)
         try:
