@@ -18,3 +18,9 @@ METHOD_SYNTAX = ("comma-separated: fastv:K:R, random:K:R, l2:K:R, pdrop:L1/L2/..
                  "fastv:K:R:step re-ranks at every step as FastV's evaluation, fastv:K:R:prefill (default) once; "
                  "stages: VisiPruner's treatments of the causal stages, top R in fusion; patch: only R of the patches "
                  "reach the language model, SCORE grid, random or l2), or 'default'")
+
+#: the heatmaps checked against causal effects (vlmlens.experiments.map_check), and its defaults
+MAP_KINDS = ("attention", "LLaVA-CAM", "patch lens")
+MAP_STEPS = 8
+MAP_RANDOM = 19          # random orders: the smallest p-value is then 1 / 20 = 0.05
+MAP_MAX_FORWARDS = 400

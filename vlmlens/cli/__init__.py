@@ -11,11 +11,11 @@ import sys
 
 from ..errors import InputError
 from ..run import RunFormatError
-from . import cached, experiments, pruning, recovery, runs, serve
+from . import cached, experiments, maps, pruning, recovery, runs, serve
 from .common import COMMANDS
 
 #: the modules whose commands the registry holds (each registers its own on import), in --help's order
-COMMAND_MODULES = (runs, experiments, pruning, recovery, cached, serve)
+COMMAND_MODULES = (runs, experiments, pruning, maps, recovery, cached, serve)
 _ORDER = {m.__name__: i for i, m in enumerate(COMMAND_MODULES)}
 
 __all__ = ["COMMANDS", "build_parser", "main"]

@@ -12,8 +12,9 @@ from .common import (add_input_args, add_mode_arg, add_model_args, check_inputs,
 
 @command("prune", "token pruning compared (FastV, PyramidDrop, VTW, baselines, stages): one image, or the shapes suite")
 def cmd_prune(args) -> int:
-    from ..experiments.methods import METHOD_SYNTAX, parse_methods
+    from ..experiments.methods import METHOD_SYNTAX
     from ..experiments.pruning import calibrated_stages, compare_pruning, find_vtw_layer, pruning_study
+    from ..experiments.variants import parse_variants
 
     one = bool(args.image or args.prompt)
     if one and not (args.image and args.prompt):
@@ -28,7 +29,7 @@ def cmd_prune(args) -> int:
         raise InputError(f"--methods is empty; {METHOD_SYNTAX}")
     out = check_out_dir(args.out, "pruning.json") if args.out else None
     lm = load_from_args(args)
-    methods = parse_methods(args.methods, lm.n_layers)
+    methods = dict(parse_variants(lm, methods=args.methods).methods)
     if args.calibrate:
         from ..tiny.tasks import make_example, split_seeds
 

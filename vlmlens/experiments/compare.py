@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 from ..metrics import DEFAULT_SEPARATOR, answer_of, is_correct
-from .engine import Progress, Trial, check_mode, parse_depths, truncation
-from .variants import depth_variants
+from .engine import Progress, Trial, truncation
+from .variants import parse_variants
 
 CSV_COLUMNS = ("depth", "mode", "first_token_kl", "output_kl", "answer_kl", "answer_logprob_delta", "answer_tokens", "answer_kept",
                "correct", "text_kept", "baseline_logprob", "own_logprob", "first_divergence", "edit_distance", "answer",
@@ -125,8 +125,8 @@ class TruncationResult:
 def _truncation(lm, image, prompt, depths, *, mode, max_new_tokens, interventions, reuse, store, hidden_dtype,
                 record_attention, separator, progress: Progress | None, keep_runs: bool,
                 truth: str | None = None) -> TruncationResult:
-    check_mode(mode)
-    ks = parse_depths(depths, lm.n_layers)
+    plan = parse_variants(lm, depths=depths, mode=mode)
+    ks = plan.depths
     t0 = time.perf_counter()
     L = lm.n_layers
     s = Trial(lm, image, prompt, max_new_tokens=max_new_tokens, interventions=interventions, reuse=reuse,
@@ -136,7 +136,7 @@ def _truncation(lm, image, prompt, depths, *, mode, max_new_tokens, intervention
     if progress:
         progress(0, len(ks), "baseline")
     summaries, runs = [], {}
-    for i, v in enumerate(depth_variants(lm, ks, mode)):
+    for i, v in enumerate(plan.variants):
         cmp, out = s.cell(v.interventions, separator=separator, truth=truth)
         summaries.append(DepthSummary(depth=v.depth, **cmp))
         if keep_runs:

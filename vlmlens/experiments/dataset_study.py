@@ -38,10 +38,11 @@ from ..run_files import read_json
 from ..metrics import DEFAULT_SEPARATOR
 from ..metrics import caption_tokenizer as resolve_caption_tokenizer
 from ..tables import Table, fixed, percent, percent1
-from .engine import Progress, check_mode, parse_depths
+from .engine import Progress, check_mode
 from .study_files import (CONFIG, StudyLock, _atomic_write, _clean_rank_file, _read_lines, check_out, done_items,
                           is_study_dir, job_id)
 from .study_runner import DATA_TASKS, item_task, run_items  # noqa: F401  (DATA_TASKS: the CLI's)
+from .variants import parse_variants
 
 CSV_COLUMNS = ("task", "encoder_depth", "depth", "method", "n", "score", "ci_low", "ci_high", "answer_kept", "output_kl", "cider_d",
                "bleu_4", "total_saving", "kv_saving")
@@ -245,30 +246,11 @@ def dataset_study(lm, dataset: Dataset, out, *, task: str | None = None, depths=
     tasks = {item_task(it, task) for it in dataset.items}
     # captions are scored at the merge: a missing Java runtime is refused now, not after the run
     cap_tok = resolve_caption_tokenizer(caption_tokenizer) if "caption" in tasks else None
-    ks = parse_depths(range(lm.n_layers + 1) if depths is None else depths, lm.n_layers)
-    if lm.n_layers not in ks:
-        ks.append(lm.n_layers)           # the untruncated row is always there
+    plan = parse_variants(lm, depths=depths, mode=mode, encoder_depths=encoder_depths, methods=methods or None,
+                          include_full=True)   # the untruncated row is always there
     out = Path(out)
-    parsed = None
-    if methods:
-        from .methods import parse_methods
-
-        parsed = parse_methods(methods, lm.n_layers)
-    ems = None
-    if encoder_depths is not None:
-        if parsed:
-            raise InputError("give encoder depths (an encoder x decoder grid) or methods (a pruning study), not both")
-        F = lm.arch.vision_feature_depth(lm.model)
-        items = encoder_depths.split(",") if isinstance(encoder_depths, str) else list(encoder_depths)
-        try:
-            ems = sorted({int(str(x).strip()) for x in items})
-        except ValueError:
-            raise InputError(f"encoder depths must be integers in 0..{F}, got {encoder_depths!r}") from None
-        if not ems or any(not 0 <= m <= F for m in ems):
-            raise InputError(f"encoder depths must be integers in 0..{F} (this tower's features are read after {F}"
-                             f" layers), got {encoder_depths!r}")
-    config = study_config(lm, dataset, task=task, depths=ks, mode=mode, max_new_tokens=max_new_tokens,
-                          separator=separator, methods=list(parsed) if parsed else None, encoder_depths=ems,
+    config = study_config(lm, dataset, task=task, depths=plan.depths, mode=mode, max_new_tokens=max_new_tokens,
+                          separator=separator, methods=plan.method_names, encoder_depths=plan.encoder_depths,
                           vqa_normalization=vqa_normalization, caption_tokenizer=cap_tok)
     wait = barrier or (lambda: None)
     lock = StudyLock(out, job or job_id(world))
@@ -291,10 +273,9 @@ def dataset_study(lm, dataset: Dataset, out, *, task: str | None = None, depths=
         done = done_items(out)
         wait()                           # every rank has read what is done before anyone appends
         remaining = [it for it in dataset.items if it.id not in done]
-        ex = run_items(lm, remaining[rank::world], task=task, depths=ks, mode=mode, max_new_tokens=max_new_tokens,
-                       separator=separator, rank_file=rank_file, progress=progress, methods=parsed,
-                       encoder_depths=ems, batch_size=batch_size, vqa_normalization=vqa_normalization,
-                       on_bad_row=on_bad_row)
+        ex = run_items(lm, remaining[rank::world], plan, task=task, max_new_tokens=max_new_tokens,
+                       separator=separator, rank_file=rank_file, progress=progress, batch_size=batch_size,
+                       vqa_normalization=vqa_normalization, on_bad_row=on_bad_row)
         wait()
         if rank != 0:
             return None

@@ -11,10 +11,9 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-from ..errors import InputError
 from ..metrics import DEFAULT_SEPARATOR
-from .engine import Progress, Trial, check_mode, parse_depths
-from .variants import depth_variants
+from .engine import Progress, Trial, check_mode
+from .variants import parse_variants
 
 
 @dataclass
@@ -60,13 +59,11 @@ def encoder_decoder_grid(lm, image, prompt: str, *, encoder_depths=None, decoder
     t0 = time.perf_counter()
     L = lm.n_layers
     F = lm.arch.vision_feature_depth(lm.model)
-    ms = sorted(set(range(F + 1) if encoder_depths is None else encoder_depths))
-    if not ms or any(isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= F for m in ms):
-        raise InputError(f"encoder depths must be integers in 0..{F} (the tower's features are read after {F} layers)"
-                         f", got {list(encoder_depths)}")
-    ks = parse_depths(range(L + 1) if decoder_depths is None else decoder_depths, L)
+    plan = parse_variants(lm, depths=range(L + 1) if decoder_depths is None else decoder_depths, mode=mode,
+                          encoder_depths=range(F + 1) if encoder_depths is None else encoder_depths)
+    ms, ks = plan.encoder_depths, plan.depths
     s = Trial(lm, image, prompt, max_new_tokens=max_new_tokens)
-    variants = depth_variants(lm, ks, mode, ms)
+    variants = plan.variants
     cells = []
     for i, v in enumerate(variants):
         cells.append(s.cell(v.interventions, separator=separator, truth=truth)[0])

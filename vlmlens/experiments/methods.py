@@ -31,6 +31,13 @@ def default_methods(n_layers: int, keep: Sequence[float] = (0.5, 0.25), layer: i
     return out
 
 
+def check_methods(methods: dict, n_layers: int) -> dict:
+    """Methods given as {name: [interventions]}, each validated against the model."""
+    if not isinstance(methods, dict) or not methods:
+        raise InputError("give at least one method: {name: [interventions]}")
+    for ivs in methods.values():
+        validate_all(list(ivs), n_layers)
+    return methods
 
 
 def _num(text: str, what: str, kind=float):

@@ -27,13 +27,13 @@ import numpy as np
 
 from ..analysis.compute import LayerShape, schedule_savings
 from ..errors import InputError
-from ..interventions import VTW, StagePruner, validate_all
+from ..interventions import VTW, StagePruner
 from ..metrics import DEFAULT_SEPARATOR
 from ..tables import Table, fixed, percent, percent1
 from ..vocabulary import VTW_ETA
 from .engine import Progress, Trial, answer_scores
 from .methods import default_methods, describe_method
-from .variants import Variant, method_variants
+from .variants import Variant, parse_variants
 
 STUDY_COLUMNS = ("family", "method", "n", "accuracy", "token_f1", "answer_kept", "output_kl", "total_saving",
                  "prefill_saving", "decode_saving", "kv_saving", "image_rows", "mean_depth")
@@ -122,27 +122,19 @@ def method_result(s: Trial, shape: LayerShape, v: Variant, separator: str, truth
                         describe_method(ivs) if ivs else "no pruning (the baseline)")
 
 
-def _check_methods(methods: dict, n_layers: int) -> dict:
-    if not isinstance(methods, dict) or not methods:
-        raise InputError("give at least one method: {name: [interventions]}")
-    for name, ivs in methods.items():
-        validate_all(list(ivs), n_layers)
-    return methods
-
-
 def compare_pruning(lm, image, prompt: str, methods: dict | None = None, *, max_new_tokens: int = 16,
                     truth: str | None = None, separator: str = DEFAULT_SEPARATOR,
                     progress: Progress | None = None) -> PruningComparison:
     """Every method on one input, next to the untouched baseline (:func:`default_methods` if none)."""
     t0 = time.perf_counter()
-    methods = _check_methods(default_methods(lm.n_layers) if methods is None else methods, lm.n_layers)
+    plan = parse_variants(lm, methods=default_methods(lm.n_layers) if methods is None else methods)
     s = Trial(lm, image, prompt, max_new_tokens=max_new_tokens)
     shape = LayerShape.from_model(lm)
     res = []
-    for i, v in enumerate(method_variants(methods)):
+    for i, v in enumerate(plan.variants):
         res.append(method_result(s, shape, v, separator, truth))
         if progress and i:
-            progress(i, len(methods), v.key)
+            progress(i, len(plan.methods), v.key)
     return PruningComparison(lm.name, s.prep.prompt, s.baseline.run.generated_text, lm.n_layers, len(s.prep.image_pos),
                              truth, res, round(time.perf_counter() - t0, 3))
 
@@ -255,27 +247,24 @@ def pruning_study(lm, methods: dict | None = None, *, n: int = 20, families: Seq
     per task family (the "baseline" row is the untouched model)."""
     from ..tiny.eval import MAX_NEW_TOKENS
     from ..tiny.tasks import FAMILIES
-    from .study import _metrics, suite_trials
+    from .study import _metrics, suite_cells
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InputError(f"n must be a positive integer (examples per family), got {n!r}")
-    methods = _check_methods(default_methods(lm.n_layers) if methods is None else methods, lm.n_layers)
+    plan = parse_variants(lm, methods=default_methods(lm.n_layers) if methods is None else methods)
     fams = list(FAMILIES if families is None else families)
-    variants = method_variants(methods)
-    names = [v.key for v in variants]
+    names = [v.key for v in plan.variants]
     shape = LayerShape.from_model(lm)
-    trials = suite_trials(lm, suite, fams, n, offset, progress, lambda f: {"max_new_tokens": MAX_NEW_TOKENS[f]})
-    t0 = time.perf_counter()
-    got = {f: {m: [] for m in names} for f in fams}     # family -> method -> per-example results
-    exs = {f: [] for f in fams}
     per = []
-    for f, e, s in trials:
-        exs[f].append(e)
-        for v in variants:
-            r = method_result(s, shape, v, DEFAULT_SEPARATOR, e.answer)
-            got[f][v.key].append(r)
-            per.append({"family": f, "seed": e.seed, "method": v.key, "correct": r.correct, "depth": r.depth,
-                        "total_saving": r.savings["total_saving"]})
+
+    def note(f, e, s, got):
+        per.extend({"family": f, "seed": e.seed, "method": key, "correct": r.correct, "depth": r.depth,
+                    "total_saving": r.savings["total_saving"]} for key, r in got.items())
+
+    t0 = time.perf_counter()
+    exs, got = suite_cells(lm, suite, fams, n, offset, progress, lambda f: {"max_new_tokens": MAX_NEW_TOKENS[f]},
+                           plan.variants, lambda s, v, e: method_result(s, shape, v, DEFAULT_SEPARATOR, e.answer),
+                           on_example=note)
     rows = []
     for f in fams:
         for m in names:

@@ -28,8 +28,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..tables import Table, fixed, percent
-from .engine import Progress, Trial, check_mode, parse_depths, truncation
-from .variants import depth_variants
+from .engine import Progress, Trial, check_mode, truncation
+from .variants import parse_variants
 
 SUITES = ("shapes",)
 CSV_COLUMNS = ("family", "depth", "n", "accuracy", "token_f1", "exact_match", "answer_kept", "first_token_kl",
@@ -97,6 +97,23 @@ def suite_trials(lm, suite: str, families, n: int, offset: int, progress: Progre
     return trials()
 
 
+def suite_cells(lm, suite: str, families, n: int, offset: int, progress: Progress | None, trial_kwargs, variants,
+                cell, on_example=None):
+    """The suite's inputs x variants: ``cell(trial, variant, example)`` for every pair, gathered as
+    ``({family: [example]}, {family: {variant key: [cell per example]}})``; ``on_example(family,
+    example, trial, {variant key: cell})`` sees each example's cells as they finish."""
+    exs = {f: [] for f in families}
+    cells = {f: {v.key: [] for v in variants} for f in families}
+    for f, e, s in suite_trials(lm, suite, families, n, offset, progress, trial_kwargs):
+        exs[f].append(e)
+        got = {v.key: cell(s, v, e) for v in variants}
+        for key, c in got.items():
+            cells[f][key].append(c)
+        if on_example:
+            on_example(f, e, s, got)
+    return exs, cells
+
+
 def _metrics(family: str, examples, preds: list[str]) -> dict:
     from ..tiny.eval import score, token_f1
 
@@ -118,29 +135,24 @@ def task_study(lm, *, suite: str = "shapes", n: int = 100, families: Sequence[st
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InputError(f"n must be a positive integer (examples per family), got {n!r}")
     fams = list(FAMILIES if families is None else families)
-    ks = parse_depths(range(lm.n_layers + 1) if depths is None else depths, lm.n_layers)
+    plan = parse_variants(lm, depths=depths, mode=mode)
     budget = dict(MAX_NEW_TOKENS, **(max_new_tokens or {}))
     L = lm.n_layers  # the untruncated run doubles as depth L (a no-op truncation)
-    trials = suite_trials(lm, suite, fams, n, offset, progress,
-                          lambda f: {"max_new_tokens": budget[f], "reuse": reuse, "baseline": [truncation(L, mode)]})
-    t0 = time.perf_counter()
-    variants = depth_variants(lm, ks, mode)
-    cells = {f: {k: [] for k in ks} for f in fams}      # family -> depth -> per-example cells
-    exs = {f: [] for f in fams}
     details = []
-    for f, e, s in trials:
-        exs[f].append(e)
-        outs = {}
-        for v in variants:
-            c = s.cell(v.interventions)[0]
-            cells[f][v.depth].append(c)
-            outs[v.key] = c["text"]
+
+    def note(f, e, s, got):
         details.append({"family": f, "seed": e.seed, "kind": e.kind, "prompt": e.prompt, "reference": e.answer,
-                        "baseline": s.baseline.run.generated_text, "outputs": outs})
+                        "baseline": s.baseline.run.generated_text, "outputs": {k: c["text"] for k, c in got.items()}})
+
+    t0 = time.perf_counter()
+    exs, cells = suite_cells(lm, suite, fams, n, offset, progress,
+                             lambda f: {"max_new_tokens": budget[f], "reuse": reuse, "baseline": [truncation(L, mode)]},
+                             plan.variants, lambda s, v, e: s.cell(v.interventions)[0], on_example=note)
+    ks = plan.depths
     rows = []
     for f in fams:
         for k in ks:
-            cs = cells[f][k]
+            cs = cells[f][str(k)]
             rows.append({"family": f, "depth": k, "n": len(exs[f]), **_metrics(f, exs[f], [c["text"] for c in cs]),
                          "answer_kept": float(np.mean([c["answer_kept"] for c in cs])),
                          "first_token_kl": float(np.mean([c["first_token_kl"] for c in cs])),

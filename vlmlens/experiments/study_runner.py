@@ -25,7 +25,6 @@ from ..interventions import batch_conflict
 from ..metrics import TASKS, answer_of, item_score
 from .batch import BatchError, BatchTrial, output_kl
 from .engine import Trial, truncation
-from .variants import depth_variants, method_variants
 
 DATA_TASKS = TASKS
 #: what one row can raise when it is run (its image, its text): recorded for that row, never the study's end
@@ -103,20 +102,19 @@ def _batched(lm, items, tasks, *, variants, mode, max_new_tokens, separator,
     return list(zip(pers, base.texts))
 
 
-def run_items(lm, items, *, task, depths, mode, max_new_tokens, separator, rank_file: Path, progress=None,
-              methods: dict | None = None, encoder_depths: list[int] | None = None,
+def run_items(lm, items, plan, *, task, max_new_tokens, separator, rank_file: Path, progress=None,
               batch_size: int = 1, vqa_normalization: str = "official", on_bad_row: str = "skip") -> Execution:
-    """Run and append every item of this rank. With ``methods`` ({name: interventions}) each
-    item runs the baseline and every method instead of the depths, and each cell adds the
-    compute the method's schedule saves."""
+    """Run and append every item of this rank, every variant of ``plan`` (:func:`.variants.parse_variants`)
+    on each. In a pruning study (``plan.kind == "methods"``) each item runs the baseline and every
+    method, and each cell adds the compute the method's schedule saves."""
     from ..analysis.compute import LayerShape
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch size must be an integer >= 1, got {batch_size!r}")
     ex = Execution(batch_size)
+    methods, mode, variants = plan.methods, plan.mode, plan.variants
     shape = LayerShape.from_model(lm) if methods else None
-    variants = method_variants(methods) if methods else depth_variants(lm, depths, mode, encoder_depths)
-    kind = "methods" if methods else ("grid" if encoder_depths else "depths")
+    kind = plan.kind
     B = batch_size
     if B > 1:
         why = ("token-pruning methods rank tokens per example" if methods

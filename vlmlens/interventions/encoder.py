@@ -173,3 +173,44 @@ class PatchPrune(_Base):
         out = np.repeat(row[None], n_layers, axis=0)
         rows = out.sum(1) if self.mode == "remove" else np.full(n_layers, n)
         return {"image_kept": out, "image_rows": rows.astype(np.int64)}
+
+
+@dataclass(frozen=True, init=False)
+class PatchKnockout(PatchPrune):
+    """Exactly the image tokens listed in ``knocked`` (indices in the image's token order, 0..n-1)
+    are cut before decoder layer 0: ``mode="mask"`` (default) nothing reads them, ``"remove"`` they
+    leave the sequence. PatchPrune with the choice given instead of scored: the step of a map's
+    deletion and insertion curves (:mod:`vlmlens.experiments.map_check`). ``knocked=()`` is the
+    baseline; every index is the image cut at layer 0."""
+
+    knocked: tuple = ()
+
+    def __init__(self, knocked=(), mode: str = "mask", keep: float = 1.0, score: str = "given", seed: int = 0):
+        object.__setattr__(self, "knocked", tuple(sorted({int(i) for i in knocked})))
+        object.__setattr__(self, "mode", mode)
+        object.__setattr__(self, "keep", float(keep))
+        object.__setattr__(self, "score", score)
+        object.__setattr__(self, "seed", int(seed))
+
+    def describe(self) -> str:
+        return f"knock out {len(self.knocked)} given image tokens before the language model ({self.mode})"
+
+    def validate(self, n_layers: int) -> None:
+        if self.mode not in ("remove", "mask"):
+            raise InputError(f"PatchKnockout.mode must be 'remove' or 'mask', got {self.mode!r}")
+        if self.score != "given":
+            raise InputError(f"PatchKnockout chooses no tokens itself (score 'given'), got {self.score!r}")
+        if any(i < 0 for i in self.knocked):
+            raise InputError(f"PatchKnockout indices are image tokens 0..n-1, got {min(self.knocked)}")
+
+    def kept(self, ctx) -> torch.Tensor:
+        st = self._state(ctx)
+        if "kept" not in st:
+            img = ctx.image_pos
+            n = int(img.numel())
+            if self.knocked and self.knocked[-1] >= n:
+                raise InputError(f"PatchKnockout: image token {self.knocked[-1]} is out of range (this input has {n})")
+            gone = torch.zeros(n, dtype=torch.bool)
+            gone[list(self.knocked)] = True
+            st["kept"] = img[~gone.to(img.device)]
+        return st["kept"]

@@ -203,12 +203,12 @@ def experiment_figure(entry, key: str):
 
 def run_pruning(lm, entry, methods_text: str, progress=None) -> dict:
     """Pruning methods compared on the entry's image + prompt; kept in extras["pruning"]."""
-    from ..experiments.methods import parse_methods
     from ..experiments.pruning import compare_pruning
+    from ..experiments.variants import parse_variants
     from ..findings import run_truth
 
     check_model_matches(lm, entry)
-    methods = parse_methods(methods_text or "default", lm.n_layers, stage_labels(entry))
+    methods = parse_variants(lm, methods=methods_text or "default", stage_labels=stage_labels(entry)).methods
     image, prompt, n_new = _run_args(entry)
     res = compare_pruning(lm, image, prompt, methods, max_new_tokens=n_new, truth=run_truth(entry.run),
                           progress=progress)
