@@ -126,3 +126,53 @@ def test_the_object_map_beats_random_and_its_shuffle_does_not(tiny):
     shuffled = s.check(np.random.default_rng(7).permutation(truth), "the object, shuffled")
     assert shuffled.verdict["deletion"] == "no better than random"
     assert c.auc["deletion"]["map"] < shuffled.auc["deletion"]["map"]
+
+
+def test_check_maps_report_pointing_and_figure(tiny):
+    from vlmlens.experiments.map_check import asked_object, check_maps
+    from vlmlens.figures.maps import fig_map_check
+    from vlmlens.tiny.scenes import make_scene
+
+    scene = make_scene(0)                                # one circle: a small yellow one at middle right
+    assert asked_object(scene, "What color is the circle?").color == "yellow"
+    assert asked_object(scene, "What color is the square?") is None           # two squares: not one object
+    assert asked_object(scene, "Describe the image.") is None
+    rep = check_maps(tiny, scene.image, "What color is the circle?", maps=[("attention", 0), ("patch lens", 4)],
+                     max_new_tokens=4, steps=2, n_random=4, scene=scene)
+    assert [c.name for c in rep.checks] == ["attention, layer 0", "patch lens, layer 4"]
+    assert rep.obj == "a small yellow circle at middle right" and set(rep.pointing) == {c.name for c in rep.checks}
+    g = rep.pointing["attention, layer 0"]
+    assert g["area"] == pytest.approx(len(g["object_tokens"]) / 64) and 0 <= g["energy"] <= 1
+    # shared random orders: 4 orders x 2 curves x 1 inner step, + the whole cut, + 2 maps x 2 orders x 2 curves at most
+    assert rep.forwards <= 4 * 2 + 1 + 2 * 2 * 2
+    md = rep.table().markdown()
+    assert "| attention, layer 0 |" in md and "peak on the object" in md
+    fig = fig_map_check(rep.checks)
+    names = [t.name for t in fig.data]
+    assert "attention, layer 0" in names and "random orders (mean ± sd)" in names
+    drawn = next(t for t in fig.data if t.name == "attention, layer 0")
+    assert list(drawn.y) == rep.checks[0].deletion["map"]
+
+
+def test_maps_command(tmp_path, capsys):
+    from vlmlens.cli import main
+
+    out = tmp_path / "m"
+    assert main(["maps", "--scene", "0", "--prompt", "What color is the circle?", "--maps", "attention@1",
+                 "--steps", "2", "--random", "3", "--max-new-tokens", "3", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "the asked object: a small yellow circle at middle right" in text and "attention, layer 1" in text
+    assert {p.name for p in out.iterdir()} == {"maps.json", "maps.csv", "fig_maps.html"}
+    for bad, why in ((["--maps", "saliency"], "unknown map"), (["--maps", "attention@x"], "whole number"),
+                     (["--maps", "attention@99"], "out of range"), (["--max-forwards", "3"], "the limit is 3")):
+        assert main(["maps", "--scene", "0", "--prompt", "What color is the circle?", "--steps", "2", *bad]) == 2
+        assert why in capsys.readouterr().err
+    assert main(["maps", "--prompt", "What color is the circle?"]) == 2
+    assert "--scene" in capsys.readouterr().err
+
+
+def test_a_target_that_does_not_depend_on_the_image_is_untestable():
+    s = CurveScorer(16, lambda knocked: 1.0 - 0.001 * len(knocked) / 16, steps=4, n_random=19)
+    c = s.check(np.arange(16.0), "any map")
+    assert c.verdict == {"deletion": "untestable", "insertion": "untestable"}
+    assert "untestable" in c.statement and "does not depend on the image" in c.statement

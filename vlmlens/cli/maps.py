@@ -54,7 +54,8 @@ def cmd_maps(args) -> int:
         top = lm.n_layers if _ == "patch lens" else lm.n_layers - 1
         if layer is not None and not 0 <= layer <= top:
             raise InputError(f"--maps: layer {layer} is out of range for {_} (0..{top} on this model)")
-    rep = check_maps(lm, image, args.prompt, maps=maps, max_new_tokens=args.max_new_tokens, steps=args.steps,
+    rep = check_maps(lm, image, args.prompt, maps=maps, max_new_tokens=args.max_new_tokens, target=args.target,
+                     separator=args.separator, steps=args.steps,
                      n_random=args.random, max_forwards=args.max_forwards, scene=scene, progress=progress_bar())
     print(f"{rep.model}: answer {rep.answer.strip()!r}; {rep.forwards} forwards, {rep.seconds:.0f} s")
     if rep.obj:
@@ -90,6 +91,9 @@ def _configure_maps(p):
     p.add_argument("--maps", default="attention,LLaVA-CAM,patch lens",
                    help="comma-separated KIND[@LAYER]; KIND attention, LLaVA-CAM or patch lens (default layer: the"
                    " middle one)")
+    p.add_argument("--target", default="output", choices=("output", "answer"), help="what is scored: the whole"
+                   " output (default) or only the answer after --separator")
+    p.add_argument("--separator", default="answer:", help="what precedes the final answer (--target answer)")
     p.add_argument("--steps", type=int, default=MAP_STEPS, help="points on each curve after f = 0")
     p.add_argument("--random", type=int, default=MAP_RANDOM, help="random orders (19: the smallest p is 0.05)")
     p.add_argument("--max-forwards", type=int, default=MAP_MAX_FORWARDS, help="refuse a request that needs more forwards")

@@ -6,16 +6,20 @@ tokens in a random order, and giving the model only its top tokens should bring 
 sooner. Both are measured causally, through the lens (:class:`vlmlens.interventions.PatchKnockout`:
 the cut tokens are masked from decoder layer 0, so nothing reads them):
 
-* **measure**: the baseline's answer (its tokens after the separator, else all of its generated
-  tokens) scored teacher-forced under the cut, as a probability relative to the whole image:
-  ``exp(log p(answer | cut) - log p(answer | whole image))`` (1 = unchanged, 0 = gone; it can
-  exceed 1 when a cut makes the answer more likely);
+* **measure**: the model's own output scored teacher-forced under the cut, as a probability
+  relative to the whole image: ``exp(log p(output | cut) - log p(output | whole image))`` (1 =
+  unchanged, 0 = gone; it can exceed 1 when a cut makes the output more likely). ``target="output"``
+  (default) scores every generated token; ``"answer"`` only the answer after the separator (a
+  reasoning trace's final answer, given the trace, often hardly depends on the image at all);
 * **deletion curve**: the measure after cutting the top ``f`` of the tokens in the map's order,
   for ``f = 0, 1/S, ..., 1``; **insertion curve**: the measure when only the top ``f`` are kept;
 * **AUC**: the trapezoid area under each curve over ``f`` in [0, 1]. A faithful map has a low
   deletion AUC and a high insertion AUC;
 * **baselines**: the same curves in the reverse of the map's order, and in ``n_random`` random
-  orders. The map is *better than random* on a curve when at most a share ``ALPHA`` of the
+  orders. When no cut on any curve (the whole image included) moves the measure by ``FLAT`` or more,
+  the target does not depend on the image and no map can be tested on it: both verdicts say
+  *untestable*. Else
+  the map is *better than random* on a curve when at most a share ``ALPHA`` of the
   random orders does as well: ``p = (1 + #{random AUC at least as good}) / (1 + n_random) <=
   ALPHA`` (the default 19 random orders make the smallest p 0.05); *worse than random* when the
   same holds the other way round; else *no better than random*. The curves have ``S`` steps, so
@@ -43,6 +47,9 @@ from .engine import Trial, answer_start
 
 DEFAULT_STEPS, DEFAULT_RANDOM, MAX_FORWARDS = MAP_STEPS, MAP_RANDOM, MAP_MAX_FORWARDS
 ALPHA = 0.05
+#: the least change of the measure, with the whole image cut, that makes a map testable
+FLAT = 0.05
+TARGETS = ("output", "answer")
 
 
 @dataclass
@@ -58,7 +65,7 @@ class MapCheck:
     n_image: int
     n_random: int
     answer: str
-    measure: str = "probability of the baseline's answer relative to the whole image (teacher-forced)"
+    measure: str = "probability of the model's output relative to the whole image (teacher-forced)"
     random_curves: dict = field(default_factory=dict)   # "deletion" / "insertion" -> one curve per random order
 
     def to_json(self) -> dict:
@@ -68,6 +75,9 @@ class MapCheck:
     def statement(self) -> str:
         d, i = self.auc["deletion"], self.auc["insertion"]
         vd, vi = self.verdict["deletion"], self.verdict["insertion"]
+        if vd == "untestable":
+            return (f"{self.name}: untestable here -- no cut of image tokens (the whole image included) moves the"
+                    f" output's probability by {100 * FLAT:.0f}% or more, so it does not depend on the image")
         if vd == vi == "better than random":
             head = "predicts which patches the answer depends on better than random"
         elif "better than random" in (vd, vi):
@@ -183,6 +193,9 @@ class CurveScorer:
                           "random_sd": float(np.std(nulls, ddof=1)) if len(nulls) > 1 else 0.0,
                           "p": _p_value(a, nulls, low)}
             verdict[curve] = _verdict(a, nulls, low)
+        every = np.concatenate([m_del, m_ins, r_del, r_ins, rd.ravel(), ri.ravel()])
+        if float(np.max(np.abs(every - 1.0))) < FLAT:    # no cut moves the target: nothing to rank
+            verdict = {"deletion": "untestable", "insertion": "untestable"}
         return MapCheck(name, list(f), {"map": m_del, "reverse": r_del, "random": rd.mean(0).tolist()},
                         {"map": m_ins, "reverse": r_ins, "random": ri.mean(0).tolist()}, auc, verdict, self.n_image,
                         self.n_random, self.answer, random_curves={"deletion": rd.tolist(), "insertion": ri.tolist()})
@@ -193,7 +206,9 @@ class MapScorer(CurveScorer):
     and every cut is one teacher-forced forward through the lens (:class:`PatchKnockout`)."""
 
     def __init__(self, lm, image, prompt: str, *, max_new_tokens: int = 16, separator: str = DEFAULT_SEPARATOR,
-                 **kwargs):
+                 target: str = "output", **kwargs):
+        if target not in TARGETS:
+            raise InputError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
         self.trial = Trial(lm, image, prompt, max_new_tokens=max_new_tokens)
         base = self.trial.baseline
         ids = base.generated_ids
@@ -201,7 +216,8 @@ class MapScorer(CurveScorer):
             raise InputError("the model generated nothing for this input: there is no answer to score")
         tok = getattr(lm.processor, "tokenizer", None)
         start = answer_start(ids, base.run.generated_text, separator, tok, base.run.generated_tokens)
-        self.start = start if start < len(ids) else 0
+        self.start = start if target == "answer" and start < len(ids) else 0
+        self.target = target
         self.full = float(sum(base.target_logprobs[self.start:]))
         super().__init__(len(self.trial.prep.image_pos), self._forward, answer=base.run.generated_text, **kwargs)
 
@@ -338,9 +354,9 @@ class MapReport:
 
 
 def check_maps(lm, image, prompt: str, *, maps=(("attention", None), ("LLaVA-CAM", None), ("patch lens", None)),
-               max_new_tokens: int = 16, separator: str = DEFAULT_SEPARATOR, steps: int = DEFAULT_STEPS,
-               n_random: int = DEFAULT_RANDOM, seed: int = 0, max_forwards: int = MAX_FORWARDS, scene=None,
-               progress=None) -> MapReport:
+               max_new_tokens: int = 16, separator: str = DEFAULT_SEPARATOR, target: str = "output",
+               steps: int = DEFAULT_STEPS, n_random: int = DEFAULT_RANDOM, seed: int = 0,
+               max_forwards: int = MAX_FORWARDS, scene=None, progress=None) -> MapReport:
     """Capture the input once, then score each map ``(kind, layer)`` (layer None: the middle decoder
     layer; the patch lens reads layer ``layer`` too) by its deletion and insertion curves; with a
     shapes-world ``scene`` also the pointing game on the object the prompt asks about."""
@@ -352,8 +368,8 @@ def check_maps(lm, image, prompt: str, *, maps=(("attention", None), ("LLaVA-CAM
     for kind, _ in maps:
         if kind not in MAP_KINDS:
             raise InputError(f"map must be one of {', '.join(MAP_KINDS)}, got {kind!r}")
-    scorer = MapScorer(lm, image, prompt, max_new_tokens=max_new_tokens, separator=separator, steps=steps,
-                       n_random=n_random, seed=seed, max_forwards=max_forwards)
+    scorer = MapScorer(lm, image, prompt, max_new_tokens=max_new_tokens, separator=separator, target=target,
+                       steps=steps, n_random=n_random, seed=seed, max_forwards=max_forwards)
     run = capture(lm, image, prompt, max_new_tokens=max_new_tokens, store="image_text", record_attention=True)
     obj = asked_object(scene, prompt) if scene is not None else None
     toks = object_tokens(run, obj) if obj is not None else None
