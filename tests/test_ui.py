@@ -487,6 +487,13 @@ def test_substitution_skip_and_compute_tabs(client):
     md, pick, fig = client.predict("stages:0.5", api_name="/prune_compare")   # this run's causal stages (at capture)
     assert "| stages:0.5 |" in md
     assert "no method 'fastv:9:0.5'" in app_error(client, "fastv:9:0.5", api_name="/prune_view")
+    # the map shown, checked against causal effects (deletion / insertion vs random orders), newest first
+    md, fig = client.predict(0, 0, "attention", api_name="/map_check")
+    assert "**causal**: attention, layer 0" in md and "random" in md
+    assert "attention, layer 0" in [t.get("name") for t in plot(fig)["data"]]
+    md, fig = client.predict(1, 0, "LLaVA-CAM", api_name="/map_check")
+    assert md.index("LLaVA-CAM, layer 1") < md.index("attention, layer 0")
+    assert "out of range" in app_error(client, 0, 99, "attention", api_name="/map_check")
 
 
 def test_ground_truth_and_causal_stages_follow_the_run(runs_dir, lm):

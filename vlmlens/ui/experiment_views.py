@@ -255,3 +255,45 @@ def pruning_figure(entry, method: str | None):
     m = by_name[name]
     return entry.derived.get(("fig_kept", content_key(m)),
                              lambda: figure(fig_kept_tokens, entry.run, kept=m["image_kept"], name=name, title=title))
+
+
+# ---- heatmaps checked against causal effects (Heatmaps tab) ------------------------------------------
+
+def run_map_check(lm, entry, kind: str, layer: int, query: int) -> dict:
+    """The deletion / insertion check of the map drawn in the Heatmaps tab (attention of token
+    ``query``, or LLaVA-CAM, at ``layer``) on the entry's image + prompt; every check of the entry is
+    kept in extras["map_checks"] (name -> MapCheck JSON). The cuts are cached per entry, so a second
+    map of the same run re-uses the random orders."""
+    import numpy as np
+
+    from ..experiments.map_check import MapScorer
+    from . import run_views
+
+    check_model_matches(lm, entry)
+    run = entry.run
+    if kind == "attention":
+        values = np.asarray(run.attention_maps[layer, query], dtype=np.float64)
+        name = f"attention of token {query}, layer {layer}" if query else f"attention, layer {layer}"
+    else:
+        values = np.asarray(run_views.cam_array(entry, lm)[layer], dtype=np.float64)
+        name = f"LLaVA-CAM, layer {layer}"
+    image, prompt, n_new = _run_args(entry)
+    scorer = entry.derived.get(("map scorer", lm.name), lambda: MapScorer(lm, image, prompt, max_new_tokens=n_new))
+    res = scorer.check(values, name)
+    entry.extras.setdefault("map_checks", {})[name] = res.to_json()
+    return res.to_json()
+
+
+def map_check_outputs(entry, name: str | None):
+    """(markdown of the checks, their curves) for the Heatmaps tab; ``name`` first."""
+    from ..experiments.map_check import MapCheck
+    from ..figures.maps import fig_map_check
+
+    got = entry.extras.get("map_checks") or {}
+    if not got:
+        return ("_Check the map above against causal effects: its top image tokens are cut (deletion) or kept"
+                " alone (insertion), next to random orders._", message_figure("no map checked yet", "Map check"))
+    checks = [MapCheck(**d) for d in got.values()]
+    checks.sort(key=lambda c: c.name != name)
+    md = "\n".join(f"- **causal**: {c.statement}" for c in checks)
+    return md, figure(fig_map_check, checks, title=None)

@@ -146,6 +146,12 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                         with gr.Row():
                             heat = gr.Plot(label="Heatmap", elem_id="vl-heatmap")
                             plens = gr.Plot(label="Patch lens (its own layer slider)", elem_id="vl-patch-lens")
+                        with gr.Row():
+                            mapcheck_btn = gr.Button("Check this map: does it predict what the answer depends on?",
+                                                     size="sm", elem_id="vl-map-check-btn")
+                        mapcheck_md = gr.Markdown(elem_id="vl-map-check")
+                        mapcheck_fig = gr.Plot(label="Map check: deletion / insertion curves",
+                                               elem_id="vl-map-check-fig")
                         grid = gr.Plot(label="All layers", elem_id="vl-grid")
                         lens = gr.Plot(label="Logit lens", elem_id="vl-logit-lens")
                     with gr.Tab("Dynamics", id="dynamics") as t_dyn:
@@ -333,6 +339,8 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                    **MODEL_QUEUE)
         t_study.select(dash.study_list, None, study_pick, api_name="study_list", show_progress="hidden",
                        api_visibility=INTERNAL)
+        mapcheck_btn.click(dash.map_check, [sess, layer, query, kind], [mapcheck_md, mapcheck_fig],
+                           api_name="map_check", **MODEL_QUEUE)
         prune_btn.click(dash.prune_compare, [sess, prune_methods], [prune_md, prune_pick, prune_fig],
                         api_name="prune_compare", **MODEL_QUEUE)
         prune_pick.input(dash.prune_view, [sess, prune_pick], prune_fig, api_name="prune_view")

@@ -1,8 +1,10 @@
 """Heatmaps tab: one layer's map (attention, LLaVA-CAM, ...), small multiples, logit and patch lens."""
 from __future__ import annotations
 
+import gradio as gr
+
 from ...errors import InputError
-from .. import panels, run_views
+from .. import experiment_views, panels, run_views
 from ..handler import handler
 
 
@@ -52,3 +54,17 @@ class HeatmapsTab:
         """One layer's heatmap, drawn from stored arrays (never runs the model)."""
         entry = self.entry(sess)
         return run_views.heatmap_layer(entry, *self._check_view(entry, layer, query, kind))
+
+    @handler("map_check")
+    def map_check(self, sess, layer, query, kind, progress=gr.Progress()):
+        """Check the map shown (attention or LLaVA-CAM at this layer) against causal effects: deletion and
+        insertion curves against random orders (needs the run's model; the cuts are cached per run)."""
+        entry = self.entry(sess)
+        layer, q, kind = self._check_view(entry, layer, query, kind)
+        if kind == "attention" and layer >= entry.run.attention_maps.shape[0]:
+            raise InputError(f"no attention map at layer {layer}")
+        progress(0.02, desc="waiting for the model")
+        with self.holder.use() as lm:
+            progress(0.1, desc="cutting image tokens in the map's order and in random orders")
+            res = experiment_views.run_map_check(lm, entry, kind, layer, q)
+        return experiment_views.map_check_outputs(entry, res["name"])
