@@ -79,8 +79,11 @@ def test_command_line_block_runs(tmp_path):
             assert "| four | yes (correct)" in p.stdout.split("| fastv:2:0.5 |")[1].splitlines()[0], p.stdout
             assert "| fastv:2:drop=0.5:step | keep 50 % (drop 50 %) from layer 2 of the image tokens, by the newest" \
                    " token's attention, re-ranked at every step" in p.stdout, p.stdout
+        if argv[3] == "maps":
+            assert "the asked object: a large red circle at middle right" in p.stdout, p.stdout
+            assert "| attention, layer 4 |" in p.stdout and "random orders" in p.stdout, p.stdout
         ran += 1
-    assert ran == 7
+    assert ran == 8
 
 
 def test_study_block_runs(tmp_path):
