@@ -102,10 +102,74 @@ def test_l2_ranks_the_vision_features_before_the_projector(image):
     assert torch.allclose(logits, reference(lm, image, gen, want), atol=1e-4)
 
 
+def test_fastervlm_keeps_what_the_cls_token_attends_to(image):
+    """FasterVLM: [CLS] attention (head mean) of the layer whose output the projector reads, from an
+    eager forward of the tower here; int(n * keep) of the patches kept."""
+    lm = random_lm("llava")
+    inputs, _, _ = prepare_inputs(lm, image, PROMPT)
+    F = lm.arch.vision_feature_depth(lm.model)
+    set_attn(lm.model, "eager")
+    try:
+        with torch.no_grad():
+            att = lm.model.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions[F - 1]
+    finally:
+        set_attn(lm.model, "sdpa")
+    cls = att[0, :, 0, 1:].mean(0).double().numpy()
+    n = cls.size
+    for keep in (0.3, 0.5):
+        want = np.sort(np.argsort(-cls, kind="stable")[: int(n * keep)])
+        gen, logits, arrays = lens_run(lm, image, [PatchPrune(keep, "cls")])
+        assert np.flatnonzero(arrays["image_kept"][0]).tolist() == want.tolist()
+        assert torch.allclose(logits, reference(lm, image, gen, want), atol=1e-4)
+
+
+def _divprune_reference(emb: np.ndarray, m: int) -> list[int]:
+    """DivPrune written from its definition with plain loops (float64)."""
+    x = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    d = 1.0 - x @ x.T
+    n = len(d)
+    chosen = [max(range(n), key=lambda j: (sorted(d[:, j])[1], -j))]
+    while len(chosen) < m:
+        rest = [j for j in range(n) if j not in chosen]
+        chosen.append(max(rest, key=lambda j: (min(d[s, j] for s in chosen), -j)))
+    return sorted(chosen)
+
+
+def test_divprune_keeps_a_diverse_subset_of_the_language_models_input(image):
+    from tests._models import layer_inputs
+
+    lm = random_lm("llava")
+    inputs, _, _ = prepare_inputs(lm, image, PROMPT)
+    img = image_positions(lm, inputs["input_ids"])
+    emb = layer_inputs(lm, inputs)[0][0, img].double().numpy()        # what enters decoder layer 0
+    n = len(img)
+    for keep in (0.25, 0.5):
+        want = _divprune_reference(emb, int(round(keep * n)))
+        gen, logits, arrays = lens_run(lm, image, [PatchPrune(keep, "divprune")])
+        assert np.flatnonzero(arrays["image_kept"][0]).tolist() == want
+        assert torch.allclose(logits, reference(lm, image, gen, want), atol=1e-4)
+
+
+def test_fastervlm_and_divprune_by_name_and_where_they_refuse(image, tiny):
+    from vlmlens.experiments.methods import parse_methods
+
+    m = parse_methods("fastervlm:0.25,divprune:drop=75%", 8)
+    assert m["fastervlm:0.25"] == [PatchPrune(0.25, "cls")] and m["divprune:drop=75%"] == [PatchPrune(0.25, "divprune")]
+    assert "[CLS] attention (FasterVLM)" in m["fastervlm:0.25"][0].describe()
+    for score in ("cls", "divprune"):                 # tiny-shapes' tower is a CLIP one, with its [CLS] token
+        run = vl.capture(tiny, image, "What color is the circle?", max_new_tokens=2,
+                         interventions=[PatchPrune(0.25, score)])
+        assert run.arrays["image_kept"].sum(1).tolist() == [16] * tiny.n_layers
+    qwen = random_lm("qwen2_vl")                       # a merging projector: DivPrune acts on the merged tokens
+    lens_run(qwen, image, [PatchPrune(0.5, "divprune")])
+    with pytest.raises(InputError, match="CLIP-style vision tower with a \\[CLS\\] token"):
+        lens_run(qwen, image, [PatchPrune(0.5, "cls")])
+
+
 def test_identities_and_composition(image):
     lm = random_lm("llava")
     base_gen, base, _ = lens_run(lm, image, [])
-    for score in ("grid", "random", "l2"):
+    for score in ("grid", "random", "l2", "cls", "divprune"):
         gen, logits, _ = lens_run(lm, image, [PatchPrune(1.0, score)])
         assert gen == base_gen and torch.allclose(logits, base, atol=1e-6)
     # with a decoder-side cut: both masks at once
@@ -128,7 +192,7 @@ def test_through_capture_and_a_merging_projector(image, tiny):
 
 
 @pytest.mark.parametrize("iv, msg", [
-    (PatchPrune(0.0), "fraction in \\(0, 1\\]"), (PatchPrune(0.5, "cls"), "score must be one of"),
+    (PatchPrune(0.0), "fraction in \\(0, 1\\]"), (PatchPrune(0.5, "saliency"), "score must be one of"),
     (PatchPrune(0.5, mode="drop"), "'remove' or 'mask'"),
 ])
 def test_bad_patch_prune(iv, msg):

@@ -253,7 +253,27 @@ def test_compare_pruning_on_one_input(image):
     n_sys, n_text = int(img[0]), s0.spans.n_prompt - int(img[0]) - n
     t = truncation_savings(LayerShape.from_model(lm), n, n_text, n_sys, len(s0.generated_tokens), [0])
     assert abs(vtw0.savings["total_saving"] - t["total_saving"][0]) <= 1e-12
-    assert "| fastv |" in res.markdown()
+    assert "| fastv |" in res.markdown() and "measured" not in res.markdown()      # no timing unless asked
+
+
+def test_compare_pruning_measures_latency_side_by_side(image):
+    from vlmlens.experiments.pruning import MethodResult, compare_pruning, time_note
+
+    lm = random_lm("llava")
+    res = compare_pruning(lm, image, PROMPT, {"vtw0": [VTW(0)]}, max_new_tokens=3, latency=True, repeats=1)
+    base, vtw0 = res.method("baseline"), res.method("vtw0")
+    assert base.latency["prefill_saving"] == 0 and base.latency["total_saving"] == 0
+    for m in (base, vtw0):
+        assert m.latency["prefill_s"] > 0 and m.latency["total_s"] >= m.latency["prefill_s"]
+        assert m.latency["total_saving"] == pytest.approx(1 - m.latency["total_s"] / base.latency["total_s"])
+    md = res.markdown()
+    assert "end-to-end time saved (measured)" in md and md.count("|\n") >= 3
+    # a method that saves FLOPs but not time says so; one that saves both, or little of either, does not
+    made = MethodResult("m", [], "", "", True, 0.0, None, [], [], {"total_saving": 0.4, "kv_saving": 0.4}, None,
+                        latency={"total_saving": 0.05})
+    assert "saves 40% of the decoder FLOPs but 5% of the measured end-to-end time" in time_note(made)
+    made.latency = {"total_saving": 0.3}
+    assert time_note(made) is None
 
 
 def test_find_vtw_layer_rule(image):

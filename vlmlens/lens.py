@@ -13,13 +13,10 @@ in ``finally``, also when the forward raises):
    may rewrite them.
 
 A lens session is three objects, each with one job (defined in ``session.py``):
-
-* :class:`Positions` -- which absolute positions each forward and each layer holds (every
-  forward processes ``q`` new positions, numbered ``n_seen .. n_seen+q-1``; per layer, the
-  positions of the keys held in the KV cache). Written only by the lens's hooks.
-* :class:`vlmlens.recorder.Recorder` -- what is recorded, and the Run's arrays built from it.
-* :class:`LensContext` -- the narrow, read-only view interventions get (image positions,
-  the rows a layer holds, the span vocabulary) plus one scratch dict of their own.
+:class:`Positions` -- which absolute positions each forward and each layer holds (written only
+by the lens's hooks); :class:`vlmlens.recorder.Recorder` -- what is recorded, and the Run's
+arrays; :class:`LensContext` -- the narrow, read-only view interventions get (image positions,
+the rows a layer holds, the span vocabulary, the tower's layers) plus a scratch dict of their own.
 
 What a session records is a frozen :class:`Recording`; :meth:`Plan.build` is the one place a
 :class:`Plan` (recording + interventions + prompt facts) is made. A session can resume after
@@ -48,7 +45,6 @@ from .rows import _hidden_arg, _select_rows, _with_hidden
 from .session import (HIDDEN_DTYPES, NOTHING, STORE_MODES, BatchRow, LensContext, LensStart, Plan,  # noqa: F401
                       Positions, Recording, RowPositions)
 
-_STATE_ATTR = STATE_ATTR
 _ROW_SCRATCH = "_vlmlens_batch_rows"     # in a batched session's LensStart.scratch: each example's scratch
 
 
@@ -84,6 +80,9 @@ class Intervention(Protocol):
 
     def edit_vision_output(self, layer: int, h_in: torch.Tensor, h_out: torch.Tensor, ctx: "LensContext") -> torch.Tensor | None:
         """Rewrite the output of vision-tower layer ``layer`` (the image encoder, before the projector)."""
+
+    def observe_input(self, hidden: torch.Tensor, qpos: torch.Tensor, ctx: "LensContext") -> None:
+        """See the rows [1, q, d] entering decoder layer 0 at ``qpos`` before any leaves (read only)."""
 
     def stops_injection(self, layer: int) -> bool:
         """True: the features a family adds to the output of decoder layer ``layer`` (Qwen3-VL's
@@ -165,6 +164,7 @@ class Lens:
         self._mlp_reads = [f for f in (_method(iv, "read_mlp_input") for iv in ivs) if f is not None]
         self.observers = [f for f in (_method(iv, "observe_attention") for iv in ivs) if f is not None]
         self._vision_edits = [f for f in (_method(iv, "edit_vision_output") for iv in ivs) if f is not None]
+        self._input_reads = [f for f in (_method(iv, "observe_input") for iv in ivs) if f is not None]
         # features the family adds between decoder layers (DeepStack), added by the lens itself
         self.injections = Injections(injections, [f for f in (getattr(iv, "stops_injection", None) for iv in ivs)
                                                   if f is not None])
@@ -174,6 +174,7 @@ class Lens:
             raise RuntimeError("an intervention edits (or the plan records) the vision tower, but the lens was given "
                                "no vision layers (use Lens.for_model)")
         self.context.n_vision_layers = len(self.vision_layers)
+        self.context.vision_modules = self.vision_layers
         self.context.attention_layers = self.attention_layers
         self.context.cross_layers = self.cross_layers
         self.recorder.no_attention = frozenset(range(len(self.layers))) - self.attention_layers
@@ -274,6 +275,8 @@ class Lens:
                     pos.restart()
                     self.context.scratch = {}
                 self.recorder.store_hidden(0, hidden, pos.begin_forward(hidden.shape[1], hidden.device))
+                for fn in self._input_reads:      # before any row leaves: what enters the language model
+                    fn(hidden, pos.qpos, self.context)
             keep = self._keep_rows(idx)
             if keep is not None:
                 held = None if idx == 0 or idx - 1 not in pos.pruned_now else pos.pruned_now[idx - 1]
@@ -353,7 +356,7 @@ class Lens:
             raise RuntimeError(f"attention modules found in decoder layers {sorted(i for i, m in found.items() if m)}, "
                                f"expected in {sorted(self.attention_layers)}")
         self._attn_mods = [m for m in found.values() if m is not None]
-        if any(getattr(m, _STATE_ATTR, None) is not None for m in self._attn_mods):
+        if any(getattr(m, STATE_ATTR, None) is not None for m in self._attn_mods):
             raise RuntimeError("another vlmlens capture is already running on this model; run captures one at a time")
         try:
             seen = set()
@@ -362,7 +365,7 @@ class Lens:
                     seen.add(id(m.config))
                     self._configs.append((m.config, m.config._attn_implementation))
                     m.config._attn_implementation = ATTN_NAME
-                setattr(m, _STATE_ATTR, self)
+                setattr(m, STATE_ATTR, self)
             for i, layer in enumerate(self.layers):
                 self._handles.append(layer.register_forward_pre_hook(self._pre(i), with_kwargs=True))
                 self._handles.append(layer.register_forward_hook(self._post(i), with_kwargs=True))
@@ -390,8 +393,8 @@ class Lens:
             cfg._attn_implementation = impl
         self._configs.clear()
         for m in self._attn_mods:
-            if hasattr(m, _STATE_ATTR):
-                delattr(m, _STATE_ATTR)
+            if hasattr(m, STATE_ATTR):
+                delattr(m, STATE_ATTR)
 
     def __exit__(self, *exc) -> None:
         self._restore()

@@ -281,6 +281,7 @@ class LensContext:
         self.attention_layers: frozenset | None = None  # set by the lens: layers with softmax attention (None: all)
         self.frames = plan.frames                 # temporal slots of a video input (None: an image)
         self.cross_layers: frozenset = frozenset()  # set by the lens: layers reading the image by cross-attention
+        self.vision_modules: list = []            # set by the lens: the vision tower's layers (modules), read-only
         self.scratch: dict[Any, Any] = {}
 
     @property

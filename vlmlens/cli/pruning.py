@@ -23,6 +23,8 @@ def cmd_prune(args) -> int:
         check_inputs(args)
     if args.n < 1:
         raise InputError(f"--n must be a positive number of examples per family, got {args.n}")
+    if args.latency and not one:
+        raise InputError("--latency times one input (--image and --prompt), not the suite")
     if args.calibrate < 0:
         raise InputError(f"--calibrate must be 0 (off) or a number of calibration examples, got {args.calibrate}")
     if not args.methods.strip():
@@ -51,7 +53,7 @@ def cmd_prune(args) -> int:
         methods["StagePruner (calibrated)"] = [stages]
     if one:
         res = compare_pruning(lm, args.visual, args.prompt, methods, max_new_tokens=args.max_new_tokens, truth=args.truth,
-                              progress=progress_bar())
+                              latency=args.latency, progress=progress_bar())
         print(f"{res.model}: baseline {res.baseline_text!r}; {res.n_image} image tokens, {res.n_layers} layers\n")
         print(res.markdown())
     else:
@@ -89,6 +91,8 @@ def _configure_prune(p):
     p.add_argument("--truth", default=None, help="the correct answer of the one input (optional)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--methods", default="default", help=METHOD_SYNTAX.replace("%", "%%"))   # argparse formats help with %
+    p.add_argument("--latency", action="store_true", help="also measure each method's prefill and end-to-end time"
+                   " (one input; the methods interleaved in one run, median of 3)")
     p.add_argument("--calibrate", type=int, default=0,
                    help="calibrate VTW's K and the causal stages on this many shapes train examples per family")
     p.add_argument("--eta", type=float, default=VTW_ETA, help="VTW's KL threshold (nats) for --calibrate")

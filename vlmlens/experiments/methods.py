@@ -81,7 +81,8 @@ def parse_methods(text: str, n_layers: int, stage_labels: Sequence[str] | None =
     for spec in (s.strip() for s in text.split(",")):
         parts = spec.split(":")
         kind = parts[0].lower()
-        arity = {"fastv": 3, "random": 3, "l2": 3, "pdrop": 3, "vtw": 2, "adaptive": 2, "stages": 2, "patch": 3}
+        arity = {"fastv": 3, "random": 3, "l2": 3, "pdrop": 3, "vtw": 2, "adaptive": 2, "stages": 2, "patch": 3,
+                 "fastervlm": 2, "divprune": 2}
         if kind not in arity:
             raise InputError(f"unknown method {spec!r}; {METHOD_SYNTAX}")
         rerank = "prefill"
@@ -104,10 +105,11 @@ def parse_methods(text: str, n_layers: int, stage_labels: Sequence[str] | None =
             ivs = [PyramidDrop(ls, rs, rerank=rerank)]
         elif kind == "vtw":
             ivs = [VTW(_num(parts[1], f"{spec}: the layer", int))]
-        elif kind == "patch":
+        elif kind in ("patch", "fastervlm", "divprune"):
             from ..interventions import PatchPrune
 
-            ivs = [PatchPrune(_keep(parts[1], f"{spec}: the keep ratio"), parts[2].strip().lower())]
+            score = parts[2].strip().lower() if kind == "patch" else {"fastervlm": "cls", "divprune": "divprune"}[kind]
+            ivs = [PatchPrune(_keep(parts[1], f"{spec}: the keep ratio"), score)]
         elif kind == "stages":
             if not stage_labels:
                 raise InputError(f"{spec} needs this input's causal stages: find them first (dashboard: Attention tab, "

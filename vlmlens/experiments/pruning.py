@@ -61,6 +61,7 @@ class MethodResult:
     savings: dict               # total / prefill / decode / kv saving (fractions)
     depth: int | None           # first layer with no image row (None: the image stays)
     description: str = ""       # what it keeps, unambiguously (keep / drop, rerank)
+    latency: dict | None = None  # measured: prefill_s, total_s and their savings vs the baseline (when asked)
 
 
 @dataclass
@@ -84,16 +85,32 @@ class PruningComparison:
         raise KeyError(name)
 
     def markdown(self) -> str:
-        t = Table(["method", "keeps", "output", "kept", "output_kl", "total_saving", "kv_saving"],
-                  headers=["method", "what it keeps", "output", "answer kept", "output KL", "decoder FLOPs saved",
-                           "KV saved"], formats={"output_kl": fixed(3), "total_saving": percent1, "kv_saving": percent1})
+        timed = any(m.latency for m in self.methods)
+        cols = ["method", "keeps", "output", "kept", "output_kl", "total_saving", "kv_saving"]
+        heads = ["method", "what it keeps", "output", "answer kept", "output KL", "decoder FLOPs saved", "KV saved"]
+        if timed:
+            cols += ["prefill_time", "total_time"]
+            heads += ["prefill time saved (measured)", "end-to-end time saved (measured)"]
+        t = Table(cols, headers=heads, formats={"output_kl": fixed(3), "total_saving": percent1, "kv_saving": percent1,
+                                                "prefill_time": percent1, "total_time": percent1})
         for m in self.methods:
             ok = "yes" if m.answer_kept else "**no**"
             if m.correct is not None:
                 ok += " (correct)" if m.correct else " (wrong)"
-            t.add([m.name, m.description or "—", m.text[:60], ok, m.output_kl, m.savings["total_saving"],
-                   m.savings["kv_saving"]])
-        return t.markdown()
+            row = [m.name, m.description or "—", m.text[:60], ok, m.output_kl, m.savings["total_saving"],
+                   m.savings["kv_saving"]]
+            t.add(row + ([(m.latency or {}).get("prefill_saving"), (m.latency or {}).get("total_saving")] if timed else []))
+        notes = [time_note(m) for m in self.methods if m.latency]
+        return t.markdown() + "".join(f"\n\n{n}" for n in notes if n)
+
+
+def time_note(m: MethodResult) -> str | None:
+    """Said of a method that saves decoder FLOPs (10 % or more) but not half as much measured time."""
+    flops, lat = m.savings["total_saving"], m.latency or {}
+    if flops >= 0.1 and lat.get("total_saving") is not None and lat["total_saving"] < flops / 2:
+        return (f"{m.name} saves {100 * flops:.0f}% of the decoder FLOPs but {100 * lat['total_saving']:.0f}% of the"
+                " measured end-to-end time on this machine: the FLOPs it removes are not where the time goes here.")
+    return None
 
 
 def _counts(s: Trial) -> tuple[int, int, int]:
@@ -123,9 +140,12 @@ def method_result(s: Trial, shape: LayerShape, v: Variant, separator: str, truth
 
 
 def compare_pruning(lm, image, prompt: str, methods: dict | None = None, *, max_new_tokens: int = 16,
-                    truth: str | None = None, separator: str = DEFAULT_SEPARATOR,
-                    progress: Progress | None = None) -> PruningComparison:
-    """Every method on one input, next to the untouched baseline (:func:`default_methods` if none)."""
+                    truth: str | None = None, separator: str = DEFAULT_SEPARATOR, latency: bool = False,
+                    repeats: int = 3, progress: Progress | None = None) -> PruningComparison:
+    """Every method on one input, next to the untouched baseline (:func:`default_methods` if none).
+    ``latency``: also each method's measured prefill and end-to-end time (plain generation of
+    ``max_new_tokens`` through the lens, no recording; the median of ``repeats``, the methods
+    interleaved in one run) and the share of the baseline's time it saves."""
     t0 = time.perf_counter()
     plan = parse_variants(lm, methods=default_methods(lm.n_layers) if methods is None else methods)
     s = Trial(lm, image, prompt, max_new_tokens=max_new_tokens)
@@ -135,6 +155,15 @@ def compare_pruning(lm, image, prompt: str, methods: dict | None = None, *, max_
         res.append(method_result(s, shape, v, separator, truth))
         if progress and i:
             progress(i, len(plan.methods), v.key)
+    if latency:
+        from ..analysis.compute import measure_methods_latency
+
+        m = measure_methods_latency(lm, image, prompt, {v.key: list(v.interventions) for v in plan.variants},
+                                    n_steps=max(1, max_new_tokens - 1), repeats=repeats)
+        p0, t0_ = m["prefill_s"][0], m["total_s"][0]
+        for r, p, t in zip(res, m["prefill_s"], m["total_s"]):
+            r.latency = {"prefill_s": p, "total_s": t, "prefill_saving": 1 - p / p0 if p0 > 0 else 0.0,
+                         "total_saving": 1 - t / t0_ if t0_ > 0 else 0.0, "repeats": repeats}
     return PruningComparison(lm.name, s.prep.prompt, s.baseline.run.generated_text, lm.n_layers, len(s.prep.image_pos),
                              truth, res, round(time.perf_counter() - t0, 3))
 

@@ -99,7 +99,8 @@ def removal_conflict(who: str, k: int, others: Sequence, n_layers: int) -> str |
 
 
 _PER_EXAMPLE = (("observe_attention", "reads attention to rank tokens"), ("read_mlp_input", "reads MLP inputs"),
-                ("removed_positions", "takes rows out of the sequence"))
+                ("removed_positions", "takes rows out of the sequence"),
+                ("observe_input", "reads the language model's input rows to choose tokens"))
 
 
 def _batch_conflict(iv) -> str | None:

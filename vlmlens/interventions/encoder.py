@@ -48,7 +48,55 @@ class EncoderDepth(_Base):
         return h_in
 
 
-PATCH_SCORES = ("grid", "random", "l2")
+PATCH_SCORES = ("grid", "random", "l2", "cls", "divprune")
+
+
+def divprune_order(emb: torch.Tensor, m: int) -> torch.Tensor:
+    """DivPrune's greedy max-min selection of ``m`` of the rows of ``emb`` [n, d] on the distance
+    ``1 - cos``: first the row whose second-smallest distance in its column (its own ~0 is the
+    smallest) is largest, then each time the row whose smallest distance to the chosen is largest
+    (ties: the lowest index; a chosen row is never chosen again, which the published loop leaves to
+    chance when two rows are identical). The chosen rows, in the order chosen."""
+    x = torch.nn.functional.normalize(emb.float(), dim=-1)
+    dist = 1.0 - x @ x.T
+    n = dist.shape[0]
+    if n < 2:
+        return torch.arange(n)[:m]
+    chosen = [int(torch.argmax(torch.topk(dist, 2, dim=0, largest=False).values[1]))]
+    nearest = dist[chosen[0]].clone()
+    nearest[chosen[0]] = -torch.inf          # never chosen twice (exact duplicates would tie with it)
+    for _ in range(1, m):
+        j = int(torch.argmax(nearest))
+        chosen.append(j)
+        nearest = torch.minimum(nearest, dist[j])
+        nearest[j] = -torch.inf
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def _cls_scores(layer, h: torch.Tensor, ctx) -> torch.Tensor:
+    """FasterVLM's score of each image token: the head-mean attention of the [CLS] query (row 0 of
+    each image or tile) to it, in the CLIP-style pre-norm vision ``layer`` whose output the model
+    reads (recomputed from its input ``h``: ``layer_norm1``, then ``self_attn``'s q/k projections)."""
+    attn = getattr(layer, "self_attn", None)
+    norm = getattr(layer, "layer_norm1", None)
+    heads = getattr(attn, "num_heads", None) or getattr(getattr(attn, "config", None), "num_attention_heads", None)
+    if layer is None or norm is None or attn is None or heads is None or not all(
+            hasattr(attn, a) for a in ("q_proj", "k_proj")):
+        raise InputError("PatchPrune(score='cls') (FasterVLM) needs a CLIP-style vision tower with a [CLS] token, read"
+                         f" after at least one layer; this one ({type(layer).__name__}) has none: use 'l2', 'divprune',"
+                         " 'grid' or 'random'")
+    with torch.no_grad():
+        x = norm(h)
+        q, k = attn.q_proj(x[:, :1]).float(), attn.k_proj(x).float()        # [B, 1, D], [B, T, D]
+        b, t, d = k.shape
+        hd = d // heads
+        s = torch.einsum("bhd,bthd->bht", q.view(b, heads, hd), k.view(b, t, heads, hd)) * (hd ** -0.5)
+        share = torch.softmax(s, dim=-1).mean(1)                           # [B, T]
+    n = int(ctx.image_pos.numel())
+    if b * (t - 1) != n:
+        raise InputError(f"PatchPrune(score='cls') (FasterVLM) needs one image token per vision patch after a [CLS]"
+                         f" token; this model gives {n} image tokens for {b} x {t} tower tokens")
+    return share[:, 1:].reshape(n)
 
 
 @dataclass(frozen=True)
@@ -60,10 +108,15 @@ class PatchPrune(_Base):
     ``score``: ``"grid"`` -- an evenly spaced subset in the tokens' raster order (a coarser
     image); ``"random"`` -- a uniformly random subset (``seed``); ``"l2"`` -- the patches whose
     vision-tower features (at the layer the model reads them, before the projector) have the
-    largest L2 norm. With a per-patch projector (LLaVA-1.5, tiny-shapes: one image token per
+    largest L2 norm; ``"cls"`` -- FasterVLM (arXiv 2412.01818): the patches the vision tower's [CLS] token
+    attends to most (head mean) in the layer the model reads its features from, ``int(keep * n)`` of
+    them; ``"divprune"`` -- DivPrune (arXiv 2503.02175): a diverse subset of the image tokens as they
+    enter the language model (after the projector), ``round(keep * n)`` of them, greedy max-min on
+    the cosine distance: first the token farthest from its nearest neighbour, then each time the one
+    farthest from those chosen. With a per-patch projector (LLaVA-1.5, tiny-shapes: one image token per
     patch) this is pruning before the projector exactly; where the projector merges patches
-    (Qwen2-VL's 2x2 merger, pixel shuffle, pooling) "grid"/"random" keep or drop whole merged
-    tokens and "l2" is refused. ``mode="mask"``: the pruned tokens stay but nothing reads them
+    (Qwen2-VL's 2x2 merger, pixel shuffle, pooling) "grid"/"random"/"divprune" keep or drop whole merged
+    tokens and "l2"/"cls" are refused, as "cls" is on a tower without a [CLS] token (SigLIP). ``mode="mask"``: the pruned tokens stay but nothing reads them
     (the same outputs; the form a backward pass can go through). ``keep=1`` is the baseline.
     """
 
@@ -74,8 +127,9 @@ class PatchPrune(_Base):
     exclusive = "PatchPrune"
 
     def describe(self) -> str:
+        by = {"cls": "the vision tower's [CLS] attention (FasterVLM)", "divprune": "diversity (DivPrune)"}
         return (f"keep {100 * self.keep:.4g} % (drop {100 * (1 - self.keep):.4g} %) of the image patches before the"
-                f" language model, chosen by {self.score}")
+                f" language model, chosen by {by.get(self.score, self.score)}")
 
     def validate(self, n_layers: int) -> None:
         k = self.keep
@@ -111,10 +165,13 @@ class PatchPrune(_Base):
         return ctx.scratch.setdefault(("patch prune", self), {})
 
     def edit_vision_output(self, layer, h_in, h_out, ctx):
-        if self.score != "l2":
+        if self.score not in ("l2", "cls"):
             return None
         F = ctx.vision_feature_depth
         if F is None or not ((F == 0 and layer == 0) or layer == F - 1):
+            return None
+        if self.score == "cls":
+            self._state(ctx)["cls"] = _cls_scores(ctx.vision_modules[layer] if F else None, h_in, ctx)
             return None
         feats = (h_in if F == 0 else h_out).detach().float()
         feats = feats.reshape(-1, feats.shape[-2], feats.shape[-1])       # [images / tiles, patches, d]
@@ -141,6 +198,15 @@ class PatchPrune(_Base):
                 idx = torch.as_tensor(np.unique(np.floor((np.arange(m) + 0.5) * n / m).astype(np.int64)))
             elif self.score == "random":
                 idx = torch.randperm(n, generator=torch.Generator().manual_seed(int(self.seed)))[:m]
+            elif self.score == "cls":
+                if "cls" not in st:
+                    raise RuntimeError("PatchPrune(score='cls') saw no vision tower (use Lens.for_model)")
+                m = min(n, max(1, int(self.keep * n)))            # FasterVLM keeps int(n * ratio)
+                idx = torch.sort(-st["cls"].double(), stable=True).indices[:m]
+            elif self.score == "divprune":
+                if "emb" not in st:
+                    raise RuntimeError("PatchPrune(score='divprune') saw no language-model input (use Lens.for_model)")
+                idx = divprune_order(st["emb"], min(n, max(1, int(round(self.keep * n)))))
             else:
                 if "l2" not in st:
                     raise RuntimeError("PatchPrune(score='l2') found no vision features: the vision tower did not run"
@@ -148,6 +214,13 @@ class PatchPrune(_Base):
                 idx = torch.sort(-st["l2"].double(), stable=True).indices[:m]
             st["kept"] = torch.sort(img[idx.to(img.device)]).values
         return st["kept"]
+
+    def observe_input(self, hidden, qpos, ctx) -> None:
+        if self.score != "divprune" or "emb" in self._state(ctx):
+            return
+        rows = torch.isin(qpos, ctx.image_pos.to(qpos.device))
+        if int(rows.sum()) == int(ctx.image_pos.numel()):       # the forward that holds the image
+            self._state(ctx)["emb"] = hidden[0, rows].detach().float()
 
     def _pruned(self, ctx) -> torch.Tensor | None:
         kept = self.kept(ctx)

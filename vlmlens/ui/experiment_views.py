@@ -211,7 +211,7 @@ def run_pruning(lm, entry, methods_text: str, progress=None) -> dict:
     methods = parse_variants(lm, methods=methods_text or "default", stage_labels=stage_labels(entry)).methods
     image, prompt, n_new = _run_args(entry)
     res = compare_pruning(lm, image, prompt, methods, max_new_tokens=n_new, truth=run_truth(entry.run),
-                          progress=progress)
+                          latency=True, repeats=2, progress=progress)
     entry.extras["pruning"] = res.to_json()
     return entry.extras["pruning"]
 
