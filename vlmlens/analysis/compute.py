@@ -256,22 +256,28 @@ def measure_latency(lm, image, prompt: str, depths, *, n_steps: int = 8, repeats
 
 
 def measure_methods_latency(lm, image, prompt: str, methods: dict, *, n_steps: int = 8, repeats: int = 3,
-                            keep_samples: bool = False) -> dict:
+                            keep_samples: bool = False, images: dict | None = None) -> dict:
     """:func:`measure_latency` for any interventions: ``methods`` maps a key to a list of
-    interventions (``[]``: the baseline through the same lens); interleaved across methods."""
+    interventions (``[]``: the baseline through the same lens); interleaved across methods.
+    ``images`` ({key: image}): a method that runs on its own input (a downsampled image)."""
     from ..capture import image_positions, prepare_inputs
 
-    inputs, _, _ = prepare_inputs(lm, image, prompt)
-    pos = image_positions(lm, inputs["input_ids"])
     keys = list(methods)
+    by_image, prepared = {}, {}
+    for k in keys:
+        img = (images or {}).get(k, image)
+        if id(img) not in by_image:
+            inputs, _, _ = prepare_inputs(lm, img, prompt)
+            by_image[id(img)] = (inputs, image_positions(lm, inputs["input_ids"]))
+        prepared[k] = by_image[id(img)]
     pre = {k: [] for k in keys}
     tot = {k: [] for k in keys}
     for k in keys:  # warm-up
-        _timed_generate(lm, inputs, pos, 2, methods[k])
+        _timed_generate(lm, *prepared[k], 2, methods[k])
     for _ in range(repeats):
         for k in keys:
-            pre[k].append(_timed_generate(lm, inputs, pos, 1, methods[k]))
-            tot[k].append(_timed_generate(lm, inputs, pos, n_steps + 1, methods[k]))
+            pre[k].append(_timed_generate(lm, *prepared[k], 1, methods[k]))
+            tot[k].append(_timed_generate(lm, *prepared[k], n_steps + 1, methods[k]))
     out = {"methods": keys, "n_steps": n_steps, "repeats": repeats, "prefill_s": [], "decode_s": [], "total_s": []}
     for k in keys:
         p, t = statistics.median(pre[k]), statistics.median(tot[k])

@@ -122,6 +122,8 @@ def _counts(s: Trial) -> tuple[int, int, int]:
 def method_result(s: Trial, shape: LayerShape, v: Variant, separator: str, truth: str | None) -> MethodResult:
     """One method (a method variant) on the trial's input: its output against the baseline and the compute it saves."""
     name, ivs = v.key, list(v.interventions)
+    if any(getattr(iv, "transforms_input", False) for iv in ivs):
+        return _downsample_result(s, shape, v, separator, truth)
     c, out = s.cell(ivs, separator=separator, truth=truth)
     L = s.n_layers
     rows = image_rows(out.run, L)
@@ -137,6 +139,27 @@ def method_result(s: Trial, shape: LayerShape, v: Variant, separator: str, truth
                         rows, kept.tolist(), {k: float(sav[k][0]) for k in ("total_saving", "prefill_saving",
                                                                              "decode_saving", "kv_saving")}, depth,
                         describe_method(ivs) if ivs else "no pruning (the baseline)")
+
+
+def _downsample_result(s: Trial, shape: LayerShape, v: Variant, separator: str, truth: str | None) -> MethodResult:
+    """A smaller input with the method's token budget (:mod:`.downsample`): every layer reads ``m``
+    image tokens instead of ``n``; no subset of the original tokens is kept (``image_kept`` empty)."""
+    from ..metrics import is_correct
+    from .downsample import downsampled
+    from .engine import compare_outputs
+
+    if len(v.interventions) != 1:
+        raise InputError(f"{v.key}: downsampling runs alone, without other interventions")
+    out, small, m = downsampled(s, v.interventions[0].keep)
+    c = compare_outputs(s.baseline, out, separator, getattr(s.lm.processor, "tokenizer", None))
+    L = s.n_layers
+    n_sys, n_img, n_text = _counts(s)
+    sav = schedule_savings(shape, n_img, n_text, n_sys, max(1, len(s.baseline.generated_ids)), {v.key: [m] * L})
+    return MethodResult(v.key, [iv.to_json() for iv in v.interventions], c["text"], c["answer"], bool(c["answer_kept"]),
+                        float(c["output_kl"]), is_correct(c["text"], truth, separator), [m] * L, [],
+                        {k: float(sav[k][0]) for k in ("total_saving", "prefill_saving", "decode_saving", "kv_saving")},
+                        None, f"the image downsampled to {small.size[0]}x{small.size[1]} px: {m} image tokens instead"
+                              f" of {n_img}")
 
 
 def compare_pruning(lm, image, prompt: str, methods: dict | None = None, *, max_new_tokens: int = 16,
@@ -158,8 +181,13 @@ def compare_pruning(lm, image, prompt: str, methods: dict | None = None, *, max_
     if latency:
         from ..analysis.compute import measure_methods_latency
 
-        m = measure_methods_latency(lm, image, prompt, {v.key: list(v.interventions) for v in plan.variants},
-                                    n_steps=max(1, max_new_tokens - 1), repeats=repeats)
+        from .downsample import downsample_to
+
+        small = {v.key: downsample_to(lm, s.prep.rgb, s.prep.prompt, v.interventions[0].keep)[0]
+                 for v in plan.variants if any(getattr(iv, "transforms_input", False) for iv in v.interventions)}
+        m = measure_methods_latency(lm, image, prompt, {v.key: ([] if v.key in small else list(v.interventions))
+                                                        for v in plan.variants},
+                                    n_steps=max(1, max_new_tokens - 1), repeats=repeats, images=small)
         p0, t0_ = m["prefill_s"][0], m["total_s"][0]
         for r, p, t in zip(res, m["prefill_s"], m["total_s"]):
             r.latency = {"prefill_s": p, "total_s": t, "prefill_saving": 1 - p / p0 if p0 > 0 else 0.0,

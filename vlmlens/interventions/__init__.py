@@ -15,14 +15,14 @@ from __future__ import annotations
 from ..errors import InputError
 from .base import (INDEPENDENT, RECOMPUTE, UNCHANGED, PrefixEffect, batch_conflict, decides_every_step, gradient_safe,
                    prefix_effect, removal_conflict, validate_all)
-from .encoder import PATCH_SCORES, EncoderDepth, PatchKnockout, PatchPrune
+from .encoder import PATCH_SCORES, Downsample, EncoderDepth, PatchKnockout, PatchPrune
 from .core import DST_SPANS, SRC_SPANS, TRUNCATE_MODES, Freeze, Knockout, SkipLayers, Substitute, Truncate
 from .policies import STAGE_TREATMENTS, VISIPRUNER_TREATMENTS, AdaptiveVTW, StagePruner
 from .pruning import PRUNE_MODES, PRUNE_SCORES, RERANKS, VTW, FastV, PyramidDrop, TokenPruner, n_kept
 
 PRUNERS = (TokenPruner, FastV, PyramidDrop, VTW, StagePruner, AdaptiveVTW)
 
-KINDS = {c.__name__: c for c in (Truncate, Freeze, Substitute, SkipLayers, Knockout, EncoderDepth, PatchPrune, PatchKnockout, *PRUNERS)}
+KINDS = {c.__name__: c for c in (Truncate, Freeze, Substitute, SkipLayers, Knockout, EncoderDepth, PatchPrune, PatchKnockout, Downsample, *PRUNERS)}
 
 
 def from_json(d: dict):
@@ -39,7 +39,7 @@ def from_json(d: dict):
         raise InputError(f"bad fields for {kind}: {e}") from None
 
 
-__all__ = ["batch_conflict", "EncoderDepth", "PATCH_SCORES", "PatchPrune", "PatchKnockout", "AdaptiveVTW", "PRUNERS", "DST_SPANS", "INDEPENDENT", "KINDS", "PRUNE_MODES", "PRUNE_SCORES", "RECOMPUTE", "SRC_SPANS",
+__all__ = ["batch_conflict", "EncoderDepth", "PATCH_SCORES", "PatchPrune", "PatchKnockout", "Downsample", "AdaptiveVTW", "PRUNERS", "DST_SPANS", "INDEPENDENT", "KINDS", "PRUNE_MODES", "PRUNE_SCORES", "RECOMPUTE", "SRC_SPANS",
            "STAGE_TREATMENTS", "TRUNCATE_MODES", "UNCHANGED", "VISIPRUNER_TREATMENTS", "VTW", "FastV", "Freeze",
            "Knockout", "PrefixEffect", "PyramidDrop", "SkipLayers", "StagePruner", "Substitute", "TokenPruner",
            "Truncate", "from_json", "gradient_safe", "n_kept", "prefix_effect", "removal_conflict", "validate_all"]

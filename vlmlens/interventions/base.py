@@ -45,6 +45,9 @@ def refuse_for_structure(interventions: Sequence, *, cross_layers=(), injections
     model (``cross_layers``) every intervention whose ``cross_attention`` does not say what it does there; on
     a model that adds vision features between layers (``injections``: DeepStack) a cut of chosen frames."""
     for iv in interventions:
+        if getattr(iv, "transforms_input", False):
+            raise InputError(f"{iv!r} changes the input image itself, which the lens never sees: it runs as a method"
+                             " of a pruning comparison or study (compare_pruning, prune/study --methods)")
         why = cross_attention_refusal(iv, cross_layers) if cross_layers else None
         if why:
             raise InputError(f"{iv!r}: {why}; this model reads the image only through its cross-attention layers "

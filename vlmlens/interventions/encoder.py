@@ -287,3 +287,25 @@ class PatchKnockout(PatchPrune):
             gone[list(self.knocked)] = True
             st["kept"] = img[~gone.to(img.device)]
         return st["kept"]
+
+
+@dataclass(frozen=True)
+class Downsample(_Base):
+    """The image itself made smaller, so that the model's processor gives ``keep`` of its image
+    tokens (the nearest count not above ``round(keep * n)``): the baseline VTC-Bench (arXiv
+    2510.07143) finds beating many pruning methods. Not a lens intervention -- it changes the
+    input -- so it runs as a method of a pruning comparison or study, never in a capture (the lens
+    refuses it); and only where the token count follows the image size (dynamic resolution:
+    Qwen2-VL and its kin), refused where the processor resizes every image to one size."""
+
+    keep: float
+    exclusive = "Downsample"
+    transforms_input = True
+
+    def validate(self, n_layers: int) -> None:
+        k = self.keep
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
+            raise InputError(f"Downsample.keep must be a fraction in (0, 1], got {k!r}")
+
+    def describe(self) -> str:
+        return f"the image downsampled to about {100 * self.keep:.4g} % of its image tokens (a smaller input)"

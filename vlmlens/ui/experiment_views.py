@@ -253,6 +253,8 @@ def pruning_figure(entry, method: str | None):
         return message_figure("The comparison holds no pruning method.", title)
     name = method if method in by_name else next(iter(by_name))
     m = by_name[name]
+    if not m["image_kept"]:                      # a smaller input (downsampling): no subset of these tokens
+        return message_figure(f"{name}: {m['description']} -- it keeps no subset of this run's image tokens", title)
     return entry.derived.get(("fig_kept", content_key(m)),
                              lambda: figure(fig_kept_tokens, entry.run, kept=m["image_kept"], name=name, title=title))
 
