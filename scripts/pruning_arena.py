@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METHODS = ["fastv:2:0.25", "random:2:0.25", "l2:2:0.25", "pdrop:1/2/3:0.5/0.25/0.125", "vtw:2",
+METHODS = ["fastv:2:0.25", "random:2:0.25", "l2:2:0.25", "dart:2:0.25", "pdrop:1/2/3:0.5/0.25/0.125", "vtw:2",
            "patch:0.25:grid", "patch:0.25:random", "patch:0.25:l2", "fastervlm:0.25", "divprune:0.25",
            "downsample:0.25"]
 HEAD = """# The pruner arena

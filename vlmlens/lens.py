@@ -128,7 +128,7 @@ class Lens:
         # only interventions that edit the tower read it (a second scan of the tower otherwise)
         depth = lm.arch.vision_feature_depth(lm.model) if lens._vision_hooks else None
         for ctx in [lens.context, *lens._row_contexts]:
-            ctx.vision_feature_depth = depth
+            ctx.vision_feature_depth, ctx.final_norm = depth, lm.arch.final_norm(lm.model)
         return lens
 
     def __init__(self, layers, plan: Plan, device: torch.device | str = "cpu", start: LensStart | None = None,

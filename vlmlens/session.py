@@ -282,6 +282,7 @@ class LensContext:
         self.frames = plan.frames                 # temporal slots of a video input (None: an image)
         self.cross_layers: frozenset = frozenset()  # set by the lens: layers reading the image by cross-attention
         self.vision_modules: list = []            # set by the lens: the vision tower's layers (modules), read-only
+        self.final_norm = None                    # set by Lens.for_model: the language model's final norm (read-only)
         self.scratch: dict[Any, Any] = {}
 
     @property

@@ -13,12 +13,13 @@ DEFAULT_TAU = 0.1
 VTW_ETA = 0.003
 
 METHOD_SYNTAX = ("comma-separated: fastv:K:R, random:K:R, l2:K:R, pdrop:L1/L2/..:R1/R2/.., vtw:K, adaptive:SHARE, "
-                 "stages:R, patch:R:SCORE, fastervlm:R, divprune:R, downsample:R (K a decoder layer; R the fraction KEPT, in (0, 1] -- or say which: "
+                 "stages:R, patch:R:SCORE, fastervlm:R, divprune:R, dart:K:R, downsample:R (K a decoder layer; R the fraction KEPT, in (0, 1] -- or say which: "
                  "keep=0.25, or drop=0.75 as the FastV paper's R, the fraction dropped; percentages work: drop=75%; "
                  "fastv:K:R:step re-ranks at every step as FastV's evaluation, fastv:K:R:prefill (default) once; "
                  "stages: VisiPruner's treatments of the causal stages, top R in fusion; patch: only R of the patches "
                  "reach the language model, SCORE grid, random, l2, cls or divprune; fastervlm:R = patch:R:cls "
-                 "(the vision tower's [CLS] attention), divprune:R = patch:R:divprune (a diverse subset); downsample:R: a smaller image with R of the "
+                 "(the vision tower's [CLS] attention), divprune:R = patch:R:divprune (a diverse subset); dart:K:R: from layer K the image tokens least "
+                 "duplicating 4 image and 4 text pivots (DART); downsample:R: a smaller image with R of the "
                  "image tokens, where the processor's token count follows the image size), or 'default'")
 
 #: the heatmaps checked against causal effects (vlmlens.experiments.map_check), and its defaults

@@ -82,7 +82,7 @@ def parse_methods(text: str, n_layers: int, stage_labels: Sequence[str] | None =
         parts = spec.split(":")
         kind = parts[0].lower()
         arity = {"fastv": 3, "random": 3, "l2": 3, "pdrop": 3, "vtw": 2, "adaptive": 2, "stages": 2, "patch": 3,
-                 "fastervlm": 2, "divprune": 2, "downsample": 2}
+                 "fastervlm": 2, "divprune": 2, "downsample": 2, "dart": 3}
         if kind not in arity:
             raise InputError(f"unknown method {spec!r}; {METHOD_SYNTAX}")
         rerank = "prefill"
@@ -103,6 +103,10 @@ def parse_methods(text: str, n_layers: int, stage_labels: Sequence[str] | None =
             pre = next((p for p in ("keep=", "drop=") if ratios.startswith(p)), "")
             rs = [_keep(pre + x, f"{spec}: a keep ratio") for x in ratios[len(pre):].split("/")]
             ivs = [PyramidDrop(ls, rs, rerank=rerank)]
+        elif kind == "dart":
+            from ..interventions import DART
+
+            ivs = [DART(_num(parts[1], f"{spec}: the layer", int), _keep(parts[2], f"{spec}: the keep ratio"))]
         elif kind == "downsample":
             from ..interventions import Downsample
 

@@ -17,10 +17,11 @@ from .base import (INDEPENDENT, RECOMPUTE, UNCHANGED, PrefixEffect, batch_confli
                    prefix_effect, removal_conflict, validate_all)
 from .encoder import PATCH_SCORES, Downsample, EncoderDepth, PatchKnockout, PatchPrune
 from .core import DST_SPANS, SRC_SPANS, TRUNCATE_MODES, Freeze, Knockout, SkipLayers, Substitute, Truncate
+from .dart import DART
 from .policies import STAGE_TREATMENTS, VISIPRUNER_TREATMENTS, AdaptiveVTW, StagePruner
 from .pruning import PRUNE_MODES, PRUNE_SCORES, RERANKS, VTW, FastV, PyramidDrop, TokenPruner, n_kept
 
-PRUNERS = (TokenPruner, FastV, PyramidDrop, VTW, StagePruner, AdaptiveVTW)
+PRUNERS = (TokenPruner, FastV, PyramidDrop, VTW, StagePruner, AdaptiveVTW, DART)
 
 KINDS = {c.__name__: c for c in (Truncate, Freeze, Substitute, SkipLayers, Knockout, EncoderDepth, PatchPrune, PatchKnockout, Downsample, *PRUNERS)}
 
@@ -39,7 +40,7 @@ def from_json(d: dict):
         raise InputError(f"bad fields for {kind}: {e}") from None
 
 
-__all__ = ["batch_conflict", "EncoderDepth", "PATCH_SCORES", "PatchPrune", "PatchKnockout", "Downsample", "AdaptiveVTW", "PRUNERS", "DST_SPANS", "INDEPENDENT", "KINDS", "PRUNE_MODES", "PRUNE_SCORES", "RECOMPUTE", "SRC_SPANS",
+__all__ = ["batch_conflict", "DART", "EncoderDepth", "PATCH_SCORES", "PatchPrune", "PatchKnockout", "Downsample", "AdaptiveVTW", "PRUNERS", "DST_SPANS", "INDEPENDENT", "KINDS", "PRUNE_MODES", "PRUNE_SCORES", "RECOMPUTE", "SRC_SPANS",
            "STAGE_TREATMENTS", "TRUNCATE_MODES", "UNCHANGED", "VISIPRUNER_TREATMENTS", "VTW", "FastV", "Freeze",
            "Knockout", "PrefixEffect", "PyramidDrop", "SkipLayers", "StagePruner", "Substitute", "TokenPruner",
            "Truncate", "from_json", "gradient_safe", "n_kept", "prefix_effect", "removal_conflict", "validate_all"]
