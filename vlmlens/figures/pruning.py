@@ -1,12 +1,14 @@
 """Figures of token pruning: accuracy against compute saved (one point per method, per task
-family), and which image tokens a pruned run kept, drawn on the image grid per layer."""
+family), and which image tokens a pruned run kept, drawn over the image per layer."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
 
+from ..analysis.cam import overlay
 from ._style import empty_figure
+from .heatmaps import _box, image_uri
 
 #: the method family a point belongs to (one colour and marker each), by its name's first word
 _FAMILIES = {"baseline": ("baseline", "black", "star"), "FastV": ("FastV", "#1f77b4", "circle"),
@@ -85,13 +87,15 @@ def fig_kept_tokens(run, layers=None, max_cols: int = 4, *, kept=None, name: str
     fig = make_subplots(rows=nr, cols=nc, subplot_titles=titles, horizontal_spacing=0.03, vertical_spacing=0.12)
     for i, l in enumerate(layers):
         g = run.to_grid(kept[l])
-        fig.add_trace(go.Heatmap(z=g, zmin=0, zmax=1, colorscale=[[0, "#202020"], [1, "#f0c419"]], showscale=False,
-                                 hovertemplate="row %{y}, col %{x}: %{z:.0f}<extra></extra>"),
+        # over the picture (video frames / tiles as the run lays them out): what is no longer read goes dark
+        dark = np.where(g < 0.5, 0.0, np.nan)
+        pic = overlay(run.image, dark, alpha=0.78, cmap="gray", vmin=0, vmax=1, box=_box(run), smooth=False)
+        fig.add_trace(go.Image(source=image_uri(pic), hoverinfo="skip", name=f"layer {l}"),
                       row=i // nc + 1, col=i % nc + 1)
-    fig.update_yaxes(autorange="reversed", showticklabels=False)
+    fig.update_yaxes(showticklabels=False, scaleanchor="x")
     fig.update_xaxes(showticklabels=False)
     if name is None:
         name = ", ".join(d.get("kind", "?") if isinstance(d, dict) else str(d) for d in run.meta.get("interventions", []))
-    fig.update_layout(title=f"image tokens kept ({name}); yellow = still read", height=260 * nr + 60,
+    fig.update_layout(title=f"image tokens kept ({name}); dark = no longer read", height=260 * nr + 60,
                       margin=dict(t=80, l=20, r=20, b=20))
     return fig
