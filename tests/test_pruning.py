@@ -360,6 +360,12 @@ def test_cli_prune(image, tmp_path, capsys):
     assert main(["prune", "--model", "random:llava", "--image", str(path), "--prompt", PROMPT,
                  "--methods", "fastv:1:2"]) == 2
     assert "keep ratio must be in (0, 1]" in capsys.readouterr().err
+    assert main(["prune", "--model", "random:llava", "--image", str(path), "--prompt", PROMPT, "--max-new-tokens", "2",
+                 "--methods", "fastervlm:0.5,divprune:0.5", "--latency"]) == 0
+    out = capsys.readouterr().out
+    assert "| fastervlm:0.5 |" in out and "| divprune:0.5 |" in out and "end-to-end time saved (measured)" in out
+    assert main(["prune", "--model", "random:llava", "--latency", "--n", "1"]) == 2
+    assert "--latency times one input" in capsys.readouterr().err
 
 
 def test_pruning_study_and_figures(tmp_path, tiny):
