@@ -176,3 +176,16 @@ def test_a_target_that_does_not_depend_on_the_image_is_untestable():
     c = s.check(np.arange(16.0), "any map")
     assert c.verdict == {"deletion": "untestable", "insertion": "untestable"}
     assert "untestable" in c.statement and "does not depend on the image" in c.statement
+
+
+def test_checked_maps_are_headlines_of_the_run(tiny):
+    import vlmlens as vl
+    from vlmlens.findings import findings
+    from vlmlens.tiny.scenes import make_scene
+
+    run = vl.capture(tiny, make_scene(0).image, "What color is the circle?", max_new_tokens=2)
+    c = CurveScorer(16, _keyed([1, 5, 9, 13]), steps=8, n_random=19).check(np.arange(16.0)[::-1], "attention, layer 2")
+    fs = [f for f in findings(run, extras={"map_checks": {c.name: c.to_json()}}) if f.key.startswith("map_check")]
+    assert len(fs) == 1 and fs[0].status == "causal" and fs[0].text == c.statement
+    assert fs[0].value == c.verdict and fs[0].title == "map check: attention, layer 2"
+    assert not [f for f in findings(run) if f.key.startswith("map_check")]

@@ -34,9 +34,11 @@ Definitions (each finding also carries its own ``definition`` text):
   there and deeper. The sweep cliff, the VTW depth and the compute saved are defined on a drop
   or remove sweep only (the image is no longer read); a freeze sweep never stands in for them.
 
-A run may hold one sweep per mode (``extras["sweeps"]``: mode -> sweep; older runs one
-``extras["sweep"]``): :func:`run_files.sweeps_of` collects them, :func:`headline_sweep` picks the drop
-(else remove) sweep the cliff, VTW and compute headlines are read from.
+* **map check** (causal): a heatmap's deletion / insertion curves against random orders
+  (:mod:`vlmlens.experiments.map_check`), one headline per map checked on the run.
+
+A run may hold one sweep per mode (``extras["sweeps"]``; older runs one ``extras["sweep"]``):
+:func:`run_files.sweeps_of` collects them, :func:`headline_sweep` picks the drop (else remove) one.
 """
 from __future__ import annotations
 
@@ -85,12 +87,7 @@ def kept_pattern(depths, kept) -> str:
     """``"kept at 0–5, 8; lost at 6–7"`` (the depths where the answer was kept / lost)."""
     k = [d for d, x in zip(depths, kept) if x]
     lost = [d for d, x in zip(depths, kept) if not x]
-    parts = []
-    if k:
-        parts.append(f"kept at {ranges(k)}")
-    if lost:
-        parts.append(f"lost at {ranges(lost)}")
-    return "; ".join(parts)
+    return "; ".join(([f"kept at {ranges(k)}"] if k else []) + ([f"lost at {ranges(lost)}"] if lost else []))
 
 
 def is_monotonic(depths, kept) -> bool:
@@ -105,10 +102,7 @@ HEADLINE_MODES = ("drop", "remove")
 
 def headline_sweep(sweeps: dict) -> dict | None:
     """The sweep the cliff / VTW / compute headlines are read from: drop, else remove, else none."""
-    for m in HEADLINE_MODES:
-        if sweeps.get(m) is not None:
-            return sweeps[m]
-    return None
+    return next((sweeps[m] for m in HEADLINE_MODES if sweeps.get(m) is not None), None)
 
 
 def _not_a_withdrawal(key: str, title: str, sweep: dict, definition: str) -> Finding | None:
@@ -369,6 +363,16 @@ def compute_finding(sweep: dict | None, compute: dict | None) -> Finding:
     return Finding("compute", "compute saved at the cliff", "causal", text, definition, compute["total_saving"][i])
 
 
+def map_findings(checks: dict | None) -> list[Finding]:
+    """One causal headline per map checked on the run (``extras["map_checks"]``: name -> MapCheck JSON)."""
+    from .experiments.map_check import MapCheck
+
+    definition = ("the map's top image tokens cut (deletion) or kept alone (insertion) through the lens; the output's "
+                  "probability against random orders of the same tokens (p: the share of them doing as well)")
+    return [Finding(f"map_check:{name}", f"map check: {name}", "causal", MapCheck(**d).statement, definition,
+                    d["verdict"]) for name, d in (checks or {}).items()]
+
+
 def findings(run, *, sweep: dict | None = None, extras: dict | None = None, truth: str | None = None,
              separator: str = DEFAULT_SEPARATOR) -> list[Finding]:
     """Every headline of a run, in the order the Overview shows them. ``sweep`` (any mode) joins the
@@ -383,7 +387,8 @@ def findings(run, *, sweep: dict | None = None, extras: dict | None = None, trut
     out += [truth_finding(run, truth, separator), sc, vtw_finding(head), freeze_finding(sweeps.get("freeze")),
             attention_cliff_finding(run, sc.value), stabilisation_finding(run),
             functional_finding(extras.get("substitution")), stages_finding(extras.get("stages")),
-            stages_proxy_finding(run), compute_finding(head, extras.get("compute"))]
+            stages_proxy_finding(run), compute_finding(head, extras.get("compute")),
+            *map_findings(extras.get("map_checks"))]
     cross = run.meta.get("cross_attention_layers")
     if cross:     # (Mllama) read off image rows of the stream, which it has none of: not defined, said so
         why = (f"not defined for this model: it reads the image only by cross-attention (decoder layers {cross}), its "
