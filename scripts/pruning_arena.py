@@ -91,8 +91,9 @@ def arena(lm, data_dir: Path, methods: list[str]) -> str:
                "prefill": f"{100 * ms.latency['prefill_saving']:.0f}%", "total": f"{100 * ms.latency['total_saving']:.0f}%"})
     slow = [x.name for x in lat.methods if time_note(x)]
     notes = ([f"- saves decoder FLOPs (10 % or more) but not half as much measured time on this machine: "
-              f"{', '.join(f'`{x}`' for x in slow)} (on a model this small the lens's bookkeeping of a pruned"
-              " sequence costs more than the rows it removes; the FLOP columns are what a large model saves)"]
+              f"{', '.join(f'`{x}`' for x in slow)} (measured time here is dominated by what pruning does not"
+              " remove: reading the weights at every decode step on a CPU, the vision tower, the lens's bookkeeping;"
+              " the FLOP columns count the decoder's arithmetic only)"]
              if slow else [])
     head = f"## {lm.name} on {data_dir.name} ({len(data)} rows, {res.seconds:.0f} s)\n\n"
     return head + t.markdown() + "\n\n" + "\n".join(notes + refused) + "\n\n"

@@ -32,7 +32,8 @@ def test_the_largest_image_within_the_budget(big):
         assert m == _tokens(lm, small, PROMPT) and m <= want < n
         assert small.size[0] < big.size[0] and abs(small.size[1] / small.size[0] - 96 / 128) < 0.05
         assert _tokens(lm, _resized(big, small.size[0] + 1), PROMPT) > want       # one pixel wider: over budget
-    assert downsample_to(lm, big, PROMPT, 1.0)[0] is big
+    same, m, n = downsample_to(lm, big, PROMPT, 1.0)
+    assert same.size == big.size and m == n
 
 
 def test_compare_pruning_scores_the_baseline_tokens_on_the_smaller_image(big):
@@ -63,7 +64,7 @@ def test_compare_pruning_scores_the_baseline_tokens_on_the_smaller_image(big):
     assert ds.output_kl == pytest.approx(kl, rel=1e-3, abs=1e-5)
 
 
-def test_refused_where_it_means_nothing(image, tiny):
+def test_refused_where_it_means_nothing(image, tiny, tmp_path):
     with pytest.raises(InputError, match="resizes every image to one size"):
         downsample_to(tiny, image, "What color is the circle?", 0.5)
     with pytest.raises(InputError, match="changes the input image itself"):
@@ -73,3 +74,13 @@ def test_refused_where_it_means_nothing(image, tiny):
     from vlmlens.experiments.methods import parse_methods
 
     assert parse_methods("downsample:drop=75%", 4)["downsample:drop=75%"] == [Downsample(0.25)]
+    # a study is refused once, up front, before its directory exists (not row by row)
+    from pathlib import Path
+
+    from vlmlens.data import load_dataset
+    from vlmlens.experiments.dataset_study import dataset_study
+
+    data = load_dataset(str(Path(__file__).resolve().parents[1] / "assets" / "datasets" / "shapes-mini"))
+    with pytest.raises(InputError, match="one size"):
+        dataset_study(tiny, data, tmp_path / "s", methods="downsample:0.5")
+    assert not (tmp_path / "s").exists()

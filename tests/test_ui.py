@@ -479,8 +479,8 @@ def test_substitution_skip_and_compute_tabs(client):
     md, pick, fig = client.predict("fastv:1:0.5,vtw:0", api_name="/prune_compare")
     assert "| fastv:1:0.5 |" in md and "| vtw:0 |" in md
     assert pick["value"] == "fastv:1:0.5" and [c[0] for c in pick["choices"]] == ["fastv:1:0.5", "vtw:0"]
-    z = [t for t in plot(fig)["data"] if t["type"] == "heatmap"]
-    assert len(z) == 2                                          # layer 0 (all kept) and layer 1 (half)
+    z = [t for t in plot(fig)["data"] if t["type"] == "image"]
+    assert len(z) == 2                                          # over the picture: layer 0 (all kept), layer 1 (half)
     fig = client.predict("vtw:0", api_name="/prune_view")
     assert "layer 0: 0/" in str(plot(fig)["layout"]["annotations"])
     assert "unknown method" in app_error(client, "shrink:1", api_name="/prune_compare")

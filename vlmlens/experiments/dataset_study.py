@@ -248,6 +248,10 @@ def dataset_study(lm, dataset: Dataset, out, *, task: str | None = None, depths=
     cap_tok = resolve_caption_tokenizer(caption_tokenizer) if "caption" in tasks else None
     plan = parse_variants(lm, depths=depths, mode=mode, encoder_depths=encoder_depths, methods=methods or None,
                           include_full=True)   # the untruncated row is always there
+    if dataset.items and any(getattr(iv, "transforms_input", False) for v in plan.variants for iv in v.interventions):
+        from .downsample import downsample_to      # a model whose processor fixes the size: said once, up front
+
+        downsample_to(lm, dataset.items[0].image, dataset.items[0].prompt, 0.5)
     out = Path(out)
     config = study_config(lm, dataset, task=task, depths=plan.depths, mode=mode, max_new_tokens=max_new_tokens,
                           separator=separator, methods=plan.method_names, encoder_depths=plan.encoder_depths,

@@ -30,7 +30,11 @@ def _resized(image: Image.Image, width: int) -> Image.Image:
 
 
 def downsample_to(lm, image: Image.Image, prompt: str, keep: float) -> tuple[Image.Image, int, int]:
-    """(the smaller image, its image tokens, the original's) for a budget of ``round(keep * n)`` tokens."""
+    """(the smaller image, its image tokens, the original's) for a budget of ``round(keep * n)`` tokens
+    (``image``: a PIL image or anything :func:`vlmlens.images.load_image` reads)."""
+    from ..images import load_image
+
+    image = load_image(image)[0]
     n = _tokens(lm, image, prompt)
     want = max(1, int(round(keep * n)))
     if want >= n:
