@@ -72,7 +72,7 @@ def served(tmp_path_factory):
     demo = build_demo(lm.name, runs_dir=runs, loader=lambda *a, **k: release.wait(300) and lm)
     demo.release_model = release
     port = _port()
-    demo.queue().launch(prevent_thread_lock=True, server_port=port, quiet=True, css=demo.vl_css)
+    demo.queue().launch(prevent_thread_lock=True, server_port=port, quiet=True, css=demo.vl_css, js=demo.vl_js)
     yield demo, f"http://127.0.0.1:{port}/"
     release.set()
     demo.close()
@@ -182,6 +182,17 @@ def test_dashboard_end_to_end(served, page):
     after = heatmap_state(page)
     assert after["z"] != before["z"] and after["hover"] != before["hover"]
     assert uses == []                                   # the slider never touched the model
+    # clicking a cell of the heatmap shows that patch's numbers, layer by layer (from the stored arrays)
+    page.wait_for_function("() => { const el = document.querySelector('#vl-heatmap .js-plotly-plot');"
+                           " return el && el.__vlPatch; }", timeout=30_000)          # the click is bound
+    box = page.locator("#vl-heatmap .js-plotly-plot .nsewdrag").first.bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.55, box["y"] + box["height"] * 0.45)
+    page.wait_for_function("() => /^\\d+, \\d+$/.test(document.querySelector('#vl-patch textarea, #vl-patch input').value)",
+                           timeout=30_000)
+    page.wait_for_selector("#vl-patch-card :text('attention to it')", timeout=30_000)
+    card = page.locator("#vl-patch-card").inner_text()
+    assert "Patch (" in card and "rank (1 = most)" in card and uses == []
+    shot(page, "heatmaps-patch")
     timings["slider re-render, server (median; layers prefetched in the background)"] = statistics.median(server_ms) / 1000
     from vlmlens.ui import run_views
     from vlmlens.ui.store import Derived, Entry
@@ -292,7 +303,7 @@ def test_teaching_mode_in_the_browser(tmp_path, page):
     studies = _small_study(tmp_path)
     demo = build_demo(no_model=True, runs_dir=runs, studies=studies)
     port = _port()
-    demo.queue().launch(prevent_thread_lock=True, server_port=port, quiet=True, css=demo.vl_css)
+    demo.queue().launch(prevent_thread_lock=True, server_port=port, quiet=True, css=demo.vl_css, js=demo.vl_js)
     try:
         page.goto(f"http://127.0.0.1:{port}/")
         page.wait_for_selector("#vl-generation :text('Generation')", timeout=60_000)
@@ -353,7 +364,7 @@ def test_run_a_study_from_the_study_tab(tmp_path, page):
     demo = build_demo(lm.name, runs_dir=tmp_path / "runs", studies=tmp_path / "studies",
                       datasets=tmp_path / "datasets", loader=lambda *a, **k: lm)
     port = _port()
-    demo.queue().launch(prevent_thread_lock=True, server_port=port, quiet=True, css=demo.vl_css)
+    demo.queue().launch(prevent_thread_lock=True, server_port=port, quiet=True, css=demo.vl_css, js=demo.vl_js)
     try:
         demo.dashboard.holder.wait(120)
         page.goto(f"http://127.0.0.1:{port}/")

@@ -181,6 +181,13 @@ def test_capture_then_every_tab(client, app):
     assert "layer 0" in h0["hovertemplate"] and "layer 1" in h1["hovertemplate"]
     z0, z1 = arr(h0["z"]), arr(h1["z"])
     assert z0.shape == z1.shape == (6, 6) and not np.allclose(z0, z1, equal_nan=True)   # another layer
+    # one patch's numbers per layer: the attention it gets equals the heatmap's cell, and its rank
+    card = client.predict("2, 3", 0, api_name="/patch_card")
+    rows = [l for l in card.splitlines() if l.startswith("| ") and l[2:3].isdigit()]
+    assert len(rows) == L and f"{z1[2, 3]:.4f}" in rows[1].split("|")[2]
+    assert int(rows[1].split("|")[3]) == int((z1 > z1[2, 3]).sum()) + 1
+    assert "outside the 6x6 grid" in client.predict("9, 9", 0, api_name="/patch_card")
+    assert "row, col" in client.predict("2,", 0, api_name="/patch_card")
     move, dyn, cka, emb, enc_dec = client.predict("image", api_name="/dynamics")
     d = plot(dyn)
     xs = [x for t in d["data"] if t.get("name") == "image" for x in arr(t["x"])]

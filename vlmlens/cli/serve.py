@@ -21,7 +21,7 @@ def cmd_serve(args) -> int:
     if holder.off_reason:
         print(f"note: {holder.off_reason}", file=sys.stderr)
     demo.queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port, share=args.share,
-                                                   max_file_size=f"{args.max_upload_mb:g}mb", css=demo.vl_css)
+                                                   max_file_size=f"{args.max_upload_mb:g}mb", css=demo.vl_css, js=demo.vl_js)
     return 0
 
 

@@ -15,6 +15,23 @@ from .run_views import HEATMAP_KINDS
 INTERNAL = "undocumented"  # UI plumbing: named and callable, but not listed in the API page
 #: a long output's logit lens is drawn wider than the page: its panel scrolls sideways
 CSS = "#vl-logit-lens { overflow-x: auto !important; }"
+#: clicking a cell of the single-layer heatmap writes its "row, col" into the patch box (whose change
+#: shows that patch's numbers); the plot is re-drawn on every view, so the binding is renewed
+JS = """() => {
+  const bind = () => {
+    const plot = document.querySelector('#vl-heatmap .js-plotly-plot');
+    if (!plot || !plot.on || plot.__vlPatch) return;
+    plot.__vlPatch = true;
+    plot.on('plotly_click', (ev) => {
+      const p = ev && ev.points && ev.points.find((q) => q.customdata);
+      const box = document.querySelector('#vl-patch textarea, #vl-patch input');
+      if (!p || !box) return;
+      box.value = p.customdata[2] + ', ' + p.customdata[3];
+      box.dispatchEvent(new Event('input', {bubbles: true}));
+    });
+  };
+  setInterval(bind, 500);
+}"""
 
 #: every event that runs the model waits in one gradio queue, one at a time: the model runs one
 #: request at a time anyway, and the queue shows each waiting user their position
@@ -92,7 +109,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
     # no telemetry; gradio's cache of uploads and served files is swept hourly (files > 1 h old)
     with gr.Blocks(title="vlmlens", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         demo.dashboard = dash
-        demo.vl_css = CSS          # gradio 6 takes css at launch(): app.py passes it
+        demo.vl_css, demo.vl_js = CSS, JS      # gradio 6 takes css and js at launch(): serve passes them
         sess = gr.State(new_session())
         active = gr.State("overview")
         gr.Markdown("## vlmlens — look inside a vision-language model's layers")
@@ -146,6 +163,10 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                         with gr.Row():
                             heat = gr.Plot(label="Heatmap", elem_id="vl-heatmap")
                             plens = gr.Plot(label="Patch lens (its own layer slider)", elem_id="vl-patch-lens")
+                        with gr.Row():
+                            patch = gr.Textbox(label="Patch (row, col) — or click a cell of the heatmap", value="",
+                                               elem_id="vl-patch", scale=1, max_lines=1)
+                            patch_md = gr.Markdown(elem_id="vl-patch-card")
                         with gr.Row():
                             mapcheck_btn = gr.Button("Check this map: does it predict what the answer depends on?",
                                                      size="sm", elem_id="vl-map-check-btn")
@@ -318,6 +339,8 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
 
         layer.change(dash.heatmap_layer, [sess, layer, query, kind], heat, api_name="heatmap_layer",
                      show_progress="hidden", trigger_mode="always_last")
+        patch.change(dash.patch_card, [sess, patch, query], patch_md, api_name="patch_card", show_progress="hidden",
+                     trigger_mode="always_last")
         for ctl, nm in ((query, "heatmaps_query"), (kind, "heatmaps_kind")):
             ctl.input(dash.heatmaps, [sess, layer, query, kind], tab_outputs["heatmaps"], api_name=nm,
                       api_visibility=INTERNAL)

@@ -68,3 +68,23 @@ class HeatmapsTab:
             progress(0.1, desc="cutting image tokens in the map's order and in random orders")
             res = experiment_views.run_map_check(lm, entry, kind, layer, q)
         return experiment_views.map_check_outputs(entry, res["name"])
+
+    @handler("patch_card")
+    def patch_card(self, sess, patch, query):
+        """One patch's numbers per layer (attention to it and its rank, LLaVA-CAM, what the patch lens reads),
+        from the run's stored arrays; a half-typed cell says how to write one instead of failing."""
+        from ...analysis.patches import parse_cell, patch_numbers
+
+        entry = self.entry(sess)
+        run = entry.run
+        if not (patch or "").strip():
+            return "_Click a cell of the heatmap (or write `row, col`) to see that patch's numbers layer by layer._"
+        try:
+            r, c = parse_cell(patch, run.image_grid)
+            q = int(query or 0)
+            pn = patch_numbers(run, r, c, q)
+        except (InputError, ValueError) as e:
+            return f"_{e}_"
+        return (f"**Patch ({r}, {c})** — image token {pn.token}, sequence position {pn.position}; attention of"
+                f" {'the last prompt token' if q == 0 else f'generated token {q}'}; the patch lens reads the state"
+                f" each layer receives.\n\n" + pn.table().markdown())
