@@ -127,6 +127,7 @@ def test_dashboard_end_to_end(served, page):
     timings["page ready (navigation → cached run shown; model still loading)"] = time.perf_counter() - t0
     timings["open cached run at start (server)"] = dash.timings["open_default"][-1]
     assert page.locator("#vl-strip .vl-tok").count() > 3
+    assert "Start here" in page.locator("#vl-start").inner_text()     # the lesson's path on the first screen
     assert "loading" in page.locator("#vl-model-status").inner_text()
     # the input panel holds the shown run's prompt and image (Run would re-run it as it is)
     page.wait_for_function("(p) => document.querySelector('#vl-prompt textarea').value === p",

@@ -15,6 +15,13 @@ from .run_views import HEATMAP_KINDS
 INTERNAL = "undocumented"  # UI plumbing: named and callable, but not listed in the API page
 #: a long output's logit lens is drawn wider than the page: its panel scrolls sideways
 CSS = "#vl-logit-lens { overflow-x: auto !important; }"
+#: the first screen's path for a lesson, in plain words (the precise definitions sit by each headline)
+START_HERE = ("**Start here** — ① pick an example image and a prompt on the left, then **Run** (or read the run "
+              "already shown) · ② **Overview**: what the model answered, and what we found, each finding marked with "
+              "how it was measured · ③ **Heatmaps**: where each layer looks in the image — click a patch for its "
+              "numbers, and *check the map* to see whether it really predicts what the answer depends on · "
+              "④ **Truncation**: from which layer on the model no longer needs the image · ⑤ **Compute**: what "
+              "that saves, and how pruning methods compare.")
 #: clicking a cell of the single-layer heatmap writes its "row, col" into the patch box (whose change
 #: shows that patch's numbers); the plot is re-drawn on every view, so the binding is renewed
 JS = """() => {
@@ -113,6 +120,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
         sess = gr.State(new_session())
         active = gr.State("overview")
         gr.Markdown("## vlmlens — look inside a vision-language model's layers")
+        gr.Markdown(START_HERE, elem_id="vl-start")
         status = gr.Markdown(dash.holder.status_markdown(), label="model_status", elem_id="vl-model-status")
         timer = gr.Timer(1.0, active=dash.holder.state in ("loading", "idle"))
         with gr.Row():
