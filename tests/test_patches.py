@@ -32,3 +32,16 @@ def test_patch_numbers_equal_the_stored_arrays():
             parse_cell(bad, run.image_grid)
     with pytest.raises(InputError, match="query"):
         patch_numbers(run, 0, 0, query_index=np.int64(99))
+
+
+def test_the_patch_lens_reads_layers_as_the_heatmap_does():
+    """One reading of "layer": step l of the patch lens is the state decoder layer l reads; the last, the output."""
+    from vlmlens.figures.heatmaps import fig_patch_lens
+
+    run = load_run(RUN)
+    steps = fig_patch_lens(run).layout.sliders[0].steps
+    L = run.n_layers
+    assert len(steps) == L + 1
+    assert steps[0].label == "the state entering decoder layer 0" and steps[3].label == "the state entering decoder layer 3"
+    assert steps[-1].label == f"the output (after layer {L - 1})"
+    assert steps[2].args[1]["title.text"] == "Patch lens — the state entering decoder layer 2"

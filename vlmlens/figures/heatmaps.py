@@ -271,6 +271,15 @@ def fig_logit_lens(run, *, value: str = "top1", title: str | None = None) -> go.
     return fig
 
 
+def _state_label(l: int, L: int) -> str:
+    """Hidden state ``l`` (0..L) in the dashboard's one reading: what decoder layer ``l`` reads; L: the output."""
+    return f"the state entering decoder layer {l}" if l < L else f"the output (after layer {L - 1})"
+
+
+def _lens_title(l: int, L: int) -> str:
+    return f"Patch lens — {_state_label(l, L)}"
+
+
 def fig_patch_lens(run, layer: int | None = None, *, title: str | None = None) -> go.Figure:
     """Top token of every image patch at ``layer`` (0..L) stored by ``attach_logit_lens``:
     colour = its probability, cell text = the token. ``layer=None``: every layer, with a
@@ -291,12 +300,13 @@ def fig_patch_lens(run, layer: int | None = None, *, title: str | None = None) -
             hovertemplate=(f"layer {l}<br>row %{{y}}, col %{{x}} · image token %{{customdata[0]}} (pos %{{customdata[1]}})"
                            "<br>says %{text} (p=%{z:.3f})<extra></extra>")))
     if layer is None:
-        steps = [dict(method="update", label=str(l), args=[{"visible": [j == i for j in range(len(layers))]},
-                                                           {"title.text": f"Patch lens — layer {l}"}])
+        steps = [dict(method="update", label=_state_label(l, L1 - 1),
+                      args=[{"visible": [j == i for j in range(len(layers))]}, {"title.text": _lens_title(l, L1 - 1)}])
                  for i, l in enumerate(layers)]
-        fig.update_layout(sliders=[dict(active=len(layers) - 1, steps=steps, currentvalue=dict(prefix="h_ℓ, ℓ = "),
-                                        pad=dict(t=30))])
-    apply_style(fig, title=title or f"Patch lens — layer {layers[-1]}", height=520)
+        # one reading of "layer" everywhere: decoder layer l reads the state shown at step l; the last is the output
+        fig.update_layout(sliders=[dict(active=len(layers) - 1, steps=steps, currentvalue=dict(prefix=""),
+                                        font=dict(color="rgba(0,0,0,0)"), pad=dict(t=30))])
+    apply_style(fig, title=title or _lens_title(layers[-1], L1 - 1), height=520)
     rows, cols = run.image_grid
     # fixed ranges: the grid fills the plot whatever the width (autorange drifted to -2..10 when narrow)
     fig.update_yaxes(range=[rows - 0.5, -0.5], scaleanchor="x", constrain="domain", title="patch row")

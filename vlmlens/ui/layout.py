@@ -170,7 +170,8 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                             kind = gr.Radio(list(HEATMAP_KINDS), value="attention", label="Map", elem_id="vl-kind")
                         with gr.Row():
                             heat = gr.Plot(label="Heatmap", elem_id="vl-heatmap")
-                            plens = gr.Plot(label="Patch lens (its own layer slider)", elem_id="vl-patch-lens")
+                            plens = gr.Plot(label="Patch lens (its own slider: the state each decoder layer reads)",
+                                            elem_id="vl-patch-lens")
                         with gr.Row():
                             patch = gr.Textbox(label="Patch (row, col) — or click a cell of the heatmap", value="",
                                                elem_id="vl-patch", scale=1, max_lines=1)
