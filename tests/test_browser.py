@@ -322,6 +322,19 @@ def test_teaching_mode_in_the_browser(tmp_path, page):
         page.wait_for_selector("#vl-study-row-html table", timeout=60_000)
         assert "Is there" in page.locator("#vl-study-row-html").inner_text() or \
             page.locator("#vl-study-row-html td").count() >= 10
+        # on a 1024x768 projector the tabs that do not fit are one labelled click away, and they open
+        page.set_viewport_size({"width": 1024, "height": 768})
+        page.wait_for_selector("#vl-tabs .overflow-menu > button", timeout=30_000)
+        more = page.locator("#vl-tabs .overflow-menu > button")
+        label = page.evaluate("() => getComputedStyle(document.querySelector('#vl-tabs .overflow-menu > button'),"
+                              " '::after').content")
+        assert "more tabs" in label
+        hidden = [b.inner_text() for b in page.locator("#vl-tabs .overflow-dropdown button").all()]
+        assert "Compute" in hidden and "Runs" in hidden
+        more.click()
+        page.locator("#vl-tabs .overflow-dropdown button", has_text="Compute").click()
+        page.wait_for_selector("#vl-prune-btn", state="visible", timeout=30_000)
+        shot(page, "teaching-1024-compute")
     finally:
         demo.close()
 

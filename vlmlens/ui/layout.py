@@ -14,7 +14,9 @@ from .run_views import HEATMAP_KINDS
 # api names of the tab renderers (where the plain tab name is taken by the tab's action button)
 INTERNAL = "undocumented"  # UI plumbing: named and callable, but not listed in the API page
 #: a long output's logit lens is drawn wider than the page: its panel scrolls sideways
-CSS = "#vl-logit-lens { overflow-x: auto !important; }"
+#: where the tabs do not fit in one row (a 1024-px projector) gradio folds the rest into "•••": say what it holds
+CSS = ("#vl-logit-lens { overflow-x: auto !important; }\n"
+       "#vl-tabs .overflow-menu > button::after { content: 'more tabs'; margin-left: 6px; font-size: 0.9em; }")
 #: the first screen's path for a lesson, in plain words (the precise definitions sit by each headline)
 START_HERE = ("**Start here** — ① pick an example image and a prompt on the left, then **Run** (or read the run "
               "already shown) · ② **Overview**: what the model answered, and what we found, each finding marked with "
