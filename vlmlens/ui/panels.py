@@ -129,15 +129,42 @@ STATUS_BADGE = {"causal": "✔ causal", "measured": "measured", "proxy": "proxy"
                 "unverified": "unverified"}
 
 
+#: each headline's question in a student's words (the precise definition stays one hover away)
+QUESTIONS = {"truth": "Is the answer right?",
+             "sweep_cliff": "From which layer can the image be cut without changing the answer?",
+             "vtw": "From which layer can the image be withdrawn with almost no change to the output?",
+             "freeze": "From which layer can the image tokens stop being updated?",
+             "attention_cliff": "From which layer does the answer stop looking at the image?",
+             "stabilisation": "From which layer do the image tokens stop changing?",
+             "functional": "From which layer do the image tokens already hold what later layers need?",
+             "stages": "What does each group of layers do with the image? (tested by knocking layers out)",
+             "stages_proxy": "The same, guessed from how similar the tokens stay (a stand-in, not a test)",
+             "compute": "How much computation does cutting at that layer save?"}
+#: sentences that reconcile two headlines a student may read as contradicting each other
+RECONCILE = (("stages", "stages_proxy", "The two “three stages” lines can differ: the first is what knocking layers out "
+              "did to the answer, the second a guess from how similar the image tokens stay; when they differ, trust "
+              "the first."),
+             ("stabilisation", "functional", "“Image tokens stop changing” and “already hold what later layers need” "
+              "are different questions: the tokens can keep moving while what the answer needs from them is already "
+              "there, so both lines can be true at once."))
+
+
 def headline_markdown(entry) -> str:
-    """The Overview's headline table: each finding with its status (causal / measured / proxy /
-    not found / unverified) and its definition on hover."""
+    """The Overview's headline table: each finding's question in plain words, its status (causal /
+    measured / proxy / not found / unverified) and its definition on hover; then a sentence for each
+    pair of headlines that may read as contradicting each other."""
     lines = ["| headline | finding |", "|---|---|"]
-    for f in run_findings(entry):
+    found = run_findings(entry)
+    for f in found:
+        q = QUESTIONS.get(f.key) or ("Does this heatmap predict what the answer depends on?"
+                                     if f.key.startswith("map_check") else "")
         title = (f'<span title="{_attr(f.definition)}"><b>{f.title}</b></span><br>'
-                 f'<small>{STATUS_BADGE.get(f.status, f.status)}</small>')
+                 + (f"<small><i>{_cell(q)}</i></small><br>" if q else "")
+                 + f'<small>{STATUS_BADGE.get(f.status, f.status)}</small>')
         lines.append(f"| {title} | {_cell(f.text)} |")
     lines.append("")
+    keys = {f.key for f in found if f.status not in ("unverified",)}
+    lines += [f"<small>{say}</small><br>" for a, b, say in RECONCILE if a in keys and b in keys]
     lines.append("<small>✔ causal: read off an intervention this tool ran · measured: a direct measurement, not an "
                  "intervention · proxy: a stand-in rule · hover a headline for its definition</small>")
     return "\n".join(lines)
