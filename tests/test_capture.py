@@ -189,3 +189,16 @@ def _assert_cross_attention_exact(lm, run, full, tol):
             assert np.isnan(maps[l]).all(), l
     assert run.meta["cross_attention_layers"] == list(cross)
     return run
+
+
+def test_progress_moves_with_the_tokens_and_changes_nothing(tiny):
+    import vlmlens as vl
+    from vlmlens.tiny.scenes import make_scene
+
+    img = make_scene(3).image
+    seen = []
+    run = vl.capture(tiny, img, "Describe the image.", max_new_tokens=6, progress=lambda d, t: seen.append((d, t)))
+    plain = vl.capture(tiny, img, "Describe the image.", max_new_tokens=6)
+    assert run.token_ids == plain.token_ids                         # the bar never stops or alters generation
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and {t for _, t in seen} == {6}
+    assert seen[0][0] == 1 and seen[-1][0] == min(6, len(run.generated_tokens) + 1)

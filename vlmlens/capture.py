@@ -225,22 +225,10 @@ def _layer_meta(lm, lens) -> dict:
     return out
 
 
-def capture(
-    lm,
-    image,
-    prompt: str,
-    *,
-    max_new_tokens: int = 16,
-    interventions: Sequence = (),
-    store: str = "all",
-    hidden_dtype: str = "float16",
-    record_attention: bool = True,
-    record_contrib: bool = True,
-    record_vision: bool = False,
-    prefix: Continuation | None = None,
-    time_limit: float | None = None,
-    max_image_tokens: int | None = None,
-) -> Run:
+def capture(lm, image, prompt: str, *, max_new_tokens: int = 16, interventions: Sequence = (), store: str = "all",
+            hidden_dtype: str = "float16", record_attention: bool = True, record_contrib: bool = True,
+            record_vision: bool = False, prefix: Continuation | None = None, time_limit: float | None = None,
+            max_image_tokens: int | None = None, progress=None) -> Run:
     """Run ``image`` + ``prompt`` through ``lm`` with the lens installed; return a Run.
 
     The prompt is prefilled and then ``max_new_tokens`` tokens are generated greedily
@@ -271,6 +259,7 @@ def capture(
             generated so far and ``meta["generation"]["stop_reason"] == "time limit"``).
         max_image_tokens: refuse, before any forward, an input of more image (video) tokens than this
             (a server's bound on one request: a video's frames add up).
+        progress: ``progress(done, total)`` after each generated token (``total`` = ``max_new_tokens``).
 
     A request whose prompt + ``max_new_tokens`` exceeds the model's context is refused before
     any forward (InputError naming the numbers).
@@ -306,6 +295,7 @@ def capture(
                          " a whole forward; it cannot continue from a prefix")
     t0 = time.perf_counter()
     gen_inputs = inputs if prefix is None else prefix.continuation_inputs()
+    on_step = None if progress is None else (lambda done, _total: progress(min(done, n_new), n_new))
     start = None if prefix is None else prefix.start
     if every_step:
         # every step a whole forward without a cache, decided anew; then the recording forward
@@ -313,7 +303,7 @@ def capture(
                            frames=video_slots(inputs))
         try:
             with torch.no_grad(), Lens.for_model(lm, whole):
-                out = greedy_generate(lm, gen_inputs, n_new + 1, max_time=time_limit, use_cache=False)
+                out = greedy_generate(lm, gen_inputs, n_new + 1, max_time=time_limit, use_cache=False, on_step=on_step)
         except ValueError as e:
             if "image tokens" not in str(e):
                 raise
@@ -322,7 +312,7 @@ def capture(
                              f" an image ({e}); use rerank='prefill'") from None
     else:
         with torch.no_grad(), Lens.for_model(lm, plan, start=start) as lens:
-            out = greedy_generate(lm, gen_inputs, n_new + 1, max_time=time_limit)
+            out = greedy_generate(lm, gen_inputs, n_new + 1, max_time=time_limit, on_step=on_step)
     seconds = time.perf_counter() - t0
 
     # generated tokens: the first n_new, cut at the stop token (which is not kept)

@@ -65,15 +65,33 @@ def output_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
-def greedy_generate(lm, inputs: dict, max_new_tokens: int, max_time: float | None = None, use_cache: bool = True):
+class _Steps:
+    """A stopping criterion that never stops: it tells ``on_step(done, total)`` after each generated token."""
+
+    def __init__(self, on_step, start: int, total: int):
+        self.on_step, self.start, self.total = on_step, start, total
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.on_step(min(int(input_ids.shape[1]) - self.start, self.total), self.total)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def greedy_generate(lm, inputs: dict, max_new_tokens: int, max_time: float | None = None, use_cache: bool = True,
+                    on_step=None):
     """Greedy ``generate`` with raw logits returned; one step more than asked (see capture).
     ``max_time``: seconds after which generation stops after the current step. ``use_cache=False``:
-    every step is one forward over the whole sequence (for interventions that decide at every step)."""
+    every step is one forward over the whole sequence (for interventions that decide at every step).
+    ``on_step(done, total)``: called after each generated token (a progress bar that moves with them)."""
     tok = lm.processor.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (sorted(_eos_ids(lm)) or [0])[0]
     extra = {"max_time": float(max_time)} if max_time is not None else {}
     if not use_cache:
         extra["use_cache"] = False
+    if on_step is not None:
+        from transformers import StoppingCriteriaList
+
+        extra["stopping_criteria"] = StoppingCriteriaList(
+            [_Steps(on_step, int(inputs["input_ids"].shape[1]), int(max_new_tokens))])
     return lm.model.generate(
         **extra,
         **inputs,

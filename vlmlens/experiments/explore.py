@@ -69,7 +69,8 @@ def explore(lm, source, prompt: str, max_new_tokens: int, *, time_limit: float |
     notes = [n for n in notes if n]
     step(0.2, f"capturing {lm.n_layers} layers")
     run = capture(lm, source, prompt, max_new_tokens=max_new_tokens, time_limit=time_limit, record_vision=True,
-                  max_image_tokens=max_image_tokens)
+                  max_image_tokens=max_image_tokens,
+                  progress=lambda done, total: step(0.2 + 0.5 * done / max(total, 1), f"token {done} of {total}"))
     out = Exploration(run, notes=list(notes), video=video)
     if notes:
         run.meta["image_note"] = "; ".join(notes)
