@@ -45,7 +45,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "docs" / "maps.md"))
     args = ap.parse_args()
     import vlmlens as vl
-    from vlmlens.experiments.map_check import check_maps
+    from vlmlens.experiments.map_report import check_maps
     from vlmlens.tables import Table
     from vlmlens.tiny.scenes import make_scene
 

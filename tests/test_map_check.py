@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from vlmlens.errors import InputError
-from vlmlens.experiments.map_check import CurveScorer, MapScorer, _auc, object_tokens, pointing_game
+from vlmlens.experiments.map_check import CurveScorer, MapScorer, _auc
+from vlmlens.experiments.map_report import object_tokens, pointing_game
 from vlmlens.interventions import PatchKnockout, PatchPrune, Truncate
 
 
@@ -129,7 +130,7 @@ def test_the_object_map_beats_random_and_its_shuffle_does_not(tiny):
 
 
 def test_check_maps_report_pointing_and_figure(tiny):
-    from vlmlens.experiments.map_check import asked_object, check_maps
+    from vlmlens.experiments.map_report import asked_object, check_maps
     from vlmlens.figures.maps import fig_map_check
     from vlmlens.tiny.scenes import make_scene
 

@@ -30,7 +30,7 @@ def _parse_maps(text: str) -> list[tuple[str, int | None]]:
          " deletion / insertion curves against random orders")
 def cmd_maps(args) -> int:
     from ..capture import check_max_new_tokens, check_prompt
-    from ..experiments.map_check import check_maps
+    from ..experiments.map_report import check_maps
     from ..images import load_image
 
     if (args.image is None) == (args.scene is None):
