@@ -336,6 +336,7 @@ def test_teaching_mode_in_the_browser(tmp_path, page):
         page.wait_for_selector("#vl-prune-btn", state="visible", timeout=30_000)
         shot(page, "teaching-1024-compute")
     finally:
+        page.set_viewport_size({"width": 1400, "height": 1000})      # the next test's page opens at full size
         demo.close()
 
 
