@@ -186,6 +186,7 @@ def test_capture_then_every_tab(client, app):
     rows = [l for l in card.splitlines() if l.startswith("| ") and l[2:3].isdigit()]
     assert len(rows) == L and f"{z1[2, 3]:.4f}" in rows[1].split("|")[2]
     assert int(rows[1].split("|")[3]) == int((z1 > z1[2, 3]).sum()) + 1
+    assert "<" not in "".join(r.split("|")[5] for r in rows)        # a token like "</s>" is shown, not parsed
     assert "outside the 6x6 grid" in client.predict("9, 9", 0, api_name="/patch_card")
     assert "row, col" in client.predict("2,", 0, api_name="/patch_card")
     move, dyn, cka, emb, enc_dec = client.predict("image", api_name="/dynamics")

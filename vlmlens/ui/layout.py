@@ -174,10 +174,9 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                             heat = gr.Plot(label="Heatmap", elem_id="vl-heatmap")
                             plens = gr.Plot(label="Patch lens (its own slider: the state each decoder layer reads)",
                                             elem_id="vl-patch-lens")
-                        with gr.Row():
-                            patch = gr.Textbox(label="Patch (row, col) — or click a cell of the heatmap", value="",
-                                               elem_id="vl-patch", scale=1, max_lines=1)
-                            patch_md = gr.Markdown(elem_id="vl-patch-card")
+                        patch = gr.Textbox(label="Patch (row, col) — or click a cell of the heatmap", value="",
+                                           elem_id="vl-patch", max_lines=1)
+                        patch_md = gr.Markdown(elem_id="vl-patch-card")      # full width: a column per number
                         with gr.Row():
                             mapcheck_btn = gr.Button("Check this map: does it predict what the answer depends on?",
                                                      size="sm", elem_id="vl-map-check-btn")

@@ -85,6 +85,10 @@ class HeatmapsTab:
             pn = patch_numbers(run, r, c, q)
         except (InputError, ValueError) as e:
             return f"_{e}_"
+        import html
+
+        for row in pn.rows:          # tokens such as "</s>" are text here, not markup
+            row["lens_token"] = None if row["lens_token"] is None else html.escape(row["lens_token"]) or "␣"
         return (f"**Patch ({r}, {c})** — image token {pn.token}, sequence position {pn.position}; attention of"
                 f" {'the last prompt token' if q == 0 else f'generated token {q}'}; the patch lens reads the state"
                 f" each layer receives.\n\n" + pn.table().markdown())
