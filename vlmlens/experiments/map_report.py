@@ -20,11 +20,12 @@ from .map_check import DEFAULT_RANDOM, DEFAULT_STEPS, MAX_FORWARDS, MapScorer
 
 # ---- the maps of a run ------------------------------------------------------------------------------
 
-def map_values(lm, run, kind: str, layer: int, *, query_index: int = 0) -> np.ndarray:
+def map_values(lm, run, kind: str, layer: int, *, query_index: int = 0, cam=None) -> np.ndarray:
     """One map of ``run`` over its image tokens, in token order: ``attention`` (head-averaged
-    attention of the recorded query to each image token), ``LLaVA-CAM`` (stored, or computed with
-    ``lm``), ``patch lens`` (the probability of the run's first generated token when each image
-    token's state at ``layer`` is read through the unembedding)."""
+    attention of the recorded query to each image token), ``LLaVA-CAM`` (stored, given as ``cam``
+    [layer, n_image] by a caller that caches it, or computed with ``lm``), ``patch lens`` (the
+    probability of the run's first generated token when each image token's state at ``layer`` is
+    read through the unembedding)."""
     if kind not in MAP_KINDS:
         raise InputError(f"map must be one of {', '.join(MAP_KINDS)}, got {kind!r}")
     L = run.n_layers
@@ -39,6 +40,8 @@ def map_values(lm, run, kind: str, layer: int, *, query_index: int = 0) -> np.nd
             raise InputError(f"query must be 0..{maps.shape[1] - 1}, got {query_index!r}")
         return maps[layer, query_index].astype(np.float64)
     if kind == "LLaVA-CAM":
+        if cam is not None:
+            return np.asarray(cam[layer], dtype=np.float64)
         if "llava_cam" in run.arrays:
             return np.asarray(run.arrays["llava_cam"][layer], dtype=np.float64)
         from ..analysis.cam import llava_cam

@@ -266,19 +266,15 @@ def run_map_check(lm, entry, kind: str, layer: int, query: int) -> dict:
     ``query``, or LLaVA-CAM, at ``layer``) on the entry's image + prompt; every check of the entry is
     kept in extras["map_checks"] (name -> MapCheck JSON). The cuts are cached per entry, so a second
     map of the same run re-uses the random orders."""
-    import numpy as np
-
     from ..experiments.map_check import MapScorer
+    from ..experiments.map_report import map_values
     from . import run_views
 
     check_model_matches(lm, entry)
-    run = entry.run
-    if kind == "attention":
-        values = np.asarray(run.attention_maps[layer, query], dtype=np.float64)
-        name = f"attention of token {query}, layer {layer}" if query else f"attention, layer {layer}"
-    else:
-        values = np.asarray(run_views.cam_array(entry, lm)[layer], dtype=np.float64)
-        name = f"LLaVA-CAM, layer {layer}"
+    cam = run_views.cam_array(entry, lm) if kind == "LLaVA-CAM" else None      # the tab's cached CAM
+    values = map_values(lm, entry.run, kind, layer, query_index=query, cam=cam)
+    name = (f"attention of token {query}, layer {layer}" if kind == "attention" and query
+            else f"{kind}, layer {layer}")
     image, prompt, n_new = _run_args(entry)
     scorer = entry.derived.get(("map scorer", lm.name), lambda: MapScorer(lm, image, prompt, max_new_tokens=n_new))
     res = scorer.check(values, name)
