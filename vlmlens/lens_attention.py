@@ -64,7 +64,7 @@ def _lens_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         attention_mask.dim() == 4 and attention_mask.shape[-1] == kpos.numel() and attention_mask.shape[-2] == qpos.numel()
     ))
 
-    def model_mask():
+    def make_mask():
         if attention_mask is not None and mask_fits:
             m = attention_mask[:, 0] if lens.batch else attention_mask[0, 0]
             return m if m.dtype == torch.bool else (m == 0)
@@ -75,6 +75,10 @@ def _lens_attention(module, query, key, value, attention_mask, dropout=0.0, scal
             both = lambda p: p < lens.context.n_prompt                  # noqa: E731 (the prompt: PaliGemma's prefix)
         m = positional_mask(qpos, kpos, getattr(module, "sliding_window", None), both)
         return m.expand(query.shape[0], -1, -1) if lens.batch else m
+
+    def model_mask():   # the same for every layer of a forward with the same mask, rows, keys and window
+        window = getattr(module, "sliding_window", None)
+        return pos.derived(f"mask:{mask_fits}:{window}:{query.shape[0]}", (attention_mask, qpos, kpos), make_mask)
 
     allowed = None
     if lens.observers:
@@ -103,7 +107,10 @@ def _lens_attention(module, query, key, value, attention_mask, dropout=0.0, scal
 
     # 3. what the recorder reads from this layer's attention
     if rec.reads_attention:
-        with torch.no_grad():
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                rec.attention(module, layer, query, key, value, qpos, kpos, allowed, scale)
+        else:
             rec.attention(module, layer, query, key, value, qpos, kpos, allowed, scale)
     return out, None
 

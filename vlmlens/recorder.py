@@ -19,6 +19,20 @@ import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
 
+def _as_slice(index: torch.Tensor):
+    """A 1-D index of consecutive integers as the slice it is (a view instead of a gather), else itself."""
+    n = index.numel()
+    if n and int(index[-1]) - int(index[0]) == n - 1:
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return index
+
+
+def _image_keys(positions, kpos: torch.Tensor):
+    """(indices of the image keys among ``kpos``, their image indices)."""
+    img = torch.nonzero(positions.is_image(kpos)).flatten()
+    return img, torch.searchsorted(positions.image_pos, kpos[img])
+
+
 class Recorder:
     """The recordings of one lens session: lists of (positions [q] int64 numpy, CPU tensor) per layer."""
 
@@ -56,7 +70,8 @@ class Recorder:
                 return
             rows, keep = sel, pos[sel]
         h = hidden[0, rows].detach().to("cpu", self.plan.hidden_dtype)
-        self.hidden[layer].append((keep.cpu().numpy(), h))
+        # one positions array per forward for the layers holding the same rows (assembled once in arrays)
+        self.hidden[layer].append((self._pos.derived("numpy", (keep,), lambda: keep.cpu().numpy()), h))
 
     def replace_hidden(self, layer: int, hidden: torch.Tensor, pos: torch.Tensor) -> None:
         """Layer ``layer``'s input was rewritten: record what it really reads."""
@@ -79,47 +94,82 @@ class Recorder:
         if self.plan.record_contrib:
             self._contributions(module, layer, query, key, value, qpos, kpos, allowed, scale)
 
-    def _attention_stats(self, layer, query, key, qpos, kpos, allowed, scale, chunk=256):
+    def _rows(self, qpos, kpos, n_heads, chunk):
+        """What the statistics of a layer read from its rows and keys, derived once per forward
+        for all the layers that hold the same ones (see :meth:`_attention_stats`)."""
         is_image, first = self._pos.is_image, self._pos.image_pos[0]
-        rows = torch.nonzero(~is_image(qpos) & (qpos > first), as_tuple=False).flatten()
+        q_img = is_image(qpos)
+        rows = torch.nonzero(~q_img & (qpos > first), as_tuple=False).flatten()
         img_keys = torch.nonzero(is_image(kpos), as_tuple=False).flatten()
         # full per-forward row set: image queries NaN, queries before the image (and, when the
         # image keys left the cache, every query) 0
-        full = torch.zeros(query.shape[1], qpos.numel(), device=query.device)
-        full[:, is_image(qpos)] = float("nan")
-        if rows.numel() == 0 or img_keys.numel() == 0:
-            self.share[layer].append((qpos.cpu().numpy(), full.cpu()))
-            return
-        n_rep = query.shape[1] // key.shape[1]
-        k = repeat_kv(key, n_rep)[0].float()          # [H, kv, d]
-        shares, maps, map_pos = [], [], []
-        map_from = self.plan.map_from
+        full = torch.zeros(n_heads, qpos.numel(), device=qpos.device)
+        full[:, q_img] = float("nan")
         n_img = self._pos.image_pos.numel()
+        out = {"full": full, "qpos": qpos.cpu().numpy(), "chunks": [], "empty": rows.numel() == 0 or img_keys.numel() == 0}
+        if out["empty"]:
+            return out
         # image index of each image key held (fewer than n_image when a pruner removed some)
-        cols = None if img_keys.numel() == n_img else torch.searchsorted(self._pos.image_pos, kpos[img_keys])
+        out["cols"] = None if img_keys.numel() == n_img else torch.searchsorted(self._pos.image_pos, kpos[img_keys])
+        out["img_keys"] = _as_slice(img_keys)
+        out["rows"] = _as_slice(rows)
+        out["first_key"] = kpos == 0
+        map_from = self.plan.map_from
         for start in range(0, rows.numel(), chunk):
             r = rows[start:start + chunk]
-            q = query[0, :, r, :].float()              # [H, R, d]
-            s = torch.matmul(q, k.transpose(-1, -2)) * scale
-            s = s.masked_fill(~allowed[r][None], float("-inf"))
+            mrows = qpos[r] >= map_from
+            at = torch.nonzero(qpos[r] == map_from).flatten()
+            out["chunks"].append({
+                "r": _as_slice(r), "r_index": r,
+                "mrows": None if not bool(mrows.any()) else (slice(None) if bool(mrows.all()) else mrows),
+                "map_pos": qpos[r][mrows].cpu().numpy(), "at": int(at[0]) if at.numel() else None,
+            })
+        # every row of the forward is read (a decoding step): the shares are the whole row set
+        out["whole"] = rows.numel() == qpos.numel()
+        return out
+
+    def _attention_stats(self, layer, query, key, qpos, kpos, allowed, scale, chunk=256):
+        n_heads = query.shape[1]
+        plan = self._pos.derived(f"stats:{n_heads}:{chunk}", (qpos, kpos),
+                                 lambda: self._rows(qpos, kpos, n_heads, chunk))
+        if plan["empty"]:
+            self.share[layer].append((plan["qpos"], plan["full"].cpu()))
+            return
+        # the rows' masks, once per forward for the layers that share ``allowed`` (None: nothing masked)
+        blocked = self._pos.derived(f"blocked:{chunk}", (qpos, kpos, allowed), lambda: [
+            None if bool(allowed[c["r_index"]].all()) else ~allowed[c["r_index"]][None] for c in plan["chunks"]])
+        n_rep = n_heads // key.shape[1]
+        k = repeat_kv(key, n_rep)[0].float().transpose(-1, -2)      # [H, d, kv]
+        shares, maps, map_pos = [], [], []
+        cols, n_img = plan["cols"], self._pos.image_pos.numel()
+        for c, off in zip(plan["chunks"], blocked):
+            s = torch.matmul(query[0, :, c["r"], :].float(), k) * scale
+            if off is not None:
+                s = s.masked_fill(off, float("-inf"))
             probs = torch.softmax(s, dim=-1)
-            p = probs[:, :, img_keys]                   # [H, R, image keys held]
+            p = probs[:, :, plan["img_keys"]]           # [H, R, image keys held]
             shares.append(p.sum(-1))                    # [H, R]
             if cols is not None:                        # removed image tokens get no attention
                 p = torch.zeros(*p.shape[:2], n_img, dtype=p.dtype, device=p.device).index_copy_(2, cols, p)
-            mrows = qpos[r] >= map_from
-            if bool(mrows.any()):
-                maps.append(p[:, mrows].mean(0))         # [R', n_img]
-                map_pos.append(qpos[r][mrows])
-            at = torch.nonzero(qpos[r] == map_from).flatten()
-            if at.numel() and layer not in self.head_maps:
-                self.head_maps[layer] = p[:, int(at[0])].cpu()   # [H, n_img]: each head's map, last prompt token
+            if c["mrows"] is not None:
+                maps.append(p[:, c["mrows"]].mean(0))     # [R', n_img]
+                map_pos.append(c["map_pos"])
+            at = c["at"]
+            if at is not None and layer not in self.head_maps:
+                self.head_maps[layer] = p[:, at].cpu()   # [H, n_img]: each head's map, last prompt token
                 # the first token's share: the attention sink of most pretrained LMs
-                self.first_share[layer] = probs[:, int(at[0]), kpos == 0].sum(-1).cpu()
-        full[:, rows] = torch.cat(shares, dim=1)
-        self.share[layer].append((qpos.cpu().numpy(), full.cpu()))
-        if maps:
-            self.maps[layer].append((torch.cat(map_pos).cpu().numpy(), torch.cat(maps, 0).cpu()))
+                self.first_share[layer] = probs[:, at, plan["first_key"]].sum(-1).cpu()
+        got = shares[0] if len(shares) == 1 else torch.cat(shares, dim=1)
+        if plan["whole"]:
+            full = got
+        else:
+            full = plan["full"].clone()
+            full[:, plan["rows"]] = got
+        self.share[layer].append((plan["qpos"], full.cpu()))
+        if len(maps) == 1:
+            self.maps[layer].append((map_pos[0], maps[0].cpu()))
+        elif maps:
+            self.maps[layer].append((np.concatenate(map_pos), torch.cat(maps, 0).cpu()))
 
     def _contributions(self, module, layer, query, key, value, qpos, kpos, allowed, scale) -> None:
         """For the query at the last prompt token: the attention row ``a[h, j] = softmax_j(q_h .
@@ -134,8 +184,10 @@ class Recorder:
         row against all keys plus an ``[n_image, H*d_head] x [H*d_head, d_model]`` product. A
         module without ``o_proj`` is recorded in head space (W_O = identity).
         """
+        if layer in self.contrib:
+            return
         rows = torch.nonzero(qpos == self.plan.map_from).flatten()
-        if rows.numel() == 0 or layer in self.contrib:
+        if rows.numel() == 0:
             return
         r = int(rows[0])
         n_rep = query.shape[1] // key.shape[1]
@@ -145,8 +197,9 @@ class Recorder:
         s = s.masked_fill(~allowed[r][None], float("-inf"))
         a = torch.softmax(s, dim=-1)                              # [H, kv]
         heads = torch.einsum("hk,hkd->hd", a, v).reshape(-1)      # [H*dh], head-major like the model
-        img = torch.nonzero(self._pos.is_image(kpos)).flatten()
-        per_tok = (a[:, img, None] * v[:, img]).permute(1, 0, 2).reshape(img.numel(), heads.numel())
+        # the image keys held and their image indices: the same for every layer holding the same keys
+        img, cols = self._pos.derived("image keys", (kpos,), lambda: _image_keys(self._pos, kpos))
+        per_tok = (a[:, img, None] * v[:, img]).permute(1, 0, 2).reshape(-1, heads.numel())
         proj = getattr(module, "o_proj", None)
         if proj is not None:
             w = proj.weight.float()
@@ -156,7 +209,7 @@ class Recorder:
             o, c = heads, per_tok
         image_pos = self._pos.image_pos
         norms = torch.full((image_pos.numel(),), float("nan"), device=c.device)
-        norms[torch.searchsorted(image_pos, kpos[img])] = c.norm(dim=-1)
+        norms[cols] = c.norm(dim=-1)
         self.contrib[layer] = (o.cpu(), c.sum(0).cpu(), norms.cpu())
 
     def cross_attention(self, layer, query, key, qpos, mask, scale) -> None:
@@ -230,18 +283,24 @@ class Recorder:
         return arrays
 
     def _hidden_arrays(self, n_total: int) -> dict:
-        per_layer, positions = [], None
+        per_layer, positions, seen = [], None, (None, None)
         for l in range(self.plan.n_layers + 1):
             chunks = self.hidden[l]
-            pos = np.concatenate([p for p, _ in chunks])
             h = torch.cat([t for _, t in chunks], 0)
-            keep = pos < n_total
-            pos, h = pos[keep], h[torch.as_tensor(keep)]
-            order = np.argsort(pos, kind="stable")
-            pos, h = pos[order], h[torch.as_tensor(order)]
+            # layers recorded at the same rows (the same position arrays) share one ordering
+            sig = tuple(id(p) for p, _ in chunks)
+            if sig != seen[0]:
+                pos = np.concatenate([p for p, _ in chunks])
+                keep = pos < n_total
+                order = np.argsort(pos[keep], kind="stable")
+                take = torch.as_tensor(np.flatnonzero(keep)[order])
+                seen = (sig, (pos[keep][order], take, bool(keep.all()) and bool((order == np.arange(order.size)).all())))
+            pos, take, identity = seen[1]
+            if not identity:
+                h = h[take]
             if positions is None:
                 positions = pos
-            elif not np.array_equal(pos, positions):
+            elif pos is not positions and not np.array_equal(pos, positions):
                 # rows removed from the sequence (Truncate mode="remove") keep their last state
                 full = per_layer[-1].clone()
                 idx = np.searchsorted(positions, pos)

@@ -216,6 +216,7 @@ class Positions:
         self.layer_qpos: dict[int, torch.Tensor] = {}
         self.pruned: set[int] = set()
         self.pruned_now: dict[int, torch.Tensor] = {}   # this forward: layer -> bool over qpos of rows it holds
+        self._memo: dict = {}     # this forward: what was derived from its tensors (see ``derived``)
 
     def is_image(self, pos: torch.Tensor) -> torch.Tensor:
         return self._table.is_image(pos)
@@ -228,11 +229,23 @@ class Positions:
         """Forget every earlier forward: the next one starts at position 0 with empty caches."""
         self.n_seen = 0
         self.key_pos, self.layer_qpos, self.pruned = {}, {}, set()
+        self._memo = {}
 
     def begin_forward(self, q: int, device) -> torch.Tensor:
         self.qpos = torch.arange(self.n_seen, self.n_seen + q, device=device)
         self.pruned_now = {}
+        self._memo = {}
         return self.qpos
+
+    def derived(self, name: str, tensors: tuple, make):
+        """``make()``, computed once per forward for these tensors (by identity: every layer of a
+        forward that holds the same rows and keys shares them; the tensors are held until the
+        next forward, so no other tensor can take their ids)."""
+        key = (name, *(id(t) for t in tensors))
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self._memo[key] = (tensors, make())
+        return hit[1]
 
     def enter_layer(self, layer: int, keep: torch.Tensor | None) -> torch.Tensor:
         """Layer ``layer`` takes this forward's rows (``keep``: the ones that stay); its cache
@@ -245,7 +258,9 @@ class Positions:
             self.pruned_now.pop(layer, None)
         self.layer_qpos[layer] = rows
         prev = self.key_pos.get(layer)
-        self.key_pos[layer] = rows if prev is None else torch.cat([prev, rows])
+        # layers whose caches held the same positions hold the same ones again: one tensor for them
+        self.key_pos[layer] = rows if prev is None else self.derived("keys", (prev, rows),
+                                                                      lambda: torch.cat([prev, rows]))
         return rows
 
     def keys(self, layer: int, n_keys: int, n_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
