@@ -105,7 +105,6 @@ def _method(iv, name: str):
         fn = getattr(iv, old)
     return fn
 
-# ---- the context manager ----------------------------------------------------------------------
 
 class Lens:
     """Install the lens on a model for the duration of a ``with`` block (returns itself).
@@ -245,7 +244,7 @@ class Lens:
 
     def start(self) -> LensStart:
         """The point a later session resumes from (after this session's forwards)."""
-        p, r = self.positions, self.recorder
+        p, r = self.positions, self.recorder.flush()
         scratch = self.context.scratch
         if self.batch is not None:        # each example's own scratch space travels with it
             scratch = {**scratch, _ROW_SCRATCH: [c.scratch for c in self._row_contexts]}
@@ -274,7 +273,7 @@ class Lens:
                 if self.plan.whole_forwards:      # no cache: this forward is the whole sequence, decided anew
                     pos.restart()
                     self.context.scratch = {}
-                self.recorder.store_hidden(0, hidden, pos.begin_forward(hidden.shape[1], hidden.device))
+                self.recorder.begin_forward(hidden, pos.begin_forward(hidden.shape[1], hidden.device))
                 for fn in self._input_reads:      # before any row leaves: what enters the language model
                     fn(hidden, pos.qpos, self.context)
             keep = self._keep_rows(idx)
@@ -298,8 +297,7 @@ class Lens:
         return hook
 
     def _refuse_key_block(self, idx: int, rows: torch.Tensor) -> None:
-        """A key mask at a layer without softmax attention (linear attention, convolution) has
-        nothing to act on: refused, never silently skipped."""
+        """A key mask at a layer without softmax attention has nothing to act on: refused, never skipped."""
         blk = self.key_block(idx, rows, self.positions.key_pos[idx])
         if blk is not None and bool(blk.any()):
             names = ", ".join(sorted({type(f.__self__).__name__ for f in self.key_blocks}))
@@ -328,7 +326,8 @@ class Lens:
             add = self.injections.adder(idx, self.positions.layer_qpos[idx], self.positions.qpos)
             _, new, rebuilt = self._edited_output(self._post_edits, idx, args, kwargs, output, add=add)
             self.recorder.store_hidden(idx + 1, new, self.positions.layer_qpos[idx])
-            if idx == len(self.layers) - 1:
+            if idx == len(self.layers) - 1:      # the forward ends: the statistics waiting for it, then positions
+                self.recorder.flush()
                 self.positions.end_forward()
             return rebuilt
         return hook

@@ -33,6 +33,18 @@ def _image_keys(positions, kpos: torch.Tensor):
     return img, torch.searchsorted(positions.image_pos, kpos[img])
 
 
+def _in_order(chunks: list, dim: int) -> list:
+    """Recorded (positions, values) chunks as one chunk when their positions only grow (one
+    assignment instead of one per forward); as they are otherwise (a later forward that recorded
+    a position again overwrites it)."""
+    if len(chunks) < 2:
+        return chunks
+    pos = np.concatenate([p for p, _ in chunks])
+    if not bool((np.diff(pos) > 0).all()):
+        return chunks
+    return [(pos, torch.cat([v for _, v in chunks], dim=dim))]
+
+
 class Recorder:
     """The recordings of one lens session: lists of (positions [q] int64 numpy, CPU tensor) per layer."""
 
@@ -49,6 +61,10 @@ class Recorder:
         self.no_attention: frozenset = frozenset()  # layers without softmax attention (set by the lens): NaN there
         self.cross_layers: frozenset = frozenset()  # layers reading the image by cross-attention (set by the lens)
         self.cross_maps: dict[int, list] = {}       # cross layer -> [(positions, [R, image keys])]
+        self._pending: list = []                    # this forward's layers whose statistics wait (see flush)
+        self._image = positions.image_pos.tolist()
+        self._image_set = frozenset(self._image)
+        self._decode_keys = None     # (row index [0], the image keys) of a decoding step (see _rows)
         has_image = bool(positions.image_pos.numel())
         self.reads_attention = has_image and (plan.record_attention or plan.record_contrib)
 
@@ -97,24 +113,44 @@ class Recorder:
     def _rows(self, qpos, kpos, n_heads, chunk):
         """What the statistics of a layer read from its rows and keys, derived once per forward
         for all the layers that hold the same ones (see :meth:`_attention_stats`)."""
-        is_image, first = self._pos.is_image, self._pos.image_pos[0]
-        q_img = is_image(qpos)
-        rows = torch.nonzero(~q_img & (qpos > first), as_tuple=False).flatten()
-        img_keys = torch.nonzero(is_image(kpos), as_tuple=False).flatten()
-        # full per-forward row set: image queries NaN, queries before the image (and, when the
-        # image keys left the cache, every query) 0
-        full = torch.zeros(n_heads, qpos.numel(), device=qpos.device)
-        full[:, q_img] = float("nan")
-        n_img = self._pos.image_pos.numel()
-        out = {"full": full, "qpos": qpos.cpu().numpy(), "chunks": [], "empty": rows.numel() == 0 or img_keys.numel() == 0}
+        image_pos = self._pos.image_pos
+        n_img, first, map_from = image_pos.numel(), self._image[0], self.plan.map_from
+        every_key = int(kpos[0]) == 0 and int(kpos[-1]) == kpos.numel() - 1   # the cache holds 0..its last
+        if qpos.numel() == 1:          # a decoding step: its one row read as a number
+            t = int(qpos[0])
+            if every_key and t > self._image[-1] and t > map_from:      # a generated token, every image key held
+                qnp = np.array([t], dtype=np.int64)
+                if self._decode_keys is None:
+                    self._decode_keys = (torch.zeros(1, dtype=torch.long, device=qpos.device), _as_slice(image_pos))
+                row, keys = self._decode_keys
+                return {"qpos": qnp, "whole": True, "empty": False, "cols": None, "img_keys": keys, "rows": slice(0, 1),
+                        "chunks": [{"r": slice(0, 1), "r_index": row, "mrows": slice(None), "map_pos": qnp, "at": None}]}
+            q_img = torch.tensor([t in self._image_set], device=qpos.device)
+            rows = torch.arange(int(not q_img[0] and t > first), device=qpos.device)
+        else:
+            q_img = self._pos.is_image(qpos)
+            rows = torch.nonzero(~q_img & (qpos > image_pos[0]), as_tuple=False).flatten()
+        if every_key:
+            img_keys = image_pos[image_pos < kpos.numel()]
+        else:
+            img_keys = torch.nonzero(self._pos.is_image(kpos), as_tuple=False).flatten()
+        out = {"qpos": qpos.cpu().numpy(), "chunks": [], "whole": rows.numel() == qpos.numel(),
+               "empty": rows.numel() == 0 or img_keys.numel() == 0}
+        if out["empty"] or not out["whole"]:
+            # full per-forward row set: image queries NaN, queries before the image (and, when the
+            # image keys left the cache, every query) 0
+            out["full"] = torch.zeros(n_heads, qpos.numel(), device=qpos.device)
+            out["full"][:, q_img] = float("nan")
         if out["empty"]:
             return out
         # image index of each image key held (fewer than n_image when a pruner removed some)
-        out["cols"] = None if img_keys.numel() == n_img else torch.searchsorted(self._pos.image_pos, kpos[img_keys])
+        out["cols"] = None if img_keys.numel() == n_img else torch.searchsorted(image_pos, kpos[img_keys])
         out["img_keys"] = _as_slice(img_keys)
         out["rows"] = _as_slice(rows)
-        out["first_key"] = kpos == 0
-        map_from = self.plan.map_from
+        if qpos.numel() == 1:
+            out["chunks"].append({"r": slice(0, 1), "r_index": rows, "mrows": slice(None) if t >= map_from else None,
+                                  "map_pos": out["qpos"] if t >= map_from else None, "at": 0 if t == map_from else None})
+            return out
         for start in range(0, rows.numel(), chunk):
             r = rows[start:start + chunk]
             mrows = qpos[r] >= map_from
@@ -124,8 +160,6 @@ class Recorder:
                 "mrows": None if not bool(mrows.any()) else (slice(None) if bool(mrows.all()) else mrows),
                 "map_pos": qpos[r][mrows].cpu().numpy(), "at": int(at[0]) if at.numel() else None,
             })
-        # every row of the forward is read (a decoding step): the shares are the whole row set
-        out["whole"] = rows.numel() == qpos.numel()
         return out
 
     def _attention_stats(self, layer, query, key, qpos, kpos, allowed, scale, chunk=256):
@@ -140,6 +174,12 @@ class Recorder:
             None if bool(allowed[c["r_index"]].all()) else ~allowed[c["r_index"]][None] for c in plan["chunks"]])
         n_rep = n_heads // key.shape[1]
         k = repeat_kv(key, n_rep)[0].float().transpose(-1, -2)      # [H, d, kv]
+        one = plan["chunks"][0]
+        if len(blocked) == 1 and blocked[0] is None and plan["cols"] is None and one["at"] is None:
+            # rows that need no mask (a decoding step): the scores now, the rest for every such
+            # layer at once when the forward ends (:meth:`flush`)
+            self._pending.append((layer, plan, torch.matmul(query[0, :, one["r"], :].float(), k) * scale))
+            return
         shares, maps, map_pos = [], [], []
         cols, n_img = plan["cols"], self._pos.image_pos.numel()
         for c, off in zip(plan["chunks"], blocked):
@@ -158,18 +198,42 @@ class Recorder:
             if at is not None and layer not in self.head_maps:
                 self.head_maps[layer] = p[:, at].cpu()   # [H, n_img]: each head's map, last prompt token
                 # the first token's share: the attention sink of most pretrained LMs
-                self.first_share[layer] = probs[:, at, plan["first_key"]].sum(-1).cpu()
-        got = shares[0] if len(shares) == 1 else torch.cat(shares, dim=1)
+                self.first_share[layer] = probs[:, at, kpos == 0].sum(-1).cpu()
+        self._store_stats(layer, plan, shares[0] if len(shares) == 1 else torch.cat(shares, dim=1),
+                          maps[0] if len(maps) == 1 else (torch.cat(maps, 0) if maps else None),
+                          map_pos[0] if len(map_pos) == 1 else (np.concatenate(map_pos) if map_pos else None))
+
+    def _store_stats(self, layer, plan, shares, maps, map_pos) -> None:
+        """Layer ``layer``'s shares [H, rows] (and maps [rows at or after the last prompt token, n_image])."""
         if plan["whole"]:
-            full = got
+            full = shares
         else:
             full = plan["full"].clone()
-            full[:, plan["rows"]] = got
+            full[:, plan["rows"]] = shares
         self.share[layer].append((plan["qpos"], full.cpu()))
-        if len(maps) == 1:
-            self.maps[layer].append((map_pos[0], maps[0].cpu()))
-        elif maps:
-            self.maps[layer].append((np.concatenate(map_pos), torch.cat(maps, 0).cpu()))
+        if maps is not None:
+            self.maps[layer].append((map_pos, maps.cpu()))
+
+    def begin_forward(self, hidden: torch.Tensor, pos: torch.Tensor) -> None:
+        """A forward begins: ``hidden`` [1, q, d] enters the first layer at positions ``pos``."""
+        self._pending = []      # a forward that raised left its layers unfinished: they are not recorded
+        self.store_hidden(0, hidden, pos)
+
+    def flush(self) -> "Recorder":
+        """Finish the statistics of the layers waiting since this forward began: one softmax, sum
+        and mean over all of them together (the numbers of one layer at a time, bit for bit)."""
+        groups: dict = {}
+        for layer, plan, s in self._pending:
+            groups.setdefault((id(plan), tuple(s.shape)), (plan, []))[1].append((layer, s))
+        self._pending = []
+        for plan, items in groups.values():
+            c = plan["chunks"][0]
+            p = torch.softmax(torch.stack([s for _, s in items]), dim=-1)[..., plan["img_keys"]]  # [G, H, R, keys]
+            shares = p.sum(-1)
+            maps = None if c["mrows"] is None else p[:, :, c["mrows"]].mean(1)
+            for g, (layer, _) in enumerate(items):
+                self._store_stats(layer, plan, shares[g], None if maps is None else maps[g], c["map_pos"])
+        return self
 
     def _contributions(self, module, layer, query, key, value, qpos, kpos, allowed, scale) -> None:
         """For the query at the last prompt token: the attention row ``a[h, j] = softmax_j(q_h .
@@ -193,10 +257,10 @@ class Recorder:
         n_rep = query.shape[1] // key.shape[1]
         k = repeat_kv(key, n_rep)[0].float()                      # [H, kv, dh]
         v = repeat_kv(value, n_rep)[0].float()
-        s = torch.einsum("hd,hkd->hk", query[0, :, r].float(), k) * scale
+        s = torch.matmul(query[0, :, r:r + 1].float(), k.transpose(-1, -2))[:, 0] * scale   # [H, kv]
         s = s.masked_fill(~allowed[r][None], float("-inf"))
         a = torch.softmax(s, dim=-1)                              # [H, kv]
-        heads = torch.einsum("hk,hkd->hd", a, v).reshape(-1)      # [H*dh], head-major like the model
+        heads = torch.matmul(a[:, None], v).reshape(-1)           # [H*dh], head-major like the model
         # the image keys held and their image indices: the same for every layer holding the same keys
         img, cols = self._pos.derived("image keys", (kpos,), lambda: _image_keys(self._pos, kpos))
         per_tok = (a[:, img, None] * v[:, img]).permute(1, 0, 2).reshape(-1, heads.numel())
@@ -228,6 +292,7 @@ class Recorder:
     # -- the Run's arrays -----------------------------------------------------------------------------
     def arrays(self, n_total: int, n_heads: int) -> dict:
         """The recordings as the Run's arrays (see ARCHITECTURE.md), over ``n_total`` positions."""
+        self.flush()
         L, n_prompt, n_img = self.plan.n_layers, self.plan.n_prompt, len(self.plan.image_positions)
         arrays: dict[str, np.ndarray] = {}
         if self.plan.record_hidden:
@@ -236,10 +301,10 @@ class Recorder:
             share = np.full((L, n_heads, n_total), np.nan, dtype=np.float32)
             maps = np.zeros((L, n_total - n_prompt + 1, n_img), dtype=np.float32)
             for l in range(L):
-                for pos, s in self.share[l]:
+                for pos, s in _in_order(self.share[l], 1):
                     keep = pos < n_total
                     share[l][:, pos[keep]] = s.numpy()[:, keep]
-                for pos, m in self.maps[l]:
+                for pos, m in _in_order(self.maps[l], 0):
                     keep = pos < n_total
                     maps[l, pos[keep] - (n_prompt - 1)] = m.numpy()[keep]
             for l in self.no_attention:            # a layer without softmax attention: not defined there
