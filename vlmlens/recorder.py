@@ -267,8 +267,8 @@ class Recorder:
         proj = getattr(module, "o_proj", None)
         if proj is not None:
             w = proj.weight.float()
-            o = heads @ w.T + (proj.bias.float() if proj.bias is not None else 0.0)
-            c = per_tok @ w.T                                     # [n_img_keys, d_model]
+            o = torch.nn.functional.linear(heads, w, None if proj.bias is None else proj.bias.float())
+            c = torch.nn.functional.linear(per_tok, w)            # [n_img_keys, d_model]
         else:
             o, c = heads, per_tok
         image_pos = self._pos.image_pos

@@ -1,0 +1,262 @@
+"""vlmlens beside what users pick instead, side by side in one process.
+
+The task: an image + prompt, prefill + N greedy tokens, keeping every decoder layer's hidden
+states and the last prompt token's attention (per head) to the image tokens. Variants:
+
+* ``plain``     -- SDPA ``generate``, nothing kept (the baseline every ratio divides by);
+* ``vlmlens``   -- ``vl.capture`` (SDPA kept; float32 storage, as the peers keep);
+* ``hf-eager``  -- eager attention + ``output_attentions`` / ``output_hidden_states``;
+* ``nnsight``   -- nnsight's ``TransformersModel.generate``, saving each layer's output and its
+  attention weights at every step (eager attention: under SDPA there are no weights to save);
+* ``transformer-lens`` -- TransformerLens's bridge, where installed (see below).
+
+Every timed call starts from the image and the prompt (the processor runs in every variant).
+Time: median of interleaved repeats (wall clock, and process CPU time, which a busy host's
+stolen time does not inflate). Peak memory: each variant in a fresh child process. Correctness:
+max |difference| against vlmlens of the hidden states at the positions both keep and of the
+last prompt token's attention to the image, and whether the generated tokens are the same.
+User lines: the lines of each variant's function below -- what a user writes. HF's
+``hidden_states`` end with the final norm's output instead of the last layer's: its hidden
+states are compared up to the layer before the last.
+
+The peers are not in the project's requirements. Install them into an environment of their own
+that reuses this one's torch and transformers and cannot replace them (a constraint no wheel
+meets keeps torchvision out; TransformerLens 4.3 runs ``pip install torchvision`` when it cannot
+load a processor by name, which offline is always, and that pip then refuses too):
+
+    python -m venv --system-site-packages .venv-peers
+    printf 'torch==2.13.0\\ntransformers==5.24.0\\ntorchvision==0.0.0\\n' > .venv-peers/constraints.txt
+    PIP_CONSTRAINT=.venv-peers/constraints.txt .venv-peers/bin/pip install nnsight==0.8.1 transformer-lens==4.3.0
+    PIP_CONSTRAINT=.venv-peers/constraints.txt .venv-peers/bin/python benchmarks/bench_peers.py --model tiny-shapes
+    PIP_CONSTRAINT=.venv-peers/constraints.txt .venv-peers/bin/python benchmarks/bench_peers.py --model mid --image-tokens 576
+
+Without the peers installed the script measures plain, vlmlens and hf-eager and says which
+peers it did not find.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("OTEL_SDK_DISABLED", "true")      # nnsight ships an exporter: nothing leaves this machine
+os.environ.setdefault("PIP_NO_INDEX", "1")              # a peer's run-time pip install finds nothing
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks._report import write_section  # noqa: E402
+
+PROMPT = "Describe the image in detail and tell me what is in the middle of the picture."
+PHOTO = Path(__file__).resolve().parents[1] / "assets" / "examples" / "shapes_00.png"
+
+
+def load(model: str, image_tokens: int):
+    """(LoadedModel, image) for the benchmark's model; generation runs to its full length."""
+    import vlmlens as vl
+
+    if model == "mid":
+        from benchmarks.bench_capture import build, image
+
+        side = int(round(image_tokens ** 0.5))
+        if side * side != image_tokens:
+            raise SystemExit(f"--image-tokens must be a square number, got {image_tokens}")
+        lm = build("mid", "cpu", torch.float32, side=side)
+        img = image(side)
+    else:
+        from PIL import Image
+
+        lm = vl.load_model(model, device="cpu", dtype="float32")
+        img = Image.open(PHOTO).convert("RGB")
+    lm.model.generation_config.eos_token_id = None      # every variant generates exactly N tokens
+    return lm, img
+
+
+def chat_inputs(lm, image) -> dict:
+    """The prompt through the model's chat template and its processor (the same in every variant;
+    ``vl.capture`` does it itself, so the user lines below leave it out everywhere)."""
+    return lm.arch.build_inputs(lm.processor, image, PROMPT)
+
+
+def decoder_path(lm) -> str:
+    """The dotted name of the language model's decoder layers (``model.language_model.layers``)."""
+    layers = lm.model.get_decoder().layers
+    return next(name for name, m in lm.model.named_modules() if m is layers)
+
+
+# -- the variants: what a user writes ---------------------------------------------------------------
+
+def run_plain(lm, image, n):
+    inputs = chat_inputs(lm, image)
+    with torch.no_grad():
+        out = lm.model.generate(**inputs, max_new_tokens=n, do_sample=False)
+    return {"ids": out[0].tolist()}
+
+
+def run_vlmlens(lm, image, n):
+    import vlmlens as vl
+
+    run = vl.capture(lm, image, PROMPT, max_new_tokens=n, hidden_dtype="float32")
+    return {"ids": run.token_ids, "hidden": run.hidden_states[1:], "attention": run.arrays["attention_head_maps"]}
+
+
+def run_hf_eager(lm, image, n):
+    inputs = chat_inputs(lm, image)
+    image_pos = (inputs["input_ids"][0] == lm.arch.image_token_id(lm.model, lm.processor)).nonzero()[:, 0]
+    with torch.no_grad():
+        out = lm.model.generate(**inputs, max_new_tokens=n, do_sample=False, output_attentions=True,
+                                output_hidden_states=True, return_dict_in_generate=True)
+    # the last entry is the final norm's output, not the last layer's: compared up to the layer before
+    hidden = torch.cat([torch.stack(step[1:-1]) for step in out.hidden_states], dim=2)[:, 0]
+    attention = torch.stack([a[0, :, -1, image_pos] for a in out.attentions[0]])
+    return {"ids": out.sequences[0].tolist(), "hidden": hidden.numpy(), "attention": attention.numpy()}
+
+
+def run_nnsight(lm, image, n):
+    import nnsight
+
+    model = nnsight.TransformersModel(lm.model, processor=lm.processor, tokenizer=lm.processor.tokenizer,
+                                      task="image-text-to-text")
+    inputs = chat_inputs(lm, image)
+    image_pos = (inputs["input_ids"][0] == lm.arch.image_token_id(lm.model, lm.processor)).nonzero()[:, 0]
+    layers = model
+    for name in decoder_path(lm).split("."):
+        layers = getattr(layers, name)
+    with model.generate(**inputs, max_new_tokens=n, do_sample=False) as tracer:
+        steps = nnsight.save(list())
+        for _ in tracer.iter[:n]:
+            step = []
+            for layer in layers:
+                step.append((layer.self_attn.output[1], layer.output))
+            steps.append(step)
+        ids = tracer.result.save()
+    hidden = torch.cat([torch.stack([h for _, h in s]) for s in steps], dim=2)[:, 0]
+    attention = torch.stack([a[0, :, -1, image_pos] for a, _ in steps[0]])
+    return {"ids": ids[0].tolist(), "hidden": hidden.numpy(), "attention": attention.numpy()}
+
+
+VARIANTS = {"plain": run_plain, "vlmlens": run_vlmlens, "hf-eager": run_hf_eager, "nnsight": run_nnsight}
+EAGER = {"hf-eager", "nnsight"}
+PEERS = {"nnsight": "nnsight"}
+
+
+def user_lines(fn) -> int:
+    """Non-blank lines of a variant's body (its ``def`` line and its return of the results excluded)."""
+    body = inspect.getsource(fn).splitlines()[1:]
+    return sum(1 for line in body if line.strip() and not line.strip().startswith("return"))
+
+
+def available() -> tuple[list, dict]:
+    names, missing = [], {}
+    for name in VARIANTS:
+        module = PEERS.get(name)
+        if module is not None:
+            try:
+                __import__(module)
+            except ImportError:
+                missing[name] = "not installed (see this script's instructions)"
+                continue
+        names.append(name)
+    try:
+        import transformer_lens  # noqa: F401
+        missing["transformer-lens"] = ("installed, not measured: its bridge loads a model and its processor by name"
+                                       " (a hub id or a folder with a processor config), not an instance")
+    except ImportError:
+        missing["transformer-lens"] = "not installed (see this script's instructions)"
+    return names, missing
+
+
+def call(lm, name, image, n):
+    if name in EAGER:
+        lm.model.set_attn_implementation("eager")
+    try:
+        return VARIANTS[name](lm, image, n)
+    finally:
+        if name in EAGER:
+            lm.model.set_attn_implementation("sdpa")
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def child(a) -> None:
+    lm, image = load(a.model, a.image_tokens)
+    call(lm, "plain", image, 1)                            # warm up
+    before = _rss()
+    call(lm, a.child, image, a.new_tokens)
+    print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before}))
+
+
+def differences(ref: dict, got: dict) -> tuple:
+    if "hidden" not in got:
+        return None, None, ref["ids"] == got["ids"]
+    layers, n = (min(ref["hidden"].shape[i], got["hidden"].shape[i]) for i in (0, 1))
+    dh = float(np.abs(np.asarray(ref["hidden"])[:layers, :n] - got["hidden"][:layers, :n]).max())
+    da = float(np.abs(np.asarray(ref["attention"]) - got["attention"]).max())
+    return dh, da, ref["ids"] == got["ids"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="tiny-shapes", choices=["tiny-shapes", "smol-shapes", "mid"])
+    ap.add_argument("--image-tokens", type=int, default=576, help="mid only: 576 (24 x 24) or 2304 (48 x 48)")
+    ap.add_argument("--new-tokens", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        return child(a)
+    names, missing = available()
+    lm, image = load(a.model, a.image_tokens)
+    results = {name: call(lm, name, image, a.new_tokens) for name in names}     # also the warm-up
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
+    for _ in range(a.repeats):
+        for name in names:
+            w, c = time.perf_counter(), time.process_time()
+            call(lm, name, image, a.new_tokens)
+            wall[name].append(time.perf_counter() - w)
+            cpu[name].append(time.process_time() - c)
+    mem = {}
+    for name in names:
+        cmd = [sys.executable, __file__, "--model", a.model, "--image-tokens", str(a.image_tokens),
+               "--new-tokens", str(a.new_tokens), "--child", name]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        mem[name] = json.loads(out.stdout.strip().splitlines()[-1])["peak"] if out.returncode == 0 else None
+    n_img = int(np.asarray(results["vlmlens"]["attention"]).shape[-1])
+    where = f"{a.model}, {n_img} image tokens" if a.model != "mid" else f"mid LLaVA 12 x 768, {n_img} image tokens"
+    lines = [f"{where}; prefill + {a.new_tokens} greedy tokens; cpu float32, torch {torch.__version__},"
+             f" {torch.get_num_threads()} threads; median of {a.repeats} interleaved repeats.", "",
+             "| variant | wall (s) | wall / plain | CPU (s) | CPU / plain | peak above start (MiB) | peak / plain |"
+             " max abs diff: hidden | max abs diff: attention | same tokens | user lines |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    w0, c0, m0 = statistics.median(wall["plain"]), statistics.median(cpu["plain"]), mem.get("plain")
+    for name in names:
+        w, c, m = statistics.median(wall[name]), statistics.median(cpu[name]), mem[name]
+        dh, da, same = differences(results["vlmlens"], results[name])
+        fmt = lambda v: "–" if v is None else f"{v:.1e}"          # noqa: E731
+        lines.append(f"| {name} | {w:.3f} | {w / w0:.2f} | {c:.3f} | {c / c0:.2f} | "
+                     f"{'–' if m is None else f'{m / 2**20:.0f}'} | {'–' if not (m and m0) else f'{m / m0:.2f}'} |"
+                     f" {fmt(dh)} | {fmt(da)} | {'yes' if same else 'NO'} | {user_lines(VARIANTS[name])} |")
+    for name, why in missing.items():
+        lines.append(f"| {name} | – | – | – | – | – | – | – | – | – | {why} |")
+    text = "\n".join(lines)
+    print(text)
+    if not a.no_write:
+        key = f"bench_peers_{a.model}_{n_img}".replace("-", "_")
+        write_section(key, f"Side by side with peers ({where})", text)
+
+
+if __name__ == "__main__":
+    main()
