@@ -4,7 +4,12 @@ The task: an image + prompt, prefill + N greedy tokens, keeping every decoder la
 states and the last prompt token's attention (per head) to the image tokens. Variants:
 
 * ``plain``     -- SDPA ``generate``, nothing kept (the baseline every ratio divides by);
-* ``vlmlens``   -- ``vl.capture`` (SDPA kept; float32 storage, as the peers keep);
+* ``plain, one token more`` -- the same with N + 1 tokens: the forwards ``vl.capture`` runs (it
+  feeds the last generated token back once, so the Run holds that token's states as well);
+* ``vlmlens``   -- ``vl.capture`` as the dashboard runs it (SDPA kept; float32 storage, as the
+  peers keep): hidden states, every row's attention share and map, the last prompt token's
+  per-head maps and the image tokens' value contributions;
+* ``vlmlens, task only`` -- the same without the contributions (what the task asks for);
 * ``hf-eager``  -- eager attention + ``output_attentions`` / ``output_hidden_states``;
 * ``nnsight``   -- nnsight's ``TransformersModel.generate``, saving each layer's output and its
   attention weights at every step (eager attention: under SDPA there are no weights to save);
@@ -12,7 +17,9 @@ states and the last prompt token's attention (per head) to the image tokens. Var
 
 Every timed call starts from the image and the prompt (the processor runs in every variant).
 Time: median of interleaved repeats (wall clock, and process CPU time, which a busy host's
-stolen time does not inflate). Peak memory: each variant in a fresh child process. Correctness:
+stolen time does not inflate). Peak memory: each variant in a fresh child process, resident
+memory sampled during the call (blocks of 64 KiB or more mapped and unmapped one by one, so that
+what was freed before the call does not hide what the call allocates). Correctness:
 max |difference| against vlmlens of the hidden states at the positions both keep and of the
 last prompt token's attention to the image, and whether the generated tokens are the same.
 User lines: the lines of each variant's function below -- what a user writes. HF's
@@ -39,7 +46,6 @@ import argparse
 import inspect
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -101,10 +107,24 @@ def run_plain(lm, image, n):
     return {"ids": out[0].tolist()}
 
 
+def run_plain_one_more(lm, image, n):
+    inputs = chat_inputs(lm, image)
+    with torch.no_grad():
+        out = lm.model.generate(**inputs, max_new_tokens=n + 1, do_sample=False)
+    return {"ids": out[0, :-1].tolist()}
+
+
 def run_vlmlens(lm, image, n):
     import vlmlens as vl
 
     run = vl.capture(lm, image, PROMPT, max_new_tokens=n, hidden_dtype="float32")
+    return {"ids": run.token_ids, "hidden": run.hidden_states[1:], "attention": run.arrays["attention_head_maps"]}
+
+
+def run_vlmlens_task(lm, image, n):
+    import vlmlens as vl
+
+    run = vl.capture(lm, image, PROMPT, max_new_tokens=n, hidden_dtype="float32", record_contrib=False)
     return {"ids": run.token_ids, "hidden": run.hidden_states[1:], "attention": run.arrays["attention_head_maps"]}
 
 
@@ -143,7 +163,8 @@ def run_nnsight(lm, image, n):
     return {"ids": ids[0].tolist(), "hidden": hidden.numpy(), "attention": attention.numpy()}
 
 
-VARIANTS = {"plain": run_plain, "vlmlens": run_vlmlens, "hf-eager": run_hf_eager, "nnsight": run_nnsight}
+VARIANTS = {"plain": run_plain, "plain, one token more": run_plain_one_more, "vlmlens": run_vlmlens,
+            "vlmlens, task only": run_vlmlens_task, "hf-eager": run_hf_eager, "nnsight": run_nnsight}
 EAGER = {"hf-eager", "nnsight"}
 PEERS = {"nnsight": "nnsight"}
 
@@ -190,11 +211,27 @@ def _rss() -> int:
 
 
 def child(a) -> None:
+    """One variant's peak resident memory above what the process held just before the call, sampled
+    every 2 ms during the call (a lifetime high-water mark would also count the warm-up's peak)."""
+    import threading
+
     lm, image = load(a.model, a.image_tokens)
     call(lm, "plain", image, 1)                            # warm up
-    before = _rss()
-    call(lm, a.child, image, a.new_tokens)
-    print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before}))
+    before, peak, done = _rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            done.wait(0.002)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        call(lm, a.child, image, a.new_tokens)
+    finally:
+        done.set()
+        t.join()
+    print(json.dumps({"peak": max(peak[0], _rss()) - before}))
 
 
 def differences(ref: dict, got: dict) -> tuple:
@@ -232,7 +269,8 @@ def main() -> None:
     for name in names:
         cmd = [sys.executable, __file__, "--model", a.model, "--image-tokens", str(a.image_tokens),
                "--new-tokens", str(a.new_tokens), "--child", name]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        # large blocks straight from (and back to) the system: resident memory then follows what is alive
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
         mem[name] = json.loads(out.stdout.strip().splitlines()[-1])["peak"] if out.returncode == 0 else None
     n_img = int(np.asarray(results["vlmlens"]["attention"]).shape[-1])
     where = f"{a.model}, {n_img} image tokens" if a.model != "mid" else f"mid LLaVA 12 x 768, {n_img} image tokens"
@@ -246,8 +284,9 @@ def main() -> None:
         w, c, m = statistics.median(wall[name]), statistics.median(cpu[name]), mem[name]
         dh, da, same = differences(results["vlmlens"], results[name])
         fmt = lambda v: "–" if v is None else f"{v:.1e}"          # noqa: E731
+        ratio = "–" if m is None or not m0 or m0 < 16 * 2**20 else f"{m / m0:.2f}"   # not of a few MiB's noise
         lines.append(f"| {name} | {w:.3f} | {w / w0:.2f} | {c:.3f} | {c / c0:.2f} | "
-                     f"{'–' if m is None else f'{m / 2**20:.0f}'} | {'–' if not (m and m0) else f'{m / m0:.2f}'} |"
+                     f"{'–' if m is None else f'{m / 2**20:.1f}'} | {ratio} |"
                      f" {fmt(dh)} | {fmt(da)} | {'yes' if same else 'NO'} | {user_lines(VARIANTS[name])} |")
     for name, why in missing.items():
         lines.append(f"| {name} | – | – | – | – | – | – | – | – | – | {why} |")

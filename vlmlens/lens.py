@@ -261,9 +261,10 @@ class Lens:
         if self.batch is not None:
             raise RuntimeError("an intervention removes rows, which a batched lens session cannot do (examples would "
                                "hold different numbers of rows); run it one example at a time")
-        qpos = self.positions.qpos
-        keep = ~torch.isin(qpos, torch.cat(removed).to(qpos.device))
-        return None if bool(keep.all()) else keep
+        qpos = self.positions.qpos      # (the same for the layers of this forward leaving out the same positions)
+        kept = self.positions.derived("keep rows", (qpos, *removed),
+                                      lambda: ~torch.isin(qpos, torch.cat(removed).to(qpos.device)))
+        return None if bool(kept.all()) else kept
 
     def _pre(self, idx):
         def hook(module, args, kwargs):

@@ -1,12 +1,12 @@
 """Token pruning as interventions of the lens: FastV, PyramidDrop, VTW, random / L2-norm
 baselines, and a VisiPruner-style policy read off the causal three stages.
 
-All of them act through the lens's existing hooks (no second mechanism): a ranking is read
-where the method says (``observe_attention``: the model's own attention before any key
-block; ``edit_resid_post``: a layer's output rows), and the tokens it leaves out are either
-*removed* (``removed_positions``: they leave the hidden rows and the KV cache of the layers
-from the stage on, so those layers do less work) or *masked* (``key_block``: no remaining query
-reads them; the same outputs, no saving -- the form a backward pass can go through).
+All of them act through the lens's existing hooks (no second mechanism): a ranking is read where
+the method says (``observe_attention``: the model's own attention before any key block;
+``edit_resid_post``: a layer's output rows), and the tokens it leaves out are either *removed*
+(``removed_positions``: they leave the hidden rows and the KV cache of the layers from the stage on,
+so those layers do less work) or *masked* (``key_block``: no remaining query reads them; the same
+outputs, no saving -- the form a backward pass can go through).
 
 :class:`TokenPruner` (the general form) has stages ``(layer_i, keep_i)``: from decoder layer
 ``layer_i`` on, only ``round(keep_i * n_image)`` of the image tokens stay, chosen among those
@@ -32,10 +32,9 @@ Ties go to the earlier position. When the ranking is read (``rerank=``):
   without a KV cache: each step re-ranks and re-runs every layer). It needs ``score="last"``; a
   step's pruned cache cannot be reused by the next step, so it costs more than no pruning.
 
-The methods of the papers are :class:`FastV` (one stage),
-:class:`PyramidDrop` (stages with shrinking keep ratios), :class:`VTW` (keep nothing from
-layer K: identical to ``Truncate(K)``); policies.py adds :class:`StagePruner` (a treatment
-per stage of VisiPruner's three) and :class:`AdaptiveVTW` (a depth per input).
+The papers' methods: :class:`FastV` (one stage), :class:`PyramidDrop` (stages with shrinking keep
+ratios), :class:`VTW` (keep nothing from layer K: identical to ``Truncate(K)``); policies.py adds
+:class:`StagePruner` (a treatment per stage of VisiPruner's three), :class:`AdaptiveVTW` (a depth per input).
 """
 from __future__ import annotations
 
@@ -72,8 +71,7 @@ def _check_ratio(name: str, keep, *, allow_zero: bool) -> float:
 
 
 def _scores_at(p: torch.Tensor, kpos: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """``p`` [kv] read at ``positions`` (0 for a position not among the keys, e.g. evicted by a
-    sliding window). ``kpos`` is sorted (the cache holds positions in order)."""
+    """``p`` [kv] read at ``positions`` (0 for one not among the keys, e.g. past a sliding window; kpos sorted)."""
     idx = torch.searchsorted(kpos, positions).clamp(max=max(kpos.numel() - 1, 0))
     present = kpos[idx] == positions
     return torch.where(present, p[idx], torch.zeros_like(p[idx]))
@@ -84,8 +82,7 @@ def _pct(r: float) -> str:
 
 
 def _rows(kept: np.ndarray, mode: str) -> np.ndarray:
-    """Image rows each layer computes: the kept ones when pruned tokens are removed, all of
-    them when they are only masked."""
+    """Image rows each layer computes: the kept ones when pruned tokens are removed, all when masked."""
     return (kept.sum(1) if mode == "remove" else np.full(kept.shape[0], kept.shape[1])).astype(np.int64)
 
 
@@ -323,7 +320,10 @@ class TokenPruner(_Pruning):
         kept = self._kept(j, ctx)
         if kept.numel() == ctx.image_pos.numel():
             return None
-        return ctx.image_pos[~torch.isin(ctx.image_pos, kept)]
+        gone = self._state(ctx).setdefault("gone", {})      # per stage: (its kept positions, the others)
+        if j not in gone or gone[j][0] is not kept:
+            gone[j] = (kept, ctx.image_pos[~torch.isin(ctx.image_pos, kept)])
+        return gone[j][1]
 
     def removed_positions(self, layer, ctx):
         return self._pruned(layer, ctx) if self.mode == "remove" else None
