@@ -87,13 +87,8 @@ def _lens_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         for fn in lens.observers:
             fn(layer, view, lens.context)
     blocked = lens.key_block(layer, qpos, kpos)
-    sdpa_mask = attention_mask
     if not mask_fits and blocked is None:  # rows were removed: the mask comes from positions
-        allowed = model_mask() if allowed is None else allowed
-        if qpos.numel() == 1 and not lens.batch and pos.derived("open", (allowed,), lambda: bool(allowed.all())):
-            sdpa_mask = None    # one row that reads every key it holds (a decoding step): no mask, as unpruned
-        else:
-            blocked = torch.zeros(qpos.numel(), kpos.numel(), dtype=torch.bool, device=qpos.device)
+        blocked = torch.zeros(qpos.numel(), kpos.numel(), dtype=torch.bool, device=qpos.device)
     if blocked is not None or rec.reads_attention:
         if allowed is None:
             allowed = model_mask()
@@ -102,7 +97,7 @@ def _lens_attention(module, query, key, value, attention_mask, dropout=0.0, scal
 
     # 2. the layer's output: SDPA, exactly as transformers calls it when nothing is blocked
     if blocked is None:
-        out, _ = sdpa_attention_forward(module, query, key, value, sdpa_mask, dropout=dropout, scaling=scaling, **kwargs)
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     else:
         kw = {k: v for k, v in kwargs.items() if k != "is_causal"}
         out, _ = sdpa_attention_forward(
