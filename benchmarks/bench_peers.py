@@ -13,7 +13,9 @@ states and the last prompt token's attention (per head) to the image tokens. Var
 * ``hf-eager``  -- eager attention + ``output_attentions`` / ``output_hidden_states``;
 * ``nnsight``   -- nnsight's ``TransformersModel.generate``, saving each layer's output and its
   attention weights at every step (eager attention: under SDPA there are no weights to save);
-* ``transformer-lens`` -- TransformerLens's bridge, where installed (see below).
+* ``transformer-lens`` -- TransformerLens's bridge (booted once from the model object, with its config
+  and processor saved to a folder, since it boots by name): its ``generate`` for the tokens, then
+  ``run_with_cache`` over prompt + tokens for the states and attention patterns (eager).
 
 Every timed call starts from the image and the prompt (the processor runs in every variant).
 Time: median of interleaved repeats (wall clock, and process CPU time, which a busy host's
@@ -22,7 +24,10 @@ memory sampled during the call (blocks of 64 KiB or more mapped and unmapped one
 what was freed before the call does not hide what the call allocates). Correctness:
 max |difference| against vlmlens of the hidden states at the positions both keep and of the
 last prompt token's attention to the image, and whether the generated tokens are the same.
-User lines: the lines of each variant's function below -- what a user writes. HF's
+Hidden states are compared at the positions whose inputs agree (up to the first token a
+variant generated differently). User lines: the lines of each variant's function below -- what a
+user writes. TransformerLens's row is timed in a process of its own, against plain generate on
+a second, untouched instance of the model, since its bridge wraps the model's modules in place. HF's
 ``hidden_states`` end with the final norm's output instead of the last layer's: its hidden
 states are compared up to the layer before the last.
 
@@ -43,12 +48,14 @@ peers it did not find.
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -163,10 +170,40 @@ def run_nnsight(lm, image, n):
     return {"ids": ids[0].tolist(), "hidden": hidden.numpy(), "attention": attention.numpy()}
 
 
+_BRIDGES: dict = {}     # one TransformerLens bridge per model, booted in the warm-up call (as a user boots once)
+
+
+def run_transformer_lens(lm, image, n):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if id(lm) not in _BRIDGES:              # its bridge boots by name: the config and processor as files
+        folder, config = tempfile.mkdtemp(), copy.deepcopy(lm.model.config)
+        config.architectures = config.architectures or [type(lm.model).__name__]     # it reads the class from there
+        config.save_pretrained(folder)
+        lm.processor.save_pretrained(folder)
+        _BRIDGES[id(lm)] = TransformerBridge.boot_transformers(folder, hf_model=lm.model,
+                                                               tokenizer=lm.processor.tokenizer)
+    bridge = _BRIDGES[id(lm)]
+    inputs = chat_inputs(lm, image)
+    image_pos = (inputs["input_ids"][0] == lm.arch.image_token_id(lm.model, lm.processor)).nonzero()[:, 0]
+    ids = bridge.generate(inputs["input_ids"], max_new_tokens=n, do_sample=False, pixel_values=inputs["pixel_values"],
+                          attention_mask=inputs["attention_mask"], verbose=False, return_type="tokens")
+    names = [f"blocks.{i}.{h}" for i in range(lm.n_layers) for h in ("hook_resid_post", "attn.hook_pattern")]
+    _, cache = bridge.run_with_cache(ids[:, :-1], pixel_values=inputs["pixel_values"], names_filter=names)
+    hidden = torch.stack([cache[f"blocks.{i}.hook_resid_post"][0] for i in range(lm.n_layers)])
+    last = inputs["input_ids"].shape[1] - 1
+    attention = torch.stack([cache[f"blocks.{i}.attn.hook_pattern"][0, :, last, image_pos] for i in range(lm.n_layers)])
+    return {"ids": ids[0].tolist(), "hidden": hidden.numpy(), "attention": attention.numpy()}
+
+
 VARIANTS = {"plain": run_plain, "plain, one token more": run_plain_one_more, "vlmlens": run_vlmlens,
-            "vlmlens, task only": run_vlmlens_task, "hf-eager": run_hf_eager, "nnsight": run_nnsight}
-EAGER = {"hf-eager", "nnsight"}
-PEERS = {"nnsight": "nnsight"}
+            "vlmlens, task only": run_vlmlens_task, "hf-eager": run_hf_eager, "nnsight": run_nnsight,
+            "transformer-lens": run_transformer_lens}
+EAGER = {"hf-eager", "nnsight", "transformer-lens"}
+# variants that change the model they run on (TransformerLens's bridge wraps its modules in place):
+# measured in a process of their own, beside plain generate on a second, untouched instance
+ISOLATED = {"transformer-lens"}
+PEERS = {"nnsight": "nnsight", "transformer-lens": "transformer_lens"}
 
 
 def user_lines(fn) -> int:
@@ -186,12 +223,6 @@ def available() -> tuple[list, dict]:
                 missing[name] = "not installed (see this script's instructions)"
                 continue
         names.append(name)
-    try:
-        import transformer_lens  # noqa: F401
-        missing["transformer-lens"] = ("installed, not measured: its bridge loads a model and its processor by name"
-                                       " (a hub id or a folder with a processor config), not an instance")
-    except ImportError:
-        missing["transformer-lens"] = "not installed (see this script's instructions)"
     return names, missing
 
 
@@ -234,10 +265,35 @@ def child(a) -> None:
     print(json.dumps({"peak": max(peak[0], _rss()) - before}))
 
 
+def isolated_child(a) -> None:
+    """Time variant ``a.isolated`` beside plain generate, each on its own instance of the model; its
+    differences against vlmlens on the untouched one."""
+    lm, image = load(a.model, a.image_tokens)
+    other, _ = load(a.model, a.image_tokens)
+    if other.model is lm.model:
+        raise SystemExit("the two instances are one model: the isolated variant would change the baseline")
+    ref = call(lm, "vlmlens", image, a.new_tokens)
+    got = call(other, a.isolated, image, a.new_tokens)          # also the warm-up
+    call(lm, "plain", image, a.new_tokens)
+    runs = {"plain": (lm, "plain"), "variant": (other, a.isolated)}
+    wall, cpu = {k: [] for k in runs}, {k: [] for k in runs}
+    for _ in range(a.repeats):
+        for key, (model, name) in runs.items():
+            w, c = time.perf_counter(), time.process_time()
+            call(model, name, image, a.new_tokens)
+            wall[key].append(time.perf_counter() - w)
+            cpu[key].append(time.process_time() - c)
+    dh, da, same = differences(ref, got)
+    print(json.dumps({"wall": {k: statistics.median(v) for k, v in wall.items()},
+                      "cpu": {k: statistics.median(v) for k, v in cpu.items()}, "dh": dh, "da": da, "same": same}))
+
+
 def differences(ref: dict, got: dict) -> tuple:
     if "hidden" not in got:
         return None, None, ref["ids"] == got["ids"]
     layers, n = (min(ref["hidden"].shape[i], got["hidden"].shape[i]) for i in (0, 1))
+    # where the tokens part, so do the inputs: states are compared up to the first different token
+    n = min([n] + [i for i, (x, y) in enumerate(zip(ref["ids"], got["ids"])) if x != y][:1])
     dh = float(np.abs(np.asarray(ref["hidden"])[:layers, :n] - got["hidden"][:layers, :n]).max())
     da = float(np.abs(np.asarray(ref["attention"]) - got["attention"]).max())
     return dh, da, ref["ids"] == got["ids"]
@@ -251,20 +307,34 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--isolated", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         return child(a)
+    if a.isolated:
+        return isolated_child(a)
     names, missing = available()
+    inline = [name for name in names if name not in ISOLATED]
     lm, image = load(a.model, a.image_tokens)
-    results = {name: call(lm, name, image, a.new_tokens) for name in names}     # also the warm-up
-    wall = {name: [] for name in names}
-    cpu = {name: [] for name in names}
+    results = {name: call(lm, name, image, a.new_tokens) for name in inline}     # also the warm-up
+    wall = {name: [] for name in inline}
+    cpu = {name: [] for name in inline}
     for _ in range(a.repeats):
-        for name in names:
+        for name in inline:
             w, c = time.perf_counter(), time.process_time()
             call(lm, name, image, a.new_tokens)
             wall[name].append(time.perf_counter() - w)
             cpu[name].append(time.process_time() - c)
+    own = {}            # isolated variants: (their time / their process's plain time, differences)
+    for name in [n for n in names if n in ISOLATED]:
+        cmd = [sys.executable, __file__, "--model", a.model, "--image-tokens", str(a.image_tokens),
+               "--new-tokens", str(a.new_tokens), "--repeats", str(a.repeats), "--isolated", name]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            missing[name] = f"failed: {out.stderr.strip().splitlines()[-1][:200] if out.stderr.strip() else out.returncode}"
+            names.remove(name)
+            continue
+        own[name] = json.loads(out.stdout.strip().splitlines()[-1])
     mem = {}
     for name in names:
         cmd = [sys.executable, __file__, "--model", a.model, "--image-tokens", str(a.image_tokens),
@@ -281,8 +351,16 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     w0, c0, m0 = statistics.median(wall["plain"]), statistics.median(cpu["plain"]), mem.get("plain")
     for name in names:
-        w, c, m = statistics.median(wall[name]), statistics.median(cpu[name]), mem[name]
-        dh, da, same = differences(results["vlmlens"], results[name])
+        m = mem[name]
+        if name in own:             # ratios to the plain generate timed beside it in its own process
+            o = own[name]
+            w, c = o["wall"]["variant"], o["cpu"]["variant"]
+            w0, c0 = o["wall"]["plain"], o["cpu"]["plain"]
+            dh, da, same = o["dh"], o["da"], o["same"]
+        else:
+            w0, c0 = statistics.median(wall["plain"]), statistics.median(cpu["plain"])
+            w, c = statistics.median(wall[name]), statistics.median(cpu[name])
+            dh, da, same = differences(results["vlmlens"], results[name])
         fmt = lambda v: "–" if v is None else f"{v:.1e}"          # noqa: E731
         ratio = "–" if m is None or not m0 or m0 < 16 * 2**20 else f"{m / m0:.2f}"   # not of a few MiB's noise
         lines.append(f"| {name} | {w:.3f} | {w / w0:.2f} | {c:.3f} | {c / c0:.2f} | "
