@@ -6,6 +6,8 @@ the recorder's statistics recomputed for the rows it reads. It never materialise
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -107,10 +109,7 @@ def _lens_attention(module, query, key, value, attention_mask, dropout=0.0, scal
 
     # 3. what the recorder reads from this layer's attention
     if rec.reads_attention:
-        if torch.is_grad_enabled():
-            with torch.no_grad():
-                rec.attention(module, layer, query, key, value, qpos, kpos, allowed, scale)
-        else:
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
             rec.attention(module, layer, query, key, value, qpos, kpos, allowed, scale)
     return out, None
 

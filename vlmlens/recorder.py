@@ -28,9 +28,14 @@ def _as_slice(index: torch.Tensor):
 
 
 def _image_keys(positions, kpos: torch.Tensor):
-    """(indices of the image keys among ``kpos``, their image indices)."""
-    img = torch.nonzero(positions.is_image(kpos)).flatten()
-    return img, torch.searchsorted(positions.image_pos, kpos[img])
+    """(indices of the image keys among ``kpos``, their image indices); derived once per forward
+    for the statistics and the contributions of every layer holding these keys."""
+    image_pos = positions.image_pos
+    if int(kpos[0]) == 0 and int(kpos[-1]) == kpos.numel() - 1:      # the cache holds 0..its last position
+        img = image_pos[image_pos < kpos.numel()]
+    else:
+        img = torch.nonzero(positions.is_image(kpos)).flatten()
+    return img, torch.searchsorted(image_pos, kpos[img])
 
 
 def _in_order(chunks: list, dim: int) -> list:
@@ -130,10 +135,7 @@ class Recorder:
         else:
             q_img = self._pos.is_image(qpos)
             rows = torch.nonzero(~q_img & (qpos > image_pos[0]), as_tuple=False).flatten()
-        if every_key:
-            img_keys = image_pos[image_pos < kpos.numel()]
-        else:
-            img_keys = torch.nonzero(self._pos.is_image(kpos), as_tuple=False).flatten()
+        img_keys, cols = self._pos.derived("image keys", (kpos,), lambda: _image_keys(self._pos, kpos))
         out = {"qpos": qpos.cpu().numpy(), "chunks": [], "whole": rows.numel() == qpos.numel(),
                "empty": rows.numel() == 0 or img_keys.numel() == 0}
         if out["empty"] or not out["whole"]:
@@ -144,7 +146,7 @@ class Recorder:
         if out["empty"]:
             return out
         # image index of each image key held (fewer than n_image when a pruner removed some)
-        out["cols"] = None if img_keys.numel() == n_img else torch.searchsorted(image_pos, kpos[img_keys])
+        out["cols"] = None if img_keys.numel() == n_img else cols
         out["img_keys"] = _as_slice(img_keys)
         out["rows"] = _as_slice(rows)
         if qpos.numel() == 1:
