@@ -1,5 +1,4 @@
 """Attention / heatmap / logit-lens figures build from a real capture and carry the run's numbers."""
-import time
 
 import numpy as np
 import plotly.graph_objects as go
@@ -76,12 +75,8 @@ def test_cam_layer_and_grid(runs):
     assert fig.data[1].x[-1] < run.image.size[0] and fig.data[1].y[-1] < run.image.size[1]
     cam = fig_cam_layer(run, 0, kind="cam")
     assert np.allclose(np.asarray(cam.data[1].z, float), run.to_grid(run.arrays["llava_cam"][0]))
-    t0 = time.perf_counter()
-    for layer in range(L):
-        fig_cam_layer(run, layer, "attention")
-    per = (time.perf_counter() - t0) / L
-    print(f"\nfig_cam_layer: {per * 1000:.0f} ms per call (warm)")
-    assert per < 0.5   # target 0.1 s; loose bound on a shared CPU
+    for layer in range(L):                                      # every layer draws (its speed: BENCHMARKS.md)
+        assert "layer %d" % layer in fig_cam_layer(run, layer, "attention").data[1].hovertemplate
 
     grid = fig_cam_grid(run, "attention", query_index=1)        # the dashboard's positional call
     assert len(grid.data) == L and all(isinstance(t, go.Heatmap) for t in grid.data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import shutil
 import subprocess
 import sys
@@ -37,10 +38,14 @@ def small_run(lm, image):
 
 def test_prompt_over_the_context_is_refused_before_any_forward(lm, image):
     words = "circle " * 1500                              # 1,500 tokens for a model with 1,024 positions
-    t0 = time.perf_counter()
-    with pytest.raises(InputError, match=r"too long for this model: the prompt is 1,5\d\d tokens .* at most 1,024"):
-        vl.capture(lm, image, words, max_new_tokens=4)
-    assert time.perf_counter() - t0 < 1.0
+    forwards = []
+    hook = lm.model.register_forward_pre_hook(lambda *a: forwards.append(1))
+    try:
+        with pytest.raises(InputError, match=r"too long for this model: the prompt is 1,5\d\d tokens .* at most 1,024"):
+            vl.capture(lm, image, words, max_new_tokens=4)
+    finally:
+        hook.remove()
+    assert forwards == []                                 # refused before the model ran at all
     from vlmlens.experiments.compare import sweep
 
     with pytest.raises(InputError, match="too long for this model"):   # experiments refuse it too, before prefill
@@ -201,6 +206,35 @@ def test_no_telemetry_and_bounded_inputs():
     assert a.time_limit == 120.0 and a.max_upload_mb == 20.0
 
 
+def test_the_hub_client_sends_no_telemetry_and_looks_nothing_up(tmp_path):
+    """The HF hub client, unless told otherwise, puts the torch version in every request and fetches a
+    registry from the hub once a day, even for a cache-only load; importing vlmlens turns that off, also
+    when huggingface_hub was imported first. An explicit user setting still wins."""
+    code = """
+import json, os, socket, sys
+import huggingface_hub.constants
+import vlmlens
+from huggingface_hub.utils import build_hf_headers
+looked = []
+real = socket.getaddrinfo
+socket.getaddrinfo = lambda *a, **k: looked.append(a[:2]) or real(*a, **k)
+print(json.dumps([build_hf_headers()["user-agent"], looked, os.environ.get("GRADIO_ANALYTICS_ENABLED")]))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_TELEMETRY", "GRADIO_ANALYTICS_ENABLED")}
+    env["HF_HOME"] = str(tmp_path)                        # no cached registry to fall back on
+
+    def run(**extra):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                             timeout=120, cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    agent, looked, gradio = run()
+    assert looked == [] and "torch/" not in agent and gradio == "False"
+    agent, looked, gradio = run(HF_HUB_DISABLE_TELEMETRY="0", GRADIO_ANALYTICS_ENABLED="True")
+    assert "torch/" in agent and gradio == "True"          # the user's choice is kept (the lookup may follow)
+
+
 # ---- fair sharing, links, concurrency -----------------------------------------------------------------------
 
 def test_one_busy_session_evicts_only_its_own_runs():
@@ -296,16 +330,13 @@ def test_a_capture_over_the_time_limit_stops_while_others_are_served(tmp_path, l
 
         def long_capture():
             c = Client(url, verbose=False)
-            t0 = time.perf_counter()
             done["info"] = c.predict(handle_file(str(tmp_path / "img.png")), "What is this?", 256, api_name="/capture")[0]
-            done["seconds"] = time.perf_counter() - t0
             done["end"] = time.perf_counter()
         t = threading.Thread(target=long_capture)
         t.start()
         while len(served) < 50:
-            t0 = time.perf_counter()
             other.predict(0, 0, "attention", api_name="/heatmap_layer")
-            served.append((time.perf_counter() - t0, time.perf_counter()))
+            served.append(time.perf_counter())
             if not t.is_alive():
                 break
         t.join(120)
@@ -313,6 +344,5 @@ def test_a_capture_over_the_time_limit_stops_while_others_are_served(tmp_path, l
         demo.close()
     run = demo.dashboard.store.get(done["info"]["run_id"]).run
     assert run.meta["generation"]["stop_reason"] == "time limit" and len(run.generated_tokens) < 256
-    assert done["seconds"] < 30
-    assert max(d for d, _ in served) < 5.0                               # the other session kept being served
-    assert min(end for _, end in served) < done["end"]                  # ... while the long capture ran
+    # the other session kept being served while the long capture ran (ordering, not a clock bound)
+    assert sum(end < done["end"] for end in served) >= 1

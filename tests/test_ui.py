@@ -217,8 +217,7 @@ def test_slider_redraws_from_the_run_without_the_model(client, app):
             client.predict(layer, 0, "attention", api_name="/heatmap_layer")
     finally:
         dash.holder.use = real
-    assert calls == []
-    assert max(list(dash.timings["heatmap_layer"])[-3:]) < 0.5
+    assert calls == [] and len(dash.timings["heatmap_layer"]) >= 3     # timed (BENCHMARKS), never the model
 
 
 def test_truncation_compare_and_sweep(client):
@@ -320,9 +319,8 @@ def test_teaching_mode(teaching):
         assert by_id[eid].interactive is False, eid            # nothing that needs a model is clickable
     assert "vl-teaching-note" in by_id
     assert "teaching mode" in app_error(c, handle_file(EXAMPLE), "What?", 2, api_name="/capture")
-    t0 = time.perf_counter()
     info, gen_md, strip, headline = c.predict(api_name="/open_default")
-    assert time.perf_counter() - t0 < 1.0 and info["label"] == CACHED[1]
+    assert info["label"] == CACHED[1] and demo.dashboard.holder.state == "off"   # read from disk, no model
     assert "depth" in headline                                               # sweep cliff from sweep.json
     single, grid, *_ = c.predict(1, 0, "attention", api_name="/heatmaps")
     assert "layer 1" in heat(single)["hovertemplate"]
@@ -381,9 +379,10 @@ def test_cached_runs_usable_while_the_model_loads(runs_dir, lm):
     dash = Dashboard(model="random:llava", runs_dir=runs_dir, loader=lambda *a, **k: release.wait(30) and lm)
     try:
         assert dash.holder.state == "loading" and "loading" in dash.holder.status_markdown()
-        t0 = time.perf_counter()
         sess, info, *_ = dash.open_default(new_session())
-        assert time.perf_counter() - t0 < 1.0 and info["label"] == dash.default_run
+        # the loader is still held back: had opening the cached run waited for the model, it could only
+        # have returned once the loader gave up (state "ready" or "off"), never while "loading"
+        assert dash.holder.state == "loading" and info["label"] == dash.default_run
         fig = dash.heatmap_layer(sess, 1, 0, "attention")
         assert any(t.type == "heatmap" for t in fig.data)
     finally:

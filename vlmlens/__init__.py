@@ -21,6 +21,23 @@ import types
 
 from ._version import __version__
 
+
+def _no_telemetry() -> None:
+    """No telemetry unless the user asks for it: the HF hub client otherwise adds the torch version to
+    its requests and fetches a registry of coding agents from the hub once a day (even for a
+    ``local_files_only`` load), and gradio reports usage. A user's own setting of these variables wins."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:         # imported before vlmlens: its constant was read from the old environment
+        constants.HF_HUB_DISABLE_TELEMETRY = os.environ["HF_HUB_DISABLE_TELEMETRY"].strip().lower() in (
+            "1", "true", "yes", "on")
+
+
+_no_telemetry()
+
 #: public name -> the module that defines it
 _WHERE = {
     "capture": "capture", "InputError": "errors", "load_image": "images", "Video": "video", "load_video": "video",
