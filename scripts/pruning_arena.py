@@ -56,7 +56,8 @@ def arena(lm, data_dir: Path, methods: list[str]) -> str:
     from vlmlens.data import load_dataset
     from vlmlens.errors import InputError
     from vlmlens.experiments.dataset_study import dataset_study
-    from vlmlens.experiments.pruning import compare_pruning, time_note
+    from vlmlens.experiments.method_cell import time_note
+    from vlmlens.experiments.pruning import compare_pruning
     from vlmlens.experiments.variants import parse_variants
     from vlmlens.tables import Table
 

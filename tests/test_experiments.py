@@ -257,6 +257,39 @@ def test_task_study_smoke():
         task_study(lm, n=1, families=["poetry"])
 
 
+def test_the_suite_and_a_dataset_study_run_one_loop(tmp_path, monkeypatch):
+    """The shapes suite's examples, written out as a dataset and run as a dataset study, give the same
+    outputs, kept answers and output KL cell for cell as the suite study; both pass through run_inputs."""
+    from vlmlens.data import load_dataset
+    from vlmlens.experiments import study_runner
+    from vlmlens.experiments.dataset_study import dataset_study
+    from vlmlens.experiments.study import suite_examples
+
+    lm = random_lm("llava")
+    seen = []
+    real = study_runner.run_inputs
+    monkeypatch.setattr(study_runner, "run_inputs", lambda *a, **k: seen.append(len(a[1])) or real(*a, **k))
+    st = task_study(lm, n=2, families=["single"], depths="0,1", max_new_tokens={"single": 3})
+    exs = suite_examples("shapes", "single", 2)
+    rows = []
+    for e in exs:
+        e.scene.image.save(tmp_path / f"{e.seed}.png")
+        rows.append(json.dumps({"id": str(e.seed), "image": f"{e.seed}.png", "question": e.prompt,
+                                "answer": e.answer, "task": "vqa"}))
+    (tmp_path / "manifest.jsonl").write_text("\n".join(rows) + "\n")
+    ds = dataset_study(lm, load_dataset(tmp_path / "manifest.jsonl"), tmp_path / "out", depths="0,1",
+                       max_new_tokens=3)
+    assert seen == [2, 2]                                       # the suite and the dataset: one loop each
+    recs = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [r["baseline"] for r in recs] == [x["baseline"] for x in st.examples]
+    for k in ("0", "1"):
+        assert [r["depths"][k]["text"] for r in recs] == [x["outputs"][k] for x in st.examples]
+    by = {(r["depth"]): r for r in ds.rows}
+    for r in st.rows:
+        assert by[r["depth"]]["answer_kept"] == r["answer_kept"]
+        assert by[r["depth"]]["output_kl"] == pytest.approx(r["output_kl"], abs=1e-9)
+
+
 # ---- figures and CLI ---------------------------------------------------------------------------------
 
 def test_sweep_figures(llava_sweep):

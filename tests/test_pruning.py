@@ -257,14 +257,15 @@ def test_compare_pruning_on_one_input(image):
 
 
 def test_compare_pruning_measures_latency_side_by_side(image):
-    from vlmlens.experiments.pruning import MethodResult, compare_pruning, time_note
+    from vlmlens.experiments.method_cell import MethodResult, time_note
+    from vlmlens.experiments.pruning import compare_pruning
 
     lm = random_lm("llava")
     res = compare_pruning(lm, image, PROMPT, {"vtw0": [VTW(0)]}, max_new_tokens=3, latency=True, repeats=1)
     base, vtw0 = res.method("baseline"), res.method("vtw0")
     assert base.latency["prefill_saving"] == 0 and base.latency["total_saving"] == 0
     for m in (base, vtw0):
-        assert m.latency["prefill_s"] > 0 and m.latency["total_s"] >= m.latency["prefill_s"]
+        assert m.latency["prefill_s"] > 0 and m.latency["total_s"] > 0   # separate timed runs: no order on a noisy host
         assert m.latency["total_saving"] == pytest.approx(1 - m.latency["total_s"] / base.latency["total_s"])
     md = res.markdown()
     assert "end-to-end time saved (measured)" in md and md.count("|\n") >= 3

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..tables import Table, fixed, percent
-from .engine import Progress, Trial, check_mode, truncation
+from .engine import Progress, check_mode, truncation
 from .variants import parse_variants
 
 SUITES = ("shapes",)
@@ -81,36 +81,35 @@ def suite_examples(suite: str, family: str, n: int, offset: int = 0):
     return split_examples(family, n, offset)
 
 
-def suite_trials(lm, suite: str, families, n: int, offset: int, progress: Progress | None, trial_kwargs):
-    """Each family's ``n`` test examples as ``(family, example, Trial)``, family by family; ``trial_kwargs(family)``
-    sets up the Trial. The examples are checked before any model work; progress counts examples done."""
-    per_family = {f: suite_examples(suite, f, n, offset) for f in families}
-
-    def trials():
-        total, done = sum(map(len, per_family.values())), 0
-        for f, exs in per_family.items():
-            for e in exs:
-                yield f, e, Trial(lm, e.scene.image, e.prompt, **trial_kwargs(f))
-                done += 1
-                if progress:
-                    progress(done, total, f"{f} seed {e.seed}")
-    return trials()
-
-
 def suite_cells(lm, suite: str, families, n: int, offset: int, progress: Progress | None, trial_kwargs, variants,
                 cell, on_example=None):
-    """The suite's inputs x variants: ``cell(trial, variant, example)`` for every pair, gathered as
-    ``({family: [example]}, {family: {variant key: [cell per example]}})``; ``on_example(family,
-    example, trial, {variant key: cell})`` sees each example's cells as they finish."""
+    """The suite's inputs x variants through the studies' one loop (:func:`.study_runner.run_inputs`):
+    each family's ``n`` test examples (checked before any model work), family by family, one at a time;
+    ``cell(trial, variant, example)`` for every pair, gathered as ``({family: [example]}, {family:
+    {variant key: [cell per example]}})``; ``on_example(family, example, baseline text, {variant key:
+    cell})`` sees each example's cells as they finish. Progress counts examples done."""
+    from ..data import Item
+    from .study_runner import Execution, run_inputs
+
+    per_family = {f: suite_examples(suite, f, n, offset) for f in families}
+    items, of = [], {}
+    for f, exs in per_family.items():
+        for e in exs:
+            it = Item(f"{f} seed {e.seed}", len(items), e.scene.image, e.prompt, (e.answer,), task=f)
+            items.append(it)
+            of[it.id] = e
     exs = {f: [] for f in families}
     cells = {f: {v.key: [] for v in variants} for f in families}
-    for f, e, s in suite_trials(lm, suite, families, n, offset, progress, trial_kwargs):
-        exs[f].append(e)
-        got = {v.key: cell(s, v, e) for v in variants}
-        for key, c in got.items():
-            cells[f][key].append(c)
-        if on_example:
-            on_example(f, e, s, got)
+    for chunk in run_inputs(lm, items, variants, lambda s, v, it, f: cell(s, v, of[it.id]),
+                            tasks=[it.task for it in items], trial_kwargs=lambda it, f: trial_kwargs(f),
+                            ex=Execution(), progress=progress, on_bad_row="raise", label=lambda it: it.id):
+        for it, f, (got, baseline_text) in chunk:
+            e = of[it.id]
+            exs[f].append(e)
+            for key, c in got.items():
+                cells[f][key].append(c)
+            if on_example:
+                on_example(f, e, baseline_text, got)
     return exs, cells
 
 
@@ -140,9 +139,9 @@ def task_study(lm, *, suite: str = "shapes", n: int = 100, families: Sequence[st
     L = lm.n_layers  # the untruncated run doubles as depth L (a no-op truncation)
     details = []
 
-    def note(f, e, s, got):
+    def note(f, e, baseline_text, got):
         details.append({"family": f, "seed": e.seed, "kind": e.kind, "prompt": e.prompt, "reference": e.answer,
-                        "baseline": s.baseline.run.generated_text, "outputs": {k: c["text"] for k, c in got.items()}})
+                        "baseline": baseline_text, "outputs": {k: c["text"] for k, c in got.items()}})
 
     t0 = time.perf_counter()
     exs, cells = suite_cells(lm, suite, fams, n, offset, progress,

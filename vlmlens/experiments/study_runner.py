@@ -70,21 +70,18 @@ def _record(item, t, baseline_text, kind, per) -> dict:
             "baseline": baseline_text, kind: per}
 
 
-def _single(lm, item, t, *, variants, mode, max_new_tokens, separator, shape, vqa_normalization) -> tuple[dict, str]:
-    from .pruning import method_result
+def data_cell(s, v, item, t, *, shape, separator, vqa_normalization) -> dict:
+    """A dataset study's cell of one variant on one item's trial: the output scored with the item's
+    task metric; a pruning method's cell adds the compute its schedule saves."""
+    from .method_cell import method_result
 
-    s = Trial(lm, item.image, item.prompt, max_new_tokens=max_new_tokens, baseline=[truncation(lm.n_layers, mode)])
-    per = {}
-    for v in variants:
-        if v.method is not None:         # a pruning method: its cell adds the compute its schedule saves
-            r = method_result(s, shape, v, separator, None)
-            per[v.key] = {**_cell(t, item, r.text, r.answer_kept, r.output_kl, separator, vqa_normalization),
-                          "image_rows": r.image_rows,
-                          "total_saving": r.savings["total_saving"], "kv_saving": r.savings["kv_saving"]}
-        else:
-            c = s.cell(v.interventions, separator=separator)[0]
-            per[v.key] = _cell(t, item, c["text"], c["answer_kept"], c["output_kl"], separator, vqa_normalization)
-    return per, s.baseline.run.generated_text
+    if v.method is not None:
+        r = method_result(s, shape, v, separator, None)
+        return {**_cell(t, item, r.text, r.answer_kept, r.output_kl, separator, vqa_normalization),
+                "image_rows": r.image_rows, "total_saving": r.savings["total_saving"],
+                "kv_saving": r.savings["kv_saving"]}
+    c = s.cell(v.interventions, separator=separator)[0]
+    return _cell(t, item, c["text"], c["answer_kept"], c["output_kl"], separator, vqa_normalization)
 
 
 def _batched(lm, items, tasks, *, variants, mode, max_new_tokens, separator,
@@ -102,11 +99,57 @@ def _batched(lm, items, tasks, *, variants, mode, max_new_tokens, separator,
     return list(zip(pers, base.texts))
 
 
+def run_inputs(lm, items, variants, cell, *, tasks, trial_kwargs, ex: Execution, batched=None, progress=None,
+               on_bad_row: str = "skip", label=lambda it: f"item {it.id}"):
+    """The one loop of every study: inputs x variants -> cells.
+
+    For each chunk of ``items`` (``ex.batch_size`` at a time when ``batched`` is given, else one), yields
+    ``[(item, task, result)]`` with ``result`` = ``({variant key: cell}, baseline text)``, or -- a row
+    that could not run, ``on_bad_row="skip"`` -- its :func:`row_failure` dict. One at a time, each item
+    is a :class:`Trial` (``trial_kwargs(item, task)``) and ``cell(trial, variant, item, task)`` makes each
+    cell; ``batched(chunk, tasks)`` runs a chunk at once, falling back to one at a time on a
+    :class:`BatchError` or a row that cannot run. ``on_bad_row``: "skip", "fail" (an InputError naming
+    the row) or "raise" (the error itself: generated inputs, where a failure is a bug).
+    ``progress(done, total, label(last item))`` after each chunk."""
+    B = ex.batch_size if batched is not None else 1
+    done = 0
+    for start in range(0, len(items), B):
+        chunk, ts = items[start:start + B], tasks[start:start + B]
+        results = None
+        if B > 1:
+            try:
+                results = batched(chunk, ts)
+                ex.batched_items += len(chunk)
+            except BatchError as e:
+                ex.note(f"a batch ran one item at a time: {e}")
+            except ROW_ERRORS:                   # a bad row in the batch: one at a time finds it
+                ex.note("a batch with a row that could not run ran one item at a time")
+        if results is None:
+            results = []
+            for it, t in zip(chunk, ts):
+                try:
+                    s = Trial(lm, it.image, it.prompt, **trial_kwargs(it, t))
+                    results.append(({v.key: cell(s, v, it, t) for v in variants}, s.baseline.run.generated_text))
+                except ROW_ERRORS as e:
+                    if on_bad_row == "raise":
+                        raise
+                    bad = row_failure(it, t, e)
+                    if on_bad_row == "fail":
+                        raise InputError(f"row {it.row} (id {it.id!r}) could not run: {bad['failed']}"
+                                         " (--on-bad-row skip records it and goes on)") from None
+                    results.append(bad)
+            ex.single_items += len(chunk)
+        yield list(zip(chunk, ts, results))
+        done += len(chunk)
+        if progress:
+            progress(done, len(items), label(chunk[-1]))
+
+
 def run_items(lm, items, plan, *, task, max_new_tokens, separator, rank_file: Path, progress=None,
               batch_size: int = 1, vqa_normalization: str = "official", on_bad_row: str = "skip") -> Execution:
     """Run and append every item of this rank, every variant of ``plan`` (:func:`.variants.parse_variants`)
-    on each. In a pruning study (``plan.kind == "methods"``) each item runs the baseline and every
-    method, and each cell adds the compute the method's schedule saves."""
+    on each (:func:`run_inputs`). In a pruning study (``plan.kind == "methods"``) each item runs the
+    baseline and every method, and each cell adds the compute the method's schedule saves."""
     from ..analysis.compute import LayerShape
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -115,47 +158,28 @@ def run_items(lm, items, plan, *, task, max_new_tokens, separator, rank_file: Pa
     methods, mode, variants = plan.methods, plan.mode, plan.variants
     shape = LayerShape.from_model(lm) if methods else None
     kind = plan.kind
-    B = batch_size
-    if B > 1:
+    batched = None
+    if batch_size > 1:
         why = ("token-pruning methods rank tokens per example" if methods
                else batch_conflict([iv for v in variants for iv in v.interventions]))
         if why:
             ex.note(f"one item at a time: {why}")
-            B = 1
-    if B > 1:
-        # items of one task together: a batch decodes until its longest output ends, so short
-        # answers should not wait for captions (the merge puts items back in dataset order)
-        items = sorted(items, key=lambda it: DATA_TASKS.index(item_task(it, task)))
+        else:
+            # items of one task together: a batch decodes until its longest output ends, so short
+            # answers should not wait for captions (the merge puts items back in dataset order)
+            items = sorted(items, key=lambda it: DATA_TASKS.index(item_task(it, task)))
+            batched = lambda chunk, ts: _batched(lm, chunk, ts, variants=variants, mode=mode,  # noqa: E731
+                                                 max_new_tokens=max_new_tokens, separator=separator,
+                                                 vqa_normalization=vqa_normalization)
+    tasks = [item_task(it, task) for it in items]
+    cell = lambda s, v, it, t: data_cell(s, v, it, t, shape=shape, separator=separator,  # noqa: E731
+                                         vqa_normalization=vqa_normalization)
+    trial_kwargs = lambda it, t: {"max_new_tokens": max_new_tokens,  # noqa: E731
+                                  "baseline": [truncation(lm.n_layers, mode)]}
     with open(rank_file, "a", encoding="utf-8") as f:
-        done = 0
-        for start in range(0, len(items), B):
-            chunk = items[start:start + B]
-            tasks = [item_task(it, task) for it in chunk]
-            results = None
-            if B > 1:
-                try:
-                    results = _batched(lm, chunk, tasks, variants=variants, mode=mode, max_new_tokens=max_new_tokens,
-                                       separator=separator, vqa_normalization=vqa_normalization)
-                    ex.batched_items += len(chunk)
-                except BatchError as e:
-                    ex.note(f"a batch ran one item at a time: {e}")
-                except ROW_ERRORS:               # a bad row in the batch: one at a time finds it
-                    ex.note("a batch with a row that could not run ran one item at a time")
-            if results is None:
-                results = []
-                for it, t in zip(chunk, tasks):
-                    try:
-                        results.append(_single(lm, it, t, variants=variants, mode=mode, max_new_tokens=max_new_tokens,
-                                               separator=separator, shape=shape,
-                                               vqa_normalization=vqa_normalization))
-                    except ROW_ERRORS as e:
-                        bad = row_failure(it, t, e)
-                        if on_bad_row == "fail":
-                            raise InputError(f"row {it.row} (id {it.id!r}) could not run: {bad['failed']}"
-                                             " (--on-bad-row skip records it and goes on)") from None
-                        results.append(bad)
-                ex.single_items += len(chunk)
-            for item, t, res in zip(chunk, tasks, results):
+        for chunk in run_inputs(lm, items, variants, cell, tasks=tasks, trial_kwargs=trial_kwargs, ex=ex,
+                                batched=batched, progress=progress, on_bad_row=on_bad_row):
+            for item, t, res in chunk:
                 if isinstance(res, dict):        # a row that could not run: recorded as such
                     ex.failed_rows += 1
                     f.write(json.dumps(res) + "\n")
@@ -164,7 +188,4 @@ def run_items(lm, items, plan, *, task, max_new_tokens, separator, rank_file: Pa
                 f.write(json.dumps(_record(item, t, base_text, kind, per)) + "\n")
             f.flush()
             os.fsync(f.fileno())
-            done += len(chunk)
-            if progress:
-                progress(done, len(items), f"item {chunk[-1].id}")
     return ex

@@ -230,7 +230,8 @@ def pruning_markdown(entry) -> str:
     if not res:
         return ("No pruning comparison for this run yet: write the methods (or keep `default`) and press "
                 "**Compare pruning methods** (needs the run's model).")
-    from ..experiments.pruning import MethodResult, PruningComparison
+    from ..experiments.method_cell import MethodResult
+    from ..experiments.pruning import PruningComparison
 
     obj = PruningComparison(**{**res, "methods": [MethodResult(**m) for m in res["methods"]]})
     head = (f"**Token pruning** on this input · baseline `{obj.baseline_text}` · {obj.n_image} image tokens · "
