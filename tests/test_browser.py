@@ -4,7 +4,8 @@ driving the dashboard served in this process.
 Load the page (a cached run opens by itself), upload an example image, type a prompt, Run,
 wait for the plots, move the layer slider and check the heatmap changed (and that the
 server redrew it without the model), compare two truncation depths, open a cached run.
-Screenshots go to ``test-artifacts/`` (ignored by git) and timings are printed. Tests never
+Every tab is checked legible at a 1024x768 projector and at 1400x1000 (``tests/_legibility.py``).
+Screenshots go to the tests' temporary folder (printed) and timings are printed. Tests never
 write tracked files: with ``VLMLENS_UPDATE_DOCS=1`` the same run also refreshes
 ``docs/screenshots/`` (README) and the browser section of BENCHMARKS.md.
 """
@@ -27,12 +28,19 @@ CHROMIUM = os.environ.get("VLMLENS_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
 UPDATE_DOCS = os.environ.get("VLMLENS_UPDATE_DOCS") == "1"
-SHOTS = [ROOT / "test-artifacts"] + ([ROOT / "docs" / "screenshots"] if UPDATE_DOCS else [])
+SHOTS: list[Path] = []          # the tests' temporary folder (then docs/screenshots with VLMLENS_UPDATE_DOCS=1)
 PROMPT = "What color is the circle?"
 
 if not Path(CHROMIUM).exists():  # CI installs it (scripts/install.sh --dev); never `playwright install`
     pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install -y chromium)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shots(tmp_path_factory):
+    SHOTS[:] = [tmp_path_factory.mktemp("screenshots")] + ([ROOT / "docs" / "screenshots"] if UPDATE_DOCS else [])
+    yield
+    print(f"\nscreenshots: {SHOTS[0]}")
 
 
 def _port() -> int:
@@ -91,6 +99,7 @@ def page(served):
 
 
 def shot(page, name: str) -> None:
+    """A full-page screenshot into the tests' temporary folder (and docs/screenshots with VLMLENS_UPDATE_DOCS=1)."""
     for d in SHOTS:
         d.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS[0] / f"{name}.png"), full_page=True)
@@ -337,6 +346,79 @@ def test_teaching_mode_in_the_browser(tmp_path, page):
         shot(page, "teaching-1024-compute")
     finally:
         page.set_viewport_size({"width": 1400, "height": 1000})      # the next test's page opens at full size
+        demo.close()
+
+
+TABS = ("Overview", "Heatmaps", "Dynamics", "Attention flow", "Truncation", "Substitution / skipping", "Compute",
+        "Study", "Runs")
+
+
+def open_any_tab(page, name: str) -> None:
+    """Open a tab, from the "more tabs" menu when the window is too narrow to show it."""
+    tab = page.get_by_role("tab", name=name)
+    if tab.is_visible():
+        tab.click()
+        return
+    page.locator("#vl-tabs .overflow-menu > button").click()
+    page.locator("#vl-tabs .overflow-dropdown button", has_text=name).click()
+
+
+def settle(page, wait_s: float = 60.0) -> None:
+    """Until the figures shown stop changing: the same number drawn over three looks half a second apart."""
+    seen, same, end = None, 0, time.perf_counter() + wait_s
+    while same < 3 and time.perf_counter() < end:
+        time.sleep(0.5)
+        now = page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot .main-svg')].filter("
+                            "(el) => el.getBoundingClientRect().width > 0).length + ':' + "
+                            "[...document.querySelectorAll('.js-plotly-plot')].filter((el) => el.__vlBusy).length")
+        same = same + 1 if now == seen else 0
+        seen = now
+
+
+def legibility_problems(page, wait_s: float = 20.0) -> list[str]:
+    """What ``tests/_legibility.py`` finds once the page's figures have been drawn and fitted (the page
+    fits each figure to its width a moment after drawing it): [] as soon as nothing is found, else what
+    is still found after ``wait_s``."""
+    from tests._legibility import PROBLEMS
+
+    end = time.perf_counter() + wait_s
+    while True:
+        problems = page.evaluate(PROBLEMS)
+        if not problems or time.perf_counter() > end:
+            return problems
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("run, size", [("single-color", (1024, 768)), ("smol-photo-baboon-held-out", (1024, 768)),
+                                       ("single-color", (1400, 1000))])
+def test_every_tab_is_legible_on_a_projector_and_a_wide_screen(tmp_path, page, run, size):
+    """Each tab of a shipped run, at a 1024x768 projector and at 1400x1000: no figure text cut at an edge,
+    no labels running into each other (legend over the title, subplot titles, axis titles), no message wider
+    than its box, no word broken inside a table cell; tabs folded away at 1024 px open from "more tabs".
+    smol-shapes brings 30 layers' small multiples and 9 heads' maps; screenshots of every tab."""
+    from vlmlens.ui import build_demo
+
+    runs = tmp_path / "cached_runs"
+    shutil.copytree(ROOT / "cached_runs", runs)
+    demo = build_demo(no_model=True, runs_dir=runs)
+    port = _port()
+    demo.queue().launch(prevent_thread_lock=True, server_port=port, quiet=True, css=demo.vl_css, js=demo.vl_js)
+    try:
+        page.set_viewport_size({"width": size[0], "height": size[1]})
+        page.goto(f"http://127.0.0.1:{port}/?run={run}")
+        page.wait_for_selector(f"#vl-generation :text('{run}')", timeout=60_000)
+        found = {}
+        for tab in TABS:
+            open_any_tab(page, tab)
+            settle(page)
+            problems = legibility_problems(page)
+            if problems:
+                found[tab] = problems
+            shot(page, f"legible-{run}-{size[0]}-{tab.split()[0].lower()}")
+        assert not found, found
+        assert not page.errors, page.errors
+    finally:
+        page.set_viewport_size({"width": 1400, "height": 1000})
         demo.close()
 
 

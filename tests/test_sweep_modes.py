@@ -88,6 +88,14 @@ def test_the_sweep_figures_state_what_the_findings_say():
                                             if s.type == "line" and s.line.color == "#CC79A7"]
     with pytest.raises(TypeError, match="result object"):
         fig_truncation_sweep(DROP)
+    # a cliff at depth L is "no cut keeps the answer", never "cut at L", in both figures, as the headline says
+    never = _sweep("drop", [False] * 4 + [True], [1.0] * 4 + [0.0])
+    st = F.sweep_statements({"drop": never})
+    assert st["cliff"].value == 4 and "needs the image in every layer" in st["cliff"].text
+    obj = TruncationResult.from_json(full(never))
+    for f in (fig_truncation_sweep(obj, cliff=st["cliff"]), fig_sweep_modes({"drop": obj}, **st)):
+        labels = [a.text for a in f.layout.annotations if "cliff" in (a.text or "")]
+        assert len(labels) == 1 and labels[0].startswith("sweep cliff none: no cut keeps the answer"), labels
 
 
 @pytest.fixture(scope="module")

@@ -81,9 +81,10 @@ def fig_attention_flow(run, other=None, *, normalize_per_key: bool = False, titl
     proxy = _stage_labels(run)
     labels, how = (list(stages), "knockout") if stages is not None else (proxy, "proxy")
     if labels is not None:
-        for stage, a, b in stage_bands(labels):
+        for stage, a, b in stage_bands(labels):    # a band in the right half is labelled from its right edge inwards
             fig.add_vrect(x0=a - 0.5, x1=b + 0.5, fillcolor=STAGE_COLORS[stage], opacity=0.13, line_width=0, layer="below",
-                          annotation_text=f"{stage} ({how})", annotation_position="top left", annotation_font_size=11)
+                          annotation_text=f"{stage} ({how})", annotation_font_size=11,
+                          annotation_position="top right" if a > len(layers) / 2 else "top left")
     if proxy is not None:
         labels = proxy
         ic = image_contribution(run)

@@ -63,7 +63,9 @@ def fig_encoder_decoder_dynamics(run, k: int = 20):
                                  customdata=xd - V, hovertemplate="decoder h%{customdata}: %{y:.3g}<extra></extra>"),
                       row=r + 1, col=c + 1)
         fig.add_vline(x=V - 0.5, line=dict(color="#888", dash="dash"), row=r + 1, col=c + 1)
-        fig.update_xaxes(title_text="tower layers | decoder layers (dashed: the projector)", row=r + 1, col=c + 1)
-    fig.update_layout(title=f"The image across encoder and decoder depth — {run.meta.get('model')}", height=700,
-                      margin=dict(t=80, l=60, r=20, b=60))
+        if r == 1:                                   # one axis title per column, under the bottom row
+            fig.update_xaxes(title_text="tower | decoder layer", row=r + 1, col=c + 1)
+    fig.update_layout(title=f"The image across encoder and decoder depth — {run.meta.get('model')}<br><sup>x: the vision"
+                            " tower's layers, then the decoder's; the dashed line is the projector between them</sup>",
+                      height=700, margin=dict(t=90, l=60, r=20, b=60))
     return fig

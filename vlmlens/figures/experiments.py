@@ -41,6 +41,21 @@ def _depth_label(d: int, L: int) -> str:
     return f"{d} (all)" if d == L else str(d)
 
 
+def _mark(fig, x0: float, text: str, color: str, n_layers: int, i: int = 0) -> None:
+    """A depth's label inside the top of the first panel, on the side of its line with more room (above the
+    panel it would run into the panel's title)."""
+    right = x0 <= n_layers / 2
+    fig.add_annotation(x=x0, y=1.0 - 0.035 * i, xref="x", yref="paper", text=text, showarrow=False,
+                       font=dict(color=color, size=12), yanchor="top", xanchor="left" if right else "right",
+                       xshift=4 if right else -4, bgcolor="rgba(255,255,255,0.85)")
+
+
+def _cliff_text(cliff: int, n_layers: int, mode: str | None = None) -> str:
+    """The sweep cliff as the figure says it: at depth L no cut kept the answer (not "cut at L")."""
+    where = "none: no cut keeps the answer" if cliff >= n_layers else str(cliff)
+    return f"sweep cliff {where}" + (f" ({mode})" if mode else "")
+
+
 def _akl(d) -> float:
     """Output-level KL of a depth (older results: answer-level, then first-token)."""
     for v in (d.output_kl, d.answer_kl):
@@ -100,8 +115,7 @@ def fig_truncation_sweep(result, *, cliff=None, floor: float = NOISE_FLOOR,
     if cliff is not None:
         for row in (1, 2, 3):
             fig.add_vline(x=cliff, line=dict(color=CLIFF_COLOR, dash="dash"), row=row, col=1)
-        fig.add_annotation(x=cliff, y=1.0, xref="x", yref="paper", text=f"sweep cliff {cliff}", showarrow=False,
-                           font=dict(color=CLIFF_COLOR), yanchor="bottom")
+        _mark(fig, cliff, _cliff_text(cliff, r.n_layers), CLIFF_COLOR, r.n_layers)
     legend_below(fig, y=-0.12)
     fig.update_yaxes(tickvals=[0, 1] if has_truth else [1], ticktext=["vs truth", "vs baseline"] if has_truth
                      else ["vs baseline"], range=[-0.5, 1.5], row=2, col=1)
@@ -149,17 +163,16 @@ def fig_sweep_modes(sweeps: dict, *, cliff=None, cliff_mode: str | None = None, 
                                              color=[KEPT_COLOR if k else LOST_COLOR for k in kept]),
                                  hovertext=hover, showlegend=False), row=2, col=1)
     marks = []
+    L = any_r.n_layers
     if cliff is not None and cliff.value is not None:
-        marks.append((cliff.value, f"sweep cliff {cliff.value} ({cliff_mode})", CLIFF_COLOR))
+        marks.append((cliff.value, _cliff_text(cliff.value, L, cliff_mode), CLIFF_COLOR))
     if fz is not None and fz.value is not None:
         marks.append((fz.value, f"freeze {fz.value}", MODE_COLORS["freeze"]))
     for i, (x0, text, color) in enumerate(marks):
         for row in (1, 2):
             fig.add_vline(x=x0, line=dict(color=color, dash="dash"), row=row, col=1)
-        fig.add_annotation(x=x0, y=1.0 + 0.04 * i, xref="x", yref="paper", text=text, showarrow=False,
-                           font=dict(color=color), yanchor="bottom")
+        _mark(fig, x0, text, color, L, i)
     legend_below(fig, y=-0.14)
-    L = any_r.n_layers
     xs = sorted({d.depth for r in res.values() for d in r.depths})
     fig.update_yaxes(categoryorder="array", categoryarray=list(res)[::-1], row=2, col=1)
     fig.update_xaxes(title_text="depth k (drop/remove: image unused from layer k on; freeze: image states frozen"

@@ -9,14 +9,11 @@ from ..experiments.engine import MODES
 from ..vocabulary import METHOD_SYNTAX
 from .callbacks import Dashboard, new_session
 from .inputs import prompt_choices
+from .page import CSS, JS
 from .run_views import HEATMAP_KINDS
 
 # api names of the tab renderers (where the plain tab name is taken by the tab's action button)
 INTERNAL = "undocumented"  # UI plumbing: named and callable, but not listed in the API page
-#: a long output's logit lens is drawn wider than the page: its panel scrolls sideways
-#: where the tabs do not fit in one row (a 1024-px projector) gradio folds the rest into "•••": say what it holds
-CSS = ("#vl-logit-lens { overflow-x: auto !important; }\n"
-       "#vl-tabs .overflow-menu > button::after { content: 'more tabs'; margin-left: 6px; font-size: 0.9em; }")
 #: the first screen's path for a lesson, in plain words (the precise definitions sit by each headline)
 START_HERE = ("**Start here** — ① pick an example image and a prompt on the left, then **Run** (or read the run "
               "already shown) · ② **Overview**: what the model answered, and what we found, each finding marked with "
@@ -24,24 +21,6 @@ START_HERE = ("**Start here** — ① pick an example image and a prompt on the 
               "numbers, and *check the map* to see whether it really predicts what the answer depends on · "
               "④ **Truncation**: from which layer on the model no longer needs the image · ⑤ **Compute**: what "
               "that saves, and how pruning methods compare.")
-#: clicking a cell of the single-layer heatmap writes its "row, col" into the patch box (whose change
-#: shows that patch's numbers); the plot is re-drawn on every view, so the binding is renewed
-JS = """() => {
-  const bind = () => {
-    const plot = document.querySelector('#vl-heatmap .js-plotly-plot');
-    if (!plot || !plot.on || plot.__vlPatch) return;
-    plot.__vlPatch = true;
-    plot.on('plotly_click', (ev) => {
-      const p = ev && ev.points && ev.points.find((q) => q.customdata);
-      const box = document.querySelector('#vl-patch textarea, #vl-patch input');
-      if (!p || !box) return;
-      box.value = p.customdata[2] + ', ' + p.customdata[3];
-      box.dispatchEvent(new Event('input', {bubbles: true}));
-    });
-  };
-  setInterval(bind, 500);
-}"""
-
 #: every event that runs the model waits in one gradio queue, one at a time: the model runs one
 #: request at a time anyway, and the queue shows each waiting user their position
 MODEL_QUEUE = {"concurrency_id": "model", "concurrency_limit": 1}
