@@ -238,8 +238,20 @@ def test_dashboard_end_to_end(served, page):
     assert rows.nth(1).inner_text().startswith("depth 0") and rows.nth(2).inner_text().startswith("depth ")
     shot(page, "truncation")
 
-    # 6. open another cached run from the Runs tab
+    # 6. the Runs tab offers the shown run's files as it opens (no extra click); a figure saves itself as SVG
+    open_tab(page, "Heatmaps")
+    page.wait_for_selector("#vl-heatmap .vl-svg", timeout=30_000)
+    with page.expect_download(timeout=30_000) as dl:
+        page.click("#vl-heatmap .vl-svg")
+    svg = Path(dl.value.path()).read_text()
+    assert dl.value.suggested_filename == "heatmap.svg" and svg.lstrip().startswith("<svg") and "Attention" in svg
     open_tab(page, "Runs")
+    for eid in ("vl-dl-zip", "vl-dl-csv", "vl-dl-html"):
+        page.wait_for_selector(f"#{eid} a", timeout=60_000)
+    shown = [e for e in dash.store._entries.values() if e.source == "capture"][-1].label
+    assert safe_stem(shown) in page.locator("#vl-dl-zip").inner_text()
+
+    # 7. open another cached run from the Runs tab
     names = dash.runs.names()
     other = next(n for n in names if n != dash.default_run)
     box = page.locator("#vl-run-list input")
@@ -254,13 +266,13 @@ def test_dashboard_end_to_end(served, page):
     assert page.locator(f"#vl-generation :text('{json_prompt(dash, other)}')").count() >= 1
     shot(page, "runs-open")
 
-    # 7. a shareable link: ?run=NAME opens that saved run in a fresh page, inputs included
+    # 8. a shareable link: ?run=NAME opens that saved run in a fresh page, inputs included
     page.goto(url.rstrip("/") + f"/?run={other}")
     page.wait_for_selector(f"#vl-generation :text('{other}')", timeout=30_000)
     page.wait_for_function("(p) => document.querySelector('#vl-prompt textarea').value === p",
                            arg=json_prompt(dash, other), timeout=30_000)
 
-    # 8. each head's map (Attention tab), then compare with the default run and save with a spaced name
+    # 9. each head's map (Attention tab), then compare with the default run and save with a spaced name
     open_tab(page, "Attention flow")
     page.wait_for_function("() => { const el = document.querySelector('#vl-head-maps .js-plotly-plot');"
                            " return el && el.data && el.data.filter(t => t.type === 'heatmap').length ===" 
@@ -281,6 +293,12 @@ def test_dashboard_end_to_end(served, page):
     assert not page.errors, page.errors
 
     report(timings, dash)
+
+
+def safe_stem(label: str) -> str:
+    from vlmlens.ui.exports import safe_stem as stem
+
+    return stem(label)
 
 
 def json_prompt(dash, name: str) -> str:

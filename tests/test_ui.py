@@ -397,7 +397,18 @@ def test_empty_runs_folder_page_load_is_quiet(tmp_path):
     sess, info, gen, strip, headline = dash.open_default(new_session())
     assert info == {} and "No run yet" in strip and dash.default_run is None
     assert all(x == {"__type__": "update"} for x in dash.sync_controls(sess, 0))          # gr.skip()
+    assert all(x == {"__type__": "update"} for x in dash.downloads_if_shown(sess))     # no run: nothing to offer
     assert "No saved runs" in dash.runs.table_markdown()
+
+
+def test_the_runs_tab_offers_the_shown_runs_files_without_a_click(runs_dir):
+    from vlmlens.ui.callbacks import Dashboard, new_session
+
+    dash = Dashboard(no_model=True, runs_dir=runs_dir)
+    sess, info, *_ = dash.open_default(new_session())
+    assert all(x == {"__type__": "update"} for x in dash.downloads_if_shown(sess, "overview"))   # another tab: later
+    zpath, cpath, hpath = dash.downloads_if_shown(sess, "runs")
+    assert Path(zpath).name == f"{info['label']}.zip" and Path(cpath).is_file() and Path(hpath).is_file()
 
 
 def test_app_defaults_are_safe():

@@ -321,6 +321,13 @@ class Dashboard(HeatmapsTab, DynamicsTab, AttentionTab, TruncationTab, Substitut
         return (str(exports.run_zip(entry, d)), str(exports.metrics_csv(entry, d)),
                 str(exports.figures_html(entry, figs, d)))
 
+    def downloads_if_shown(self, sess, active="runs"):
+        """The downloads of the run now shown, when the Runs tab (which offers them) is the one open
+        (nothing to do without a run: an empty runs folder)."""
+        if active != "runs" or not self.store.has((sess or {}).get("current")):
+            return gr.skip(), gr.skip(), gr.skip()
+        return self.downloads(sess)
+
     def _all_figures(self, entry):
         lm = self.lm_for(entry)
         out = []

@@ -256,11 +256,12 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                             save_name = gr.Textbox(label="Save current run as", placeholder="my-run", elem_id="vl-save-name")
                             save_btn = gr.Button("Save", elem_id="vl-save")
                         save_msg = gr.Markdown(label="save_message")
-                        dl_btn = gr.Button("Prepare downloads", elem_id="vl-downloads")
-                        with gr.Row():
-                            dl_zip = gr.File(label="Run (zip)")
-                            dl_csv = gr.File(label="Metrics (CSV)")
-                            dl_html = gr.File(label="Figures (HTML)")
+                        with gr.Row():        # prepared as this tab opens (each figure also saves itself: SVG)
+                            dl_zip = gr.File(label="Run (zip)", elem_id="vl-dl-zip")
+                            dl_csv = gr.File(label="Metrics (CSV)", elem_id="vl-dl-csv")
+                            dl_html = gr.File(label="Figures (HTML)", elem_id="vl-dl-html")
+                        dl_btn = gr.Button("Prepare the downloads again", size="sm", elem_id="vl-downloads")
+                        downloads = [dl_zip, dl_csv, dl_html]
                         gr.Markdown("#### Compare the current run with another")
                         with gr.Row():
                             other_pick = gr.Dropdown(choices=dash.runs.preferred_order(), value=None,
@@ -296,8 +297,10 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
             ev = ev.success(dash.sync_controls, [sess, layer],
                             [layer, query, depths, mine, run_image, truth, image, prompt, max_new, other_pick],
                             api_name=f"{name}_controls", show_progress="hidden", api_visibility=INTERNAL)
-            return ev.success(render_tab, [sess, active, layer, query, kind, span], all_tab_outputs,
-                              api_name=f"{name}_render", show_progress="hidden", api_visibility=INTERNAL)
+            ev = ev.success(render_tab, [sess, active, layer, query, kind, span], all_tab_outputs,
+                            api_name=f"{name}_render", show_progress="hidden", api_visibility=INTERNAL)
+            return ev.success(dash.downloads_if_shown, [sess, active], downloads, api_name=f"{name}_downloads",
+                              api_visibility=INTERNAL)        # the Runs tab's files always follow the run shown
 
         timer.tick(dash.model_status, None, [status, timer], api_name="model_status", show_progress="hidden",
                    api_visibility=INTERNAL)
@@ -322,7 +325,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
         after_run(mine.input(dash.switch_run, [mine, sess], overview, api_name="switch_run"), "switch_run")
         refresh_btn.click(dash.list_runs, None, [run_list, names_json, runs_table], api_name="list_runs")
         save_btn.click(dash.save_run, [save_name, sess], [save_msg, run_list, runs_table], api_name="save_run")
-        dl_btn.click(dash.downloads, sess, [dl_zip, dl_csv, dl_html], api_name="downloads")
+        dl_btn.click(dash.downloads, sess, downloads, api_name="downloads")
         compare_runs_btn.click(dash.compare_runs, [sess, other_pick], [compare_md, compare_flow, compare_dyn],
                                api_name="compare_runs")
 
@@ -373,6 +376,7 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
             tab.select(fn, ins, tab_outputs[name], api_name=VIEW_API.get(name, name))
         t_runs.select(dash.list_runs, None, [run_list, names_json, runs_table], api_name="runs_refresh",
                       show_progress="hidden", api_visibility=INTERNAL)     # the list is never stale
+        t_runs.select(dash.downloads_if_shown, sess, downloads, api_name="downloads_on_open", api_visibility=INTERNAL)
         for tab, name in ((t_over, "overview"), (t_runs, "runs"), (t_study, "study")):
             tab.select(lambda n=name: n, None, active, api_name=f"select_{name}", show_progress="hidden", queue=False,
                        api_visibility=INTERNAL)

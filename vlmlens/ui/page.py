@@ -4,6 +4,7 @@ The script does two things in the reader's browser:
 
 * clicking a cell of the single-layer heatmap writes its "row, col" into the patch box (whose
   change shows that patch's numbers); the plot is re-drawn on every view, so the binding is renewed;
+* every figure gets an "SVG" button that saves it as a vector file (plotly's camera button saves PNG);
 * every figure is fitted to the width it is drawn at (a 1024-px projector or a wide screen): a
   title or message too wide for its figure is wrapped at spaces, the top margin grows to hold the
   title and a legend above the plot (which then no longer covers the title), labels that run into
@@ -22,7 +23,10 @@ CSS = ("#vl-logit-lens { overflow-x: auto !important; }\n"
        " margin-bottom: 4px; }\n"
        "th, td { word-break: normal !important; overflow-wrap: normal !important; hyphens: none; }\n"
        "[id^='vl-'] .prose:has(table) { overflow-x: auto; }\n"
-       "[id^='vl-'] td a { white-space: nowrap; }")
+       "[id^='vl-'] td a { white-space: nowrap; }\n"
+       ".vl-svg { position: absolute; right: 6px; bottom: 4px; z-index: 5; font-size: 11px; padding: 1px 6px;"
+       " border: 1px solid #ccc; border-radius: 4px; background: #fff; opacity: 0.75; cursor: pointer; }\n"
+       ".vl-svg:hover { opacity: 1; }")
 
 JS = r"""() => {
   const bindPatchClick = () => {
@@ -189,8 +193,24 @@ JS = r"""() => {
     return [upd, traceUpd];
   };
   window.vlFitPlot = fitPlot;
+  // every figure: a button that saves it as SVG (vector, for papers and slides; plotly's own camera saves PNG)
+  const addSvgButton = (el) => {
+    const holder = el.parentElement;
+    if (!holder || holder.querySelector(':scope > .vl-svg') || !window.Plotly) return;
+    const b = document.createElement('button');
+    b.className = 'vl-svg';
+    b.type = 'button';
+    b.textContent = 'SVG';
+    b.title = 'Download this figure as SVG';
+    b.addEventListener('click', () => {
+      const plot = holder.querySelector('.js-plotly-plot');
+      const owner = holder.closest('[id^="vl-"]');
+      if (plot) window.Plotly.downloadImage(plot, {format: 'svg', filename: owner ? owner.id.slice(3) : 'figure'});
+    });
+    holder.appendChild(b);
+  };
   const fitAll = () => document.querySelectorAll('.js-plotly-plot').forEach((el) => {
-    try { fitPlot(el); } catch (e) { el.__vlPasses = 99; el.__vlError = String(e); }   // never break the page over a figure
+    try { addSvgButton(el); fitPlot(el); } catch (e) { el.__vlPasses = 99; el.__vlError = String(e); }   // never break the page over a figure
   });
   setInterval(() => { window.vlTicks = (window.vlTicks || 0) + 1; bindPatchClick(); fitAll(); }, 400);
 }"""
