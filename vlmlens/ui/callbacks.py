@@ -111,9 +111,19 @@ class Dashboard(HeatmapsTab, DynamicsTab, AttentionTab, TruncationTab, Substitut
             run, derived, extras = self.runs.open(self.default_run)
             entry = self.store.add(run, label=self.default_run, source=f"saved:{self.default_run}",
                                    derived=derived, extras=extras)
-            self._prefetch_layers(entry, 0, "attention")
+            self._warm_views(entry)
         except Exception:  # only a warm-up
             log.exception("warm-up failed")
+
+    def _warm_views(self, entry) -> None:
+        """Draw, in the background, what every tab shows of a run that needs no model (each figure is kept in
+        the run's cache), so a tab opened later finds its figures drawn."""
+        panels.safe(lambda: run_views.attention_figures(entry))       # the Overview's figure, then the slowest
+        panels.safe(lambda: run_views.dynamics_figures(entry))
+        self._prefetch_layers(entry, 0, "attention")
+        for draw in (lambda: run_views.heatmap_grid(entry, 0, "attention"), lambda: run_views.logit_lens_figures(entry),
+                     lambda: run_views.encoder_decoder_figure(entry), lambda: experiment_views.truncation_views(entry)):
+            panels.safe(draw)
 
     def _prefetch_layers(self, entry, query: int, kind: str) -> None:
         """Draw every layer's heatmap for (query, kind) in the background, so the slider finds
@@ -130,6 +140,9 @@ class Dashboard(HeatmapsTab, DynamicsTab, AttentionTab, TruncationTab, Substitut
         mine = [m for m in sess.get("mine", []) if self.store.has(m[1])]
         mine.append([entry.label, entry.id])
         sess.update(current=entry.id, mine=mine[-20:])
+        if not entry.derived.peek("views_warmed"):      # a run shown: its views drawn ahead, off the request path
+            entry.derived.get("views_warmed", lambda: True)
+            self._prefetch.submit(panels.safe, lambda: self._warm_views(entry))
         return sess
 
     def _overview(self, sess, entry):
@@ -320,6 +333,13 @@ class Dashboard(HeatmapsTab, DynamicsTab, AttentionTab, TruncationTab, Substitut
         d = self.export_dirs.new()
         return (str(exports.run_zip(entry, d)), str(exports.metrics_csv(entry, d)),
                 str(exports.figures_html(entry, figs, d)))
+
+    def overview_figure(self, sess, active="overview"):
+        """The Overview's figure: where the image is read (the Attention tab's flow figure, one drawing per
+        run); on the first screen it also brings the page's plotting library in while the reader reads."""
+        if active != "overview" or not self.store.has((sess or {}).get("current")):
+            return gr.skip()
+        return run_views.attention_figures(self.entry(sess))[0]
 
     def downloads_if_shown(self, sess, active="runs"):
         """The downloads of the run now shown, when the Runs tab (which offers them) is the one open

@@ -140,6 +140,8 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                                 gen_md = gr.Markdown(label="generation", elem_id="vl-generation")
                                 strip = gr.HTML(label="token_strip", elem_id="vl-strip")
                         headline = gr.Markdown(label="headline", elem_id="vl-headline")
+                        over_fig = gr.Plot(label="Where the image is read: attention to it, layer by layer",
+                                           elem_id="vl-overview-flow")
                         with gr.Accordion("Run info (what the API returns)", open=False):
                             info = gr.JSON(label="run_info", show_label=False, elem_id="vl-info")
                     with gr.Tab("Heatmaps", id="heatmaps") as t_heat:
@@ -299,6 +301,8 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                             api_name=f"{name}_controls", show_progress="hidden", api_visibility=INTERNAL)
             ev = ev.success(render_tab, [sess, active, layer, query, kind, span], all_tab_outputs,
                             api_name=f"{name}_render", show_progress="hidden", api_visibility=INTERNAL)
+            ev.success(dash.overview_figure, [sess, active], over_fig, api_name=f"{name}_overview_figure",
+                       show_progress="hidden", api_visibility=INTERNAL)
             return ev.success(dash.downloads_if_shown, [sess, active], downloads, api_name=f"{name}_downloads",
                               api_visibility=INTERNAL)        # the Runs tab's files always follow the run shown
 
@@ -377,6 +381,8 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
         t_runs.select(dash.list_runs, None, [run_list, names_json, runs_table], api_name="runs_refresh",
                       show_progress="hidden", api_visibility=INTERNAL)     # the list is never stale
         t_runs.select(dash.downloads_if_shown, sess, downloads, api_name="downloads_on_open", api_visibility=INTERNAL)
+        t_over.select(dash.overview_figure, sess, over_fig, api_name="overview_figure", show_progress="hidden",
+                      api_visibility=INTERNAL)
         for tab, name in ((t_over, "overview"), (t_runs, "runs"), (t_study, "study")):
             tab.select(lambda n=name: n, None, active, api_name=f"select_{name}", show_progress="hidden", queue=False,
                        api_visibility=INTERNAL)
