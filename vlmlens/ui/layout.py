@@ -128,8 +128,9 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                                          info="two frames make one temporal slot of the model")
                     video_btn = gr.Button("Run on the video", elem_id="vl-run-video", interactive=not teaching)
                 if teaching:
-                    gr.Markdown(f"_Teaching mode: {dash.holder.off_reason or 'no model loaded'}. Open a saved run in "
-                                "the Runs tab; running the model is off._", elem_id="vl-teaching-note")
+                    why = (dash.holder.off_reason or "no model loaded").rstrip(".")
+                    gr.Markdown(f"_Teaching mode: {why}. Open a saved run in the Runs tab; running the model is off._",
+                                elem_id="vl-teaching-note")
             with gr.Column(scale=3):
                 with gr.Tabs(elem_id="vl-tabs"):
                     with gr.Tab("Overview", id="overview") as t_over:
