@@ -361,3 +361,17 @@ def test_dynamics_skips_empty_spans():
     df = g.dynamics(run)
     assert set(df["span"]) == {"image"}
     assert np.isnan(g.per_layer(run, g.entropy, span="text")).all()
+
+
+def test_layer_curves_finish_in_place_when_no_pool_takes_work(monkeypatch):
+    """While the interpreter shuts down a thread pool takes no new work: the curves are then computed in the
+    calling thread, equal to the pooled ones (a dashboard's background drawing ends cleanly at exit)."""
+    from vlmlens.analysis import geometry as geo
+
+    H = np.random.default_rng(0).normal(size=(4, 20, 16)).astype(np.float32)
+    pooled = geo.layer_curves(H)
+    monkeypatch.setattr(geo, "_pool", lambda workers: geo._InPlace())
+    inplace = geo.layer_curves(H)
+    assert set(pooled) == set(inplace)
+    for k in pooled:
+        np.testing.assert_allclose(inplace[k], pooled[k], rtol=0, atol=0, equal_nan=True)

@@ -85,6 +85,39 @@ def _layer_stats(X: np.ndarray, *, k: int, discard_fraction: float, bound: float
     return ent, (ent / bound if bound > 0 else 0.0), ids["twonn"], ids["mle"], seq
 
 
+class _InPlace:
+    """The pool's interface, run in the calling thread: while the interpreter shuts down a thread pool
+    takes no new work, and a drawing still running then (a dashboard's background view) finishes in place."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        f = Future()
+        f.set_result(fn(*args))
+        return f
+
+    def map(self, fn, items):
+        return [fn(x) for x in items]
+
+
+def _pool(workers: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        pool.submit(int).result()
+    except RuntimeError:                  # "cannot schedule new futures after interpreter shutdown"
+        pool.shutdown()
+        return _InPlace()
+    return pool
+
+
 def layer_curves(H: np.ndarray, *, k: int = 20, discard_fraction: float = 0.1,
                  with_cka: bool = True, workers: int | None = None) -> dict[str, np.ndarray]:
     """Every geometry curve of one span across layers.
@@ -107,14 +140,12 @@ def layer_curves(H: np.ndarray, *, k: int = 20, discard_fraction: float = 0.1,
         overflow) are left out of every curve. Equal to the single-metric functions of
         ``geometry`` up to float32 rounding.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     H = G._as_stack(H)
     L, n, d = H.shape
     grams = np.empty((L, n, n), dtype=work_dtype(H)) if with_cka and 2 <= n <= d else None
     bound = G.entropy_bound(n, d)
     names = ("entropy", "entropy_normalized", "id_twonn", "id_mle", "sequence_curvature")
-    with single_thread_blas(), ThreadPoolExecutor(max_workers=_workers(workers, L)) as pool:
+    with single_thread_blas(), _pool(_workers(workers, L)) as pool:
         depth = pool.submit(G.depth_profiles, H)
         per = list(pool.map(lambda l: _layer_stats(
             H[l], k=k, discard_fraction=discard_fraction, bound=bound,
