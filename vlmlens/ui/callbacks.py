@@ -116,7 +116,11 @@ class Dashboard(HeatmapsTab, DynamicsTab, AttentionTab, TruncationTab, Substitut
 
     def _warm_views(self, entry) -> None:
         """Draw, in the background, what every tab shows of a run that needs no model (each figure is kept in
-        the run's cache), so a tab opened later finds its figures drawn."""
+        the run's cache), so a tab opened later finds its figures drawn. Once per run: the run's cache holds
+        the mark, whichever of its entries (sessions) asked first."""
+        if entry.derived.peek("views_warmed"):
+            return
+        entry.derived.get("views_warmed", lambda: True)
         panels.safe(lambda: run_views.attention_figures(entry))       # the Overview's figure, then the slowest
         panels.safe(lambda: run_views.dynamics_figures(entry))
         self._prefetch_layers(entry, 0, "attention")
@@ -139,9 +143,7 @@ class Dashboard(HeatmapsTab, DynamicsTab, AttentionTab, TruncationTab, Substitut
         mine = [m for m in sess.get("mine", []) if self.store.has(m[1])]
         mine.append([entry.label, entry.id])
         sess.update(current=entry.id, mine=mine[-20:])
-        if not entry.derived.peek("views_warmed"):      # a run shown: its views drawn ahead, off the request path
-            entry.derived.get("views_warmed", lambda: True)
-            self._prefetch.submit(panels.safe, lambda: self._warm_views(entry))
+        self._prefetch.submit(panels.safe, lambda: self._warm_views(entry))   # a run shown: its views drawn ahead
         return sess
 
     def _overview(self, sess, entry):

@@ -182,7 +182,7 @@ JS = r"""() => {
         traceUpd[ti] = size > MIN_FONT ? {'textfont.size': size - 1} : {texttemplate: ''};
       });
     }
-    if (!Object.keys(upd).length && !Object.keys(traceUpd).length) return null;
+    if (!Object.keys(upd).length && !Object.keys(traceUpd).length) return;
     el.__vlPasses += 1;
     el.__vlBusy = true;
     const done = () => { el.__vlBusy = false; };
@@ -190,9 +190,7 @@ JS = r"""() => {
     for (const [ti, u] of Object.entries(traceUpd)) chain = chain.then(() => window.Plotly.restyle(el, u, [+ti]));
     if (Object.keys(upd).length) chain = chain.then(() => window.Plotly.relayout(el, upd));
     chain.then(done, done);
-    return [upd, traceUpd];
   };
-  window.vlFitPlot = fitPlot;
   // every figure: a button that saves it as SVG (vector, for papers and slides; plotly's own camera saves PNG)
   const addSvgButton = (el) => {
     const holder = el.parentElement;
@@ -212,5 +210,5 @@ JS = r"""() => {
   const fitAll = () => document.querySelectorAll('.js-plotly-plot').forEach((el) => {
     try { addSvgButton(el); fitPlot(el); } catch (e) { el.__vlPasses = 99; el.__vlError = String(e); }   // never break the page over a figure
   });
-  setInterval(() => { window.vlTicks = (window.vlTicks || 0) + 1; bindPatchClick(); fitAll(); }, 400);
+  setInterval(() => { bindPatchClick(); fitAll(); }, 400);
 }"""
