@@ -4,7 +4,7 @@ A first capture pays for what runs once per process (lazy imports inside the len
 first calls on each op, the processor's first image). Each repeat is a fresh interpreter: load the model
 (timed apart), then the same capture ``--captures`` times; the ratio first / median of the later ones is
 what a script's first capture costs over a later one. The dashboard's Run button is timed the same way
-(its server call: capture + what the Overview shows), with the model warmed up while it loads and a pause
+(its server call: capture + what the Overview shows), with a pause
 after each Run for the views it draws in the background (a reader reads between Runs). Target: at most 3x.
 
     python benchmarks/bench_first_capture.py             # writes its section of BENCHMARKS.md

@@ -558,14 +558,20 @@ def test_run_a_study_from_the_study_tab(tmp_path, page):
         page.wait_for_selector("#vl-model-status", timeout=60_000)
         open_tab(page, "Study")
         page.get_by_text("Run a study on the loaded model").click()
-        page.locator("#vl-srun-depths textarea, #vl-srun-depths input").first.fill("0")
-        page.locator("#vl-srun-name textarea, #vl-srun-name input").first.fill("from-the-page")
+        for eid, value in (("vl-srun-depths", "0"), ("vl-srun-name", "from-the-page")):
+            box = page.locator(f"#{eid} textarea, #{eid} input").first
+            box.wait_for(state="visible", timeout=30_000)       # the accordion has opened
+            box.fill(value)
+            box.press("Tab")                                     # committed before Run reads it
+            page.wait_for_function("([e, v]) => document.querySelector('#' + e + ' textarea, #' + e + ' input')"
+                                   ".value === v", arg=[eid, value], timeout=30_000)
         page.click("#vl-srun-btn")
         page.wait_for_selector("#vl-study-md :text('3 rows')", timeout=120_000)
         md = page.locator("#vl-study-md").inner_text()
         assert "tiny-shapes" in md and "mini3" in md and "depths [0, 8]" in md, md
         page.wait_for_selector("#vl-study-fig .js-plotly-plot", timeout=60_000)
-        assert (tmp_path / "studies" / "from-the-page" / "study.json").is_file()
+        made = sorted(p.name for p in (tmp_path / "studies").iterdir())
+        assert (tmp_path / "studies" / "from-the-page" / "study.json").is_file(), made
         assert not page.errors, page.errors
     finally:
         demo.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gradio as gr
@@ -22,7 +23,7 @@ from .inputs import SceneBook, load_examples, prompt_choices, random_scene, trut
 from .exports import ExportDirs
 from .handler import handler
 from .model_holder import ModelHolder, resolve_model_name
-from .store import Background, RunsDir, RunStore
+from .store import RunsDir, RunStore
 from .tabs.attention import AttentionTab
 from .tabs.compute import ComputeTab
 from .tabs.dynamics import DynamicsTab
@@ -99,7 +100,7 @@ class Dashboard(HeatmapsTab, DynamicsTab, AttentionTab, TruncationTab, Substitut
                 break
             except (RunFormatError, InputError, FileNotFoundError) as e:
                 log.warning("run %s cannot be the default run: %s", name, e)
-        self._prefetch = Background("vlmlens-prefetch")
+        self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmlens-prefetch")
         if self.default_run:  # warm plotly's validators and the default run's heatmaps off the request path
             self._prefetch.submit(self._warm_default)
         if start_loading:

@@ -50,7 +50,6 @@ class ModelHolder:
             extra = {"adapter": self.adapter} if self.adapter is not None else {}
             self._lm = loader(self.name, device=self.device, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
                               **extra)
-            self._warm_up(self._lm)
         except InputError as e:
             self._error = str(e)
         except Exception as e:  # a broken checkpoint, out of memory, ...: keep serving cached runs
@@ -58,22 +57,6 @@ class ModelHolder:
         finally:
             self.load_seconds = time.perf_counter() - t0
             self._done.set()
-
-    @staticmethod
-    def _warm_up(lm) -> None:
-        """One short exploration of a shipped example before the model is called ready: what a process pays
-        once (lazy imports, first calls of each op, the processor's first image) is not paid by the first
-        user's Run. A failure here is only a missed warm-up."""
-        try:
-            from PIL import Image
-
-            from ..experiments.explore import explore
-            from .inputs import EXAMPLES_DIR
-
-            with Image.open(EXAMPLES_DIR / "shapes_00.png") as im:
-                explore(lm, im.convert("RGB"), "What is in the image?", 1)
-        except Exception:
-            pass
 
     @property
     def state(self) -> str:

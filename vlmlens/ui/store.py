@@ -6,8 +6,6 @@
 * :class:`RunStore` -- a bounded, thread-safe LRU of entries keyed by random ids. A session
   only learns the ids of runs it captured or opened, so two sessions never see each
   other's captures (saved runs are shared through the runs directory).
-* :class:`Background` -- one worker that draws views ahead of the reader (a daemon thread: quitting the
-  app never waits for a drawing nobody will look at, nor fails half-way through one).
 * :class:`RunsDir` -- the ``--runs`` folder: list, open (validated, cached per file
   version), save under a checked name, with the sweep results next to each run.
 """
@@ -59,27 +57,6 @@ class Derived:
     def put(self, key, value) -> None:
         with self._guard:
             self._values[key] = value
-
-
-class Background:
-    """Jobs run one at a time, in submission order, on one daemon thread (``submit(fn, *args)``)."""
-
-    def __init__(self, name: str) -> None:
-        import queue
-
-        self._jobs: "queue.Queue" = queue.Queue()
-        threading.Thread(target=self._work, name=name, daemon=True).start()
-
-    def submit(self, fn: Callable, *args) -> None:
-        self._jobs.put((fn, args))
-
-    def _work(self) -> None:
-        while True:
-            fn, args = self._jobs.get()
-            try:
-                fn(*args)
-            except Exception:             # a job's failure is its own (the caller wraps what it wants logged)
-                pass
 
 
 @dataclass
