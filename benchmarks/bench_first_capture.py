@@ -6,6 +6,9 @@ first calls on each op, the processor's first image). Each repeat is a fresh int
 what a script's first capture costs over a later one. The dashboard's Run button is timed the same way
 (its server call: capture + what the Overview shows), with a pause
 after each Run for the views it draws in the background (a reader reads between Runs). Target: at most 3x.
+Python may keep its bytecode caches, as an installed package does (a ``PYTHONDONTWRITEBYTECODE`` in the
+environment is lifted for the interpreters timed here: with it every fresh interpreter compiles vlmlens's
+sources again, ~30 ms of a tiny-shapes first capture that no installed copy pays).
 
     python benchmarks/bench_first_capture.py             # writes its section of BENCHMARKS.md
     python benchmarks/bench_first_capture.py --no-write
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -53,8 +57,9 @@ print(json.dumps({{"load": d.holder.load_seconds, "captures": list(d.timings["ca
 
 
 def one(n: int, child: str = CHILD) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     out = subprocess.run([sys.executable, "-c", child.format(n=n)], capture_output=True, text=True, cwd=ROOT,
-                         check=True)
+                         check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -65,7 +70,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
     lines = [f"tiny-shapes, cpu float32, 8 new tokens, the example scene; {a.repeats} fresh interpreters x "
-             f"{a.captures} captures each (model load timed apart).", ""]
+             f"{a.captures} captures each (model load timed apart; bytecode caches kept, as installed). "
+             "`load_model` makes the processor's first call (chat template compiled, tokenizer and image processor "
+             "warmed: one small grey image, no forward) and `vl.load_model` brings the capture modules in.", ""]
     for what, child in (("script: `vl.capture`", CHILD), ("dashboard: the Run button's server call", DASH)):
         rows = [one(a.captures, child) for _ in range(a.repeats)]
         firsts = [r["captures"][0] for r in rows]

@@ -50,3 +50,30 @@ def test_unknown_hub_id_offline_fails_fast_and_clearly(monkeypatch):
     with pytest.raises(UnsupportedModel, match="offline .* not in the local cache"):
         vl.load_model("someone/not-a-model", device="cpu")
     assert dialled == []                     # fast because no host is even looked up (no retries, no timeouts)
+
+
+def test_load_makes_the_processors_first_call_and_a_refusing_processor_still_loads(monkeypatch):
+    """load_model warms the processor (chat template, tokenizer, image processor) with one small grey image so
+    that a script's first capture does not pay for it; a processor that refuses the warm-up still loads, and the
+    user's own input then gets the real error."""
+    from vlmlens.models.arch import Arch
+
+    seen = []
+    real = Arch.build_inputs
+
+    def counting(self, processor, image, prompt):
+        seen.append((image.size, prompt))
+        return real(self, processor, image, prompt)
+
+    monkeypatch.setattr(Arch, "build_inputs", counting)
+    lm = vl.load_model("random:llava", device="cpu")
+    assert seen == [((64, 64), "?")]
+
+    def refusing(self, processor, image, prompt):
+        raise ValueError("this processor wants a bigger image")
+
+    monkeypatch.setattr(Arch, "build_inputs", refusing)
+    lm = vl.load_model("random:llava", device="cpu")
+    assert lm.family == "llava"
+    with pytest.raises(ValueError, match="bigger image"):
+        vl.capture(lm, np.zeros((32, 32, 3), np.uint8), "What is this?", max_new_tokens=1)

@@ -57,6 +57,8 @@ class _Package(types.ModuleType):
 
     def __getattr__(self, name: str):
         if name in _WHERE:
+            if name == "load_model":    # a model is loaded to be captured: the capture modules come with it, at
+                importlib.import_module(f"{__name__}.capture")      # load, not in a script's first capture
             value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
             types.ModuleType.__setattr__(self, name, value)
             return value

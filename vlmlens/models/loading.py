@@ -135,7 +135,7 @@ def load_model(
             raise UnsupportedModel(f"unknown random family {family!r}; available: {', '.join('random:' + f for f in FAMILIES)}")
         model, processor = build_random(family)
         model = model.to(device=dev, dtype=dt).eval()
-        return LoadedModel(model, processor, get_arch(model.config.model_type), name, dev, dt)
+        return _primed(LoadedModel(model, processor, get_arch(model.config.model_type), name, dev, dt))
 
     path = BUILTIN.get(name, name)
     if name in BUILTIN and not Path(path).is_dir():
@@ -196,7 +196,21 @@ def _from_pretrained(path: str, name: str, dev: torch.device, dt: torch.dtype, t
     if "device_map" not in kwargs:
         model = model.to(dev)
     arch = get_arch(family)
-    return LoadedModel(model.eval(), _load_processor(path, arch, trust_remote_code), arch, name, dev, dt)
+    return _primed(LoadedModel(model.eval(), _load_processor(path, arch, trust_remote_code), arch, name, dev, dt))
+
+
+def _primed(lm: LoadedModel) -> LoadedModel:
+    """The processor's first call made at load, where a user waits anyway: it compiles the chat template and
+    warms the tokenizer and the image processor, which a script's first capture would otherwise pay for (a
+    third of it on tiny-shapes; benchmarks/bench_first_capture.py). One small grey image and a one-character
+    prompt; no forward. A processor that refuses them is left for the first real input to report."""
+    from PIL import Image
+
+    try:
+        lm.arch.build_inputs(lm.processor, Image.new("RGB", (64, 64), (128, 128, 128)), "?")
+    except Exception:  # noqa: BLE001 - only a warm-up: the user's own input gets the processor's real error
+        pass
+    return lm
 
 
 def _first_line(e: BaseException) -> str:
