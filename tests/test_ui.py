@@ -660,3 +660,30 @@ def test_study_tab_opens_a_study_without_a_model(tmp_path, lm):
     with pytest.raises(Exception, match="start the app with --study"):
         Dashboard(no_model=True, runs_dir=tmp_path / "runs").study_open("s1")
     assert res.n_items == 3
+
+
+def test_a_shown_runs_views_are_drawn_ahead(runs_dir, monkeypatch):
+    """Opening a run draws, in the background, every figure its tabs show without a model: opening Attention,
+    Heatmaps, Dynamics, Truncation and Compute afterwards draws nothing (each figure is in the run's cache)."""
+    from vlmlens.ui.callbacks import Dashboard, new_session
+    from vlmlens.ui.store import Derived
+
+    dash = Dashboard(no_model=True, runs_dir=runs_dir, default_run=CACHED[1])
+    sess, info, *_ = dash.open_default(new_session())
+    dash._prefetch.submit(lambda: None).result(timeout=300)   # one worker: this runs after the run's views
+    drawn = []
+    real = Derived.get
+
+    def get(self, key, compute):
+        if self.peek(key) is None:
+            drawn.append(key)
+        return real(self, key, compute)
+
+    monkeypatch.setattr(Derived, "get", get)
+    dash.attention(sess)
+    dash.heatmaps(sess, 0, 0, "attention")
+    dash.heatmap_layer(sess, 1, 0, "attention")
+    dash.dynamics(sess, "image")
+    dash.truncation_view(sess)
+    dash.compute_view(sess)
+    assert drawn == [], drawn

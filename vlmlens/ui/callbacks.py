@@ -124,9 +124,14 @@ class Dashboard(HeatmapsTab, DynamicsTab, AttentionTab, TruncationTab, Substitut
         entry.derived.get("views_warmed", lambda: True)
         panels.safe(lambda: run_views.attention_figures(entry))       # the Overview's figure, then the slowest
         panels.safe(lambda: run_views.dynamics_figures(entry))
+        panels.safe(lambda: run_views.embedding_figure(entry, "pca"))             # the Dynamics tab's token map
         self._prefetch_layers(entry, 0, "attention")
+        last = entry.run.n_layers - 1
         for draw in (lambda: run_views.heatmap_grid(entry, 0, "attention"), lambda: run_views.logit_lens_figures(entry),
-                     lambda: run_views.encoder_decoder_figure(entry), lambda: experiment_views.truncation_views(entry)):
+                     lambda: run_views.encoder_decoder_figure(entry), lambda: experiment_views.truncation_views(entry),
+                     lambda: run_views.head_maps_figure(entry, last), lambda: run_views.frames_figure(entry),
+                     lambda: experiment_views.experiment_figure(entry, "compute"),
+                     lambda: self._pruning_outputs(entry, None)):
             panels.safe(draw)
 
     def _prefetch_layers(self, entry, query: int, kind: str) -> None:
