@@ -214,3 +214,17 @@ def test_contribution_arrays_round_trip_and_are_validated(image, tmp_path):
     run.arrays["image_contrib_norm"] = run.arrays["image_contrib_norm"][:, :-1]
     with pytest.raises(vl.RunFormatError, match="image_contrib_norm"):
         vl.save_run(run, tmp_path / "bad")
+
+
+def test_nanmean_skips_missing_layers_quietly():
+    """A hybrid model's linear-attention layers record no weights (NaN): their mean is NaN, with no warning."""
+    import warnings
+
+    from vlmlens.analysis.attention import nanmean
+
+    x = np.array([[0.2, np.nan, 0.4], [np.nan, np.nan, np.nan]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = nanmean(x, axis=1)
+    assert m[0] == pytest.approx(0.3) and np.isnan(m[1])
+    np.testing.assert_allclose(nanmean(x[:1], axis=-1), [0.3])

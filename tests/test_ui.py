@@ -132,6 +132,17 @@ def test_endpoints_are_named(client):
         assert want in names
 
 
+def test_the_api_page_describes_files_in_the_dashboards_words(client):
+    """The API page says what a file input or output is, not gradio's docstring of its file class."""
+    api = client.view_api(print_info=False, return_format="dict")
+    text = json.dumps(api)
+    assert "FileData class" not in text and "subclass of the GradioModel" not in text
+    video = api["named_endpoints"]["/capture_video"]["parameters"][0]
+    assert video["python_type"]["description"].startswith("A video file (.mp4")
+    zip_out = api["named_endpoints"]["/downloads"]["returns"][0]
+    assert zip_out["type"]["additional_description"].startswith("Run (zip): gradio_client downloads it")
+
+
 def test_a_capture_shows_one_progress_bar(app):
     """#27: a capture's progress is one bar, over the generated text, not one on each overview output."""
     cfg = app[0].get_config_file()
@@ -687,3 +698,25 @@ def test_a_shown_runs_views_are_drawn_ahead(runs_dir, monkeypatch):
     dash.truncation_view(sess)
     dash.compute_view(sess)
     assert drawn == [], drawn
+
+
+def test_a_figure_cut_short_by_the_program_ending_is_not_reported_as_a_bug(caplog):
+    """A view drawn ahead while the program exits fails on a refused import (Python's own RuntimeError); the
+    log keeps tracebacks for real failures only."""
+    import logging
+
+    from vlmlens.ui import panels
+
+    def refused(run):
+        raise RuntimeError("can't register atexit after shutdown")
+
+    def broken(run):
+        raise RuntimeError("a real bug")
+
+    with caplog.at_level(logging.INFO, logger="vlmlens.ui"):
+        a = panels.figure(refused, None, title="Token map")
+        b = panels.figure(broken, None, title="Token map")
+    assert [r.getMessage() for r in caplog.records] == ["broken failed"]
+    assert "RuntimeError" in json.dumps(a.to_plotly_json()["layout"]) and "a real bug" in json.dumps(b.to_plotly_json()["layout"])
+    assert panels.exiting(RuntimeError("cannot schedule new futures after interpreter shutdown"))
+    assert not panels.exiting(RuntimeError("a real bug")) and not panels.exiting()

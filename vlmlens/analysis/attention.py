@@ -86,8 +86,17 @@ def attention_share(run, *, query: str = "last", per_head: bool = False, normali
         n_other = pos + 1 - n_img
         a, b = x / np.maximum(n_img, 1), (1 - x) / n_other
         x = np.where(a + b > 0, a / np.where(a + b > 0, a + b, 1), 0.0)
-    share = np.clip(np.nanmean(x, axis=-1), 0.0, 1.0)
+    share = np.clip(nanmean(x, axis=-1), 0.0, 1.0)
     return Share(share, 1.0 - share, pos, query, normalize_per_key)
+
+
+def nanmean(x: np.ndarray, axis: int) -> np.ndarray:
+    """Mean over ``axis`` of the values that are not NaN; NaN (without numpy's warning) where there are none,
+    as in a hybrid model's linear-attention layers, which have no attention weights to record."""
+    x = np.asarray(x, dtype=np.float64)
+    ok = ~np.isnan(x)
+    n = ok.sum(axis=axis)
+    return np.divide(np.where(ok, x, 0.0).sum(axis=axis), n, out=np.full(n.shape, np.nan), where=n > 0)
 
 
 # ---- concentration over image keys --------------------------------------------------------

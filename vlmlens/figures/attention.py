@@ -11,7 +11,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from ..analysis.attention import (
-    attention_cliff_details, attention_share, image_contribution, stage_bands, three_stages,
+    attention_cliff_details, attention_share, image_contribution, nanmean, stage_bands, three_stages,
 )
 
 from ._style import OTHER_DASH, SEQUENTIAL_COLORSCALE, apply_style, span_color
@@ -73,7 +73,7 @@ def fig_attention_flow(run, other=None, *, normalize_per_key: bool = False, titl
                                + "<br>layer %{x}<br>image share %{y:.3f} (mean of %{customdata} queries)<extra></extra>")))
     first = getattr(run, "attention_first_token", None)
     if first is not None and not normalize_per_key and np.isfinite(first).any():
-        sink = np.nanmean(first, axis=1)
+        sink = nanmean(first, axis=1)
         fig.add_trace(go.Scatter(
             x=layers, y=sink, mode="lines", name="first token (the sink), last prompt token",
             line=dict(color="#999999", dash="dash", width=1.5),

@@ -132,6 +132,8 @@ class Dashboard(HeatmapsTab, DynamicsTab, AttentionTab, TruncationTab, Substitut
                      lambda: run_views.head_maps_figure(entry, last), lambda: run_views.frames_figure(entry),
                      lambda: experiment_views.experiment_figure(entry, "compute"),
                      lambda: self._pruning_outputs(entry, None)):
+            if panels.exiting():
+                return
             panels.safe(draw)
 
     def _prefetch_layers(self, entry, query: int, kind: str) -> None:
@@ -379,7 +381,7 @@ class Dashboard(HeatmapsTab, DynamicsTab, AttentionTab, TruncationTab, Substitut
         # the input panel shows the run's own image, prompt and token budget: Run re-runs it as it is
         return (gr.Slider(minimum=0, maximum=L - 1, value=layer, step=1),
                 gr.Dropdown(choices=panels.query_choices(run), value=0),
-                gr.Dropdown(choices=experiment_views.depth_choices(L), value=["0", str(L // 2)]),
+                gr.Dropdown(choices=experiment_views.depth_choices(L), value=["0", str(L // 2)], multiselect=True),
                 gr.Dropdown(choices=mine, value=entry.id), run.image, self.scenes.truth_markdown_for(run),
                 gr.skip() if run.meta.get("video") else run.image, run.prompt, n_new,   # (a video stays in its box)
                 gr.Dropdown(choices=[(f"this session: {m[0]}", m[1]) for m in mine if m[1] != entry.id]

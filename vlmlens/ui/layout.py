@@ -8,6 +8,7 @@ from ..video import VIDEO_SUFFIXES
 from ..experiments.engine import MODES
 from ..vocabulary import METHOD_SYNTAX
 from .callbacks import Dashboard, new_session
+from .components import CheckedImage, CountSlider, Download, LayerSlider, VideoFile
 from .inputs import prompt_choices
 from .page import CSS, JS
 from .run_views import HEATMAP_KINDS
@@ -25,61 +26,6 @@ START_HERE = ("**Start here** — ① pick an example image and a prompt on the 
 #: request at a time anyway, and the queue shows each waiting user their position
 MODEL_QUEUE = {"concurrency_id": "model", "concurrency_limit": 1}
 VIEW_API = {"truncation": "truncation_view", "substitution": "substitution_view", "compute": "compute_view"}
-
-class CheckedImage(gr.Image):
-    """gr.Image whose unreadable uploads become a clear gr.Error instead of a processing error."""
-
-    is_template = True  # rendered by the frontend's Image component
-
-    def preprocess(self, payload):
-        try:
-            return super().preprocess(payload)
-        except gr.Error:
-            raise
-        except Exception as e:
-            name = getattr(payload, "orig_name", None) or "the upload"
-            raise gr.Error(f"cannot read {name}: not a supported image file ({type(e).__name__})",
-                           print_exception=False) from None
-
-
-class LayerSlider(gr.Slider):
-    """A layer slider whose range follows the run per session; the value is checked against
-    the run in the handler (so API clients are not bound by the page's initial range)."""
-
-    is_template = True
-
-    def preprocess(self, payload):
-        if payload is None:
-            return None
-        try:
-            v = float(payload)
-            layer = int(v)
-        except (TypeError, ValueError, OverflowError):
-            raise gr.Error(f"layer must be a finite number, got {payload!r}", print_exception=False) from None
-        if v != layer:                  # 2.5 is not a layer (no silent rounding)
-            raise gr.Error(f"layer must be a whole number, got {payload!r}", print_exception=False)
-        return layer
-
-
-class CountSlider(gr.Slider):
-    """A slider of a whole count (tokens, rows, batch size): a value from an API client that is
-    not a whole number in range is refused by name, not with gradio's generic error."""
-
-    is_template = True
-
-    def preprocess(self, payload):
-        what = (self.label or "value").lower()
-        try:
-            v = float(payload)
-            n = int(v)
-        except (TypeError, ValueError, OverflowError):
-            raise gr.Error(f"{what} must be a whole number in {self.minimum:g}..{self.maximum:g}, got {payload!r}",
-                           print_exception=False) from None
-        if v != n or not self.minimum <= n <= self.maximum:
-            raise gr.Error(f"{what} must be a whole number in {self.minimum:g}..{self.maximum:g}, got {payload!r}",
-                           print_exception=False)
-        return n
-
 
 def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype: str = "auto",
                runs_dir="cached_runs", trust_remote_code: bool = False, no_model: bool = False,
@@ -122,8 +68,8 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                                     info="reasoning traces of real models need 100-250")
                 run_btn = gr.Button("Run", variant="primary", elem_id="vl-run", interactive=not teaching)
                 with gr.Accordion("Video (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5)", open=False, elem_id="vl-video-box"):
-                    video_in = gr.File(label="Video file", file_types=list(VIDEO_SUFFIXES), type="filepath",
-                                       elem_id="vl-video")
+                    video_in = VideoFile(label="Video file", file_types=list(VIDEO_SUFFIXES), type="filepath",
+                                         elem_id="vl-video")
                     frames = CountSlider(2, 32, value=8, step=2, label="Frames sampled (evenly)", elem_id="vl-frames",
                                          info="two frames make one temporal slot of the model")
                     video_btn = gr.Button("Run on the video", elem_id="vl-run-video", interactive=not teaching)
@@ -231,8 +177,8 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                         study_fig = gr.Plot(label="Score vs depth", elem_id="vl-study-fig")
                         study_row = gr.Dropdown(choices=[], label="Row", elem_id="vl-study-row", allow_custom_value=True)
                         study_html = gr.HTML(label="row outputs", elem_id="vl-study-row-html")
-                        study_csv = gr.File(label="study.csv (every task x depth / method, with intervals)",
-                                            elem_id="vl-study-csv")
+                        study_csv = Download(label="study.csv (every task x depth / method, with intervals)",
+                                             elem_id="vl-study-csv")
                         with gr.Accordion("Run a study on the loaded model", open=False):
                             with gr.Row():
                                 sdata = gr.Dropdown(choices=dash.dataset_names(), value=dash.default_dataset(),
@@ -260,9 +206,9 @@ def build_demo(model: str | None = "tiny-shapes", *, device: str = "auto", dtype
                             save_btn = gr.Button("Save", elem_id="vl-save")
                         save_msg = gr.Markdown(label="save_message")
                         with gr.Row():        # prepared as this tab opens (each figure also saves itself: SVG)
-                            dl_zip = gr.File(label="Run (zip)", elem_id="vl-dl-zip")
-                            dl_csv = gr.File(label="Metrics (CSV)", elem_id="vl-dl-csv")
-                            dl_html = gr.File(label="Figures (HTML)", elem_id="vl-dl-html")
+                            dl_zip = Download(label="Run (zip)", elem_id="vl-dl-zip")
+                            dl_csv = Download(label="Metrics (CSV)", elem_id="vl-dl-csv")
+                            dl_html = Download(label="Figures (HTML)", elem_id="vl-dl-html")
                         dl_btn = gr.Button("Prepare the downloads again", size="sm", elem_id="vl-downloads")
                         downloads = [dl_zip, dl_csv, dl_html]
                         gr.Markdown("#### Compare the current run with another")

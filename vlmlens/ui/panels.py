@@ -9,6 +9,7 @@ never touches the model.
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 
@@ -57,9 +58,19 @@ def figure(fn, *args, title: str | None = None, **kwargs):
     except Missing as e:
         return message_figure(str(e), title)
     except Exception as e:  # a bug or an unsupported run: say so, keep the dashboard alive
-        log.exception("%s failed", getattr(fn, "__name__", fn))
+        # a figure drawn ahead while the program ends fails on a refused import: not a bug worth a traceback
+        (log.debug if exiting(e) else log.exception)("%s failed", getattr(fn, "__name__", fn), exc_info=True)
         name = getattr(fn, "__name__", "figure")
         return message_figure(f"{name} could not draw this run: {type(e).__name__}: {str(e)[:160]}", title)
+
+
+def exiting(error: BaseException | None = None) -> bool:
+    """Whether the program is ending: the main thread has stopped, or ``error`` is Python refusing work because
+    it shuts down (a draw ahead still running at exit: a library imported lazily cannot register its exit
+    handler, a pool cannot take new work). Such a failure is no bug of the run or of vlmlens."""
+    if not threading.main_thread().is_alive():
+        return True
+    return isinstance(error, RuntimeError) and "shutdown" in str(error)
 
 
 def safe(fn, default=None):
@@ -68,8 +79,8 @@ def safe(fn, default=None):
         return fn()
     except Missing:
         return default
-    except Exception:
-        log.exception("analysis failed")
+    except Exception as e:
+        (log.debug if exiting(e) else log.exception)("analysis failed", exc_info=True)
         return default
 
 
