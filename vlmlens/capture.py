@@ -47,11 +47,8 @@ def unknown_words(lm, prompt: str) -> list[str]:
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
     if unk not in ids:
         return []
-    out = []
-    for word in prompt.split():
-        if unk in tok(word, add_special_tokens=False)["input_ids"] and word not in out:
-            out.append(word)
-    return out
+    words = list(dict.fromkeys(prompt.split()))           # once each, in order; one batched tokenizer call
+    return [w for w, w_ids in zip(words, tok(words, add_special_tokens=False)["input_ids"]) if unk in w_ids]
 
 
 def context_limit(lm) -> int | None:
