@@ -177,12 +177,16 @@ def run_transformer_lens(lm, image, n):
     from transformer_lens.model_bridge import TransformerBridge
 
     if id(lm) not in _BRIDGES:              # its bridge boots by name: the config and processor as files
+        from transformers import AutoTokenizer
+
         folder, config = tempfile.mkdtemp(), copy.deepcopy(lm.model.config)
-        config.architectures = config.architectures or [type(lm.model).__name__]     # it reads the class from there
+        # it reads the class from the model's own config (a model built from a config has none written there)
+        lm.model.config.architectures = config.architectures = config.architectures or [type(lm.model).__name__]
         config.save_pretrained(folder)
         lm.processor.save_pretrained(folder)
+        # a tokenizer read from files: the bridge reopens it by the name it was loaded from
         _BRIDGES[id(lm)] = TransformerBridge.boot_transformers(folder, hf_model=lm.model,
-                                                               tokenizer=lm.processor.tokenizer)
+                                                               tokenizer=AutoTokenizer.from_pretrained(folder))
     bridge = _BRIDGES[id(lm)]
     inputs = chat_inputs(lm, image)
     image_pos = (inputs["input_ids"][0] == lm.arch.image_token_id(lm.model, lm.processor)).nonzero()[:, 0]
