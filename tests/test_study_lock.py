@@ -110,6 +110,7 @@ def test_two_commands_on_one_out(tmp_path):
     if "in use by another study" not in second.stderr:       # the first ended before the second looked
         pytest.fail(f"the first study was not running when the second started; stderr: {second.stderr[-500:]}")
     assert second.returncode == 2 and f"PID {first.pid}" in second.stderr and "Traceback" not in second.stderr
+    assert "Loading weights" not in second.stderr           # refused before it loaded the model
     rows = _rows(out)
     assert len(rows) == 60 and len({r["id"] for r in rows}) == 60
     assert not (out / LOCK).exists()

@@ -166,6 +166,7 @@ def _dataset_study(args) -> int:
     from ..data import load_dataset
     from ..experiments.dataset_study import DATA_TASKS, dataset_study
     from ..experiments.engine import check_depth_syntax, check_mode
+    from ..experiments.study_files import StudyLock, job_id
 
     check_mode(args.mode)
     if args.task is not None and args.task not in DATA_TASKS:
@@ -187,6 +188,7 @@ def _dataset_study(args) -> int:
 
         if torch.cuda.is_available():
             args.device = f"cuda:{local}"      # one replica per GPU
+    StudyLock(Path(args.out), job_id(world)).check()     # a study directory in use: refused before the model loads
     lm = load_from_args(args)
     res = dataset_study(lm, data, args.out, task=args.task, depths=args.depths, mode=args.mode,
                         max_new_tokens=args.max_new_tokens, separator=args.separator, resume=args.resume, rank=rank,
