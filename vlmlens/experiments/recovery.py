@@ -112,10 +112,12 @@ def add_adapters(lm, cfg: RecoveryConfig):
     ``lm.model`` itself is modified in place (its projections become LoRA layers)."""
     from peft import LoraConfig, get_peft_model
 
+    from ..models.adapters import quietly
+
     torch.manual_seed(cfg.seed)
     conf = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                       target_modules=decoder_targets(lm, cfg.targets), bias="none")
-    return get_peft_model(lm.model, conf)
+    return quietly(lambda: get_peft_model(lm.model, conf))
 
 
 # ---- loss under truncation ------------------------------------------------------------------

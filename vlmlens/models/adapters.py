@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 from ..errors import InputError
@@ -135,12 +136,21 @@ def check_adapter(model, path) -> dict:
     return cfg
 
 
+def quietly(make):
+    """``make()`` (a peft call that wraps a model) without the FutureWarning it causes: peft reads
+    ``is_gradient_checkpointing``, which transformers 5 deprecated; the warning is about peft's code, not the
+    user's, and would be printed on every adapter load and training start."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return make()
+
+
 def load_adapter(model, path):
     """``model`` with the adapters in ``path`` merged into its weights (checked first: :func:`check_adapter`)."""
     from peft import PeftModel
 
     check_adapter(model, path)
     try:
-        return PeftModel.from_pretrained(model, str(Path(path)), is_trainable=False).merge_and_unload()
+        return quietly(lambda: PeftModel.from_pretrained(model, str(Path(path)), is_trainable=False)).merge_and_unload()
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
         raise InputError(f"the adapters in {path} do not fit this model: {str(e).splitlines()[0][:300]}") from None

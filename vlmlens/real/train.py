@@ -197,12 +197,14 @@ def add_lora(model, rank: int, seed: int = 0, resume_from: Path | None = None):
     trainable); returns the PeftModel (the LM's modules are changed in place)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
+    from ..models.adapters import quietly
+
     lm = model.model.language_model
     if resume_from is not None:
-        return PeftModel.from_pretrained(lm, str(resume_from), is_trainable=True)
+        return quietly(lambda: PeftModel.from_pretrained(lm, str(resume_from), is_trainable=True))
     torch.manual_seed(seed)
     conf = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS), bias="none")
-    return get_peft_model(lm, conf)
+    return quietly(lambda: get_peft_model(lm, conf))
 
 
 def save_parts(proj, pm, out: Path, meta: dict) -> None:
