@@ -23,10 +23,16 @@ if [ "${DRY:-0}" = 1 ]; then
   ARGS=(--preset small --device cpu --dtype float32 --no-write); SIDES=8,12; VIDEO=112x112; LIMIT=300
 else
   ARGS=(--preset 7b --device cuda --dtype bfloat16); SIDES=54,68; VIDEO=448x448,672x672; LIMIT=150
-  "$PY" - <<'PY' || "$PY" -m pip install -q --no-deps --no-index .whl/transformers-5.24.0-py3-none-any.whl
-import sys, transformers
-sys.exit(transformers.__version__ != "5.24.0")
-PY
+  if ! "$PY" -c 'import sys, transformers; sys.exit(transformers.__version__ != "5.24.0")'; then
+    WHEEL=.whl/transformers-5.24.0-py3-none-any.whl
+    if [ ! -f "$WHEEL" ]; then
+      echo "this machine's transformers is not 5.24.0 and $WHEEL is missing: run" \
+           "'pip download transformers==5.24.0 --no-deps -d .whl' where packages can be fetched, and carry .whl" \
+        | tee "$OUT/summary.txt"
+      exit 2
+    fi
+    "$PY" -m pip install -q --no-deps --no-index "$WHEEL" || exit 2
+  fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
   export VLMLENS_BENCH_MACHINE="the device machine: $(head -1 "$OUT/gpu.txt" | cut -d, -f1)"
 fi
