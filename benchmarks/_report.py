@@ -10,14 +10,18 @@ BENCH_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nEach section is written by the script named in it; ratios are measured side by side in one run.\n"
 
 
+def _put(text: str, key: str, block: str) -> str:
+    """``text`` with the section ``key`` replaced by ``block`` (appended when it has none)."""
+    pat = re.compile(rf"<!-- {re.escape(key)} -->.*?<!-- /{re.escape(key)} -->", re.S)
+    return pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip() + "\n\n" + block + "\n"
+
+
 def write_section(key: str, title: str, body: str) -> None:
     """Replace (or append) the block between ``<!-- key -->`` and ``<!-- /key -->``."""
     text = BENCH_MD.read_text() if BENCH_MD.exists() else HEADER
     machine = os.environ.get("VLMLENS_BENCH_MACHINE") or "this machine"      # gpu_7b.sh names the GPU it ran on
     block = f"<!-- {key} -->\n## {title}\n\n_{time.strftime('%Y-%m-%d')}, `benchmarks/` script, {machine}._\n\n{body}\n<!-- /{key} -->"
-    pat = re.compile(rf"<!-- {re.escape(key)} -->.*?<!-- /{re.escape(key)} -->", re.S)
-    text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    BENCH_MD.write_text(text)
+    BENCH_MD.write_text(_put(text, key, block))
 
 
 def merge_sections(other: Path, contains: str) -> list[str]:
@@ -25,14 +29,10 @@ def merge_sections(other: Path, contains: str) -> list[str]:
     machine by gpu_7b.sh) whose key contains ``contains``; returns the keys copied."""
     found = re.findall(r"<!-- ([\w.-]+) -->\n(.*?)\n<!-- /\1 -->", Path(other).read_text(), re.S)
     text = BENCH_MD.read_text() if BENCH_MD.exists() else HEADER
-    keys = []
+    keys = [key for key, _ in found if contains in key]
     for key, inner in found:
-        if contains not in key:
-            continue
-        block = f"<!-- {key} -->\n{inner}\n<!-- /{key} -->"
-        pat = re.compile(rf"<!-- {re.escape(key)} -->.*?<!-- /{re.escape(key)} -->", re.S)
-        text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip() + "\n\n" + block + "\n"
-        keys.append(key)
+        if key in keys:
+            text = _put(text, key, f"<!-- {key} -->\n{inner}\n<!-- /{key} -->")
     BENCH_MD.write_text(text)
     return keys
 

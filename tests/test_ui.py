@@ -718,5 +718,5 @@ def test_a_figure_cut_short_by_the_program_ending_is_not_reported_as_a_bug(caplo
         b = panels.figure(broken, None, title="Token map")
     assert [r.getMessage() for r in caplog.records] == ["broken failed"]
     assert "RuntimeError" in json.dumps(a.to_plotly_json()["layout"]) and "a real bug" in json.dumps(b.to_plotly_json()["layout"])
-    assert panels.exiting(RuntimeError("cannot schedule new futures after interpreter shutdown"))
-    assert not panels.exiting(RuntimeError("a real bug")) and not panels.exiting()
+    assert panels.refused_at_exit(RuntimeError("cannot schedule new futures after interpreter shutdown"))
+    assert not panels.refused_at_exit(RuntimeError("a real bug")) and not panels.refused_at_exit(ValueError("shutdown"))

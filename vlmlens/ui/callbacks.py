@@ -132,8 +132,6 @@ class Dashboard(HeatmapsTab, DynamicsTab, AttentionTab, TruncationTab, Substitut
                      lambda: run_views.head_maps_figure(entry, last), lambda: run_views.frames_figure(entry),
                      lambda: experiment_views.experiment_figure(entry, "compute"),
                      lambda: self._pruning_outputs(entry, None)):
-            if panels.exiting():
-                return
             panels.safe(draw)
 
     def _prefetch_layers(self, entry, query: int, kind: str) -> None:

@@ -9,7 +9,6 @@ never touches the model.
 from __future__ import annotations
 
 import logging
-import threading
 
 import numpy as np
 
@@ -59,17 +58,16 @@ def figure(fn, *args, title: str | None = None, **kwargs):
         return message_figure(str(e), title)
     except Exception as e:  # a bug or an unsupported run: say so, keep the dashboard alive
         # a figure drawn ahead while the program ends fails on a refused import: not a bug worth a traceback
-        (log.debug if exiting(e) else log.exception)("%s failed", getattr(fn, "__name__", fn), exc_info=True)
+        (log.debug if refused_at_exit(e) else log.exception)("%s failed", getattr(fn, "__name__", fn), exc_info=True)
         name = getattr(fn, "__name__", "figure")
         return message_figure(f"{name} could not draw this run: {type(e).__name__}: {str(e)[:160]}", title)
 
 
-def exiting(error: BaseException | None = None) -> bool:
-    """Whether the program is ending: the main thread has stopped, or ``error`` is Python refusing work because
-    it shuts down (a draw ahead still running at exit: a library imported lazily cannot register its exit
-    handler, a pool cannot take new work). Such a failure is no bug of the run or of vlmlens."""
-    if not threading.main_thread().is_alive():
-        return True
+def refused_at_exit(error: BaseException) -> bool:
+    """Whether ``error`` is Python refusing work because the program ends (a view drawn ahead still running at
+    exit: a lazily imported library cannot register its exit handler, a pool takes no new work). No bug of the
+    run or of vlmlens. (The main thread still counts as alive then: Python waits for the drawing thread before
+    it stops the main one, so the error is the only sign.)"""
     return isinstance(error, RuntimeError) and "shutdown" in str(error)
 
 
@@ -80,7 +78,7 @@ def safe(fn, default=None):
     except Missing:
         return default
     except Exception as e:
-        (log.debug if exiting(e) else log.exception)("analysis failed", exc_info=True)
+        (log.debug if refused_at_exit(e) else log.exception)("analysis failed", exc_info=True)
         return default
 
 
