@@ -1,4 +1,6 @@
 """Compute model: hand counts, torch's own FLOP counter, monotone savings, latency smoke test."""
+import statistics
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,8 @@ from vlmlens.errors import InputError
 from vlmlens.figures.matrices import fig_compute_tradeoff
 
 from tests._models import random_lm
+
+PROMPT = "What is in the image?"
 
 # d=4, f=8, 2 query heads of dim 2 sharing 1 kv head, 2 layers, gated MLP, fp16 cache
 TINY = LayerShape(d_model=4, d_ffn=8, n_heads=2, n_kv_heads=1, head_dim=2, n_layers=2, mlp_matrices=3, bytes_per_value=2)
@@ -70,6 +74,40 @@ def test_projection_and_mlp_flops_match_torch_flop_counter(family):
     mm = sum(v for k, v in counted.items() if "mm" in str(k))
     f = layer_flops(shape, n, causal_pairs(n))
     assert mm == lm.n_layers * (f["proj"] + f["mlp"])
+
+
+def test_a_timed_run_makes_every_token_and_gives_both_phases(image, monkeypatch):
+    """One generate per repeat gives prefill and total of the same run (so prefill < total in every
+    sample, which two separate runs cannot promise), and a model that would stop at once still makes
+    every token asked for (the methods are timed over the same number of forwards)."""
+    import vlmlens.generation as generation
+    from vlmlens.analysis.compute import measure_methods_latency, timed_generate
+    from vlmlens.capture import image_positions, prepare_inputs
+    from vlmlens.interventions import FastV
+
+    lm = random_lm("llava")
+    inputs, _, _ = prepare_inputs(lm, image, PROMPT)
+    pos = image_positions(lm, inputs["input_ids"])
+    n = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        first = int(lm.model.generate(**inputs, max_new_tokens=1, do_sample=False)[0, n])
+    monkeypatch.setattr(lm.model.generation_config, "eos_token_id", first)   # plain generate now stops at once
+    with torch.no_grad():
+        assert lm.model.generate(**inputs, max_new_tokens=4, do_sample=False).shape[1] == n + 1
+    t = timed_generate(lm, inputs, pos, 4, [])
+    assert len(t) == 4 and all(a < b for a, b in zip(t, t[1:])) and t[0] > 0
+
+    calls = []
+    real = generation.greedy_generate
+    monkeypatch.setattr(generation, "greedy_generate", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    m = measure_methods_latency(lm, image, PROMPT, {"base": [], "fastv": [FastV(1, 0.5)]}, n_steps=3, repeats=2,
+                                keep_samples=True)
+    assert calls == [2, 2] + [4] * 4          # warm-up, then one run per method and repeat
+    for i in range(2):
+        pre, tot, steps = m["samples"]["prefill"][i], m["samples"]["total"][i], m["samples"]["steps"][i]
+        assert all(p < q for p, q in zip(pre, tot)) and all(len(s) == 3 for s in steps)
+        assert [sum(s) for s in steps] == pytest.approx([q - p for p, q in zip(pre, tot)])
+        assert m["decode_s"][i] == pytest.approx(statistics.median(q - p for p, q in zip(pre, tot)))
 
 
 def test_tradeoff_on_a_real_prompt(image):

@@ -265,7 +265,7 @@ def test_compare_pruning_measures_latency_side_by_side(image):
     base, vtw0 = res.method("baseline"), res.method("vtw0")
     assert base.latency["prefill_saving"] == 0 and base.latency["total_saving"] == 0
     for m in (base, vtw0):
-        assert m.latency["prefill_s"] > 0 and m.latency["total_s"] > 0   # separate timed runs: no order on a noisy host
+        assert 0 < m.latency["prefill_s"] < m.latency["total_s"]       # both phases from the same runs
         assert m.latency["total_saving"] == pytest.approx(1 - m.latency["total_s"] / base.latency["total_s"])
     md = res.markdown()
     assert "end-to-end time saved (measured)" in md and md.count("|\n") >= 3

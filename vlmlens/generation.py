@@ -77,16 +77,20 @@ class _Steps:
 
 
 def greedy_generate(lm, inputs: dict, max_new_tokens: int, max_time: float | None = None, use_cache: bool = True,
-                    on_step=None):
+                    on_step=None, min_new_tokens: int | None = None):
     """Greedy ``generate`` with raw logits returned; one step more than asked (see capture).
     ``max_time``: seconds after which generation stops after the current step. ``use_cache=False``:
     every step is one forward over the whole sequence (for interventions that decide at every step).
-    ``on_step(done, total)``: called after each generated token (a progress bar that moves with them)."""
+    ``on_step(done, total)``: called after each generated token (a progress bar that moves with them).
+    ``min_new_tokens``: the stop token is held back until that many tokens are made (timing runs that
+    must all make the same number; the raw logits returned are the model's own)."""
     tok = lm.processor.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (sorted(_eos_ids(lm)) or [0])[0]
     extra = {"max_time": float(max_time)} if max_time is not None else {}
     if not use_cache:
         extra["use_cache"] = False
+    if min_new_tokens is not None:
+        extra["min_new_tokens"] = int(min_new_tokens)
     if on_step is not None:
         from transformers import StoppingCriteriaList
 

@@ -217,23 +217,39 @@ def token_counts(lm, image, prompt: str) -> dict:
     return {"system": s, "image": int(len(pos)), "text": n - s - int(len(pos))}
 
 
-def _timed_generate(lm, inputs, img_pos, n_new: int, ivs) -> float:
+def timed_generate(lm, inputs, img_pos, n_new: int, ivs) -> list[float]:
+    """Seconds from the start of one greedy ``generate`` of exactly ``n_new`` tokens through the lens
+    (``ivs`` applied, nothing recorded) to each token it chose: ``[0]`` is the prefill (the first
+    token), ``[-1]`` the end of the run. One run gives both phases, so the decoding time is a
+    difference inside one run, never of two runs. On a GPU every stamp waits for the device."""
     import torch
 
-    from ..capture import greedy_generate
-    from ..video import video_slots
+    from .. import generation
     from ..lens import Lens, Plan
+    from ..video import video_slots
 
     plan = Plan.build(img_pos, lm.n_layers, int(inputs["input_ids"].shape[1]), interventions=ivs,
                       frames=video_slots(inputs))
-    if lm.device.type == "cuda":
+    cuda = lm.device.type == "cuda"
+    stamps: list[float] = []
+
+    def stamp(done, total):
+        if cuda:
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+
+    if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.no_grad(), Lens.for_model(lm, plan):
-        greedy_generate(lm, inputs, n_new)
-    if lm.device.type == "cuda":
+        out = generation.greedy_generate(lm, inputs, n_new, on_step=stamp, min_new_tokens=n_new)
+    if cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    end = time.perf_counter()
+    made = int(out.sequences.shape[1] - inputs["input_ids"].shape[1])
+    if made != n_new or len(stamps) != n_new:
+        raise RuntimeError(f"a timed generation made {made} tokens ({len(stamps)} stamped), {n_new} were asked for")
+    return [t - t0 for t in stamps[:-1]] + [end - t0]
 
 
 def measure_latency(lm, image, prompt: str, depths, *, n_steps: int = 8, repeats: int = 3,
@@ -241,8 +257,9 @@ def measure_latency(lm, image, prompt: str, depths, *, n_steps: int = 8, repeats
     """Median wall time of prefill and of ``n_steps`` decode forwards, per depth, for
     ``Truncate(k, "remove")`` (depth L: no truncation), interleaved across depths.
 
-    Prefill time = ``generate(max_new_tokens=1)``; decode time = ``generate(max_new_tokens=
-    n_steps + 1)`` minus that. No recording (hidden states, attention) is done.
+    Each repeat is one ``generate`` of ``n_steps + 1`` tokens (the stop token held back, so every
+    run makes them all): prefill = the time to its first token, total = the whole run, decode =
+    total - prefill of the same run. No recording (hidden states, attention) is done.
     ``keep_samples`` adds every repeat's seconds under ``"samples"`` ({prefill, total}: [depth][repeat]).
     """
     from ..interventions import Truncate
@@ -270,22 +287,21 @@ def measure_methods_latency(lm, image, prompt: str, methods: dict, *, n_steps: i
             inputs, _, _ = prepare_inputs(lm, img, prompt)
             by_image[id(img)] = (inputs, image_positions(lm, inputs["input_ids"]))
         prepared[k] = by_image[id(img)]
-    pre = {k: [] for k in keys}
-    tot = {k: [] for k in keys}
+    runs = {k: [] for k in keys}
     for k in keys:  # warm-up
-        _timed_generate(lm, *prepared[k], 2, methods[k])
+        timed_generate(lm, *prepared[k], 2, methods[k])
     for _ in range(repeats):
         for k in keys:
-            pre[k].append(_timed_generate(lm, *prepared[k], 1, methods[k]))
-            tot[k].append(_timed_generate(lm, *prepared[k], n_steps + 1, methods[k]))
+            runs[k].append(timed_generate(lm, *prepared[k], n_steps + 1, methods[k]))
     out = {"methods": keys, "n_steps": n_steps, "repeats": repeats, "prefill_s": [], "decode_s": [], "total_s": []}
     for k in keys:
-        p, t = statistics.median(pre[k]), statistics.median(tot[k])
-        out["prefill_s"].append(p)
-        out["decode_s"].append(max(t - p, 0.0))
-        out["total_s"].append(t)
+        out["prefill_s"].append(statistics.median(r[0] for r in runs[k]))
+        out["decode_s"].append(statistics.median(r[-1] - r[0] for r in runs[k]))
+        out["total_s"].append(statistics.median(r[-1] for r in runs[k]))
     if keep_samples:
-        out["samples"] = {"prefill": [pre[k] for k in keys], "total": [tot[k] for k in keys]}
+        out["samples"] = {"prefill": [[r[0] for r in runs[k]] for k in keys],
+                          "total": [[r[-1] for r in runs[k]] for k in keys],
+                          "steps": [[[b - a for a, b in zip(r, r[1:])] for r in runs[k]] for k in keys]}
     return out
 
 
