@@ -120,5 +120,11 @@ def test_tradeoff_on_a_real_prompt(image):
     m = t["measured"]
     assert all(x > 0 for x in m["prefill_s"]) and all(x >= 0 for x in m["decode_s"])
     assert t["measured_total_saving"][L] == 0
+    share = m["prefill_s"][L] / (m["prefill_s"][L] + m["decode_s"][L])
+    assert t["prefill_time_share"] == pytest.approx(share) and 0 < share < 1
+    assert t["time_weighted_saving"] == pytest.approx(
+        [share * p + (1 - share) * d for p, d in zip(t["prefill_saving"], t["decode_saving"])])
+    assert t["time_weighted_saving"][L] == 0 and t["time_weighted_saving"][0] < t["total_saving"][0]
     fig = fig_compute_tradeoff(t)
-    assert len(fig.data) == 5 and all(len(tr.x) == L + 1 for tr in fig.data)
+    assert len(fig.data) == 6 and all(len(tr.x) == L + 1 for tr in fig.data)
+    assert fig.data[-1].name == "prefill + decode FLOPs, each phase weighted by its measured time"

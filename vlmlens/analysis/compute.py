@@ -306,7 +306,10 @@ def measure_methods_latency(lm, image, prompt: str, methods: dict, *, n_steps: i
 
 
 def compute_tradeoff(lm, image, prompt: str, depths=None, *, n_steps: int = 8, repeats: int = 3, measure: bool = True) -> dict:
-    """Theoretical savings per depth next to measured latency savings (``measure=False``: theory only)."""
+    """Theoretical savings per depth next to measured latency savings (``measure=False``: theory only).
+    Measured, it also holds ``time_weighted_saving``: the FLOP savings of prefill and decoding weighted
+    by the share of the baseline's measured time each takes (``prefill_time_share``) -- what the
+    theory predicts for latency where a decoding step costs its weight reads, not its FLOPs."""
     L = lm.n_layers
     ks = list(range(L + 1)) if depths is None else sorted({int(k) for k in depths} | {L})
     shape = LayerShape.from_model(lm)
@@ -320,4 +323,11 @@ def compute_tradeoff(lm, image, prompt: str, depths=None, *, n_steps: int = 8, r
         for key in ("prefill", "decode", "total"):
             base = m[f"{key}_s"][b]
             out[f"measured_{key}_saving"] = [float(1 - x / base) if base > 0 else 0.0 for x in m[f"{key}_s"]]
+        # the FLOP theory prices a decoding step at its arithmetic, a few percent of the prefill, where it
+        # costs reading every weight: each phase's FLOP saving weighted by the baseline's measured time in it
+        pre, dec = m["prefill_s"][b], m["decode_s"][b]
+        share = pre / (pre + dec) if pre + dec > 0 else 1.0
+        out["prefill_time_share"] = float(share)
+        out["time_weighted_saving"] = [float(share * p + (1 - share) * d)
+                                       for p, d in zip(out["prefill_saving"], out["decode_saving"])]
     return out

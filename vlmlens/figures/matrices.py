@@ -104,7 +104,8 @@ def fig_layer_skip(result, *, floor: float = NOISE_FLOOR, title: str | None = No
 
 def fig_compute_tradeoff(tradeoff: dict, *, title: str | None = None) -> go.Figure:
     """Saving (fraction of the baseline) per truncation depth: theoretical decoder FLOPs
-    (prefill, whole generation) and KV-cache bytes, with measured latency savings when present."""
+    (prefill, whole generation) and KV-cache bytes, with measured latency savings when present (and the
+    FLOP savings weighted by the measured time of each phase, which a decoding step's weight reads set)."""
     ks = tradeoff["depths"]
     if not ks:
         return empty_figure("no depths", title=title)
@@ -113,7 +114,9 @@ def fig_compute_tradeoff(tradeoff: dict, *, title: str | None = None) -> go.Figu
              ("total_saving", "prefill + decode FLOPs (theory)", SPAN_COLORS["generated"], None),
              ("kv_saving", "KV-cache bytes (theory)", SPAN_COLORS["system"], None),
              ("measured_prefill_saving", "prefill latency (measured)", SPAN_COLORS["image"], "dash"),
-             ("measured_total_saving", "prefill + decode latency (measured)", SPAN_COLORS["generated"], "dash")]
+             ("measured_total_saving", "prefill + decode latency (measured)", SPAN_COLORS["generated"], "dash"),
+             ("time_weighted_saving", "prefill + decode FLOPs, each phase weighted by its measured time",
+              SPAN_COLORS["generated"], "dot")]
     for key, name, color, dash in lines:
         if key in tradeoff:
             fig.add_trace(go.Scatter(x=ks, y=tradeoff[key], mode="lines+markers", name=name,
