@@ -267,12 +267,20 @@ def test_compare_pruning_measures_latency_side_by_side(image):
     for m in (base, vtw0):
         assert 0 < m.latency["prefill_s"] < m.latency["total_s"]       # both phases from the same runs
         assert m.latency["total_saving"] == pytest.approx(1 - m.latency["total_s"] / base.latency["total_s"])
+        share = base.latency["prefill_s"] / base.latency["total_s"]
+        assert m.latency["prefill_time_share"] == pytest.approx(share)
+        assert m.latency["time_weighted_saving"] == pytest.approx(
+            share * m.savings["prefill_saving"] + (1 - share) * m.savings["decode_saving"])
+    assert base.latency["time_weighted_saving"] == 0
     md = res.markdown()
     assert "end-to-end time saved (measured)" in md and md.count("|\n") >= 3
     # a method that saves FLOPs but not time says so; one that saves both, or little of either, does not
     made = MethodResult("m", [], "", "", True, 0.0, None, [], [], {"total_saving": 0.4, "kv_saving": 0.4}, None,
                         latency={"total_saving": 0.05})
     assert "saves 40% of the decoder FLOPs but 5% of the measured end-to-end time" in time_note(made)
+    made.latency.update(prefill_time_share=0.7, time_weighted_saving=0.06)
+    assert "spends 30% of its time decoding" in time_note(made) and "expected saving is 6%." in time_note(made)
+    assert "FLOPs saved, each phase weighted by its measured time" in md
     made.latency = {"total_saving": 0.3}
     assert time_note(made) is None
 

@@ -44,8 +44,14 @@ def time_note(m: MethodResult) -> str | None:
     """Said of a method that saves decoder FLOPs (10 % or more) but not half as much measured time."""
     flops, lat = m.savings["total_saving"], m.latency or {}
     if flops >= 0.1 and lat.get("total_saving") is not None and lat["total_saving"] < flops / 2:
-        return (f"{m.name} saves {100 * flops:.0f}% of the decoder FLOPs but {100 * lat['total_saving']:.0f}% of the"
+        text = (f"{m.name} saves {100 * flops:.0f}% of the decoder FLOPs but {100 * lat['total_saving']:.0f}% of the"
                 " measured end-to-end time on this machine: the FLOPs it removes are not where the time goes here.")
+        if lat.get("prefill_time_share") is not None and lat.get("time_weighted_saving") is not None:
+            text += (f" The baseline spends {100 * (1 - lat['prefill_time_share']):.0f}% of its time decoding, which the"
+                     " FLOP count prices at a few percent (a decoding step reads every weight for one token); with each"
+                     f" phase's FLOP saving weighted by its measured time the expected saving is"
+                     f" {100 * lat['time_weighted_saving']:.0f}%.")
+        return text
     return None
 
 

@@ -65,17 +65,20 @@ class PruningComparison:
         cols = ["method", "keeps", "output", "kept", "output_kl", "total_saving", "kv_saving"]
         heads = ["method", "what it keeps", "output", "answer kept", "output KL", "decoder FLOPs saved", "KV saved"]
         if timed:
-            cols += ["prefill_time", "total_time"]
-            heads += ["prefill time saved (measured)", "end-to-end time saved (measured)"]
+            cols += ["prefill_time", "total_time", "weighted"]
+            heads += ["prefill time saved (measured)", "end-to-end time saved (measured)",
+                      "FLOPs saved, each phase weighted by its measured time"]
         t = Table(cols, headers=heads, formats={"output_kl": fixed(3), "total_saving": percent1, "kv_saving": percent1,
-                                                "prefill_time": percent1, "total_time": percent1})
+                                                "prefill_time": percent1, "total_time": percent1, "weighted": percent1})
         for m in self.methods:
             ok = "yes" if m.answer_kept else "**no**"
             if m.correct is not None:
                 ok += " (correct)" if m.correct else " (wrong)"
             row = [m.name, m.description or "—", m.text[:60], ok, m.output_kl, m.savings["total_saving"],
                    m.savings["kv_saving"]]
-            t.add(row + ([(m.latency or {}).get("prefill_saving"), (m.latency or {}).get("total_saving")] if timed else []))
+            lat = m.latency or {}
+            t.add(row + ([lat.get("prefill_saving"), lat.get("total_saving"), lat.get("time_weighted_saving")]
+                         if timed else []))
         notes = [time_note(m) for m in self.methods if m.latency]
         return t.markdown() + "".join(f"\n\n{n}" for n in notes if n)
 
@@ -107,9 +110,13 @@ def compare_pruning(lm, image, prompt: str, methods: dict | None = None, *, max_
                                                         for v in plan.variants},
                                     n_steps=max(1, max_new_tokens - 1), repeats=repeats, images=small)
         p0, t0_ = m["prefill_s"][0], m["total_s"][0]
+        share = p0 / t0_ if t0_ > 0 else 1.0          # the baseline's time in its prefill (the rest: decoding)
         for r, p, t in zip(res, m["prefill_s"], m["total_s"]):
             r.latency = {"prefill_s": p, "total_s": t, "prefill_saving": 1 - p / p0 if p0 > 0 else 0.0,
-                         "total_saving": 1 - t / t0_ if t0_ > 0 else 0.0, "repeats": repeats}
+                         "total_saving": 1 - t / t0_ if t0_ > 0 else 0.0, "repeats": repeats,
+                         "prefill_time_share": share,
+                         "time_weighted_saving": share * r.savings["prefill_saving"]
+                         + (1 - share) * r.savings["decode_saving"]}
     return PruningComparison(lm.name, s.prep.prompt, s.baseline.run.generated_text, lm.n_layers, len(s.prep.image_pos),
                              truth, res, round(time.perf_counter() - t0, 3))
 
