@@ -47,10 +47,9 @@ def time_note(m: MethodResult) -> str | None:
         text = (f"{m.name} saves {100 * flops:.0f}% of the decoder FLOPs but {100 * lat['total_saving']:.0f}% of the"
                 " measured end-to-end time on this machine: the FLOPs it removes are not where the time goes here.")
         if lat.get("prefill_time_share") is not None and lat.get("time_weighted_saving") is not None:
-            text += (f" The baseline spends {100 * (1 - lat['prefill_time_share']):.0f}% of its time decoding, which the"
-                     " FLOP count prices at a few percent (a decoding step reads every weight for one token); with each"
-                     f" phase's FLOP saving weighted by its measured time the expected saving is"
-                     f" {100 * lat['time_weighted_saving']:.0f}%.")
+            text += (f" The baseline spends {100 * (1 - lat['prefill_time_share']):.0f}% of its time decoding, where a"
+                     " step costs reading every weight for one token, far more than its FLOPs; with each phase's FLOP"
+                     f" saving weighted by its measured time the expected saving is {100 * lat['time_weighted_saving']:.0f}%.")
         return text
     return None
 
