@@ -58,34 +58,71 @@ def test_in_order_joins_growing_chunks_and_keeps_repeated_ones():
     assert _in_order([a, again], 1) == [a, again]      # position 1 recorded twice: one chunk at a time
 
 
-def test_deferred_decoding_statistics_equal_one_layer_at_a_time(tiny, image, monkeypatch):
-    """The same capture with every layer's statistics finished on the spot, one layer alone."""
+def test_deferred_decoding_statistics_equal_each_step_on_the_spot(tiny, image, monkeypatch):
+    """The decoding rows' statistics taken at the end of the run, against the newest keys of each layer, equal
+    the same capture with each step's scores taken on the spot against the keys of its own step."""
     from vlmlens import recorder
 
-    fast = vl.capture(tiny, image, P, max_new_tokens=5, hidden_dtype="float32")
-    original, taken = recorder.Recorder._attention_stats, []
+    finished = []
+    original_finish = recorder.Recorder._finish_layer
 
-    def on_the_spot(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        items, self._pending = self._pending, []
-        taken.extend(items)
-        for layer, plan, s in items:
-            c = plan["chunks"][0]
-            p = torch.softmax(s, dim=-1)[:, :, plan["img_keys"]]
-            self._store_stats(layer, plan, p.sum(-1), None if c["mrows"] is None else p[:, c["mrows"]].mean(0),
-                              c["map_pos"])
+    def count(self, layer, *a, **k):
+        finished.append(len(self._deferred[layer]["rows"]))
+        return original_finish(self, layer, *a, **k)
 
-    monkeypatch.setattr(recorder.Recorder, "_attention_stats", on_the_spot)
-    slow = vl.capture(tiny, image, P, max_new_tokens=5, hidden_dtype="float32")
-    assert len(taken) >= tiny.n_layers, "no decoding step took the end-of-forward path"
-    assert fast.token_ids == slow.token_ids
-    for name in ("attention_to_image", "attention_maps", "attention_head_maps", "hidden_states"):
-        np.testing.assert_array_equal(fast.arrays[name], slow.arrays[name])
+    monkeypatch.setattr(recorder.Recorder, "_finish_layer", count)
+    late = vl.capture(tiny, image, P, max_new_tokens=5, hidden_dtype="float32")
+    n_gen = len(late.token_ids) - late.spans.n_prompt
+    assert n_gen >= 2 and finished == [n_gen] * tiny.n_layers     # every layer: every generated token, at the end
+
+    original_rows = recorder.Recorder._rows
+
+    def on_the_spot(self, *args, **kwargs):        # the plan without "defer": each step's own scores at once
+        plan = original_rows(self, *args, **kwargs)
+        return {k: v for k, v in plan.items() if k != "defer"}
+
+    monkeypatch.setattr(recorder.Recorder, "_rows", on_the_spot)
+    finished.clear()
+    spot = vl.capture(tiny, image, P, max_new_tokens=5, hidden_dtype="float32")
+    assert finished == [] and spot.token_ids == late.token_ids
+    np.testing.assert_array_equal(spot.arrays["hidden_states"], late.arrays["hidden_states"])
+    np.testing.assert_array_equal(spot.arrays["attention_head_maps"], late.arrays["attention_head_maps"])
+    for name in ("attention_to_image", "attention_maps"):
+        np.testing.assert_allclose(spot.arrays[name], late.arrays[name], rtol=0, atol=1e-6)
+    assert np.isfinite(late.arrays["attention_to_image"][:, :, late.spans.n_prompt:]).all()
+
+
+def test_deferred_rows_are_read_in_chunks_against_the_keys_of_their_step():
+    """Rows of different steps in one chunk each read only the keys their step had: a row's softmax is over its
+    first n keys, whatever the newest keys hold after them (chunked below the budget, the same numbers)."""
+    from vlmlens.recorder import Recorder
+
+    torch.manual_seed(0)
+    H, d, T = 2, 4, 7
+    key = torch.randn(1, H, T, d)
+    image = slice(1, 3)
+    rows = [(torch.randn(H, d), n, n - 1, image, 0.5) for n in (4, 5, 7)]
+    want_share, want_map = [], []
+    for q, n, _, _, scale in rows:                           # each step alone, against its own keys
+        p = torch.softmax(torch.matmul(q[:, None], key[0, :, :n].transpose(-1, -2))[:, 0] * scale, dim=-1)
+        want_share.append(p[:, image].sum(-1))
+        want_map.append(p[:, image].mean(0))
+    for budget in (1 << 22, H * T):                           # one chunk; one row a chunk
+        rec = Recorder.__new__(Recorder)
+        rec.share, rec.maps = {0: []}, {0: []}
+        rec._deferred = {0: {"rows": list(rows), "key": key}}
+        Recorder._finish_layer(rec, 0, budget=budget)
+        pos = np.concatenate([c[0] for c in rec.share[0]])
+        assert pos.tolist() == [3, 4, 6] and not rec._deferred
+        share = torch.cat([c[1] for c in rec.share[0]], dim=1)
+        maps = torch.cat([c[1] for c in rec.maps[0]], dim=0)
+        torch.testing.assert_close(share, torch.stack(want_share, 1), rtol=0, atol=1e-6)
+        torch.testing.assert_close(maps, torch.stack(want_map, 0), rtol=0, atol=1e-6)
 
 
 def test_a_forward_that_raised_leaves_nothing_half_recorded(tiny, image):
-    """Layers 0-2 of a decoding step ran, layer 3 raised: their waiting statistics are dropped when the
-    next forward begins, not recorded as if the step had finished."""
+    """Layers 0-2 of a decoding step ran, layer 3 raised: their waiting rows are dropped when the next
+    forward begins, not recorded as if the step had finished; the step before it is recorded."""
     inputs, _, _ = prepare_inputs(tiny, image, P)
     n = int(inputs["input_ids"].shape[1])
     plan = Plan.build(image_positions(tiny, inputs["input_ids"]), tiny.n_layers, n,
@@ -110,8 +147,12 @@ def test_a_forward_that_raised_leaves_nothing_half_recorded(tiny, image):
         finally:
             h.remove()
         rec = lens.recorder
-        assert sorted(layer for layer, _, _ in rec._pending) == [0, 1, 2]
+        assert sorted(row[0] for row in rec._staged) == [0, 1, 2]
+        assert {l: len(d["rows"]) for l, d in rec._deferred.items()} == {l: 1 for l in range(tiny.n_layers)}
         shares = {l: len(v) for l, v in rec.share.items()}
         rec.begin_forward(torch.zeros(1, 1, int(tiny.text_config.hidden_size)), torch.tensor([n + 1]))
         rec.flush()
-    assert rec._pending == [] and {l: len(v) for l, v in rec.share.items()} == shares
+        assert rec._staged == [] and all(len(d["rows"]) == 1 for d in rec._deferred.values())
+        rec.finish()                    # the finished step only: one decoding row more per layer
+    assert rec._pending == [] and {l: len(v) for l, v in rec.share.items()} == {l: k + 1 for l, k in shares.items()}
+    assert all(pos.tolist() == [n] for l in range(tiny.n_layers) for pos, _ in rec.share[l][-1:])

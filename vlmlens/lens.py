@@ -244,7 +244,7 @@ class Lens:
 
     def start(self) -> LensStart:
         """The point a later session resumes from (after this session's forwards)."""
-        p, r = self.positions, self.recorder.flush()
+        p, r = self.positions, self.recorder.finish()
         scratch = self.context.scratch
         if self.batch is not None:        # each example's own scratch space travels with it
             scratch = {**scratch, _ROW_SCRATCH: [c.scratch for c in self._row_contexts]}
