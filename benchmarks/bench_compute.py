@@ -37,7 +37,7 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    from vlmlens.analysis.compute import LayerShape, measure_latency, token_counts, truncation_savings
+    from vlmlens.analysis.compute import LayerShape, measure_latency, time_weighted, token_counts, truncation_savings
 
     lm = build(a.preset, "cpu", getattr(torch, a.dtype))
     L = lm.n_layers
@@ -76,7 +76,7 @@ def main():
         th = theory["total_saving"][i]
         ratio = tot_min[i] / th if th > 0 else float("nan")
         # each phase's FLOP saving weighted by the share of the baseline's time it takes (prefill, decoding)
-        weighted = pre_share * theory["prefill_saving"][i] + (1 - pre_share) * theory["decode_saving"][i]
+        weighted = time_weighted(pre_share, theory["prefill_saving"][i], theory["decode_saving"][i])
         if th >= 0.3:
             checked.append(k)
             ok &= ratio >= 0.8

@@ -91,7 +91,8 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    from vlmlens.analysis.compute import LayerShape, measure_methods_latency, schedule_savings, token_counts
+    from vlmlens.analysis.compute import (LayerShape, measure_methods_latency, schedule_savings, time_weighted,
+                                          token_counts)
 
     lm = build(a.preset, a.device, getattr(torch, a.dtype))
     L = lm.n_layers
@@ -132,7 +133,7 @@ def main():
         return min(t - p for p, t in zip(m["samples"]["prefill"][i], m["samples"]["total"][i]))
 
     def steps(i):       # every decoding step of every run (the last, which also ends generate, left out)
-        return sorted(x for r in m["samples"]["steps"][i] for x in r[:-1])
+        return [x for r in m["samples"]["steps"][i] for x in r[:-1]]
 
     base_dec = decode(0)
     p = PRESETS[a.preset]
@@ -167,7 +168,7 @@ def main():
             # theory predicts once a decode step is priced at its measured cost instead of its FLOPs
             dec_saving = 1 - decode(i) / base_dec if base_dec else 0.0
             step_ms = (1000 * median(steps(0)), 1000 * median(steps(i)), len(steps(i)))
-            weighted = (tpre * base_pre + theory["decode_saving"][i] * base_dec) / base_tot
+            weighted = time_weighted(base_pre / (base_pre + base_dec), tpre, theory["decode_saving"][i])
             fastv_time = (theory["decode_saving"][i], dec_saving, weighted, meas)
         lines.append(f"| {name} | {rows_txt} | {tpre:.1%} | {mpre:.1%} | {'–' if tpre <= 0 else f'{mpre / tpre:.2f}'} |"
                      f" {th:.1%} | {meas:.1%} | {'–' if th <= 0 else f'{ratio:.2f}'} | {theory['kv_saving'][i]:.1%} |"

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1] / "vlmlens"
 FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("_version", "errors", "images", "rows", "tables", "schedule", "vocabulary", "run")),
     ("models", ("models", "video", "tiny.scenes", "tiny.tasks", "tiny.tokenizer", "tiny.model")),
-    ("lens", ("lens", "lens_attention", "lens_injections", "session", "recorder", "generation",
+    ("lens", ("lens", "lens_attention", "lens_injections", "session", "recorder", "decoding_rows", "generation",
               "interventions")),
     ("capture", ("capture", "run_files")),
     ("measures", ("analysis", "metrics", "data")),

@@ -62,15 +62,16 @@ def test_deferred_decoding_statistics_equal_each_step_on_the_spot(tiny, image, m
     """The decoding rows' statistics taken at the end of the run, against the newest keys of each layer, equal
     the same capture with each step's scores taken on the spot against the keys of its own step."""
     from vlmlens import recorder
+    from vlmlens.decoding_rows import DeferredRows
 
     finished = []
-    original_finish = recorder.Recorder._finish_layer
+    original_finish = DeferredRows.finish
 
     def count(self, layer, *a, **k):
-        finished.append(len(self._deferred[layer]["rows"]))
+        finished.append(self.rows(layer))
         return original_finish(self, layer, *a, **k)
 
-    monkeypatch.setattr(recorder.Recorder, "_finish_layer", count)
+    monkeypatch.setattr(DeferredRows, "finish", count)
     late = vl.capture(tiny, image, P, max_new_tokens=5, hidden_dtype="float32")
     n_gen = len(late.token_ids) - late.spans.n_prompt
     assert n_gen >= 2 and finished == [n_gen] * tiny.n_layers     # every layer: every generated token, at the end
@@ -95,27 +96,30 @@ def test_deferred_decoding_statistics_equal_each_step_on_the_spot(tiny, image, m
 def test_deferred_rows_are_read_in_chunks_against_the_keys_of_their_step():
     """Rows of different steps in one chunk each read only the keys their step had: a row's softmax is over its
     first n keys, whatever the newest keys hold after them (chunked below the budget, the same numbers)."""
-    from vlmlens.recorder import Recorder
+    from vlmlens.decoding_rows import DeferredRows
 
     torch.manual_seed(0)
     H, d, T = 2, 4, 7
     key = torch.randn(1, H, T, d)
     image = slice(1, 3)
-    rows = [(torch.randn(H, d), n, n - 1, image, 0.5) for n in (4, 5, 7)]
+    rows = [(torch.randn(H, d), n) for n in (4, 5, 7)]
     want_share, want_map = [], []
-    for q, n, _, _, scale in rows:                           # each step alone, against its own keys
-        p = torch.softmax(torch.matmul(q[:, None], key[0, :, :n].transpose(-1, -2))[:, 0] * scale, dim=-1)
+    for q, n in rows:                                        # each step alone, against its own keys
+        p = torch.softmax(torch.matmul(q[:, None], key[0, :, :n].transpose(-1, -2))[:, 0] * 0.5, dim=-1)
         want_share.append(p[:, image].sum(-1))
         want_map.append(p[:, image].mean(0))
     for budget in (1 << 22, H * T):                           # one chunk; one row a chunk
-        rec = Recorder.__new__(Recorder)
-        rec.share, rec.maps = {0: []}, {0: []}
-        rec._deferred = {0: {"rows": list(rows), "key": key}}
-        Recorder._finish_layer(rec, 0, budget=budget)
-        pos = np.concatenate([c[0] for c in rec.share[0]])
-        assert pos.tolist() == [3, 4, 6] and not rec._deferred
-        share = torch.cat([c[1] for c in rec.share[0]], dim=1)
-        maps = torch.cat([c[1] for c in rec.maps[0]], dim=0)
+        dr = DeferredRows()
+        for q, n in rows:
+            dr.stage(0, q, n, n - 1, image, 0.5, key[:, :, :n])
+        dr.commit()
+        dr.stage(0, torch.randn(H, d), T, T, image, 0.5, key)  # a step of a forward that raised: never scored
+        dr.drop_staged()
+        chunks = dr.finish(0, budget=budget)
+        pos = np.concatenate([c[0] for c in chunks])
+        assert pos.tolist() == [3, 4, 6] and 0 not in dr
+        share = torch.cat([c[1] for c in chunks], dim=1)
+        maps = torch.cat([c[2] for c in chunks], dim=0)
         torch.testing.assert_close(share, torch.stack(want_share, 1), rtol=0, atol=1e-6)
         torch.testing.assert_close(maps, torch.stack(want_map, 0), rtol=0, atol=1e-6)
 
@@ -147,12 +151,12 @@ def test_a_forward_that_raised_leaves_nothing_half_recorded(tiny, image):
         finally:
             h.remove()
         rec = lens.recorder
-        assert sorted(row[0] for row in rec._staged) == [0, 1, 2]
-        assert {l: len(d["rows"]) for l, d in rec._deferred.items()} == {l: 1 for l in range(tiny.n_layers)}
+        assert sorted(layer for layer, _ in rec._deferred._staged) == [0, 1, 2]
+        assert [rec._deferred.rows(l) for l in range(tiny.n_layers)] == [1] * tiny.n_layers
         shares = {l: len(v) for l, v in rec.share.items()}
         rec.begin_forward(torch.zeros(1, 1, int(tiny.text_config.hidden_size)), torch.tensor([n + 1]))
         rec.flush()
-        assert rec._staged == [] and all(len(d["rows"]) == 1 for d in rec._deferred.values())
+        assert rec._deferred._staged == [] and [rec._deferred.rows(l) for l in range(tiny.n_layers)] == [1] * tiny.n_layers
         rec.finish()                    # the finished step only: one decoding row more per layer
     assert rec._pending == [] and {l: len(v) for l, v in rec.share.items()} == {l: k + 1 for l, k in shares.items()}
     assert all(pos.tolist() == [n] for l in range(tiny.n_layers) for pos, _ in rec.share[l][-1:])

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
+from .decoding_rows import DeferredRows
+
 
 def _as_slice(index: torch.Tensor):
     """A 1-D index of consecutive integers as the slice it is (a view instead of a gather), else itself."""
@@ -68,8 +70,7 @@ class Recorder:
         self.cross_layers: frozenset = frozenset()  # layers reading the image by cross-attention (set by the lens)
         self.cross_maps: dict[int, list] = {}       # cross layer -> [(positions, [R, image keys])]
         self._pending: list = []                    # this forward's layers whose statistics wait (see flush)
-        self._staged: list = []                     # this forward's decoding rows, deferred once it ends (see flush)
-        self._deferred: dict = {}                   # layer -> decoding rows waiting for the end (see finish)
+        self._deferred = DeferredRows()             # decoding steps' rows, scored when the run ends (see finish)
         self._image = positions.image_pos.tolist()
         self._image_set = frozenset(self._image)
         self._decode_keys = None     # (row index [0], the image keys) of a decoding step (see _rows)
@@ -132,7 +133,8 @@ class Recorder:
                     self._decode_keys = (torch.zeros(1, dtype=torch.long, device=qpos.device), _as_slice(image_pos))
                 row, keys = self._decode_keys
                 return {"qpos": qnp, "whole": True, "empty": False, "cols": None, "img_keys": keys, "rows": slice(0, 1),
-                        "defer": True, "chunks": [{"r": slice(0, 1), "r_index": row, "mrows": slice(None), "map_pos": qnp, "at": None}]}
+                        "defer": True,
+                        "chunks": [{"r": slice(0, 1), "r_index": row, "mrows": slice(None), "map_pos": qnp, "at": None}]}
             q_img = torch.tensor([t in self._image_set], device=qpos.device)
             rows = torch.arange(int(not q_img[0] and t > first), device=qpos.device)
         else:
@@ -175,16 +177,12 @@ class Recorder:
         blocked = None if plan["empty"] else self._pos.derived(f"blocked:{chunk}", (qpos, kpos, allowed), lambda: [
             None if bool(allowed[c["r_index"]].all()) else ~allowed[c["r_index"]][None] for c in plan["chunks"]])
         if plan.get("defer") and blocked[0] is None:
-            # a generated token reading every key from position 0 on: its query is kept and its scores are
-            # taken with every other decoding step's when the run ends (:meth:`finish`), against the newest
-            # keys of the layer -- a cache that holds every position only grows, so each step's keys are
-            # their first rows
-            self._staged.append((layer, query[0, :, 0, :], kpos.numel(), int(qpos[0]), plan["img_keys"], scale))
-            d = self._deferred.setdefault(layer, {"rows": [], "key": None})
-            d["key"] = key                 # the newest keys (a superset of every earlier step's)
+            # a generated token reading every key from position 0 on: scored with the layer's other
+            # decoding steps when the run ends (vlmlens.decoding_rows)
+            self._deferred.stage(layer, query[0, :, 0, :], kpos.numel(), int(qpos[0]), plan["img_keys"], scale, key)
             return
         if layer in self._deferred:        # rows recorded after the waiting ones: those first
-            self._finish_layer(layer)
+            self._finish_deferred(layer)
         if plan["empty"]:
             self.share[layer].append((plan["qpos"], plan["full"].cpu()))
             return
@@ -233,16 +231,14 @@ class Recorder:
     def begin_forward(self, hidden: torch.Tensor, pos: torch.Tensor) -> None:
         """A forward begins: ``hidden`` [1, q, d] enters the first layer at positions ``pos``."""
         self._pending = []      # a forward that raised left its layers unfinished: they are not recorded
-        self._staged = []
+        self._deferred.drop_staged()
         self.store_hidden(0, hidden, pos)
 
     def flush(self) -> "Recorder":
         """The forward ended: its decoding rows join the deferred ones (:meth:`finish`), and the statistics of
         the layers waiting since it began are finished: one softmax, sum and mean over all of them together
         (the numbers of one layer at a time, bit for bit)."""
-        for layer, q, n_keys, t, img_keys, scale in self._staged:
-            self._deferred[layer]["rows"].append((q, n_keys, t, img_keys, scale))
-        self._staged = []
+        self._deferred.commit()
         groups: dict = {}
         for layer, plan, s in self._pending:
             groups.setdefault((id(plan), tuple(s.shape)), (plan, []))[1].append((layer, s))
@@ -259,34 +255,14 @@ class Recorder:
     def finish(self) -> "Recorder":
         """Everything recorded so far finished: the forward's waiting layers and every deferred decoding row."""
         self.flush()
-        for layer in list(self._deferred):
-            self._finish_layer(layer)
+        for layer in self._deferred.layers():
+            self._finish_deferred(layer)
         return self
 
-    def _finish_layer(self, layer: int, budget: int = 1 << 22) -> None:
-        """The deferred decoding rows of ``layer``: their scores against the layer's newest keys, each row's
-        softmax over the keys it read (the first ``n_keys``: the cache as it was at its step), then its
-        share and map as a decoding step records them; chunks of rows keep ``[H, rows, keys]`` within
-        ``budget`` values."""
-        d = self._deferred.pop(layer)
-        rows, key = d["rows"], d["key"]
-        if not rows:
-            return
-        n_rep = rows[0][0].shape[0] // key.shape[1]
-        k = repeat_kv(key, n_rep)[0].float().transpose(-1, -2)              # [H, d, keys]
-        n_keys = k.shape[-1]
-        step = max(1, budget // (k.shape[0] * n_keys))
-        order = torch.arange(n_keys, device=k.device)
-        for a in range(0, len(rows), step):
-            part = rows[a:a + step]
-            q = torch.stack([r[0] for r in part], dim=1).float()            # [H, R, d]
-            s = torch.matmul(q, k) * part[0][4]
-            seen = torch.tensor([r[1] for r in part], device=k.device)
-            s = s.masked_fill(order[None, None, :] >= seen[None, :, None], float("-inf"))
-            p = torch.softmax(s, dim=-1)[:, :, part[0][3]]                  # [H, R, image keys]
-            pos = np.array([r[2] for r in part], dtype=np.int64)
-            self.share[layer].append((pos, p.sum(-1).cpu()))
-            self.maps[layer].append((pos, p.mean(0).cpu()))
+    def _finish_deferred(self, layer: int) -> None:
+        for pos, shares, maps in self._deferred.finish(layer):
+            self.share[layer].append((pos, shares))
+            self.maps[layer].append((pos, maps))
 
     def _contributions(self, module, layer, query, key, value, qpos, kpos, allowed, scale) -> None:
         """For the query at the last prompt token: the attention row ``a[h, j] = softmax_j(q_h .

@@ -217,6 +217,13 @@ def token_counts(lm, image, prompt: str) -> dict:
     return {"system": s, "image": int(len(pos)), "text": n - s - int(len(pos))}
 
 
+def time_weighted(prefill_share: float, prefill_saving: float, decode_saving: float) -> float:
+    """The FLOP savings of prefill and decoding weighted by the share of the baseline's measured time each
+    takes (``prefill_share``; decoding the rest): what the theory predicts for latency where a decoding
+    step costs its weight reads, not its FLOPs."""
+    return float(prefill_share * prefill_saving + (1 - prefill_share) * decode_saving)
+
+
 def timed_generate(lm, inputs, img_pos, n_new: int, ivs) -> list[float]:
     """Seconds from the start of one greedy ``generate`` of exactly ``n_new`` tokens through the lens
     (``ivs`` applied, nothing recorded) to each token it chose: ``[0]`` is the prefill (the first
@@ -323,11 +330,9 @@ def compute_tradeoff(lm, image, prompt: str, depths=None, *, n_steps: int = 8, r
         for key in ("prefill", "decode", "total"):
             base = m[f"{key}_s"][b]
             out[f"measured_{key}_saving"] = [float(1 - x / base) if base > 0 else 0.0 for x in m[f"{key}_s"]]
-        # the FLOP theory prices a decoding step at its arithmetic, a few percent of the prefill, where it
-        # costs reading every weight: each phase's FLOP saving weighted by the baseline's measured time in it
         pre, dec = m["prefill_s"][b], m["decode_s"][b]
         share = pre / (pre + dec) if pre + dec > 0 else 1.0
         out["prefill_time_share"] = float(share)
-        out["time_weighted_saving"] = [float(share * p + (1 - share) * d)
-                                       for p, d in zip(out["prefill_saving"], out["decode_saving"])]
+        out["time_weighted_saving"] = [time_weighted(share, p, d) for p, d in zip(out["prefill_saving"],
+                                                                                  out["decode_saving"])]
     return out

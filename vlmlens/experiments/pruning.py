@@ -100,7 +100,7 @@ def compare_pruning(lm, image, prompt: str, methods: dict | None = None, *, max_
         if progress and i:
             progress(i, len(plan.methods), v.key)
     if latency:
-        from ..analysis.compute import measure_methods_latency
+        from ..analysis.compute import measure_methods_latency, time_weighted
 
         from .downsample import downsample_to
 
@@ -115,8 +115,8 @@ def compare_pruning(lm, image, prompt: str, methods: dict | None = None, *, max_
             r.latency = {"prefill_s": p, "total_s": t, "prefill_saving": 1 - p / p0 if p0 > 0 else 0.0,
                          "total_saving": 1 - t / t0_ if t0_ > 0 else 0.0, "repeats": repeats,
                          "prefill_time_share": share,
-                         "time_weighted_saving": share * r.savings["prefill_saving"]
-                         + (1 - share) * r.savings["decode_saving"]}
+                         "time_weighted_saving": time_weighted(share, r.savings["prefill_saving"],
+                                                               r.savings["decode_saving"])}
     return PruningComparison(lm.name, s.prep.prompt, s.baseline.run.generated_text, lm.n_layers, len(s.prep.image_pos),
                              truth, res, round(time.perf_counter() - t0, 3))
 
