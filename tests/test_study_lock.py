@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -103,12 +104,18 @@ def test_two_commands_on_one_out(tmp_path):
     t0 = time.time()
     while not (out / LOCK).exists() and first.poll() is None and time.time() - t0 < 120:
         time.sleep(0.05)
-    second = subprocess.run([*base, "--out", str(out), "--resume"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
+    # The first is paused (a live process, as one busy on a long row is) while the second starts, so
+    # a fast host cannot finish the first study before the second looks at the directory.
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        assert first.poll() is None and (out / LOCK).exists(), "the first study ended before it could be paused"
+        second = subprocess.run([*base, "--out", str(out), "--resume"], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=300)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     _out, err1 = first.communicate(timeout=300)
     assert first.returncode == 0, err1[-2000:]
-    if "in use by another study" not in second.stderr:       # the first ended before the second looked
-        pytest.fail(f"the first study was not running when the second started; stderr: {second.stderr[-500:]}")
+    assert "in use by another study" in second.stderr, second.stderr[-500:]
     assert second.returncode == 2 and f"PID {first.pid}" in second.stderr and "Traceback" not in second.stderr
     assert "Loading weights" not in second.stderr           # refused before it loaded the model
     rows = _rows(out)
