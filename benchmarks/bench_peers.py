@@ -37,7 +37,7 @@ meets keeps torchvision out; TransformerLens 4.3 runs ``pip install torchvision`
 load a processor by name, which offline is always, and that pip then refuses too):
 
     python -m venv --system-site-packages .venv-peers
-    printf 'torch==2.13.0\\ntransformers==5.24.0\\ntorchvision==0.0.0\\n' > .venv-peers/constraints.txt
+    printf 'torch==2.13.0\\ntransformers==5.25.0\\ntorchvision==0.0.0\\n' > .venv-peers/constraints.txt
     PIP_CONSTRAINT=.venv-peers/constraints.txt .venv-peers/bin/pip install nnsight==0.8.1 transformer-lens==4.3.0
     PIP_CONSTRAINT=.venv-peers/constraints.txt .venv-peers/bin/python benchmarks/bench_peers.py --model tiny-shapes
     PIP_CONSTRAINT=.venv-peers/constraints.txt .venv-peers/bin/python benchmarks/bench_peers.py --model mid --image-tokens 576

@@ -7,7 +7,7 @@
 #   FastV K=2 R=50 %: theory vs measured latency saving                           (bench_pruning.py)
 #
 # On the device machine (its image has an older transformers: carry the pinned wheel in .whl/,
-#   pip download transformers==5.24.0 --no-deps -d .whl):
+#   pip download transformers==5.25.0 --no-deps -d .whl):
 #   bash benchmarks/gpu_7b.sh "$OUT"           # each script writes its section of BENCHMARKS.md there;
 #                                              # the file and the logs are copied into $OUT
 # (through the device tool: command "bash benchmarks/gpu_7b.sh $OUT", carry [".whl"], timeout_s 420), then here:
@@ -23,11 +23,11 @@ if [ "${DRY:-0}" = 1 ]; then
   ARGS=(--preset small --device cpu --dtype float32 --no-write); SIDES=8,12; VIDEO=112x112; LIMIT=300
 else
   ARGS=(--preset 7b --device cuda --dtype bfloat16); SIDES=54,68; VIDEO=448x448,672x672; LIMIT=150
-  if ! "$PY" -c 'import sys, transformers; sys.exit(transformers.__version__ != "5.24.0")'; then
-    WHEEL=.whl/transformers-5.24.0-py3-none-any.whl
+  if ! "$PY" -c 'import sys, transformers; sys.exit(transformers.__version__ != "5.25.0")'; then
+    WHEEL=.whl/transformers-5.25.0-py3-none-any.whl
     if [ ! -f "$WHEEL" ]; then
-      echo "this machine's transformers is not 5.24.0 and $WHEEL is missing: run" \
-           "'pip download transformers==5.24.0 --no-deps -d .whl' where packages can be fetched, and carry .whl" \
+      echo "this machine's transformers is not 5.25.0 and $WHEEL is missing: run" \
+           "'pip download transformers==5.25.0 --no-deps -d .whl' where packages can be fetched, and carry .whl" \
         | tee "$OUT/summary.txt"
       exit 2
     fi

@@ -12,7 +12,7 @@ questions capture and the dashboard need without family-specific ``if``s at the 
     heat = info.to_grid(per_image_token_values)     # (rows, cols) heatmap over the image
     logits = arch.unembed(model, hidden)            # logit lens: lm_head(final_norm(h))
 
-Verified against transformers 5.23 with the tiny models in ``tiny_random`` (tests/test_arch.py).
+Verified against transformers 5.25 with the tiny models in ``tiny_random`` (tests/test_arch.py).
 """
 
 from __future__ import annotations
@@ -67,6 +67,10 @@ class Arch:
     image_token_on_tokenizer: bool = False  # the processor's own image_token_id is another token, or absent
     injections: str | None = None  # path of the decoder stack whose call carries DeepStack features (Qwen3-VL)
     cross_attention: bool = False  # the image is read by gated cross-attention layers, not in the sequence (Mllama)
+    # the text-config attribute the model's logits are multiplied by (Aya Vision's Cohere2 "logit_scale", applied
+    # by its forward since transformers 5.25); a family's own class decides, not the text config alone: LLaVA-NeXT
+    # over a Granite language model does not divide by the config's logits_scaling
+    logit_scale: str | None = None
     video: str | None = None  # how the lens reads a video: "qwen" (vlmlens.models.video_frames); None: images only
     _grid: Callable[..., GridInfo] = field(default=None, repr=False, compare=False)
     _grid_kwargs: tuple[str, ...] = field(default=(), repr=False, compare=False)  # which of processor/image
@@ -89,10 +93,14 @@ class Arch:
         return model.get_output_embeddings()
 
     def unembed(self, model, hidden: torch.Tensor) -> torch.Tensor:
-        """Logit lens: ``lm_head(final_norm(hidden))`` (plus the final logit soft-cap where a config sets
-        one), equal to the model's own logits when ``hidden`` is the last decoder layer's output."""
+        """Logit lens: ``lm_head(final_norm(hidden))`` (times the family's logit scale, and through the final
+        logit soft-cap where the config sets one), equal to the model's own logits when ``hidden`` is the last
+        decoder layer's output."""
         logits = self.lm_head(model)(self.final_norm(model)(hidden))
-        cap = getattr(self.text_config(model), "final_logit_softcapping", None)
+        config = self.text_config(model)
+        if self.logit_scale:
+            logits = logits * getattr(config, self.logit_scale)
+        cap = getattr(config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits

@@ -192,6 +192,7 @@ ARCHES: dict[str, Arch] = {
             _INTERNVL,
             family="aya_vision",
             model_class="AyaVisionForConditionalGeneration",
+            logit_scale="logit_scale",
             processor_class="AyaVisionProcessor",
             image_token="<|IMG_PATCH|>",
             grid_rule="<|START_OF_IMG|> TILE_i k x k per tile (row-major) then TILE_GLOBAL k x k <|END_OF_IMG|>; "
