@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 import socket
 import threading
@@ -673,12 +674,13 @@ def test_study_tab_opens_a_study_without_a_model(tmp_path, lm):
     assert res.n_items == 3
 
 
-def test_a_shown_runs_views_are_drawn_ahead(runs_dir, monkeypatch):
+def test_a_shown_runs_views_are_drawn_ahead(runs_dir, monkeypatch, caplog):
     """Opening a run draws, in the background, every figure its tabs show without a model: opening Attention,
     Heatmaps, Dynamics, Truncation and Compute afterwards draws nothing (each figure is in the run's cache)."""
     from vlmlens.ui.callbacks import Dashboard, new_session
     from vlmlens.ui.store import Derived
 
+    caplog.set_level(logging.DEBUG, logger="vlmlens.ui")   # a draw that failed in the background says why
     dash = Dashboard(no_model=True, runs_dir=runs_dir, default_run=CACHED[1])
     sess, info, *_ = dash.open_default(new_session())
     dash._prefetch.submit(lambda: None).result(timeout=300)   # one worker: this runs after the run's views
@@ -697,7 +699,7 @@ def test_a_shown_runs_views_are_drawn_ahead(runs_dir, monkeypatch):
     dash.dynamics(sess, "image")
     dash.truncation_view(sess)
     dash.compute_view(sess)
-    assert drawn == [], drawn
+    assert drawn == [], (drawn, [r.getMessage() + "\n" + (r.exc_text or "") for r in caplog.records])
 
 
 def test_a_figure_cut_short_by_the_program_ending_is_not_reported_as_a_bug(caplog):
