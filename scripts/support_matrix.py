@@ -74,14 +74,21 @@ NOTES = """## Families with their own semantics
   without cross-attention, LLaVA-CAM, batches; every view of the sequence's image tokens (attention share,
   heatmaps, geometry, movement, the stage proxies) says "not defined" instead of drawing the placeholder.
   Tested in `tests/test_cross_attention.py`, `tests/test_capture.py` and the matrix above.
+* **Mistral 3 (Pixtral's layout).** transformers' `PixtralProcessor` cannot be imported without torchvision;
+  `vlmlens/models/pixtral_processor.py` is the same processor on the PIL image processor (a checkpoint's files
+  load into it). The picture keeps its aspect ratio: (h/28) x (w/28) image tokens, every row ended by an
+  `[IMG_BREAK]` and the last by `[IMG_END]`. Those two are text tokens of the vocabulary, so they count as
+  text rows (queries) and are never cut, frozen or pruned with the image; the heatmaps place the `[IMG]`
+  tokens only. A batch pads each picture with zeros below and to the right (the tower reads each one only as
+  far as its `image_sizes`).
 * **PaliGemma (prefix-LM)** and **Gemma 3 (bidirectional image block).** Every intervention starts from
   the model's own mask: the prefix (PaliGemma) or the image (Gemma 3) reads both ways, also where rows
   were removed.
 
 ## Not opened yet (each says why)
 
-* `mistral3` / `pixtral`, `lighton_ocr`: transformers' `PixtralProcessor` imports its torchvision image
-  processor, and vlmlens does not install torchvision.
+* Pixtral-12B (`llava` with a Pixtral tower), `lighton_ocr`: their token layout is `mistral3`'s, but their
+  `llava` / own classes are not yet given Pixtral's grid and processor.
 * `llama4`, `lfm2_vl`, `cohere2_vision`, `perception_lm`: transformers ships only torchvision image
   processors for them.
 * `idefics2`: its perceiver resampler turns the image into 64 latents with no position on the image, so

@@ -68,7 +68,9 @@ def test_modules_and_text_config(family):
     model, proc = tiny(family)
     arch = get_arch(family)
     assert arch.model_class == type(model).__name__
-    assert arch.processor_class in [c.__name__ for c in type(proc).__mro__]
+    # transformers' PixtralProcessor cannot be imported without torchvision: ours stands in for it
+    offline = {"PixtralProcessor": "PixtralProcessorPil"}.get(arch.processor_class, arch.processor_class)
+    assert offline in [c.__name__ for c in type(proc).__mro__]
     layers = arch.decoder_layers(model)
     cfg = arch.text_config(model)
     assert isinstance(layers, torch.nn.ModuleList)

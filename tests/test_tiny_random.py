@@ -10,6 +10,7 @@ import transformers
 from PIL import Image
 
 from vlmlens.models.families import get_arch
+from vlmlens.models.pixtral_processor import PixtralProcessorPil
 
 from vlmlens.models.tiny_random import FAMILIES, build_random
 
@@ -43,6 +44,7 @@ MODEL_CLASS = {
     "qwen3_5": transformers.Qwen3_5ForConditionalGeneration,
     "qwen3_5_moe": transformers.Qwen3_5MoeForConditionalGeneration,
     "mllama": transformers.MllamaForConditionalGeneration,
+    "mistral3": transformers.Mistral3ForConditionalGeneration,
 }
 PROCESSOR_CLASS = {
     "llava": transformers.LlavaProcessor,
@@ -69,6 +71,7 @@ PROCESSOR_CLASS = {
     "qwen3_5": transformers.Qwen3VLProcessor,
     "qwen3_5_moe": transformers.Qwen3VLProcessor,
     "mllama": transformers.MllamaProcessor,
+    "mistral3": PixtralProcessorPil,          # transformers' PixtralProcessor needs torchvision
 }
 # placeholder the chat template inserts for one image (the processor expands it)
 TEMPLATE_IMAGE = {
@@ -96,6 +99,7 @@ TEMPLATE_IMAGE = {
     "qwen3_5": "<|vision_start|><|image_pad|><|vision_end|>",
     "qwen3_5_moe": "<|vision_start|><|image_pad|><|vision_end|>",
     "mllama": "<|image|>",
+    "mistral3": "[IMG]",
 }
 
 
@@ -122,7 +126,7 @@ def test_families_listed():
     assert FAMILIES == ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3", "smolvlm",
                         "llava_onevision", "aya_vision", "glm4v", "paligemma", "qwen3_vl", "qwen3_vl_moe", "glm46v",
                         "glm4v_moe", "vipllava", "llava_next_video", "video_llava", "deepseek_vl", "janus",
-                        "qwen3_5", "qwen3_5_moe", "mllama")
+                        "qwen3_5", "qwen3_5_moe", "mllama", "mistral3")
 
 
 def test_unknown_family_names_supported_ones():

@@ -53,6 +53,15 @@ def _pad_tiles(vals: list[torch.Tensor]) -> list[torch.Tensor]:
             for v in vals]
 
 
+def _pad_pixels(vals: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Images of different sizes, zero-padded below and to the right to the largest (the forward reads each one
+    only as far as its ``image_sizes``)."""
+    if any(v.dim() < 3 or v.shape[:-2] != vals[0].shape[:-2] for v in vals):
+        return vals
+    h, w = max(v.shape[-2] for v in vals), max(v.shape[-1] for v in vals)
+    return [torch.nn.functional.pad(v, (0, w - v.shape[-1], 0, h - v.shape[-2])) for v in vals]
+
+
 def collate(lm, preps: Sequence[Prepared]) -> tuple[dict, list[BatchRow]]:
     """One padded batch of prepared items: (model inputs, one BatchRow per item).
 
@@ -105,6 +114,8 @@ def collate(lm, preps: Sequence[Prepared]) -> tuple[dict, list[BatchRow]]:
             continue
         if any(v.shape[1:] != vals[0].shape[1:] for v in vals) and k in lm.arch.tile_inputs:
             vals = _pad_tiles(vals)
+        if any(v.shape[1:] != vals[0].shape[1:] for v in vals) and k in lm.arch.sized_inputs:
+            vals = _pad_pixels(vals)
         if any(v.shape[1:] != vals[0].shape[1:] for v in vals):
             shapes = sorted({tuple(v.shape) for v in vals})
             raise BatchError(f"input {k!r} has different shapes across items ({shapes}), which this family's forward"

@@ -64,6 +64,9 @@ class Arch:
     # has them, so a batch pads them with zero tiles (LLaVA-NeXT slices by image_sizes; Idefics3 drops
     # all-zero tiles and their pixel_attention_mask)
     tile_inputs: tuple[str, ...] = ()
+    # inputs whose last two dimensions (pixel rows, columns) the forward reads only as far as ``image_sizes`` says
+    # (Pixtral crops each image's patches to its size), so a batch pads them with zeros below and to the right
+    sized_inputs: tuple[str, ...] = ()
     image_token_on_tokenizer: bool = False  # the processor's own image_token_id is another token, or absent
     injections: str | None = None  # path of the decoder stack whose call carries DeepStack features (Qwen3-VL)
     cross_attention: bool = False  # the image is read by gated cross-attention layers, not in the sequence (Mllama)

@@ -4,7 +4,7 @@ Every image token (an occurrence of the family's image-token id in ``input_ids``
 order, 0-based) belongs to exactly one ``GridSegment``: a rows x cols raster of tokens covering a box of
 the original image. ``GridInfo`` lists the segments and names a *primary* drawable grid:
 
-* ``raster`` (LLaVA, Qwen2-VL, Qwen2.5-VL, Gemma3, single-tile InternVL/Idefics3): one segment; the
+* ``raster`` (LLaVA, Qwen2-VL, Qwen2.5-VL, Gemma3, Mistral 3, single-tile InternVL/Idefics3): one segment; the
   tokens are the primary grid in row-major order and ``rows * cols == n_image_tokens``.
 * ``base+anyres`` (LLaVA-NeXT): ``[base k x k | anyres grid, each row followed by one newline token]``.
   The primary grid is the base grid (k x k; the base image is the whole picture squashed to a square).
@@ -148,6 +148,20 @@ def qwen_grid(inputs: dict, n: int) -> GridInfo:
     if merge is None or t != 1:
         raise ValueError(f"image_grid_thw {(t, h, w)} does not match {n} image tokens")
     return raster(h // merge, w // merge, n)
+
+
+def pixtral_grid(inputs: dict, n: int) -> GridInfo:
+    """Mistral 3 / Pixtral: ``image_sizes`` = (h, w) pixels of the resized picture, a whole number of tokens of
+    s x s pixels each side (s = patch x merge, inferred here from the token count); the tokens are (h/s) x (w/s)
+    in raster order. The [IMG_BREAK] ending each row and the [IMG_END] are text tokens, not counted."""
+    sizes = inputs["image_sizes"]
+    if len(sizes) != 1:
+        raise ValueError(f"expected exactly one image, got image_sizes with {len(sizes)} rows")
+    h, w = (int(x) for x in sizes[0])
+    side = _isqrt_exact(h * w // n) if n and (h * w) % n == 0 else None
+    if side is None or h % side or w % side:
+        raise ValueError(f"image_sizes {(h, w)} does not match {n} image tokens")
+    return raster(h // side, w // side, n)
 
 
 def frame_layout(n_slots: int) -> tuple[int, int]:

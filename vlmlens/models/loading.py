@@ -279,8 +279,12 @@ def _load_processor(path: str, arch: Arch, trust_remote_code: bool):
             return attach_video_processor(proc, arch, path)
     except (ImportError, AttributeError, ValueError, TypeError, OSError) as e:
         error = e
-    cls = getattr(transformers, arch.processor_class, None)
     try:
+        if arch.processor_class == "PixtralProcessor":        # transformers' cannot be imported without torchvision
+            from .pixtral_processor import PixtralProcessorPil
+
+            return PixtralProcessorPil.from_pretrained(path, trust_remote_code=trust_remote_code)
+        cls = getattr(transformers, arch.processor_class, None)
         if cls is None:
             raise ValueError(f"transformers has no {arch.processor_class}")
         return attach_video_processor(without_video_processor(cls).from_pretrained(

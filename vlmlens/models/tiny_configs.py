@@ -145,6 +145,15 @@ def tiny_config(family: str, spec: TinyProcessorSpec, processor):
         text = transformers.MllamaTextConfig(**_text_kwargs(tok, layers=4, kv_heads=2), cross_attention_layers=[1, 3])
         return transformers.MllamaConfig(vision_config=vision, text_config=text,
                                          image_token_index=processor.image_token_id)
+    if family == "mistral3":
+        # Pixtral tower (2D rotary positions, one sequence of every image's patches) and Mistral's patch merger
+        # (2x2 patches -> one token); the language model reads the last tower layer
+        vision = transformers.PixtralVisionConfig(**_vision_kwargs(s, p), head_dim=16)
+        return transformers.Mistral3Config(
+            vision_config=vision, text_config=transformers.MistralConfig(**_text_kwargs(tok, layers=2, kv_heads=2)),
+            image_token_index=processor.image_token_id, spatial_merge_size=spec.extra["merge_size"],
+            vision_feature_layer=-1, tie_word_embeddings=False,
+        )  # fmt: skip
     if family == "paligemma":
         text = _text_kwargs(tok, layers=2, kv_heads=2)
         text.update(head_dim=_HIDDEN // _HEADS)

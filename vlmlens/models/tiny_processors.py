@@ -182,6 +182,19 @@ def build_processor(spec: TinyProcessorSpec):
         ip = transformers.DeepseekVLImageProcessorPil(size={"height": s, "width": s})
         return transformers.DeepseekVLProcessor(image_processor=ip, tokenizer=tok, chat_template=tpl,
                                                 num_image_tokens=spec.image_seq_len)
+    if f == "mistral3":
+        tok = make_tokenizer(["[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]"], bos="<s>", eos="</s>")
+        ip = transformers.PixtralImageProcessorPil(size={"longest_edge": s}, patch_size=p * spec.extra["merge_size"])
+        tpl = chat_template(
+            start="<s>",
+            roles={"user": ("[INST]", "[/INST]"), "assistant": ("", "</s>"), "system": ("", "\n\n")},
+            image="[IMG]",
+            generation_prompt="",
+        )
+        from .pixtral_processor import PixtralProcessorPil      # transformers' PixtralProcessor needs torchvision
+
+        return PixtralProcessorPil(image_processor=ip, tokenizer=tok, patch_size=p,
+                                   spatial_merge_size=spec.extra["merge_size"], chat_template=tpl)
     if f == "mllama":
         tok = make_tokenizer(["<|image|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
                              bos="<|begin_of_text|>", eos="<|eot_id|>")

@@ -1,0 +1,79 @@
+"""Mistral 3 (Pixtral's token layout) through vlmlens's torchvision-free processor."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vlmlens as vl
+from vlmlens.models.families import get_arch
+from vlmlens.models.pixtral_processor import PixtralProcessorPil
+from vlmlens.models.tiny_random import build_random
+
+from tests._models import random_lm
+
+PROMPT = "What is in the image?"
+
+
+def test_the_image_becomes_rows_of_tokens_each_ended_by_a_break():
+    """A 96 x 64 picture on the tiny processor (longest edge 64 px, 16 px a token): scaled by 1/1.5 to 64 x 42, then
+    up to whole tokens, 64 x 48 -> 3 rows of 4 [IMG], a [IMG_BREAK] after rows 1 and 2, [IMG_END] after row 3."""
+    _, proc = build_random("mistral3")
+    arch = get_arch("mistral3")
+    inputs = arch.build_inputs(proc, Image.new("RGB", (96, 64), (200, 30, 30)), PROMPT)
+    assert tuple(inputs["pixel_values"].shape) == (1, 3, 48, 64) and inputs["image_sizes"].tolist() == [[48, 64]]
+    toks = proc.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+    start = toks.index("[IMG]")
+    row = ["[IMG]"] * 4
+    assert toks[start:start + 15] == [*row, "[IMG_BREAK]", *row, "[IMG_BREAK]", *row, "[IMG_END]"]
+    assert "[IMG]" not in toks[start + 15:]
+    n = int((inputs["input_ids"] == proc.image_token_id).sum())
+    info = arch.grid_info(inputs, n)
+    assert (info.rows, info.cols, info.exact) == (3, 4, True)
+    assert info.index_map().tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    with pytest.raises(ValueError, match="does not match 11 image tokens"):
+        arch.grid_info(inputs, 11)
+
+
+def test_a_tall_picture_keeps_its_aspect_ratio_on_the_heatmap():
+    """30 x 90 px: scaled by 1/1.40625 to 21 x 64, then up to whole tokens, 32 x 64 -> 4 rows of 2 tokens; the run
+    draws them as a 4 x 2 raster, token i at divmod(i, 2)."""
+    lm = random_lm("mistral3")
+    run = vl.capture(lm, Image.new("RGB", (30, 90), (20, 200, 30)), PROMPT, max_new_tokens=2)
+    assert run.image_grid == (4, 2) and run.meta["grid_order"] == "raster" and run.meta["grid_exact"]
+    assert run.grid_index.tolist() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    ids = run.token_ids
+    breaks = [i for i, t in enumerate(ids) if t == lm.processor.image_break_token_id]
+    img = [i for i, t in enumerate(ids) if t == lm.processor.image_token_id]
+    assert len(img) == 8 and len(breaks) == 3 and all(img[2 * r + 1] + 1 == breaks[r] for r in range(3))
+
+
+def test_a_checkpoint_folder_naming_transformers_processor_loads_into_ours(tmp_path, image):
+    """A real checkpoint's processor_config.json names PixtralProcessor (which needs torchvision here): the folder
+    loads into PixtralProcessorPil and captures exactly as the built model does."""
+    model, proc = build_random("mistral3")
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    cfg = tmp_path / "processor_config.json"
+    doc = json.loads(cfg.read_text())
+    doc["processor_class"] = "PixtralProcessor"
+    cfg.write_text(json.dumps(doc))
+    lm = vl.load_model(str(tmp_path), device="cpu", dtype="float32")
+    assert isinstance(lm.processor, PixtralProcessorPil) and lm.family == "mistral3"
+    ref = random_lm("mistral3")
+    lm.model.generation_config.suppress_tokens = ref.model.generation_config.suppress_tokens
+    a = vl.capture(lm, image, PROMPT, max_new_tokens=3, hidden_dtype="float32")
+    b = vl.capture(ref, image, PROMPT, max_new_tokens=3, hidden_dtype="float32")
+    assert a.token_ids == b.token_ids
+    assert np.abs(a.hidden_states - b.hidden_states).max() <= 1e-5
+
+
+def test_a_batch_pads_each_picture_below_and_to_the_right_only():
+    from vlmlens.experiments.batch import _pad_pixels
+
+    a, b = torch.ones(1, 3, 2, 4), torch.full((1, 3, 3, 2), 2.0)
+    pa, pb = _pad_pixels([a, b])
+    assert pa.shape == pb.shape == (1, 3, 3, 4)
+    assert torch.equal(pa[..., :2, :4], a) and pa[..., 2:, :].abs().sum() == 0
+    assert torch.equal(pb[..., :3, :2], b) and pb[..., :, 2:].abs().sum() == 0
