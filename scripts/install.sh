@@ -32,9 +32,11 @@ fi
 # torch first, pinned to the CPU wheel; an unpinned torch would pull GBs of CUDA packages.
 # (With a CUDA machine, install your CUDA torch build first: requirements.txt accepts any torch>=2.4.)
 $PY -c "import torch" 2>/dev/null || $PY -m pip install -q --disable-pip-version-check torch==2.13.0
-$PY -m pip install -q --disable-pip-version-check -r requirements.txt
+# the versions the tests last passed with (constraints.txt), unless VLMLENS_LATEST=1 asks for the newest
+PIN=(-c constraints.txt); [ "${VLMLENS_LATEST:-0}" = 1 ] && PIN=()
+$PY -m pip install -q --disable-pip-version-check "${PIN[@]}" -r requirements.txt
 if [ "$DEV" = 1 ]; then
-  $PY -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+  $PY -m pip install -q --disable-pip-version-check "${PIN[@]}" -r requirements-dev.txt
 fi
 # the package itself, editable: `import vlmlens` works from any folder (its dependencies are above)
 $PY -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
