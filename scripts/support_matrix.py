@@ -91,6 +91,9 @@ NOTES = """## Families with their own semantics
   `llava` / own classes are not yet given Pixtral's grid and processor.
 * `llama4`, `lfm2_vl`, `cohere2_vision`, `perception_lm`: transformers ships only torchvision image
   processors for them.
+* `gemma4`: its decoder layers also read per-layer token embeddings and, on the small checkpoints, keys and
+  values shared from earlier layers; the lens's row removal (`remove` cuts, FastV) does not yet carry either,
+  so it is not opened until both are handled and tested against an eager reference.
 * `idefics2`: its perceiver resampler turns the image into 64 latents with no position on the image, so
   no heatmap of them would mean anything; not opened until the dashboard can say so in every view.
 * `lfm2_vl`, `lfm3_vl`: hybrid stacks like Qwen3.5's (the lens handles them the same

@@ -45,6 +45,7 @@ MODEL_CLASS = {
     "qwen3_5_moe": transformers.Qwen3_5MoeForConditionalGeneration,
     "mllama": transformers.MllamaForConditionalGeneration,
     "mistral3": transformers.Mistral3ForConditionalGeneration,
+    "glm_ocr": transformers.GlmOcrForConditionalGeneration,
 }
 PROCESSOR_CLASS = {
     "llava": transformers.LlavaProcessor,
@@ -72,6 +73,7 @@ PROCESSOR_CLASS = {
     "qwen3_5_moe": transformers.Qwen3VLProcessor,
     "mllama": transformers.MllamaProcessor,
     "mistral3": PixtralProcessorPil,          # transformers' PixtralProcessor needs torchvision
+    "glm_ocr": transformers.Glm46VProcessor,
 }
 # placeholder the chat template inserts for one image (the processor expands it)
 TEMPLATE_IMAGE = {
@@ -100,6 +102,7 @@ TEMPLATE_IMAGE = {
     "qwen3_5_moe": "<|vision_start|><|image_pad|><|vision_end|>",
     "mllama": "<|image|>",
     "mistral3": "[IMG]",
+    "glm_ocr": "<|begin_of_image|><|image|><|end_of_image|>",
 }
 
 
@@ -126,7 +129,7 @@ def test_families_listed():
     assert FAMILIES == ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3", "smolvlm",
                         "llava_onevision", "aya_vision", "glm4v", "paligemma", "qwen3_vl", "qwen3_vl_moe", "glm46v",
                         "glm4v_moe", "vipllava", "llava_next_video", "video_llava", "deepseek_vl", "janus",
-                        "qwen3_5", "qwen3_5_moe", "mllama", "mistral3")
+                        "qwen3_5", "qwen3_5_moe", "mllama", "mistral3", "glm_ocr")
 
 
 def test_unknown_family_names_supported_ones():

@@ -170,6 +170,8 @@ ARCHES: dict[str, Arch] = {
         replace(_GLM4V, family="glm4v_moe", model_class="Glm4vMoeForConditionalGeneration",
                 notes="GLM-4.5V: " + _GLM4V.notes + "; mixture-of-experts MLPs after the first layer"),
         _GLM4V,
+        replace(_GLM4V, family="glm_ocr", model_class="GlmOcrForConditionalGeneration", processor_class="Glm46VProcessor",
+                notes="GLM-OCR: " + _GLM4V.notes + "; GLM-4.6V's processor"),
         replace(
             _QWEN2_VL,
             family="qwen2_5_vl",

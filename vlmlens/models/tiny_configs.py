@@ -67,7 +67,7 @@ def tiny_config(family: str, spec: TinyProcessorSpec, processor):
             vision_config=transformers.SiglipVisionConfig(**_vision_kwargs(s, p)), text_config=text_cfg,
             image_token_index=processor.image_token_id, downsample_factor=2, tie_word_embeddings=False,
         )  # fmt: skip
-    if family in ("glm4v", "glm46v", "glm4v_moe"):
+    if family in ("glm4v", "glm46v", "glm4v_moe", "glm_ocr"):
         return _glm4v(family, tok, p)
     if family == "llava_onevision":
         return transformers.LlavaOnevisionConfig(
@@ -219,6 +219,10 @@ def _glm4v(family: str, tok, patch: int):
         return transformers.Glm4vMoeConfig(
             text_config=transformers.Glm4vMoeTextConfig(**text, **moe, rope_parameters=rope),
             vision_config=transformers.Glm4vMoeVisionConfig(**vision), tie_word_embeddings=False, **marks)
+    if family == "glm_ocr":         # GLM-OCR: GLM-4.1V's layout, biased vision attention
+        return transformers.GlmOcrConfig(text_config=transformers.GlmOcrTextConfig(**text, rope_parameters=rope),
+                                         vision_config=transformers.GlmOcrVisionConfig(**vision),
+                                         tie_word_embeddings=False, **marks)
     cfg = transformers.Glm46VConfig if family == "glm46v" else transformers.Glm4vConfig
     return cfg(text_config=transformers.Glm4vTextConfig(**text, rope_parameters=rope),
                vision_config=transformers.Glm4vVisionConfig(**vision), tie_word_embeddings=False, **marks)

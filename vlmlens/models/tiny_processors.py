@@ -65,17 +65,17 @@ def build_processor(spec: TinyProcessorSpec):
                else without_video_processor(transformers.LlavaNextVideoProcessor))
         return cls(image_processor=ip, tokenizer=tok, patch_size=p, vision_feature_select_strategy="default",
                    num_additional_image_tokens=1, chat_template=tpl)
-    if f in ("glm4v", "glm4v_moe", "glm46v"):
+    if f in ("glm4v", "glm4v_moe", "glm46v", "glm_ocr"):
         names = ["<|image|>", "<|video|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
                  "<|end_of_video|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>"]
         tok = make_tokenizer(names, eos="<|endoftext|>")
         lo, hi = spec.extra["min_pixels"], spec.extra["max_pixels"]
-        ip = (transformers.Glm46VImageProcessorPil if f == "glm46v" else transformers.Glm4vImageProcessorPil)(
+        ip = (transformers.Glm46VImageProcessorPil if f in ("glm46v", "glm_ocr") else transformers.Glm4vImageProcessorPil)(
             patch_size=p, merge_size=spec.extra["merge_size"], temporal_patch_size=spec.extra["temporal_patch_size"],
             size={"shortest_edge": lo, "longest_edge": hi})
         tpl = chat_template(roles={r: (f"<|{r}|>\n", "") for r in ("system", "user", "assistant")},
                             image="<|begin_of_image|><|image|><|end_of_image|>", generation_prompt="<|assistant|>\n")
-        cls = transformers.Glm46VProcessor if f == "glm46v" else transformers.Glm4vProcessor
+        cls = transformers.Glm46VProcessor if f in ("glm46v", "glm_ocr") else transformers.Glm4vProcessor
         return without_video_processor(cls)(image_processor=ip, tokenizer=tok, chat_template=tpl)
     if f == "aya_vision":
         marks = ["<image>", "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", "TILE",

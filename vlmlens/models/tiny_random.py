@@ -29,6 +29,7 @@ glm4v             as qwen2_vl                  as qwen2_vl (GLM-4V's classes, pa
 paligemma         64 px, patch 16              16 (4x4 raster), before <bos> and the prompt (prefix-LM)
 qwen3_vl(_moe)    as qwen2_vl, 3 tower layers  as qwen2_vl; DeepStack adds tower layers 0, 1 to decoder layers 0, 1
 glm46v, glm4v_moe as glm4v                     as glm4v
+glm_ocr           as glm4v                     as glm4v (GLM-OCR's classes, GLM-4.6V's processor)
 vipllava          as llava                     as llava (features of the last two tower layers)
 llava_next_video  as llava_next                as llava_next (images; its video input is not read)
 video_llava       as llava (its image tower)   as llava
@@ -53,7 +54,7 @@ from .tiny_processors import TinyProcessorSpec, build_processor
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3",
                              "smolvlm", "llava_onevision", "aya_vision", "glm4v", "paligemma", "qwen3_vl",
                              "qwen3_vl_moe", "glm46v", "glm4v_moe", "vipllava", "llava_next_video",
-                             "video_llava", "deepseek_vl", "janus", "qwen3_5", "qwen3_5_moe", "mllama", "mistral3")
+                             "video_llava", "deepseek_vl", "janus", "qwen3_5", "qwen3_5_moe", "mllama", "mistral3", "glm_ocr")
 
 def _spec(family: str) -> TinyProcessorSpec:
     if family in ("llava", "vipllava", "video_llava"):
@@ -68,7 +69,7 @@ def _spec(family: str) -> TinyProcessorSpec:
     if family == "llava_onevision":
         return TinyProcessorSpec(family, image_size=32, patch_size=8, image_seq_len=16,
                                  extra={"image_grid_pinpoints": [[32, 64], [64, 32], [64, 64]]})
-    if family in ("qwen2_vl", "qwen2_5_vl", "glm4v", "qwen3_vl", "qwen3_vl_moe", "glm46v", "glm4v_moe", "qwen3_5",
+    if family in ("qwen2_vl", "qwen2_5_vl", "glm4v", "qwen3_vl", "qwen3_vl_moe", "glm46v", "glm4v_moe", "glm_ocr", "qwen3_5",
                   "qwen3_5_moe"):
         extra = {"merge_size": 2, "temporal_patch_size": 2, "min_pixels": 32 * 32, "max_pixels": 96 * 96}
         return TinyProcessorSpec(family, image_size=0, patch_size=8, extra=extra)
@@ -118,6 +119,7 @@ _MODEL_CLASSES = {
     "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
     "mllama": "MllamaForConditionalGeneration",
     "mistral3": "Mistral3ForConditionalGeneration",
+    "glm_ocr": "GlmOcrForConditionalGeneration",
 }
 
 
