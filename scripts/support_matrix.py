@@ -80,15 +80,17 @@ NOTES = """## Families with their own semantics
   `[IMG_BREAK]` and the last by `[IMG_END]`. Those two are text tokens of the vocabulary, so they count as
   text rows (queries) and are never cut, frozen or pruned with the image; the heatmaps place the `[IMG]`
   tokens only. A batch pads each picture with zeros below and to the right (the tower reads each one only as
-  far as its `image_sizes`).
+  far as its `image_sizes`). A `llava` checkpoint with a Pixtral tower (Pixtral-12B) is read the same way: its
+  processor files name `PixtralProcessor`, and the grid follows `image_sizes` (tested in `tests/test_pixtral.py`:
+  capture == plain generate, a batch of different sizes == one at a time).
 * **PaliGemma (prefix-LM)** and **Gemma 3 (bidirectional image block).** Every intervention starts from
   the model's own mask: the prefix (PaliGemma) or the image (Gemma 3) reads both ways, also where rows
   were removed.
 
 ## Not opened yet (each says why)
 
-* Pixtral-12B (`llava` with a Pixtral tower), `lighton_ocr`: their token layout is `mistral3`'s, but their
-  `llava` / own classes are not yet given Pixtral's grid and processor.
+* `lighton_ocr`: its token layout is `mistral3`'s, but its own classes are not yet given Pixtral's grid and
+  processor and tested.
 * `llama4`, `lfm2_vl`, `cohere2_vision`, `perception_lm`: transformers ships only torchvision image
   processors for them.
 * `gemma4`: its decoder layers also read per-layer token embeddings and, on the small checkpoints, keys and

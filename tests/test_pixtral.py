@@ -77,3 +77,70 @@ def test_a_batch_pads_each_picture_below_and_to_the_right_only():
     assert pa.shape == pb.shape == (1, 3, 3, 4)
     assert torch.equal(pa[..., :2, :4], a) and pa[..., 2:, :].abs().sum() == 0
     assert torch.equal(pb[..., :3, :2], b) and pb[..., :, 2:].abs().sum() == 0
+
+
+def _llava_pixtral(tmp_path):
+    """Pixtral-12B's structure, tiny: LLaVA's classes over a Pixtral tower (no patch merger: 8 px a token here),
+    saved as the checkpoint is, its processor files naming transformers' PixtralProcessor."""
+    import transformers
+
+    from vlmlens.models.offline_text import chat_template, make_tokenizer
+
+    tok = make_tokenizer(["[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]"], bos="<s>", eos="</s>")
+    tpl = chat_template(start="<s>", roles={"user": ("[INST]", "[/INST]"), "assistant": ("", "</s>"),
+                                            "system": ("", "\n\n")}, image="[IMG]", generation_prompt="")
+    proc = PixtralProcessorPil(image_processor=transformers.PixtralImageProcessorPil(size={"longest_edge": 64},
+                                                                                     patch_size=8),
+                               tokenizer=tok, patch_size=8, spatial_merge_size=1, chat_template=tpl)
+    vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=2, head_dim=16, image_size=64, patch_size=8)
+    text = transformers.MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                      bos_token_id=tok.bos_token_id, tie_word_embeddings=False)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=proc.image_token_id,
+                                      vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                      projector_hidden_act="gelu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    cfg = tmp_path / "processor_config.json"
+    cfg.write_text(json.dumps(dict(json.loads(cfg.read_text()), processor_class="PixtralProcessor")))
+    return vl.load_model(str(tmp_path), device="cpu", dtype="float32")
+
+
+def test_a_llava_checkpoint_with_a_pixtral_tower_reads_as_pixtral(tmp_path):
+    """72 x 56 px on longest edge 64, 8 px a token: 64 x 49 -> whole tokens 64 x 56 -> 7 rows of 8 tokens, drawn on
+    the picture's own aspect ratio (not LLaVA's square); the lens's forward equals the plain model's."""
+    lm = _llava_pixtral(tmp_path)
+    assert lm.family == "llava" and isinstance(lm.processor, PixtralProcessorPil)
+    pic = Image.fromarray(np.random.default_rng(3).integers(0, 255, (56, 72, 3), dtype=np.uint8))
+    run = vl.capture(lm, pic, PROMPT, max_new_tokens=3, hidden_dtype="float32")
+    assert run.image_grid == (7, 8) and run.meta["grid_exact"] and len(run.spans.image_positions) == 56
+    inputs = lm.arch.build_inputs(lm.processor, pic, PROMPT)
+    with torch.no_grad():
+        plain = lm.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert run.token_ids == plain[0].tolist()
+
+
+def test_a_batch_of_pictures_of_different_sizes_equals_one_at_a_time_on_a_pixtral_llava(tmp_path):
+    from vlmlens.experiments.engine import Trial, truncation
+    from vlmlens.experiments.batch import BatchTrial
+    from vlmlens.interventions import Truncate
+
+    lm = _llava_pixtral(tmp_path)
+    rng = np.random.default_rng(4)
+    pairs = [(Image.fromarray(rng.integers(0, 255, s, dtype=np.uint8)), p)
+             for s, p in [((48, 48, 3), "What is this?"), ((32, 80, 3), "Colour of the thing on the left, please?")]]
+    bs = BatchTrial(lm, pairs, max_new_tokens=3, baseline=[truncation(lm.n_layers, "drop")])
+    assert bs.inputs["pixel_values"].shape[-2:] == (48, 64)        # 48 x 48 and 32 x 64 pictures, padded to one size
+    for b, (im, pr) in enumerate(pairs):
+        one = Trial(lm, im, pr, max_new_tokens=3, baseline=[truncation(lm.n_layers, "drop")])
+        assert bs.baseline.generated_ids[b] == one.baseline.generated_ids
+        v, o = bs.evaluate([Truncate(1)]), one.evaluate([Truncate(1)])
+        assert v.generated_ids[b] == o.generated_ids
+        T = len(one.baseline.generated_ids)
+        assert float((v.step_logprobs[b] - o.step_logprobs[:T + 1]).abs().max()) <= 1e-4

@@ -20,13 +20,15 @@ _LLAVA = Arch(
     processor_class="LlavaProcessor",
     image_token="<image>",
     token_order="raster",
-    grid_rule="square k x k raster of the vision patches (CLS dropped): k = image_size / patch_size",
+    grid_rule="square k x k raster of the vision patches (CLS dropped): k = image_size / patch_size; with a Pixtral "
+    "tower (Pixtral-12B) Mistral 3's layout: (h/16) x (w/16) from image_sizes, rows ended by [IMG_BREAK]",
     required_inputs=("pixel_values",),
+    sized_inputs=("pixel_values",),          # a Pixtral tower's pictures differ in size (a CLIP tower's never do)
     vision_tower_path="model.vision_tower",
     projector_path="model.multi_modal_projector",
     notes="processor needs num_additional_image_tokens=1 with the 'default' strategy so that the "
     "placeholder count equals the patch count",
-    _grid=_square,
+    _grid=grids.llava_grid,
 )
 
 _DEEPSEEK_VL = Arch(

@@ -164,6 +164,12 @@ def pixtral_grid(inputs: dict, n: int) -> GridInfo:
     return raster(h // side, w // side, n)
 
 
+def llava_grid(inputs: dict, n: int) -> GridInfo:
+    """LLaVA: the square raster of a CLIP-style tower, or -- a Pixtral tower (Pixtral-12B), whose processor also
+    gives ``image_sizes`` -- Pixtral's raster over the picture's own aspect ratio."""
+    return pixtral_grid(inputs, n) if "image_sizes" in inputs else square_raster(n)
+
+
 def frame_layout(n_slots: int) -> tuple[int, int]:
     """(rows, cols) of a video's contact sheet (vlmlens.video): the squarest grid of ``n_slots`` cells
     with no empty cell, rows <= cols (a prime count is one row)."""

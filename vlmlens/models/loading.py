@@ -262,6 +262,22 @@ def _probe_hub(name: str) -> None:
             " its folder (--model /path/to/folder), or set HF_HUB_OFFLINE=1 to use the cache only") from None
 
 
+def _named_processor_class(path: str) -> str | None:
+    """The processor class a checkpoint's own files name (``processor_class``), read from the folder or the local
+    cache only; None when none says."""
+    from transformers.utils import cached_file
+
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        try:
+            f = cached_file(path, name, local_files_only=True, _raise_exceptions_for_missing_entries=False)
+            named = json.loads(Path(f).read_text()).get("processor_class") if f else None
+        except (OSError, ValueError, AttributeError):
+            named = None
+        if isinstance(named, str):
+            return named
+    return None
+
+
 def _load_processor(path: str, arch: Arch, trust_remote_code: bool):
     """AutoProcessor, or — where the family's processor insists on a video processor, which
     needs torchvision (AutoProcessor then fails or quietly returns a bare tokenizer) — the
@@ -280,7 +296,9 @@ def _load_processor(path: str, arch: Arch, trust_remote_code: bool):
     except (ImportError, AttributeError, ValueError, TypeError, OSError) as e:
         error = e
     try:
-        if arch.processor_class == "PixtralProcessor":        # transformers' cannot be imported without torchvision
+        # transformers' PixtralProcessor cannot be imported without torchvision (Mistral 3, and LLaVA checkpoints
+        # with a Pixtral tower such as Pixtral-12B, which name it in their processor files)
+        if "PixtralProcessor" in (arch.processor_class, _named_processor_class(path)):
             from .pixtral_processor import PixtralProcessorPil
 
             return PixtralProcessorPil.from_pretrained(path, trust_remote_code=trust_remote_code)
