@@ -82,15 +82,14 @@ NOTES = """## Families with their own semantics
   tokens only. A batch pads each picture with zeros below and to the right (the tower reads each one only as
   far as its `image_sizes`). A `llava` checkpoint with a Pixtral tower (Pixtral-12B) is read the same way: its
   processor files name `PixtralProcessor`, and the grid follows `image_sizes` (tested in `tests/test_pixtral.py`:
-  capture == plain generate, a batch of different sizes == one at a time).
+  capture == plain generate, a batch of different sizes == one at a time). LightOnOCR (`lighton_ocr`) resizes as
+  Pixtral does but writes a plain raster of image tokens, no break tokens; its own processor needs no torchvision.
 * **PaliGemma (prefix-LM)** and **Gemma 3 (bidirectional image block).** Every intervention starts from
   the model's own mask: the prefix (PaliGemma) or the image (Gemma 3) reads both ways, also where rows
   were removed.
 
 ## Not opened yet (each says why)
 
-* `lighton_ocr`: its token layout is `mistral3`'s, but its own classes are not yet given Pixtral's grid and
-  processor and tested.
 * `llama4`, `lfm2_vl`, `cohere2_vision`, `perception_lm`: transformers ships only torchvision image
   processors for them.
 * `gemma4`: its decoder layers also read per-layer token embeddings and, on the small checkpoints, keys and

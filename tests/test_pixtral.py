@@ -144,3 +144,28 @@ def test_a_batch_of_pictures_of_different_sizes_equals_one_at_a_time_on_a_pixtra
         assert v.generated_ids[b] == o.generated_ids
         T = len(one.baseline.generated_ids)
         assert float((v.step_logprobs[b] - o.step_logprobs[:T + 1]).abs().max()) <= 1e-4
+
+
+def test_lighton_ocr_expands_the_image_to_a_plain_raster_and_its_folder_loads(tmp_path):
+    """LightOnOCR (transformers' own processor, which needs no torchvision): the same 96 x 64 picture as above ->
+    64 x 48 -> 3 x 4 = 12 image tokens in a row, no break or end token; its saved folder loads and captures as the
+    built model."""
+    import transformers
+
+    model, proc = build_random("lighton_ocr")
+    inputs = get_arch("lighton_ocr").build_inputs(proc, Image.new("RGB", (96, 64), (200, 30, 30)), PROMPT)
+    toks = proc.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+    start = toks.index("<|image_pad|>")
+    assert toks[start:start + 12] == ["<|image_pad|>"] * 12 and toks.count("<|image_pad|>") == 12
+    assert "<|vision_pad|>" not in toks and "<|vision_end|>" not in toks
+    assert get_arch("lighton_ocr").grid_info(inputs, 12).index_map().shape == (3, 4)
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    lm = vl.load_model(str(tmp_path), device="cpu", dtype="float32")
+    assert type(lm.processor) is transformers.LightOnOcrProcessor
+    ref = random_lm("lighton_ocr")
+    lm.model.generation_config.suppress_tokens = ref.model.generation_config.suppress_tokens
+    pic = Image.new("RGB", (40, 70), (10, 90, 200))
+    a = vl.capture(lm, pic, PROMPT, max_new_tokens=3, hidden_dtype="float32")
+    b = vl.capture(ref, pic, PROMPT, max_new_tokens=3, hidden_dtype="float32")
+    assert a.token_ids == b.token_ids and np.abs(a.hidden_states - b.hidden_states).max() <= 1e-5

@@ -46,6 +46,7 @@ MODEL_CLASS = {
     "mllama": transformers.MllamaForConditionalGeneration,
     "mistral3": transformers.Mistral3ForConditionalGeneration,
     "glm_ocr": transformers.GlmOcrForConditionalGeneration,
+    "lighton_ocr": transformers.LightOnOcrForConditionalGeneration,
 }
 PROCESSOR_CLASS = {
     "llava": transformers.LlavaProcessor,
@@ -74,6 +75,7 @@ PROCESSOR_CLASS = {
     "mllama": transformers.MllamaProcessor,
     "mistral3": PixtralProcessorPil,          # transformers' PixtralProcessor needs torchvision
     "glm_ocr": transformers.Glm46VProcessor,
+    "lighton_ocr": transformers.LightOnOcrProcessor,
 }
 # placeholder the chat template inserts for one image (the processor expands it)
 TEMPLATE_IMAGE = {
@@ -103,6 +105,7 @@ TEMPLATE_IMAGE = {
     "mllama": "<|image|>",
     "mistral3": "[IMG]",
     "glm_ocr": "<|begin_of_image|><|image|><|end_of_image|>",
+    "lighton_ocr": "<|image_pad|>",
 }
 
 
@@ -129,7 +132,8 @@ def test_families_listed():
     assert FAMILIES == ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3", "smolvlm",
                         "llava_onevision", "aya_vision", "glm4v", "paligemma", "qwen3_vl", "qwen3_vl_moe", "glm46v",
                         "glm4v_moe", "vipllava", "llava_next_video", "video_llava", "deepseek_vl", "janus",
-                        "qwen3_5", "qwen3_5_moe", "mllama", "mistral3", "glm_ocr")
+                        "qwen3_5", "qwen3_5_moe", "mllama", "mistral3", "glm_ocr",
+                        "lighton_ocr")
 
 
 def test_unknown_family_names_supported_ones():

@@ -114,7 +114,8 @@ def collate(lm, preps: Sequence[Prepared]) -> tuple[dict, list[BatchRow]]:
             continue
         if any(v.shape[1:] != vals[0].shape[1:] for v in vals) and k in lm.arch.tile_inputs:
             vals = _pad_tiles(vals)
-        if any(v.shape[1:] != vals[0].shape[1:] for v in vals) and k in lm.arch.sized_inputs:
+        if (any(v.shape[1:] != vals[0].shape[1:] for v in vals) and k in lm.arch.sized_inputs
+                and all("image_sizes" in p.inputs for p in preps)):
             vals = _pad_pixels(vals)
         if any(v.shape[1:] != vals[0].shape[1:] for v in vals):
             shapes = sorted({tuple(v.shape) for v in vals})

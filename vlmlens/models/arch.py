@@ -65,7 +65,8 @@ class Arch:
     # all-zero tiles and their pixel_attention_mask)
     tile_inputs: tuple[str, ...] = ()
     # inputs whose last two dimensions (pixel rows, columns) the forward reads only as far as ``image_sizes`` says
-    # (Pixtral crops each image's patches to its size), so a batch pads them with zeros below and to the right
+    # (Pixtral crops each image's patches to its size), so a batch whose inputs carry ``image_sizes`` pads them with
+    # zeros below and to the right (a LLaVA with a CLIP tower has none: its pictures are one size, or refused)
     sized_inputs: tuple[str, ...] = ()
     image_token_on_tokenizer: bool = False  # the processor's own image_token_id is another token, or absent
     injections: str | None = None  # path of the decoder stack whose call carries DeepStack features (Qwen3-VL)

@@ -136,6 +136,24 @@ _IDEFICS3 = Arch(
     _grid_kwargs=("processor",),
 )
 
+_MISTRAL3 = Arch(
+    family="mistral3",
+    model_class="Mistral3ForConditionalGeneration",
+    processor_class="PixtralProcessor",
+    image_token="[IMG]",
+    token_order="raster",
+    grid_rule="image_sizes (h, w) -> (h/s) x (w/s) raster, s = patch x merge (28 px on the checkpoints); every "
+    "row but the last ends in [IMG_BREAK], the last in [IMG_END] (text tokens, not image tokens)",
+    required_inputs=("pixel_values", "image_sizes"),
+    sized_inputs=("pixel_values",),
+    vision_tower_path="model.vision_tower",
+    projector_path="model.multi_modal_projector",
+    notes="Mistral Small 3.1 / 3.2 (Pixtral tower with 2D rotary positions, a 2x2 patch merger, Mistral "
+    "language model); the picture keeps its aspect ratio; without torchvision the processor is "
+    "vlmlens.models.pixtral_processor's (transformers' PixtralProcessor needs it)",
+    _grid=grids.pixtral_grid,
+)
+
 ARCHES: dict[str, Arch] = {
     a.family: a
     for a in [
@@ -232,23 +250,14 @@ ARCHES: dict[str, Arch] = {
             "in the stream are refused (see docs/support.md)",
             _grid=_square,
         ),
-        Arch(
-            family="mistral3",
-            model_class="Mistral3ForConditionalGeneration",
-            processor_class="PixtralProcessor",
-            image_token="[IMG]",
-            token_order="raster",
-            grid_rule="image_sizes (h, w) -> (h/s) x (w/s) raster, s = patch x merge (28 px on the checkpoints); every "
-            "row but the last ends in [IMG_BREAK], the last in [IMG_END] (text tokens, not image tokens)",
-            required_inputs=("pixel_values", "image_sizes"),
-            sized_inputs=("pixel_values",),
-            vision_tower_path="model.vision_tower",
-            projector_path="model.multi_modal_projector",
-            notes="Mistral Small 3.1 / 3.2 (Pixtral tower with 2D rotary positions, a 2x2 patch merger, Mistral "
-            "language model); the picture keeps its aspect ratio; without torchvision the processor is "
-            "vlmlens.models.pixtral_processor's (transformers' PixtralProcessor needs it)",
-            _grid=grids.pixtral_grid,
-        ),
+        _MISTRAL3,
+        replace(_MISTRAL3, family="lighton_ocr", model_class="LightOnOcrForConditionalGeneration",
+                processor_class="LightOnOcrProcessor", image_token="<|image_pad|>",
+                vision_tower_path="model.vision_encoder", projector_path="model.vision_projection",
+                grid_rule="image_sizes (h, w) -> (h/s) x (w/s) raster, s = patch x merge (28 px on the checkpoint); no "
+                "break or end tokens",
+                notes="LightOnOCR: Mistral 3's Pixtral tower and merger over a Qwen3 language model; its own processor "
+                "(no torchvision needed)"),
         Arch(
             family="paligemma",
             model_class="PaliGemmaForConditionalGeneration",

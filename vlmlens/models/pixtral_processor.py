@@ -8,7 +8,7 @@ every ``[IMG]`` in the text becomes the image's token layout -- per row of token
 ``[IMG_BREAK]``, the last row's break replaced by ``[IMG_END]``. Only ``[IMG]`` is replaced by image features; the
 break and end tokens are text tokens of the vocabulary.
 
-``load_model`` uses it for a Mistral 3 checkpoint when AutoProcessor cannot build ``PixtralProcessor``;
+``load_model`` uses it when AutoProcessor cannot build transformers' (a checkpoint naming PixtralProcessor);
 ``from_pretrained`` reads the checkpoint's own processor, image-processor and tokenizer files.
 """
 
@@ -48,3 +48,4 @@ class PixtralProcessorPil(ProcessorMixin):
     @property
     def model_input_names(self):
         return [*self.tokenizer.model_input_names, *self.image_processor.model_input_names, "image_sizes"]
+

@@ -154,6 +154,12 @@ def tiny_config(family: str, spec: TinyProcessorSpec, processor):
             image_token_index=processor.image_token_id, spatial_merge_size=spec.extra["merge_size"],
             vision_feature_layer=-1, tie_word_embeddings=False,
         )  # fmt: skip
+    if family == "lighton_ocr":      # Mistral 3's Pixtral tower and merger over a Qwen3 language model
+        vision = transformers.PixtralVisionConfig(**_vision_kwargs(s, p), head_dim=16)
+        text = transformers.Qwen3Config(**_text_kwargs(tok, layers=2, kv_heads=2), head_dim=_HIDDEN // _HEADS)
+        return transformers.LightOnOcrConfig(vision_config=vision, text_config=text,
+                                             image_token_id=processor.image_token_id,
+                                             spatial_merge_size=spec.extra["merge_size"], tie_word_embeddings=False)
     if family == "paligemma":
         text = _text_kwargs(tok, layers=2, kv_heads=2)
         text.update(head_dim=_HIDDEN // _HEADS)

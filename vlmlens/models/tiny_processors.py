@@ -195,6 +195,19 @@ def build_processor(spec: TinyProcessorSpec):
 
         return PixtralProcessorPil(image_processor=ip, tokenizer=tok, patch_size=p,
                                    spatial_merge_size=spec.extra["merge_size"], chat_template=tpl)
+    if f == "lighton_ocr":
+        named = {"image_token": "<|image_pad|>", "image_break_token": "<|vision_pad|>",
+                 "image_end_token": "<|vision_end|>"}
+        tok = make_tokenizer(list(_IM), eos="<|im_end|>", extra_named=named)
+        side = p * spec.extra["merge_size"]
+        ip = transformers.PixtralImageProcessorPil(size={"longest_edge": s}, patch_size=side)
+        tpl = chat_template(
+            roles={r: (f"<|im_start|>{r}\n", "<|im_end|>\n") for r in ("system", "user", "assistant")},
+            image="<|image_pad|>",
+            generation_prompt="<|im_start|>assistant\n",
+        )
+        return transformers.LightOnOcrProcessor(image_processor=ip, tokenizer=tok, patch_size=p,
+                                                spatial_merge_size=spec.extra["merge_size"], chat_template=tpl)
     if f == "mllama":
         tok = make_tokenizer(["<|image|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
                              bos="<|begin_of_text|>", eos="<|eot_id|>")

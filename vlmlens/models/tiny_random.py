@@ -40,6 +40,7 @@ mllama            32 px tiles, patch 8,        one <|image|> token; cross-attent
                   up to 2 tiles                2 tiles x (16 patches + CLS) = 34 keys
 mistral3          longest edge 64 px, patch 8, (h/16)x(w/16) raster, each row but the last followed by
                   2x2 patch merge              [IMG_BREAK], the last by [IMG_END]; square -> 4x4 = 16
+lighton_ocr       as mistral3                  (h/16)x(w/16) raster, no break tokens (Qwen3 language model)
 ================  ===========================  =====================================================
 """
 
@@ -54,7 +55,8 @@ from .tiny_processors import TinyProcessorSpec, build_processor
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "idefics3", "gemma3",
                              "smolvlm", "llava_onevision", "aya_vision", "glm4v", "paligemma", "qwen3_vl",
                              "qwen3_vl_moe", "glm46v", "glm4v_moe", "vipllava", "llava_next_video",
-                             "video_llava", "deepseek_vl", "janus", "qwen3_5", "qwen3_5_moe", "mllama", "mistral3", "glm_ocr")
+                             "video_llava", "deepseek_vl", "janus", "qwen3_5", "qwen3_5_moe", "mllama", "mistral3", "glm_ocr",
+                             "lighton_ocr")
 
 def _spec(family: str) -> TinyProcessorSpec:
     if family in ("llava", "vipllava", "video_llava"):
@@ -87,7 +89,7 @@ def _spec(family: str) -> TinyProcessorSpec:
         return TinyProcessorSpec(family, image_size=64, patch_size=8, image_seq_len=16)
     if family == "mllama":
         return TinyProcessorSpec(family, image_size=32, patch_size=8, extra={"tiles": 2})
-    if family == "mistral3":
+    if family in ("mistral3", "lighton_ocr"):
         # longest edge 64 px, patch 8, 2x2 merge -> 16 px a token: a square image -> 4x4 = 16 tokens
         return TinyProcessorSpec(family, image_size=64, patch_size=8, extra={"merge_size": 2})
     raise ValueError(f"unknown family {family!r}; supported families: {', '.join(FAMILIES)}")
@@ -120,6 +122,7 @@ _MODEL_CLASSES = {
     "mllama": "MllamaForConditionalGeneration",
     "mistral3": "Mistral3ForConditionalGeneration",
     "glm_ocr": "GlmOcrForConditionalGeneration",
+    "lighton_ocr": "LightOnOcrForConditionalGeneration",
 }
 
 
