@@ -47,6 +47,7 @@ MODEL_CLASS = {
     "mistral3": transformers.Mistral3ForConditionalGeneration,
     "glm_ocr": transformers.GlmOcrForConditionalGeneration,
     "lighton_ocr": transformers.LightOnOcrForConditionalGeneration,
+    "paddleocr_vl": transformers.PaddleOCRVLForConditionalGeneration,
 }
 PROCESSOR_CLASS = {
     "llava": transformers.LlavaProcessor,
@@ -76,6 +77,7 @@ PROCESSOR_CLASS = {
     "mistral3": PixtralProcessorPil,          # transformers' PixtralProcessor needs torchvision
     "glm_ocr": transformers.Glm46VProcessor,
     "lighton_ocr": transformers.LightOnOcrProcessor,
+    "paddleocr_vl": transformers.PaddleOCRVLProcessor,
 }
 # placeholder the chat template inserts for one image (the processor expands it)
 TEMPLATE_IMAGE = {
@@ -106,6 +108,7 @@ TEMPLATE_IMAGE = {
     "mistral3": "[IMG]",
     "glm_ocr": "<|begin_of_image|><|image|><|end_of_image|>",
     "lighton_ocr": "<|image_pad|>",
+    "paddleocr_vl": "<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>",
 }
 
 
@@ -133,7 +136,7 @@ def test_families_listed():
                         "llava_onevision", "aya_vision", "glm4v", "paligemma", "qwen3_vl", "qwen3_vl_moe", "glm46v",
                         "glm4v_moe", "vipllava", "llava_next_video", "video_llava", "deepseek_vl", "janus",
                         "qwen3_5", "qwen3_5_moe", "mllama", "mistral3", "glm_ocr",
-                        "lighton_ocr")
+                        "lighton_ocr", "paddleocr_vl")
 
 
 def test_unknown_family_names_supported_ones():

@@ -190,6 +190,11 @@ ARCHES: dict[str, Arch] = {
         replace(_GLM4V, family="glm4v_moe", model_class="Glm4vMoeForConditionalGeneration",
                 notes="GLM-4.5V: " + _GLM4V.notes + "; mixture-of-experts MLPs after the first layer"),
         _GLM4V,
+        replace(_QWEN2_VL, family="paddleocr_vl", model_class="PaddleOCRVLForConditionalGeneration",
+                processor_class="PaddleOCRVLProcessor", image_token="<|IMAGE_PLACEHOLDER|>", video=None,
+                projector_path="model.projector",
+                notes="PaddleOCR-VL: Qwen2-VL's 2x2-merged raster and M-RoPE over an Ernie 4.5 language model; a "
+                "SigLIP-style tower with 2D rotary positions; images only"),
         replace(_GLM4V, family="glm_ocr", model_class="GlmOcrForConditionalGeneration", processor_class="Glm46VProcessor",
                 notes="GLM-OCR: " + _GLM4V.notes + "; GLM-4.6V's processor"),
         replace(

@@ -154,6 +154,15 @@ def tiny_config(family: str, spec: TinyProcessorSpec, processor):
             image_token_index=processor.image_token_id, spatial_merge_size=spec.extra["merge_size"],
             vision_feature_layer=-1, tie_word_embeddings=False,
         )  # fmt: skip
+    if family == "paddleocr_vl":     # Qwen2-VL's layout: a SigLIP-style tower with 2D rotary, Ernie 4.5 decoder
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+        text = transformers.PaddleOCRTextConfig(**_text_kwargs(tok, layers=2, kv_heads=2), head_dim=_HIDDEN // _HEADS,
+                                                rope_parameters=rope)
+        vision = transformers.PaddleOCRVisionConfig(**_vision_kwargs(64, p), spatial_merge_size=spec.extra["merge_size"])
+        return transformers.PaddleOCRVLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                                              image_token_id=tok.image_token_id,
+                                              vision_start_token_id=tok.convert_tokens_to_ids("<|IMAGE_START|>"),
+                                              vision_end_token_id=tok.convert_tokens_to_ids("<|IMAGE_END|>"))
     if family == "lighton_ocr":      # Mistral 3's Pixtral tower and merger over a Qwen3 language model
         vision = transformers.PixtralVisionConfig(**_vision_kwargs(s, p), head_dim=16)
         text = transformers.Qwen3Config(**_text_kwargs(tok, layers=2, kv_heads=2), head_dim=_HIDDEN // _HEADS)

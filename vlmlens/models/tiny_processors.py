@@ -195,6 +195,17 @@ def build_processor(spec: TinyProcessorSpec):
 
         return PixtralProcessorPil(image_processor=ip, tokenizer=tok, patch_size=p,
                                    spatial_merge_size=spec.extra["merge_size"], chat_template=tpl)
+    if f == "paddleocr_vl":
+        named = {"image_token": "<|IMAGE_PLACEHOLDER|>"}
+        tok = make_tokenizer(["<|IMAGE_START|>", "<|IMAGE_END|>", "User:", "Assistant:"], bos="<s>", eos="</s>",
+                             extra_named=named)
+        lo, hi = spec.extra["min_pixels"], spec.extra["max_pixels"]
+        ip = transformers.PaddleOCRVLImageProcessorPil(patch_size=p, merge_size=spec.extra["merge_size"],
+                                                       size={"shortest_edge": lo, "longest_edge": hi})
+        tpl = chat_template(start="<s>", roles={"user": ("User: ", "\n"), "assistant": ("Assistant: ", "</s>"),
+                                                "system": ("", "\n")},
+                            image="<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>", generation_prompt="Assistant: ")
+        return transformers.PaddleOCRVLProcessor(image_processor=ip, tokenizer=tok, chat_template=tpl)
     if f == "lighton_ocr":
         named = {"image_token": "<|image_pad|>", "image_break_token": "<|vision_pad|>",
                  "image_end_token": "<|vision_end|>"}

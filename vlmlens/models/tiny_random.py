@@ -41,6 +41,7 @@ mllama            32 px tiles, patch 8,        one <|image|> token; cross-attent
 mistral3          longest edge 64 px, patch 8, (h/16)x(w/16) raster, each row but the last followed by
                   2x2 patch merge              [IMG_BREAK], the last by [IMG_END]; square -> 4x4 = 16
 lighton_ocr       as mistral3                  (h/16)x(w/16) raster, no break tokens (Qwen3 language model)
+paddleocr_vl      as qwen2_vl (one frame)      as qwen2_vl (SigLIP-style tower, Ernie 4.5 language model)
 ================  ===========================  =====================================================
 """
 
@@ -56,7 +57,7 @@ FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "i
                              "smolvlm", "llava_onevision", "aya_vision", "glm4v", "paligemma", "qwen3_vl",
                              "qwen3_vl_moe", "glm46v", "glm4v_moe", "vipllava", "llava_next_video",
                              "video_llava", "deepseek_vl", "janus", "qwen3_5", "qwen3_5_moe", "mllama", "mistral3", "glm_ocr",
-                             "lighton_ocr")
+                             "lighton_ocr", "paddleocr_vl")
 
 def _spec(family: str) -> TinyProcessorSpec:
     if family in ("llava", "vipllava", "video_llava"):
@@ -71,7 +72,8 @@ def _spec(family: str) -> TinyProcessorSpec:
     if family == "llava_onevision":
         return TinyProcessorSpec(family, image_size=32, patch_size=8, image_seq_len=16,
                                  extra={"image_grid_pinpoints": [[32, 64], [64, 32], [64, 64]]})
-    if family in ("qwen2_vl", "qwen2_5_vl", "glm4v", "qwen3_vl", "qwen3_vl_moe", "glm46v", "glm4v_moe", "glm_ocr", "qwen3_5",
+    if family in ("qwen2_vl", "qwen2_5_vl", "glm4v", "qwen3_vl", "qwen3_vl_moe", "glm46v", "glm4v_moe", "glm_ocr",
+                  "paddleocr_vl", "qwen3_5",
                   "qwen3_5_moe"):
         extra = {"merge_size": 2, "temporal_patch_size": 2, "min_pixels": 32 * 32, "max_pixels": 96 * 96}
         return TinyProcessorSpec(family, image_size=0, patch_size=8, extra=extra)
@@ -123,6 +125,7 @@ _MODEL_CLASSES = {
     "mistral3": "Mistral3ForConditionalGeneration",
     "glm_ocr": "GlmOcrForConditionalGeneration",
     "lighton_ocr": "LightOnOcrForConditionalGeneration",
+    "paddleocr_vl": "PaddleOCRVLForConditionalGeneration",
 }
 
 
