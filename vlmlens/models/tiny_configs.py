@@ -145,15 +145,17 @@ def tiny_config(family: str, spec: TinyProcessorSpec, processor):
         text = transformers.MllamaTextConfig(**_text_kwargs(tok, layers=4, kv_heads=2), cross_attention_layers=[1, 3])
         return transformers.MllamaConfig(vision_config=vision, text_config=text,
                                          image_token_index=processor.image_token_id)
-    if family == "mistral3":
+    if family in ("mistral3", "lighton_ocr"):
         # Pixtral tower (2D rotary positions, one sequence of every image's patches) and Mistral's patch merger
-        # (2x2 patches -> one token); the language model reads the last tower layer
+        # (2x2 patches -> one token), over a Mistral (Mistral 3) or Qwen3 (LightOnOCR) language model
         vision = transformers.PixtralVisionConfig(**_vision_kwargs(s, p), head_dim=16)
-        return transformers.Mistral3Config(
-            vision_config=vision, text_config=transformers.MistralConfig(**_text_kwargs(tok, layers=2, kv_heads=2)),
-            image_token_index=processor.image_token_id, spatial_merge_size=spec.extra["merge_size"],
-            vision_feature_layer=-1, tie_word_embeddings=False,
-        )  # fmt: skip
+        common = dict(vision_config=vision, spatial_merge_size=spec.extra["merge_size"], tie_word_embeddings=False)
+        if family == "mistral3":     # the language model reads the last tower layer
+            return transformers.Mistral3Config(
+                **common, text_config=transformers.MistralConfig(**_text_kwargs(tok, layers=2, kv_heads=2)),
+                image_token_index=processor.image_token_id, vision_feature_layer=-1)
+        text = transformers.Qwen3Config(**_text_kwargs(tok, layers=2, kv_heads=2), head_dim=_HIDDEN // _HEADS)
+        return transformers.LightOnOcrConfig(**common, text_config=text, image_token_id=processor.image_token_id)
     if family == "paddleocr_vl":     # Qwen2-VL's layout: a SigLIP-style tower with 2D rotary, Ernie 4.5 decoder
         rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
         text = transformers.PaddleOCRTextConfig(**_text_kwargs(tok, layers=2, kv_heads=2), head_dim=_HIDDEN // _HEADS,
@@ -163,12 +165,6 @@ def tiny_config(family: str, spec: TinyProcessorSpec, processor):
                                               image_token_id=tok.image_token_id,
                                               vision_start_token_id=tok.convert_tokens_to_ids("<|IMAGE_START|>"),
                                               vision_end_token_id=tok.convert_tokens_to_ids("<|IMAGE_END|>"))
-    if family == "lighton_ocr":      # Mistral 3's Pixtral tower and merger over a Qwen3 language model
-        vision = transformers.PixtralVisionConfig(**_vision_kwargs(s, p), head_dim=16)
-        text = transformers.Qwen3Config(**_text_kwargs(tok, layers=2, kv_heads=2), head_dim=_HIDDEN // _HEADS)
-        return transformers.LightOnOcrConfig(vision_config=vision, text_config=text,
-                                             image_token_id=processor.image_token_id,
-                                             spatial_merge_size=spec.extra["merge_size"], tie_word_embeddings=False)
     if family == "paligemma":
         text = _text_kwargs(tok, layers=2, kv_heads=2)
         text.update(head_dim=_HIDDEN // _HEADS)
